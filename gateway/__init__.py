@@ -1,0 +1,3 @@
+"""OpenAI-compatible gateway for video generation."""
+
+__version__ = "0.1.0"

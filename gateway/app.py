@@ -1,0 +1,139 @@
+"""Builds the aiohttp application: middlewares, routes, and the lifetimes of store and adapters."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway import api
+from gateway.auth import CLIENT_KEY, KeyRing
+from gateway.config import GatewayConfig
+from gateway.errors import ApiError
+from gateway.logs import log, register_secrets
+from gateway.providers import ADAPTERS, Adapter
+from gateway.providers.base import AdapterEnv
+from gateway.routing import RoutingTable
+from gateway.state import GATEWAY, Gateway
+from gateway.store import SQLiteTaskStore, TaskStore
+
+API_PREFIXES = ("/v1", "/v1/openai")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Request IDs, the OpenAI error envelope for every failure, and one access log line."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request["request_id"] = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(16)
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = exc.response()
+    except web.HTTPException as exc:
+        response = _http_exception(exc).response()
+    except Exception:
+        log.exception("unhandled_error", request_id=request["request_id"], path=request.path)
+        response = ApiError(
+            500, "The gateway failed to handle this request.", type="server_error", code="internal_error"
+        ).response()
+    _access_log(request, response, time.perf_counter() - started)
+    return response
+
+
+def _http_exception(exc: web.HTTPException) -> ApiError:
+    messages = {
+        404: ("Unknown route.", "not_found"),
+        405: ("Method not allowed on this route.", "method_not_allowed"),
+        413: ("The request body is too large.", "request_too_large"),
+    }
+    message, code = messages.get(exc.status, (exc.reason, None))
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+    return ApiError(exc.status, message, code=code, headers=headers)
+
+
+def _access_log(request: web.Request, response: web.StreamResponse, seconds: float) -> None:
+    call = request.get("call")
+    key = request.get(CLIENT_KEY)
+    route = request.match_info.route.resource
+    upstream_seconds = call.upstream_seconds if call is not None else 0.0
+    log.info(
+        "request",
+        request_id=request["request_id"],
+        method=request.method,
+        route=route.canonical if route is not None else "unmatched",
+        status=response.status,
+        model=request.get("model"),
+        provider=call.deployment.provider if call else None,
+        deployment=call.deployment.name if call else None,
+        upstream_status=call.upstream_status if call else None,
+        duration_ms=round(seconds * 1000, 2),
+        upstream_ms=round(upstream_seconds * 1000, 2),
+        overhead_ms=round((seconds - upstream_seconds) * 1000, 2),
+        key_name=key.name if key is not None else None,
+    )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        request[CLIENT_KEY] = request.app[GATEWAY].keys.authenticate(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["x-request-id"] = request.get("request_id", "")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ready"})
+
+
+def build_adapters(config: GatewayConfig) -> dict[str, Adapter]:
+    env = AdapterEnv(data_dir=config.data_dir, public_base_url=config.public_base_url)
+    return {name: ADAPTERS[p.kind](p, env) for name, p in config.providers.items()}
+
+
+def build_app(config: GatewayConfig, *, store: TaskStore | None = None) -> web.Application:
+    """The gateway for one config. ``store`` defaults to SQLite at ``config.store_path``."""
+    register_secrets([p.api_key for p in config.providers.values()])
+    register_secrets(v for p in config.providers.values() for v in p.headers.values())
+    app = web.Application(
+        middlewares=[envelope_middleware, auth_middleware], handler_args={"max_field_size": 16384}
+    )
+    app.on_response_prepare.append(_add_request_id)
+    state = app[GATEWAY] = Gateway(config, KeyRing(config.keys))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    for prefix in API_PREFIXES:
+        api.add_routes(app, prefix)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        task_store = store
+        if task_store is None:
+            sqlite = SQLiteTaskStore(config.store_path)
+            await sqlite.open()
+            task_store = sqlite
+        adapters = build_adapters(config)
+        for adapter in adapters.values():
+            await adapter.start()
+        state.table, state.store = RoutingTable(config, adapters), task_store
+        log.info("gateway_started", models=sorted(config.models), providers=sorted(config.providers))
+        try:
+            yield
+        finally:
+            for adapter in adapters.values():
+                await adapter.close()
+            if store is None:
+                await task_store.close()
+
+    app.cleanup_ctx.append(lifetime)
+    return app

@@ -1,0 +1,61 @@
+"""Client keys: who is calling, and which models they may use.
+
+Keys are held only as SHA-256 digests. The presented key is hashed and compared with every
+configured digest in constant time (no early exit), so timing reveals nothing about any key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from aiohttp import web
+
+from gateway.config import ClientKey
+from gateway.errors import ApiError
+
+
+class KeyRing:
+    def __init__(self, keys: tuple[ClientKey, ...]) -> None:
+        self._keys = keys
+
+    def authenticate(self, authorization: str | None) -> ClientKey:
+        """The key named by an ``Authorization: Bearer`` header, or a 401."""
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(
+                401,
+                "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                type="invalid_request_error",
+                code="missing_api_key",
+            )
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        found: ClientKey | None = None
+        for key in self._keys:
+            if hmac.compare_digest(digest, key.digest):
+                found = key
+        if found is None:
+            raise ApiError(
+                401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key"
+            )
+        return found
+
+
+def check_model_access(key: ClientKey, model: str) -> None:
+    if key.models is not None and model not in key.models:
+        raise ApiError(
+            403,
+            f"This API key may not use the model '{model}'.",
+            type="permission_error",
+            param="model",
+            code="model_not_allowed",
+        )
+
+
+CLIENT_KEY = "client_key"
+
+
+def client_key(request: web.Request) -> ClientKey:
+    key: ClientKey = request[CLIENT_KEY]
+    return key

@@ -1,0 +1,509 @@
+"""Request bodies: JSON or multipart, read only as far as routing needs, streamed on unchanged.
+
+A multipart create may carry a large ``input_reference`` file. The router needs ``model`` before it
+can pick an upstream, so the body is read part by part until the wanted fields are known; the raw
+bytes read so far are kept in a :class:`Spool` (memory, then a temp file) and replayed ahead of the
+rest of the client's stream. The upstream gets the same bytes, same boundary, same parts, except the
+field values the gateway replaces (``model`` → upstream name, ``video[id]`` → upstream ID).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import IO, Any
+
+from aiohttp import web
+
+from gateway.config import Limits
+from gateway.errors import ApiError, bad_request
+
+CHUNK = 256 * 1024
+_MAX_PART_HEADERS = 16 * 1024
+_MAX_PREAMBLE = 64 * 1024
+_MAX_TEXT_FIELDS = 40 * 1024 * 1024
+
+
+class Spool:
+    """Bytes held in memory up to ``memory_limit``, then in an anonymous temporary file.
+
+    File I/O runs in a worker thread, in batches, so the event loop never blocks on disk.
+    """
+
+    def __init__(self, memory_limit: int = 1024 * 1024) -> None:
+        self._memory_limit = memory_limit
+        self._buffer = bytearray()
+        self._file: IO[bytes] | None = None
+        self.size = 0
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        self.size += len(data)
+        if len(self._buffer) >= self._memory_limit:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._buffer:
+            return
+        data, self._buffer = bytes(self._buffer), bytearray()
+        if self._file is None:
+            self._file = await asyncio.to_thread(tempfile.TemporaryFile, prefix="video-gateway-")
+        await asyncio.to_thread(self._append, self._file, data)
+
+    @staticmethod
+    def _append(f: IO[bytes], data: bytes) -> None:
+        f.seek(0, 2)
+        f.write(data)
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield bytes [start, end) in chunks of at most ``CHUNK``."""
+        end = self.size if end is None else end
+        if self._file is None:
+            for pos in range(start, end, CHUNK):
+                yield bytes(self._buffer[pos : min(pos + CHUNK, end)])
+            return
+        await self._flush()
+        pos = start
+        while pos < end:
+            data = await asyncio.to_thread(self._read_at, self._file, pos, min(CHUNK, end - pos))
+            if not data:
+                return
+            pos += len(data)
+            yield data
+
+    @staticmethod
+    def _read_at(f: IO[bytes], pos: int, n: int) -> bytes:
+        f.seek(pos)
+        return f.read(n)
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    def close(self) -> None:
+        self._buffer = bytearray()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class UploadedFile:
+    name: str
+    filename: str | None
+    content_type: str
+    data: Spool
+
+    async def read(self) -> bytes:
+        return await self.data.read()
+
+
+@dataclass
+class PartInfo:
+    name: str
+    filename: str | None
+    content_type: str
+    value_start: int
+    value_end: int = -1
+
+
+class MultipartError(ValueError):
+    pass
+
+
+class MultipartParser:
+    """Incremental multipart/form-data parser that reports absolute byte offsets.
+
+    ``feed`` returns events: ``("part", PartInfo)``, ``("data", bytes)``, ``("end", PartInfo)``,
+    ``("done", None)``. Offsets let the caller splice a replacement value into the raw bytes.
+    """
+
+    def __init__(self, boundary: str) -> None:
+        self._delimiter = b"--" + boundary.encode("latin-1")
+        self._body_delimiter = b"\r\n" + self._delimiter
+        self._buffer = bytearray()
+        self._offset = 0
+        self._state = "preamble"
+        self._part: PartInfo | None = None
+        self.first_boundary: int | None = None
+        self.done = False
+
+    def feed(self, data: bytes) -> list[tuple[str, Any]]:
+        if self.done:
+            return []
+        self._buffer += data
+        events: list[tuple[str, Any]] = []
+        while self._step(events):
+            pass
+        return events
+
+    def _consume(self, n: int) -> None:
+        del self._buffer[:n]
+        self._offset += n
+
+    def _step(self, events: list[tuple[str, Any]]) -> bool:
+        buf = self._buffer
+        if self._state == "preamble":
+            i = buf.find(self._delimiter)
+            while i > 0 and buf[i - 2 : i] != b"\r\n":
+                i = buf.find(self._delimiter, i + 1)
+            if i < 0:
+                if self._offset + len(buf) > _MAX_PREAMBLE:
+                    raise MultipartError("no multipart boundary found in the body")
+                return False
+            if len(buf) < i + len(self._delimiter) + 2:
+                return False
+            self.first_boundary = self._offset + i
+            return self._after_delimiter(i + len(self._delimiter), events)
+        if self._state == "headers":
+            i = buf.find(b"\r\n\r\n")
+            if i < 0:
+                if len(buf) > _MAX_PART_HEADERS:
+                    raise MultipartError("multipart part headers are too large")
+                return False
+            self._part = self._parse_headers(bytes(buf[:i]), self._offset + i + 4)
+            self._consume(i + 4)
+            self._state = "body"
+            events.append(("part", self._part))
+            return True
+        if self._state == "body":
+            assert self._part is not None
+            i = buf.find(self._body_delimiter)
+            if i < 0:
+                keep = len(self._body_delimiter) - 1
+                if len(buf) > keep:
+                    events.append(("data", bytes(buf[: len(buf) - keep])))
+                    self._consume(len(buf) - keep)
+                return False
+            if len(buf) < i + len(self._body_delimiter) + 2:
+                if i:
+                    events.append(("data", bytes(buf[:i])))
+                    self._consume(i)
+                return False
+            if i:
+                events.append(("data", bytes(buf[:i])))
+            self._part.value_end = self._offset + i
+            events.append(("end", self._part))
+            self._part = None
+            return self._after_delimiter(i + len(self._body_delimiter), events)
+        return False
+
+    def _after_delimiter(self, at: int, events: list[tuple[str, Any]]) -> bool:
+        tail = bytes(self._buffer[at : at + 2])
+        if tail == b"--":
+            self._consume(len(self._buffer))
+            self._state = "epilogue"
+            self.done = True
+            events.append(("done", None))
+            return False
+        if tail != b"\r\n":
+            raise MultipartError("malformed multipart boundary line")
+        self._consume(at + 2)
+        self._state = "headers"
+        return True
+
+    @staticmethod
+    def _parse_headers(raw: bytes, value_start: int) -> PartInfo:
+        message = Message()
+        for line in raw.decode("utf-8", "replace").split("\r\n"):
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise MultipartError("malformed multipart part header")
+            message[name.strip()] = value.strip()
+        name = message.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or message.get_content_disposition() != "form-data":
+            raise MultipartError("every multipart part needs Content-Disposition: form-data with a name")
+        filename = message.get_filename()
+        content_type = message.get("content-type", "application/octet-stream" if filename else "text/plain")
+        return PartInfo(name, filename, content_type, value_start)
+
+
+@dataclass
+class RequestBody:
+    """A create-like request body, read as far as routing needs so far.
+
+    ``fields`` is the JSON object, or the multipart text fields seen so far (bracketed names kept
+    flat, e.g. ``input_reference[image_url]``); ``files`` the file parts once :meth:`read_rest` ran.
+    """
+
+    kind: str
+    fields: dict[str, Any]
+    files: dict[str, UploadedFile] = field(default_factory=dict)
+    complete: bool = True
+    bytes_read: int = 0
+    failure: ApiError | None = None
+    _request: web.Request | None = None
+    _limits: Limits | None = None
+    _boundary: str = ""
+    _head: Spool | None = None
+    _parts: dict[str, PartInfo] = field(default_factory=dict)
+    _first_boundary: int = 0
+    _consumed: bool = False
+
+    def get(self, name: str) -> Any:
+        return self.fields.get(name)
+
+    def get_object(self, name: str) -> dict[str, Any] | None:
+        """A nested object given as JSON or as bracketed multipart fields (``name[key]``)."""
+        value = self.fields.get(name)
+        if isinstance(value, dict):
+            return value
+        prefix = f"{name}["
+        nested = {
+            k[len(prefix) : -1]: v for k, v in self.fields.items() if k.startswith(prefix) and k[-1] == "]"
+        }
+        return nested or None
+
+    def has_file(self, name: str) -> bool:
+        part = self._parts.get(name)
+        return name in self.files or (part is not None and part.filename is not None)
+
+    async def read_rest(self) -> None:
+        """Parse to the end: every text field and every file part (spooled)."""
+        if self.complete:
+            return
+        assert self._head is not None
+        parser = MultipartParser(self._boundary)
+        self._parts.clear()
+        self.fields.clear()
+        collector = _Collector(self)
+        async for chunk in self._replay_and_rest({}):
+            for event in parser.feed(chunk):
+                await collector.handle(event)
+        if not parser.done:
+            raise bad_request(
+                "The multipart body ended before its closing boundary.", code="invalid_multipart"
+            )
+        self.complete = True
+
+    def upstream_body(self, replace: dict[str, str]) -> tuple[Any, int | None]:
+        """The body for the upstream and its length (None: send chunked)."""
+        if self.kind == "json":
+            fields = dict(self.fields)
+            for name, value in replace.items():
+                _set_bracketed(fields, name, value)
+            data = json.dumps(fields).encode()
+            return data, len(data)
+        if self.kind == "none":
+            return None, None
+        if self.complete and self._head is None:
+            raise RuntimeError("multipart body was fully parsed and cannot be streamed again")
+        insertions = {name: v for name, v in replace.items() if name not in self._parts}
+        delta = sum(
+            len(v.encode()) - (self._parts[n].value_end - self._parts[n].value_start)
+            for n, v in replace.items()
+            if n in self._parts
+        )
+        delta += sum(len(self._part_bytes(n, v)) for n, v in insertions.items())
+        length = None
+        if self._request is not None and self._request.content_length is not None:
+            length = self._request.content_length + delta
+        return self._replay_and_rest(replace), length
+
+    def _part_bytes(self, name: str, value: str) -> bytes:
+        return (
+            f'--{self._boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        ).encode()
+
+    async def _replay_and_rest(self, replace: dict[str, str]) -> AsyncIterator[bytes]:
+        assert self._head is not None
+        edits: list[tuple[int, int, bytes]] = []
+        for name, value in replace.items():
+            part = self._parts.get(name)
+            if part is not None:
+                edits.append((part.value_start, part.value_end, value.encode()))
+            else:
+                edits.append((self._first_boundary, self._first_boundary, self._part_bytes(name, value)))
+        pos = 0
+        for start, end, data in sorted(edits):
+            async for chunk in self._head.chunks(pos, start):
+                yield chunk
+            yield data
+            pos = end
+        async for chunk in self._head.chunks(pos):
+            yield chunk
+        if not self._consumed:
+            self._consumed = True
+            async for chunk in _read_stream(self, self._request, self._limits):
+                yield chunk
+
+    def close(self) -> None:
+        if self._head is not None:
+            self._head.close()
+        for f in self.files.values():
+            f.data.close()
+
+
+class _Collector:
+    """Collects text fields and spools file parts while a parser runs over a body."""
+
+    def __init__(self, body: RequestBody, spool_files: bool = True) -> None:
+        self.body = body
+        self.spool_files = spool_files
+        self.current: PartInfo | None = None
+        self.text = bytearray()
+        self.text_total = 0
+        self.file: UploadedFile | None = None
+
+    async def handle(self, event: tuple[str, Any]) -> None:
+        kind, value = event
+        if kind == "part":
+            self.current = value
+            self.text.clear()
+            self.file = None
+            if value.filename is not None and self.spool_files:
+                self.file = UploadedFile(value.name, value.filename, value.content_type, Spool())
+        elif kind == "data":
+            if self.current is None:
+                return
+            if self.current.filename is None:
+                self.text_total += len(value)
+                if self.text_total > _MAX_TEXT_FIELDS:
+                    raise ApiError(
+                        413, "The text fields of this form are too large.", code="request_too_large"
+                    )
+                self.text += value
+            elif self.file is not None:
+                await self.file.data.write(value)
+        elif kind == "end":
+            self.body._parts[value.name] = value
+            if value.filename is None:
+                try:
+                    self.body.fields[value.name] = self.text.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise bad_request(f"Field '{value.name}' is not valid UTF-8.", param=value.name) from None
+            elif self.file is not None:
+                self.body.files[value.name] = self.file
+            self.current = None
+
+
+def _set_bracketed(target: dict[str, Any], name: str, value: str) -> None:
+    """Set ``video[id]`` as ``target["video"]["id"]`` (or a plain key)."""
+    if "[" in name and name.endswith("]"):
+        outer, inner = name[:-1].split("[", 1)
+        nested = target.get(outer)
+        target[outer] = {**nested, inner: value} if isinstance(nested, dict) else {inner: value}
+    else:
+        target[name] = value
+
+
+async def _read_stream(
+    body: RequestBody, request: web.Request | None, limits: Limits | None
+) -> AsyncIterator[bytes]:
+    """The client's body, counted against the upload limit, with an idle timeout between reads."""
+    if request is None or limits is None:
+        return
+    while True:
+        try:
+            async with asyncio.timeout(limits.client_idle_timeout):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            body.failure = ApiError(
+                408, "The request body stalled: no data for too long.", code="request_timeout"
+            )
+            raise body.failure from None
+        if not chunk:
+            return
+        body.bytes_read += len(chunk)
+        if body.bytes_read > limits.max_upload_bytes:
+            body.failure = too_large(limits.max_upload_bytes)
+            raise body.failure
+        yield chunk
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large"
+    )
+
+
+JSON_TYPES = ("application/json",)
+MULTIPART_TYPE = "multipart/form-data"
+
+
+async def read_body(request: web.Request, limits: Limits, until: Iterable[str] = ("model",)) -> RequestBody:
+    """Read a JSON or multipart body; for multipart, stop once every field in ``until`` was seen.
+
+    Answers 413 before reading when Content-Length is over the limit, 415 for other content types.
+    """
+    if request.content_length is not None and request.content_length > limits.max_upload_bytes:
+        raise too_large(limits.max_upload_bytes)
+    content_type = request.content_type
+    if not request.body_exists:
+        return RequestBody("none", {})
+    if content_type in JSON_TYPES or content_type.endswith("+json"):
+        return await _read_json(request, limits)
+    if content_type == MULTIPART_TYPE:
+        return await _read_multipart_head(request, limits, set(until))
+    raise ApiError(
+        415,
+        f"Unsupported Content-Type '{content_type}': send application/json or multipart/form-data.",
+        code="unsupported_media_type",
+    )
+
+
+async def _read_json(request: web.Request, limits: Limits) -> RequestBody:
+    if request.content_length is not None and request.content_length > limits.max_json_bytes:
+        raise too_large(limits.max_json_bytes)
+    body = RequestBody("json", {})
+    raw = bytearray()
+    async for chunk in _read_stream(body, request, limits):
+        raw += chunk
+        if len(raw) > limits.max_json_bytes:
+            raise too_large(limits.max_json_bytes)
+    if not raw.strip():
+        return RequestBody("none", {})
+    try:
+        fields = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(fields, dict):
+        raise bad_request("The JSON body must be an object.", code="invalid_json")
+    body.fields = fields
+    return body
+
+
+async def _read_multipart_head(request: web.Request, limits: Limits, until: set[str]) -> RequestBody:
+    boundary = _boundary(request)
+    body = RequestBody(
+        "multipart", {}, complete=False, _request=request, _limits=limits, _boundary=boundary, _head=Spool()
+    )
+    parser = MultipartParser(boundary)
+    collector = _Collector(body, spool_files=False)
+    assert body._head is not None
+    try:
+        stream = _read_stream(body, request, limits)
+        async for chunk in stream:
+            await body._head.write(chunk)
+            for event in parser.feed(chunk):
+                await collector.handle(event)
+            if parser.done or until <= body._parts.keys():
+                break
+        else:
+            if not parser.done:
+                raise bad_request(
+                    "The multipart body ended before its closing boundary.", code="invalid_multipart"
+                )
+        await stream.aclose()
+    except MultipartError as exc:
+        body.close()
+        raise bad_request(f"Malformed multipart body: {exc}.", code="invalid_multipart") from None
+    except BaseException:
+        body.close()
+        raise
+    body._first_boundary = parser.first_boundary or 0
+    if parser.done:
+        body._consumed = True
+    return body
+
+
+def _boundary(request: web.Request) -> str:
+    message = Message()
+    message["content-type"] = request.headers.get("Content-Type", "")
+    boundary = message.get_param("boundary")
+    if not isinstance(boundary, str) or not 1 <= len(boundary) <= 200:
+        raise bad_request("multipart/form-data needs a boundary parameter.", code="invalid_multipart")
+    return boundary

@@ -1,0 +1,100 @@
+"""``video-gateway``: serve, simulate, check-config (also ``python -m gateway``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.config import DEFAULT_CONFIG_PATH, EMBEDDED_CONFIG_PATH, ConfigError, load_config
+from gateway.logs import configure, log
+
+
+def _default_config() -> Path:
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else EMBEDDED_CONFIG_PATH
+
+
+def serve(args: argparse.Namespace) -> int:
+    path = Path(args.config) if args.config else _default_config()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"video-gateway: {path} is not a valid config:", file=sys.stderr)
+        print("\n".join(f"  {p}" for p in exc.problems), file=sys.stderr)
+        return 1
+    configure(args.log_format or config.log_format, config.log_level)
+    from gateway.app import build_app
+
+    host = args.host or config.host
+    port = args.port if args.port is not None else config.port
+    log.info("serving", config=str(path), url=f"http://{host}:{port}/v1", version=__version__)
+    web.run_app(
+        build_app(config), host=host, port=port, print=None, access_log=None, handler_cancellation=True
+    )
+    return 0
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from gateway.simulator import build_simulator
+
+    configure(args.log_format or "console", "info")
+    root = Path(args.data_dir)
+    app = build_simulator(
+        root,
+        api_key=args.api_key or os.environ.get("SIMULATOR_API_KEY"),
+        queue_seconds=args.queue_seconds,
+        run_seconds=args.run_seconds,
+    )
+    log.info("simulating", url=f"http://{args.host}:{args.port}/v1", data_dir=str(root))
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        print(f"{args.path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    deployments = sum(len(d) for d in config.models.values())
+    print(
+        f"{args.path}: OK ({len(config.providers)} providers, {len(config.models)} models, "
+        f"{deployments} deployments, {len(config.keys)} keys)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="video-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", help=f"config file (default {DEFAULT_CONFIG_PATH}, else the embedded default)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--log-format", choices=["json", "console"])
+    p.set_defaults(run=serve)
+
+    p = commands.add_parser("simulate", help="run the local provider as an OpenAI-dialect upstream")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--data-dir", default=".video-gateway/simulator")
+    p.add_argument("--api-key", help="require this bearer key (default: $SIMULATOR_API_KEY, else none)")
+    p.add_argument("--queue-seconds", type=float, default=1.0)
+    p.add_argument("--run-seconds", type=float, default=3.0)
+    p.add_argument("--log-format", choices=["json", "console"])
+    p.set_defaults(run=simulate)
+
+    p = commands.add_parser("check-config", help="validate a config file; exit 1 if it has problems")
+    p.add_argument("path")
+    p.set_defaults(run=check_config)
+
+    args = parser.parse_args(argv)
+    code: int = args.run(args)
+    return code

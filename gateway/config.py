@@ -1,0 +1,424 @@
+"""The YAML config: parsed, checked against one JSON Schema, resolved into frozen dataclasses.
+
+Every problem is reported at once, each as ``file:line: key.path: message``, so whoever edits the
+file at 3 a.m. fixes it in one pass. Secrets are referenced as ``${ENV}`` or ``${ENV:-default}``
+and expanded after parsing, so a key containing YAML syntax cannot change the document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+DEFAULT_CONFIG_PATH = Path("config/gateway.yaml")
+EMBEDDED_CONFIG_PATH = Path(__file__).with_name("default.yaml")
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+class ConfigError(Exception):
+    """The config is not usable; ``problems`` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Upstream timeouts in seconds.
+
+    connect  opening a connection (or waiting for a pooled one)
+    read     idle time between two reads of an answer, on every call, streaming ones included
+    request  whole call for metadata calls (create, retrieve, delete); never for up/downloads
+    """
+
+    connect: float = 5.0
+    read: float = 60.0
+    request: float = 120.0
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = 100
+    poll_after_ms: int = 1000
+    result_hosts: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One way to serve a public model: a provider plus the name the provider knows it by."""
+
+    name: str
+    model: str
+    provider: str
+    upstream_model: str
+    weight: float = 1.0
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    name: str
+    digest: bytes = field(repr=False)
+    models: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 2 * GiB
+    max_json_bytes: int = 32 * MiB
+    client_idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str | None = None
+    data_dir: Path = Path(".video-gateway")
+    store_path: Path = Path(".video-gateway/gateway.sqlite3")
+    default_model: str | None = None
+    limits: Limits = Limits()
+    log_format: str = "console"
+    log_level: str = "info"
+    keys: tuple[ClientKey, ...] = ()
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    models: Mapping[str, tuple[Deployment, ...]] = field(default_factory=dict)
+
+
+_TIMEOUTS_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {k: {"type": "number", "exclusiveMinimum": 0} for k in ("connect", "read", "request")},
+}
+
+_DEPLOYMENT_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["provider"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "description": "Label for logs and metrics."},
+        "provider": {"type": "string", "description": "A key of `providers`."},
+        "model": {"type": "string", "minLength": 1, "description": "Upstream model name (default: public)."},
+        "weight": {"type": "number", "exclusiveMinimum": 0, "default": 1},
+        "priority": {"type": "integer", "default": 0, "description": "Lower tiers are tried first."},
+    },
+}
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of the config file; ``config/schema.json`` is this, written out."""
+    from gateway.providers import ADAPTERS
+
+    kind_rules = [
+        {
+            "if": {"properties": {"kind": {"const": kind}}},
+            "then": {
+                "required": list(adapter.required_fields),
+                "properties": {"options": adapter.options_schema},
+            },
+        }
+        for kind, adapter in sorted(ADAPTERS.items())
+    ]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "video-gateway configuration",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["keys", "providers", "models"],
+        "properties": {
+            "server": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "host": {"type": "string"},
+                    "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+                    "public_base_url": {"type": "string", "pattern": "^https?://"},
+                },
+            },
+            "data_dir": {"type": "string", "description": "Where the task store and local renders live."},
+            "store": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"kind": {"enum": ["sqlite"]}, "path": {"type": "string"}},
+            },
+            "default_model": {"type": "string", "description": "Used when a create names no model."},
+            "limits": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "max_upload_bytes": {"type": "integer", "minimum": 1},
+                    "max_json_bytes": {"type": "integer", "minimum": 1},
+                    "client_idle_timeout": {"type": "number", "exclusiveMinimum": 0},
+                },
+            },
+            "logging": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "format": {"enum": ["json", "console"]},
+                    "level": {"enum": ["debug", "info", "warning", "error"]},
+                },
+            },
+            "keys": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "oneOf": [{"required": ["key"]}, {"required": ["sha256"]}],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "key": {"type": "string", "minLength": 8, "description": "Usually ${ENV}."},
+                        "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                        "models": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            },
+            "providers": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["kind"],
+                    "properties": {
+                        "kind": {"enum": sorted(ADAPTERS)},
+                        "base_url": {"type": "string", "pattern": "^https?://"},
+                        "api_key": {"type": "string"},
+                        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "timeouts": _TIMEOUTS_SCHEMA,
+                        "max_connections": {"type": "integer", "minimum": 1},
+                        "poll_after_ms": {
+                            "type": "integer",
+                            "minimum": 100,
+                            "description": "openai-poll-after-ms sent while a video is unfinished.",
+                        },
+                        "result_hosts": {"type": "array", "items": {"type": "string"}},
+                        "options": {"type": "object"},
+                    },
+                    "allOf": kind_rules,
+                },
+            },
+            "models": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {
+                    "oneOf": [
+                        _DEPLOYMENT_SCHEMA,
+                        {"type": "array", "minItems": 1, "items": _DEPLOYMENT_SCHEMA},
+                    ]
+                },
+            },
+        },
+    }
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read, check and resolve a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return parse_config(text, str(path), os.environ if env is None else env)
+
+
+def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfig:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    lines = dict(_node_lines(node, ())) if node is not None else {}
+
+    def at(path: tuple[Any, ...], message: str) -> str:
+        while path not in lines and path:
+            path = path[:-1]
+        line = lines.get(path)
+        prefix = f"{source}:{line}" if line else source
+        return f"{prefix}: {_dotted(path) or '(top level)'}: {message}" if path else f"{prefix}: {message}"
+
+    if raw is None:
+        raw = {}
+    problems: list[str] = []
+    raw = _expand_env(raw, (), env, lambda p, m: problems.append(at(p, m)))
+
+    validator = jsonschema.Draft202012Validator(schema())
+    for error in sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path))):
+        problems.append(at(tuple(error.absolute_path), _schema_message(error)))
+    if problems:
+        raise ConfigError(problems)
+
+    config = _resolve(raw, source, lambda p, m: problems.append(at(p, m)))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _resolve(raw: dict[str, Any], source: str, problem: Any) -> GatewayConfig:
+    server = raw.get("server", {})
+    data_dir = Path(raw.get("data_dir", ".video-gateway"))
+    store = raw.get("store", {})
+    limits = Limits(**raw.get("limits", {}))
+    logging = raw.get("logging", {})
+
+    providers: dict[str, ProviderConfig] = {}
+    for name, p in raw["providers"].items():
+        providers[name] = ProviderConfig(
+            name=name,
+            kind=p["kind"],
+            base_url=p["base_url"].rstrip("/") if "base_url" in p else None,
+            api_key=p.get("api_key"),
+            headers=dict(p.get("headers", {})),
+            timeouts=Timeouts(**p.get("timeouts", {})),
+            max_connections=p.get("max_connections", 100),
+            poll_after_ms=p.get("poll_after_ms", 1000),
+            result_hosts=tuple(p.get("result_hosts", ())),
+            options=dict(p.get("options", {})),
+        )
+
+    models: dict[str, tuple[Deployment, ...]] = {}
+    seen_names: set[str] = set()
+    for model, entries in raw["models"].items():
+        entries = entries if isinstance(entries, list) else [entries]
+        deployments = []
+        for i, d in enumerate(entries):
+            path = ("models", model, i) if isinstance(raw["models"][model], list) else ("models", model)
+            if d["provider"] not in providers:
+                known = ", ".join(sorted(providers))
+                problem((*path, "provider"), f'unknown provider "{d["provider"]}" (known: {known})')
+                continue
+            upstream_model = d.get("model", model)
+            name = d.get("name", f"{d['provider']}/{upstream_model}")
+            if name in seen_names:
+                problem((*path, "name"), f'deployment name "{name}" is used twice; give one a `name`')
+            seen_names.add(name)
+            deployments.append(
+                Deployment(
+                    name=name,
+                    model=model,
+                    provider=d["provider"],
+                    upstream_model=upstream_model,
+                    weight=float(d.get("weight", 1)),
+                    priority=int(d.get("priority", 0)),
+                )
+            )
+        models[model] = tuple(deployments)
+
+    keys = []
+    key_names: set[str] = set()
+    for i, k in enumerate(raw["keys"]):
+        if k["name"] in key_names:
+            problem(("keys", i, "name"), f'key name "{k["name"]}" is used twice')
+        key_names.add(k["name"])
+        digest = bytes.fromhex(k["sha256"]) if "sha256" in k else hashlib.sha256(k["key"].encode()).digest()
+        allowed = k.get("models")
+        for j, m in enumerate(allowed or ()):
+            if m not in models:
+                problem(("keys", i, "models", j), f'unknown model "{m}"')
+        keys.append(ClientKey(k["name"], digest, frozenset(allowed) if allowed is not None else None))
+
+    default_model = raw.get("default_model")
+    if default_model is not None and default_model not in models:
+        problem(("default_model",), f'unknown model "{default_model}" (known: {", ".join(sorted(models))})')
+
+    return GatewayConfig(
+        source=source,
+        host=server.get("host", "127.0.0.1"),
+        port=server.get("port", 8080),
+        public_base_url=server.get("public_base_url"),
+        data_dir=data_dir,
+        store_path=Path(store["path"]) if "path" in store else data_dir / "gateway.sqlite3",
+        default_model=default_model,
+        limits=limits,
+        log_format=logging.get("format", "console"),
+        log_level=logging.get("level", "info"),
+        keys=tuple(keys),
+        providers=providers,
+        models=models,
+    )
+
+
+def _expand_env(value: Any, path: tuple[Any, ...], env: Mapping[str, str], problem: Any) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problem(path, f"environment variable {name} is not set")
+            return ""
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, (*path, k), env, problem) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, (*path, i), env, problem) for i, v in enumerate(value)]
+    return value
+
+
+def _node_lines(node: yaml.Node, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], int]]:
+    yield path, node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, child in node.value:
+            yield (*path, key.value), key.start_mark.line + 1
+            yield from _node_lines(child, (*path, key.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            yield from _node_lines(child, (*path, i))
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"unknown key {', '.join(map(repr, extra))} (allowed: {allowed})"
+    if error.validator == "required":
+        return error.message.replace("is a required property", "is required")
+    if error.validator == "enum":
+        return f"{error.instance!r} is not one of: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "oneOf" and isinstance(error.instance, dict) and "name" in error.instance:
+        return "give exactly one of `key` or `sha256`"
+    if error.validator == "oneOf":
+        best = jsonschema.exceptions.best_match(error.context or [])
+        return _schema_message(best) if best is not None else error.message
+    return error.message
+
+
+def sha256_hex(key: str) -> str:
+    """The digest form of a client key, for `keys[].sha256`."""
+    return hashlib.sha256(key.encode()).hexdigest()

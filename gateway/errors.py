@@ -1,0 +1,92 @@
+"""Errors the gateway answers with, all rendered as the OpenAI error envelope.
+
+    ApiError                      any answer that is not a success
+     ├── client errors            400 / 401 / 403 / 404 / 405 / 413 / 415 / 429
+     └── UpstreamError            the provider failed us: 502 / 503 / 504, or its own 4xx passed on
+
+Handlers raise; the error middleware in ``app.py`` renders. Nothing else builds error bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+
+class ApiError(Exception):
+    """An error with everything the envelope needs.
+
+    ``headers`` carries answer headers such as ``Retry-After`` or ``x-should-retry``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            text=json.dumps(self.body()),
+            content_type="application/json",
+            headers=self.headers,
+        )
+
+
+class UpstreamError(ApiError):
+    """The provider refused, failed or could not be reached.
+
+    ``kind`` is one of connect, timeout, reset, 4xx, 5xx, payload: the bounded set metrics use.
+    ``sent`` tells whether the request body may have reached the provider (no failover then).
+    """
+
+    def __init__(self, status: int, message: str, *, kind: str, sent: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("type", "upstream_error")
+        super().__init__(status, message, **kwargs)
+        self.kind = kind
+        self.sent = sent
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def video_not_found(video_id: str) -> ApiError:
+    """The one answer for unknown, foreign, deleted, forged and malformed IDs alike."""
+    return ApiError(404, f"No video found with id '{video_id}'.", param="video_id", code="video_not_found")
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def unsupported(feature: str, provider_kind: str) -> ApiError:
+    return ApiError(
+        400,
+        f"{feature} is not supported by the provider serving this model ({provider_kind}).",
+        code="unsupported_feature",
+    )

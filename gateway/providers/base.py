@@ -1,0 +1,317 @@
+"""The adapter contract: what every provider module implements, and the HTTP plumbing they share.
+
+An adapter turns the gateway's operations (create, retrieve, content, delete, remix, edit, extend,
+characters) into its provider's API and answers in OpenAI field names. The gateway owns IDs,
+tenancy and the task store; an adapter only ever sees upstream IDs and its own ``Task.state``.
+Operations a provider lacks keep the default here: a clear 400 naming the feature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.bodies import RequestBody
+from gateway.config import Deployment, ProviderConfig
+from gateway.errors import ApiError, UpstreamError, unsupported
+from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
+from gateway.store import Task
+
+MAX_JSON_ANSWER = 8 * 1024 * 1024
+CHUNK = 256 * 1024
+
+
+@dataclass
+class Call:
+    """One client request as an adapter sees it; accumulates the time spent waiting on upstream."""
+
+    request: web.Request
+    request_id: str
+    deployment: Deployment
+    upstream_seconds: float = 0.0
+    upstream_status: int | None = None
+
+
+@dataclass
+class UpstreamVideo:
+    """A provider's answer about one job, in OpenAI field names, plus what finds the job again."""
+
+    id: str
+    fields: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterEnv:
+    """What the gateway lends every adapter."""
+
+    data_dir: Path
+    public_base_url: str | None = None
+
+
+class EventStream:
+    """An upstream ``text/event-stream`` answer, relayed event by event."""
+
+    def __init__(self, response: aiohttp.ClientResponse, closer: contextlib.AsyncExitStack) -> None:
+        self.response = response
+        self._closer = closer
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Raw events, each ending in a blank line."""
+        pending = b""
+        async for chunk in self.response.content.iter_any():
+            pending += chunk.replace(b"\r\n", b"\n")
+            *complete, pending = pending.split(b"\n\n")
+            for event in complete:
+                yield event + b"\n\n"
+        if pending.strip():
+            yield pending + b"\n\n"
+
+    async def aclose(self) -> None:
+        await self._closer.aclose()
+
+
+class Adapter:
+    """Base class of every provider adapter; see the module docstring."""
+
+    kind: ClassVar[str]
+    required_fields: ClassVar[tuple[str, ...]] = ()
+    options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
+
+    def __init__(self, config: ProviderConfig, env: AdapterEnv) -> None:
+        self.config = config
+        self.env = env
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open connection pools; called once before the first request."""
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def create(self, call: Call, body: RequestBody) -> UpstreamVideo | EventStream:
+        raise NotImplementedError
+
+    async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
+        raise NotImplementedError
+
+    async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def delete(self, call: Call, task: Task) -> None:
+        """Delete upstream where the provider can; the gateway forgets the video either way."""
+
+    async def remix(self, call: Call, task: Task, body: RequestBody) -> UpstreamVideo:
+        raise unsupported("Remix", self.kind)
+
+    async def edit(self, call: Call, task: Task | None, body: RequestBody) -> UpstreamVideo:
+        raise unsupported("Video edits", self.kind)
+
+    async def extend(self, call: Call, task: Task | None, body: RequestBody) -> UpstreamVideo:
+        raise unsupported("Video extensions", self.kind)
+
+    async def create_character(self, call: Call, body: RequestBody) -> dict[str, Any]:
+        raise unsupported("Characters", self.kind)
+
+    async def get_character(self, call: Call, task: Task) -> dict[str, Any]:
+        raise unsupported("Characters", self.kind)
+
+    # HTTP plumbing shared by the adapters that talk to a remote API.
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.config.max_connections, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._session
+
+    def timeout(self, *, streaming: bool) -> aiohttp.ClientTimeout:
+        t = self.config.timeouts
+        return aiohttp.ClientTimeout(
+            total=None if streaming else t.request,
+            connect=t.connect,
+            sock_connect=t.connect,
+            sock_read=t.read,
+        )
+
+    def auth_headers(self) -> dict[str, str]:
+        """The deployment's credential; adapters with another scheme override this."""
+        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+
+    def upstream_headers(self, call: Call, *, forward_client: bool = True) -> CIMultiDict[str]:
+        headers = forwardable_request_headers(call.request.headers) if forward_client else CIMultiDict()
+        headers.update(self.config.headers)
+        headers.update(self.auth_headers())
+        headers["X-Request-ID"] = call.request_id
+        return headers
+
+    @contextlib.asynccontextmanager
+    async def send(
+        self,
+        call: Call,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        data: Any = None,
+        body: RequestBody | None = None,
+        streaming: bool = False,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One upstream request, failures mapped to :class:`UpstreamError`; never follows redirects."""
+        started = time.perf_counter()
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with self.session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=self.timeout(streaming=streaming),
+                compress=None,
+            ) as response:
+                call.upstream_status = response.status
+                call.upstream_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                yield response
+        except ApiError:
+            raise
+        except aiohttp.ConnectionTimeoutError:
+            raise self._fail(
+                body, 504, "timed out connecting to the provider", "timeout", sent=False
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise self._fail(
+                body, 502, f"could not connect to the provider ({exc.os_error})", "connect", sent=False
+            ) from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            sent = response is not None or data is not None
+            raise self._fail(body, 504, "the provider did not answer in time", "timeout", sent=sent) from None
+        except aiohttp.ClientPayloadError:
+            raise self._fail(body, 502, "the provider's answer was cut off", "payload", sent=True) from None
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError):
+            raise self._fail(body, 502, "the provider closed the connection", "reset", sent=True) from None
+        finally:
+            if response is not None:
+                call.upstream_seconds += time.perf_counter() - started
+
+    def _fail(
+        self, body: RequestBody | None, status: int, message: str, kind: str, *, sent: bool
+    ) -> ApiError:
+        if body is not None and body.failure is not None:
+            return body.failure
+        headers = {"x-should-retry": "false"} if sent and kind in ("timeout", "reset") else {}
+        return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent, headers=headers)
+
+    async def read_json(self, response: aiohttp.ClientResponse) -> Any:
+        """The upstream's JSON answer; raise the right error for a refusal or a non-JSON answer."""
+        raw = await read_limited(response, MAX_JSON_ANSWER)
+        if response.status >= 400:
+            raise error_from_upstream(response.status, response.headers, raw)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UpstreamError(
+                502, "Upstream error: the provider answered with something that is not JSON.", kind="payload"
+            ) from None
+
+    def result_host_allowed(self, url: str) -> bool:
+        """Redirects for content are followed only to the provider's own or declared result hosts."""
+        host = urlsplit(url).hostname or ""
+        allowed = {urlsplit(self.config.base_url or "").hostname, *self.config.result_hosts}
+        return host in allowed or any(
+            h.startswith(".") and host.endswith(h) for h in self.config.result_hosts
+        )
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    raw = bytearray()
+    async for chunk in response.content.iter_any():
+        raw += chunk
+        if len(raw) > limit:
+            raise UpstreamError(502, "Upstream error: the provider's answer is too large.", kind="payload")
+    return bytes(raw)
+
+
+def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamError:
+    """A provider's refusal as our envelope: its message kept, the status made meaningful."""
+    message, type_, param, code = None, None, None, None
+    try:
+        parsed = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error", parsed)
+        if isinstance(err, dict):
+            message = err.get("message") or err.get("detail") or err.get("msg")
+            type_, param, code = err.get("type"), err.get("param"), err.get("code")
+        elif isinstance(err, str):
+            message = err
+    if not isinstance(message, str) or not message:
+        message = f"The provider answered HTTP {status}."
+    out_headers = {}
+    for name in ("Retry-After", "Retry-After-Ms"):
+        if name in headers:
+            out_headers[name] = headers[name]
+    kind = "4xx" if status < 500 else "5xx"
+    if status == 429:
+        out_headers.setdefault("Retry-After", "1")
+        return UpstreamError(
+            429,
+            message,
+            kind=kind,
+            type=type_ or "rate_limit_error",
+            code=code or "rate_limited",
+            param=param,
+            headers=out_headers,
+        )
+    if status < 500:
+        return UpstreamError(
+            status,
+            message,
+            kind=kind,
+            type=type_ or "invalid_request_error",
+            code=None if code is None else str(code),
+            param=param,
+            headers=out_headers,
+        )
+    gateway_status = 503 if status == 503 else 502
+    return UpstreamError(
+        gateway_status,
+        f"Upstream error (HTTP {status}): {message}",
+        kind=kind,
+        code="upstream_error",
+        headers=out_headers,
+    )
+
+
+async def relay_content(call: Call, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Stream a media answer to the client: status, content headers and bytes, nothing else."""
+    response = web.StreamResponse(status=upstream.status)
+    for name in CONTENT_RESPONSE_HEADERS:
+        if name in upstream.headers:
+            response.headers[name] = upstream.headers[name]
+    if upstream.content_length is not None and "Content-Length" in upstream.headers:
+        response.content_length = upstream.content_length
+    await response.prepare(call.request)
+    try:
+        async for chunk in upstream.content.iter_chunked(CHUNK):
+            await response.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError):
+        response.force_close()
+        call.request["upstream_error"] = "payload"
+        return response
+    await response.write_eof()
+    return response

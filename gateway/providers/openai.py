@@ -1,0 +1,151 @@
+"""Upstreams that speak the OpenAI Videos dialect: OpenAI itself, vLLM-Omni, aggregator vendors.
+
+Bodies pass through unchanged (multipart byte for byte) except the fields the gateway rewrites:
+the model name and, for edits and extensions, the referenced video's ID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from gateway.bodies import RequestBody
+from gateway.errors import UpstreamError
+from gateway.headers import CONTENT_REQUEST_HEADERS
+from gateway.providers.base import (
+    Adapter,
+    Call,
+    EventStream,
+    UpstreamVideo,
+    error_from_upstream,
+    read_limited,
+    relay_content,
+)
+from gateway.store import Task
+
+
+class OpenAIAdapter(Adapter):
+    kind = "openai"
+    required_fields = ("base_url",)
+
+    def _url(self, *parts: str) -> str:
+        return "/".join([f"{self.config.base_url}/videos", *(quote(p, safe="") for p in parts)])
+
+    async def _post(self, call: Call, url: str, body: RequestBody, replace: dict[str, str]) -> Any:
+        """POST a client body on; the parsed JSON answer, or the open event stream."""
+        data, length = body.upstream_body(replace)
+        headers = self.upstream_headers(call)
+        headers["Accept-Encoding"] = "identity"
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        if body.kind == "json":
+            headers["Content-Type"] = "application/json"
+        closer = contextlib.AsyncExitStack()
+        try:
+            response = await closer.enter_async_context(
+                self.send(call, "POST", url, headers=headers, data=data, body=body, streaming=True)
+            )
+            if response.status < 400 and response.content_type == "text/event-stream":
+                stream, closer = EventStream(response, closer), contextlib.AsyncExitStack()
+                return stream
+            return await self.read_json(response)
+        finally:
+            await closer.aclose()
+
+    async def create(self, call: Call, body: RequestBody) -> UpstreamVideo | EventStream:
+        answer = await self._post(call, self._url(), body, {"model": call.deployment.upstream_model})
+        return answer if isinstance(answer, EventStream) else _video(answer)
+
+    async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
+        return _video(await self._get_json(call, self._url(task.upstream_id)))
+
+    async def _get_json(self, call: Call, url: str) -> Any:
+        headers = self.upstream_headers(call, forward_client=False)
+        headers["Accept"] = "application/json"
+        headers["Accept-Encoding"] = "identity"
+        async with self.send(call, "GET", url, headers=headers) as response:
+            return await self.read_json(response)
+
+    async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
+        headers = self.upstream_headers(call, forward_client=False)
+        for name in (*CONTENT_REQUEST_HEADERS, "Accept-Encoding"):
+            if name in call.request.headers:
+                headers[name] = call.request.headers[name]
+        headers.setdefault("Accept-Encoding", "identity")
+        url = self._url(task.upstream_id, "content") + f"?variant={quote(variant)}"
+        async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
+            if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                return await self._follow(call, str(response.url.join(_location(response))), headers)
+            if response.status >= 400:
+                raise error_from_upstream(
+                    response.status, response.headers, await read_limited(response, 65536)
+                )
+            return await relay_content(call, response)
+
+    async def _follow(self, call: Call, url: str, headers: Any) -> web.StreamResponse:
+        """One redirect to a signed result URL, only to a host this provider is known to use."""
+        if not self.result_host_allowed(url):
+            raise UpstreamError(
+                502,
+                "Upstream error: the provider redirected the download to an unknown host.",
+                kind="payload",
+            )
+        headers = {
+            k: v for k, v in headers.items() if k.lower() not in ("authorization", "api-key", "x-api-key")
+        }
+        async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
+            if response.status >= 400:
+                raise error_from_upstream(
+                    response.status, response.headers, await read_limited(response, 65536)
+                )
+            return await relay_content(call, response)
+
+    async def delete(self, call: Call, task: Task) -> None:
+        headers = self.upstream_headers(call, forward_client=False)
+        headers["Accept-Encoding"] = "identity"
+        async with self.send(call, "DELETE", self._url(task.upstream_id), headers=headers) as response:
+            if response.status == 404:
+                return
+            await self.read_json(response)
+
+    async def remix(self, call: Call, task: Task, body: RequestBody) -> UpstreamVideo:
+        replace = {"model": call.deployment.upstream_model} if "model" in body.fields else {}
+        return _video(await self._post(call, self._url(task.upstream_id, "remix"), body, replace))
+
+    async def edit(self, call: Call, task: Task | None, body: RequestBody) -> UpstreamVideo:
+        return _video(await self._post(call, self._url("edits"), body, _video_ref(task)))
+
+    async def extend(self, call: Call, task: Task | None, body: RequestBody) -> UpstreamVideo:
+        return _video(await self._post(call, self._url("extensions"), body, _video_ref(task)))
+
+    async def create_character(self, call: Call, body: RequestBody) -> dict[str, Any]:
+        return _character(await self._post(call, self._url("characters"), body, {}))
+
+    async def get_character(self, call: Call, task: Task) -> dict[str, Any]:
+        return _character(await self._get_json(call, self._url("characters", task.upstream_id)))
+
+
+def _video_ref(task: Task | None) -> dict[str, str]:
+    return {"video[id]": task.upstream_id} if task is not None else {}
+
+
+def _location(response: Any) -> str:
+    return str(response.headers["Location"])
+
+
+def _video(answer: Any) -> UpstreamVideo:
+    if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
+        raise UpstreamError(502, "Upstream error: the provider's answer has no video id.", kind="payload")
+    fields = dict(answer)
+    if "created_at" not in fields and "created" in fields:
+        fields["created_at"] = fields["created"]
+    return UpstreamVideo(answer["id"], fields)
+
+
+def _character(answer: Any) -> dict[str, Any]:
+    if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
+        raise UpstreamError(502, "Upstream error: the provider's answer has no character id.", kind="payload")
+    return answer

@@ -1,0 +1,158 @@
+"""The local provider served on its own, speaking the OpenAI Videos dialect.
+
+``video-gateway simulate`` runs it: a realistic upstream for demos, tests and benchmarks, with the
+same answers, statuses, error envelope and media as the real API (single tenant, no model list).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.bodies import read_body
+from gateway.config import Limits
+from gateway.errors import ApiError, bad_request
+from gateway.providers.local import LocalEngine, reference_image, request_fields, validate_prompt
+
+ENGINE = web.AppKey("engine", LocalEngine)
+_LIMITS = Limits()
+
+
+def _engine(request: web.Request) -> LocalEngine:
+    return request.app[ENGINE]
+
+
+async def _job(request: web.Request) -> dict[str, object]:
+    job = await _engine(request).get(request.match_info["video_id"])
+    if job is None:
+        raise ApiError(
+            404,
+            f"No video found with id '{request.match_info['video_id']}'.",
+            param="video_id",
+            code="video_not_found",
+        )
+    return job
+
+
+async def create(request: web.Request) -> web.Response:
+    body = await read_body(request, _LIMITS, until=())
+    try:
+        await body.read_rest()
+        fields = request_fields(body)
+        job = await _engine(request).create(
+            model=str(body.get("model") or "sora-2"), reference=await reference_image(body), **fields
+        )
+        return web.json_response(job)
+    finally:
+        body.close()
+
+
+async def retrieve(request: web.Request) -> web.Response:
+    job = await _job(request)
+    headers = {"openai-poll-after-ms": "200"} if job["status"] in ("queued", "in_progress") else {}
+    return web.json_response(job, headers=headers)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    limit = int(request.query.get("limit", "20"))
+    jobs, more = await _engine(request).list(
+        after=request.query.get("after"), limit=min(limit, 100), order=request.query.get("order", "desc")
+    )
+    return web.json_response(
+        {
+            "object": "list",
+            "data": jobs,
+            "first_id": jobs[0]["id"] if jobs else None,
+            "last_id": jobs[-1]["id"] if jobs else None,
+            "has_more": more,
+        }
+    )
+
+
+async def delete(request: web.Request) -> web.Response:
+    job = await _job(request)
+    await _engine(request).delete(str(job["id"]))
+    return web.json_response({"id": job["id"], "object": "video.deleted", "deleted": True})
+
+
+async def content(request: web.Request) -> web.StreamResponse:
+    variant = request.query.get("variant", "video")
+    if variant not in ("video", "thumbnail", "spritesheet"):
+        raise bad_request("variant must be video, thumbnail or spritesheet.", param="variant")
+    path, content_type = await _engine(request).asset(request.match_info["video_id"], variant)
+    return web.FileResponse(path, headers={"Content-Type": content_type})
+
+
+async def remix(request: web.Request) -> web.Response:
+    source = await _job(request)
+    body = await read_body(request, _LIMITS, until=())
+    try:
+        await body.read_rest()
+        job = await _engine(request).create(
+            prompt=validate_prompt(body.get("prompt")),
+            model=str(source["model"]),
+            size=str(source["size"]),
+            seconds=int(str(source["seconds"])),
+            remixed_from=str(source["id"]),
+        )
+        return web.json_response(job)
+    finally:
+        body.close()
+
+
+async def create_character(request: web.Request) -> web.Response:
+    body = await read_body(request, _LIMITS, until=())
+    try:
+        await body.read_rest()
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad_request("'name' is required.", param="name")
+        return web.json_response(await _engine(request).create_character(name))
+    finally:
+        body.close()
+
+
+async def get_character(request: web.Request) -> web.Response:
+    character = await _engine(request).get_character(request.match_info["character_id"])
+    if character is None:
+        raise ApiError(404, "No such character.", param="character_id", code="character_not_found")
+    return web.json_response(character)
+
+
+def build_simulator(
+    root: Path, *, api_key: str | None = None, queue_seconds: float = 1.0, run_seconds: float = 3.0
+) -> web.Application:
+    @web.middleware
+    async def errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        try:
+            if api_key is not None:
+                presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(presented.encode(), api_key.encode()):
+                    raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            return ApiError(exc.status, exc.reason).response()
+
+    app = web.Application(middlewares=[errors])
+    engine = LocalEngine(root, queue_seconds=queue_seconds, run_seconds=run_seconds)
+    app[ENGINE] = engine
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await engine.close()
+
+    app.cleanup_ctx.append(lifetime)
+    app.router.add_post("/v1/videos/characters", create_character)
+    app.router.add_get("/v1/videos/characters/{character_id}", get_character)
+    app.router.add_post("/v1/videos", create)
+    app.router.add_get("/v1/videos", list_jobs)
+    app.router.add_get("/v1/videos/{video_id}", retrieve)
+    app.router.add_delete("/v1/videos/{video_id}", delete)
+    app.router.add_get("/v1/videos/{video_id}/content", content)
+    app.router.add_post("/v1/videos/{video_id}/remix", remix)
+    return app

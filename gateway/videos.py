@@ -1,0 +1,134 @@
+"""The OpenAI Video object: every answer about a video is built here, whatever the upstream said."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from gateway.store import Task
+
+VIDEO_KEYS = (
+    "id",
+    "object",
+    "model",
+    "status",
+    "progress",
+    "created_at",
+    "completed_at",
+    "expires_at",
+    "prompt",
+    "size",
+    "seconds",
+    "remixed_from_video_id",
+    "error",
+)
+
+STATUSES = ("queued", "in_progress", "completed", "failed")
+
+# Every provider's status word, lower-cased, → (OpenAI status, error code when it means failure).
+STATUS_SYNONYMS: dict[str, tuple[str, str | None]] = {
+    "queued": ("queued", None),
+    "pending": ("queued", None),
+    "submitted": ("queued", None),
+    "waiting": ("queued", None),
+    "starting": ("queued", None),
+    "throttled": ("queued", None),
+    "in_queue": ("queued", None),
+    "in_progress": ("in_progress", None),
+    "processing": ("in_progress", None),
+    "running": ("in_progress", None),
+    "generating": ("in_progress", None),
+    "dreaming": ("in_progress", None),
+    "completed": ("completed", None),
+    "succeeded": ("completed", None),
+    "success": ("completed", None),
+    "done": ("completed", None),
+    "failed": ("failed", "generation_failed"),
+    "failure": ("failed", "generation_failed"),
+    "error": ("failed", "generation_failed"),
+    "cancelled": ("failed", "cancelled"),
+    "canceled": ("failed", "cancelled"),
+    "aborted": ("failed", "cancelled"),
+    "expired": ("failed", "expired"),
+    "unknown": ("failed", "unknown_status"),
+}
+
+DEFAULT_SIZE = "720x1280"
+DEFAULT_SECONDS = "4"
+
+
+def new_video_id() -> str:
+    """An unguessable ID: 128 random bits, hex, in OpenAI's ``video_`` form."""
+    return "video_" + secrets.token_hex(16)
+
+
+def new_character_id() -> str:
+    return "char_" + secrets.token_hex(16)
+
+
+def map_status(raw: Any) -> tuple[str, str | None]:
+    return STATUS_SYNONYMS.get(str(raw).strip().lower(), ("failed", "unknown_status"))
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | None = None) -> dict[str, Any]:
+    """The client's view of a video: all 13 keys, public ID and model, one of the four statuses.
+
+    ``upstream`` is what the provider reported, already in OpenAI field names; anything missing
+    falls back to what the gateway showed last (``task.video``), so values never go backwards.
+    """
+    last = task.video
+    status, failure_code = map_status(upstream.get("status", last.get("status", "queued")))
+    progress = _int_or_none(upstream.get("progress"))
+    if progress is None:
+        progress = last.get("progress", 0)
+    progress = max(0, min(100, progress))
+    if status == "completed":
+        progress = 100
+    elif last.get("status") in ("queued", "in_progress") and status in ("queued", "in_progress"):
+        progress = max(progress, last.get("progress", 0))
+
+    error = None
+    if status == "failed":
+        reported = upstream.get("error") if isinstance(upstream.get("error"), dict) else {}
+        error = {
+            "code": str(reported.get("code") or failure_code or "generation_failed"),
+            "message": str(
+                reported.get("message") or f"The video generation ended as '{upstream.get('status')}'."
+            ),
+        }
+
+    completed_at = _int_or_none(upstream.get("completed_at")) or last.get("completed_at")
+    if status in ("completed", "failed") and completed_at is None:
+        completed_at = int(time.time())
+    seconds = upstream.get("seconds", last.get("seconds"))
+    return {
+        "id": task.id,
+        "object": "video",
+        "model": task.model,
+        "status": status,
+        "progress": progress,
+        "created_at": task.created_at,
+        "completed_at": completed_at if status in ("completed", "failed") else None,
+        "expires_at": _int_or_none(upstream.get("expires_at")) or last.get("expires_at"),
+        "prompt": upstream.get("prompt") or last.get("prompt"),
+        "size": str(upstream.get("size") or last.get("size") or DEFAULT_SIZE),
+        "seconds": str(seconds) if seconds is not None else DEFAULT_SECONDS,
+        "remixed_from_video_id": remixed_from
+        if remixed_from is not None
+        else last.get("remixed_from_video_id"),
+        "error": error,
+    }
+
+
+def is_terminal(status: str) -> bool:
+    return status in ("completed", "failed")
