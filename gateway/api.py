@@ -15,7 +15,7 @@ from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
 from gateway.errors import ApiError, bad_request, video_not_found
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
-from gateway.state import Gateway, gateway
+from gateway.state import CALL, MODEL, REQUEST_ID, Gateway, gateway
 from gateway.store import Task
 from gateway.videos import build_video, is_terminal, new_character_id, new_video_id
 
@@ -29,8 +29,8 @@ def _json(data: Any, *, headers: dict[str, str] | None = None) -> web.Response:
 
 
 def _call(request: web.Request, deployment: Deployment) -> Call:
-    call = Call(request, request["request_id"], deployment)
-    request["call"] = call
+    call = Call(request, request[REQUEST_ID], deployment)
+    request[CALL] = call
     return call
 
 
@@ -126,7 +126,7 @@ async def create_video(request: web.Request) -> web.StreamResponse:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
         deployment = table.pick(model)
-        request["model"] = model
+        request[MODEL] = model
         result = await table.adapter(deployment.provider).create(_call(request, deployment), body)
         if isinstance(result, EventStream):
             return await _relay_events(request, gw, deployment, result, _seed(body))
@@ -186,7 +186,7 @@ async def _translate_event(
 async def retrieve_video(request: web.Request) -> web.Response:
     gw = gateway(request)
     task = await _refresh(request, gw, await _owned(request))
-    request["model"] = task.model
+    request[MODEL] = task.model
     headers = {}
     if not is_terminal(task.status):
         headers["openai-poll-after-ms"] = str(gw.poll_after_ms(task.provider))
@@ -236,7 +236,7 @@ async def list_videos(request: web.Request) -> web.Response:
 async def delete_video(request: web.Request) -> web.Response:
     gw = gateway(request)
     task = await _owned(request)
-    request["model"] = task.model
+    request[MODEL] = task.model
     deployment, adapter = _deployment_of(gw, task)
     await adapter.delete(_call(request, deployment), task)
     await gw.store.delete(task.id, task.owner)
@@ -249,7 +249,7 @@ async def video_content(request: web.Request) -> web.StreamResponse:
     if variant not in VARIANTS:
         raise bad_request(f"'variant' must be one of: {', '.join(VARIANTS)}.", param="variant")
     task = await _refresh(request, gw, await _owned(request))
-    request["model"] = task.model
+    request[MODEL] = task.model
     if task.status != "completed":
         raise ApiError(
             409,
@@ -264,7 +264,7 @@ async def video_content(request: web.Request) -> web.StreamResponse:
 async def remix_video(request: web.Request) -> web.Response:
     gw = gateway(request)
     source = await _owned(request)
-    request["model"] = source.model
+    request[MODEL] = source.model
     check_model_access(client_key(request), source.model)
     body = await read_body(request, gw.config.limits, until=("prompt",))
     try:
@@ -298,7 +298,7 @@ async def _from_video(
             adapter = gw.table.adapter(deployment.provider)
         else:
             raise bad_request("'video' is required: an uploaded file or {\"id\": ...}.", param="video")
-        request["model"] = deployment.model
+        request[MODEL] = deployment.model
         check_model_access(client_key(request), deployment.model)
         upstream = await operation(adapter, _call(request, deployment), source, body)
         seed = {"size": source.video.get("size")} if source else {}
@@ -323,7 +323,7 @@ async def create_character(request: web.Request) -> web.Response:
         model = gw.table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
         deployment = gw.table.pick(model)
-        request["model"] = model
+        request[MODEL] = model
         answer = await gw.table.adapter(deployment.provider).create_character(
             _call(request, deployment), body
         )

@@ -17,7 +17,7 @@ from gateway.logs import log, register_secrets
 from gateway.providers import ADAPTERS, Adapter
 from gateway.providers.base import AdapterEnv
 from gateway.routing import RoutingTable
-from gateway.state import GATEWAY, Gateway
+from gateway.state import CALL, GATEWAY, MODEL, REQUEST_ID, Gateway
 from gateway.store import SQLiteTaskStore, TaskStore
 
 API_PREFIXES = ("/v1", "/v1/openai")
@@ -28,7 +28,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 async def envelope_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     """Request IDs, the OpenAI error envelope for every failure, and one access log line."""
     incoming = request.headers.get("X-Request-ID", "")
-    request["request_id"] = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(16)
+    request[REQUEST_ID] = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(16)
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -37,7 +37,7 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
     except web.HTTPException as exc:
         response = _http_exception(exc).response()
     except Exception:
-        log.exception("unhandled_error", request_id=request["request_id"], path=request.path)
+        log.exception("unhandled_error", request_id=request[REQUEST_ID], path=request.path)
         response = ApiError(
             500, "The gateway failed to handle this request.", type="server_error", code="internal_error"
         ).response()
@@ -57,17 +57,17 @@ def _http_exception(exc: web.HTTPException) -> ApiError:
 
 
 def _access_log(request: web.Request, response: web.StreamResponse, seconds: float) -> None:
-    call = request.get("call")
+    call = request.get(CALL)
     key = request.get(CLIENT_KEY)
     route = request.match_info.route.resource
     upstream_seconds = call.upstream_seconds if call is not None else 0.0
     log.info(
         "request",
-        request_id=request["request_id"],
+        request_id=request[REQUEST_ID],
         method=request.method,
         route=route.canonical if route is not None else "unmatched",
         status=response.status,
-        model=request.get("model"),
+        model=request.get(MODEL),
         provider=call.deployment.provider if call else None,
         deployment=call.deployment.name if call else None,
         upstream_status=call.upstream_status if call else None,
@@ -86,7 +86,7 @@ async def auth_middleware(request: web.Request, handler: web.Handler) -> web.Str
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["x-request-id"] = request.get("request_id", "")
+    response.headers["x-request-id"] = request.get(REQUEST_ID, "")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -53,7 +53,7 @@ def check_model_access(key: ClientKey, model: str) -> None:
         )
 
 
-CLIENT_KEY = "client_key"
+CLIENT_KEY = web.RequestKey("client_key", ClientKey)
 
 
 def client_key(request: web.Request) -> ClientKey:

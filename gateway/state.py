@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
+from gateway.providers.base import Call
 from gateway.routing import RoutingTable
 from gateway.store import Task, TaskStore
 from gateway.videos import is_terminal
@@ -33,6 +34,9 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+REQUEST_ID = web.RequestKey("request_id", str)
+CALL = web.RequestKey("call", Call)
+MODEL = web.RequestKey("model", str)
 
 
 def gateway(request: web.Request) -> Gateway:

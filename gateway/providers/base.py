@@ -40,6 +40,7 @@ class Call:
     deployment: Deployment
     upstream_seconds: float = 0.0
     upstream_status: int | None = None
+    upstream_error: str | None = None
 
 
 @dataclass
@@ -311,7 +312,7 @@ async def relay_content(call: Call, upstream: aiohttp.ClientResponse) -> web.Str
             await response.write(chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError):
         response.force_close()
-        call.request["upstream_error"] = "payload"
+        call.upstream_error = "payload"
         return response
     await response.write_eof()
     return response

@@ -1,0 +1,125 @@
+"""Shared fixtures: a gateway started on loopback from YAML, fake upstreams, SDK clients."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.app import build_app
+from gateway.config import GatewayConfig, parse_config
+from gateway.render import render_video
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
+
+ALPHA_KEY = "sk-test-alpha-0123456789"
+BETA_KEY = "sk-test-beta-9876543210"
+UPSTREAM_KEY = "sk-upstream-secret-abcdef"
+ENV = {"ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY, "UPSTREAM_KEY": UPSTREAM_KEY}
+
+
+def gateway_yaml(data_dir: Path, *, upstream_url: str | None = None, extra: str = "") -> str:
+    """A config with two tenants, a fast local provider and (optionally) an OpenAI-dialect upstream."""
+    upstream = ""
+    upstream_models = ""
+    if upstream_url is not None:
+        upstream = f"""
+          dialect:
+            kind: openai
+            base_url: {upstream_url}/v1
+            api_key: ${{UPSTREAM_KEY}}
+            poll_after_ms: 100
+            timeouts: {{connect: 2, read: 2, request: 3}}
+        """
+        upstream_models = """
+          sora-remote:
+            provider: dialect
+            model: upstream-sora
+        """
+    text = f"""
+        data_dir: {data_dir}
+        default_model: sora-2
+        logging: {{format: json, level: info}}
+        keys:
+          - name: alpha
+            key: ${{ALPHA_KEY}}
+          - name: beta
+            key: ${{BETA_KEY}}
+        providers:
+          local:
+            kind: local
+            poll_after_ms: 100
+            options: {{queue_seconds: 0.1, run_seconds: 0.4}}
+        {upstream}
+        models:
+          sora-2:
+            provider: local
+        {upstream_models}
+        {extra}
+    """
+    return textwrap.dedent(text)
+
+
+def load(text: str) -> GatewayConfig:
+    return parse_config(text, "test.yaml", ENV)
+
+
+@dataclass
+class RunningGateway:
+    server: TestServer
+    app: web.Application
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    def sdk(self, key: str = ALPHA_KEY, prefix: str = "/v1") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + prefix, api_key=key, max_retries=0, timeout=20)
+
+
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def start_gateway(aiohttp_server: Any) -> AsyncIterator[StartGateway]:
+    async def start(config: GatewayConfig | str, **kwargs: Any) -> RunningGateway:
+        cfg = load(config) if isinstance(config, str) else config
+        app = build_app(cfg, **kwargs)
+        server = await aiohttp_server(app)
+        return RunningGateway(server, app)
+
+    yield start
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real media for fake upstreams: a small H.264 MP4, its thumbnail and spritesheet."""
+    assets = render_video(
+        tmp_path_factory.mktemp("media"), prompt="fake upstream", width=320, height=240, seconds=1
+    )
+    return {"video": assets.video, "thumbnail": assets.thumbnail, "spritesheet": assets.spritesheet}
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any, media: dict[str, Path]) -> tuple[FakeOpenAIUpstream, str]:
+    fake = FakeOpenAIUpstream(api_key=UPSTREAM_KEY, media=media)
+    server = await aiohttp_server(fake.app())
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def local_gateway(start_gateway: StartGateway, tmp_path: Path) -> RunningGateway:
+    return await start_gateway(gateway_yaml(tmp_path))
+
+
+@pytest.fixture
+async def dialect_gateway(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> RunningGateway:
+    return await start_gateway(gateway_yaml(tmp_path, upstream_url=upstream[1]))

@@ -1,0 +1,251 @@
+"""A fake OpenAI-dialect upstream (OpenAI itself, vLLM-Omni, aggregators) that records what it got.
+
+Shapes follow the reference ``shared/reference/openai-videos-api.md``:
+- endpoints and methods: §1 table (create, retrieve, delete, content, remix, edits, extensions,
+  characters); every success is HTTP 200;
+- the Video object: §3.1 (13 keys, ``seconds`` a string, unix-second timestamps);
+- delete answer: §3.2 ``{"id", "object": "video.deleted", "deleted": true}``;
+- error envelope: §3.3 ``{"error": {"message", "type", "param", "code"}}``, 429 with ``Retry-After``;
+- ``stream`` on create: §7 (apifree's optional flag), answered as ``text/event-stream``.
+
+Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
+``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``).
+Jobs move queued → in_progress → completed, one step per retrieve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass
+class FakeOpenAIUpstream:
+    api_key: str
+    media: dict[str, Path]
+    received: list[Received] = field(default_factory=list)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    characters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def requests(self, method: str, path_prefix: str = "") -> list[Received]:
+        return [r for r in self.received if r.method == method and r.path.startswith(path_prefix)]
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._record], client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/videos/edits", self.edit)
+        app.router.add_post("/v1/videos/extensions", self.edit)
+        app.router.add_post("/v1/videos/characters", self.create_character)
+        app.router.add_get("/v1/videos/characters/{cid}", self.get_character)
+        app.router.add_post("/v1/videos", self.create)
+        app.router.add_get("/v1/videos/{vid}", self.retrieve)
+        app.router.add_delete("/v1/videos/{vid}", self.delete)
+        app.router.add_get("/v1/videos/{vid}/content", self.content)
+        app.router.add_post("/v1/videos/{vid}/remix", self.remix)
+        app.router.add_get("/signed/{vid}", self.signed)
+        return app
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(
+            Received(request.method, request.path, dict(request.query), CIMultiDict(request.headers), body)
+        )
+        if (
+            request.path.startswith("/v1/")
+            and request.headers.get("Authorization") != f"Bearer {self.api_key}"
+        ):
+            return _error(
+                401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
+            )
+        try:
+            return await handler(request)
+        except _NotFound:
+            return _error(404, "Video not found.", "invalid_request_error", "video_id", "not_found")
+
+    async def _fields(self, request: web.Request) -> dict[str, Any]:
+        """The body's fields; files as ``{"filename", "size"}`` (parsed by the stdlib, not the gateway)."""
+        body = self.received[-1].body
+        if not body:
+            return {}
+        if request.content_type == "application/json":
+            data: dict[str, Any] = json.loads(body)
+            return data
+        head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        fields: dict[str, Any] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True) or b""
+            filename = part.get_filename()
+            fields[name] = {"filename": filename, "size": len(payload)} if filename else payload.decode()
+        return fields
+
+    def _new_job(self, fields: dict[str, Any], remixed_from: str | None = None) -> dict[str, Any]:
+        job_id = f"up_{next(self._ids):04d}"
+        job = {
+            "id": job_id,
+            "object": "video",
+            "model": fields.get("model", "sora-2"),
+            "status": "queued",
+            "progress": 0,
+            "created_at": int(time.time()),
+            "completed_at": None,
+            "expires_at": None,
+            "prompt": fields.get("prompt"),
+            "size": fields.get("size", "720x1280"),
+            "seconds": str(fields.get("seconds", "4")),
+            "remixed_from_video_id": remixed_from,
+            "error": None,
+        }
+        self.jobs[job_id] = job
+        return job
+
+    async def _misbehave(self, prompt: str) -> web.Response | None:
+        if "[429]" in prompt:
+            return _error(
+                429,
+                "Rate limit reached for video generation.",
+                "rate_limit_error",
+                None,
+                "rate_limit_exceeded",
+                {"Retry-After": "7"},
+            )
+        if "[400]" in prompt:
+            return _error(
+                400, "Invalid size for this model.", "invalid_request_error", "size", "invalid_value"
+            )
+        if "[500]" in prompt:
+            return _error(500, "The server had an error.", "server_error", None, None)
+        if "[nonjson]" in prompt:
+            return web.Response(text="<html>bad gateway</html>", content_type="text/html")
+        if "[hang]" in prompt:
+            await asyncio.sleep(3600)
+        return None
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        fields = await self._fields(request)
+        trouble = await self._misbehave(str(fields.get("prompt", "")))
+        if trouble is not None:
+            return trouble
+        job = self._new_job(fields)
+        if str(fields.get("stream", "")).lower() == "true" or fields.get("stream") is True:
+            return await self._stream(request, job)
+        return web.json_response(job)
+
+    async def _stream(self, request: web.Request, job: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for status, progress in (("queued", 0), ("in_progress", 50), ("completed", 100)):
+            job.update(status=status, progress=progress)
+            await response.write(f"event: video.{status}\ndata: {json.dumps(job)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _job(self, request: web.Request) -> dict[str, Any]:
+        job = self.jobs.get(request.match_info["vid"])
+        if job is None:
+            raise _NotFound
+        return job
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        job = self._job(request)
+        if job["status"] == "queued":
+            job.update(status="in_progress", progress=40)
+        elif job["status"] == "in_progress":
+            failed = "[fail]" in (job["prompt"] or "")
+            job.update(
+                status="failed" if failed else "completed",
+                progress=100,
+                completed_at=int(time.time()),
+                expires_at=int(time.time()) + 3600,
+                error={"code": "moderation_blocked", "message": "Blocked."} if failed else None,
+            )
+        return web.json_response(job)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        job = self._job(request)
+        del self.jobs[job["id"]]
+        return web.json_response({"id": job["id"], "object": "video.deleted", "deleted": True})
+
+    async def content(self, request: web.Request) -> web.StreamResponse:
+        job = self._job(request)
+        variant = request.query.get("variant", "video")
+        if "[redirect]" in (job["prompt"] or ""):
+            raise web.HTTPFound(f"/signed/{job['id']}?variant={variant}")
+        return self._media(variant)
+
+    async def signed(self, request: web.Request) -> web.StreamResponse:
+        return self._media(request.query.get("variant", "video"))
+
+    def _media(self, variant: str) -> web.StreamResponse:
+        if variant not in self.media:
+            return _error(
+                404, f"No {variant} for this video.", "invalid_request_error", "variant", "not_found"
+            )
+        content_type = {"video": "video/mp4", "thumbnail": "image/webp", "spritesheet": "image/jpeg"}[variant]
+        return web.FileResponse(self.media[variant], headers={"Content-Type": content_type})
+
+    async def remix(self, request: web.Request) -> web.Response:
+        source = self._job(request)
+        fields = await self._fields(request)
+        job = self._new_job({**source, "prompt": fields.get("prompt")}, remixed_from=source["id"])
+        return web.json_response(job)
+
+    async def edit(self, request: web.Request) -> web.Response:
+        fields = await self._fields(request)
+        ref = fields.get("video") if isinstance(fields.get("video"), dict) else None
+        source_id = (ref or {}).get("id") or fields.get("video[id]")
+        if isinstance(source_id, str) and source_id not in self.jobs:
+            return _error(404, "Video not found.", "invalid_request_error", "video", "not_found")
+        return web.json_response(
+            self._new_job({"prompt": fields.get("prompt"), "seconds": fields.get("seconds", 4)})
+        )
+
+    async def create_character(self, request: web.Request) -> web.Response:
+        fields = await self._fields(request)
+        cid = f"upchar_{next(self._ids):04d}"
+        self.characters[cid] = {"id": cid, "name": fields.get("name"), "created_at": int(time.time())}
+        return web.json_response(self.characters[cid])
+
+    async def get_character(self, request: web.Request) -> web.Response:
+        character = self.characters.get(request.match_info["cid"])
+        if character is None:
+            return _error(404, "Character not found.", "invalid_request_error", "character_id", "not_found")
+        return web.json_response(character)
+
+
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None,
+    code: str | None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+class _NotFound(Exception):
+    pass
