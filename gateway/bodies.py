@@ -150,9 +150,10 @@ class MultipartParser:
             i = buf.find(self._delimiter)
             while i > 0 and buf[i - 2 : i] != b"\r\n":
                 i = buf.find(self._delimiter, i + 1)
+            # the same limit however the bytes arrive (the preamble is never consumed: offset 0)
+            if i > _MAX_PREAMBLE or (i < 0 and len(buf) > _MAX_PREAMBLE + len(self._delimiter) - 1):
+                raise MultipartError("no multipart boundary found in the body")
             if i < 0:
-                if self._offset + len(buf) > _MAX_PREAMBLE:
-                    raise MultipartError("no multipart boundary found in the body")
                 return False
             if len(buf) < i + len(self._delimiter) + 2:
                 return False
@@ -160,9 +161,10 @@ class MultipartParser:
             return self._after_delimiter(i + len(self._delimiter), events)
         if self._state == "headers":
             i = buf.find(b"\r\n\r\n")
+            # the same limit however the bytes arrive: the block may not exceed it, found or not
+            if i > _MAX_PART_HEADERS or (i < 0 and len(buf) > _MAX_PART_HEADERS + 3):
+                raise MultipartError("multipart part headers are too large")
             if i < 0:
-                if len(buf) > _MAX_PART_HEADERS:
-                    raise MultipartError("multipart part headers are too large")
                 return False
             self._part = self._parse_headers(bytes(buf[:i]), self._offset + i + 4)
             self._consume(i + 4)

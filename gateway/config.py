@@ -124,6 +124,9 @@ _DEPLOYMENT_SCHEMA = {
 }
 
 
+_KEY_FORMS = [{"required": ["key"]}, {"required": ["sha256"]}]
+
+
 def schema() -> dict[str, Any]:
     """The JSON Schema of the config file; ``config/schema.json`` is this, written out."""
     from gateway.providers import ADAPTERS
@@ -185,7 +188,7 @@ def schema() -> dict[str, Any]:
                     "type": "object",
                     "additionalProperties": False,
                     "required": ["name"],
-                    "oneOf": [{"required": ["key"]}, {"required": ["sha256"]}],
+                    "oneOf": _KEY_FORMS,
                     "properties": {
                         "name": {"type": "string", "minLength": 1},
                         "key": {"type": "string", "minLength": 8, "description": "Usually ${ENV}."},
@@ -243,6 +246,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     return parse_config(text, str(path), os.environ if env is None else env)
 
 
@@ -254,7 +259,9 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
-    lines = dict(_node_lines(node, ())) if node is not None else {}
+    lines: dict[tuple[Any, ...], int] = {}
+    for node_path, line in _node_lines(node, ()) if node is not None else ():
+        lines.setdefault(node_path, line)  # a mapping value is located at its key's line
 
     def at(path: tuple[Any, ...], message: str) -> str:
         while path not in lines and path:
@@ -270,17 +277,66 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
 
     validator = jsonschema.Draft202012Validator(schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path))):
-        problems.append(at(tuple(error.absolute_path), _schema_message(error)))
+        error = _written_form(error)
+        path = tuple(error.absolute_path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            for key in _unknown_keys(error):  # each unknown key at its own line
+                problems.append(at((*path, key), _schema_message(error, [key])))
+            continue
+        problems.append(at(path, _schema_message(error)))
+    _check_references(raw, lambda p, m: problems.append(at(p, m)))
     if problems:
         raise ConfigError(problems)
-
-    config = _resolve(raw, source, lambda p, m: problems.append(at(p, m)))
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return _resolve(raw, source)
 
 
-def _resolve(raw: dict[str, Any], source: str, problem: Any) -> GatewayConfig:
+def _check_references(raw: Any, problem: Any) -> None:
+    """Checks the schema cannot express; tolerant of whatever the schema rejected, so that these
+    problems are reported together with the schema's."""
+    if not isinstance(raw, dict):
+        return
+    providers = raw.get("providers") if isinstance(raw.get("providers"), dict) else {}
+    models = raw.get("models") if isinstance(raw.get("models"), dict) else {}
+    seen_names: set[str] = set()
+    for model, entries in models.items():
+        listed = isinstance(entries, list)
+        for i, d in enumerate(entries if listed else [entries]):
+            if not isinstance(d, dict) or not isinstance(d.get("provider"), str):
+                continue
+            path = ("models", model, i) if listed else ("models", model)
+            if d["provider"] not in providers:
+                known = ", ".join(sorted(map(str, providers)))
+                problem((*path, "provider"), f'unknown provider "{d["provider"]}" (known: {known})')
+                continue
+            name = d.get("name", f"{d['provider']}/{d.get('model', model)}")
+            if not isinstance(name, str):
+                continue
+            if name in seen_names:
+                problem((*path, "name"), f'deployment name "{name}" is used twice; give one a `name`')
+            seen_names.add(name)
+
+    keys = raw.get("keys") if isinstance(raw.get("keys"), list) else []
+    key_names: set[str] = set()
+    for i, k in enumerate(keys):
+        if not isinstance(k, dict):
+            continue
+        if isinstance(k.get("name"), str):
+            if k["name"] in key_names:
+                problem(("keys", i, "name"), f'key name "{k["name"]}" is used twice')
+            key_names.add(k["name"])
+        allowed = k.get("models")
+        for j, m in enumerate(allowed if isinstance(allowed, list) else ()):
+            if isinstance(m, str) and m not in models:
+                problem(("keys", i, "models", j), f'unknown model "{m}"')
+
+    default_model = raw.get("default_model")
+    if isinstance(default_model, str) and default_model not in models:
+        known = ", ".join(sorted(map(str, models)))
+        problem(("default_model",), f'unknown model "{default_model}" (known: {known})')
+
+
+def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
+    """Build the config from a document that passed the schema and the reference checks."""
     server = raw.get("server", {})
     data_dir = Path(raw.get("data_dir", ".video-gateway"))
     store = raw.get("store", {})
@@ -303,21 +359,12 @@ def _resolve(raw: dict[str, Any], source: str, problem: Any) -> GatewayConfig:
         )
 
     models: dict[str, tuple[Deployment, ...]] = {}
-    seen_names: set[str] = set()
     for model, entries in raw["models"].items():
         entries = entries if isinstance(entries, list) else [entries]
         deployments = []
-        for i, d in enumerate(entries):
-            path = ("models", model, i) if isinstance(raw["models"][model], list) else ("models", model)
-            if d["provider"] not in providers:
-                known = ", ".join(sorted(providers))
-                problem((*path, "provider"), f'unknown provider "{d["provider"]}" (known: {known})')
-                continue
+        for d in entries:
             upstream_model = d.get("model", model)
             name = d.get("name", f"{d['provider']}/{upstream_model}")
-            if name in seen_names:
-                problem((*path, "name"), f'deployment name "{name}" is used twice; give one a `name`')
-            seen_names.add(name)
             deployments.append(
                 Deployment(
                     name=name,
@@ -331,21 +378,12 @@ def _resolve(raw: dict[str, Any], source: str, problem: Any) -> GatewayConfig:
         models[model] = tuple(deployments)
 
     keys = []
-    key_names: set[str] = set()
-    for i, k in enumerate(raw["keys"]):
-        if k["name"] in key_names:
-            problem(("keys", i, "name"), f'key name "{k["name"]}" is used twice')
-        key_names.add(k["name"])
+    for k in raw["keys"]:
         digest = bytes.fromhex(k["sha256"]) if "sha256" in k else hashlib.sha256(k["key"].encode()).digest()
         allowed = k.get("models")
-        for j, m in enumerate(allowed or ()):
-            if m not in models:
-                problem(("keys", i, "models", j), f'unknown model "{m}"')
         keys.append(ClientKey(k["name"], digest, frozenset(allowed) if allowed is not None else None))
 
     default_model = raw.get("default_model")
-    if default_model is not None and default_model not in models:
-        problem(("default_model",), f'unknown model "{default_model}" (known: {", ".join(sorted(models))})')
 
     return GatewayConfig(
         source=source,
@@ -402,16 +440,31 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return out
 
 
-def _schema_message(error: jsonschema.ValidationError) -> str:
+def _written_form(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """For a value that may be written in several forms (a deployment or a list of them), the error
+    inside the form it was written in, so that its own path and line are reported."""
+    while error.validator == "oneOf" and error.validator_value != _KEY_FORMS and error.context:
+        written = [e for e in error.context if not (e.validator == "type" and not e.relative_path)]
+        error = jsonschema.exceptions.best_match(written or error.context) or error
+        if error.validator == "oneOf" and not error.context:
+            break
+    return error
+
+
+def _unknown_keys(error: jsonschema.ValidationError) -> list[Any]:
+    return sorted(set(error.instance) - set(error.schema.get("properties", {})), key=str)
+
+
+def _schema_message(error: jsonschema.ValidationError, extra: list[Any] | None = None) -> str:
     if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        extra = _unknown_keys(error) if extra is None else extra
         allowed = ", ".join(sorted(error.schema.get("properties", {})))
         return f"unknown key {', '.join(map(repr, extra))} (allowed: {allowed})"
     if error.validator == "required":
         return error.message.replace("is a required property", "is required")
     if error.validator == "enum":
         return f"{error.instance!r} is not one of: {', '.join(map(str, error.validator_value))}"
-    if error.validator == "oneOf" and isinstance(error.instance, dict) and "name" in error.instance:
+    if error.validator == "oneOf" and error.validator_value == _KEY_FORMS:
         return "give exactly one of `key` or `sha256`"
     if error.validator == "oneOf":
         best = jsonschema.exceptions.best_match(error.context or [])

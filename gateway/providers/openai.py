@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from yarl import URL
 
 from gateway.bodies import RequestBody
 from gateway.errors import UpstreamError
@@ -78,7 +79,9 @@ class OpenAIAdapter(Adapter):
         url = self._url(task.upstream_id, "content") + f"?variant={quote(variant)}"
         async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
             if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                return await self._follow(call, str(response.url.join(_location(response))), headers)
+                return await self._follow(
+                    call, str(response.url.join(URL(response.headers["Location"]))), headers
+                )
             if response.status >= 400:
                 raise error_from_upstream(
                     response.status, response.headers, await read_limited(response, 65536)
@@ -130,10 +133,6 @@ class OpenAIAdapter(Adapter):
 
 def _video_ref(task: Task | None) -> dict[str, str]:
     return {"video[id]": task.upstream_id} if task is not None else {}
-
-
-def _location(response: Any) -> str:
-    return str(response.headers["Location"])
 
 
 def _video(answer: Any) -> UpstreamVideo:

@@ -1,0 +1,267 @@
+"""Every failure leaves as the OpenAI error envelope with a fitting status; none hangs or 500s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from multidict import CIMultiDict
+
+from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, gateway_yaml
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
+
+AUTH = {"Authorization": f"Bearer {ALPHA_KEY}"}
+
+
+async def request(
+    gw: RunningGateway, method: str, path: str, **kwargs: Any
+) -> tuple[int, CIMultiDict[str], Any]:
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, gw.url + path, headers=headers, **kwargs) as response,
+    ):
+        raw = await response.read()
+        return response.status, CIMultiDict(response.headers), json.loads(raw) if raw else None
+
+
+def assert_envelope(
+    body: Any, headers: CIMultiDict[str], *, code: str | None = None, param: str | None = None
+) -> None:
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert headers["Content-Type"].startswith("application/json")
+    assert headers.get("x-request-id")
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+
+
+def multipart(fields: dict[str, str], boundary: str = "XyZ") -> bytes:
+    out = b""
+    for name, value in fields.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    return out + f"--{boundary}--\r\n".encode()
+
+
+async def test_bad_bodies(local_gateway: RunningGateway) -> None:
+    gw = local_gateway
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert status == 400
+    assert_envelope(body, headers, code="invalid_json")
+
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", data=b"[1, 2]", headers={"Content-Type": "application/json"}
+    )
+    assert status == 400
+    assert_envelope(body, headers, code="invalid_json")
+
+    broken = b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\nno blank line'
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", data=broken, headers={"Content-Type": "multipart/form-data; boundary=XyZ"}
+    )
+    assert status == 400
+    assert_envelope(body, headers, code="invalid_multipart")
+
+    status, headers, body = await request(
+        gw,
+        "POST",
+        "/v1/videos",
+        data=multipart({"prompt": "x"}),
+        headers={"Content-Type": "multipart/form-data"},
+    )
+    assert status == 400
+    assert_envelope(body, headers, code="invalid_multipart")
+
+    status, headers, body = await request(
+        gw,
+        "POST",
+        "/v1/videos",
+        data=b"prompt=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 415
+    assert_envelope(body, headers, code="unsupported_media_type")
+
+    status, headers, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "sora-9"})
+    assert status == 404
+    assert_envelope(body, headers, code="model_not_found", param="model")
+
+    status, headers, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "size": "999x3"})
+    assert status == 400
+    assert_envelope(body, headers, param="size")
+
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", json={"prompt": "x", "seconds": "forever"}
+    )
+    assert status == 400
+    assert_envelope(body, headers, param="seconds")
+
+    status, headers, body = await request(gw, "POST", "/v1/videos", json={"size": "320x240"})
+    assert status == 400
+    assert_envelope(body, headers, param="prompt")
+
+
+async def test_bad_queries_routes_and_methods(local_gateway: RunningGateway) -> None:
+    gw = local_gateway
+    for query, param in (
+        ("limit=500", "limit"),
+        ("limit=-1", "limit"),
+        ("order=sideways", "order"),
+        ("after=video_" + "0" * 32, "after"),
+    ):
+        status, headers, body = await request(gw, "GET", f"/v1/videos?{query}")
+        assert status == 400, query
+        assert_envelope(body, headers, param=param)
+
+    status, headers, body = await request(gw, "GET", "/v1/nothing-here")
+    assert status == 404
+    assert_envelope(body, headers)
+    status, headers, body = await request(gw, "PUT", "/v1/videos")
+    assert status == 405
+    assert_envelope(body, headers)
+
+    video = await gw.sdk().videos.create(prompt="not yet", size="320x240")
+    status, headers, body = await request(gw, "GET", f"/v1/videos/{video.id}/content?variant=poster")
+    assert status == 400
+    assert_envelope(body, headers, param="variant")
+    status, headers, body = await request(gw, "GET", f"/v1/videos/{video.id}/content")
+    assert status == 409
+    assert_envelope(body, headers, code="video_not_ready")
+
+
+async def test_body_limits(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gw = await start_gateway(
+        gateway_yaml(tmp_path, extra="limits: {max_upload_bytes: 4096, max_json_bytes: 2048}")
+    )
+    big = multipart({"prompt": "x", "model": "sora-2", "pad": "y" * 10_000})
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", data=big, headers={"Content-Type": "multipart/form-data; boundary=XyZ"}
+    )
+    assert status == 413
+    assert_envelope(body, headers, code="request_too_large")
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'
+        for _ in range(10):
+            yield b"z" * 1000
+
+    status, headers, body = await request(
+        gw,
+        "POST",
+        "/v1/videos",
+        data=chunked(),
+        headers={"Content-Type": "multipart/form-data; boundary=XyZ"},
+    )
+    assert status == 413
+    assert_envelope(body, headers, code="request_too_large")
+
+    status, headers, body = await request(gw, "POST", "/v1/videos", json={"prompt": "p" * 3000})
+    assert status == 413
+    assert_envelope(body, headers, code="request_too_large")
+
+
+async def test_upstream_refusals_are_passed_on(dialect_gateway: RunningGateway) -> None:
+    gw = dialect_gateway
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", json={"prompt": "[400]", "model": "sora-remote"}
+    )
+    assert status == 400
+    assert_envelope(body, headers, param="size", code="invalid_value")
+    assert body["error"]["message"] == "Invalid size for this model."
+
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", json={"prompt": "[429]", "model": "sora-remote"}
+    )
+    assert status == 429 and headers["Retry-After"] == "7"
+    assert_envelope(body, headers)
+    assert "Rate limit" in body["error"]["message"]
+
+    with pytest.raises(openai.RateLimitError) as caught:
+        await gw.sdk().videos.create(prompt="[429]", model="sora-remote")
+    assert caught.value.request_id
+
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", json={"prompt": "[500]", "model": "sora-remote"}
+    )
+    assert status == 502
+    assert_envelope(body, headers, code="upstream_error")
+
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", json={"prompt": "[nonjson]", "model": "sora-remote"}
+    )
+    assert status == 502
+    assert_envelope(body, headers)
+    assert "not JSON" in body["error"]["message"]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_upstream_unreachable_is_502(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gw = await start_gateway(gateway_yaml(tmp_path, upstream_url=f"http://127.0.0.1:{closed_port()}"))
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", json={"prompt": "x", "model": "sora-remote"}
+    )
+    assert status == 502
+    assert_envelope(body, headers)
+    assert "connect" in body["error"]["message"]
+
+
+async def test_upstream_timeout_is_504_without_retry(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    text = gateway_yaml(tmp_path, upstream_url=upstream[1]).replace(
+        "timeouts: {connect: 2, read: 2, request: 3}", "timeouts: {connect: 1, read: 0.5, request: 1}"
+    )
+    gw = await start_gateway(text)
+    started = time.monotonic()
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", json={"prompt": "[hang]", "model": "sora-remote"}
+    )
+    assert status == 504 and time.monotonic() - started < 5
+    assert_envelope(body, headers)
+    assert headers.get("x-should-retry") == "false"
+
+
+async def test_no_traceback_and_request_ids(local_gateway: RunningGateway) -> None:
+    status, headers, _ = await request(
+        local_gateway, "GET", "/v1/videos", headers={"X-Request-ID": "trace-123"}
+    )
+    assert status == 200 and headers["x-request-id"] == "trace-123"
+    status, headers, _ = await request(
+        local_gateway, "GET", "/v1/videos", headers={"X-Request-ID": "bad id <>"}
+    )
+    assert headers["x-request-id"].startswith("req_")
+    status, headers, _ = await request(local_gateway, "GET", "/healthz")
+    assert status == 200 and headers["x-request-id"]
+
+
+async def test_stalled_upload_is_cut_off(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gw = await start_gateway(gateway_yaml(tmp_path, extra="limits: {client_idle_timeout: 0.3}"))
+
+    async def stall() -> AsyncIterator[bytes]:
+        yield b'--XyZ\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nslow'
+        await asyncio.sleep(3)
+        yield b"\r\n--XyZ--\r\n"
+
+    started = time.monotonic()
+    status, headers, body = await request(
+        gw, "POST", "/v1/videos", data=stall(), headers={"Content-Type": "multipart/form-data; boundary=XyZ"}
+    )
+    assert status == 408 and time.monotonic() - started < 2.5
+    assert_envelope(body, headers, code="request_timeout")

@@ -1,0 +1,229 @@
+"""Route behaviour beyond the SDK happy path: body forms, headers, newer endpoints, streams, media."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, gateway_yaml
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
+from tests.test_sdk_e2e import VIDEO_KEYS, png_bytes
+
+AUTH = {"Authorization": f"Bearer {ALPHA_KEY}"}
+
+
+async def send(
+    gw: RunningGateway, method: str, path: str, **kwargs: Any
+) -> tuple[int, CIMultiDict[str], bytes]:
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, gw.url + path, headers=headers, **kwargs) as response,
+    ):
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+async def test_json_and_form_bodies_with_every_reference_form(local_gateway: RunningGateway) -> None:
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    status, _, raw = await send(
+        local_gateway,
+        "POST",
+        "/v1/videos",
+        json={
+            "prompt": "json with an object reference",
+            "seconds": 4,
+            "size": "320x240",
+            "input_reference": {"image_url": data_url},
+        },
+    )
+    video = json.loads(raw)
+    assert status == 200 and video["seconds"] == "4" and set(video) == VIDEO_KEYS
+
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("prompt", "bracketed reference")
+    form.add_field("seconds", "4")
+    form.add_field("size", "320x240")
+    form.add_field("input_reference[image_url]", data_url)
+    status, _, raw = await send(local_gateway, "POST", "/v1/videos", data=form)
+    assert status == 200 and json.loads(raw)["prompt"] == "bracketed reference"
+
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("input_reference", png_bytes(), filename="first.png", content_type="image/png")
+    form.add_field("prompt", "file before the model field")
+    form.add_field("model", "sora-2")
+    form.add_field("size", "320x240")
+    status, _, raw = await send(local_gateway, "POST", "/v1/openai/videos", data=form)
+    assert status == 200 and json.loads(raw)["model"] == "sora-2"
+
+    status, _, raw = await send(
+        local_gateway,
+        "POST",
+        "/v1/videos",
+        json={
+            "prompt": "bad data url",
+            "input_reference": {"image_url": "data:image/png;base64,@@@"},
+        },
+    )
+    assert status == 400 and json.loads(raw)["error"]["param"] == "input_reference"
+
+
+async def test_poll_header_only_while_unfinished(local_gateway: RunningGateway) -> None:
+    video = await local_gateway.sdk().videos.create(prompt="poll me", size="320x240")
+    status, headers, raw = await send(local_gateway, "GET", f"/v1/videos/{video.id}")
+    assert status == 200 and json.loads(raw)["status"] in ("queued", "in_progress")
+    assert int(headers["openai-poll-after-ms"]) == 100
+    await local_gateway.sdk().videos.poll(video.id)
+    status, headers, raw = await send(local_gateway, "GET", f"/v1/videos/{video.id}")
+    assert json.loads(raw)["status"] == "completed" and "openai-poll-after-ms" not in headers
+
+
+async def test_failed_generation_is_reported_not_raised(local_gateway: RunningGateway) -> None:
+    failed = await local_gateway.sdk().videos.create_and_poll(prompt="please [fail]", size="320x240")
+    assert failed.status == "failed" and failed.error is not None and failed.error.code == "generation_failed"
+    status, _, raw = await send(local_gateway, "GET", f"/v1/videos/{failed.id}/content")
+    assert status == 409
+
+
+async def test_content_range_requests(dialect_gateway: RunningGateway) -> None:
+    gw = dialect_gateway
+    for model in ("sora-2", "sora-remote"):
+        client = gw.sdk()
+        done = await client.videos.create_and_poll(
+            prompt="ranged", model=model, size="320x240" if model == "sora-2" else "1280x720"
+        )
+        full = (await client.videos.download_content(done.id)).content
+        status, headers, part = await send(
+            gw, "GET", f"/v1/videos/{done.id}/content", headers={"Range": "bytes=10-99"}
+        )
+        assert status == 206 and part == full[10:100]
+        assert (
+            headers["Content-Range"] == f"bytes 10-99/{len(full)}" and headers["Content-Type"] == "video/mp4"
+        )
+
+
+async def test_redirected_content_is_followed_inside_the_gateway(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], media: dict[str, Path]
+) -> None:
+    client = dialect_gateway.sdk()
+    done = await client.videos.create_and_poll(prompt="[redirect] signed urls", model="sora-remote")
+    status, headers, body = await send(
+        dialect_gateway, "GET", f"/v1/videos/{done.id}/content", allow_redirects=False
+    )
+    assert status == 200 and "Location" not in headers
+    assert body == media["video"].read_bytes()
+    signed = upstream[0].requests("GET", "/signed/")
+    assert signed and "Authorization" not in signed[0].headers
+
+
+async def test_edits_extensions_and_characters_reach_the_owning_upstream(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    source = await client.videos.create(prompt="source", model="sora-remote")
+    upstream_id = next(iter(fake.jobs))
+
+    status, _, raw = await send(
+        dialect_gateway,
+        "POST",
+        "/v1/videos/edits",
+        json={"prompt": "make it blue", "video": {"id": source.id}},
+    )
+    edited = json.loads(raw)
+    assert status == 200 and edited["id"].startswith("video_") and edited["model"] == "sora-remote"
+    (edit_request,) = fake.requests("POST", "/v1/videos/edits")
+    assert json.loads(edit_request.body)["video"] == {"id": upstream_id}
+
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("prompt", "longer")
+    form.add_field("seconds", "8")
+    form.add_field("video[id]", source.id)
+    status, _, raw = await send(dialect_gateway, "POST", "/v1/openai/videos/extensions", data=form)
+    assert status == 200, raw
+    (extend_request,) = fake.requests("POST", "/v1/videos/extensions")
+    assert f'name="video[id]"\r\n\r\n{upstream_id}\r\n'.encode() in extend_request.body
+    assert source.id.encode() not in extend_request.body
+    assert (await client.videos.retrieve(json.loads(raw)["id"])).model == "sora-remote"
+
+    character = await client.videos.create_character(
+        name="Mochi", video=("c.mp4", b"\x00" * 32, "video/mp4"), extra_body={"model": "sora-remote"}
+    )
+    assert character.id.startswith("char_") and character.name == "Mochi"
+    (char_request,) = fake.requests("POST", "/v1/videos/characters")
+    assert b'name="name"\r\n\r\nMochi' in char_request.body
+    fetched = await client.videos.get_character(character.id)
+    assert fetched.id == character.id and fetched.name == "Mochi"
+    assert fake.requests("GET", "/v1/videos/characters/upchar_")
+
+
+async def test_local_provider_does_edits_and_extensions(local_gateway: RunningGateway) -> None:
+    client = local_gateway.sdk()
+    source = await client.videos.create_and_poll(prompt="base clip", size="320x240", seconds="4")
+    status, _, raw = await send(
+        local_gateway,
+        "POST",
+        "/v1/videos/extensions",
+        json={"prompt": "and then", "seconds": "4", "video": {"id": source.id}},
+    )
+    assert status == 200 and json.loads(raw)["seconds"] == "8"
+    status, _, raw = await send(
+        local_gateway, "POST", "/v1/videos/edits", json={"prompt": "edited", "video": {"id": source.id}}
+    )
+    assert status == 200 and json.loads(raw)["size"] == "320x240"
+    status, _, raw = await send(local_gateway, "POST", "/v1/videos/edits", json={"prompt": "no video"})
+    assert status == 400 and json.loads(raw)["error"]["param"] == "video"
+
+
+async def test_stream_is_relayed_with_gateway_ids(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    status, headers, raw = await send(
+        dialect_gateway,
+        "POST",
+        "/v1/videos",
+        json={"prompt": "streamed", "model": "sora-remote", "stream": True},
+    )
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = [e for e in raw.decode().split("\n\n") if e.strip()]
+    videos = [json.loads(line[6:]) for e in events for line in e.split("\n") if line.startswith("data: {")]
+    assert [v["status"] for v in videos] == ["queued", "in_progress", "completed"]
+    assert len({v["id"] for v in videos}) == 1 and videos[0]["id"].startswith("video_")
+    assert all(v["model"] == "sora-remote" and set(v) == VIDEO_KEYS for v in videos)
+    assert "event: video.completed" in raw.decode() and events[-1].strip() == "data: [DONE]"
+    assert "up_" not in raw.decode()
+    assert json.loads(upstream[0].requests("POST", "/v1/videos")[0].body)["stream"] is True
+    again = await dialect_gateway.sdk().videos.retrieve(videos[0]["id"])
+    assert again.status == "completed"
+
+
+async def test_models_list_and_single(local_gateway: RunningGateway) -> None:
+    models = await local_gateway.sdk().models.list()
+    assert [m.id for m in models.data] == ["sora-2"]
+    assert (await local_gateway.sdk().models.retrieve("sora-2")).id == "sora-2"
+    status, _, raw = await send(local_gateway, "GET", "/v1/models/nope")
+    assert status == 404 and json.loads(raw)["error"]["code"] == "model_not_found"
+
+
+async def test_videos_survive_a_restart(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    text = gateway_yaml(tmp_path, upstream_url=upstream[1])
+    first = await start_gateway(text)
+    local = await first.sdk().videos.create_and_poll(prompt="before restart", size="320x240")
+    pending = await first.sdk().videos.create(prompt="unfinished at restart", size="320x240")
+    remote = await first.sdk().videos.create(prompt="remote before restart", model="sora-remote")
+    await first.server.close()
+
+    second = await start_gateway(text)
+    client = second.sdk()
+    assert (await client.videos.retrieve(local.id)).status == "completed"
+    assert (await client.videos.download_content(local.id)).content[4:8] == b"ftyp"
+    assert (await client.videos.poll(pending.id)).status == "completed"
+    assert (await client.videos.retrieve(remote.id)).model == "sora-remote"
+    listed = [v.id async for v in await client.videos.list()]
+    assert set(listed) == {local.id, pending.id, remote.id}

@@ -1,0 +1,142 @@
+"""Tenancy: a key sees only its own videos, on every route; IDs cannot be guessed or forged."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway, gateway_yaml
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def call(gw: RunningGateway, method: str, path: str, key: str, **kwargs: Any) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, gw.url + path, headers=auth(key), **kwargs) as response,
+    ):
+        body = await response.read()
+        try:
+            return response.status, json.loads(body)
+        except ValueError:
+            return response.status, body
+
+
+def video_routes(video_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        ("GET", f"/v1/videos/{video_id}", {}),
+        ("DELETE", f"/v1/videos/{video_id}", {}),
+        ("GET", f"/v1/videos/{video_id}/content", {}),
+        ("GET", f"/v1/videos/{video_id}/content?variant=thumbnail", {}),
+        ("GET", f"/v1/videos/{video_id}/content?variant=spritesheet", {}),
+        ("POST", f"/v1/videos/{video_id}/remix", {"json": {"prompt": "steal it"}}),
+        ("POST", "/v1/videos/edits", {"json": {"prompt": "edit it", "video": {"id": video_id}}}),
+        (
+            "POST",
+            "/v1/videos/extensions",
+            {"json": {"prompt": "extend it", "seconds": "4", "video": {"id": video_id}}},
+        ),
+        ("GET", f"/v1/openai/videos/{video_id}", {}),
+        ("DELETE", f"/v1/openai/videos/{video_id}", {}),
+    ]
+
+
+def without_id(body: Any, video_id: str) -> str:
+    return json.dumps(body).replace(video_id, "<id>")
+
+
+async def test_other_tenant_gets_the_unknown_id_404_on_every_route(local_gateway: RunningGateway) -> None:
+    alpha = local_gateway.sdk(ALPHA_KEY)
+    video = await alpha.videos.poll((await alpha.videos.create(prompt="alpha's secret", size="320x240")).id)
+    unknown = "video_" + secrets.token_hex(16)
+
+    for method, path, kwargs in video_routes(video.id):
+        status, body = await call(local_gateway, method, path, BETA_KEY, **kwargs)
+        unknown_status, unknown_body = await call(
+            local_gateway,
+            method,
+            path.replace(video.id, unknown),
+            ALPHA_KEY,
+            **json.loads(json.dumps(kwargs).replace(video.id, unknown)),
+        )
+        assert status == unknown_status == 404, (method, path, body)
+        assert without_id(body, video.id) == without_id(unknown_body, unknown), (method, path)
+
+    beta_list = [v.id async for v in await local_gateway.sdk(BETA_KEY).videos.list()]
+    assert video.id not in beta_list
+    still_there = await alpha.videos.retrieve(video.id)
+    assert still_there.status == "completed"
+    assert len((await alpha.videos.download_content(video.id)).content) > 0
+
+
+async def test_characters_are_private_too(local_gateway: RunningGateway) -> None:
+    character = await local_gateway.sdk(ALPHA_KEY).videos.create_character(
+        name="Ada", video=("clip.mp4", b"\x00" * 64, "video/mp4")
+    )
+    assert character.id.startswith("char_") and character.name == "Ada"
+    assert (await local_gateway.sdk(ALPHA_KEY).videos.get_character(character.id)).name == "Ada"
+    status, body = await call(local_gateway, "GET", f"/v1/videos/characters/{character.id}", BETA_KEY)
+    assert status == 404 and body["error"]["code"] == "character_not_found"
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "video_" + "0" * 32,
+        "video_" + secrets.token_hex(16),
+        "video_abc",
+        "video_",
+        "x" * 300,
+        "..%2F..%2Fetc",
+        "video_" + secrets.token_hex(16).upper(),
+    ],
+)
+async def test_forged_and_malformed_ids_get_the_same_404(local_gateway: RunningGateway, forged: str) -> None:
+    reference_status, reference = await call(local_gateway, "GET", "/v1/videos/video_" + "f" * 32, ALPHA_KEY)
+    status, body = await call(local_gateway, "GET", f"/v1/videos/{forged}", ALPHA_KEY)
+    assert status == reference_status == 404
+    assert body["error"]["code"] == reference["error"]["code"] == "video_not_found"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_deleted_video_is_gone_for_its_owner(local_gateway: RunningGateway) -> None:
+    client = local_gateway.sdk()
+    video = await client.videos.create(prompt="short-lived", size="320x240")
+    await client.videos.delete(video.id)
+    for method, path, kwargs in video_routes(video.id):
+        status, body = await call(local_gateway, method, path, ALPHA_KEY, **kwargs)
+        assert status == 404, (method, path, body)
+
+
+async def test_keys_and_model_permissions(start_gateway: StartGateway, tmp_path: Any) -> None:
+    text = gateway_yaml(tmp_path).replace("key: ${BETA_KEY}", "key: ${BETA_KEY}\n    models: [sora-2]")
+    text = text.replace("\nmodels:\n  sora-2:", "\nmodels:\n  sora-2-pro:\n    provider: local\n  sora-2:")
+    gw = await start_gateway(text)
+
+    status, body = await call(gw, "POST", "/v1/videos", BETA_KEY, json={"prompt": "x", "model": "sora-2-pro"})
+    assert (
+        status == 403 and body["error"]["code"] == "model_not_allowed" and body["error"]["param"] == "model"
+    )
+    status, body = await call(gw, "GET", "/v1/models", BETA_KEY)
+    assert [m["id"] for m in body["data"]] == ["sora-2"]
+    status, body = await call(gw, "GET", "/v1/models", ALPHA_KEY)
+    assert {m["id"] for m in body["data"]} == {"sora-2", "sora-2-pro"}
+    assert all(m["object"] == "model" for m in body["data"]) and body["object"] == "list"
+
+    async with aiohttp.ClientSession() as session:
+        for headers in (
+            {},
+            {"Authorization": "Bearer sk-wrong-key-000000"},
+            {"Authorization": ALPHA_KEY},
+            {"Authorization": "Basic " + ALPHA_KEY},
+        ):
+            async with session.get(gw.url + "/v1/videos", headers=headers) as response:
+                error = (await response.json())["error"]
+                assert response.status == 401 and error["type"] == "invalid_request_error", headers
+                assert ALPHA_KEY not in json.dumps(error)
