@@ -85,7 +85,7 @@ async def test_poll_header_only_while_unfinished(local_gateway: RunningGateway) 
 async def test_failed_generation_is_reported_not_raised(local_gateway: RunningGateway) -> None:
     failed = await local_gateway.sdk().videos.create_and_poll(prompt="please [fail]", size="320x240")
     assert failed.status == "failed" and failed.error is not None and failed.error.code == "generation_failed"
-    status, _, raw = await send(local_gateway, "GET", f"/v1/videos/{failed.id}/content")
+    status, _, _ = await send(local_gateway, "GET", f"/v1/videos/{failed.id}/content")
     assert status == 409
 
 
