@@ -227,3 +227,31 @@ async def test_videos_survive_a_restart(
     assert (await client.videos.retrieve(remote.id)).model == "sora-remote"
     listed = [v.id async for v in await client.videos.list()]
     assert set(listed) == {local.id, pending.id, remote.id}
+
+
+async def test_hop_by_hop_and_client_credentials_stay_behind(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    status, headers, _ = await send(
+        dialect_gateway,
+        "POST",
+        "/v1/videos",
+        json={"prompt": "hops", "model": "sora-remote"},
+        headers={
+            "Connection": "keep-alive, X-Private-Hop",
+            "X-Private-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic c2VjcmV0",
+            "Cookie": "session=abc",
+            "OpenAI-Organization": "org-client",
+            "X-Custom": "kept",
+        },
+    )
+    assert status == 200
+    (received,) = upstream[0].requests("POST", "/v1/videos")
+    for name in ("X-Private-Hop", "Keep-Alive", "TE", "Proxy-Authorization", "Cookie", "OpenAI-Organization"):
+        assert name not in received.headers, name
+    assert received.headers["Authorization"] == "Bearer sk-upstream-secret-abcdef"
+    assert received.headers["X-Custom"] == "kept"
+    assert received.headers["X-Request-ID"] == headers["x-request-id"]

@@ -1,0 +1,193 @@
+"""The command line as a user runs it: serve on the default config, simulate, and the two together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.simulator import build_simulator
+from tests.conftest import ALPHA_KEY, StartGateway, gateway_yaml
+from tests.test_sdk_e2e import decode_mp4
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def run_process(tmp_path: Path) -> Iterator[Any]:
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never became healthy")
+
+
+async def test_serve_on_the_embedded_default(run_process: Any, tmp_path: Path) -> None:
+    """The README's first command: no config, no keys, the demo key works and renders a video."""
+    port = free_port()
+    env = {"VIDEO_GATEWAY_DATA_DIR": str(tmp_path / "data")}
+    env.pop("VIDEO_GATEWAY_API_KEY", None)
+    process = run_process("serve", "--port", str(port), env=env, cwd=tmp_path)
+    await wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-gateway-demo", max_retries=0
+    )
+    video = await client.videos.create_and_poll(
+        prompt="default config", model="sora-2", size="320x240", seconds="1", poll_interval_ms=200
+    )
+    assert video.status == "completed"
+    assert decode_mp4((await client.videos.download_content(video.id)).content)[0] == "h264"
+    assert (tmp_path / "data" / "gateway.sqlite3").exists()
+
+
+async def test_serve_with_a_config_and_key_from_env(run_process: Any, tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        gateway_yaml(tmp_path / "data").replace("data_dir:", f"server: {{port: {port}}}\ndata_dir:")
+    )
+    process = run_process(
+        "serve", "--config", str(config), env={"ALPHA_KEY": ALPHA_KEY, "BETA_KEY": "sk-beta-xxxxxx"}
+    )
+    await wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {ALPHA_KEY}"}
+        ) as response:
+            assert response.status == 200 and (await response.json())["data"][0]["id"] == "sora-2"
+        async with session.get(
+            f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-gateway-demo"}
+        ) as response:
+            assert response.status == 401
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("keys: []\nproviders: {}\nmodels: {}\nbogus: 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_simulator_process_serves_the_dialect(run_process: Any, tmp_path: Path) -> None:
+    port = free_port()
+    process = run_process(
+        "simulate",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "sim"),
+        "--api-key",
+        "sim-key-123",
+        "--queue-seconds",
+        "0.1",
+        "--run-seconds",
+        "0.3",
+    )
+    await wait_healthy_sim(port, process)
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sim-key-123", max_retries=0)
+    video = await client.videos.create_and_poll(
+        prompt="straight to the simulator", size="320x240", seconds="1"
+    )
+    assert video.status == "completed" and video.seconds == "1"
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
+        ).videos.list()
+
+
+async def wait_healthy_sim(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("simulator did not start")
+
+
+async def test_gateway_in_front_of_the_simulator(
+    start_gateway: StartGateway, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The local provider served as an OpenAI-dialect upstream is a realistic upstream for the gateway."""
+    simulator = await aiohttp_server(
+        build_simulator(
+            tmp_path / "sim", api_key="sk-upstream-secret-abcdef", queue_seconds=0.1, run_seconds=0.3
+        )
+    )
+    text = gateway_yaml(tmp_path, upstream_url=str(simulator.make_url("")).rstrip("/"))
+    gw = await start_gateway(text)
+    client = gw.sdk()
+    video = await client.videos.create_and_poll(
+        prompt="through the gateway", model="sora-remote", size="320x240", seconds="2"
+    )
+    assert video.status == "completed" and video.model == "sora-remote" and video.seconds == "2"
+    codec, width, height, _ = decode_mp4((await client.videos.download_content(video.id)).content)
+    assert (codec, width, height) == ("h264", 320, 240)
+    remix = await client.videos.poll((await client.videos.remix(video.id, prompt="again")).id)
+    assert remix.status == "completed" and remix.remixed_from_video_id == video.id
+    assert (await client.videos.delete(video.id)).deleted
+
+
+def test_check_config_on_the_shipped_files() -> None:
+    for path in ("config/gateway.yaml", "gateway/default.yaml"):
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "check-config", path],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "OK" in result.stdout
