@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import metrics
 from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
@@ -90,7 +91,9 @@ async def _record(
     task.video = build_video(task, upstream.fields, remixed_from=remixed_from)
     task.status = task.video["status"]
     await gw.store.add(task)
-    gw.observe_status(task, None)
+    metrics.VIDEOS_CREATED.labels(task.model, task.provider).inc()
+    if is_terminal(task.status):
+        metrics.VIDEOS_FINISHED.labels(task.model, task.provider, task.status).inc()
     return task
 
 
@@ -111,11 +114,14 @@ async def _refresh(request: web.Request, gw: Gateway, task: Task) -> Task:
     video = build_video(task, upstream.fields)
     state = {**task.state, **upstream.state}
     if video != task.video or state != task.state:
-        previous = task.status
         task.video, task.status, task.state = video, video["status"], state
-        await gw.store.update(task)
-        gw.observe_status(task, previous)
+        await _save(gw, task)
     return task
+
+
+async def _save(gw: Gateway, task: Task) -> None:
+    if await gw.store.update(task):
+        metrics.VIDEOS_FINISHED.labels(task.model, task.provider, task.status).inc()
 
 
 async def create_video(request: web.Request) -> web.StreamResponse:
@@ -175,10 +181,9 @@ async def _translate_event(
             request, gw, deployment, UpstreamVideo(upstream_id, payload), seed
         )
     else:
-        previous, task.video = task.status, build_video(task, payload)
+        task.video = build_video(task, payload)
         task.status = task.video["status"]
-        await gw.store.update(task)
-        gw.observe_status(task, previous)
+        await _save(gw, task)
     other = b"".join(line + b"\n" for line in lines if not line.startswith(b"data:"))
     return other + b"data: " + json.dumps(task.video).encode() + b"\n\n"
 

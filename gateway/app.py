@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import api
+from gateway import api, metrics
 from gateway.auth import CLIENT_KEY, KeyRing
 from gateway.config import GatewayConfig
 from gateway.errors import ApiError
@@ -17,7 +17,7 @@ from gateway.logs import log, register_secrets
 from gateway.providers import ADAPTERS, Adapter
 from gateway.providers.base import AdapterEnv
 from gateway.routing import RoutingTable
-from gateway.state import CALL, GATEWAY, MODEL, REQUEST_ID, Gateway
+from gateway.state import CALL, GATEWAY, MODEL, REQUEST_ID, STARTED, Gateway
 from gateway.store import SQLiteTaskStore, TaskStore
 
 API_PREFIXES = ("/v1", "/v1/openai")
@@ -26,10 +26,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """Request IDs, the OpenAI error envelope for every failure, and one access log line."""
+    """Request IDs, the OpenAI error envelope for every failure, metrics and one access log line."""
     incoming = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(16)
-    started = time.perf_counter()
+    request[STARTED] = started = time.perf_counter()
+    route = _route(request)
+    in_flight = metrics.HTTP_IN_FLIGHT.labels(route)
+    in_flight.inc()
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -41,8 +44,15 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
         response = ApiError(
             500, "The gateway failed to handle this request.", type="server_error", code="internal_error"
         ).response()
-    _access_log(request, response, time.perf_counter() - started)
+    finally:
+        in_flight.dec()
+    _observe(request, response, route, time.perf_counter() - started)
     return response
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def _http_exception(exc: web.HTTPException) -> ApiError:
@@ -56,24 +66,34 @@ def _http_exception(exc: web.HTTPException) -> ApiError:
     return ApiError(exc.status, message, code=code, headers=headers)
 
 
-def _access_log(request: web.Request, response: web.StreamResponse, seconds: float) -> None:
+def _observe(request: web.Request, response: web.StreamResponse, route: str, seconds: float) -> None:
+    """Metrics and the access log line of one finished request."""
     call = request.get(CALL)
     key = request.get(CLIENT_KEY)
-    route = request.match_info.route.resource
     upstream_seconds = call.upstream_seconds if call is not None else 0.0
+    bytes_in = request.content.total_bytes
+    bytes_out = response.body_length if response.prepared else len(getattr(response, "body", b"") or b"")
+    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
+    metrics.HTTP_DURATION.labels(route, request.method).observe(seconds)
+    metrics.OVERHEAD.labels(route).observe(max(0.0, seconds - upstream_seconds))
+    metrics.REQUEST_BYTES.labels(route).inc(bytes_in)
+    metrics.RESPONSE_BYTES.labels(route).inc(bytes_out)
     log.info(
         "request",
         request_id=request[REQUEST_ID],
         method=request.method,
-        route=route.canonical if route is not None else "unmatched",
+        route=route,
         status=response.status,
         model=request.get(MODEL),
         provider=call.deployment.provider if call else None,
         deployment=call.deployment.name if call else None,
         upstream_status=call.upstream_status if call else None,
+        upstream_error=call.upstream_error if call else None,
         duration_ms=round(seconds * 1000, 2),
         upstream_ms=round(upstream_seconds * 1000, 2),
         overhead_ms=round((seconds - upstream_seconds) * 1000, 2),
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
         key_name=key.name if key is not None else None,
     )
 
@@ -85,8 +105,14 @@ async def auth_middleware(request: web.Request, handler: web.Handler) -> web.Str
     return await handler(request)
 
 
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``x-request-id`` and the gateway's own time so far, on every answer as it starts."""
     response.headers["x-request-id"] = request.get(REQUEST_ID, "")
+    started = request.get(STARTED)
+    if started is not None:
+        call = request.get(CALL)
+        own = time.perf_counter() - started - (call.upstream_seconds if call is not None else 0.0)
+        response.headers["x-gateway-overhead-ms"] = f"{max(0.0, own) * 1000:.3f}"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -109,12 +135,20 @@ def build_app(config: GatewayConfig, *, store: TaskStore | None = None) -> web.A
     app = web.Application(
         middlewares=[envelope_middleware, auth_middleware], handler_args={"max_field_size": 16384}
     )
-    app.on_response_prepare.append(_add_request_id)
+    app.on_response_prepare.append(_stamp_headers)
     state = app[GATEWAY] = Gateway(config, KeyRing(config.keys))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if config.metrics_path is not None:
+        app.router.add_get(config.metrics_path, metrics.metrics_handler(config.metrics_key))
     for prefix in API_PREFIXES:
         api.add_routes(app, prefix)
+    metrics.prime(
+        {
+            name: [(d.name, d.model) for ds in config.models.values() for d in ds if d.provider == name]
+            for name in config.providers
+        }
+    )
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         task_store = store

@@ -97,6 +97,8 @@ class GatewayConfig:
     store_path: Path = Path(".video-gateway/gateway.sqlite3")
     default_model: str | None = None
     limits: Limits = Limits()
+    metrics_path: str | None = "/metrics"
+    metrics_key: str | None = field(default=None, repr=False)
     log_format: str = "console"
     log_level: str = "info"
     keys: tuple[ClientKey, ...] = ()
@@ -171,6 +173,15 @@ def schema() -> dict[str, Any]:
                     "max_upload_bytes": {"type": "integer", "minimum": 1},
                     "max_json_bytes": {"type": "integer", "minimum": 1},
                     "client_idle_timeout": {"type": "number", "exclusiveMinimum": 0},
+                },
+            },
+            "metrics": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "enabled": {"type": "boolean", "default": True},
+                    "path": {"type": "string", "pattern": "^/", "default": "/metrics"},
+                    "key": {"type": "string", "description": "Bearer key scrapers must send (optional)."},
                 },
             },
             "logging": {
@@ -342,6 +353,7 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
     store = raw.get("store", {})
     limits = Limits(**raw.get("limits", {}))
     logging = raw.get("logging", {})
+    metrics = raw.get("metrics", {})
 
     providers: dict[str, ProviderConfig] = {}
     for name, p in raw["providers"].items():
@@ -394,6 +406,8 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
         store_path=Path(store["path"]) if "path" in store else data_dir / "gateway.sqlite3",
         default_model=default_model,
         limits=limits,
+        metrics_path=metrics.get("path", "/metrics") if metrics.get("enabled", True) else None,
+        metrics_key=metrics.get("key"),
         log_format=logging.get("format", "console"),
         log_level=logging.get("level", "info"),
         keys=tuple(keys),

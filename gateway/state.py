@@ -10,8 +10,7 @@ from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
 from gateway.providers.base import Call
 from gateway.routing import RoutingTable
-from gateway.store import Task, TaskStore
-from gateway.videos import is_terminal
+from gateway.store import TaskStore
 
 
 @dataclass
@@ -27,16 +26,12 @@ class Gateway:
         config = self.config.providers.get(provider)
         return config.poll_after_ms if config is not None else 1000
 
-    def observe_status(self, task: Task, previous: str | None) -> None:
-        """Called whenever the gateway learns a video's status; metrics hook in here."""
-        if is_terminal(task.status) and not (previous and is_terminal(previous)):
-            pass
-
 
 GATEWAY = web.AppKey("gateway", Gateway)
 REQUEST_ID = web.RequestKey("request_id", str)
 CALL = web.RequestKey("call", Call)
 MODEL = web.RequestKey("model", str)
+STARTED = web.RequestKey("started", float)
 
 
 def gateway(request: web.Request) -> Gateway:

@@ -51,7 +51,11 @@ class TaskStore(Protocol):
 
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None: ...
 
-    async def update(self, task: Task) -> None: ...
+    async def update(self, task: Task) -> bool:
+        """Save news about an unfinished task; a finished task is never changed again.
+
+        True when this very call moved the task to a terminal status (count it once).
+        """
 
     async def delete(self, task_id: str, owner: str) -> bool: ...
 
@@ -159,13 +163,26 @@ class SQLiteTaskStore:
         )
         return self._task(rows[0]) if rows else None
 
-    async def update(self, task: Task) -> None:
+    async def update(self, task: Task) -> bool:
         task.updated_at = time.time()
-        await self._run(
-            self._query,
-            "UPDATE tasks SET status=?, video=?, state=?, updated_at=? WHERE id=?",
-            (task.status, json.dumps(task.video), json.dumps(task.state), task.updated_at, task.id),
-        )
+
+        def run() -> bool:
+            assert self._db is not None
+            cursor = self._db.execute(
+                "UPDATE tasks SET status=?, video=?, state=?, updated_at=? "
+                f"WHERE id=? AND status IN ({','.join('?' * len(ACTIVE_STATUSES))})",
+                (
+                    task.status,
+                    json.dumps(task.video),
+                    json.dumps(task.state),
+                    task.updated_at,
+                    task.id,
+                    *ACTIVE_STATUSES,
+                ),
+            )
+            return cursor.rowcount == 1 and task.status not in ACTIVE_STATUSES
+
+        return bool(await self._run(run))
 
     async def delete(self, task_id: str, owner: str) -> bool:
         def run() -> bool:

@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway import metrics
 from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
 from gateway.errors import ApiError, UpstreamError, unsupported
@@ -171,6 +172,10 @@ class Adapter:
         streaming: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One upstream request, failures mapped to :class:`UpstreamError`; never follows redirects."""
+        provider = self.config.name
+        metrics.UPSTREAM_REQUESTS.labels(provider, call.deployment.name).inc()
+        in_flight = metrics.UPSTREAM_IN_FLIGHT.labels(provider)
+        in_flight.inc()
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
         try:
@@ -184,7 +189,11 @@ class Adapter:
                 compress=None,
             ) as response:
                 call.upstream_status = response.status
-                call.upstream_seconds += time.perf_counter() - started
+                waited = time.perf_counter() - started
+                call.upstream_seconds += waited
+                metrics.UPSTREAM_DURATION.labels(provider, call.deployment.model).observe(waited)
+                if response.status >= 400:
+                    self.count_error("5xx" if response.status >= 500 else "4xx")
                 started = time.perf_counter()
                 yield response
         except ApiError:
@@ -205,6 +214,7 @@ class Adapter:
         except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError):
             raise self._fail(body, 502, "the provider closed the connection", "reset", sent=True) from None
         finally:
+            in_flight.dec()
             if response is not None:
                 call.upstream_seconds += time.perf_counter() - started
 
@@ -213,8 +223,12 @@ class Adapter:
     ) -> ApiError:
         if body is not None and body.failure is not None:
             return body.failure
+        self.count_error(kind)
         headers = {"x-should-retry": "false"} if sent and kind in ("timeout", "reset") else {}
         return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent, headers=headers)
+
+    def count_error(self, kind: str) -> None:
+        metrics.UPSTREAM_ERRORS.labels(self.config.name, kind).inc()
 
     async def read_json(self, response: aiohttp.ClientResponse) -> Any:
         """The upstream's JSON answer; raise the right error for a refusal or a non-JSON answer."""
@@ -224,9 +238,33 @@ class Adapter:
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
+            self.count_error("payload")
             raise UpstreamError(
                 502, "Upstream error: the provider answered with something that is not JSON.", kind="payload"
             ) from None
+
+    async def relay(self, call: Call, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Stream a media answer to the client: status, content headers and bytes, nothing else.
+
+        Once the first byte went out, an upstream failure can only cut the client's connection.
+        """
+        response = web.StreamResponse(status=upstream.status)
+        for name in CONTENT_RESPONSE_HEADERS:
+            if name in upstream.headers:
+                response.headers[name] = upstream.headers[name]
+        if upstream.content_length is not None and "Content-Length" in upstream.headers:
+            response.content_length = upstream.content_length
+        await response.prepare(call.request)
+        try:
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError):
+            response.force_close()
+            call.upstream_error = "payload"
+            self.count_error("payload")
+            return response
+        await response.write_eof()
+        return response
 
     def result_host_allowed(self, url: str) -> bool:
         """Redirects for content are followed only to the provider's own or declared result hosts."""
@@ -296,23 +334,3 @@ def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> 
         code="upstream_error",
         headers=out_headers,
     )
-
-
-async def relay_content(call: Call, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Stream a media answer to the client: status, content headers and bytes, nothing else."""
-    response = web.StreamResponse(status=upstream.status)
-    for name in CONTENT_RESPONSE_HEADERS:
-        if name in upstream.headers:
-            response.headers[name] = upstream.headers[name]
-    if upstream.content_length is not None and "Content-Length" in upstream.headers:
-        response.content_length = upstream.content_length
-    await response.prepare(call.request)
-    try:
-        async for chunk in upstream.content.iter_chunked(CHUNK):
-            await response.write(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError):
-        response.force_close()
-        call.upstream_error = "payload"
-        return response
-    await response.write_eof()
-    return response

@@ -23,7 +23,6 @@ from gateway.providers.base import (
     UpstreamVideo,
     error_from_upstream,
     read_limited,
-    relay_content,
 )
 from gateway.store import Task
 
@@ -86,7 +85,7 @@ class OpenAIAdapter(Adapter):
                 raise error_from_upstream(
                     response.status, response.headers, await read_limited(response, 65536)
                 )
-            return await relay_content(call, response)
+            return await self.relay(call, response)
 
     async def _follow(self, call: Call, url: str, headers: Any) -> web.StreamResponse:
         """One redirect to a signed result URL, only to a host this provider is known to use."""
@@ -104,7 +103,7 @@ class OpenAIAdapter(Adapter):
                 raise error_from_upstream(
                     response.status, response.headers, await read_limited(response, 65536)
                 )
-            return await relay_content(call, response)
+            return await self.relay(call, response)
 
     async def delete(self, call: Call, task: Task) -> None:
         headers = self.upstream_headers(call, forward_client=False)
