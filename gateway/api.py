@@ -14,9 +14,10 @@ from gateway import metrics
 from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
+from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID
 from gateway.errors import ApiError, bad_request, video_not_found
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
-from gateway.state import CALL, MODEL, REQUEST_ID, Gateway, gateway
+from gateway.state import Gateway, gateway
 from gateway.store import Task
 from gateway.videos import build_video, is_terminal, new_character_id, new_video_id
 
@@ -150,8 +151,11 @@ async def _relay_events(
     tasks: dict[str, Task] = {}
     try:
         await response.prepare(request)
+        request[BYTES_OUT] = 0
         async for event in stream.events():
-            await response.write(await _translate_event(request, gw, deployment, tasks, seed, event))
+            data = await _translate_event(request, gw, deployment, tasks, seed, event)
+            await response.write(data)
+            request[BYTES_OUT] += len(data)
         await response.write_eof()
     finally:
         await stream.aclose()

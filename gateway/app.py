@@ -7,17 +7,18 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from gateway import api, metrics
 from gateway.auth import CLIENT_KEY, KeyRing
 from gateway.config import GatewayConfig
+from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID, STARTED
 from gateway.errors import ApiError
 from gateway.logs import log, register_secrets
 from gateway.providers import ADAPTERS, Adapter
 from gateway.providers.base import AdapterEnv
 from gateway.routing import RoutingTable
-from gateway.state import CALL, GATEWAY, MODEL, REQUEST_ID, STARTED, Gateway
+from gateway.state import GATEWAY, Gateway
 from gateway.store import SQLiteTaskStore, TaskStore
 
 API_PREFIXES = ("/v1", "/v1/openai")
@@ -33,26 +34,53 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
     route = _route(request)
     in_flight = metrics.HTTP_IN_FLIGHT.labels(route)
     in_flight.inc()
+    response: web.StreamResponse = _CLIENT_GONE
     try:
-        response = await handler(request)
-    except ApiError as exc:
-        response = exc.response()
-    except web.HTTPException as exc:
-        response = _http_exception(exc).response()
-    except Exception:
-        log.exception("unhandled_error", request_id=request[REQUEST_ID], path=request.path)
-        response = ApiError(
-            500, "The gateway failed to handle this request.", type="server_error", code="internal_error"
-        ).response()
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = exc.response()
+        except web.HTTPException as exc:
+            response = _http_exception(exc).response()
+        except Exception:
+            log.exception("unhandled_error", request_id=request[REQUEST_ID], path=request.path)
+            response = ApiError(
+                500, "The gateway failed to handle this request.", type="server_error", code="internal_error"
+            ).response()
+        await _send(request, response)
+        return response
     finally:
         in_flight.dec()
-    _observe(request, response, route, time.perf_counter() - started)
-    return response
+        _observe(request, response, route, time.perf_counter() - started)
+
+
+# What metrics and logs record when the client went away before an answer (nginx's 499).
+_CLIENT_GONE = web.Response(status=499)
+
+
+async def _send(request: web.Request, response: web.StreamResponse) -> None:
+    """Finish sending here rather than after the middleware, so the metrics see the whole answer."""
+    if response.prepared:
+        return
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except (ConnectionResetError, ClientConnectionResetError):
+        response.force_close()
 
 
 def _route(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
+
+
+def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
+    """Body bytes of an answer: known for files and whole bodies; streams count their own."""
+    if isinstance(response, web.FileResponse):
+        return response.content_length or 0
+    if isinstance(response, web.Response):
+        return len(response.body) if isinstance(response.body, bytes) else 0
+    return request.get(BYTES_OUT, 0)
 
 
 def _http_exception(exc: web.HTTPException) -> ApiError:
@@ -72,7 +100,7 @@ def _observe(request: web.Request, response: web.StreamResponse, route: str, sec
     key = request.get(CLIENT_KEY)
     upstream_seconds = call.upstream_seconds if call is not None else 0.0
     bytes_in = request.content.total_bytes
-    bytes_out = response.body_length if response.prepared else len(getattr(response, "body", b"") or b"")
+    bytes_out = _body_bytes(request, response)
     metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
     metrics.HTTP_DURATION.labels(route, request.method).observe(seconds)
     metrics.OVERHEAD.labels(route).observe(max(0.0, seconds - upstream_seconds))

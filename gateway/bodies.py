@@ -497,8 +497,8 @@ async def _read_multipart_head(request: web.Request, limits: Limits, until: set[
         body.close()
         raise
     body._first_boundary = parser.first_boundary or 0
-    if parser.done:
-        body._consumed = True
+    # even when the closing boundary was seen, the rest of the stream (its CRLF, an epilogue) is still
+    # the client's body: it is replayed, or Content-Length would promise bytes that never come
     return body
 
 

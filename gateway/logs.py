@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -48,7 +48,7 @@ def redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def configure(fmt: str = "console", level: str = "info") -> None:
+def configure(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -62,7 +62,7 @@ def configure(fmt: str = "console", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
 

@@ -8,7 +8,6 @@ from aiohttp import web
 
 from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
-from gateway.providers.base import Call
 from gateway.routing import RoutingTable
 from gateway.store import TaskStore
 
@@ -28,10 +27,6 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
-REQUEST_ID = web.RequestKey("request_id", str)
-CALL = web.RequestKey("call", Call)
-MODEL = web.RequestKey("model", str)
-STARTED = web.RequestKey("started", float)
 
 
 def gateway(request: web.Request) -> Gateway:

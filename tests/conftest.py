@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import build_app
 from gateway.config import GatewayConfig, parse_config
+from gateway.logs import configure
 from gateway.render import render_video
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 
@@ -123,3 +124,29 @@ async def dialect_gateway(
     start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> RunningGateway:
     return await start_gateway(gateway_yaml(tmp_path, upstream_url=upstream[1]))
+
+
+LOG_SECRETS = (ALPHA_KEY, BETA_KEY, UPSTREAM_KEY)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every log line of the run goes to one JSON file; the session fails if a key shows up in it."""
+    path = tmp_path_factory.getbasetemp() / "gateway-log.jsonl"
+    with path.open("w", encoding="utf-8", buffering=1) as stream:
+        configure("json", "debug", stream)
+        yield path
+    LOG_FILES.append(path)
+
+
+LOG_FILES: list[Path] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for path in LOG_FILES:
+        text = path.read_text(encoding="utf-8")
+        leaked = [secret for secret in LOG_SECRETS if secret in text]
+        if leaked or '"event": "request"' not in text:
+            session.exitstatus = 1
+            reason = f"keys found in the log: {len(leaked)}" if leaked else "no request was logged"
+            print(f"\nlog check failed ({path}): {reason}")

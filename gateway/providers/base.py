@@ -19,11 +19,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from gateway import metrics
 from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
+from gateway.context import BYTES_OUT
 from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.store import Task
@@ -59,6 +61,19 @@ class AdapterEnv:
 
     data_dir: Path
     public_base_url: str | None = None
+
+
+class FileAnswer(web.FileResponse):
+    """A file with Range support whose ``prepare`` may be called twice.
+
+    The gateway's middleware sends answers itself so metrics see every byte; aiohttp then calls
+    ``prepare`` again, which the stock FileResponse does not allow.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 class EventStream:
@@ -255,9 +270,12 @@ class Adapter:
         if upstream.content_length is not None and "Content-Length" in upstream.headers:
             response.content_length = upstream.content_length
         await response.prepare(call.request)
+        sent = 0
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
                 await response.write(chunk)
+                sent += len(chunk)
+                call.request[BYTES_OUT] = sent
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError):
             response.force_close()
             call.upstream_error = "payload"

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, bad_request
-from gateway.providers.base import Adapter, Call, UpstreamVideo
+from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
 from gateway.render import render_video
 from gateway.store import Task
 
@@ -336,7 +336,7 @@ class LocalAdapter(Adapter):
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         path, content_type = await self.engine.asset(task.upstream_id, variant)
-        return web.FileResponse(path, headers={"Content-Type": content_type})
+        return FileAnswer(path, headers={"Content-Type": content_type})
 
     async def delete(self, call: Call, task: Task) -> None:
         await self.engine.delete(task.upstream_id)

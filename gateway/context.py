@@ -1,0 +1,16 @@
+"""What one request carries from the middleware through its handler, as typed request keys."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.providers.base import Call
+
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+STARTED: web.RequestKey[float] = web.RequestKey("started")
+MODEL: web.RequestKey[str] = web.RequestKey("model")
+CALL: web.RequestKey[Call] = web.RequestKey("call")
+BYTES_OUT: web.RequestKey[int] = web.RequestKey("bytes_out")

@@ -1,0 +1,201 @@
+"""Metrics as Prometheus scrapes them, and logs as on-call engineers grep them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.logs import configure, log, register_secrets
+from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml
+
+
+async def scrape(gw: RunningGateway, headers: dict[str, str] | None = None) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gw.url + "/metrics", headers=headers) as response,
+    ):
+        assert response.status == 200
+        return await response.text()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(snapshot: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return snapshot.get((name, frozenset(labels.items())), 0.0)
+
+
+async def traffic(gw: RunningGateway) -> str:
+    """Some of everything: creates, polls, downloads, a list, refusals. Returns a finished video ID."""
+    client = gw.sdk()
+    done = await client.videos.create_and_poll(prompt="metered", size="320x240", seconds="1")
+    await client.videos.retrieve(done.id)
+    await client.videos.retrieve(done.id)
+    await client.videos.download_content(done.id)
+    [v async for v in await client.videos.list()]
+    async with aiohttp.ClientSession() as session:
+        await (await session.get(gw.url + "/v1/videos")).read()
+        await (
+            await session.post(
+                gw.url + "/v1/videos",
+                json={"prompt": "[500]", "model": "sora-remote"},
+                headers={"Authorization": f"Bearer {ALPHA_KEY}"},
+            )
+        ).read()
+    return done.id
+
+
+async def test_metrics_count_what_happened(dialect_gateway: RunningGateway) -> None:
+    before = samples(await scrape(dialect_gateway))
+    video_id = await traffic(dialect_gateway)
+    text = await scrape(dialect_gateway)
+    after = samples(text)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("gateway_http_requests_total", route="/v1/videos", method="POST", code="200") == 1
+    assert delta("gateway_http_requests_total", route="/v1/videos", method="GET", code="401") == 1
+    assert (
+        delta("gateway_http_requests_total", route="/v1/videos/{video_id}/content", method="GET", code="200")
+        == 1
+    )
+    assert delta("gateway_videos_created_total", model="sora-2", provider="local") == 1
+    assert delta("gateway_videos_finished_total", model="sora-2", provider="local", status="completed") == 1
+    assert delta("gateway_upstream_errors_total", provider="dialect", kind="5xx") == 1
+    assert (
+        delta("gateway_upstream_requests_total", provider="dialect", deployment="dialect/upstream-sora") == 1
+    )
+    assert delta("gateway_response_body_bytes_total", route="/v1/videos/{video_id}/content") > 1000
+    assert delta("gateway_request_body_bytes_total", route="/v1/videos") > 0
+    assert (
+        delta("gateway_http_request_duration_seconds_count", route="/v1/videos/{video_id}", method="GET") >= 3
+    )
+    assert (
+        value(
+            after,
+            "gateway_http_request_duration_seconds_bucket",
+            route="/v1/videos",
+            method="POST",
+            le="600.0",
+        )
+        >= 1
+    )
+    assert value(after, "gateway_overhead_seconds_bucket", route="/v1/videos", le="0.001") >= 0
+    assert (
+        value(
+            after,
+            "gateway_build_info",
+            version=__import__("gateway").__version__,
+            python=__import__("platform").python_version(),
+        )
+        == 1
+    )
+    for secret in (ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, video_id):
+        assert secret not in text
+
+    client = dialect_gateway.sdk()
+    await client.videos.retrieve(video_id)
+    again = samples(await scrape(dialect_gateway))
+    assert value(
+        again, "gateway_videos_finished_total", model="sora-2", provider="local", status="completed"
+    ) == value(after, "gateway_videos_finished_total", model="sora-2", provider="local", status="completed")
+
+
+async def test_configured_series_exist_before_traffic(dialect_gateway: RunningGateway) -> None:
+    snapshot = samples(await scrape(dialect_gateway))
+    for kind in ("connect", "timeout", "reset", "4xx", "5xx", "payload"):
+        assert (
+            "gateway_upstream_errors_total",
+            frozenset({"provider": "dialect", "kind": kind}.items()),
+        ) in snapshot
+    assert (
+        "gateway_videos_finished_total",
+        frozenset({"model": "sora-remote", "provider": "dialect", "status": "failed"}.items()),
+    ) in snapshot
+
+
+async def test_metrics_key_and_path_are_configurable(start_gateway: StartGateway, tmp_path: Path) -> None:
+    gw = await start_gateway(gateway_yaml(tmp_path, extra="metrics: {key: scrape-secret-1}"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.url + "/metrics") as response:
+            assert response.status == 401
+    assert "gateway_http_requests_total" in await scrape(gw, {"Authorization": "Bearer scrape-secret-1"})
+
+    off = await start_gateway(gateway_yaml(tmp_path / "off", extra="metrics: {enabled: false}"))
+    async with aiohttp.ClientSession() as session, session.get(off.url + "/metrics") as response:
+        assert response.status == 404
+
+
+async def test_promtool_accepts_a_real_scrape(dialect_gateway: RunningGateway, tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool not installed (Debian package 'prometheus')")
+    await traffic(dialect_gateway)
+    text = await scrape(dialect_gateway)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
+        result.stdout + result.stderr
+    )
+
+
+async def test_access_log_line_has_what_on_call_needs(
+    dialect_gateway: RunningGateway, session_log: Path
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            dialect_gateway.url + "/v1/videos",
+            json={"prompt": "log me", "model": "sora-remote"},
+            headers={"Authorization": f"Bearer {BETA_KEY}", "X-Request-ID": "grep-me-42"},
+        )
+        assert response.status == 200
+    lines = [json.loads(line) for line in session_log.read_text().splitlines() if "grep-me-42" in line]
+    (entry,) = [line for line in lines if line["event"] == "request"]
+    assert entry["route"] == "/v1/videos" and entry["method"] == "POST" and entry["status"] == 200
+    assert entry["model"] == "sora-remote" and entry["provider"] == "dialect"
+    assert entry["deployment"] == "dialect/upstream-sora" and entry["upstream_status"] == 200
+    assert entry["key_name"] == "beta" and entry["bytes_in"] > 0 and entry["bytes_out"] > 0
+    assert entry["duration_ms"] >= entry["upstream_ms"] >= 0 and entry["overhead_ms"] >= 0
+    assert BETA_KEY not in json.dumps(entry)
+
+
+def test_redaction_and_one_line_per_event() -> None:
+    saved = structlog.get_config()
+    stream = io.StringIO()
+    configure("json", "info", stream)
+    register_secrets(["sk-provider-very-secret"])
+    try:
+        log.info(
+            "upstream said\r\nforged: line",
+            detail="used sk-provider-very-secret here",
+            authorization="Bearer abcdef123456",
+            api_key="xyz",
+            note="header Bearer tok_123456789 seen",
+        )
+    finally:
+        structlog.configure(**saved)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    entry: dict[str, Any] = json.loads(lines[0])
+    assert "sk-provider-very-secret" not in lines[0] and "abcdef123456" not in lines[0]
+    assert "tok_123456789" not in lines[0] and entry["api_key"] == "[REDACTED]"
+    assert "\r" not in entry["event"] and "\n" not in entry["event"]
