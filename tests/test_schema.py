@@ -12,7 +12,7 @@ from gateway.config import schema
 
 REPO = Path(__file__).resolve().parents[1]
 REGENERATE = (
-    ".venv/bin/python -c \"import json; from gateway.config import schema; "
+    '.venv/bin/python -c "import json; from gateway.config import schema; '
     "open('config/schema.json','w').write(json.dumps(schema(), indent=2) + '\\n')\""
 )
 

@@ -1,0 +1,494 @@
+"""The YAML config loader (gateway/config.py) and ``video-gateway check-config``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway import config as cfg
+from gateway.config import ConfigError, GatewayConfig, load_config, parse_config, sha256_hex
+
+REPO = Path(__file__).resolve().parent.parent
+REPO_CONFIG = REPO / "config" / "gateway.yaml"
+SRC = "test.yaml"
+KEY = "sk-test-0123456789"
+
+# A minimal valid document; tests append or substitute pieces.
+BASE = f"""\
+keys:
+  - name: ci
+    key: {KEY}
+providers:
+  local:
+    kind: local
+models:
+  sora-2:
+    provider: local
+"""
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based number of the only line of ``text`` containing ``needle``."""
+    hits = [n for n, line in enumerate(text.splitlines(), start=1) if needle in line]
+    assert len(hits) == 1, f"{needle!r} is on lines {hits}, expected exactly one"
+    return hits[0]
+
+
+def problems_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SRC, env or {})
+    assert info.value.problems, "a ConfigError must list at least one problem"
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+def problem_at(problems: list[str], line: int, path: str) -> str:
+    """The one problem reported at ``SRC:line: path: ``."""
+    prefix = f"{SRC}:{line}: {path}: "
+    found = [p for p in problems if p.startswith(prefix)]
+    assert len(found) == 1, f"expected one problem starting {prefix!r}, got:\n" + "\n".join(problems)
+    return found[0][len(prefix) :]
+
+
+# --- the shipped config ----------------------------------------------------------------------------
+
+
+def test_repo_config_is_byte_identical_to_the_embedded_default():
+    assert REPO_CONFIG.read_bytes() == cfg.EMBEDDED_CONFIG_PATH.read_bytes()
+
+
+@pytest.mark.parametrize("path", [REPO_CONFIG, cfg.EMBEDDED_CONFIG_PATH], ids=["repo", "embedded"])
+def test_shipped_configs_load(path: Path):
+    config = load_config(path, env={})
+    assert isinstance(config, GatewayConfig)
+    assert config.source == str(path)
+    assert config.providers, "the shipped config must define a provider"
+    assert config.default_model in config.models
+    for deployments in config.models.values():
+        assert deployments
+        assert all(d.provider in config.providers for d in deployments)
+    # The demo key comes from ${VIDEO_GATEWAY_API_KEY:-...}: with the variable unset the
+    # default applies, and with it set the variable wins.
+    raw_key = re.search(r"\$\{VIDEO_GATEWAY_API_KEY:-([^}]*)\}", path.read_text()).group(1)
+    assert [k.digest for k in config.keys] == [hashlib.sha256(raw_key.encode()).digest()]
+    other = load_config(path, env={"VIDEO_GATEWAY_API_KEY": "sk-from-the-environment"})
+    assert [k.digest for k in other.keys] == [hashlib.sha256(b"sk-from-the-environment").digest()]
+
+
+def test_shipped_config_is_valid_under_the_schema():
+    raw = yaml.safe_load(REPO_CONFIG.read_text())
+    jsonschema.Draft202012Validator(cfg.schema()).validate(raw)
+
+
+def test_schema_is_a_valid_json_schema():
+    schema = cfg.schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    # every provider kind the gateway knows is allowed, nothing else
+    from gateway.providers import ADAPTERS
+
+    kinds = schema["properties"]["providers"]["additionalProperties"]["properties"]["kind"]["enum"]
+    assert sorted(kinds) == sorted(ADAPTERS)
+
+
+# --- ${ENV} expansion ------------------------------------------------------------------------------
+
+
+def test_env_references_are_expanded():
+    text = BASE.replace(
+        "    kind: local\n",
+        "    kind: local\n"
+        "  up:\n"
+        "    kind: openai\n"
+        "    base_url: ${UP_URL:-https://default.example/v1}\n"
+        "    api_key: ${UP_KEY}\n"
+        "    headers:\n"
+        "      X-Team: ${TEAM:-video}\n",
+    )
+    text += "data_dir: ${DATA_DIR:-/var/lib/gw}\n"
+    # A value containing YAML syntax must stay a plain string: expansion happens after parsing.
+    secret = "s3cret: [not, yaml] # really"
+    config = parse_config(text, SRC, {"UP_KEY": secret, "TEAM": "research"})
+    up = config.providers["up"]
+    assert up.api_key == secret
+    assert up.base_url == "https://default.example/v1"
+    assert dict(up.headers) == {"X-Team": "research"}
+    assert config.data_dir == Path("/var/lib/gw")
+    assert config.store_path == Path("/var/lib/gw/gateway.sqlite3")
+
+    config = parse_config(
+        text, SRC, {"UP_KEY": "k", "UP_URL": "http://10.0.0.1:9000/v1/", "DATA_DIR": "/srv/gw"}
+    )
+    assert config.providers["up"].base_url == "http://10.0.0.1:9000/v1"  # trailing slash dropped
+    assert config.data_dir == Path("/srv/gw")
+
+
+def test_env_default_may_be_empty_and_set_empty_value_wins():
+    text = BASE.replace("    kind: local\n", "    kind: local\n    headers:\n      X-A: a${EMPTY:-}b\n")
+    assert dict(parse_config(text, SRC, {}).providers["local"].headers) == {"X-A": "ab"}
+    assert dict(parse_config(text, SRC, {"EMPTY": "-"}).providers["local"].headers) == {"X-A": "a-b"}
+
+
+def test_unset_env_without_default_names_the_variable_and_its_line():
+    text = BASE.replace(
+        "    kind: local\n", "    kind: local\n  up:\n    kind: openai\n    base_url: http://u\n"
+    )
+    text = text.replace(
+        "    base_url: http://u\n", "    base_url: http://u\n    api_key: ${MISSING_SECRET}\n"
+    )
+    problems = problems_of(text, env={"OTHER": "x"})
+    message = problem_at(problems, line_of(text, "MISSING_SECRET"), "providers.up.api_key")
+    assert "MISSING_SECRET" in message
+    assert "not set" in message
+    # the same text loads once the variable exists
+    assert parse_config(text, SRC, {"MISSING_SECRET": "v"}).providers["up"].api_key == "v"
+
+
+# --- every problem at once, each at its line -------------------------------------------------------
+
+MANY_MISTAKES = f"""\
+# a config with one mistake of each kind
+server:
+  host: 0.0.0.0
+  port: "eighty"
+bogus_top_level: 1
+default_model: sora-3
+keys:
+  - name: both
+    key: {KEY}
+    sha256: "{sha256_hex(KEY)}"
+  - name: neither
+    models: [sora-2]
+providers:
+  local:
+    kind: local
+    colour: red
+  openai-prod:
+    kind: openai
+    base_url: https://api.openai.com/v1
+models:
+  sora-2:
+    - provider: opnai
+      model: sora-2-2025
+    - provider: local
+"""
+
+
+def test_every_problem_is_reported_at_once_with_line_and_path():
+    text = MANY_MISTAKES
+    problems = problems_of(text)
+    for p in problems:
+        assert re.match(rf"^{re.escape(SRC)}:\d+: \S+: \S", p), f"not file:line: key.path: message: {p}"
+
+    msg = problem_at(problems, line_of(text, "bogus_top_level"), "bogus_top_level")
+    assert "unknown key" in msg and "bogus_top_level" in msg
+
+    msg = problem_at(problems, line_of(text, "colour:"), "providers.local.colour")
+    assert "unknown key" in msg and "colour" in msg
+
+    msg = problem_at(problems, line_of(text, "- provider: opnai"), "models.sora-2[0].provider")
+    assert '"opnai"' in msg
+    assert "local" in msg and "openai-prod" in msg, "the known providers must be listed"
+
+    msg = problem_at(problems, line_of(text, "port:"), "server.port")
+    assert "eighty" in msg and "integer" in msg
+
+    for i, name in enumerate(["both", "neither"]):
+        msg = problem_at(problems, line_of(text, f"- name: {name}"), f"keys[{i}]")
+        assert "`key`" in msg and "`sha256`" in msg
+
+    msg = problem_at(problems, line_of(text, "default_model:"), "default_model")
+    assert '"sora-3"' in msg and "sora-2" in msg
+
+    # nothing else: each mistake is reported once
+    assert len(problems) == 7, "\n".join(problems)
+
+
+def test_fixing_every_reported_problem_gives_a_valid_config():
+    fixed = (
+        MANY_MISTAKES.replace('"eighty"', "8080")
+        .replace("bogus_top_level: 1\n", "")
+        .replace("sora-3", "sora-2")
+        .replace(f'    sha256: "{sha256_hex(KEY)}"\n', "")
+        .replace(
+            "    models: [sora-2]\n", f"    sha256: {sha256_hex('sk-other-key-000')}\n    models: [sora-2]\n"
+        )
+        .replace("    colour: red\n", "")
+        .replace("opnai", "openai-prod")
+    )
+    config = parse_config(fixed, SRC, {})
+    assert config.port == 8080
+    assert [d.provider for d in config.models["sora-2"]] == ["openai-prod", "local"]
+    assert config.keys[1].models == frozenset({"sora-2"})
+
+
+def test_unknown_key_inside_a_deployment_is_reported_at_that_key():
+    text = BASE + "  listed:\n    - provider: local\n      colour: 1\n  single:\n    provider: local\n"
+    text += "    name: single-local\n    shade: 2\n"
+    problems = problems_of(text)
+    assert "colour" in problem_at(problems, line_of(text, "colour:"), "models.listed[0].colour")
+    msg = problem_at(problems, line_of(text, "shade:"), "models.single.shade")
+    assert "shade" in msg and "sha256" not in msg
+    assert len(problems) == 2, problems
+
+
+def test_key_may_only_name_known_models():
+    text = BASE.replace(f"    key: {KEY}\n", f"    key: {KEY}\n    models: [sora-2, sora-9]\n")
+    problems = problems_of(text)
+    assert '"sora-9"' in problem_at(problems, line_of(text, "models: [sora-2, sora-9]"), "keys[0].models[1]")
+    assert len(problems) == 1
+
+
+def test_problems_mixing_int_and_string_keys_do_not_crash():
+    problems = problems_of(BASE + "1: one\nbogus: two\n")
+    assert any("bogus" in p for p in problems)
+    assert any("unknown key 1" in p for p in problems)
+
+
+# --- providers ---------------------------------------------------------------------------------------
+
+
+def test_openai_provider_needs_base_url():
+    text = BASE.replace("    kind: local\n", "    kind: local\n  up:\n    kind: openai\n    api_key: k\n")
+    problems = problems_of(text)
+    msg = problem_at(problems, line_of(text, "  up:"), "providers.up")
+    assert "base_url" in msg and "required" in msg
+    ok = text.replace("    api_key: k\n", "    api_key: k\n    base_url: https://api.example.com/v1/\n")
+    assert parse_config(ok, SRC, {}).providers["up"].base_url == "https://api.example.com/v1"
+
+
+def test_local_provider_rejects_unknown_options():
+    text = BASE.replace("    kind: local\n", "    kind: local\n    options:\n      speed: 3\n")
+    problems = problems_of(text)
+    msg = problem_at(problems, line_of(text, "speed:"), "providers.local.options.speed")
+    assert "unknown key" in msg and "speed" in msg
+    assert "queue_seconds" in msg, "the allowed options should be listed"
+    ok = text.replace("speed: 3", "run_seconds: 0.5")
+    assert parse_config(ok, SRC, {}).providers["local"].options == {"run_seconds": 0.5}
+
+
+def test_unknown_provider_kind_lists_the_known_kinds():
+    text = BASE.replace("kind: local", "kind: lokal")
+    msg = problem_at(problems_of(text), line_of(text, "kind: lokal"), "providers.local.kind")
+    assert "lokal" in msg and "local" in msg and "openai" in msg
+
+
+# --- keys --------------------------------------------------------------------------------------------
+
+
+def test_sha256_key_form_matches_plain_key():
+    other = "sk-second-key-42"
+    digest = sha256_hex(other)
+    assert digest == hashlib.sha256(other.encode()).hexdigest()
+    text = BASE.replace(
+        "providers:",
+        f"  - name: hashed\n    sha256: {digest}\n  - name: upper\n    sha256: {digest.upper()}\nproviders:",
+    )
+    config = parse_config(text, SRC, {})
+    by_name = {k.name: k for k in config.keys}
+    assert list(by_name) == ["ci", "hashed", "upper"]
+    assert by_name["ci"].digest == bytes.fromhex(sha256_hex(KEY)) == hashlib.sha256(KEY.encode()).digest()
+    assert by_name["hashed"].digest == bytes.fromhex(digest) == hashlib.sha256(other.encode()).digest()
+    assert by_name["upper"].digest == by_name["hashed"].digest
+    assert by_name["ci"].models is None
+    assert KEY not in repr(config), "the plain key must not be kept in the config"
+
+
+def test_malformed_sha256_and_short_key_are_errors():
+    text = BASE.replace(f"    key: {KEY}\n", "    sha256: abc123\n")
+    assert problem_at(problems_of(text), line_of(text, "sha256:"), "keys[0].sha256")
+    text = BASE.replace(f"    key: {KEY}\n", "    key: short\n")
+    assert "short" in problem_at(problems_of(text), line_of(text, "key: short"), "keys[0].key")
+
+
+def test_duplicate_key_name_is_an_error():
+    text = BASE.replace("providers:", f"  - name: ci\n    key: {KEY}-2\nproviders:")
+    second = [n for n, line in enumerate(text.splitlines(), 1) if "- name: ci" in line][1]
+    msg = problem_at(problems_of(text), second, "keys[1].name")
+    assert '"ci"' in msg
+
+
+# --- deployments ------------------------------------------------------------------------------------
+
+
+def test_deployment_defaults():
+    text = BASE.replace(
+        "    kind: local\n", "    kind: local\n  up:\n    kind: openai\n    base_url: http://u\n"
+    )
+    text += "  sora-2-pro:\n    - provider: up\n      model: sora-2-pro-2025\n      weight: 2.5\n"
+    text += "      priority: 1\n    - provider: local\n      name: fallback\n"
+    config = parse_config(text, SRC, {})
+    (only,) = config.models["sora-2"]
+    assert (only.name, only.model, only.provider, only.upstream_model) == (
+        "local/sora-2",
+        "sora-2",
+        "local",
+        "sora-2",
+    )
+    assert only.weight == 1 and isinstance(only.weight, float)
+    assert only.priority == 0
+    first, second = config.models["sora-2-pro"]
+    assert (first.name, first.upstream_model, first.weight, first.priority) == (
+        "up/sora-2-pro-2025",
+        "sora-2-pro-2025",
+        2.5,
+        1,
+    )
+    assert (second.name, second.upstream_model, second.model) == ("fallback", "sora-2-pro", "sora-2-pro")
+
+
+def test_duplicate_deployment_name_is_an_error():
+    text = BASE.replace("    provider: local\n", "    - provider: local\n    - provider: local\n")
+    problems = problems_of(text)
+    second = [n for n, line in enumerate(text.splitlines(), 1) if "- provider: local" in line][1]
+    msg = problem_at(problems, second, "models.sora-2[1]")
+    assert '"local/sora-2"' in msg and "twice" in msg
+
+    # across models too: two public names served by the same upstream model
+    text = BASE + "  alias:\n    provider: local\n    model: sora-2\n"
+    msg = problem_at(problems_of(text), line_of(text, "  alias:"), "models.alias")
+    assert '"local/sora-2"' in msg
+    # an explicit name resolves it
+    assert parse_config(text + "    name: alias-local\n", SRC, {}).models["alias"][0].name == "alias-local"
+
+
+# --- YAML syntax -------------------------------------------------------------------------------------
+
+
+def test_invalid_yaml_is_a_config_error_with_its_line():
+    text = "server:\n  host: 127.0.0.1\n  port: 8080: 9090\nkeys: []\n"
+    (problem,) = problems_of(text)
+    assert problem.startswith(f"{SRC}:{line_of(text, '8080: 9090')}: ")
+    assert "not valid YAML" in problem
+
+
+def test_empty_and_non_mapping_documents_are_config_errors():
+    for text in ("", "# only a comment\n", "- a\n- b\n", "just a string\n"):
+        problems = problems_of(text)
+        assert all(p.startswith(SRC) for p in problems)
+
+
+# --- robustness: whatever the document, only ConfigError ------------------------------------------
+
+_KEYS = st.sampled_from(
+    [
+        "server",
+        "port",
+        "host",
+        "keys",
+        "providers",
+        "models",
+        "kind",
+        "provider",
+        "name",
+        "key",
+        "sha256",
+        "models",
+        "options",
+        "base_url",
+        "local",
+        "openai",
+        "default_model",
+        "limits",
+        "weight",
+        "bogus",
+    ]
+)
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 70000),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["local", "openai", "sora-2", "${X}", "${Y:-y}", "http://h", KEY, sha256_hex(KEY)]),
+    st.text(max_size=8),
+)
+_DOCS = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.one_of(_KEYS, st.integers(0, 3)), inner, max_size=4),
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=st.dictionaries(_KEYS, _DOCS, max_size=6))
+def test_any_document_gives_a_config_or_a_config_error(doc):
+    text = yaml.safe_dump(doc, sort_keys=False)
+    try:
+        config = parse_config(text, SRC, {"X": "x"})
+    except ConfigError as exc:
+        for p in exc.problems:
+            assert p.startswith(f"{SRC}:"), p
+            assert "\n" not in p.strip() or "not valid YAML" in p
+    else:
+        assert isinstance(config, GatewayConfig)
+
+
+# --- the CLI -----------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEO_GATEWAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_config_accepts_a_valid_file(tmp_path: Path):
+    result = run_cli("check-config", str(REPO_CONFIG), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert str(REPO_CONFIG) in result.stdout
+    config = load_config(REPO_CONFIG, env={})
+    assert f"{len(config.providers)} providers" in result.stdout
+    assert f"{len(config.models)} models" in result.stdout
+
+
+def test_check_config_lists_problems_and_fails(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(MANY_MISTAKES)
+    result = run_cli("check-config", str(path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "OK" not in result.stdout
+    problems = problems_of(MANY_MISTAKES)
+    for p in problems:
+        assert p.replace(SRC, str(path), 1) in result.stderr
+    assert f"{len(problems)} problem" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_on_a_missing_file_fails_cleanly(tmp_path: Path):
+    missing = tmp_path / "nope" / "gateway.yaml"
+    result = run_cli("check-config", str(missing), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert str(missing) in result.stderr
+    assert "No such file" in result.stderr or "cannot read" in result.stderr
+
+
+def test_check_config_on_a_non_utf8_file_fails_cleanly(tmp_path: Path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.encode() + b"# caf\xe9\n")
+    result = run_cli("check-config", str(path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert str(path) in result.stderr
+    with pytest.raises(ConfigError):
+        load_config(path, env={})
