@@ -1,44 +1,62 @@
-"""Handlers of the ``/v1/videos`` API: tenancy and IDs here, provider work in the adapters."""
+"""Handlers of the ``/v1/videos`` API: tenancy, IDs, routing and limits here; provider work in adapters."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from gateway import metrics
 from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
-from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID
-from gateway.errors import ApiError, bad_request, video_not_found
+from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID, TABLE
+from gateway.errors import ApiError, UpstreamError, bad_request, video_not_found
+from gateway.logs import log
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
+from gateway.routing import RoutingTable
 from gateway.state import Gateway, gateway
 from gateway.store import Task
 from gateway.videos import build_video, is_terminal, new_character_id, new_video_id
 
+T = TypeVar("T")
+
 VARIANTS = ("video", "thumbnail", "spritesheet")
 LIST_DEFAULT_LIMIT = 20
-_LIST_REFRESH_CONCURRENCY = 8
+_REFRESH_CONCURRENCY = 8
+
+FAILOVERS = Counter(
+    "gateway_create_failovers_total", "Creates moved to the next deployment after a refusal.", ["model"]
+)
+READ_RETRIES = Counter(
+    "gateway_upstream_retries_total", "Reads retried against the same deployment.", ["provider"]
+)
 
 
 def _json(data: Any, *, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(text=json.dumps(data), content_type="application/json", headers=headers)
 
 
-def _call(request: web.Request, deployment: Deployment) -> Call:
-    call = Call(request, request[REQUEST_ID], deployment)
+def _call(request: web.Request, table: RoutingTable, deployment: Deployment) -> Call:
+    """The context of one upstream operation; its outcomes feed the deployment's health."""
+    siblings = table.siblings(deployment)
+
+    def outcome(failure: str | None) -> None:
+        table.health.record(deployment.name, failure, siblings)
+
+    call = Call(request, request[REQUEST_ID], deployment, on_outcome=outcome)
     request[CALL] = call
     return call
 
 
-def _deployment_of(gw: Gateway, task: Task) -> tuple[Deployment, Adapter]:
+def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter]:
     """The exact deployment that created a task: follow-ups are never re-balanced."""
-    table = gw.table
     deployment = table.deployments.get(task.deployment) or Deployment(
         task.deployment, task.model, task.provider, task.state.get("upstream_model", task.model)
     )
@@ -65,15 +83,126 @@ def _seed(body: RequestBody) -> dict[str, Any]:
     return seed
 
 
+def _may_fail_over(exc: ApiError) -> bool:
+    """Refused without taking the job: nothing connected, nothing sent, or a clear no (5xx, 429, full)."""
+    if exc.code == "upstream_busy":
+        return True
+    if not isinstance(exc, UpstreamError):
+        return False
+    return (
+        exc.kind == "connect"
+        or (exc.kind == "timeout" and not exc.sent)
+        or exc.kind == "5xx"
+        or exc.status == 429
+    )
+
+
+def _retryable_read(exc: ApiError) -> bool:
+    return isinstance(exc, UpstreamError) and (
+        exc.kind == "connect" or (exc.kind == "5xx" and exc.upstream_status in (502, 503, 504))
+    )
+
+
+async def _start(
+    request: web.Request,
+    table: RoutingTable,
+    model: str,
+    body: RequestBody,
+    operation: Callable[[Adapter, Call], Awaitable[T]],
+) -> tuple[Deployment, T]:
+    """Send a create-like request to the model's deployments in order, failing over while it is safe.
+
+    With more than one deployment the body is spooled first so it can be sent again, byte for byte.
+    """
+    gw = gateway(request)
+    candidates = table.candidates(model)
+    if len(candidates) > 1:
+        await body.make_replayable()
+    last: ApiError | None = None
+    for attempt, deployment in enumerate(candidates, 1):
+        if not table.health.claim(deployment.name):
+            continue
+        try:
+            async with gw.bulkheads.enter(deployment, "uploads"), gw.bulkheads.enter(deployment, "requests"):
+                result = await operation(
+                    table.adapter(deployment.provider), _call(request, table, deployment)
+                )
+        except ApiError as exc:
+            more = attempt < len(candidates) and body.replayable
+            log.warning(
+                "create_attempt_failed",
+                request_id=request[REQUEST_ID],
+                model=model,
+                deployment=deployment.name,
+                attempt=attempt,
+                status=exc.status,
+                kind=getattr(exc, "kind", None),
+                failing_over=more and _may_fail_over(exc),
+            )
+            if not (more and _may_fail_over(exc)):
+                raise
+            FAILOVERS.labels(model).inc()
+            last = exc
+            continue
+        log.info(
+            "create_routed",
+            request_id=request[REQUEST_ID],
+            model=model,
+            deployment=deployment.name,
+            attempts=attempt,
+        )
+        return deployment, result
+    raise last or ApiError(
+        503,
+        f"No deployment of '{model}' can take requests now.",
+        type="server_error",
+        code="no_deployment_available",
+        headers={"Retry-After": "1"},
+    )
+
+
+async def _read(
+    request: web.Request, table: RoutingTable, task: Task, operation: Callable[[Adapter, Call], Awaitable[T]]
+) -> T:
+    """A retrieve or download: the task's own deployment, retried with jittered backoff inside a deadline."""
+    gw = gateway(request)
+    deployment, adapter = _deployment_of(table, task)
+    policy = table.config.resilience
+    deadline = time.monotonic() + policy.read_deadline_seconds
+    for attempt in range(1, policy.read_attempts + 1):
+        try:
+            async with gw.bulkheads.enter(deployment, "requests"):
+                return await operation(adapter, _call(request, table, deployment))
+        except ApiError as exc:
+            delay = policy.backoff_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+            if (
+                not _retryable_read(exc)
+                or attempt == policy.read_attempts
+                or time.monotonic() + delay > deadline
+            ):
+                raise
+            READ_RETRIES.labels(deployment.provider).inc()
+            log.info(
+                "read_retry",
+                request_id=request[REQUEST_ID],
+                deployment=deployment.name,
+                attempt=attempt,
+                status=exc.status,
+                delay_ms=round(delay * 1000),
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 async def _record(
     request: web.Request,
-    gw: Gateway,
     deployment: Deployment,
     upstream: UpstreamVideo,
     seed: dict[str, Any],
     remixed_from: str | None = None,
 ) -> Task:
     """Give a new upstream job its gateway ID and commit it before the client hears of it."""
+    gw = gateway(request)
     owner = client_key(request).name
     task = Task(
         id=new_video_id(),
@@ -106,18 +235,31 @@ async def _map_remixed_from(gw: Gateway, owner: str, deployment: str, fields: di
     return source.id if source is not None else None
 
 
-async def _refresh(request: web.Request, gw: Gateway, task: Task) -> Task:
+async def _refresh(request: web.Request, task: Task) -> Task:
     """Ask the provider for news about an unfinished video and remember what it said."""
     if is_terminal(task.status):
         return task
-    deployment, adapter = _deployment_of(gw, task)
-    upstream = await adapter.retrieve(_call(request, deployment), task)
+    upstream = await _read(request, request[TABLE], task, lambda adapter, call: adapter.retrieve(call, task))
     video = build_video(task, upstream.fields)
     state = {**task.state, **upstream.state}
     if video != task.video or state != task.state:
         task.video, task.status, task.state = video, video["status"], state
-        await _save(gw, task)
+        await _save(gateway(request), task)
     return task
+
+
+async def _refresh_all(request: web.Request, tasks: list[Task]) -> list[Task]:
+    """Refresh many videos at once, bounded; a video whose provider fails keeps its last known state."""
+    gate = asyncio.Semaphore(_REFRESH_CONCURRENCY)
+
+    async def one(task: Task) -> Task:
+        async with gate:
+            try:
+                return await _refresh(request, task)
+            except ApiError:
+                return task
+
+    return list(await asyncio.gather(*(one(t) for t in tasks)))
 
 
 async def _save(gw: Gateway, task: Task) -> None:
@@ -125,26 +267,43 @@ async def _save(gw: Gateway, task: Task) -> None:
         metrics.VIDEOS_FINISHED.labels(task.model, task.provider, task.status).inc()
 
 
-async def create_video(request: web.Request) -> web.StreamResponse:
+def _admit(request: web.Request) -> Any:
+    """The per-key limits, for requests that start a video."""
     gw = gateway(request)
-    body = await read_body(request, gw.config.limits, until=("model",))
+    key = client_key(request)
+
+    async def count_active() -> int:
+        active = await gw.store.count_active(key.name)
+        if key.max_in_progress is not None and active >= key.max_in_progress:
+            await _refresh_all(request, await gw.store.active(key.name))
+            active = await gw.store.count_active(key.name)
+        return active
+
+    return gw.limiter.admit(key, count_active)
+
+
+def _answer(request: web.Request, task: Task) -> web.Response:
+    return _json(task.video, headers=gateway(request).limiter.rate_headers(client_key(request)))
+
+
+async def create_video(request: web.Request) -> web.StreamResponse:
+    table = request[TABLE]
+    body = await read_body(request, table.config.limits, until=("model",))
     try:
-        table = gw.table
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
-        deployment = table.pick(model)
         request[MODEL] = model
-        result = await table.adapter(deployment.provider).create(_call(request, deployment), body)
-        if isinstance(result, EventStream):
-            return await _relay_events(request, gw, deployment, result, _seed(body))
-        task = await _record(request, gw, deployment, result, _seed(body))
-        return _json(task.video)
+        async with _admit(request):
+            deployment, result = await _start(request, table, model, body, lambda a, c: a.create(c, body))
+            if isinstance(result, EventStream):
+                return await _relay_events(request, deployment, result, _seed(body))
+            return _answer(request, await _record(request, deployment, result, _seed(body)))
     finally:
         body.close()
 
 
 async def _relay_events(
-    request: web.Request, gw: Gateway, deployment: Deployment, stream: EventStream, seed: dict[str, Any]
+    request: web.Request, deployment: Deployment, stream: EventStream, seed: dict[str, Any]
 ) -> web.StreamResponse:
     """Relay an upstream event stream, giving each video it mentions its gateway ID first."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -153,7 +312,7 @@ async def _relay_events(
         await response.prepare(request)
         request[BYTES_OUT] = 0
         async for event in stream.events():
-            data = await _translate_event(request, gw, deployment, tasks, seed, event)
+            data = await _translate_event(request, deployment, tasks, seed, event)
             await response.write(data)
             request[BYTES_OUT] += len(data)
         await response.write_eof()
@@ -163,12 +322,7 @@ async def _relay_events(
 
 
 async def _translate_event(
-    request: web.Request,
-    gw: Gateway,
-    deployment: Deployment,
-    tasks: dict[str, Task],
-    seed: dict[str, Any],
-    event: bytes,
+    request: web.Request, deployment: Deployment, tasks: dict[str, Task], seed: dict[str, Any], event: bytes
 ) -> bytes:
     lines = event.rstrip(b"\n").split(b"\n")
     data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
@@ -182,19 +336,19 @@ async def _translate_event(
     task = tasks.get(upstream_id)
     if task is None:
         task = tasks[upstream_id] = await _record(
-            request, gw, deployment, UpstreamVideo(upstream_id, payload), seed
+            request, deployment, UpstreamVideo(upstream_id, payload), seed
         )
     else:
         task.video = build_video(task, payload)
         task.status = task.video["status"]
-        await _save(gw, task)
+        await _save(gateway(request), task)
     other = b"".join(line + b"\n" for line in lines if not line.startswith(b"data:"))
     return other + b"data: " + json.dumps(task.video).encode() + b"\n\n"
 
 
 async def retrieve_video(request: web.Request) -> web.Response:
     gw = gateway(request)
-    task = await _refresh(request, gw, await _owned(request))
+    task = await _refresh(request, await _owned(request))
     request[MODEL] = task.model
     headers = {}
     if not is_terminal(task.status):
@@ -221,16 +375,7 @@ async def list_videos(request: web.Request) -> web.Response:
         tasks, has_more = await gw.store.list(client_key(request).name, after=after, limit=limit, order=order)
     except KeyError:
         raise bad_request(f"'after' names no video of yours: '{after}'.", param="after") from None
-    gate = asyncio.Semaphore(_LIST_REFRESH_CONCURRENCY)
-
-    async def fresh(task: Task) -> dict[str, Any]:
-        async with gate:
-            try:
-                return (await _refresh(request, gw, task)).video
-            except ApiError:
-                return task.video
-
-    data = await asyncio.gather(*(fresh(t) for t in tasks))
+    data = [task.video for task in await _refresh_all(request, tasks)]
     return _json(
         {
             "object": "list",
@@ -244,20 +389,21 @@ async def list_videos(request: web.Request) -> web.Response:
 
 async def delete_video(request: web.Request) -> web.Response:
     gw = gateway(request)
+    table = request[TABLE]
     task = await _owned(request)
     request[MODEL] = task.model
-    deployment, adapter = _deployment_of(gw, task)
-    await adapter.delete(_call(request, deployment), task)
+    deployment, adapter = _deployment_of(table, task)
+    async with gw.bulkheads.enter(deployment, "requests"):
+        await adapter.delete(_call(request, table, deployment), task)
     await gw.store.delete(task.id, task.owner)
     return _json({"id": task.id, "object": "video.deleted", "deleted": True})
 
 
 async def video_content(request: web.Request) -> web.StreamResponse:
-    gw = gateway(request)
     variant = request.query.get("variant", "video")
     if variant not in VARIANTS:
         raise bad_request(f"'variant' must be one of: {', '.join(VARIANTS)}.", param="variant")
-    task = await _refresh(request, gw, await _owned(request))
+    task = await _refresh(request, await _owned(request))
     request[MODEL] = task.model
     if task.status != "completed":
         raise ApiError(
@@ -266,22 +412,23 @@ async def video_content(request: web.Request) -> web.StreamResponse:
             code="video_not_ready",
             headers={"x-should-retry": "false"},
         )
-    deployment, adapter = _deployment_of(gw, task)
-    return await adapter.content(_call(request, deployment), task, variant)
+    return await _read(
+        request, request[TABLE], task, lambda adapter, call: adapter.content(call, task, variant)
+    )
 
 
 async def remix_video(request: web.Request) -> web.Response:
-    gw = gateway(request)
+    table = request[TABLE]
     source = await _owned(request)
     request[MODEL] = source.model
     check_model_access(client_key(request), source.model)
-    body = await read_body(request, gw.config.limits, until=("prompt",))
+    body = await read_body(request, table.config.limits, until=("prompt",))
     try:
-        deployment, adapter = _deployment_of(gw, source)
-        upstream = await adapter.remix(_call(request, deployment), source, body)
+        deployment, adapter = _deployment_of(table, source)
+        async with _admit(request), gateway(request).bulkheads.enter(deployment, "uploads"):
+            upstream = await adapter.remix(_call(request, table, deployment), source, body)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
-        task = await _record(request, gw, deployment, upstream, seed, remixed_from=source.id)
-        return _json(task.video)
+        return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
     finally:
         body.close()
 
@@ -290,9 +437,10 @@ async def _from_video(
     request: web.Request,
     operation: Callable[[Adapter, Call, Task | None, RequestBody], Awaitable[UpstreamVideo]],
 ) -> web.Response:
-    """Edits and extensions: routed to the deployment that owns the referenced video, if any."""
+    """Edits and extensions: to the deployment that owns the referenced video, else routed by model."""
     gw = gateway(request)
-    body = await read_body(request, gw.config.limits, until=("video[id]",))
+    table = request[TABLE]
+    body = await read_body(request, table.config.limits, until=("video[id]",))
     try:
         ref = body.get_object("video")
         source: Task | None = None
@@ -300,19 +448,22 @@ async def _from_video(
             source = await gw.store.get(str(ref["id"]), client_key(request).name)
             if source is None:
                 raise video_not_found(str(ref["id"]))
-            deployment, adapter = _deployment_of(gw, source)
-        elif body.has_file("video") or body.kind == "multipart":
-            model = gw.table.resolve_model(body.get("model"))
-            deployment = gw.table.pick(model)
-            adapter = gw.table.adapter(deployment.provider)
-        else:
+        elif not (body.has_file("video") or body.kind == "multipart"):
             raise bad_request("'video' is required: an uploaded file or {\"id\": ...}.", param="video")
-        request[MODEL] = deployment.model
-        check_model_access(client_key(request), deployment.model)
-        upstream = await operation(adapter, _call(request, deployment), source, body)
+        model = source.model if source is not None else table.resolve_model(body.get("model"))
+        request[MODEL] = model
+        check_model_access(client_key(request), model)
+        async with _admit(request):
+            if source is not None:
+                deployment, adapter = _deployment_of(table, source)
+                async with gw.bulkheads.enter(deployment, "uploads"):
+                    upstream = await operation(adapter, _call(request, table, deployment), source, body)
+            else:
+                deployment, upstream = await _start(
+                    request, table, model, body, lambda a, c: operation(a, c, None, body)
+                )
         seed = {"size": source.video.get("size")} if source else {}
-        task = await _record(request, gw, deployment, upstream, {**seed, **_seed(body)})
-        return _json(task.video)
+        return _answer(request, await _record(request, deployment, upstream, {**seed, **_seed(body)}))
     finally:
         body.close()
 
@@ -327,14 +478,14 @@ async def extend_video(request: web.Request) -> web.Response:
 
 async def create_character(request: web.Request) -> web.Response:
     gw = gateway(request)
-    body = await read_body(request, gw.config.limits, until=("model",))
+    table = request[TABLE]
+    body = await read_body(request, table.config.limits, until=("model",))
     try:
-        model = gw.table.resolve_model(body.get("model"))
+        model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
-        deployment = gw.table.pick(model)
         request[MODEL] = model
-        answer = await gw.table.adapter(deployment.provider).create_character(
-            _call(request, deployment), body
+        deployment, answer = await _start(
+            request, table, model, body, lambda a, c: a.create_character(c, body)
         )
         created_at = answer.get("created_at")
         task = Task(
@@ -356,10 +507,10 @@ async def create_character(request: web.Request) -> web.Response:
 
 
 async def get_character(request: web.Request) -> web.Response:
-    gw = gateway(request)
     task = await _owned(request, "character_id", kind="character")
-    deployment, adapter = _deployment_of(gw, task)
-    answer = await adapter.get_character(_call(request, deployment), task)
+    answer = await _read(
+        request, request[TABLE], task, lambda adapter, call: adapter.get_character(call, task)
+    )
     return _json(
         {"id": task.id, "name": answer.get("name", task.video.get("name")), "created_at": task.created_at}
     )
@@ -367,14 +518,14 @@ async def get_character(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     key = client_key(request)
-    models = [m for m in gateway(request).table.models if key.models is None or m in key.models]
+    models = [m for m in request[TABLE].models if key.models is None or m in key.models]
     return _json({"object": "list", "data": [_model(m) for m in models]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     key = client_key(request)
     model = request.match_info["model"]
-    if model not in gateway(request).table.models or (key.models is not None and model not in key.models):
+    if model not in request[TABLE].models or (key.models is not None and model not in key.models):
         raise ApiError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
     return _json(_model(model))
 
@@ -383,18 +534,19 @@ def _model(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "video-gateway"}
 
 
-def add_routes(app: web.Application, prefix: str) -> None:
+def add_routes(app: web.Application, prefix: str, expect: Any = None) -> None:
     """Literal routes first: aiohttp matches in registration order."""
     videos = f"{prefix}/videos"
-    app.router.add_post(f"{videos}/edits", edit_video)
-    app.router.add_post(f"{videos}/extensions", extend_video)
-    app.router.add_post(f"{videos}/characters", create_character)
+    post = {"expect_handler": expect} if expect is not None else {}
+    app.router.add_post(f"{videos}/edits", edit_video, **post)
+    app.router.add_post(f"{videos}/extensions", extend_video, **post)
+    app.router.add_post(f"{videos}/characters", create_character, **post)
     app.router.add_get(f"{videos}/characters/{{character_id}}", get_character)
-    app.router.add_post(videos, create_video)
+    app.router.add_post(videos, create_video, **post)
     app.router.add_get(videos, list_videos)
     app.router.add_get(f"{videos}/{{video_id}}", retrieve_video)
     app.router.add_delete(f"{videos}/{{video_id}}", delete_video)
     app.router.add_get(f"{videos}/{{video_id}}/content", video_content)
-    app.router.add_post(f"{videos}/{{video_id}}/remix", remix_video)
+    app.router.add_post(f"{videos}/{{video_id}}/remix", remix_video, **post)
     app.router.add_get(f"{prefix}/models", list_models)
     app.router.add_get(f"{prefix}/models/{{model}}", get_model)

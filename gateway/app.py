@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import ClientConnectionResetError, web
+from aiohttp.http import HttpVersion11
 
 from gateway import api, metrics
-from gateway.auth import CLIENT_KEY, KeyRing
+from gateway.auth import CLIENT_KEY
+from gateway.bodies import too_large
 from gateway.config import GatewayConfig
-from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID, STARTED
+from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID, STARTED, TABLE
 from gateway.errors import ApiError
-from gateway.logs import log, register_secrets
-from gateway.providers import ADAPTERS, Adapter
-from gateway.providers.base import AdapterEnv
-from gateway.routing import RoutingTable
+from gateway.health import HealthBoard
+from gateway.logs import log
+from gateway.reload import Reloader, build_table
 from gateway.state import GATEWAY, Gateway
 from gateway.store import SQLiteTaskStore, TaskStore
 
@@ -128,8 +132,10 @@ def _observe(request: web.Request, response: web.StreamResponse, route: str, sec
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Pin the routing table for the whole request, and authenticate API calls against it."""
+    table = request[TABLE] = request.app[GATEWAY].table
     if request.path.startswith("/v1/"):
-        request[CLIENT_KEY] = request.app[GATEWAY].keys.authenticate(request.headers.get("Authorization"))
+        request[CLIENT_KEY] = table.keys.authenticate(request.headers.get("Authorization"))
     return await handler(request)
 
 
@@ -148,35 +154,96 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[GATEWAY].draining:
+        return web.json_response({"status": "draining"}, status=503)
     return web.json_response({"status": "ready"})
 
 
-def build_adapters(config: GatewayConfig) -> dict[str, Adapter]:
-    env = AdapterEnv(data_dir=config.data_dir, public_base_url=config.public_base_url)
-    return {name: ADAPTERS[p.kind](p, env) for name, p in config.providers.items()}
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Answer ``Expect: 100-continue`` only after the key and the declared size pass.
+
+    aiohttp's default handler invites any client to send its body before middlewares run.
+    """
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return ApiError(
+            417, "Only 'Expect: 100-continue' is supported.", code="expectation_failed"
+        ).response()
+    table = request.app[GATEWAY].table
+    try:
+        table.keys.authenticate(request.headers.get("Authorization"))
+        limit = table.config.limits.max_upload_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large(limit)
+    except ApiError as exc:
+        response = exc.response()
+        response.force_close()
+        return response
+    if request.version >= HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not part of the response
+    return None
 
 
-def build_app(config: GatewayConfig, *, store: TaskStore | None = None) -> web.Application:
-    """The gateway for one config. ``store`` defaults to SQLite at ``config.store_path``."""
-    register_secrets([p.api_key for p in config.providers.values()])
-    register_secrets(v for p in config.providers.values() for v in p.headers.values())
+async def admin_deployments(request: web.Request) -> web.Response:
+    gw = _admin(request)
+    table = gw.table
+    rows = []
+    for model, deployments in table.models.items():
+        for d, health in zip(deployments, table.health.snapshot([d.name for d in deployments]), strict=True):
+            rows.append(
+                {
+                    "model": model,
+                    "provider": d.provider,
+                    "upstream_model": d.upstream_model,
+                    "priority": d.priority,
+                    "weight": d.weight,
+                    **health,
+                    "open_requests": gw.bulkheads.open(d.name, "requests"),
+                    "open_uploads": gw.bulkheads.open(d.name, "uploads"),
+                    "max_concurrent_requests": d.max_concurrent_requests,
+                    "max_concurrent_uploads": d.max_concurrent_uploads,
+                }
+            )
+    return web.json_response({"config": table.config.source, "draining": gw.draining, "deployments": rows})
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    _admin(request)
+    ok, problems = await request.app[RELOADER].reload("admin request")
+    return web.json_response({"reloaded": ok, "problems": problems}, status=200 if ok else 422)
+
+
+def _admin(request: web.Request) -> Gateway:
+    gw = request.app[GATEWAY]
+    key = gw.table.config.admin_key
+    presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if key is None or not hmac.compare_digest(presented.encode(), key.encode()):
+        raise ApiError(401, "The admin endpoints need the admin key.", code="invalid_admin_key")
+    return gw
+
+
+RELOADER = web.AppKey("reloader", Reloader)
+
+
+def build_app(
+    config: GatewayConfig, *, store: TaskStore | None = None, config_path: Path | None = None
+) -> web.Application:
+    """The gateway for one config. ``store`` defaults to SQLite at ``config.store_path``;
+    with ``config_path`` the config can be reloaded (SIGHUP, file watch, ``POST /admin/reload``)."""
     app = web.Application(
         middlewares=[envelope_middleware, auth_middleware], handler_args={"max_field_size": 16384}
     )
     app.on_response_prepare.append(_stamp_headers)
-    state = app[GATEWAY] = Gateway(config, KeyRing(config.keys))
+    state = app[GATEWAY] = Gateway(HealthBoard(config.resilience))
+    reloader = app[RELOADER] = Reloader(state, config_path)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin/deployments", admin_deployments)
+    app.router.add_post("/admin/reload", admin_reload)
     if config.metrics_path is not None:
         app.router.add_get(config.metrics_path, metrics.metrics_handler(config.metrics_key))
     for prefix in API_PREFIXES:
-        api.add_routes(app, prefix)
-    metrics.prime(
-        {
-            name: [(d.name, d.model) for ds in config.models.values() for d in ds if d.provider == name]
-            for name in config.providers
-        }
-    )
+        api.add_routes(app, prefix, expect=expect_continue)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         task_store = store
@@ -184,15 +251,18 @@ def build_app(config: GatewayConfig, *, store: TaskStore | None = None) -> web.A
             sqlite = SQLiteTaskStore(config.store_path)
             await sqlite.open()
             task_store = sqlite
-        adapters = build_adapters(config)
-        for adapter in adapters.values():
-            await adapter.start()
-        state.table, state.store = RoutingTable(config, adapters), task_store
+        state.store = task_store
+        state.table = await build_table(config, state, None)
+        watcher = None
+        if config_path is not None and config.watch_config:
+            watcher = asyncio.get_running_loop().create_task(reloader.watch())
         log.info("gateway_started", models=sorted(config.models), providers=sorted(config.providers))
         try:
             yield
         finally:
-            for adapter in adapters.values():
+            if watcher is not None:
+                watcher.cancel()
+            for adapter in state.table.all_adapters().values():
                 await adapter.close()
             if store is None:
                 await task_store.close()

@@ -244,6 +244,7 @@ class RequestBody:
     _parts: dict[str, PartInfo] = field(default_factory=dict)
     _first_boundary: int = 0
     _consumed: bool = False
+    _spooled: bool = False
 
     def get(self, name: str) -> Any:
         return self.fields.get(name)
@@ -258,6 +259,21 @@ class RequestBody:
             k[len(prefix) : -1]: v for k, v in self.fields.items() if k.startswith(prefix) and k[-1] == "]"
         }
         return nested or None
+
+    @property
+    def replayable(self) -> bool:
+        """Can :meth:`upstream_body` be sent more than once (for failover)?"""
+        return self.kind != "multipart" or self._spooled
+
+    async def make_replayable(self) -> None:
+        """Read the rest of the client's body into the spool, so it can be sent again byte for byte."""
+        if self.replayable or self._consumed:
+            return
+        assert self._head is not None
+        self._consumed = True
+        async for chunk in _read_stream(self, self._request, self._limits):
+            await self._head.write(chunk)
+        self._spooled = True
 
     def has_file(self, name: str) -> bool:
         part = self._parts.get(name)

@@ -8,9 +8,11 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.providers.base import Call
+    from gateway.routing import RoutingTable
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 STARTED: web.RequestKey[float] = web.RequestKey("started")
 MODEL: web.RequestKey[str] = web.RequestKey("model")
 CALL: web.RequestKey[Call] = web.RequestKey("call")
 BYTES_OUT: web.RequestKey[int] = web.RequestKey("bytes_out")
+TABLE: web.RequestKey[RoutingTable] = web.RequestKey("table")

@@ -56,14 +56,25 @@ class UpstreamError(ApiError):
     """The provider refused, failed or could not be reached.
 
     ``kind`` is one of connect, timeout, reset, 4xx, 5xx, payload: the bounded set metrics use.
-    ``sent`` tells whether the request body may have reached the provider (no failover then).
+    ``sent`` tells whether the request body may have reached the provider (no failover then);
+    ``upstream_status`` is the provider's own HTTP status when it answered.
     """
 
-    def __init__(self, status: int, message: str, *, kind: str, sent: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str,
+        sent: bool = False,
+        upstream_status: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("type", "upstream_error")
         super().__init__(status, message, **kwargs)
         self.kind = kind
         self.sent = sent
+        self.upstream_status = upstream_status
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:

@@ -1,8 +1,9 @@
-"""The routing table: which deployment serves a public model, and which adapter talks to it.
+"""The routing table: which deployments serve a public model, in which order, through which adapter.
 
-A table is immutable once built; a config reload (later) builds a new one and swaps the reference,
-so a request keeps the table it started with. Follow-ups never come here to be re-balanced: they
-go to the deployment recorded with the video.
+A table is one immutable generation of the config. A reload builds a new one and swaps the
+gateway's reference; each request captures the table once, at entry, and keeps it. Follow-ups are
+never re-balanced: they go to the deployment recorded with the video, whose adapter stays
+reachable here even after a reload removed it from routing.
 """
 
 from __future__ import annotations
@@ -10,17 +11,28 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
+from gateway.auth import KeyRing
 from gateway.config import Deployment, GatewayConfig
 from gateway.errors import ApiError, model_not_found
+from gateway.health import HealthBoard
 from gateway.providers import Adapter
 
 
 class RoutingTable:
-    def __init__(self, config: GatewayConfig, adapters: Mapping[str, Adapter]) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        adapters: Mapping[str, Adapter],
+        health: HealthBoard,
+        retired: Mapping[str, Adapter] | None = None,
+    ) -> None:
         self.config = config
         self.adapters = dict(adapters)
+        self.keys = KeyRing(config.keys)
+        self.health = health
         self.models = config.models
         self.deployments = {d.name: d for ds in config.models.values() for d in ds}
+        self._retired = dict(retired or {})
 
     def resolve_model(self, requested: object) -> str:
         """The public model a request asks for (the default when it names none), or a 400/404."""
@@ -34,17 +46,28 @@ class RoutingTable:
             raise model_not_found(requested)
         return requested
 
-    def pick(self, model: str) -> Deployment:
-        """A deployment of the best priority tier (lowest number), chosen at random by weight."""
+    def candidates(self, model: str) -> list[Deployment]:
+        """Deployments to try for a create, best first.
+
+        Priority tiers in ascending order; within a tier, a weighted random order. Ejected
+        deployments are left out, unless nothing else is left.
+        """
         deployments = self.models[model]
-        tier = min(d.priority for d in deployments)
-        candidates = [d for d in deployments if d.priority == tier]
-        if len(candidates) == 1:
-            return candidates[0]
-        return random.choices(candidates, weights=[d.weight for d in candidates])[0]
+        eligible = [d for d in deployments if self.health.eligible(d.name)] or list(deployments)
+        ordered: list[Deployment] = []
+        for tier in sorted({d.priority for d in eligible}):
+            pool = [d for d in eligible if d.priority == tier]
+            while pool:
+                chosen = random.choices(pool, weights=[d.weight for d in pool])[0]
+                ordered.append(chosen)
+                pool.remove(chosen)
+        return ordered
+
+    def siblings(self, deployment: Deployment) -> tuple[str, ...]:
+        return tuple(d.name for d in self.models.get(deployment.model, ()))
 
     def adapter(self, provider: str) -> Adapter:
-        adapter = self.adapters.get(provider)
+        adapter = self.adapters.get(provider) or self._retired.get(provider)
         if adapter is None:
             raise ApiError(
                 503,
@@ -53,3 +76,6 @@ class RoutingTable:
                 code="provider_unavailable",
             )
         return adapter
+
+    def all_adapters(self) -> dict[str, Adapter]:
+        return {**self._retired, **self.adapters}

@@ -6,23 +6,26 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.auth import KeyRing
-from gateway.config import GatewayConfig
+from gateway.health import HealthBoard
+from gateway.limits import Bulkheads, KeyLimiter
 from gateway.routing import RoutingTable
 from gateway.store import TaskStore
 
 
 @dataclass
 class Gateway:
-    """Built with the app; ``table`` and ``store`` are filled in at start-up."""
+    """What outlives a config reload. ``table`` is the current generation (swapped on reload);
+    ``table`` and ``store`` are filled in at start-up."""
 
-    config: GatewayConfig
-    keys: KeyRing
+    health: HealthBoard
+    limiter: KeyLimiter = field(default_factory=KeyLimiter)
+    bulkheads: Bulkheads = field(default_factory=Bulkheads)
+    draining: bool = False
     table: RoutingTable = field(init=False)
     store: TaskStore = field(init=False)
 
     def poll_after_ms(self, provider: str) -> int:
-        config = self.config.providers.get(provider)
+        config = self.table.config.providers.get(provider)
         return config.poll_after_ms if config is not None else 1000
 
 

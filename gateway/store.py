@@ -66,6 +66,9 @@ class TaskStore(Protocol):
 
     async def count_active(self, owner: str) -> int: ...
 
+    async def active(self, owner: str) -> list[Task]:
+        """The owner's videos last seen queued or in progress."""
+
     async def close(self) -> None: ...
 
 
@@ -226,6 +229,15 @@ class SQLiteTaskStore:
             (owner, *ACTIVE_STATUSES),
         )
         return int(rows[0][0])
+
+    async def active(self, owner: str) -> list[Task]:
+        rows = await self._run(
+            self._query,
+            f"SELECT {_COLUMNS} FROM tasks WHERE owner=? AND kind='video' AND deleted_at IS NULL "
+            f"AND status IN ({','.join('?' * len(ACTIVE_STATUSES))}) ORDER BY seq",
+            (owner, *ACTIVE_STATUSES),
+        )
+        return [self._task(r) for r in rows]
 
     async def close(self) -> None:
         if self._db is not None:

@@ -8,10 +8,11 @@ Operations a provider lacks keep the default here: a clear 400 naming the featur
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,6 +45,12 @@ class Call:
     upstream_seconds: float = 0.0
     upstream_status: int | None = None
     upstream_error: str | None = None
+    on_outcome: Callable[[str | None], None] | None = None
+
+    def outcome(self, failure: str | None) -> None:
+        """Report a call's health: a failure kind, or None when the provider answered properly."""
+        if self.on_outcome is not None:
+            self.on_outcome(failure)
 
 
 @dataclass
@@ -109,6 +116,7 @@ class Adapter:
         self.config = config
         self.env = env
         self._session: aiohttp.ClientSession | None = None
+        self.in_flight = 0
 
     async def start(self) -> None:
         """Open connection pools; called once before the first request."""
@@ -117,6 +125,12 @@ class Adapter:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def close_when_idle(self, poll_seconds: float = 1.0) -> None:
+        """Close connection pools once no request uses them; a later call opens new ones."""
+        while self.in_flight:
+            await asyncio.sleep(poll_seconds)
+        await self.close()
 
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo | EventStream:
         raise NotImplementedError
@@ -191,6 +205,7 @@ class Adapter:
         metrics.UPSTREAM_REQUESTS.labels(provider, call.deployment.name).inc()
         in_flight = metrics.UPSTREAM_IN_FLIGHT.labels(provider)
         in_flight.inc()
+        self.in_flight += 1
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
         try:
@@ -209,36 +224,45 @@ class Adapter:
                 metrics.UPSTREAM_DURATION.labels(provider, call.deployment.model).observe(waited)
                 if response.status >= 400:
                     self.count_error("5xx" if response.status >= 500 else "4xx")
+                call.outcome("5xx" if response.status >= 500 else None)
                 started = time.perf_counter()
                 yield response
         except ApiError:
             raise
         except aiohttp.ConnectionTimeoutError:
             raise self._fail(
-                body, 504, "timed out connecting to the provider", "timeout", sent=False
+                call, body, 504, "timed out connecting to the provider", "timeout", sent=False
             ) from None
         except aiohttp.ClientConnectorError as exc:
             raise self._fail(
-                body, 502, f"could not connect to the provider ({exc.os_error})", "connect", sent=False
+                call, body, 502, f"could not connect to the provider ({exc.os_error})", "connect", sent=False
             ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             sent = response is not None or data is not None
-            raise self._fail(body, 504, "the provider did not answer in time", "timeout", sent=sent) from None
+            raise self._fail(
+                call, body, 504, "the provider did not answer in time", "timeout", sent=sent
+            ) from None
         except aiohttp.ClientPayloadError:
-            raise self._fail(body, 502, "the provider's answer was cut off", "payload", sent=True) from None
+            raise self._fail(
+                call, body, 502, "the provider's answer was cut off", "payload", sent=True
+            ) from None
         except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError):
-            raise self._fail(body, 502, "the provider closed the connection", "reset", sent=True) from None
+            raise self._fail(
+                call, body, 502, "the provider closed the connection", "reset", sent=True
+            ) from None
         finally:
             in_flight.dec()
+            self.in_flight -= 1
             if response is not None:
                 call.upstream_seconds += time.perf_counter() - started
 
     def _fail(
-        self, body: RequestBody | None, status: int, message: str, kind: str, *, sent: bool
+        self, call: Call, body: RequestBody | None, status: int, message: str, kind: str, *, sent: bool
     ) -> ApiError:
         if body is not None and body.failure is not None:
             return body.failure
         self.count_error(kind)
+        call.outcome(kind)
         headers = {"x-should-retry": "false"} if sent and kind in ("timeout", "reset") else {}
         return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent, headers=headers)
 
@@ -329,6 +353,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> 
             429,
             message,
             kind=kind,
+            upstream_status=status,
             type=type_ or "rate_limit_error",
             code=code or "rate_limited",
             param=param,
@@ -339,6 +364,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> 
             status,
             message,
             kind=kind,
+            upstream_status=status,
             type=type_ or "invalid_request_error",
             code=None if code is None else str(code),
             param=param,
@@ -349,6 +375,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> 
         gateway_status,
         f"Upstream error (HTTP {status}): {message}",
         kind=kind,
+        upstream_status=status,
         code="upstream_error",
         headers=out_headers,
     )

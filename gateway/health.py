@@ -1,0 +1,113 @@
+"""Outlier ejection: deployments that keep failing are taken out of rotation for a while.
+
+After ``consecutive_failures`` failures in a row (connect errors, timeouts, resets, 5xx), a
+deployment is ejected for ``base_ejection_seconds`` times the number of times it has been ejected.
+When that time is up, exactly one request probes it: success puts it back, failure ejects it again
+for longer. A model's last available deployment is never ejected (Envoy's max ejection percentage,
+taken to its safe end). The board outlives config reloads: it is keyed by deployment name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from gateway.config import Resilience
+from gateway.logs import log
+
+EJECTIONS = Counter("gateway_deployment_ejections_total", "Times a deployment was ejected.", ["deployment"])
+EJECTED = Gauge("gateway_deployment_ejected", "1 while a deployment is ejected, else 0.", ["deployment"])
+
+
+@dataclass
+class DeploymentHealth:
+    consecutive_failures: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+    probing: bool = False
+    last_failure: str | None = None
+
+
+class HealthBoard:
+    def __init__(self, policy: Resilience, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self._clock = clock
+        self._states: dict[str, DeploymentHealth] = {}
+
+    def state(self, deployment: str) -> DeploymentHealth:
+        return self._states.setdefault(deployment, DeploymentHealth())
+
+    def is_ejected(self, deployment: str) -> bool:
+        state = self._states.get(deployment)
+        return state is not None and (state.ejected_until > self._clock() or state.probing)
+
+    def eligible(self, deployment: str) -> bool:
+        """Could this deployment take a new create now (healthy, or its probe is due)?"""
+        state = self._states.get(deployment)
+        return state is None or (not state.probing and state.ejected_until <= self._clock())
+
+    def claim(self, deployment: str) -> bool:
+        """Right before sending a create: False if ejected; the first caller after an ejection probes."""
+        if not self.eligible(deployment):
+            return False
+        state = self._states.get(deployment)
+        if state is not None and state.ejected_until:
+            state.probing = True
+            log.info("deployment_probe", deployment=deployment)
+        return True
+
+    def record(self, deployment: str, failure: str | None, siblings: Sequence[str]) -> None:
+        """The outcome of one upstream call: ``failure`` is its kind, or None for a success."""
+        state = self.state(deployment)
+        if failure is None:
+            if state.ejected_until:
+                log.info("deployment_restored", deployment=deployment)
+                EJECTED.labels(deployment).set(0)
+            state.consecutive_failures, state.ejected_until, state.probing = 0, 0.0, False
+            return
+        state.consecutive_failures += 1
+        state.last_failure = failure
+        if state.probing or state.consecutive_failures >= self.policy.consecutive_failures:
+            others_available = any(s != deployment and not self.is_ejected(s) for s in siblings)
+            if others_available:
+                self._eject(deployment, state)
+            else:
+                state.probing = False
+
+    def _eject(self, deployment: str, state: DeploymentHealth) -> None:
+        state.ejections += 1
+        seconds = self.policy.base_ejection_seconds * state.ejections
+        state.ejected_until = self._clock() + seconds
+        state.probing = False
+        EJECTIONS.labels(deployment).inc()
+        EJECTED.labels(deployment).set(1)
+        log.warning(
+            "deployment_ejected",
+            deployment=deployment,
+            seconds=seconds,
+            ejections=state.ejections,
+            failure=state.last_failure,
+            consecutive_failures=state.consecutive_failures,
+        )
+
+    def snapshot(self, deployments: Sequence[str]) -> list[dict[str, Any]]:
+        now = self._clock()
+        out = []
+        for name in deployments:
+            state = self._states.get(name, DeploymentHealth())
+            ejected = state.ejected_until > now
+            out.append(
+                {
+                    "deployment": name,
+                    "state": "ejected" if ejected else ("probing" if state.probing else "healthy"),
+                    "consecutive_failures": state.consecutive_failures,
+                    "ejections": state.ejections,
+                    "ejected_for_seconds": round(state.ejected_until - now, 1) if ejected else 0,
+                    "last_failure": state.last_failure,
+                }
+            )
+        return out

@@ -1,0 +1,119 @@
+"""Hot reload: a new config becomes a new routing table, swapped in one assignment.
+
+On SIGHUP, on ``POST /admin/reload``, or when the file changes: parse and check the file; if it is
+valid, build the new table and swap it (requests in flight keep the table they started with); if
+not, keep the old one and log every problem. Adapters whose provider config is unchanged are kept,
+with their connection pools. Adapters of removed providers stay reachable for the videos they hold,
+and their pools close once idle. Listen address, data dir, store and metrics path need a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from gateway import metrics
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.logs import log, register_secrets
+from gateway.providers import ADAPTERS, Adapter
+from gateway.providers.base import AdapterEnv
+from gateway.routing import RoutingTable
+from gateway.state import Gateway
+
+RELOADS = Counter("gateway_config_reloads_total", "Config loads by result: success or failure.", ["result"])
+LAST_SUCCESS = Gauge(
+    "gateway_config_last_reload_success_timestamp_seconds",
+    "Unix time of the last config load that took effect.",
+)
+for _result in ("success", "failure"):
+    RELOADS.labels(_result)
+
+_RESTART_ONLY = ("host", "port", "data_dir", "store_path", "metrics_path")
+
+
+async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable | None) -> RoutingTable:
+    """The table for ``config``, reusing the previous table's adapters where the provider is unchanged."""
+    register_secrets(p.api_key for p in config.providers.values())
+    register_secrets(v for p in config.providers.values() for v in p.headers.values())
+    register_secrets([config.metrics_key, config.admin_key])
+    env = AdapterEnv(data_dir=config.data_dir, public_base_url=config.public_base_url)
+    old = previous.all_adapters() if previous is not None else {}
+    adapters: dict[str, Adapter] = {}
+    for name, provider in config.providers.items():
+        reused = old.get(name)
+        if reused is not None and reused.config == provider:
+            adapters[name] = reused
+            continue
+        adapter = ADAPTERS[provider.kind](provider, env)
+        await adapter.start()
+        adapters[name] = adapter
+    for name, adapter in old.items():
+        if adapters.get(name) is not adapter:
+            asyncio.get_running_loop().create_task(adapter.close_when_idle())
+    retired = {name: adapter for name, adapter in old.items() if name not in adapters}
+    metrics.prime(
+        {
+            name: [(d.name, d.model) for ds in config.models.values() for d in ds if d.provider == name]
+            for name in config.providers
+        }
+    )
+    return RoutingTable(config, adapters, gw.health, retired)
+
+
+class Reloader:
+    def __init__(self, gw: Gateway, path: Path | None) -> None:
+        self._gw = gw
+        self._path = path
+        self._lock = asyncio.Lock()
+        self._fingerprint = self._read_fingerprint()
+        LAST_SUCCESS.set(time.time())
+
+    def _read_fingerprint(self) -> bytes | None:
+        if self._path is None:
+            return None
+        try:
+            return hashlib.sha256(self._path.read_bytes()).digest()
+        except OSError:
+            return None
+
+    async def reload(self, reason: str) -> tuple[bool, list[str]]:
+        """Load the file again; True and no problems when the new table took effect."""
+        if self._path is None:
+            return False, ["the gateway was started without a config file"]
+        async with self._lock:
+            self._fingerprint = await asyncio.to_thread(self._read_fingerprint)
+            try:
+                config = await asyncio.to_thread(load_config, self._path)
+            except ConfigError as exc:
+                RELOADS.labels("failure").inc()
+                log.error(
+                    "config_reload_rejected", reason=reason, path=str(self._path), problems=exc.problems
+                )
+                return False, exc.problems
+            current = self._gw.table.config
+            ignored = [name for name in _RESTART_ONLY if getattr(config, name) != getattr(current, name)]
+            if ignored:
+                log.warning("config_reload_needs_restart", settings=ignored)
+            self._gw.table = await build_table(config, self._gw, self._gw.table)
+            RELOADS.labels("success").inc()
+            LAST_SUCCESS.set(time.time())
+            log.info(
+                "config_reloaded",
+                reason=reason,
+                path=str(self._path),
+                models=sorted(config.models),
+                providers=sorted(config.providers),
+            )
+            return True, []
+
+    async def watch(self, interval: float = 2.0) -> None:
+        """Reload whenever the file's content changes (checked every ``interval`` seconds)."""
+        while True:
+            await asyncio.sleep(interval)
+            fingerprint = await asyncio.to_thread(self._read_fingerprint)
+            if fingerprint is not None and fingerprint != self._fingerprint:
+                await self.reload("file changed")
