@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -27,14 +28,12 @@ def serve(args: argparse.Namespace) -> int:
         print("\n".join(f"  {p}" for p in exc.problems), file=sys.stderr)
         return 1
     configure(args.log_format or config.log_format, config.log_level)
-    from gateway.app import build_app
+    from gateway.server import serve as run
 
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
-    log.info("serving", config=str(path), url=f"http://{host}:{port}/v1", version=__version__)
-    web.run_app(
-        build_app(config), host=host, port=port, print=None, access_log=None, handler_cancellation=True
-    )
+    log.info("serving", config=str(path), version=__version__)
+    asyncio.run(run(config, path, host, port))
     return 0
 
 

@@ -71,7 +71,6 @@ class KeyLimiter:
                     code="rate_limit_exceeded",
                     headers={**self.rate_headers(key), "Retry-After": str(retry)},
                 )
-            window.append(self._clock())
         if key.max_in_progress is not None:
             active = await count_active() + self._pending.get(key.name, 0)
             if active >= key.max_in_progress:
@@ -84,6 +83,8 @@ class KeyLimiter:
                     code="too_many_in_progress",
                     headers={"Retry-After": "5", **self.rate_headers(key)},
                 )
+        if key.creates_per_minute is not None:
+            self._window(key.name).append(self._clock())
         self._pending[key.name] = self._pending.get(key.name, 0) + 1
         try:
             yield

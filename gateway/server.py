@@ -1,0 +1,79 @@
+"""Running the gateway as a process: signals, graceful drain, and slow-client protection.
+
+SIGTERM or SIGINT: ``/readyz`` answers 503 at once; after ``drain_delay_seconds`` the listener stops
+accepting; requests in flight get up to ``drain_seconds`` to finish; then the process exits.
+SIGHUP: reload the config. A connection that has not finished sending its request headers within
+``limits.header_timeout`` is closed (aiohttp itself has no such timeout; bodies are guarded by
+``limits.client_idle_timeout`` in the body reader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import RELOADER, build_app
+from gateway.config import GatewayConfig
+from gateway.logs import log
+from gateway.state import GATEWAY
+
+
+async def serve(config: GatewayConfig, config_path: Path | None, host: str, port: int) -> None:
+    app = build_app(config, config_path=config_path)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.drain_seconds
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("listening", url=f"http://{host}:{port}/v1")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app[RELOADER].reload("SIGHUP")))
+    watchdog = loop.create_task(_close_slow_headers(runner, config.limits.header_timeout))
+    try:
+        await stop.wait()
+        app[GATEWAY].draining = True
+        log.info(
+            "draining",
+            delay_seconds=config.drain_delay_seconds,
+            drain_seconds=config.drain_seconds,
+            in_flight=len(runner.server.connections) if runner.server else 0,
+        )
+        await asyncio.sleep(config.drain_delay_seconds)
+    finally:
+        watchdog.cancel()
+        started = time.monotonic()
+        await runner.cleanup()
+        log.info("stopped", drained_seconds=round(time.monotonic() - started, 3))
+
+
+async def _close_slow_headers(runner: web.AppRunner, timeout: float) -> None:
+    """Close connections that opened but never completed their first request's headers in time."""
+    first_seen: dict[object, float] = {}
+    while True:
+        await asyncio.sleep(min(1.0, timeout / 2))
+        server = runner.server
+        if server is None:
+            continue
+        now = time.monotonic()
+        live = set(server.connections)
+        for handler in list(first_seen):
+            if handler not in live:
+                del first_seen[handler]
+        for handler in live:
+            seen = first_seen.setdefault(handler, now)
+            # aiohttp counts a request once its headers are parsed; zero means still waiting for them.
+            if handler._request_count == 0 and now - seen >= timeout:
+                log.warning("slow_headers_closed", seconds=round(now - seen, 1))
+                handler.force_close()
+                if handler.transport is not None:
+                    handler.transport.close()
+                del first_seen[handler]

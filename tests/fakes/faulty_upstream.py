@@ -1,0 +1,172 @@
+"""A fault-injecting OpenAI-dialect upstream, in the manner of Envoy's fault filter.
+
+Each upstream model name has a behaviour the test sets (``fake.behaviour["primary"] = "status:503"``),
+and a request may override it with an ``x-fault`` header (the gateway forwards custom headers):
+
+    ok               a normal answer (the Video object of the OpenAI dialect, §3.1 of the reference)
+    status:N         answer HTTP N with the OpenAI error envelope (§3.3), 429 with Retry-After
+    delay:S          wait S seconds before answering
+    hang             read the body, then never answer
+    reset            close the connection without answering
+    nonjson          answer 200 with an HTML page
+    flaky:N          answer 503 to the first N retrieves of a video, then normally
+    drip:S           send the answer body slowly, one byte every S seconds
+
+Everything received is recorded: path, headers, the raw body, and which model it was for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Hit:
+    method: str
+    path: str
+    model: str | None
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class FaultyUpstream:
+    behaviour: dict[str, str] = field(default_factory=dict)
+    hits: list[Hit] = field(default_factory=list)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retrieves: dict[str, int] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def hits_for(self, model: str, method: str = "POST") -> list[Hit]:
+        return [h for h in self.hits if h.model == model and h.method == method]
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_post("/v1/videos", self.create)
+        app.router.add_get("/v1/videos/{vid}", self.retrieve)
+        app.router.add_get("/v1/videos/{vid}/content", self.content)
+        return app
+
+    def _model_of(self, content_type: str, body: bytes) -> str | None:
+        if not body:
+            return None
+        if content_type.startswith("application/json"):
+            value = json.loads(body).get("model")
+            return value if isinstance(value, str) else None
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + body
+        )
+        for part in message.iter_parts():
+            if part.get_param("name", header="content-disposition") == "model":
+                payload = part.get_payload(decode=True)
+                return payload.decode() if isinstance(payload, bytes) else None
+        return None
+
+    async def _fault(self, request: web.Request, behaviour: str) -> web.StreamResponse | None:
+        kind, _, arg = behaviour.partition(":")
+        if kind == "status":
+            status = int(arg)
+            headers = {"Retry-After": "2"} if status == 429 else {}
+            body = {
+                "error": {
+                    "message": f"injected {status}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+            return web.json_response(body, status=status, headers=headers)
+        if kind == "delay":
+            await asyncio.sleep(float(arg))
+        elif kind == "hang":
+            await asyncio.sleep(3600)
+        elif kind == "reset":
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(0.1)
+            return web.Response(status=500)
+        elif kind == "nonjson":
+            return web.Response(text="<html>oops</html>", content_type="text/html")
+        return None
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        model = self._model_of(request.headers.get("Content-Type", ""), body)
+        self.hits.append(Hit("POST", request.path, model, dict(request.headers), body))
+        behaviour = request.headers.get("x-fault") or self.behaviour.get(model or "", "ok")
+        fault = await self._fault(request, behaviour)
+        if fault is not None:
+            return fault
+        job_id = f"job_{next(self._ids)}"
+        self.jobs[job_id] = {
+            "id": job_id,
+            "object": "video",
+            "model": model,
+            "status": "queued",
+            "progress": 0,
+            "created_at": int(time.time()),
+            "size": "720x1280",
+            "seconds": "4",
+            "behaviour": behaviour,
+        }
+        return web.json_response({k: v for k, v in self.jobs[job_id].items() if k != "behaviour"})
+
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        job = self.jobs.get(request.match_info["vid"])
+        self.hits.append(Hit("GET", request.path, job["model"] if job else None, dict(request.headers), b""))
+        if job is None:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "not found",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=404,
+            )
+        count = self.retrieves[job["id"]] = self.retrieves.get(job["id"], 0) + 1
+        behaviour = request.headers.get("x-fault") or self.behaviour.get(job["model"] or "", "ok")
+        if behaviour.startswith("flaky:") and count <= int(behaviour.partition(":")[2]):
+            return web.json_response(
+                {"error": {"message": "flaky", "type": "server_error", "param": None, "code": None}},
+                status=503,
+            )
+        if not behaviour.startswith("flaky:"):
+            fault = await self._fault(request, behaviour)
+            if fault is not None:
+                return fault
+        job.update(status="completed", progress=100, completed_at=int(time.time()))
+        return web.json_response({k: v for k, v in job.items() if k != "behaviour"})
+
+    async def content(self, request: web.Request) -> web.StreamResponse:
+        behaviour = request.headers.get("x-fault", "ok")
+        payload = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64
+        if behaviour == "truncate":
+            response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+            response.content_length = len(payload) * 2
+            await response.prepare(request)
+            await response.write(payload)
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if behaviour.startswith("drip:"):
+            response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+            response.content_length = len(payload)
+            await response.prepare(request)
+            for i in range(0, len(payload), 1024):
+                await response.write(payload[i : i + 1024])
+                await asyncio.sleep(float(behaviour.partition(":")[2]))
+            await response.write_eof()
+            return response
+        return web.Response(body=payload, content_type="video/mp4")

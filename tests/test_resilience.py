@@ -1,0 +1,369 @@
+"""Routing under failure: weights and tiers, failover, retries, ejection, bulkheads, per-key limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway
+from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.test_errors import closed_port
+
+AUTH = {"Authorization": f"Bearer {ALPHA_KEY}"}
+ADMIN = {"Authorization": "Bearer admin-key-0123"}
+
+
+def config(data_dir: Path, url: str, models: str, *, extra: str = "", beta: str = "") -> str:
+    return (
+        textwrap.dedent(f"""
+        data_dir: {data_dir}
+        admin: {{key: admin-key-0123}}
+        keys:
+          - name: alpha
+            key: ${{ALPHA_KEY}}
+          - name: beta
+            key: ${{BETA_KEY}}
+        __BETA__
+        providers:
+          up:
+            kind: openai
+            base_url: {url}/v1
+            api_key: ${{UPSTREAM_KEY}}
+            poll_after_ms: 100
+            timeouts: {{connect: 1, read: 1, request: 2}}
+          down:
+            kind: openai
+            base_url: http://127.0.0.1:{closed_port()}/v1
+            api_key: ${{UPSTREAM_KEY}}
+            timeouts: {{connect: 1, read: 1, request: 2}}
+          local:
+            kind: local
+            options: {{queue_seconds: 0.2, run_seconds: 30}}
+        models:
+        __MODELS__
+        __EXTRA__
+    """)
+        .replace("__MODELS__", textwrap.indent(textwrap.dedent(models), "  ").strip("\n"))
+        .replace("__EXTRA__", textwrap.dedent(extra))
+        .replace("__BETA__", textwrap.indent(textwrap.dedent(beta), "    ").strip("\n"))
+    )
+
+
+@pytest.fixture
+async def faulty(aiohttp_server: Any) -> tuple[FaultyUpstream, str]:
+    fake = FaultyUpstream()
+    server = await aiohttp_server(fake.app())
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+async def post(gw: RunningGateway, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gw.url + path, headers=headers, **kwargs) as r,
+    ):
+        raw = await r.read()
+        return r.status, dict(r.headers), json.loads(raw) if raw else None
+
+
+async def get(gw: RunningGateway, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.get(gw.url + path, headers=headers or AUTH) as r:
+        return r.status, await r.json()
+
+
+def multipart_body(model: str, file_bytes: bytes, boundary: str = "b0undary") -> bytes:
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nfail me over\r\n',
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n',
+        f'--{boundary}\r\nContent-Disposition: form-data; name="input_reference"; filename="r.png"\r\n'
+        "Content-Type: image/png\r\n\r\n",
+    ]
+    return "".join(parts).encode() + file_bytes + f"\r\n--{boundary}--\r\n".encode()
+
+
+async def test_weighted_split_within_a_tier(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    gw = await start_gateway(
+        config(
+            tmp_path,
+            url,
+            """
+        split:
+          - {provider: up, model: heavy, weight: 3}
+          - {provider: up, model: light, weight: 1}
+          - {provider: up, model: backup, priority: 1}
+    """,
+        )
+    )
+    results = await asyncio.gather(
+        *(post(gw, "/v1/videos", json={"prompt": "x", "model": "split"}) for _ in range(400))
+    )
+    assert all(status == 200 for status, _, _ in results)
+    counts = Counter(hit.model for hit in fake.hits if hit.method == "POST")
+    assert counts["backup"] == 0
+    assert 0.68 <= counts["heavy"] / 400 <= 0.82, counts
+
+
+async def test_failover_sends_the_same_bytes_to_the_next_deployment(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    fake.behaviour["primary"] = "status:503"
+    gw = await start_gateway(
+        config(
+            tmp_path,
+            url,
+            """
+        resilient:
+          - {provider: up, model: primary}
+          - {provider: up, model: secondary, priority: 1}
+    """,
+        )
+    )
+    image = bytes(range(256)) * 1200
+    body = multipart_body("resilient", image)
+    status, _, video = await post(
+        gw, "/v1/videos", data=body, headers={"Content-Type": "multipart/form-data; boundary=b0undary"}
+    )
+    assert status == 200 and video["model"] == "resilient"
+    (first,), (second,) = fake.hits_for("primary"), fake.hits_for("secondary")
+    assert first.body == body.replace(b"\r\n\r\nresilient\r\n", b"\r\n\r\nprimary\r\n")
+    assert second.body == body.replace(b"\r\n\r\nresilient\r\n", b"\r\n\r\nsecondary\r\n")
+    assert int(second.headers["Content-Length"]) == len(second.body)
+
+    fake.behaviour["primary"] = "status:429"
+    status, _, _ = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert status == 200 and len(fake.hits_for("secondary")) == 2
+
+
+async def test_connect_failure_fails_over_and_client_errors_do_not(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    fake.behaviour["strict"] = "status:400"
+    gw = await start_gateway(
+        config(
+            tmp_path,
+            url,
+            """
+        m:
+          - {provider: down, model: nowhere}
+          - {provider: up, model: fine, priority: 1}
+        n:
+          - {provider: up, model: strict}
+          - {provider: up, model: fine, name: fallback, priority: 1}
+    """,
+        )
+    )
+    status, _, _ = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 200 and len(fake.hits_for("fine")) == 1
+    status, _, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "n"})
+    assert status == 400 and body["error"]["message"] == "injected 400"
+    assert len(fake.hits_for("fine")) == 1
+
+
+async def test_no_failover_once_the_upstream_may_have_the_job(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    fake.behaviour["primary"] = "hang"
+    gw = await start_gateway(
+        config(
+            tmp_path,
+            url,
+            """
+        resilient:
+          - {provider: up, model: primary}
+          - {provider: up, model: secondary, priority: 1}
+    """,
+        )
+    )
+    status, headers, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert status == 504 and headers["x-should-retry"] == "false"
+    assert fake.hits_for("secondary") == [] and len(fake.hits_for("primary")) == 1
+
+
+async def test_ejection_then_probe_and_recovery(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    fake.behaviour["primary"] = "status:500"
+    gw = await start_gateway(
+        config(
+            tmp_path,
+            url,
+            """
+        resilient:
+          - {provider: up, model: primary}
+          - {provider: up, model: secondary, priority: 1}
+        lonely:
+          - {provider: up, model: primary, name: only-one}
+    """,
+            extra="resilience: {consecutive_failures: 2, base_ejection_seconds: 0.5}",
+        )
+    )
+    for _ in range(2):
+        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+    assert len(fake.hits_for("primary")) == 2
+    status, state = await get(gw, "/admin/deployments", ADMIN)
+    rows = {row["deployment"]: row for row in state["deployments"]}
+    assert rows["up/primary"]["state"] == "ejected" and rows["up/primary"]["ejections"] == 1
+
+    for _ in range(3):
+        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+    assert len(fake.hits_for("primary")) == 2, "an ejected deployment gets no creates"
+
+    fake.behaviour["primary"] = "ok"
+    await asyncio.sleep(0.6)
+    assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+    assert len(fake.hits_for("primary")) == 3, "the first create after the ejection probes it"
+    status, state = await get(gw, "/admin/deployments", ADMIN)
+    assert {r["deployment"]: r for r in state["deployments"]}["up/primary"]["state"] == "healthy"
+
+    fake.behaviour["primary"] = "status:500"
+    for _ in range(4):
+        await post(gw, "/v1/videos", json={"prompt": "x", "model": "lonely"})
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    assert {r["deployment"]: r for r in state["deployments"]}["only-one"]["state"] != "ejected"
+
+    assert (await get(gw, "/admin/deployments", AUTH))[0] == 401
+
+
+async def test_reads_retry_the_same_deployment(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    gw = await start_gateway(
+        config(
+            tmp_path,
+            url,
+            """
+        m:
+          - {provider: up, model: flaky-one}
+          - {provider: up, model: other, weight: 0.0001}
+    """,
+            extra="resilience: {read_attempts: 3, backoff_seconds: 0.01}",
+        )
+    )
+    fake.behaviour["flaky-one"] = "flaky:2"
+    _, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"}, headers={"x-fault": "ok"})
+    status, body = await get(gw, f"/v1/videos/{video['id']}")
+    assert status == 200 and body["status"] == "completed"
+    assert len(fake.hits_for("flaky-one", "GET")) == 3 and not fake.hits_for("other", "GET")
+
+    fake.behaviour["flaky-one"] = "flaky:5"
+    _, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"}, headers={"x-fault": "ok"})
+    status, body = await get(gw, f"/v1/videos/{video['id']}")
+    assert status == 503 and body["error"]["message"].startswith("Upstream error (HTTP 503)")
+    assert fake.retrieves[list(fake.jobs)[-1]] == 3, "three attempts, then the error is passed on"
+
+
+async def test_bulkhead_sheds_with_retry_after(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    fake.behaviour["narrow"] = "delay:0.5"
+    gw = await start_gateway(
+        config(
+            tmp_path,
+            url,
+            """
+        m:
+          - {provider: up, model: narrow, max_concurrent_uploads: 1}
+    """,
+        )
+    )
+    first = asyncio.create_task(post(gw, "/v1/videos", json={"prompt": "x", "model": "m"}))
+    await asyncio.sleep(0.2)
+    status, headers, body = await post(gw, "/v1/videos", json={"prompt": "y", "model": "m"})
+    assert status == 503 and headers["Retry-After"] == "1" and body["error"]["code"] == "upstream_busy"
+    assert (await first)[0] == 200
+
+
+async def test_per_key_limits_spare_polls(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    text = config(
+        tmp_path,
+        url,
+        """
+        fast:
+          - {provider: up, model: fast}
+        slow:
+          - {provider: local}
+    """,
+        beta="""
+        limits: {creates_per_minute: 3, max_in_progress: 2}
+    """,
+    )
+    gw = await start_gateway(text)
+    beta = {"Authorization": f"Bearer {BETA_KEY}"}
+    created = []
+    for _ in range(2):
+        status, headers, video = await post(
+            gw, "/v1/videos", json={"prompt": "x", "model": "slow", "size": "320x240"}, headers=beta
+        )
+        assert status == 200
+        created.append(video["id"])
+    assert headers["x-ratelimit-limit-requests"] == "3" and headers["x-ratelimit-remaining-requests"] == "1"
+
+    status, headers, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "fast"}, headers=beta)
+    assert (
+        status == 429 and body["error"]["code"] == "too_many_in_progress" and int(headers["Retry-After"]) >= 1
+    )
+
+    for _ in range(10):
+        assert (await get(gw, f"/v1/videos/{created[0]}", beta))[0] == 200
+        assert (await get(gw, "/v1/videos", beta))[0] == 200
+
+    async with aiohttp.ClientSession() as session:
+        await (await session.delete(f"{gw.url}/v1/videos/{created[0]}", headers=beta)).read()
+    status, _, _ = await post(gw, "/v1/videos", json={"prompt": "x", "model": "fast"}, headers=beta)
+    assert status == 200
+    status, headers, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "fast"}, headers=beta)
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert headers["x-ratelimit-remaining-requests"] == "0" and 1 <= int(headers["Retry-After"]) <= 60
+
+    assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "fast"}))[0] == 200, (
+        "alpha is unlimited"
+    )
+
+
+async def test_in_progress_cap_survives_a_restart(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    _, url = faulty
+    text = config(
+        tmp_path,
+        url,
+        """
+        slow:
+          - {provider: local}
+    """,
+        beta="""
+        limits: {max_in_progress: 1}
+    """,
+    )
+    beta = {"Authorization": f"Bearer {BETA_KEY}"}
+    first = await start_gateway(text)
+    assert (
+        await post(
+            first, "/v1/videos", json={"prompt": "x", "model": "slow", "size": "320x240"}, headers=beta
+        )
+    )[0] == 200
+    await first.server.close()
+    second = await start_gateway(text)
+    status, _, body = await post(
+        second, "/v1/videos", json={"prompt": "x", "model": "slow", "size": "320x240"}, headers=beta
+    )
+    assert status == 429 and body["error"]["code"] == "too_many_in_progress"
