@@ -187,7 +187,7 @@ async def test_no_failover_once_the_upstream_may_have_the_job(
     """,
         )
     )
-    status, headers, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    status, headers, _body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
     assert status == 504 and headers["x-should-retry"] == "false"
     assert fake.hits_for("secondary") == [] and len(fake.hits_for("primary")) == 1
 
@@ -214,7 +214,7 @@ async def test_ejection_then_probe_and_recovery(
     for _ in range(2):
         assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
     assert len(fake.hits_for("primary")) == 2
-    status, state = await get(gw, "/admin/deployments", ADMIN)
+    _, state = await get(gw, "/admin/deployments", ADMIN)
     rows = {row["deployment"]: row for row in state["deployments"]}
     assert rows["up/primary"]["state"] == "ejected" and rows["up/primary"]["ejections"] == 1
 
@@ -226,7 +226,7 @@ async def test_ejection_then_probe_and_recovery(
     await asyncio.sleep(0.6)
     assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
     assert len(fake.hits_for("primary")) == 3, "the first create after the ejection probes it"
-    status, state = await get(gw, "/admin/deployments", ADMIN)
+    _status, state = await get(gw, "/admin/deployments", ADMIN)
     assert {r["deployment"]: r for r in state["deployments"]}["up/primary"]["state"] == "healthy"
 
     fake.behaviour["primary"] = "status:500"
@@ -292,7 +292,7 @@ async def test_bulkhead_sheds_with_retry_after(
 async def test_per_key_limits_spare_polls(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
-    fake, url = faulty
+    _fake, url = faulty
     text = config(
         tmp_path,
         url,
