@@ -36,8 +36,10 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
     request[REQUEST_ID] = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(16)
     request[STARTED] = started = time.perf_counter()
     route = _route(request)
+    gw = request.app[GATEWAY]
     in_flight = metrics.HTTP_IN_FLIGHT.labels(route)
     in_flight.inc()
+    gw.in_flight += 1
     response: web.StreamResponse = _CLIENT_GONE
     try:
         try:
@@ -55,6 +57,7 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
         return response
     finally:
         in_flight.dec()
+        gw.in_flight -= 1
         _observe(request, response, route, time.perf_counter() - started)
 
 
@@ -142,6 +145,8 @@ async def auth_middleware(request: web.Request, handler: web.Handler) -> web.Str
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``x-request-id`` and the gateway's own time so far, on every answer as it starts."""
     response.headers["x-request-id"] = request.get(REQUEST_ID, "")
+    if request.app[GATEWAY].draining:
+        response.force_close()
     started = request.get(STARTED)
     if started is not None:
         call = request.get(CALL)

@@ -24,9 +24,7 @@ from gateway.state import GATEWAY
 
 async def serve(config: GatewayConfig, config_path: Path | None, host: str, port: int) -> None:
     app = build_app(config, config_path=config_path)
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.drain_seconds
-    )
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -38,21 +36,28 @@ async def serve(config: GatewayConfig, config_path: Path | None, host: str, port
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app[RELOADER].reload("SIGHUP")))
     watchdog = loop.create_task(_close_slow_headers(runner, config.limits.header_timeout))
+    gw = app[GATEWAY]
     try:
         await stop.wait()
-        app[GATEWAY].draining = True
+        gw.draining = True
         log.info(
             "draining",
             delay_seconds=config.drain_delay_seconds,
             drain_seconds=config.drain_seconds,
-            in_flight=len(runner.server.connections) if runner.server else 0,
+            in_flight=gw.in_flight,
         )
         await asyncio.sleep(config.drain_delay_seconds)
+        await site.stop()
+        started = time.monotonic()
+        # aiohttp's own shutdown stops reading request bodies at once, which would cut off uploads in
+        # flight: wait for them here first, and let runner.cleanup() only sweep what is left.
+        while gw.in_flight and time.monotonic() - started < config.drain_seconds:
+            await asyncio.sleep(0.05)
+        log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=gw.in_flight)
     finally:
         watchdog.cancel()
-        started = time.monotonic()
         await runner.cleanup()
-        log.info("stopped", drained_seconds=round(time.monotonic() - started, 3))
+        log.info("stopped")
 
 
 async def _close_slow_headers(runner: web.AppRunner, timeout: float) -> None:

@@ -21,6 +21,7 @@ class Gateway:
     limiter: KeyLimiter = field(default_factory=KeyLimiter)
     bulkheads: Bulkheads = field(default_factory=Bulkheads)
     draining: bool = False
+    in_flight: int = 0
     table: RoutingTable = field(init=False)
     store: TaskStore = field(init=False)
 
