@@ -17,7 +17,10 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from gateway import metrics
+from gateway.api import FAILOVERS, READ_RETRIES
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.health import EJECTED, EJECTIONS
+from gateway.limits import BULKHEAD_REJECTED, RATE_LIMITED
 from gateway.logs import log, register_secrets
 from gateway.providers import ADAPTERS, Adapter
 from gateway.providers.base import AdapterEnv
@@ -55,6 +58,7 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
         if adapters.get(name) is not adapter:
             asyncio.get_running_loop().create_task(adapter.close_when_idle())
     retired = {name: adapter for name, adapter in old.items() if name not in adapters}
+    _prime_resilience(config)
     metrics.prime(
         {
             name: [(d.name, d.model) for ds in config.models.values() for d in ds if d.provider == name]
@@ -62,6 +66,20 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
         }
     )
     return RoutingTable(config, adapters, gw.health, retired)
+
+
+def _prime_resilience(config: GatewayConfig) -> None:
+    """Zero series for the resilience counters, so their panels read 0 rather than "no data"."""
+    for model, deployments in config.models.items():
+        FAILOVERS.labels(model)
+        for d in deployments:
+            EJECTIONS.labels(d.name)
+            EJECTED.labels(d.name)
+            READ_RETRIES.labels(d.provider)
+            for kind in ("requests", "uploads"):
+                BULKHEAD_REJECTED.labels(d.name, kind)
+    for limit in ("creates_per_minute", "max_in_progress"):
+        RATE_LIMITED.labels(limit)
 
 
 class Reloader:

@@ -223,7 +223,8 @@ class Adapter:
                 call.upstream_seconds += waited
                 metrics.UPSTREAM_DURATION.labels(provider, call.deployment.model).observe(waited)
                 if response.status >= 400:
-                    self.count_error("5xx" if response.status >= 500 else "4xx")
+                    call.upstream_error = "5xx" if response.status >= 500 else "4xx"
+                    self.count_error(call.upstream_error)
                 call.outcome("5xx" if response.status >= 500 else None)
                 started = time.perf_counter()
                 yield response
@@ -262,6 +263,7 @@ class Adapter:
         if body is not None and body.failure is not None:
             return body.failure
         self.count_error(kind)
+        call.upstream_error = kind
         call.outcome(kind)
         headers = {"x-should-retry": "false"} if sent and kind in ("timeout", "reset") else {}
         return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent, headers=headers)
