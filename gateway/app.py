@@ -20,6 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID, STARTED, TABLE
 from gateway.errors import ApiError
 from gateway.health import HealthBoard
+from gateway.hosted import HostedFiles
 from gateway.logs import log
 from gateway.reload import Reloader, build_table
 from gateway.state import GATEWAY, Gateway
@@ -230,6 +231,13 @@ def _admin(request: web.Request) -> Gateway:
 RELOADER = web.AppKey("reloader", Reloader)
 
 
+def _hosted(config: GatewayConfig) -> HostedFiles | None:
+    if config.public_base_url is None:
+        return None
+    key = config.signing_key.encode() if config.signing_key else secrets.token_bytes(32)
+    return HostedFiles(config.data_dir / "hosted", config.public_base_url, key)
+
+
 def build_app(
     config: GatewayConfig, *, store: TaskStore | None = None, config_path: Path | None = None
 ) -> web.Application:
@@ -239,12 +247,14 @@ def build_app(
         middlewares=[envelope_middleware, auth_middleware], handler_args={"max_field_size": 16384}
     )
     app.on_response_prepare.append(_stamp_headers)
-    state = app[GATEWAY] = Gateway(HealthBoard(config.resilience))
+    state = app[GATEWAY] = Gateway(HealthBoard(config.resilience), hosted=_hosted(config))
     reloader = app[RELOADER] = Reloader(state, config_path)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/admin/deployments", admin_deployments)
     app.router.add_post("/admin/reload", admin_reload)
+    if state.hosted is not None:
+        app.router.add_get("/files/{name}", state.hosted.handle)
     if config.metrics_path is not None:
         app.router.add_get(config.metrics_path, metrics.metrics_handler(config.metrics_key))
     for prefix in API_PREFIXES:

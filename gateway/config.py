@@ -116,6 +116,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     public_base_url: str | None = None
+    signing_key: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".video-gateway")
     store_path: Path = Path(".video-gateway/gateway.sqlite3")
     default_model: str | None = None
@@ -186,7 +187,16 @@ def schema() -> dict[str, Any]:
                 "properties": {
                     "host": {"type": "string"},
                     "port": {"type": "integer", "minimum": 0, "maximum": 65535},
-                    "public_base_url": {"type": "string", "pattern": "^https?://"},
+                    "public_base_url": {
+                        "type": "string",
+                        "pattern": "^https?://",
+                        "description": "How providers reach this gateway (signed image URLs for Luma).",
+                    },
+                    "signing_key": {
+                        "type": "string",
+                        "minLength": 16,
+                        "description": "Key for signed URLs; set it so they survive restarts and replicas.",
+                    },
                     "drain_seconds": {
                         "type": "number",
                         "minimum": 0,
@@ -482,6 +492,7 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
         host=server.get("host", "127.0.0.1"),
         port=server.get("port", 8080),
         public_base_url=server.get("public_base_url"),
+        signing_key=server.get("signing_key"),
         data_dir=data_dir,
         store_path=Path(store["path"]) if "path" in store else data_dir / "gateway.sqlite3",
         default_model=default_model,

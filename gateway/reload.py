@@ -35,7 +35,7 @@ LAST_SUCCESS = Gauge(
 for _result in ("success", "failure"):
     RELOADS.labels(_result)
 
-_RESTART_ONLY = ("host", "port", "data_dir", "store_path", "metrics_path")
+_RESTART_ONLY = ("host", "port", "data_dir", "store_path", "metrics_path", "public_base_url", "signing_key")
 
 
 async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable | None) -> RoutingTable:
@@ -43,7 +43,7 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
     register_secrets(p.api_key for p in config.providers.values())
     register_secrets(v for p in config.providers.values() for v in p.headers.values())
     register_secrets([config.metrics_key, config.admin_key])
-    env = AdapterEnv(data_dir=config.data_dir, public_base_url=config.public_base_url)
+    env = AdapterEnv(data_dir=config.data_dir, hosted=gw.hosted)
     old = previous.all_adapters() if previous is not None else {}
     adapters: dict[str, Adapter] = {}
     for name, provider in config.providers.items():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.health import HealthBoard
+from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads, KeyLimiter
 from gateway.routing import RoutingTable
 from gateway.store import TaskStore
@@ -20,6 +21,7 @@ class Gateway:
     health: HealthBoard
     limiter: KeyLimiter = field(default_factory=KeyLimiter)
     bulkheads: Bulkheads = field(default_factory=Bulkheads)
+    hosted: HostedFiles | None = None
     draining: bool = False
     in_flight: int = 0
     table: RoutingTable = field(init=False)

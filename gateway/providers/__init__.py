@@ -1,9 +1,30 @@
-"""Provider adapters, one module each; ``ADAPTERS`` maps a config ``kind`` to its class."""
+"""Provider adapters, one module each; ``ADAPTERS`` maps a config ``kind`` to its class.
+
+A new provider is one module in this package defining an :class:`Adapter` subclass with a ``kind``;
+it is found here, so the config accepts that kind without any other change.
+"""
+
+import importlib
+import pkgutil
 
 from gateway.providers.base import Adapter
-from gateway.providers.local import LocalAdapter
-from gateway.providers.openai import OpenAIAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {adapter.kind: adapter for adapter in (OpenAIAdapter, LocalAdapter)}
+_SHARED = {"base", "native"}
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SHARED:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _concrete(cls: type[Adapter]) -> list[type[Adapter]]:
+    found = []
+    for sub in cls.__subclasses__():
+        if "kind" in sub.__dict__:
+            found.append(sub)
+        found.extend(_concrete(sub))
+    return found
+
+
+ADAPTERS: dict[str, type[Adapter]] = {adapter.kind: adapter for adapter in _concrete(Adapter)}
 
 __all__ = ["ADAPTERS", "Adapter"]

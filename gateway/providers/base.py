@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -31,7 +31,10 @@ from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.store import Task
 
-MAX_JSON_ANSWER = 8 * 1024 * 1024
+if TYPE_CHECKING:
+    from gateway.hosted import HostedFiles
+
+MAX_JSON_ANSWER = 64 * 1024 * 1024  # Vertex answers carry whole videos inline
 CHUNK = 256 * 1024
 
 
@@ -67,7 +70,7 @@ class AdapterEnv:
     """What the gateway lends every adapter."""
 
     data_dir: Path
-    public_base_url: str | None = None
+    hosted: HostedFiles | None = None
 
 
 class FileAnswer(web.FileResponse):
@@ -271,11 +274,17 @@ class Adapter:
     def count_error(self, kind: str) -> None:
         metrics.UPSTREAM_ERRORS.labels(self.config.name, kind).inc()
 
+    def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
+        """A provider's refusal as our envelope; adapters with their own error format override this."""
+        return error_from_upstream(status, headers, raw)
+
     async def read_json(self, response: aiohttp.ClientResponse) -> Any:
         """The upstream's JSON answer; raise the right error for a refusal or a non-JSON answer."""
         raw = await read_limited(response, MAX_JSON_ANSWER)
         if response.status >= 400:
-            raise error_from_upstream(response.status, response.headers, raw)
+            raise self.provider_error(response.status, response.headers, raw)
+        if not raw.strip():
+            return {}
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -284,7 +293,9 @@ class Adapter:
                 502, "Upstream error: the provider answered with something that is not JSON.", kind="payload"
             ) from None
 
-    async def relay(self, call: Call, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def relay(
+        self, call: Call, upstream: aiohttp.ClientResponse, default_content_type: str | None = None
+    ) -> web.StreamResponse:
         """Stream a media answer to the client: status, content headers and bytes, nothing else.
 
         Once the first byte went out, an upstream failure can only cut the client's connection.
@@ -293,6 +304,11 @@ class Adapter:
         for name in CONTENT_RESPONSE_HEADERS:
             if name in upstream.headers:
                 response.headers[name] = upstream.headers[name]
+        generic = upstream.headers.get("Content-Type", "application/octet-stream").startswith(
+            "application/octet"
+        )
+        if default_content_type and generic:
+            response.headers["Content-Type"] = default_content_type
         if upstream.content_length is not None and "Content-Length" in upstream.headers:
             response.content_length = upstream.content_length
         await response.prepare(call.request)

@@ -1,0 +1,63 @@
+"""Short-lived signed URLs for uploaded images, for providers that only take image URLs (Luma).
+
+An image is written under ``<data_dir>/hosted`` and served at
+``<public_base_url>/files/<name>?expires=<unix>&sig=<hmac>``. The signature covers the name and the
+expiry, so a URL cannot be extended or pointed at another file; expired files are swept lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.errors import ApiError
+from gateway.providers.base import FileAnswer
+
+_NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp|bin)$")
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+
+class HostedFiles:
+    def __init__(self, root: Path, public_base_url: str, key: bytes, ttl_seconds: float = 3600) -> None:
+        self.root = root
+        self.public_base_url = public_base_url.rstrip("/")
+        self._key = key
+        self.ttl_seconds = ttl_seconds
+
+    def _sign(self, name: str, expires: int) -> str:
+        return hmac.new(self._key, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+    async def put(self, data: bytes, mime: str) -> str:
+        """Store ``data`` and return a signed URL that works for ``ttl_seconds``."""
+        name = f"{secrets.token_hex(16)}.{_EXTENSIONS.get(mime, 'bin')}"
+        expires = int(time.time() + self.ttl_seconds)
+        await asyncio.to_thread(self._write, name, data)
+        return f"{self.public_base_url}/files/{name}?expires={expires}&sig={self._sign(name, expires)}"
+
+    def _write(self, name: str, data: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - 2 * self.ttl_seconds
+        for old in self.root.iterdir():
+            if old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
+        (self.root / name).write_bytes(data)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        expires = request.query.get("expires", "")
+        sig = request.query.get("sig", "")
+        valid = (
+            _NAME.match(name)
+            and expires.isdigit()
+            and hmac.compare_digest(sig, self._sign(name, int(expires)))
+        )
+        if not valid or int(expires) < time.time() or not (self.root / name).is_file():
+            raise ApiError(404, "No such file, or its link has expired.", code="not_found")
+        return FileAnswer(self.root / name)

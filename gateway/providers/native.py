@@ -1,0 +1,321 @@
+"""What adapters for providers with their own (non-OpenAI) API share.
+
+- :class:`ModelSpec`: what one upstream model accepts, in OpenAI terms: each supported ``size`` and
+  ``seconds`` with its native value. Anything else is refused with a 400 that lists the allowed
+  values; nothing is snapped silently.
+- :meth:`NativeAdapter.parse_create`: the client's create, validated against the model's spec.
+- :class:`ImageInput`: ``input_reference`` as bytes (upload or data URL) or as a URL.
+- :meth:`NativeAdapter.stream_result`: a provider's result URL streamed to the client, following
+  redirects only to the provider's result hosts; a gone result becomes 410, never a 500.
+- :func:`synthetic_progress`: progress for providers that report none, rising with time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from yarl import URL
+
+from gateway.bodies import RequestBody
+from gateway.errors import ApiError, UpstreamError, bad_request
+from gateway.providers.base import Adapter, Call, read_limited
+from gateway.providers.local import validate_prompt
+
+MAX_INLINE_IMAGE = 20 * 1024 * 1024
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one upstream model accepts.
+
+    sizes            OpenAI ``size`` → the native value(s) (e.g. ``{"aspectRatio": "16:9", ...}``)
+    seconds          OpenAI ``seconds`` → the native duration value
+    image_input      accepts ``input_reference``
+    text_input       accepts a create without an image (False: image-to-video only)
+    extra_params     extra request fields (``extra_body``) passed through unchanged
+    expected_seconds typical generation time, for synthesised progress
+    """
+
+    sizes: Mapping[str, Any]
+    seconds: Mapping[str, Any]
+    default_size: str
+    default_seconds: str
+    image_input: bool = True
+    text_input: bool = True
+    extra_params: frozenset[str] = frozenset()
+    expected_seconds: float = 90.0
+
+
+@dataclass
+class ImageInput:
+    """An ``input_reference``: the image itself, or a URL the client gave."""
+
+    data: bytes | None = None
+    mime: str = "image/png"
+    url: str | None = None
+
+    def base64(self) -> str:
+        assert self.data is not None
+        return base64.b64encode(self.data).decode()
+
+    def data_uri(self) -> str:
+        return self.url if self.data is None and self.url else f"data:{self.mime};base64,{self.base64()}"
+
+
+@dataclass
+class CreateRequest:
+    """A validated create: OpenAI values and the model's native ones."""
+
+    prompt: str
+    size: str
+    seconds: str
+    native_size: Any
+    native_seconds: Any
+    image: ImageInput | None
+    spec: ModelSpec
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def seed(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "size": self.size, "seconds": self.seconds}
+
+
+def synthetic_progress(started_at: float, expected_seconds: float, now: float | None = None) -> int:
+    """1..95, rising with the time since ``started_at``; never 100 before the provider says done."""
+    elapsed = (time.time() if now is None else now) - started_at
+    return max(1, min(95, int(95 * elapsed / max(1.0, expected_seconds))))
+
+
+async def image_input(body: RequestBody) -> ImageInput | None:
+    """``input_reference`` as an upload, a data URL, or an http(s) URL (never fetched here)."""
+    upload = body.files.get("input_reference")
+    if upload is not None:
+        data = await upload.read()
+        if not data:
+            raise bad_request("input_reference is an empty file.", param="input_reference")
+        mime = upload.content_type if upload.content_type.startswith("image/") else _sniff(data)
+        return ImageInput(data=data, mime=mime)
+    ref = body.get_object("input_reference")
+    url = ref.get("image_url") if ref else body.get("input_reference")
+    if ref and ref.get("file_id"):
+        raise bad_request(
+            "input_reference.file_id is not supported by this gateway; upload the image instead.",
+            param="input_reference",
+        )
+    if not isinstance(url, str) or not url:
+        return None
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request(
+                "input_reference.image_url is not valid base64 data.", param="input_reference"
+            ) from None
+        return ImageInput(data=data, mime=head[5:].split(";")[0] or _sniff(data))
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise bad_request(
+            "input_reference.image_url must be an https URL or a data URL.", param="input_reference"
+        )
+    return ImageInput(url=url)
+
+
+def _sniff(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def _allowed(values: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(values, key=lambda v: (len(v), v)))
+
+
+class NativeAdapter(Adapter):
+    """Base of adapters that translate to a provider's own API.
+
+    Subclasses declare ``models`` (upstream model name → :class:`ModelSpec`); ``default_spec``, when
+    set, serves upstream model names the adapter does not list.
+    """
+
+    models: ClassVar[Mapping[str, ModelSpec]] = {}
+    default_spec: ClassVar[ModelSpec | None] = None
+    default_result_hosts: ClassVar[tuple[str, ...]] = ()
+
+    def spec(self, upstream_model: str) -> ModelSpec:
+        spec = self.models.get(upstream_model, self.default_spec)
+        if spec is None:
+            raise ApiError(
+                400,
+                f"The {self.kind} provider does not know the model '{upstream_model}' "
+                f"(known: {', '.join(sorted(self.models))}); fix the gateway's routing config.",
+                param="model",
+                code="unsupported_model",
+            )
+        return spec
+
+    async def parse_create(self, call: Call, body: RequestBody) -> CreateRequest:
+        await body.read_rest()
+        spec = self.spec(call.deployment.upstream_model)
+        size = str(body.get("size") or spec.default_size)
+        if size not in spec.sizes:
+            raise bad_request(
+                f"size '{size}' is not supported by model '{call.deployment.model}'; "
+                f"supported sizes: {_allowed(spec.sizes)}.",
+                param="size",
+                code="unsupported_value",
+            )
+        seconds = str(body.get("seconds") or spec.default_seconds)
+        if seconds not in spec.seconds:
+            raise bad_request(
+                f"seconds '{seconds}' is not supported by model '{call.deployment.model}'; "
+                f"supported values: {_allowed(spec.seconds)}.",
+                param="seconds",
+                code="unsupported_value",
+            )
+        image = await image_input(body)
+        if image is not None and not spec.image_input:
+            raise bad_request(
+                f"Model '{call.deployment.model}' does not take an input_reference image.",
+                param="input_reference",
+                code="unsupported_value",
+            )
+        if image is None and not spec.text_input:
+            raise bad_request(
+                f"Model '{call.deployment.model}' needs an input_reference image.",
+                param="input_reference",
+                code="missing_required_parameter",
+            )
+        if image is not None and image.data is not None and len(image.data) > MAX_INLINE_IMAGE:
+            raise ApiError(
+                413,
+                "input_reference is larger than 20 MiB.",
+                param="input_reference",
+                code="request_too_large",
+            )
+        extras = {name: _field(body, name) for name in spec.extra_params if body.get(name) is not None}
+        return CreateRequest(
+            prompt=validate_prompt(body.get("prompt")),
+            size=size,
+            seconds=seconds,
+            native_size=spec.sizes[size],
+            native_seconds=spec.seconds[seconds],
+            image=image,
+            spec=spec,
+            extras=extras,
+        )
+
+    async def call_json(
+        self,
+        call: Call,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """One JSON request to the provider; its errors mapped to the OpenAI envelope."""
+        sent = self.upstream_headers(call, forward_client=False)
+        sent["Accept"] = "application/json"
+        sent["Accept-Encoding"] = "identity"
+        sent.update(headers or {})
+        data = None
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+            sent["Content-Type"] = "application/json"
+        async with self.send(call, method, url, headers=sent, data=data) as response:
+            return await self.read_json(response)
+
+    def result_host_allowed(self, url: str) -> bool:
+        host = urlsplit(url).hostname or ""
+        hosts = (*self.default_result_hosts, *self.config.result_hosts)
+        return (
+            super().result_host_allowed(url)
+            or host in hosts
+            or any(h.startswith(".") and host.endswith(h) for h in hosts)
+        )
+
+    async def stream_result(
+        self,
+        call: Call,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content_type: str = "video/mp4",
+    ) -> web.StreamResponse:
+        """Stream a result file to the client (Range passed on); the URL never reaches the client."""
+        sent: dict[str, str] = dict(headers or {})
+        for name in ("Range", "If-Range"):
+            if name in call.request.headers:
+                sent[name] = call.request.headers[name]
+        sent.setdefault("Accept-Encoding", "identity")
+        for _ in range(4):
+            if not self.result_host_allowed(url):
+                raise UpstreamError(
+                    502,
+                    "Upstream error: the provider's result is on a host this gateway does not "
+                    "trust; add it to the provider's result_hosts.",
+                    kind="payload",
+                )
+            async with self.send(call, "GET", url, headers=sent, streaming=True) as response:
+                if response.status in _REDIRECTS and "Location" in response.headers:
+                    url = str(response.url.join(URL(response.headers["Location"])))
+                    sent = {
+                        k: v for k, v in sent.items() if k.lower() not in ("authorization", "x-goog-api-key")
+                    }
+                    continue
+                if response.status in (403, 404, 410):
+                    raise expired_result()
+                if response.status >= 400:
+                    raise self.provider_error(
+                        response.status, response.headers, await read_limited(response, 65536)
+                    )
+                return await self.relay(call, response, default_content_type=content_type)
+        raise UpstreamError(502, "Upstream error: too many redirects for the result.", kind="payload")
+
+
+def expired_result() -> ApiError:
+    return ApiError(
+        410,
+        "The provider no longer has this video's content: its result has expired.",
+        type="invalid_request_error",
+        code="video_expired",
+    )
+
+
+def not_offered(variant: str, kind: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The {kind} provider offers no '{variant}' for videos; only 'video' is available.",
+        param="variant",
+        code="variant_not_available",
+    )
+
+
+def field_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _field(body: RequestBody, name: str) -> Any:
+    """An extra parameter: JSON values as given, form values parsed as JSON when they look like it."""
+    value = body.get(name)
+    if body.kind == "multipart" and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
