@@ -112,6 +112,7 @@ class Adapter:
     """Base class of every provider adapter; see the module docstring."""
 
     kind: ClassVar[str]
+    default_base_url: ClassVar[str | None] = None
     required_fields: ClassVar[tuple[str, ...]] = ()
     options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
 
@@ -120,6 +121,13 @@ class Adapter:
         self.env = env
         self._session: aiohttp.ClientSession | None = None
         self.in_flight = 0
+
+    @property
+    def base_url(self) -> str:
+        """The provider's API root: the config's ``base_url``, else the adapter's public default."""
+        url = self.config.base_url or self.default_base_url
+        assert url is not None, "the config schema requires base_url for this kind"
+        return url.rstrip("/")
 
     async def start(self) -> None:
         """Open connection pools; called once before the first request."""
@@ -329,7 +337,10 @@ class Adapter:
     def result_host_allowed(self, url: str) -> bool:
         """Redirects for content are followed only to the provider's own or declared result hosts."""
         host = urlsplit(url).hostname or ""
-        allowed = {urlsplit(self.config.base_url or "").hostname, *self.config.result_hosts}
+        allowed = {
+            urlsplit(self.config.base_url or self.default_base_url or "").hostname,
+            *self.config.result_hosts,
+        }
         return host in allowed or any(
             h.startswith(".") and host.endswith(h) for h in self.config.result_hosts
         )

@@ -32,7 +32,7 @@ class OpenAIAdapter(Adapter):
     required_fields = ("base_url",)
 
     def _url(self, *parts: str) -> str:
-        return "/".join([f"{self.config.base_url}/videos", *(quote(p, safe="") for p in parts)])
+        return "/".join([f"{self.base_url}/videos", *(quote(p, safe="") for p in parts)])
 
     async def _post(self, call: Call, url: str, body: RequestBody, replace: dict[str, str]) -> Any:
         """POST a client body on; the parsed JSON answer, or the open event stream."""

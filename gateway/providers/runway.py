@@ -1,0 +1,164 @@
+"""Runway (api.dev.runwayml.com): text-to-video and image-to-video tasks.
+
+Wire format (runwayml/sdk-python, see the provider reference §c):
+- ``Authorization: Bearer <key>`` and the required ``X-Runway-Version`` header;
+- ``POST /v1/text_to_video`` or ``/v1/image_to_video`` with ``{model, promptText, ratio, duration,
+  promptImage?}``, answered ``{id}``; ``ratio`` is a pixel ratio such as ``"1280:720"``;
+- ``GET /v1/tasks/{id}``: ``PENDING | THROTTLED | RUNNING (progress 0–1) | SUCCEEDED (output: [url])
+  | FAILED (failure, failureCode) | CANCELLED``; ``DELETE /v1/tasks/{id}`` cancels or deletes;
+- output URLs expire within 24–48 h: the task is fetched again for a fresh one on every download.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway.bodies import RequestBody
+from gateway.errors import ApiError, UpstreamError
+from gateway.providers.base import Call, UpstreamVideo
+from gateway.providers.native import ModelSpec, NativeAdapter, not_offered
+from gateway.store import Task
+
+API_VERSION = "2024-11-06"
+MAX_DATA_URI_IMAGE = 5 * 1024 * 1024
+
+
+def _ratios(*sizes: str) -> dict[str, str]:
+    return {size: size.replace("x", ":") for size in sizes}
+
+
+def _durations(*seconds: int) -> dict[str, int]:
+    return {str(s): s for s in seconds}
+
+
+_EXTRAS = frozenset({"seed", "contentModeration"})
+
+MODELS = {
+    "gen4.5": ModelSpec(
+        sizes=_ratios("1280x720", "720x1280"),
+        seconds=_durations(*range(2, 11)),
+        default_size="1280x720",
+        default_seconds="5",
+        extra_params=_EXTRAS,
+        expected_seconds=60,
+    ),
+    "gen4_turbo": ModelSpec(
+        sizes=_ratios("1280x720", "720x1280", "1104x832", "832x1104", "960x960", "1584x672"),
+        seconds=_durations(5, 10),
+        default_size="1280x720",
+        default_seconds="5",
+        text_input=False,
+        extra_params=_EXTRAS,
+        expected_seconds=40,
+    ),
+    "veo3.1": ModelSpec(
+        sizes=_ratios("1280x720", "720x1280", "1920x1080", "1080x1920"),
+        seconds=_durations(4, 6, 8),
+        default_size="1280x720",
+        default_seconds="8",
+        extra_params=_EXTRAS | {"audio"},
+        expected_seconds=90,
+    ),
+    "veo3.1_fast": ModelSpec(
+        sizes=_ratios("1280x720", "720x1280", "1920x1080", "1080x1920"),
+        seconds=_durations(4, 6, 8),
+        default_size="1280x720",
+        default_seconds="8",
+        extra_params=_EXTRAS | {"audio"},
+        expected_seconds=45,
+    ),
+    "veo3": ModelSpec(
+        sizes=_ratios("1280x720", "720x1280", "1920x1080", "1080x1920"),
+        seconds=_durations(8),
+        default_size="1280x720",
+        default_seconds="8",
+        extra_params=_EXTRAS,
+        expected_seconds=90,
+    ),
+}
+
+
+class RunwayAdapter(NativeAdapter):
+    kind = "runway"
+    default_base_url = "https://api.dev.runwayml.com"
+    required_fields = ("api_key",)
+    default_result_hosts = (".cloudfront.net", ".runwayml.com")
+    models = MODELS
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "api_version": {"type": "string", "description": f"X-Runway-Version (default {API_VERSION})"}
+        },
+    }
+
+    def auth_headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.config.api_key}",
+            "X-Runway-Version": str(self.config.options.get("api_version", API_VERSION)),
+        }
+
+    async def create(self, call: Call, body: RequestBody) -> UpstreamVideo:
+        request = await self.parse_create(call, body)
+        payload: dict[str, Any] = {
+            "model": call.deployment.upstream_model,
+            "promptText": request.prompt,
+            "ratio": request.native_size,
+            "duration": request.native_seconds,
+            **request.extras,
+        }
+        endpoint = "text_to_video"
+        if request.image is not None:
+            if request.image.data is not None and len(request.image.data) > MAX_DATA_URI_IMAGE:
+                raise ApiError(
+                    413,
+                    "Runway takes input_reference images up to 5 MiB.",
+                    param="input_reference",
+                    code="request_too_large",
+                )
+            payload["promptImage"] = request.image.data_uri()
+            endpoint = "image_to_video"
+        answer = await self.call_json(call, "POST", f"{self.base_url}/v1/{endpoint}", json_body=payload)
+        if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
+            raise UpstreamError(502, "Upstream error: Runway's answer has no task id.", kind="payload")
+        return UpstreamVideo(answer["id"], {"status": "queued", "progress": 0, **request.seed()})
+
+    async def _task(self, call: Call, task_id: str) -> dict[str, Any]:
+        answer = await self.call_json(call, "GET", f"{self.base_url}/v1/tasks/{task_id}")
+        if not isinstance(answer, dict) or "status" not in answer:
+            raise UpstreamError(502, "Upstream error: Runway's task answer has no status.", kind="payload")
+        return answer
+
+    async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
+        answer = await self._task(call, task.upstream_id)
+        status = str(answer["status"]).lower()
+        fields: dict[str, Any] = {"status": status}
+        progress = answer.get("progress")
+        if isinstance(progress, int | float):
+            fields["progress"] = round(progress * 100)
+        if status == "failed":
+            fields["error"] = {
+                "code": answer.get("failureCode") or "generation_failed",
+                "message": answer.get("failure") or "Runway could not generate this video.",
+            }
+        elif status == "cancelled":
+            fields["error"] = {"code": "cancelled", "message": "The task was cancelled or deleted at Runway."}
+        return UpstreamVideo(task.upstream_id, fields)
+
+    async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
+        if variant != "video":
+            raise not_offered(variant, self.kind)
+        answer = await self._task(call, task.upstream_id)
+        output = answer.get("output")
+        if not isinstance(output, list) or not output or not isinstance(output[0], str):
+            raise ApiError(410, "Runway no longer has this video's output.", code="video_expired")
+        return await self.stream_result(call, output[0])
+
+    async def delete(self, call: Call, task: Task) -> None:
+        try:
+            await self.call_json(call, "DELETE", f"{self.base_url}/v1/tasks/{task.upstream_id}")
+        except UpstreamError as exc:
+            if exc.upstream_status != 404:
+                raise

@@ -1,0 +1,105 @@
+"""A fake Runway API (api.dev.runwayml.com), from runwayml/sdk-python as summarised in the reference §c.
+
+- auth: ``Authorization: Bearer <key>`` (401 otherwise) and ``X-Runway-Version: 2024-11-06`` (400 if missing);
+- ``POST /v1/text_to_video`` / ``/v1/image_to_video``: ``{model, promptText, ratio, duration, promptImage}`` →
+  ``{"id": <uuid>}``; a daily-cap refusal is HTTP 429;
+- ``GET /v1/tasks/{id}``: status moves one step per poll ``PENDING → THROTTLED → RUNNING (progress 0.4)
+  → SUCCEEDED (output: [url])``; prompts with ``[fail]`` end ``FAILED`` with ``failureCode``,
+  ``[cancel]`` ends ``CANCELLED``;
+- ``DELETE /v1/tasks/{id}`` → 204; unknown task → 404;
+- the output URL points at ``/outputs/{id}.mp4`` on this server, like Runway's CloudFront links.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+STEPS = ("PENDING", "THROTTLED", "RUNNING", "SUCCEEDED")
+
+
+@dataclass
+class FakeRunway:
+    api_key: str
+    video: Path
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    creates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_post("/v1/text_to_video", self.create)
+        app.router.add_post("/v1/image_to_video", self.create)
+        app.router.add_get("/v1/tasks/{id}", self.get_task)
+        app.router.add_delete("/v1/tasks/{id}", self.delete_task)
+        app.router.add_get("/outputs/{name}", self.output)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/outputs/"):
+            return await handler(request)
+        self.headers.append(dict(request.headers))
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": "Invalid API key."}, status=401)
+        if request.headers.get("X-Runway-Version") != "2024-11-06":
+            return web.json_response({"error": "A valid X-Runway-Version header is required."}, status=400)
+        return await handler(request)
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        endpoint = request.path.rsplit("/", 1)[-1]
+        self.creates.append((endpoint, body))
+        if "[429]" in body.get("promptText", ""):
+            return web.json_response(
+                {"error": "You have exceeded your daily generation limit."},
+                status=429,
+                headers={"Retry-After": "30"},
+            )
+        if not isinstance(body.get("duration"), int) or ":" not in str(body.get("ratio")):
+            return web.json_response({"error": "Validation of body failed"}, status=400)
+        task_id = str(uuid.uuid4())
+        self.tasks[task_id] = {
+            "id": task_id,
+            "createdAt": "2026-11-25T10:00:00.000Z",
+            "status": "PENDING",
+            "prompt": body.get("promptText", ""),
+            "polls": 0,
+        }
+        return web.json_response({"id": task_id})
+
+    async def get_task(self, request: web.Request) -> web.Response:
+        task = self.tasks.get(request.match_info["id"])
+        if task is None:
+            return web.json_response({"error": "Task not found."}, status=404)
+        task["polls"] += 1
+        step = STEPS[min(task["polls"], len(STEPS) - 1)]
+        answer: dict[str, Any] = {"id": task["id"], "createdAt": task["createdAt"], "status": step}
+        if step == "RUNNING":
+            answer["progress"] = 0.4
+        if step == "SUCCEEDED":
+            if "[fail]" in task["prompt"]:
+                answer.update(
+                    status="FAILED",
+                    failure="Content moderation rejected the input.",
+                    failureCode="SAFETY.INPUT.TEXT",
+                )
+            elif "[cancel]" in task["prompt"]:
+                answer["status"] = "CANCELLED"
+            else:
+                answer["output"] = [
+                    str(request.url.with_path(f"/outputs/{task['id']}.mp4").with_query(_jwt="x"))
+                ]
+        return web.json_response(answer)
+
+    async def delete_task(self, request: web.Request) -> web.Response:
+        if self.tasks.pop(request.match_info["id"], None) is None:
+            return web.json_response({"error": "Task not found."}, status=404)
+        return web.Response(status=204)
+
+    async def output(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(self.video, headers={"Content-Type": "video/mp4"})

@@ -1,0 +1,138 @@
+"""Checks every native provider adapter must pass, shared by the tests/test_provider_*.py files.
+
+Each provider test starts its fake on loopback, a gateway routing public models to it, and calls
+these with what that provider should show. They talk HTTP to the gateway, as a client would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+from PIL import Image
+
+from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway
+
+AUTH = {"Authorization": f"Bearer {ALPHA_KEY}"}
+STATUSES = {"queued", "in_progress", "completed", "failed"}
+VIDEO_KEYS = {
+    "id",
+    "object",
+    "model",
+    "status",
+    "progress",
+    "created_at",
+    "completed_at",
+    "expires_at",
+    "prompt",
+    "size",
+    "seconds",
+    "remixed_from_video_id",
+    "error",
+}
+
+
+async def start_provider_gateway(
+    start_gateway: StartGateway, tmp_path: Path, provider_yaml: str, models_yaml: str, extra: str = ""
+) -> RunningGateway:
+    """A gateway with one provider (``provider_yaml``: the body of ``providers.<name>``) and its models."""
+    text = textwrap.dedent("""
+        data_dir: __DATA__
+        keys:
+          - name: alpha
+            key: ${ALPHA_KEY}
+        providers:
+          native:
+        __PROVIDER__
+        models:
+        __MODELS__
+        __EXTRA__
+    """)
+    text = (
+        text.replace("__DATA__", str(tmp_path))
+        .replace("__PROVIDER__", textwrap.indent(textwrap.dedent(provider_yaml).strip("\n"), "    "))
+        .replace("__MODELS__", textwrap.indent(textwrap.dedent(models_yaml).strip("\n"), "  "))
+        .replace("__EXTRA__", textwrap.dedent(extra))
+    )
+    return await start_gateway(text)
+
+
+def png(width: int = 64, height: int = 48) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 120, 200)).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def request(
+    gw: RunningGateway, method: str, path: str, **kwargs: Any
+) -> tuple[int, dict[str, str], Any]:
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, gw.url + path, headers=headers, **kwargs) as response,
+    ):
+        raw = await response.read()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = raw
+        return response.status, dict(response.headers), body
+
+
+async def create(gw: RunningGateway, **fields: Any) -> dict[str, Any]:
+    status, _, body = await request(gw, "POST", "/v1/videos", json=fields)
+    assert status == 200, body
+    assert set(body) == VIDEO_KEYS and body["status"] in STATUSES and body["id"].startswith("video_")
+    return dict(body)
+
+
+async def poll_until_done(gw: RunningGateway, video_id: str, max_polls: int = 30) -> list[dict[str, Any]]:
+    """Every state the client sees until a terminal one; checks vocabulary, keys and monotonic progress."""
+    seen = []
+    for _ in range(max_polls):
+        status, headers, body = await request(gw, "GET", f"/v1/videos/{video_id}")
+        assert status == 200, body
+        assert set(body) == VIDEO_KEYS and body["status"] in STATUSES, body
+        assert isinstance(body["progress"], int) and 0 <= body["progress"] <= 100
+        seen.append(body)
+        if body["status"] in ("completed", "failed"):
+            assert "openai-poll-after-ms" not in headers
+            break
+        assert int(headers["openai-poll-after-ms"]) > 0
+    progress = [v["progress"] for v in seen]
+    assert progress == sorted(progress), f"progress went backwards: {progress}"
+    assert seen[-1]["status"] in ("completed", "failed"), f"never finished: {[v['status'] for v in seen]}"
+    return seen
+
+
+async def assert_refused(
+    gw: RunningGateway,
+    fields: dict[str, Any],
+    *,
+    status: int,
+    param: str | None = None,
+    mentions: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    got, headers, body = await request(gw, "POST", "/v1/videos", json=fields)
+    assert got == status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    for text in mentions:
+        assert text in body["error"]["message"], body
+    return dict(headers)
+
+
+async def assert_sdk_roundtrip(gw: RunningGateway, model: str, **create: Any) -> bytes:
+    """create_and_poll then download_content through the official SDK; returns the video bytes."""
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY, max_retries=0)
+    video = await client.videos.create_and_poll(model=model, poll_interval_ms=10, **create)
+    assert video.status == "completed" and video.model == model and video.progress == 100
+    content = await client.videos.download_content(video.id)
+    assert content.content[4:8] == b"ftyp", "an MP4 came back"
+    return bytes(content.content)

@@ -1,0 +1,148 @@
+"""The Runway adapter against a fake of Runway's API (tests/fakes/runway.py)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
+from tests.fakes.runway import FakeRunway
+from tests.provider_contract import (
+    assert_refused,
+    assert_sdk_roundtrip,
+    create,
+    png,
+    poll_until_done,
+    request,
+    start_provider_gateway,
+)
+
+MODELS = """
+    gen-video:
+      provider: native
+      model: gen4.5
+    turbo:
+      provider: native
+      model: gen4_turbo
+    veo-on-runway:
+      provider: native
+      model: veo3.1
+"""
+
+
+@pytest.fixture
+async def runway(aiohttp_server: Any, media: dict[str, Path]) -> tuple[FakeRunway, str]:
+    fake = FakeRunway(api_key=UPSTREAM_KEY, video=media["video"])
+    server = await aiohttp_server(fake.app())
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def gw(start_gateway: StartGateway, tmp_path: Path, runway: tuple[FakeRunway, str]) -> RunningGateway:
+    provider = f"""
+        kind: runway
+        base_url: {runway[1]}
+        api_key: ${{UPSTREAM_KEY}}
+        poll_after_ms: 100
+    """
+    return await start_provider_gateway(start_gateway, tmp_path, provider, MODELS)
+
+
+async def test_text_to_video_request_and_status_sequence(
+    gw: RunningGateway, runway: tuple[FakeRunway, str]
+) -> None:
+    fake, _ = runway
+    video = await create(gw, model="gen-video", prompt="a red fox", size="720x1280", seconds="7")
+    assert video["model"] == "gen-video" and video["size"] == "720x1280" and video["seconds"] == "7"
+    ((endpoint, body),) = fake.creates
+    assert endpoint == "text_to_video"
+    assert body == {"model": "gen4.5", "promptText": "a red fox", "ratio": "720:1280", "duration": 7}
+    headers = fake.headers[-1]
+    assert (
+        headers["Authorization"] == f"Bearer {UPSTREAM_KEY}" and headers["X-Runway-Version"] == "2024-11-06"
+    )
+    assert ALPHA_KEY not in str(fake.headers)
+
+    seen = await poll_until_done(gw, video["id"])
+    assert [v["status"] for v in seen] == ["queued", "in_progress", "completed"]
+    assert [v["progress"] for v in seen] == [0, 40, 100]
+    assert seen[-1]["completed_at"] is not None and seen[-1]["error"] is None
+
+
+async def test_image_to_video_sends_a_data_uri(gw: RunningGateway, runway: tuple[FakeRunway, str]) -> None:
+    fake, _ = runway
+    image = png()
+    form = {"prompt": "animate", "model": "turbo", "size": "960x960", "seconds": "10"}
+    status, _, body = await request(gw, "POST", "/v1/videos", data={**form, "input_reference": image})
+    assert status == 200, body
+    ((endpoint, sent),) = fake.creates
+    assert endpoint == "image_to_video" and sent["ratio"] == "960:960" and sent["duration"] == 10
+    assert sent["promptImage"] == "data:image/png;base64," + base64.b64encode(image).decode()
+
+    await assert_refused(gw, {"prompt": "no image", "model": "turbo"}, status=400, param="input_reference")
+
+
+async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningGateway) -> None:
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "veo-on-runway", "seconds": "5"},
+        status=400,
+        param="seconds",
+        mentions=("4, 6, 8",),
+    )
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "gen-video", "size": "1792x1024"},
+        status=400,
+        param="size",
+        mentions=("1280x720", "720x1280"),
+    )
+
+
+async def test_failed_and_cancelled_tasks(gw: RunningGateway) -> None:
+    failed = await create(gw, model="gen-video", prompt="[fail] forbidden")
+    final = (await poll_until_done(gw, failed["id"]))[-1]
+    assert final["status"] == "failed"
+    assert final["error"] == {
+        "code": "SAFETY.INPUT.TEXT",
+        "message": "Content moderation rejected the input.",
+    }
+
+    cancelled = await create(gw, model="gen-video", prompt="[cancel] please")
+    final = (await poll_until_done(gw, cancelled["id"]))[-1]
+    assert final["status"] == "failed" and final["error"]["code"] == "cancelled"
+
+
+async def test_rate_limit_becomes_429_with_retry_after(gw: RunningGateway) -> None:
+    headers = await assert_refused(
+        gw, {"prompt": "[429]", "model": "gen-video"}, status=429, mentions=("daily generation limit",)
+    )
+    assert headers["Retry-After"] == "30"
+
+
+async def test_content_streams_through_the_gateway(gw: RunningGateway, media: dict[str, Path]) -> None:
+    video = await create(gw, model="gen-video", prompt="stream me")
+    await poll_until_done(gw, video["id"])
+    status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 200 and body == media["video"].read_bytes() and headers["Content-Type"] == "video/mp4"
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
+    assert (
+        status == 404
+        and body["error"]["code"] == "variant_not_available"
+        and "thumbnail" in body["error"]["message"]
+    )
+
+
+async def test_delete_cancels_at_runway(gw: RunningGateway, runway: tuple[FakeRunway, str]) -> None:
+    video = await create(gw, model="gen-video", prompt="short-lived")
+    status, _, body = await request(gw, "DELETE", f"/v1/videos/{video['id']}")
+    assert status == 200 and body["deleted"] is True and runway[0].tasks == {}
+
+
+async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path]) -> None:
+    assert await assert_sdk_roundtrip(gw, "gen-video", prompt="sdk", size="1280x720", seconds="5") == (
+        media["video"].read_bytes()
+    )
