@@ -133,9 +133,10 @@ class Adapter:
         """Open connection pools; called once before the first request."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the connection pool; a later request opens a new one."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def close_when_idle(self, poll_seconds: float = 1.0) -> None:
         """Close connection pools once no request uses them; a later call opens new ones."""
