@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.http import HttpVersion11
 
-from gateway import api, metrics
+from gateway import api, metrics, openapi
 from gateway.auth import CLIENT_KEY
 from gateway.bodies import too_large
 from gateway.config import GatewayConfig
@@ -159,6 +159,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _json_document(document: dict[str, object]) -> web.Response:
+    return web.json_response(document)
+
+
 async def readyz(request: web.Request) -> web.Response:
     if request.app[GATEWAY].draining:
         return web.json_response({"status": "draining"}, status=503)
@@ -251,6 +255,8 @@ def build_app(
     reloader = app[RELOADER] = Reloader(state, config_path)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    spec = openapi.document()
+    app.router.add_get("/openapi.json", lambda _: _json_document(spec))
     app.router.add_get("/admin/deployments", admin_deployments)
     app.router.add_post("/admin/reload", admin_reload)
     if state.hosted is not None:

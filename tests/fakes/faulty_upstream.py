@@ -10,7 +10,9 @@ and a request may override it with an ``x-fault`` header (the gateway forwards c
     reset            close the connection without answering
     nonjson          answer 200 with an HTML page
     flaky:N          answer 503 to the first N retrieves of a video, then normally
-    drip:S           send the answer body slowly, one byte every S seconds
+    drip:S           send the content slowly, 1 KiB every S seconds
+    truncate         send half the content promised by Content-Length, then close
+    reset_upload     read 64 KiB of the upload, then close the connection
 
 Everything received is recorded: path, headers, the raw body, and which model it was for.
 """
@@ -99,6 +101,11 @@ class FaultyUpstream:
         return None
 
     async def create(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("x-fault") == "reset_upload":
+            await request.content.read(64 * 1024)
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)
         body = await request.read()
         model = self._model_of(request.headers.get("Content-Type", ""), body)
         self.hits.append(Hit("POST", request.path, model, dict(request.headers), body))
@@ -150,7 +157,8 @@ class FaultyUpstream:
         return web.json_response({k: v for k, v in job.items() if k != "behaviour"})
 
     async def content(self, request: web.Request) -> web.StreamResponse:
-        behaviour = request.headers.get("x-fault", "ok")
+        job = self.jobs.get(request.match_info["vid"], {})
+        behaviour = request.headers.get("x-fault") or self.behaviour.get(job.get("model") or "", "ok")
         payload = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64
         if behaviour == "truncate":
             response = web.StreamResponse(headers={"Content-Type": "video/mp4"})

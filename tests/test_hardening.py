@@ -1,0 +1,290 @@
+"""Hardening: faults end in bounded time with the right error and leak nothing; hostile input never
+makes a 500; the key check is constant-time; schemathesis holds the gateway to its own OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hmac
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.auth import KeyRing
+from gateway.config import ClientKey
+from tests.conftest import ALPHA_KEY, ENV, RunningGateway, StartGateway
+from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.test_cli import free_port
+from tests.test_resilience import AUTH, config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+async def faulty(aiohttp_server: Any) -> tuple[FaultyUpstream, str]:
+    fake = FaultyUpstream()
+    server = await aiohttp_server(fake.app())
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def gw(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> RunningGateway:
+    return await start_gateway(
+        config(
+            tmp_path,
+            faulty[1],
+            """
+        m:
+          - {provider: up, model: primary}
+    """,
+            extra="resilience: {read_attempts: 2, backoff_seconds: 0.01}",
+        )
+    )
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def settle() -> tuple[int, int]:
+    """Let closing transports finish, then count open descriptors and running tasks."""
+    for _ in range(5):
+        await asyncio.sleep(0.05)
+    gc.collect()
+    return open_fds(), len(asyncio.all_tasks())
+
+
+async def big_upload() -> AsyncIterator[bytes]:
+    yield b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
+    yield b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nbig\r\n'
+    yield b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="x.png"\r\n\r\n'
+    for _ in range(64):
+        yield b"\0" * 65536
+    yield b"\r\n--b--\r\n"
+
+
+async def call(gw: RunningGateway, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, gw.url + path, headers=headers, **kwargs) as response,
+    ):
+        raw = await response.read()
+        try:
+            return response.status, json.loads(raw)
+        except ValueError:
+            return response.status, raw
+
+
+async def fault_cycle(gw: RunningGateway, fake: FaultyUpstream, video_id: str) -> None:
+    """One round of every fault; each must end in bounded time with the right error."""
+
+    async def case(fault: str, method: str, path: str, **kwargs: Any) -> tuple[int, Any, float]:
+        started = time.monotonic()
+        fake.behaviour["primary"] = fault
+        status, body = await call(gw, method, path, **kwargs)
+        fake.behaviour["primary"] = "ok"
+        return status, body, time.monotonic() - started
+
+    multipart = {"Content-Type": "multipart/form-data; boundary=b", "x-fault": "reset_upload"}
+    status, body, seconds = await case("ok", "POST", "/v1/videos", data=big_upload(), headers=multipart)
+    assert status == 502 and body["error"]["type"] == "upstream_error" and seconds < 5
+
+    status, body, seconds = await case("hang", "POST", "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 504 and seconds < 5
+
+    status, body, seconds = await case("nonjson", "POST", "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 502 and "not JSON" in body["error"]["message"]
+
+    storm = await asyncio.gather(
+        *(case("status:503", "POST", "/v1/videos", json={"prompt": "x", "model": "m"}) for _ in range(30))
+    )
+    assert {s for s, _, _ in storm} == {503} and max(t for _, _, t in storm) < 5
+
+    status, body, seconds = await case("reset", "GET", f"/v1/videos/{video_id}")
+    assert status in (200, 502) and seconds < 5
+
+    async with aiohttp.ClientSession() as session:
+        fake.behaviour["primary"] = "truncate"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with session.get(f"{gw.url}/v1/videos/{video_id}/content", headers=AUTH) as response:
+                assert response.status == 200
+                await response.read()
+        fake.behaviour["primary"] = "drip:0.05"
+        async with session.get(f"{gw.url}/v1/videos/{video_id}/content", headers=AUTH) as response:
+            assert response.status == 200 and len(await response.read()) == 16396
+    fake.behaviour["primary"] = "ok"
+
+
+async def test_faults_end_in_time_with_the_right_error_and_leak_nothing(
+    gw: RunningGateway, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """Pools may hold connections after the first round; later rounds must not add to them."""
+    fake, _ = faulty
+    _, video = await call(gw, "POST", "/v1/videos", json={"prompt": "warm up", "model": "m"})
+    await call(gw, "GET", f"/v1/videos/{video['id']}")
+    await fault_cycle(gw, fake, video["id"])
+    fds_before, tasks_before = await settle()
+    for _ in range(2):
+        await fault_cycle(gw, fake, video["id"])
+    fds_after, tasks_after = await settle()
+    assert fds_after <= fds_before + 4, f"descriptors leaked: {fds_before} -> {fds_after}"
+    assert tasks_after <= tasks_before, f"tasks leaked: {tasks_before} -> {tasks_after}"
+    assert (await call(gw, "GET", "/healthz"))[0] == 200
+
+
+def test_key_check_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every configured key is compared, with hmac.compare_digest on fixed-length digests, every time."""
+    keys = tuple(ClientKey(f"k{i}", bytes([i]) * 32) for i in range(5))
+    ring = KeyRing(keys)
+    calls: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    for presented in ("nearly-right-key", "x", "k" * 500):
+        calls.clear()
+        with pytest.raises(Exception, match="Incorrect API key"):
+            ring.authenticate(f"Bearer {presented}")
+        assert calls == [(32, 32)] * len(keys)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A gateway process on the embedded default config, for fuzzers that use blocking clients."""
+    port = free_port()
+    data = tmp_path_factory.mktemp("fuzz")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-format", "json"],
+        cwd=data,
+        env={
+            **os.environ,
+            **ENV,
+            "VIDEO_GATEWAY_DATA_DIR": str(data / "data"),
+            "VIDEO_GATEWAY_API_KEY": ALPHA_KEY,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/healthz")
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield port
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def send(
+    port: int, method: str, path: str, body: bytes = b"", content_type: str | None = None
+) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": f"Bearer {ALPHA_KEY}"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def assert_envelope_or_video(status: int, raw: bytes) -> None:
+    assert status < 500, raw
+    body = json.loads(raw)
+    if status == 200:
+        assert body["object"] == "video"
+    else:
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(
+    body=st.dictionaries(
+        st.sampled_from(["prompt", "model", "size", "seconds", "input_reference", "stream", "x"]),
+        json_values,
+        max_size=6,
+    )
+)
+def test_fuzz_json_creates(served: int, body: dict[str, Any]) -> None:
+    if isinstance(body.get("prompt"), str) and "[fail]" in body["prompt"]:
+        body["prompt"] = "ok"
+    assert_envelope_or_video(
+        *send(served, "POST", "/v1/videos", json.dumps(body).encode(), "application/json")
+    )
+
+
+@FUZZ
+@given(
+    raw=st.binary(max_size=300),
+    boundary=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=20),
+)
+def test_fuzz_multipart_creates(served: int, raw: bytes, boundary: str) -> None:
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'.encode() + raw
+    status, answer = send(served, "POST", "/v1/videos", body, f"multipart/form-data; boundary={boundary}")
+    assert_envelope_or_video(status, answer)
+
+
+@FUZZ
+@given(video_id=st.text(min_size=1, max_size=80))
+def test_fuzz_video_ids(served: int, video_id: str) -> None:
+    path = "/v1/videos/" + quote(video_id, safe="")
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/content")):
+        status, raw = send(served, method, path + suffix)
+        assert status in (404, 405) or (status == 200 and video_id in ("edits", "extensions")), raw
+        if status == 404 and "/" not in video_id:
+            assert json.loads(raw)["error"]["code"] in ("video_not_found", "not_found")
+
+
+@pytest.mark.skipif(
+    shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None and not os.environ.get("CI"),
+    reason="schemathesis not installed",
+)
+def test_schemathesis_finds_no_server_errors_or_schema_violations(served: int) -> None:
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "run",
+            f"http://127.0.0.1:{served}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {ALPHA_KEY}",
+            "--max-examples",
+            "8",
+            "--seed",
+            "1",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_schema_conformance,response_headers_conformance",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
