@@ -67,6 +67,7 @@ _PATTERN = bytes(range(256)) * (CHUNK // 256)
 _MODEL_FIELD = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*?\r\n([^\r\n]*)\r\n')
 LAST = web.AppKey("last", dict)
 COUNTER = web.AppKey("counter", list)
+STATUS = web.AppKey("status", list)
 
 
 def _video(video_id: str, status: str) -> dict[str, Any]:
@@ -84,8 +85,14 @@ def _video(video_id: str, status: str) -> dict[str, Any]:
     }
 
 
-def build_upstream(content_bytes: int, api_key: str) -> web.Application:
-    """POST /v1/videos hashes the raw body as it streams; GET .../content streams ``content_bytes``."""
+def build_upstream(
+    content_bytes: int, api_key: str, retrieve_status: str = "completed", latency_ms: float = 0.0
+) -> web.Application:
+    """POST /v1/videos hashes the raw body as it streams; GET .../content streams ``content_bytes``.
+
+    Retrieve answers ``retrieve_status`` (``in_progress`` keeps a gateway forwarding every poll);
+    every answer waits ``latency_ms`` first, to model a provider's own time.
+    """
 
     async def create(request: web.Request) -> web.Response:
         digest, size, head = hashlib.sha256(), 0, bytearray()
@@ -94,6 +101,8 @@ def build_upstream(content_bytes: int, api_key: str) -> web.Application:
             size += len(chunk)
             if len(head) < 64 * 1024:
                 head += chunk[: 64 * 1024 - len(head)]
+        if latency_ms:
+            await asyncio.sleep(latency_ms / 1000)
         model = _MODEL_FIELD.search(head)
         counter = request.app[COUNTER]
         counter[0] += 1
@@ -111,7 +120,9 @@ def build_upstream(content_bytes: int, api_key: str) -> web.Application:
         return web.json_response(_video(video_id, "queued"))
 
     async def retrieve(request: web.Request) -> web.Response:
-        return web.json_response(_video(request.match_info["video_id"], "completed"))
+        if latency_ms:
+            await asyncio.sleep(latency_ms / 1000)
+        return web.json_response(_video(request.match_info["video_id"], request.app[STATUS][0]))
 
     async def content(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
@@ -128,13 +139,19 @@ def build_upstream(content_bytes: int, api_key: str) -> web.Application:
     async def last(request: web.Request) -> web.Response:
         return web.json_response(request.app[LAST])
 
+    async def set_status(request: web.Request) -> web.Response:
+        request.app[STATUS][0] = request.match_info["status"]
+        return web.json_response({"retrieve_status": request.app[STATUS][0]})
+
     app = web.Application()
+    app[STATUS] = [retrieve_status]
     app[LAST] = {}
     app[COUNTER] = [0]
     app.router.add_post("/v1/videos", create)
     app.router.add_get("/v1/videos/{video_id}", retrieve)
     app.router.add_get("/v1/videos/{video_id}/content", content)
     app.router.add_get("/_last", last)
+    app.router.add_post("/_retrieve_status/{status}", set_status)
     return app
 
 
@@ -604,11 +621,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (config, logs) and print it")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--content-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--retrieve-status", default="completed", help=argparse.SUPPRESS)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.serve_upstream is not None:
         key = os.environ.get(UPSTREAM_KEY_ENV, UPSTREAM_KEY)
-        app = build_upstream(args.content_bytes, key)
+        app = build_upstream(args.content_bytes, key, args.retrieve_status, args.latency_ms)
         web.run_app(app, host="127.0.0.1", port=args.serve_upstream, print=None, access_log=None)
         return 0
 
