@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -17,6 +18,15 @@ from gateway.logs import configure, log
 
 def _default_config() -> Path:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else EMBEDDED_CONFIG_PATH
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed: the same asyncio, a faster event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -33,7 +43,8 @@ def serve(args: argparse.Namespace) -> int:
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
     log.info("serving", config=str(path), version=__version__)
-    asyncio.run(run(config, path, host, port))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(run(config, path, host, port))
     return 0
 
 

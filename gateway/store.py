@@ -11,8 +11,9 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -99,12 +100,24 @@ _COLUMNS = (
 
 
 class SQLiteTaskStore:
-    """SQLite in WAL mode with full fsync on commit, driven from one worker thread."""
+    """SQLite in WAL mode with full fsync on commit, driven from one worker thread.
 
-    def __init__(self, path: Path) -> None:
+    This process is the file's only writer, so a write-through cache of recent tasks is exact: a
+    poll of a known video needs no database round trip. Callers get copies, never the cached object.
+    """
+
+    def __init__(self, path: Path, cache_size: int = 50_000) -> None:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
         self._db: sqlite3.Connection | None = None
+        self._cache: OrderedDict[str, Task] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _remember(self, task: Task) -> None:
+        self._cache[task.id] = _copy(task)
+        self._cache.move_to_end(task.id)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -148,14 +161,22 @@ class SQLiteTaskStore:
                 task.updated_at,
             ),
         )
+        self._remember(task)
 
     async def get(self, task_id: str, owner: str, kind: str = "video") -> Task | None:
+        cached = self._cache.get(task_id)
+        if cached is not None:
+            return _copy(cached) if cached.owner == owner and cached.kind == kind else None
         rows = await self._run(
             self._query,
             f"SELECT {_COLUMNS} FROM tasks WHERE id=? AND owner=? AND kind=? AND deleted_at IS NULL",
             (task_id, owner, kind),
         )
-        return self._task(rows[0]) if rows else None
+        if not rows:
+            return None
+        task = self._task(rows[0])
+        self._remember(task)
+        return _copy(task)
 
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None:
         rows = await self._run(
@@ -185,7 +206,11 @@ class SQLiteTaskStore:
             )
             return cursor.rowcount == 1 and task.status not in ACTIVE_STATUSES
 
-        return bool(await self._run(run))
+        finished = bool(await self._run(run))
+        cached = self._cache.get(task.id)
+        if cached is not None and cached.status in ACTIVE_STATUSES:
+            self._remember(task)
+        return finished
 
     async def delete(self, task_id: str, owner: str) -> bool:
         def run() -> bool:
@@ -196,7 +221,9 @@ class SQLiteTaskStore:
             )
             return cursor.rowcount == 1
 
-        return bool(await self._run(run))
+        deleted = bool(await self._run(run))
+        self._cache.pop(task_id, None)
+        return deleted
 
     async def list(
         self, owner: str, *, after: str | None, limit: int, order: str, kind: str = "video"
@@ -244,3 +271,7 @@ class SQLiteTaskStore:
             await self._run(self._db.close)
             self._db = None
         self._executor.shutdown(wait=True)
+
+
+def _copy(task: Task) -> Task:
+    return replace(task, video=dict(task.video), state=dict(task.state))
