@@ -106,7 +106,7 @@ class SQLiteTaskStore:
     poll of a known video needs no database round trip. Callers get copies, never the cached object.
     """
 
-    def __init__(self, path: Path, cache_size: int = 50_000) -> None:
+    def __init__(self, path: Path, cache_size: int = 10_000) -> None:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
         self._db: sqlite3.Connection | None = None

@@ -1,0 +1,172 @@
+"""A bounded soak: minutes of mixed traffic with 20 % injected faults; RSS and open FDs must stay flat.
+
+Starts, on 127.0.0.1, the fault-injecting fake upstream of the test suite and ``video-gateway serve``
+in front of it, then runs a steady mix (creates, polls, downloads) where one request in five asks
+the upstream for a fault (503, reset, hang, non-JSON, truncated or slow body). Every few seconds it
+samples the gateway's RSS and open file descriptors and prints them; at the end it compares the last
+samples with those after warm-up.
+
+    .venv/bin/python bench/soak.py --minutes 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from upload_memory import Child, free_port, gateway_command, spawn, stop, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "soak.json"
+KEY = "sk-soak-client-key"
+FAULTS = ["status:503", "reset", "hang", "nonjson", "status:500", "truncate", "drip:0.01"]
+
+
+def serve_fake(port: int) -> None:
+    from aiohttp import web
+
+    from tests.fakes.faulty_upstream import FaultyUpstream
+
+    web.run_app(FaultyUpstream().app(), host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def sample(pid: int) -> tuple[float, int]:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return rss / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def traffic(base: str, stop_at: float, counts: dict[str, int]) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    timeout = aiohttp.ClientTimeout(total=15)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        videos: list[str] = []
+        while time.monotonic() < stop_at:
+            extra = {"x-fault": random.choice(FAULTS)} if random.random() < 0.2 else {}
+            roll = random.random()
+            try:
+                if roll < 0.2 or not videos:
+                    async with session.post(
+                        f"{base}/v1/videos",
+                        json={"prompt": "soak", "model": "m"},
+                        headers={**headers, **extra},
+                    ) as r:
+                        body = await r.read()
+                        if r.status == 200:
+                            videos.append(json.loads(body)["id"])
+                            videos = videos[-200:]
+                elif roll < 0.8:
+                    async with session.get(f"{base}/v1/videos/{random.choice(videos)}", headers=headers) as r:
+                        await r.read()
+                else:
+                    async with session.get(
+                        f"{base}/v1/videos/{random.choice(videos)}/content", headers={**headers, **extra}
+                    ) as r:
+                        await r.read()
+                counts[str(r.status)] = counts.get(str(r.status), 0) + 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
+
+
+async def soak(base: str, gateway: Child, minutes: float, workers: int, every: float) -> dict[str, object]:
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, gateway, base + "/healthz")
+    counts: dict[str, int] = {}
+    started = time.monotonic()
+    stop_at = started + minutes * 60
+    tasks = [asyncio.create_task(traffic(base, stop_at, counts)) for _ in range(workers)]
+    samples = []
+    print(f"{'t (s)':>6} {'RSS MiB':>9} {'FDs':>5} {'requests':>9}")
+    while time.monotonic() < stop_at:
+        await asyncio.sleep(every)
+        rss, fds = sample(gateway.process.pid)
+        samples.append({"t": round(time.monotonic() - started, 1), "rss_mib": round(rss, 1), "fds": fds})
+        print(f"{samples[-1]['t']:>6} {rss:>9.1f} {fds:>5} {sum(counts.values()):>9}", flush=True)
+    await asyncio.gather(*tasks)
+    return {"samples": samples, "answers": counts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--every", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--serve-fake", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_fake:
+        serve_fake(args.serve_fake)
+        return 0
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    children: list[Child] = []
+    try:
+        env = {**os.environ, "SOAK_KEY": KEY, "PYTHONPATH": str(ROOT)}
+        fake_port, gw_port = free_port(), free_port()
+        children.append(
+            spawn("fake", [sys.executable, __file__, "--serve-fake", str(fake_port)], fake_port, workdir, env)
+        )
+        config = {
+            "data_dir": str(workdir / "data"),
+            "logging": {"format": "json", "level": "warning"},
+            "keys": [{"name": "soak", "key": "${SOAK_KEY}"}],
+            "providers": {
+                "up": {
+                    "kind": "openai",
+                    "base_url": f"http://127.0.0.1:{fake_port}/v1",
+                    "api_key": "upstream-key",
+                    "timeouts": {"connect": 1, "read": 1, "request": 2},
+                }
+            },
+            "models": {"m": {"provider": "up", "model": "primary"}},
+        }
+        (workdir / "gateway.yaml").write_text(yaml.safe_dump(config))
+        gateway = spawn(
+            "gateway",
+            [*gateway_command(), "serve", "--config", str(workdir / "gateway.yaml"), "--port", str(gw_port)],
+            gw_port,
+            workdir,
+            env,
+        )
+        children.append(gateway)
+        result = asyncio.run(
+            soak(f"http://127.0.0.1:{gw_port}", gateway, args.minutes, args.workers, args.every)
+        )
+        samples = result["samples"]
+        assert isinstance(samples, list) and len(samples) >= 4, "soak too short to judge"
+        warm, last = samples[len(samples) // 4], samples[-1]
+        rss_growth = last["rss_mib"] - warm["rss_mib"]
+        fd_growth = last["fds"] - warm["fds"]
+        flat = rss_growth < 16 and fd_growth <= 8
+        print(f"\nanswers: {result['answers']}")
+        print(
+            f"after warm-up: RSS {warm['rss_mib']} -> {last['rss_mib']} MiB ({rss_growth:+.1f}), "
+            f"FDs {warm['fds']} -> {last['fds']} ({fd_growth:+d}): {'FLAT' if flat else 'GROWING'}"
+        )
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({**result, "flat": flat, "minutes": args.minutes}, indent=2) + "\n")
+        return 0 if flat else 1
+    finally:
+        for child in reversed(children):
+            with contextlib.suppress(Exception):
+                stop(child)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
