@@ -1,0 +1,259 @@
+"""The Luma adapter against a fake of Luma's Dream Machine API (tests/fakes/luma.py)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import unused_port
+
+from gateway.app import build_app
+from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, load
+from tests.fakes.luma import FakeLuma
+from tests.provider_contract import (
+    assert_refused,
+    assert_sdk_roundtrip,
+    create,
+    png,
+    poll_until_done,
+    request,
+    start_provider_gateway,
+)
+
+MODELS = """
+    dream:
+      provider: native
+      model: ray-2
+    flash:
+      provider: native
+      model: ray-flash-2
+    ray-legacy:
+      provider: native
+      model: ray-1-6
+"""
+
+
+def provider_yaml(luma_url: str, key: str = "${UPSTREAM_KEY}") -> str:
+    return f"""
+        kind: luma
+        base_url: {luma_url}/dream-machine/v1
+        api_key: {key}
+        poll_after_ms: 100
+    """
+
+
+@pytest.fixture
+async def luma(aiohttp_server: Any, media: dict[str, Path]) -> tuple[FakeLuma, str]:
+    fake = FakeLuma(api_key=UPSTREAM_KEY, media=media)
+    server = await aiohttp_server(fake.app())
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def gw(start_gateway: StartGateway, tmp_path: Path, luma: tuple[FakeLuma, str]) -> RunningGateway:
+    """A gateway without ``server.public_base_url``: it cannot host uploaded images."""
+    return await start_provider_gateway(start_gateway, tmp_path, provider_yaml(luma[1]), MODELS)
+
+
+@pytest.fixture
+async def hosted_gw(aiohttp_server: Any, tmp_path: Path, luma: tuple[FakeLuma, str]) -> RunningGateway:
+    """A gateway whose ``server.public_base_url`` is its own loopback address, so the fake can fetch."""
+    port = unused_port()
+
+    async def start(text: str) -> RunningGateway:
+        app = build_app(load(text))
+        return RunningGateway(await aiohttp_server(app, port=port), app)
+
+    extra = f"server: {{public_base_url: 'http://127.0.0.1:{port}'}}"
+    gw = await start_provider_gateway(start, tmp_path, provider_yaml(luma[1]), MODELS, extra=extra)
+    assert gw.url == f"http://127.0.0.1:{port}"
+    return gw
+
+
+async def test_text_to_video_request_and_status_sequence(
+    gw: RunningGateway, luma: tuple[FakeLuma, str]
+) -> None:
+    fake, _ = luma
+    video = await create(gw, model="dream", prompt="a red fox", size="1920x1080", seconds="9")
+    assert video["model"] == "dream" and video["size"] == "1920x1080" and video["seconds"] == "9"
+    assert fake.creates == [
+        {
+            "model": "ray-2",
+            "prompt": "a red fox",
+            "aspect_ratio": "16:9",
+            "resolution": "1080p",
+            "duration": "9s",
+        }
+    ]
+    assert fake.headers[-1]["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert ALPHA_KEY not in str(fake.headers)
+
+    seen = await poll_until_done(gw, video["id"])
+    assert [v["status"] for v in seen] == ["queued", "in_progress", "in_progress", "completed"]
+    assert seen[0]["progress"] == 0 and 1 <= seen[1]["progress"] <= 95 and seen[-1]["progress"] == 100
+    assert seen[-1]["error"] is None and seen[-1]["completed_at"] is not None
+
+
+async def test_square_sizes_and_extra_params(gw: RunningGateway, luma: tuple[FakeLuma, str]) -> None:
+    fake, _ = luma
+    await create(gw, model="flash", prompt="loop me", size="960x960", seconds="5", loop=True)
+    await create(gw, model="flash", prompt="tall", size="540x1260", callback_url="https://evil.example/")
+    assert fake.creates == [
+        {
+            "model": "ray-flash-2",
+            "prompt": "loop me",
+            "aspect_ratio": "1:1",
+            "resolution": "720p",
+            "duration": "5s",
+            "loop": True,
+        },
+        {
+            "model": "ray-flash-2",
+            "prompt": "tall",
+            "aspect_ratio": "9:21",
+            "resolution": "540p",
+            "duration": "5s",
+        },
+    ]
+
+
+async def test_ray_1_6_gets_neither_resolution_nor_duration(
+    gw: RunningGateway, luma: tuple[FakeLuma, str]
+) -> None:
+    video = await create(gw, model="ray-legacy", prompt="old school", size="720x1280")
+    assert video["seconds"] == "5"
+    assert luma[0].creates == [{"model": "ray-1-6", "prompt": "old school", "aspect_ratio": "9:16"}]
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "ray-legacy", "seconds": "9"},
+        status=400,
+        param="seconds",
+        mentions=("5",),
+    )
+    await assert_refused(
+        gw, {"prompt": "x", "model": "ray-legacy", "size": "1920x1080"}, status=400, param="size"
+    )
+
+
+async def test_uploaded_image_is_hosted_at_a_signed_url_luma_downloads(
+    hosted_gw: RunningGateway, luma: tuple[FakeLuma, str]
+) -> None:
+    fake, _ = luma
+    image = png()
+    form = {"prompt": "animate", "model": "dream", "size": "1280x720", "input_reference": image}
+    status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
+    assert status == 200, body
+    frame0 = fake.creates[0]["keyframes"]["frame0"]
+    assert frame0["type"] == "image" and frame0["url"].startswith(f"{hosted_gw.url}/files/")
+    (download,) = fake.downloads
+    assert download.status == 200 and download.body == image and download.content_type == "image/png"
+    assert ALPHA_KEY not in frame0["url"] and UPSTREAM_KEY not in frame0["url"]
+
+    tampered = frame0["url"][:-1] + ("1" if frame0["url"].endswith("0") else "0")
+    async with aiohttp.ClientSession() as session, session.get(tampered) as response:
+        assert response.status == 404
+
+    data_url = "data:image/png;base64," + base64.b64encode(image).decode()
+    await create(hosted_gw, model="dream", prompt="again", input_reference={"image_url": data_url})
+    assert fake.downloads[-1].body == image and fake.downloads[-1].url != frame0["url"]
+
+
+async def test_upload_without_public_base_url_is_refused_but_urls_pass(
+    gw: RunningGateway, luma: tuple[FakeLuma, str]
+) -> None:
+    fake, _ = luma
+    form = {"prompt": "animate", "model": "dream", "input_reference": png()}
+    status, _, body = await request(gw, "POST", "/v1/videos", data=form)
+    assert status == 400 and body["error"]["param"] == "input_reference", body
+    assert "server.public_base_url" in body["error"]["message"] and "image URL" in body["error"]["message"]
+    assert fake.creates == []
+
+    url = "https://images.example.com/cat.png"
+    await create(gw, model="dream", prompt="animate", input_reference={"image_url": url})
+    assert fake.creates[-1]["keyframes"] == {"frame0": {"type": "image", "url": url}}
+    assert fake.downloads[-1].url == url
+
+
+async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningGateway) -> None:
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "dream", "size": "1792x1024"},
+        status=400,
+        param="size",
+        mentions=("1280x720", "720x1280", "1920x1080", "960x960"),
+    )
+    await assert_refused(
+        gw, {"prompt": "x", "model": "dream", "seconds": "8"}, status=400, param="seconds", mentions=("5, 9",)
+    )
+
+
+async def test_failed_and_moderated_generations(gw: RunningGateway) -> None:
+    failed = await create(gw, model="dream", prompt="[fail] please")
+    final = (await poll_until_done(gw, failed["id"]))[-1]
+    assert final["status"] == "failed"
+    assert final["error"] == {
+        "code": "generation_failed",
+        "message": "Generation failed due to an internal error",
+    }
+
+    moderated = await create(gw, model="dream", prompt="[moderation] forbidden")
+    final = (await poll_until_done(gw, moderated["id"]))[-1]
+    assert final["status"] == "failed" and final["error"]["code"] == "content_filter"
+    assert "moderation failed" in final["error"]["message"]
+
+
+async def test_rate_limit_becomes_429_with_retry_after(gw: RunningGateway) -> None:
+    headers = await assert_refused(
+        gw, {"prompt": "[429]", "model": "dream"}, status=429, mentions=("Too many requests",)
+    )
+    assert headers["Retry-After"] == "10"
+
+
+async def test_rejected_upstream_key_is_named(
+    start_gateway: StartGateway, tmp_path: Path, luma: tuple[FakeLuma, str]
+) -> None:
+    gw = await start_provider_gateway(start_gateway, tmp_path, provider_yaml(luma[1], key="wrong"), MODELS)
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "dream"})
+    assert status == 401 and body["error"]["code"] == "upstream_auth_failed"
+    assert "Invalid API key provided" in body["error"]["message"]
+
+
+async def test_content_and_thumbnail_stream_through_the_gateway(
+    gw: RunningGateway, media: dict[str, Path]
+) -> None:
+    video = await create(gw, model="dream", prompt="stream me")
+    await poll_until_done(gw, video["id"])
+    status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 200 and body == media["video"].read_bytes() and headers["Content-Type"] == "video/mp4"
+    status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
+    assert status == 200 and body == media["spritesheet"].read_bytes()
+    assert headers["Content-Type"] == "image/jpeg"
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=spritesheet")
+    assert status == 404 and body["error"]["code"] == "variant_not_available"
+    assert "spritesheet" in body["error"]["message"]
+
+
+async def test_expired_result_is_410(gw: RunningGateway, luma: tuple[FakeLuma, str]) -> None:
+    fake, _ = luma
+    video = await create(gw, model="dream", prompt="short-lived result")
+    await poll_until_done(gw, video["id"])
+    (upstream_id,) = fake.generations
+    fake.expire(upstream_id)
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 410 and body["error"]["code"] == "video_expired"
+
+
+async def test_delete_removes_the_generation_at_luma(gw: RunningGateway, luma: tuple[FakeLuma, str]) -> None:
+    fake, _ = luma
+    video = await create(gw, model="dream", prompt="short-lived")
+    status, _, body = await request(gw, "DELETE", f"/v1/videos/{video['id']}")
+    assert status == 200 and body["deleted"] is True and fake.generations == {}
+
+
+async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path]) -> None:
+    assert await assert_sdk_roundtrip(gw, "dream", prompt="sdk", size="720x1280") == (
+        media["video"].read_bytes()
+    )

@@ -1,0 +1,234 @@
+"""The MiniMax Hailuo adapter against a fake of MiniMax's v1 video API (tests/fakes/minimax.py)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.providers.minimax import refusal
+from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
+from tests.fakes.minimax import FakeMiniMax
+from tests.provider_contract import (
+    assert_refused,
+    assert_sdk_roundtrip,
+    create,
+    png,
+    poll_until_done,
+    request,
+    start_provider_gateway,
+)
+
+MODELS = """
+    hailuo:
+      provider: native
+      model: MiniMax-Hailuo-2.3
+    hailuo-02:
+      provider: native
+      model: MiniMax-Hailuo-02
+    hailuo-fast:
+      provider: native
+      model: MiniMax-Hailuo-2.3-Fast
+    t2v-01:
+      provider: native
+      model: T2V-01
+"""
+
+
+@pytest.fixture
+async def minimax(aiohttp_server: Any, media: dict[str, Path]) -> FakeMiniMax:
+    fake = FakeMiniMax(api_key=UPSTREAM_KEY, video=media["video"])
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+@pytest.fixture
+async def gw(start_gateway: StartGateway, tmp_path: Path, minimax: FakeMiniMax) -> RunningGateway:
+    provider = f"""
+        kind: minimax
+        base_url: {minimax.base_url}
+        api_key: ${{UPSTREAM_KEY}}
+        poll_after_ms: 100
+    """
+    return await start_provider_gateway(start_gateway, tmp_path, provider, MODELS)
+
+
+async def test_text_to_video_request_and_status_sequence(gw: RunningGateway, minimax: FakeMiniMax) -> None:
+    video = await create(
+        gw, model="hailuo", prompt="a red fox", size="1366x768", seconds="10", prompt_optimizer=False
+    )
+    assert video["model"] == "hailuo" and video["size"] == "1366x768" and video["seconds"] == "10"
+    assert minimax.creates == [
+        {
+            "model": "MiniMax-Hailuo-2.3",
+            "prompt": "a red fox",
+            "duration": 10,
+            "resolution": "768P",
+            "prompt_optimizer": False,
+        }
+    ]
+    headers = minimax.headers[-1]
+    assert (
+        headers["Authorization"] == f"Bearer {UPSTREAM_KEY}" and headers["Content-Type"] == "application/json"
+    )
+    assert ALPHA_KEY not in str(minimax.headers)
+
+    seen = await poll_until_done(gw, video["id"])
+    assert [v["status"] for v in seen] == ["queued", "in_progress", "in_progress", "completed"]
+    progress = [v["progress"] for v in seen]
+    assert progress[0] == 0 and 1 <= progress[1] <= progress[2] <= 95 and progress[3] == 100
+    assert seen[-1]["size"] == "1366x768" and seen[-1]["error"] is None
+
+
+async def test_image_to_video_sends_a_data_url_and_follows_the_image(
+    gw: RunningGateway, minimax: FakeMiniMax
+) -> None:
+    image = png(48, 64)  # portrait
+    form = {"prompt": "animate", "model": "hailuo-fast", "size": "1366x768", "seconds": "6"}
+    status, _, body = await request(gw, "POST", "/v1/videos", data={**form, "input_reference": image})
+    assert status == 200, body
+    (sent,) = minimax.creates
+    assert (
+        sent["model"] == "MiniMax-Hailuo-2.3-Fast" and sent["resolution"] == "768P" and sent["duration"] == 6
+    )
+    assert sent["first_frame_image"] == "data:image/png;base64," + base64.b64encode(image).decode()
+    final = (await poll_until_done(gw, body["id"]))[-1]
+    assert final["status"] == "completed" and final["size"] == "768x1366", "the size MiniMax made"
+
+    url_ref = {"image_url": "https://images.example.com/cat.jpg"}
+    await create(gw, model="hailuo-02", prompt="walk", size="512x912", input_reference=url_ref)
+    assert minimax.creates[-1]["first_frame_image"] == url_ref["image_url"], "URLs pass through unfetched"
+    assert minimax.creates[-1]["resolution"] == "512P"
+
+    await assert_refused(
+        gw, {"prompt": "no image", "model": "hailuo-fast"}, status=400, param="input_reference"
+    )
+
+
+async def test_text_to_video_is_landscape_only(gw: RunningGateway, minimax: FakeMiniMax) -> None:
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "hailuo", "size": "768x1366"},
+        status=400,
+        param="size",
+        mentions=("landscape", "1366x768, 1920x1080"),
+    )
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "hailuo-02", "size": "912x512"},
+        status=400,
+        param="size",
+        mentions=("512P", "input_reference"),
+    )
+    assert minimax.creates == []
+
+
+async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningGateway) -> None:
+    await assert_refused(
+        gw, {"prompt": "x", "model": "t2v-01", "seconds": "10"}, status=400, param="seconds", mentions=("6",)
+    )
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "hailuo", "size": "1280x720"},
+        status=400,
+        param="size",
+        mentions=("1366x768", "1920x1080"),
+    )
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "hailuo-02", "size": "1920x1080", "seconds": "10"},
+        status=400,
+        param="seconds",
+        mentions=("1920x1080", "1080P", "'10'", "1366x768"),
+    )
+    await assert_refused(gw, {"prompt": "x" * 2001, "model": "hailuo"}, status=400, param="prompt")
+
+
+async def test_errors_inside_http_200_answers(gw: RunningGateway, minimax: FakeMiniMax) -> None:
+    headers = await assert_refused(
+        gw, {"prompt": "[1002]", "model": "hailuo"}, status=429, mentions=("rate limit", "1002")
+    )
+    assert headers["Retry-After"] == "10"
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "[1008]", "model": "hailuo"})
+    assert status == 402 and body["error"]["type"] == "insufficient_quota", body
+    assert "insufficient balance" in body["error"]["message"]
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "[1026]", "model": "hailuo"})
+    assert status == 400 and body["error"]["code"] == "content_filter", body
+
+    minimax.api_key = "rotated-key"
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "hi", "model": "hailuo"})
+    assert status == 401 and "2049" in body["error"]["message"] and UPSTREAM_KEY not in str(body), body
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "error_code"),
+    [(1004, 401, "upstream_auth_failed"), (2013, 400, "invalid_value"), (1013, 502, "upstream_error")],
+)
+def test_other_status_codes(code: int, status: int, error_code: str) -> None:
+    error = refusal(code, "from MiniMax")
+    assert (error.status, error.code) == (status, error_code) and "from MiniMax" in error.message
+
+
+async def test_a_rate_limited_poll_does_not_fail_the_video(gw: RunningGateway) -> None:
+    video = await create(gw, model="hailuo", prompt="[busy] later")
+    status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}")
+    assert status == 429 and headers["Retry-After"] == "10", body
+    final = (await poll_until_done(gw, video["id"]))[-1]
+    assert final["status"] == "completed"
+
+
+async def test_failed_and_content_filtered_tasks(gw: RunningGateway) -> None:
+    failed = await create(gw, model="hailuo", prompt="[fail] please")
+    final = (await poll_until_done(gw, failed["id"]))[-1]
+    assert final["status"] == "failed" and final["error"]["code"] == "generation_failed"
+
+    filtered = await create(gw, model="hailuo", prompt="[1027] please")
+    final = (await poll_until_done(gw, filtered["id"]))[-1]
+    assert final["status"] == "failed"
+    assert final["error"] == {"code": "content_filter", "message": "output video sensitive"}
+
+
+async def test_every_download_fetches_a_fresh_url(
+    gw: RunningGateway, minimax: FakeMiniMax, media: dict[str, Path]
+) -> None:
+    video = await create(gw, model="hailuo", prompt="stream me")
+    await poll_until_done(gw, video["id"])
+    for _ in range(2):
+        status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+        assert (
+            status == 200 and body == media["video"].read_bytes() and headers["Content-Type"] == "video/mp4"
+        )
+    first, second = minimax.minted
+    assert first != second
+    async with aiohttp.ClientSession() as session, session.get(first) as stale:
+        assert stale.status == 403, "the first signed URL expired when the second was minted"
+
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
+    assert status == 404 and body["error"]["code"] == "variant_not_available"
+
+    minimax.files.clear()
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 410 and body["error"]["code"] == "video_expired", body
+
+
+async def test_delete_removes_the_result_file(gw: RunningGateway, minimax: FakeMiniMax) -> None:
+    video = await create(gw, model="hailuo", prompt="short-lived")
+    await poll_until_done(gw, video["id"])
+    (file_id,) = minimax.files
+    status, _, body = await request(gw, "DELETE", f"/v1/videos/{video['id']}")
+    assert status == 200 and body["deleted"] is True
+    assert minimax.deleted == [int(file_id)] and minimax.files == {}
+
+    running = await create(gw, model="hailuo", prompt="no cancel at MiniMax")
+    status, _, body = await request(gw, "DELETE", f"/v1/videos/{running['id']}")
+    assert status == 200 and body["deleted"] is True and minimax.deleted == [int(file_id)]
+
+
+async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path]) -> None:
+    assert await assert_sdk_roundtrip(gw, "hailuo", prompt="sdk", size="1920x1080", seconds="6") == (
+        media["video"].read_bytes()
+    )

@@ -1,0 +1,212 @@
+"""The Veo adapter for the Gemini API against a fake of it (tests/fakes/veo_gemini.py)."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
+from tests.fakes.veo_gemini import FakeVeoGemini
+from tests.provider_contract import (
+    assert_refused,
+    assert_sdk_roundtrip,
+    create,
+    png,
+    poll_until_done,
+    request,
+    start_provider_gateway,
+)
+
+MODELS = """
+    veo:
+      provider: native
+      model: veo-3.1-generate-preview
+    veo-fast:
+      provider: native
+      model: veo-3.0-fast-generate-001
+    veo-2:
+      provider: native
+      model: veo-2.0-generate-001
+"""
+
+
+@pytest.fixture
+async def gemini(aiohttp_server: Any, media: dict[str, Path]) -> tuple[FakeVeoGemini, str]:
+    fake = FakeVeoGemini(api_key=UPSTREAM_KEY, video=media["video"])
+    server = await aiohttp_server(fake.app())
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+def provider(url: str, key: str = "${UPSTREAM_KEY}") -> str:
+    return f"""
+        kind: veo
+        base_url: {url}
+        api_key: {key}
+        poll_after_ms: 100
+    """
+
+
+@pytest.fixture
+async def gw(
+    start_gateway: StartGateway, tmp_path: Path, gemini: tuple[FakeVeoGemini, str]
+) -> RunningGateway:
+    return await start_provider_gateway(start_gateway, tmp_path, provider(gemini[1]), MODELS)
+
+
+async def test_text_to_video_request_and_status_sequence(
+    gw: RunningGateway, gemini: tuple[FakeVeoGemini, str]
+) -> None:
+    fake, _ = gemini
+    fields = {"negativePrompt": "rain", "personGeneration": "allow_all"}
+    video = await create(gw, model="veo", prompt="a red fox", size="1080x1920", seconds="8", **fields)
+    assert video["status"] == "queued" and video["size"] == "1080x1920" and video["seconds"] == "8"
+    ((model, body),) = fake.creates
+    assert model == "veo-3.1-generate-preview"
+    assert body == {
+        "instances": [{"prompt": "a red fox"}],
+        "parameters": {
+            "aspectRatio": "9:16",
+            "resolution": "1080p",
+            "durationSeconds": 8,
+            "negativePrompt": "rain",
+            "personGeneration": "allow_all",
+        },
+    }
+    headers = fake.headers[-1]
+    assert headers["x-goog-api-key"] == UPSTREAM_KEY and "Authorization" not in headers
+    assert ALPHA_KEY not in str(fake.headers)
+
+    seen = await poll_until_done(gw, video["id"])
+    assert [v["status"] for v in seen] == ["in_progress", "in_progress", "completed"]
+    assert all(1 <= v["progress"] <= 95 for v in seen[:-1]) and seen[-1]["progress"] == 100
+    assert seen[-1]["error"] is None
+    assert abs(seen[-1]["expires_at"] - (time.time() + 2 * 24 * 3600)) < 60
+
+
+async def test_image_is_sent_inline_and_urls_are_refused(
+    gw: RunningGateway, gemini: tuple[FakeVeoGemini, str]
+) -> None:
+    fake, _ = gemini
+    image = png()
+    form = {"prompt": "animate", "model": "veo-2", "size": "720x1280", "seconds": "5"}
+    status, _, body = await request(gw, "POST", "/v1/videos", data={**form, "input_reference": image})
+    assert status == 200, body
+    ((_, sent),) = fake.creates
+    assert sent["instances"][0]["image"] == {
+        "bytesBase64Encoded": base64.b64encode(image).decode(),
+        "mimeType": "image/png",
+    }
+    assert sent["parameters"] == {"aspectRatio": "9:16", "durationSeconds": 5}
+
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "veo", "input_reference": {"image_url": "https://example.com/cat.png"}},
+        status=400,
+        param="input_reference",
+        mentions=("image URLs",),
+    )
+    assert len(fake.creates) == 1
+
+
+async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningGateway) -> None:
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "veo", "size": "1792x1024"},
+        status=400,
+        param="size",
+        mentions=("1280x720, 720x1280, 1080x1920, 1920x1080",),
+    )
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "veo", "seconds": "12"},
+        status=400,
+        param="seconds",
+        mentions=("4, 6, 8",),
+    )
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "veo-2", "seconds": "4"},
+        status=400,
+        param="seconds",
+        mentions=("5, 6, 8",),
+    )
+    await assert_refused(gw, {"prompt": "x", "model": "veo-2", "size": "1920x1080"}, status=400, param="size")
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "veo-fast", "size": "1920x1080", "seconds": "4"},
+        status=400,
+        param="seconds",
+        mentions=("at 1080p: 8",),
+    )
+
+
+async def test_failed_and_content_filtered_operations(gw: RunningGateway) -> None:
+    failed = await create(gw, model="veo", prompt="[fail] please")
+    final = (await poll_until_done(gw, failed["id"]))[-1]
+    assert final["status"] == "failed"
+    assert final["error"] == {
+        "code": "internal",
+        "message": "Video generation failed due to an internal error.",
+    }
+
+    filtered = await create(gw, model="veo", prompt="[filter] forbidden")
+    final = (await poll_until_done(gw, filtered["id"]))[-1]
+    assert final["status"] == "failed"
+    assert final["error"] == {
+        "code": "content_filter",
+        "message": "The video was filtered because it may violate our policies.",
+    }
+
+
+async def test_rate_limit_becomes_429_with_retry_after(gw: RunningGateway) -> None:
+    headers = await assert_refused(
+        gw, {"prompt": "[429]", "model": "veo"}, status=429, mentions=("RESOURCE_EXHAUSTED",)
+    )
+    assert headers["Retry-After"] == "28"
+
+
+async def test_bad_upstream_key_is_reported_as_the_gateways(
+    start_gateway: StartGateway, tmp_path: Path, gemini: tuple[FakeVeoGemini, str]
+) -> None:
+    gw = await start_provider_gateway(start_gateway, tmp_path, provider(gemini[1], "wrong-key"), MODELS)
+    got, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "veo"})
+    assert got == 401 and body["error"]["code"] == "upstream_auth_failed"
+    assert "API key not valid" in body["error"]["message"]
+
+
+async def test_content_streams_with_the_key_only_to_the_api(
+    gw: RunningGateway, gemini: tuple[FakeVeoGemini, str], media: dict[str, Path]
+) -> None:
+    fake, _ = gemini
+    video = await create(gw, model="veo", prompt="stream me")
+    await poll_until_done(gw, video["id"])
+    status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 200 and body == media["video"].read_bytes() and headers["Content-Type"] == "video/mp4"
+    (api_path, api_headers), (media_path, media_headers) = fake.downloads
+    assert api_path.endswith(":download") and api_headers["x-goog-api-key"] == UPSTREAM_KEY
+    assert media_path.startswith("/media/") and "x-goog-api-key" not in media_headers
+
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
+    assert status == 404 and body["error"]["code"] == "variant_not_available"
+
+    fake.files.clear()
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 410 and body["error"]["code"] == "video_expired"
+
+
+async def test_delete_forgets_the_video(gw: RunningGateway, gemini: tuple[FakeVeoGemini, str]) -> None:
+    video = await create(gw, model="veo", prompt="short-lived")
+    status, _, body = await request(gw, "DELETE", f"/v1/videos/{video['id']}")
+    assert status == 200 and body["deleted"] is True
+    status, _, _ = await request(gw, "GET", f"/v1/videos/{video['id']}")
+    assert status == 404
+
+
+async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path]) -> None:
+    assert await assert_sdk_roundtrip(gw, "veo", prompt="sdk", size="1280x720", seconds="4") == (
+        media["video"].read_bytes()
+    )
