@@ -348,7 +348,9 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        hint = ' (inside {...}, quote ${ENV} references: "${ENV}")' if "${" in line and "{" in line else ""
+        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}{hint}"]) from None
     lines: dict[tuple[Any, ...], int] = {}
     for node_path, line in _node_lines(node, ()) if node is not None else ():
         lines.setdefault(node_path, line)  # a mapping value is located at its key's line
