@@ -84,8 +84,9 @@ def _seed(body: RequestBody) -> dict[str, Any]:
 
 
 def _may_fail_over(exc: ApiError) -> bool:
-    """Refused without taking the job: nothing connected, nothing sent, or a clear no (5xx, 429, full)."""
-    if exc.code == "upstream_busy":
+    """Refused without taking the job: nothing connected, nothing sent, or a clear no (5xx, 429, a full
+    bulkhead, an exhausted account or a rejected key: another deployment may well take it)."""
+    if exc.code in ("upstream_busy", "insufficient_quota", "upstream_auth_failed"):
         return True
     if not isinstance(exc, UpstreamError):
         return False

@@ -55,7 +55,7 @@ STATUS_SYNONYMS: dict[str, tuple[str, str | None]] = {
     "error": ("failed", "generation_failed"),
     "cancelled": ("failed", "cancelled"),
     "canceled": ("failed", "cancelled"),
-    "aborted": ("failed", "cancelled"),
+    "aborted": ("failed", "aborted"),
     "expired": ("failed", "expired"),
     "unknown": ("failed", "unknown_status"),
 }

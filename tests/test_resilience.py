@@ -367,3 +367,22 @@ async def test_in_progress_cap_survives_a_restart(
         second, "/v1/videos", json={"prompt": "x", "model": "slow", "size": "320x240"}, headers=beta
     )
     assert status == 429 and body["error"]["code"] == "too_many_in_progress"
+
+
+
+def test_which_refusals_fail_over() -> None:
+    """Refusals that say nothing was created, and another deployment may succeed, fail over."""
+    from gateway.api import _may_fail_over
+    from gateway.errors import ApiError, UpstreamError
+
+    def refusal(status: int, kind: str, code: str | None = None, sent: bool = False) -> UpstreamError:
+        return UpstreamError(status, "no", kind=kind, code=code, sent=sent)
+
+    assert _may_fail_over(refusal(402, "4xx", "insufficient_quota"))
+    assert _may_fail_over(refusal(401, "4xx", "upstream_auth_failed"))
+    assert _may_fail_over(refusal(429, "4xx", "rate_limited"))
+    assert _may_fail_over(refusal(502, "connect"))
+    assert not _may_fail_over(refusal(400, "4xx", "invalid_value"))
+    assert not _may_fail_over(refusal(401, "4xx"))
+    assert not _may_fail_over(refusal(504, "timeout", sent=True))
+    assert not _may_fail_over(ApiError(400, "bad", code="invalid_value"))
