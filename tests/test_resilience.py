@@ -369,7 +369,6 @@ async def test_in_progress_cap_survives_a_restart(
     assert status == 429 and body["error"]["code"] == "too_many_in_progress"
 
 
-
 def test_which_refusals_fail_over() -> None:
     """Refusals that say nothing was created, and another deployment may succeed, fail over."""
     from gateway.api import _may_fail_over

@@ -28,6 +28,7 @@ import aiohttp
 
 from gateway.errors import ApiError
 from gateway.providers.base import Call, error_from_upstream
+from gateway.providers.native import auth_rejected
 from gateway.providers.openai import OpenAIAdapter
 
 
@@ -65,8 +66,7 @@ class AzureAdapter(OpenAIAdapter):
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         error = error_from_upstream(status, headers, raw)
         if status == 401:
-            error.message = f"Azure rejected the gateway's API key. {error.message}"
-            error.code = "upstream_auth_failed"
-        elif error.code is not None and error.code.isdigit():
+            return auth_rejected("Azure", error.message, upstream_status=status)
+        if error.code is not None and error.code.isdigit():
             error.code = "rate_limited" if status == 429 else None
         return error

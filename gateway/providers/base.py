@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from gateway.hosted import HostedFiles
 
 MAX_JSON_ANSWER = 64 * 1024 * 1024  # Vertex answers carry whole videos inline
+PARSE_OFF_LOOP = 1024 * 1024  # answers this large (inline videos) are parsed in a worker thread
 CHUNK = 256 * 1024
 
 
@@ -283,6 +284,15 @@ class Adapter:
     def count_error(self, kind: str) -> None:
         metrics.UPSTREAM_ERRORS.labels(self.config.name, kind).inc()
 
+    def error_in_answer(self, call: Call, error: UpstreamError) -> UpstreamError:
+        """A refusal the provider sent inside a successful HTTP answer, counted and reported to health
+        as ``send`` does for an HTTP error; raise what it returns."""
+        self.count_error(error.kind)
+        call.upstream_error = error.kind
+        if error.kind == "5xx":
+            call.outcome("5xx")
+        return error
+
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         """A provider's refusal as our envelope; adapters with their own error format override this."""
         return error_from_upstream(status, headers, raw)
@@ -295,7 +305,7 @@ class Adapter:
         if not raw.strip():
             return {}
         try:
-            return json.loads(raw)
+            return await asyncio.to_thread(json.loads, raw) if len(raw) > PARSE_OFF_LOOP else json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             self.count_error("payload")
             raise UpstreamError(
@@ -356,13 +366,18 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(raw)
 
 
+def json_or_none(raw: bytes) -> Any:
+    """``raw`` parsed as JSON, or None when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamError:
     """A provider's refusal as our envelope: its message kept, the status made meaningful."""
     message, type_, param, code = None, None, None, None
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        parsed = None
+    parsed = json_or_none(raw)
     if isinstance(parsed, dict):
         err = parsed.get("error", parsed)
         if isinstance(err, dict):

@@ -31,7 +31,6 @@ new-api ``task/ali``):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -40,14 +39,21 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
     NativeAdapter,
+    auth_rejected,
+    durations,
+    expired_if_gone,
     expired_result,
     field_int,
+    ignore_refusals,
     not_offered,
+    out_of_quota,
+    rate_limited,
+    refused,
     synthetic_progress,
 )
 from gateway.store import Task
@@ -80,14 +86,10 @@ def _i2v_sizes(*tiers: str) -> dict[str, dict[str, str]]:
     return {size.replace("*", "x"): {"resolution": tier} for tier in tiers for size in TIERS[tier]}
 
 
-def _durations(*seconds: int) -> dict[str, int]:
-    return {str(s): s for s in seconds}
-
-
 def _t2v(*tiers: str, seconds: tuple[int, ...] = (5,), default: str, expected: float) -> ModelSpec:
     return ModelSpec(
         sizes=_t2v_sizes(*tiers),
-        seconds=_durations(*seconds),
+        seconds=durations(*seconds),
         default_size=default,
         default_seconds="5",
         image_input=False,
@@ -99,7 +101,7 @@ def _t2v(*tiers: str, seconds: tuple[int, ...] = (5,), default: str, expected: f
 def _i2v(*tiers: str, seconds: tuple[int, ...] = (5,), default: str, expected: float) -> ModelSpec:
     return ModelSpec(
         sizes=_i2v_sizes(*tiers),
-        seconds=_durations(*seconds),
+        seconds=durations(*seconds),
         default_size=default,
         default_seconds="5",
         text_input=False,
@@ -182,7 +184,7 @@ class DashScopeAdapter(NativeAdapter):
         )
         output = answer.get("output") if isinstance(answer, dict) else None
         if not isinstance(output, dict) or not isinstance(output.get("task_id"), str):
-            raise self._refusal_in_answer(answer, "DashScope's answer has no task id.")
+            raise self._refusal_in_answer(call, answer, "DashScope's answer has no task id.")
         fields: dict[str, Any] = {"status": "queued", "progress": 0, **request.seed()}
         return UpstreamVideo(output["task_id"], fields)
 
@@ -208,7 +210,7 @@ class DashScopeAdapter(NativeAdapter):
         answer = await self.call_json(call, "GET", f"{self.base_url}{TASKS}/{task_id}")
         output = answer.get("output") if isinstance(answer, dict) else None
         if not isinstance(output, dict) or "task_status" not in output:
-            raise self._refusal_in_answer(answer, "DashScope's task answer has no task_status.")
+            raise self._refusal_in_answer(call, answer, "DashScope's task answer has no task_status.")
         return output
 
     async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
@@ -258,68 +260,45 @@ class DashScopeAdapter(NativeAdapter):
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         if variant != "video":
             raise not_offered(variant, self.kind)
-        try:
+        with expired_if_gone():
             output = await self._task(call, task.upstream_id)
-        except UpstreamError as exc:
-            if exc.upstream_status == 404:
-                raise expired_result() from None
-            raise
         url = output.get("video_url")
         if str(output["task_status"]).upper() != "SUCCEEDED" or not isinstance(url, str) or not url:
             raise expired_result()
         return await self.stream_result(call, url)
 
     async def delete(self, call: Call, task: Task) -> None:
-        try:
+        # Only PENDING tasks can be cancelled; a running or finished one is left to expire at
+        # DashScope after 24 hours, and the gateway forgets it either way.
+        with ignore_refusals(400, 403, 404, 409):
             await self.call_json(call, "POST", f"{self.base_url}{TASKS}/{task.upstream_id}/cancel")
-        except UpstreamError as exc:
-            # Only PENDING tasks can be cancelled; a running or finished one is left to expire at
-            # DashScope after 24 hours, and the gateway forgets it either way.
-            if exc.upstream_status not in (400, 403, 404, 409):
-                raise
 
-    def _refusal_in_answer(self, answer: Any, missing: str) -> ApiError:
+    def _refusal_in_answer(self, call: Call, answer: Any, missing: str) -> ApiError:
         """An HTTP-200 answer without what it should carry: its ``code`` if it has one, else a 502."""
         if isinstance(answer, dict) and answer.get("code"):
-            return self._refusal(400, {}, answer)
+            return self.error_in_answer(call, self._refusal(400, {}, answer))
         self.count_error("payload")
         return UpstreamError(502, f"Upstream error: {missing}", kind="payload")
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
-        try:
-            parsed = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            parsed = None
+        parsed = json_or_none(raw)
         if not isinstance(parsed, dict) or not parsed.get("code") or status >= 500:
             return error_from_upstream(status, headers, raw)
         return self._refusal(status, headers, parsed)
 
     @staticmethod
-    def _refusal(status: int, headers: Mapping[str, str], error: dict[str, Any]) -> ApiError:
+    def _refusal(status: int, headers: Mapping[str, str], error: dict[str, Any]) -> UpstreamError:
         code = str(error.get("code") or "")
         text = f"DashScope: {error.get('message') or f'HTTP {status}'} ({code})"
-        common: dict[str, Any] = {"kind": "4xx", "upstream_status": status, "type": "invalid_request_error"}
         if status == 429 or code.startswith("Throttling"):
-            return UpstreamError(
-                429,
-                text,
-                **{**common, "type": "rate_limit_error"},
-                code="rate_limited",
-                headers={"Retry-After": headers.get("Retry-After") or RETRY_AFTER_SECONDS},
-            )
+            retry_after = headers.get("Retry-After") or RETRY_AFTER_SECONDS
+            return rate_limited(text, upstream_status=status, retry_after=retry_after)
         if status == 401 or code == "InvalidApiKey":
-            return UpstreamError(
-                401,
-                f"DashScope rejected the gateway's API key. {text}",
-                **common,
-                code="upstream_auth_failed",
-            )
+            return auth_rejected("DashScope", text, upstream_status=status)
         if code == "Arrearage":
-            return UpstreamError(
-                402, text, **{**common, "type": "insufficient_quota"}, code="insufficient_quota"
-            )
+            return out_of_quota(text, upstream_status=status)
         if code in FILTERED:
-            return UpstreamError(400, text, **common, code="content_filter")
+            return refused(400, text, code="content_filter", upstream_status=status)
         if code.startswith(("InvalidParameter", "BadRequest", "InvalidURL")):
-            return UpstreamError(400, text, **common, code="invalid_value")
-        return UpstreamError(status, text, **common, code=code or None)
+            return refused(400, text, code="invalid_value", upstream_status=status)
+        return refused(status, text, code=code or None, upstream_status=status)

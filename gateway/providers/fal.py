@@ -26,8 +26,8 @@ and request-error docs; see the provider reference §h):
   ``{"detail": [{loc, msg, type}]}`` (model errors, 422): a 422 becomes a 400 naming the OpenAI
   field; ``content_policy_violation`` becomes ``content_filter``; 429 keeps its Retry-After.
 
-Inputs differ per endpoint, so each endpoint is a :class:`FalSpec` whose ``sizes`` and ``seconds``
-map to the native fields they write (merged into the input): ``{"aspect_ratio": "16:9",
+Inputs differ per endpoint, so each endpoint's ``sizes`` and ``seconds`` map to the native fields
+they write (merged into the input): ``{"aspect_ratio": "16:9",
 "resolution": "720p"}``, ``{"duration": "8s"}``, ``{"num_frames": 81, "frames_per_second": 16}``...
 Endpoints not listed are refused with a 400 naming the known ones: their fields, and how they spell
 durations, cannot be guessed, and a wrong guess is either refused after queueing or silently
@@ -48,19 +48,33 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import MAX_JSON_ANSWER, Call, UpstreamVideo, error_from_upstream, read_limited
+from gateway.providers.base import (
+    MAX_JSON_ANSWER,
+    Call,
+    UpstreamVideo,
+    error_from_upstream,
+    json_or_none,
+    read_limited,
+)
 from gateway.providers.native import (
     ModelSpec,
     NativeAdapter,
+    auth_rejected,
     expired_result,
+    ignore_refusals,
     not_offered,
+    rate_limited,
+    refused,
+    same_origin,
     synthetic_progress,
+    upstream_failed,
 )
 from gateway.store import Task
 from gateway.videos import is_terminal
 
 APP_NAMESPACES = ("workflows", "comfy")
 RETRY_AFTER_SECONDS = "10"  # when fal's 429 names no Retry-After (none is documented)
+IMAGE_FIELD = "image_url"  # where input_reference goes unless an endpoint's spec names its own field
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _NUMERIC_APP = re.compile(r"^([0-9]+)-([A-Za-z0-9-]+)$")
 
@@ -78,16 +92,6 @@ _PARAMS = {
 
 # A model error's ``type`` → the code of the 400 it becomes.
 _REFUSAL_CODES = {"content_policy_violation": "content_filter", "missing": "missing_required_parameter"}
-
-
-@dataclass(frozen=True)
-class FalSpec(ModelSpec):
-    """A fal endpoint: ``sizes`` and ``seconds`` map to dicts of native input fields.
-
-    image_field   the input field that takes ``input_reference`` (a URL or a data URI)
-    """
-
-    image_field: str = "image_url"
 
 
 def _sizes(*entries: tuple[str, str, str | None]) -> dict[str, dict[str, str]]:
@@ -162,8 +166,8 @@ _WAN_22_EXTRAS = frozenset(
 )
 
 
-def _veo(*, image: bool, expected: float) -> FalSpec:
-    return FalSpec(
+def _veo(*, image: bool, expected: float) -> ModelSpec:
+    return ModelSpec(
         sizes=_VEO_SIZES,
         seconds=_durations("{}s", 4, 6, 8),
         default_size="1280x720",
@@ -175,8 +179,8 @@ def _veo(*, image: bool, expected: float) -> FalSpec:
     )
 
 
-def _kling(*, image: bool) -> FalSpec:
-    return FalSpec(
+def _kling(*, image: bool) -> ModelSpec:
+    return ModelSpec(
         sizes=_KLING_IMAGE_SIZES if image else _KLING_SIZES,
         seconds=_durations("{}", 5, 10),
         default_size="1280x720",
@@ -188,7 +192,7 @@ def _kling(*, image: bool) -> FalSpec:
     )
 
 
-MODELS: dict[str, FalSpec] = {
+MODELS: dict[str, ModelSpec] = {
     "fal-ai/kling-video/v2.5-turbo/pro/text-to-video": _kling(image=False),
     "fal-ai/kling-video/v2.5-turbo/pro/image-to-video": _kling(image=True),
     "fal-ai/veo3.1": _veo(image=False, expected=90),
@@ -197,7 +201,7 @@ MODELS: dict[str, FalSpec] = {
     "fal-ai/veo3.1/fast/image-to-video": _veo(image=True, expected=50),
     "fal-ai/veo3": _veo(image=False, expected=90),
     "fal-ai/veo3/fast": _veo(image=False, expected=50),
-    "fal-ai/wan-25-preview/text-to-video": FalSpec(
+    "fal-ai/wan-25-preview/text-to-video": ModelSpec(
         sizes=_WAN_25_SIZES,
         seconds=_durations("{}", 5, 10),
         default_size="1280x720",
@@ -206,7 +210,7 @@ MODELS: dict[str, FalSpec] = {
         extra_params=_WAN_25_EXTRAS,
         expected_seconds=120,
     ),
-    "fal-ai/wan/v2.2-a14b/text-to-video": FalSpec(
+    "fal-ai/wan/v2.2-a14b/text-to-video": ModelSpec(
         sizes=_WAN_22_SIZES,
         seconds=_WAN_22_FRAMES,
         default_size="1280x720",
@@ -330,8 +334,6 @@ class FalAdapter(NativeAdapter):
         request = await self.parse_create(call, body)
         endpoint = call.deployment.upstream_model
         app = app_path(endpoint)
-        spec = request.spec
-        assert isinstance(spec, FalSpec)
         payload: dict[str, Any] = {
             "prompt": request.prompt,
             **request.native_size,
@@ -339,7 +341,7 @@ class FalAdapter(NativeAdapter):
             **request.extras,
         }
         if request.image is not None:
-            payload[spec.image_field] = request.image.data_uri()
+            payload[request.spec.image_field or IMAGE_FIELD] = request.image.data_uri()
         answer = await self.call_json(
             call, "POST", f"{self.base_url}/{endpoint}", json_body=payload, headers=self._submit_headers()
         )
@@ -354,16 +356,11 @@ class FalAdapter(NativeAdapter):
 
     def _ours(self, url: Any, request_id: str, suffix: str) -> bool:
         """A follow-up URL from fal is used only under the configured base URL, for this very request."""
-        if not isinstance(url, str):
+        if not isinstance(url, str) or not same_origin(url, self.base_url):
             return False
         got, base = urlsplit(url), urlsplit(self.base_url)
-        try:
-            same_origin = (got.scheme, got.hostname, got.port) == (base.scheme, base.hostname, base.port)
-        except ValueError:
-            return False
         return (
-            same_origin
-            and not got.query
+            not got.query
             and not got.fragment
             and got.path.startswith(base.path.rstrip("/") + "/")
             and got.path.endswith(f"/requests/{request_id}{suffix}")
@@ -428,9 +425,7 @@ class FalAdapter(NativeAdapter):
 
     async def _result(self, call: Call, task: Task) -> Any:
         """The run's output, or its :class:`_RunFailure` (``expired`` when fal no longer has it)."""
-        headers = self.upstream_headers(call, forward_client=False)
-        headers["Accept"] = "application/json"
-        headers["Accept-Encoding"] = "identity"
+        headers = await self.api_headers(call)
         async with self.send(call, "GET", self._url(task, "response_url", ""), headers=headers) as response:
             raw = await read_limited(response, MAX_JSON_ANSWER)
             if response.status < 400:
@@ -453,7 +448,7 @@ class FalAdapter(NativeAdapter):
         """A refused result of a COMPLETED run is the run's failure, unless it is a refusal of the call."""
         if status in (401, 403, 408, 409, 429):
             return None
-        parsed = _json_or_none(raw)
+        parsed = json_or_none(raw)
         body = parsed if isinstance(parsed, dict) else {}
         error_type = headers.get("X-Fal-Error-Type") or body.get("error_type")
         message, _, kind = _describe(body.get("detail"))
@@ -487,56 +482,36 @@ class FalAdapter(NativeAdapter):
     async def delete(self, call: Call, task: Task) -> None:
         if is_terminal(task.status):
             return  # fal keeps finished results until they expire; there is nothing to cancel
-        try:
+        # Already finished (400 ALREADY_COMPLETED) or gone: forget it anyway.
+        with ignore_refusals(400, 404, 409, 410, 422):
             await self.call_json(call, "PUT", self._url(task, "cancel_url", "/cancel"))
-        except UpstreamError as exc:
-            # Already finished (400 ALREADY_COMPLETED) or gone: forget it anyway.
-            if exc.upstream_status not in (400, 404, 409, 410, 422):
-                raise
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
-        parsed = _json_or_none(raw)
+        parsed = json_or_none(raw)
         body = parsed if isinstance(parsed, dict) else {}
         message, field, kind = _describe(body.get("detail"))
         error_type = headers.get("X-Fal-Error-Type") or body.get("error_type")
         if message is None:
             return error_from_upstream(status, headers, raw)
         text = f"fal: {message}" + (f" ({error_type})" if error_type else "")
-        common: dict[str, Any] = {"kind": "4xx", "upstream_status": status, "type": "invalid_request_error"}
         if status == 429:
-            return UpstreamError(
-                429,
-                text,
-                **{**common, "type": "rate_limit_error"},
-                code="rate_limited",
-                headers={"Retry-After": headers.get("Retry-After") or RETRY_AFTER_SECONDS},
-            )
+            retry_after = headers.get("Retry-After") or RETRY_AFTER_SECONDS
+            return rate_limited(text, upstream_status=status, retry_after=retry_after)
         if status == 401:
-            return UpstreamError(
-                401, f"fal rejected the gateway's API key. {text}", **common, code="upstream_auth_failed"
-            )
+            return auth_rejected("fal", text, upstream_status=status)
         if status in (400, 422):
-            return UpstreamError(
+            return refused(
                 400,
                 text,
-                **common,
-                param=None if field is None else _PARAMS.get(field, field),
                 code=_REFUSAL_CODES.get(kind or "", "invalid_value"),
+                upstream_status=status,
+                param=None if field is None else _PARAMS.get(field, field),
             )
         if status < 500:
-            return UpstreamError(status, text, **common, code=str(error_type) if error_type else None)
-        return UpstreamError(
-            503 if status == 503 else 502,
+            return refused(status, text, code=str(error_type) if error_type else None, upstream_status=status)
+        return upstream_failed(
             f"Upstream error (HTTP {status}): {text}",
-            kind="5xx",
             upstream_status=status,
-            code="upstream_error",
-            headers={"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else {},
+            status=503 if status == 503 else 502,
+            retry_after=headers.get("Retry-After"),
         )
-
-
-def _json_or_none(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None

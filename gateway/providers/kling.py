@@ -41,15 +41,20 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo
+from gateway.providers.base import Call, UpstreamVideo, json_or_none
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
     NativeAdapter,
+    auth_rejected,
     expired_result,
     field_int,
     not_offered,
+    out_of_quota,
+    rate_limited,
+    refused,
     synthetic_progress,
+    upstream_failed,
 )
 from gateway.store import Task
 
@@ -129,59 +134,49 @@ def refusal(
 ) -> UpstreamError | None:
     """A Kling service code as our envelope, Kling's message kept; None for a code not listed here."""
     text = f"Kling: {message or 'error'} (code {code})."
-    common: dict[str, Any] = {"kind": "4xx", "upstream_status": http_status, "type": "invalid_request_error"}
+    retry_after = retry_after or RETRY_AFTER_SECONDS
     if code in RATE_LIMITED:
-        return UpstreamError(
-            429,
-            text,
-            **{**common, "type": "rate_limit_error"},
-            code="rate_limited",
-            headers={"Retry-After": retry_after or RETRY_AFTER_SECONDS},
-        )
+        return rate_limited(text, upstream_status=http_status, retry_after=retry_after)
     if code in AUTH_FAILED:
-        return UpstreamError(
-            401,
-            f"Kling rejected the gateway's credentials (options.access_key / api_key). {text}",
-            **common,
-            code="upstream_auth_failed",
+        return auth_rejected(
+            "Kling",
+            text,
+            upstream_status=http_status,
+            credential="credentials (options.access_key / api_key)",
         )
     if code in NO_BALANCE:
-        return UpstreamError(402, text, **{**common, "type": "insufficient_quota"}, code="insufficient_quota")
+        return out_of_quota(text, upstream_status=http_status)
     if code == ACCOUNT_ABNORMAL:
-        return UpstreamError(
-            403, text, **{**common, "type": "insufficient_quota"}, code="account_unavailable"
+        return refused(
+            403, text, code="account_unavailable", upstream_status=http_status, type="insufficient_quota"
         )
     if code in (NO_PERMISSION, IP_ALLOWLIST):
-        return UpstreamError(403, text, **{**common, "type": "permission_error"}, code="permission_denied")
+        return refused(
+            403, text, code="permission_denied", upstream_status=http_status, type="permission_error"
+        )
     if code == NOT_FOUND:
-        return UpstreamError(404, text, **common, code="upstream_not_found")
+        return refused(404, text, code="upstream_not_found", upstream_status=http_status)
     if code == CONTENT_FILTER:
-        return UpstreamError(400, text, **common, code="content_filter")
+        return refused(400, text, code="content_filter", upstream_status=http_status)
     if code == POLICY:
-        return UpstreamError(400, text, **common, code="policy_violation")
+        return refused(400, text, code="policy_violation", upstream_status=http_status)
     if code in (1200, 1201):
-        return UpstreamError(400, text, **common, code="invalid_value")
+        return refused(400, text, code="invalid_value", upstream_status=http_status)
     if code in SERVER_UNAVAILABLE:
-        return UpstreamError(
-            503,
+        return upstream_failed(
             f"Upstream error: {text}",
-            kind="5xx",
             upstream_status=http_status,
+            status=503,
             code="upstream_unavailable",
-            headers={"Retry-After": retry_after or RETRY_AFTER_SECONDS},
+            retry_after=retry_after,
         )
     if code == 5000 or code == 1202:
-        return UpstreamError(
-            502, f"Upstream error: {text}", kind="5xx", upstream_status=http_status, code="upstream_error"
-        )
+        return upstream_failed(f"Upstream error: {text}", upstream_status=http_status)
     return None
 
 
 def _envelope(raw: bytes) -> tuple[int, str] | None:
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    parsed = json_or_none(raw)
     if not isinstance(parsed, dict) or field_int(parsed.get("code")) is None:
         return None
     return int(parsed["code"]), str(parsed.get("message") or "")
@@ -339,17 +334,10 @@ class KlingAdapter(NativeAdapter):
         code = field_int(answer.get("code"))
         if code:
             message = str(answer.get("message") or "")
-            error = self._refused(code, message, 200, None) or UpstreamError(
-                502,
-                f"Upstream error: Kling: {message or 'error'} (code {code}).",
-                kind="5xx",
-                code="upstream_error",
+            error = self._refused(code, message, 200, None) or upstream_failed(
+                f"Upstream error: Kling: {message or 'error'} (code {code}).", upstream_status=None
             )
-            self.count_error(error.kind)
-            call.upstream_error = error.kind
-            if error.kind == "5xx":
-                call.outcome("5xx")
-            raise error
+            raise self.error_in_answer(call, error)
         data = answer.get("data")
         if not isinstance(data, dict):
             self.count_error("payload")

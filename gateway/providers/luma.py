@@ -25,7 +25,6 @@ sent for it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,13 +32,18 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
 from gateway.providers.native import (
     ImageInput,
     ModelSpec,
     NativeAdapter,
+    auth_rejected,
+    expired_if_gone,
     expired_result,
+    ignore_refusals,
     not_offered,
+    rate_limited,
+    refused,
     synthetic_progress,
 )
 from gateway.store import Task
@@ -115,10 +119,7 @@ def _is_moderation(text: str) -> bool:
 
 def _detail(raw: bytes) -> tuple[str | None, str | None]:
     """Luma's ``detail``: its message and, for body validation errors, the OpenAI field at fault."""
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None, None
+    parsed = json_or_none(raw)
     detail = parsed.get("detail") if isinstance(parsed, dict) else None
     if isinstance(detail, str) and detail:
         return detail, None
@@ -218,12 +219,8 @@ class LumaAdapter(NativeAdapter):
                 param="variant",
                 code="variant_not_available",
             )
-        try:
+        with expired_if_gone():
             answer = await self._generation(call, task.upstream_id)
-        except UpstreamError as exc:
-            if exc.upstream_status == 404:
-                raise expired_result() from None
-            raise
         assets = answer.get("assets") if isinstance(answer.get("assets"), dict) else {}
         if variant == "video":
             url = assets.get("video")
@@ -236,32 +233,21 @@ class LumaAdapter(NativeAdapter):
         return await self.stream_result(call, url, content_type="image/jpeg")
 
     async def delete(self, call: Call, task: Task) -> None:
-        try:
+        # Already gone, or refused for its state: the gateway forgets the video either way.
+        with ignore_refusals(400, 404, 409):
             await self.call_json(call, "DELETE", f"{self.base_url}/generations/{task.upstream_id}")
-        except UpstreamError as exc:
-            # Already gone, or refused for its state: the gateway forgets the video either way.
-            if exc.upstream_status not in (400, 404, 409):
-                raise
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         detail, param = _detail(raw)
         if detail is None or status >= 500:
             return error_from_upstream(status, headers, raw)
         text = f"Luma: {detail}"
-        common: dict[str, Any] = {"kind": "4xx", "upstream_status": status, "type": "invalid_request_error"}
         if status == 429:
-            return UpstreamError(
-                429,
-                text,
-                **{**common, "type": "rate_limit_error"},
-                code="rate_limited",
-                headers={"Retry-After": headers.get("Retry-After") or RETRY_AFTER_SECONDS},
-            )
+            retry_after = headers.get("Retry-After") or RETRY_AFTER_SECONDS
+            return rate_limited(text, upstream_status=status, retry_after=retry_after)
         if status == 401:
-            return UpstreamError(
-                401, f"Luma rejected the gateway's API key. {text}", **common, code="upstream_auth_failed"
-            )
+            return auth_rejected("Luma", text, upstream_status=status)
         if status in (400, 422):
             code = "content_filter" if _is_moderation(detail) else "invalid_value"
-            return UpstreamError(400, text, **common, param=param, code=code)
-        return UpstreamError(status, text, **common, param=param)
+            return refused(400, text, code=code, upstream_status=status, param=param)
+        return refused(status, text, code=None, upstream_status=status, param=param)

@@ -26,26 +26,29 @@ since the image decides the orientation; the video then reports the pixel size M
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from yarl import URL
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo
+from gateway.providers.base import Call, UpstreamVideo, json_or_none
 from gateway.providers.native import (
-    CreateRequest,
     ModelSpec,
     NativeAdapter,
+    Tier,
+    auth_rejected,
+    durations,
     expired_result,
     field_int,
     not_offered,
+    out_of_quota,
+    rate_limited,
+    refused,
     synthetic_progress,
+    upstream_failed,
 )
 from gateway.store import Task
 
@@ -68,64 +71,62 @@ TIERS = {
     "1080P": ("1920x1080", "1080x1920"),
 }
 
-
-@dataclass(frozen=True)
-class Hailuo:
-    """What one model makes: its durations per resolution tier, and the tiers only i2v offers."""
-
-    durations: Mapping[str, tuple[int, ...]]
-    image_only_tiers: frozenset[str] = frozenset()
-
-
-LIMITS = {
-    "MiniMax-Hailuo-2.3": Hailuo({"768P": (6, 10), "1080P": (6,)}),
-    "MiniMax-Hailuo-2.3-Fast": Hailuo({"768P": (6, 10), "1080P": (6,)}),
-    "MiniMax-Hailuo-02": Hailuo({"512P": (6, 10), "768P": (6, 10), "1080P": (6,)}, frozenset({"512P"})),
-    "T2V-01": Hailuo({"720P": (6,)}),
-    "T2V-01-Director": Hailuo({"720P": (6,)}),
-    "I2V-01": Hailuo({"720P": (6,)}),
-    "I2V-01-Director": Hailuo({"720P": (6,)}),
-    "I2V-01-live": Hailuo({"720P": (6,)}),
-}
-
 _EXTRAS = frozenset({"prompt_optimizer", "aigc_watermark"})
 _HAILUO_EXTRAS = _EXTRAS | {"fast_pretreatment"}
 
 
 def _spec(
-    model: str, *, text: bool, image: bool, expected: float, extras: frozenset[str] = _EXTRAS
+    by_tier: Mapping[str, tuple[int, ...]],
+    *,
+    text: bool,
+    image: bool,
+    expected: float,
+    extras: frozenset[str] = _EXTRAS,
+    image_only_tiers: frozenset[str] = frozenset(),
 ) -> ModelSpec:
-    limits = LIMITS[model]
-    sizes = {size: tier for tier in limits.durations for size in (TIERS[tier] if image else TIERS[tier][:1])}
-    seconds = sorted({s for durations in limits.durations.values() for s in durations})
-    default_tier = "768P" if "768P" in limits.durations else "720P"
+    """A model from its durations per resolution tier. Text-to-video is landscape only and has no
+    ``image_only_tiers``; with an image the portrait forms mean the same tier."""
+    sizes = {size: tier for tier in by_tier for size in (TIERS[tier] if image else TIERS[tier][:1])}
+    image_only = {TIERS[tier][1] for tier in by_tier} | {s for t in image_only_tiers for s in TIERS[t]}
+    seconds = sorted({s for allowed in by_tier.values() for s in allowed})
+    default_tier = "768P" if "768P" in by_tier else "720P"
     return ModelSpec(
         sizes=sizes,
-        seconds={str(s): s for s in seconds},
+        seconds=durations(*seconds),
         default_size=TIERS[default_tier][0],
         default_seconds="6",
         text_input=text,
         image_input=image,
         extra_params=extras,
         expected_seconds=expected,
+        tiers=tuple(
+            Tier(tier, frozenset(s for s in sizes if sizes[s] == tier), frozenset(map(str, allowed)))
+            for tier, allowed in by_tier.items()
+        ),
+        image_only_sizes=frozenset(image_only) if image else frozenset(),
     )
 
 
+_HAILUO_23 = {"768P": (6, 10), "1080P": (6,)}
+_HAILUO_02 = {"512P": (6, 10), "768P": (6, 10), "1080P": (6,)}
+_V01 = {"720P": (6,)}
+
 MODELS = {
-    "MiniMax-Hailuo-2.3": _spec(
-        "MiniMax-Hailuo-2.3", text=True, image=True, expected=180, extras=_HAILUO_EXTRAS
-    ),
-    "MiniMax-Hailuo-2.3-Fast": _spec(
-        "MiniMax-Hailuo-2.3-Fast", text=False, image=True, expected=90, extras=_HAILUO_EXTRAS
-    ),
+    "MiniMax-Hailuo-2.3": _spec(_HAILUO_23, text=True, image=True, expected=180, extras=_HAILUO_EXTRAS),
+    "MiniMax-Hailuo-2.3-Fast": _spec(_HAILUO_23, text=False, image=True, expected=90, extras=_HAILUO_EXTRAS),
     "MiniMax-Hailuo-02": _spec(
-        "MiniMax-Hailuo-02", text=True, image=True, expected=240, extras=_HAILUO_EXTRAS
+        _HAILUO_02,
+        text=True,
+        image=True,
+        expected=240,
+        extras=_HAILUO_EXTRAS,
+        image_only_tiers=frozenset({"512P"}),
     ),
-    "T2V-01": _spec("T2V-01", text=True, image=False, expected=180),
-    "T2V-01-Director": _spec("T2V-01-Director", text=True, image=False, expected=180),
-    "I2V-01": _spec("I2V-01", text=False, image=True, expected=180),
-    "I2V-01-Director": _spec("I2V-01-Director", text=False, image=True, expected=180),
-    "I2V-01-live": _spec("I2V-01-live", text=False, image=True, expected=180),
+    "T2V-01": _spec(_V01, text=True, image=False, expected=180),
+    "T2V-01-Director": _spec(_V01, text=True, image=False, expected=180),
+    "I2V-01": _spec(_V01, text=False, image=True, expected=180),
+    "I2V-01-Director": _spec(_V01, text=False, image=True, expected=180),
+    "I2V-01-live": _spec(_V01, text=False, image=True, expected=180),
 }
 
 
@@ -139,28 +140,17 @@ def _base_resp(answer: dict[str, Any]) -> tuple[int, str]:
 def refusal(code: int, message: str, retry_after: str | None = None, http_status: int = 200) -> UpstreamError:
     """A non-zero ``base_resp.status_code`` as our envelope, MiniMax's message kept."""
     text = f"MiniMax: {message or 'error'} (status_code {code})."
-    common: dict[str, Any] = {"kind": "4xx", "upstream_status": http_status, "type": "invalid_request_error"}
     if code in RATE_LIMITED:
-        return UpstreamError(
-            429,
-            text,
-            **{**common, "type": "rate_limit_error"},
-            code="rate_limited",
-            headers={"Retry-After": retry_after or RETRY_AFTER_SECONDS},
-        )
+        return rate_limited(text, upstream_status=http_status, retry_after=retry_after or RETRY_AFTER_SECONDS)
     if code in BAD_KEY:
-        return UpstreamError(
-            401, f"MiniMax rejected the gateway's API key. {text}", **common, code="upstream_auth_failed"
-        )
+        return auth_rejected("MiniMax", text, upstream_status=http_status)
     if code == NO_BALANCE:
-        return UpstreamError(402, text, **{**common, "type": "insufficient_quota"}, code="insufficient_quota")
+        return out_of_quota(text, upstream_status=http_status)
     if code in SENSITIVE:
-        return UpstreamError(400, text, **common, code="content_filter")
+        return refused(400, text, code="content_filter", upstream_status=http_status)
     if code == INVALID_PARAMS:
-        return UpstreamError(400, text, **common, code="invalid_value")
-    return UpstreamError(
-        502, f"Upstream error: {text}", kind="5xx", upstream_status=http_status, code="upstream_error"
-    )
+        return refused(400, text, code="invalid_value", upstream_status=http_status)
+    return upstream_failed(f"Upstream error: {text}", upstream_status=http_status)
 
 
 class MiniMaxAdapter(NativeAdapter):
@@ -191,7 +181,6 @@ class MiniMaxAdapter(NativeAdapter):
         upstream_model = call.deployment.upstream_model
         if len(request.prompt) > MAX_PROMPT:
             raise bad_request(f"MiniMax takes prompts up to {MAX_PROMPT} characters.", param="prompt")
-        self._check_combination(call, LIMITS.get(upstream_model), request)
         payload: dict[str, Any] = {
             "model": upstream_model,
             "prompt": request.prompt,
@@ -206,44 +195,11 @@ class MiniMaxAdapter(NativeAdapter):
         answer = await self._api(call, "POST", "/v1/video_generation", json_body=payload)
         code, message = _base_resp(answer)
         if code:
-            raise self._counted(call, refusal(code, message))
+            raise self.error_in_answer(call, refusal(code, message))
         task_id = answer.get("task_id")
         if not isinstance(task_id, str) or not task_id:
             raise UpstreamError(502, "Upstream error: MiniMax's answer has no task_id.", kind="payload")
         return UpstreamVideo(task_id, {"status": "queued", "progress": 0, **request.seed()}, state)
-
-    @staticmethod
-    def _check_combination(call: Call, limits: Hailuo | None, request: CreateRequest) -> None:
-        """What ModelSpec cannot say: landscape-only t2v, i2v-only tiers, and seconds per tier."""
-        if limits is None:
-            return
-        model, tier = call.deployment.model, request.native_size
-        text_sizes = ", ".join(TIERS[t][0] for t in limits.durations if t not in limits.image_only_tiers)
-        if request.image is None and request.size != TIERS[tier][0]:
-            raise bad_request(
-                f"size '{request.size}' is portrait, but MiniMax makes text-to-video landscape only; "
-                f"model '{model}' supports without an input_reference: {text_sizes} "
-                "(with an image the video takes the image's orientation).",
-                param="size",
-                code="unsupported_value",
-            )
-        if request.image is None and tier in limits.image_only_tiers:
-            raise bad_request(
-                f"size '{request.size}' ({tier}) needs an input_reference image on model '{model}'; "
-                f"supported without one: {text_sizes}.",
-                param="size",
-                code="unsupported_value",
-            )
-        allowed = limits.durations[tier]
-        if request.native_seconds not in allowed:
-            fitting = [TIERS[t][0] for t, d in limits.durations.items() if request.native_seconds in d]
-            raise bad_request(
-                f"size '{request.size}' ({tier}) and seconds '{request.seconds}' cannot be combined on "
-                f"model '{model}': at {tier} it makes {' or '.join(map(str, allowed))}-second videos; "
-                f"{request.seconds} seconds needs size {' or '.join(fitting)}.",
-                param="seconds",
-                code="unsupported_value",
-            )
 
     async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
         answer = await self._query(call, task.upstream_id)
@@ -260,7 +216,7 @@ class MiniMaxAdapter(NativeAdapter):
             error = {"code": "generation_failed", "message": text}
             return UpstreamVideo(task.upstream_id, {"status": "failed", "error": error})
         if code:
-            raise self._counted(call, refusal(code, message))
+            raise self.error_in_answer(call, refusal(code, message))
         fields: dict[str, Any] = {"status": status}
         state: dict[str, Any] = {}
         if status == "processing":
@@ -289,7 +245,7 @@ class MiniMaxAdapter(NativeAdapter):
         )
         code, message = _base_resp(answer)
         if code in SERVER_SIDE:
-            raise self._counted(call, refusal(code, message))
+            raise self.error_in_answer(call, refusal(code, message))
         file = answer.get("file")
         url = file.get("download_url") if isinstance(file, dict) else None
         if code or not isinstance(url, str) or not url:
@@ -332,39 +288,20 @@ class MiniMaxAdapter(NativeAdapter):
     ) -> dict[str, Any]:
         """One MiniMax call. Refusals of the call itself (rate limit, key, balance) are raised here on
         every endpoint; other codes stay in ``base_resp`` for the caller to judge."""
-        url = URL(f"{self.base_url}{path}").with_query(params or {})
-        headers = self.upstream_headers(call, forward_client=False)
-        headers["Accept"] = "application/json"
-        headers["Accept-Encoding"] = "identity"
-        data = None
-        if json_body is not None:
-            data = json.dumps(json_body).encode()
-            headers["Content-Type"] = "application/json"
-        async with self.send(call, method, str(url), headers=headers, data=data) as response:
-            answer = await self.read_json(response)
-            retry_after = response.headers.get("Retry-After")
+        answer, headers = await self.call_json_with_headers(
+            call, method, f"{self.base_url}{path}", json_body=json_body, params=params
+        )
         if not isinstance(answer, dict):
             self.count_error("payload")
             raise UpstreamError(502, "Upstream error: MiniMax's answer is not a JSON object.", kind="payload")
         code, message = _base_resp(answer)
         if code in RATE_LIMITED or code in BAD_KEY or code == NO_BALANCE:
-            raise self._counted(call, refusal(code, message, retry_after))
+            raise self.error_in_answer(call, refusal(code, message, headers.get("Retry-After")))
         return answer
-
-    def _counted(self, call: Call, error: UpstreamError) -> UpstreamError:
-        """An error that came in an HTTP 200, counted as ``send`` counts HTTP errors."""
-        self.count_error(error.kind)
-        call.upstream_error = error.kind
-        if error.kind == "5xx":
-            call.outcome("5xx")
-        return error
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         """An HTTP 4xx that carries ``base_resp`` is mapped by its code; anything else as usual."""
-        try:
-            parsed = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            parsed = None
+        parsed = json_or_none(raw)
         if status < 500 and isinstance(parsed, dict):
             code, message = _base_resp(parsed)
             if code:

@@ -5,23 +5,28 @@
   values; nothing is snapped silently.
 - :meth:`NativeAdapter.parse_create`: the client's create, validated against the model's spec.
 - :class:`ImageInput`: ``input_reference`` as bytes (upload or data URL) or as a URL.
+- :meth:`NativeAdapter.call_json`: one JSON request to the provider's API.
 - :meth:`NativeAdapter.stream_result`: a provider's result URL streamed to the client, following
   redirects only to the provider's result hosts; a gone result becomes 410, never a 500.
 - :func:`synthetic_progress`: progress for providers that report none, rising with time.
+- :func:`rate_limited`, :func:`auth_rejected`, :func:`out_of_quota`, :func:`refused`,
+  :func:`upstream_failed`: a provider's own error codes mapped to the OpenAI envelope.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.bodies import RequestBody
@@ -34,6 +39,15 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass(frozen=True)
+class Tier:
+    """A resolution tier: the OpenAI sizes that share it and the ``seconds`` a model makes at it."""
+
+    name: str
+    sizes: frozenset[str]
+    seconds: frozenset[str]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What one upstream model accepts.
 
@@ -43,6 +57,11 @@ class ModelSpec:
     text_input       accepts a create without an image (False: image-to-video only)
     extra_params     extra request fields (``extra_body``) passed through unchanged
     expected_seconds typical generation time, for synthesised progress
+    image_field      the native input field that takes ``input_reference``, for providers whose
+                     models each name their own
+    tiers            resolution tiers and the ``seconds`` each makes; a size in no tier takes every
+                     ``seconds``
+    image_only_sizes sizes only an input image can give (the video takes the image's orientation)
     """
 
     sizes: Mapping[str, Any]
@@ -53,6 +72,19 @@ class ModelSpec:
     text_input: bool = True
     extra_params: frozenset[str] = frozenset()
     expected_seconds: float = 90.0
+    image_field: str | None = None
+    tiers: tuple[Tier, ...] = ()
+    image_only_sizes: frozenset[str] = frozenset()
+
+    def tier(self, size: str) -> Tier | None:
+        return next((tier for tier in self.tiers if size in tier.sizes), None)
+
+    def takes(self, size: str, seconds: str, *, image: bool) -> bool:
+        """Whether ``size`` and ``seconds`` go together, with or without an input image."""
+        if not image and size in self.image_only_sizes:
+            return False
+        tier = self.tier(size)
+        return tier is None or seconds in tier.seconds
 
 
 @dataclass
@@ -86,6 +118,11 @@ class CreateRequest:
 
     def seed(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "size": self.size, "seconds": self.seconds}
+
+
+def durations(*seconds: int) -> dict[str, int]:
+    """OpenAI ``seconds`` → the same number, for providers that take whole seconds."""
+    return {str(s): s for s in seconds}
 
 
 def synthetic_progress(started_at: float, expected_seconds: float, now: float | None = None) -> int:
@@ -138,8 +175,24 @@ def _sniff(data: bytes) -> str:
     return "application/octet-stream"
 
 
-def _allowed(values: Mapping[str, Any]) -> str:
-    return ", ".join(sorted(values, key=lambda v: (len(v), v)))
+def _allowed(values: Iterable[str], sep: str = ", ") -> str:
+    return sep.join(sorted(values, key=lambda v: (len(v), v)))
+
+
+def _shape(size: str) -> str | None:
+    width, _, height = size.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        return None
+    return "landscape" if int(width) > int(height) else "portrait" if int(width) < int(height) else "square"
+
+
+def same_origin(url: str, base: str) -> bool:
+    """Whether ``url`` has ``base``'s scheme, host and port: where the gateway may send a credential."""
+    got, own = urlsplit(url), urlsplit(base)
+    try:
+        return (got.scheme, got.hostname, got.port) == (own.scheme, own.hostname, own.port)
+    except ValueError:
+        return False
 
 
 class NativeAdapter(Adapter):
@@ -205,7 +258,7 @@ class NativeAdapter(Adapter):
                 code="request_too_large",
             )
         extras = {name: _field(body, name) for name in spec.extra_params if body.get(name) is not None}
-        return CreateRequest(
+        request = CreateRequest(
             prompt=validate_prompt(body.get("prompt")),
             size=size,
             seconds=seconds,
@@ -215,6 +268,20 @@ class NativeAdapter(Adapter):
             spec=spec,
             extras=extras,
         )
+        _check_combination(call.deployment.model, request)
+        return request
+
+    async def credential_headers(self, call: Call) -> Mapping[str, str]:
+        """Credentials that must be fetched before an API request (a minted token, say)."""
+        return {}
+
+    async def api_headers(self, call: Call) -> CIMultiDict[str]:
+        """Headers of a request to the provider's JSON API; the client's own are never forwarded."""
+        headers = self.upstream_headers(call, forward_client=False)
+        headers["Accept"] = "application/json"
+        headers["Accept-Encoding"] = "identity"
+        headers.update(await self.credential_headers(call))
+        return headers
 
     async def call_json(
         self,
@@ -224,18 +291,36 @@ class NativeAdapter(Adapter):
         *,
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
     ) -> Any:
         """One JSON request to the provider; its errors mapped to the OpenAI envelope."""
-        sent = self.upstream_headers(call, forward_client=False)
-        sent["Accept"] = "application/json"
-        sent["Accept-Encoding"] = "identity"
+        answer, _ = await self.call_json_with_headers(
+            call, method, url, json_body=json_body, headers=headers, params=params
+        )
+        return answer
+
+    async def call_json_with_headers(
+        self,
+        call: Call,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[Any, CIMultiDictProxy[str]]:
+        """:meth:`call_json`, plus the answer's headers (for a Retry-After sent with a refusal in
+        an HTTP 200, say)."""
+        sent = await self.api_headers(call)
         sent.update(headers or {})
         data = None
         if json_body is not None:
             data = json.dumps(json_body).encode()
             sent["Content-Type"] = "application/json"
+        if params:
+            url = str(URL(url).update_query(params))
         async with self.send(call, method, url, headers=sent, data=data) as response:
-            return await self.read_json(response)
+            return await self.read_json(response), response.headers
 
     def result_host_allowed(self, url: str) -> bool:
         host = urlsplit(url).hostname or ""
@@ -283,6 +368,129 @@ class NativeAdapter(Adapter):
                     )
                 return await self.relay(call, response, default_content_type=content_type)
         raise UpstreamError(502, "Upstream error: too many redirects for the result.", kind="payload")
+
+
+def _check_combination(model: str, request: CreateRequest) -> None:
+    """What a spec's ``image_only_sizes`` and ``tiers`` refuse, with the allowed values listed."""
+    spec, size, seconds = request.spec, request.size, request.seconds
+    image = request.image is not None
+    tier = spec.tier(size)
+    label = f" ({tier.name})" if tier is not None else ""
+    if not image and size in spec.image_only_sizes:
+        text_sizes = [s for s in spec.sizes if s not in spec.image_only_sizes]
+        shapes = {_shape(s) for s in text_sizes}
+        only = f" ({shapes.pop()} only)" if len(shapes) == 1 and None not in shapes else ""
+        raise bad_request(
+            f"size '{size}'{label} needs an input_reference image on model '{model}' (the video takes "
+            f"the image's orientation); supported without one{only}: {', '.join(text_sizes)}.",
+            param="size",
+            code="unsupported_value",
+        )
+    if tier is not None and seconds not in tier.seconds:
+        fitting = [s for s in spec.sizes if spec.takes(s, seconds, image=image)]
+        sizes = f"size{'s' if len(fitting) > 1 else ''} {', '.join(fitting)}"
+        needs = f" {seconds} seconds takes {sizes}." if fitting else ""
+        raise bad_request(
+            f"seconds '{seconds}' is not supported at size '{size}'{label} by model '{model}': it makes "
+            f"only {_allowed(tier.seconds, ' or ')}-second videos there; supported values at "
+            f"{tier.name}: {_allowed(tier.seconds)}.{needs}",
+            param="seconds",
+            code="unsupported_value",
+        )
+
+
+@contextlib.contextmanager
+def expired_if_gone() -> Iterator[None]:
+    """Within, the provider's 404 for a job means its result has expired: a 410."""
+    try:
+        yield
+    except UpstreamError as exc:
+        if exc.upstream_status == 404:
+            raise expired_result() from None
+        raise
+
+
+@contextlib.contextmanager
+def ignore_refusals(*statuses: int) -> Iterator[None]:
+    """Within, the provider's refusal with one of ``statuses`` is swallowed (a delete of a job
+    that is already gone, say)."""
+    try:
+        yield
+    except UpstreamError as exc:
+        if exc.upstream_status not in statuses:
+            raise
+
+
+# A provider's own error codes as the OpenAI envelope. ``text`` is the provider's message (prefixed
+# with its name); ``upstream_status`` is the HTTP status it answered with, 200 for a refusal inside
+# a successful answer.
+
+
+def rate_limited(text: str, *, upstream_status: int, retry_after: str) -> UpstreamError:
+    """429 with Retry-After: the provider's own, else the adapter's default for that provider."""
+    return UpstreamError(
+        429,
+        text,
+        kind="4xx",
+        upstream_status=upstream_status,
+        type="rate_limit_error",
+        code="rate_limited",
+        headers={"Retry-After": retry_after},
+    )
+
+
+def auth_rejected(
+    provider: str, text: str, *, upstream_status: int, credential: str = "API key"
+) -> UpstreamError:
+    """401: the provider refused the gateway's own credential (the operator's problem, not the client's)."""
+    return refused(
+        401,
+        f"{provider} rejected the gateway's {credential}. {text}",
+        code="upstream_auth_failed",
+        upstream_status=upstream_status,
+    )
+
+
+def out_of_quota(text: str, *, upstream_status: int) -> UpstreamError:
+    """402: the provider account has no balance or quota left."""
+    return refused(
+        402, text, code="insufficient_quota", upstream_status=upstream_status, type="insufficient_quota"
+    )
+
+
+def refused(
+    status: int,
+    text: str,
+    *,
+    code: str | None,
+    upstream_status: int,
+    param: str | None = None,
+    type: str = "invalid_request_error",
+) -> UpstreamError:
+    """Any other refusal the client can act on (``content_filter``, ``invalid_value``...)."""
+    return UpstreamError(
+        status, text, kind="4xx", upstream_status=upstream_status, type=type, code=code, param=param
+    )
+
+
+def upstream_failed(
+    message: str,
+    *,
+    upstream_status: int | None,
+    status: int = 502,
+    code: str = "upstream_error",
+    retry_after: str | None = None,
+) -> UpstreamError:
+    """The provider failed, not the request (kind ``5xx``: a create may fail over to another deployment);
+    ``message`` is the whole text, "Upstream error: ..." included."""
+    return UpstreamError(
+        status,
+        message,
+        kind="5xx",
+        upstream_status=upstream_status,
+        code=code,
+        headers={"Retry-After": retry_after} if retry_after else {},
+    )
 
 
 def expired_result() -> ApiError:

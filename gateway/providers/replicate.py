@@ -24,20 +24,18 @@ rate-limit pages; see the provider reference §g):
 - errors are RFC 7807 problem details ``{type, title, status, detail}``; a throttled call is 429
   ``{"detail": "Request was throttled. Your rate limit resets in ~30s."}``.
 
-``input`` is model-specific, so each model is a :class:`ReplicateModel` whose ``sizes`` and
-``seconds`` map to the input fields they set (merged into ``input``) and whose ``image_field`` takes
-``input_reference``. Version ids and deployments say nothing about their schema:
-``options.input_schemas`` names the known model whose input they take.
+``input`` is model-specific, so each model's ``sizes`` and ``seconds`` map to the input fields they
+set (merged into ``input``) and its ``image_field`` takes ``input_reference`` (None: text only).
+Version ids and deployments say nothing about their schema: ``options.input_schemas`` names the
+known model whose input they take.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -47,15 +45,21 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.bodies import RequestBody
-from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream
+from gateway.errors import ApiError, UpstreamError
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
 from gateway.providers.native import (
-    CreateRequest,
     ImageInput,
     ModelSpec,
     NativeAdapter,
+    Tier,
+    auth_rejected,
+    expired_if_gone,
     expired_result,
+    ignore_refusals,
     not_offered,
+    out_of_quota,
+    rate_limited,
+    refused,
     synthetic_progress,
 )
 from gateway.store import Task
@@ -77,37 +81,27 @@ _FILTERED = re.compile(r"\bE005\b|flagged as sensitive|\bnsfw\b|content (?:polic
 _STATUSES = frozenset({"starting", "processing", "succeeded", "failed", "canceled", "aborted"})
 
 
-@dataclass(frozen=True)
-class ReplicateModel(ModelSpec):
-    """A model's input schema in OpenAI terms.
-
-    ``sizes`` and ``seconds`` map to dicts of input fields; ``image_field`` is the input that takes
-    ``input_reference`` (None: text only); ``seconds_by_size`` restricts durations per size;
-    ``image_only_sizes`` are sizes that only an input image can give (its orientation decides).
-    """
-
-    image_field: str | None = None
-    seconds_by_size: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    image_only_sizes: frozenset[str] = frozenset()
-
-
 def _durations(field_name: str, *seconds: int) -> dict[str, dict[str, int]]:
     return {str(s): {field_name: s} for s in seconds}
 
 
-def _hailuo(tiers: dict[str, tuple[str, str]], *, extras: frozenset[str], expected: float) -> ReplicateModel:
-    """minimax/hailuo-*: ``resolution`` picks the tier; text-to-video is landscape, an image decides."""
+def _hailuo(tiers: dict[str, tuple[str, str]], *, extras: frozenset[str], expected: float) -> ModelSpec:
+    """minimax/hailuo-*: ``resolution`` picks the tier; text-to-video is landscape, an image decides.
+    1080p makes 6-second videos only."""
     sizes = {size: {"resolution": tier} for tier, pair in tiers.items() for size in pair}
-    full_hd = {size: frozenset({"6"}) for size in tiers.get("1080p", ())}
-    return ReplicateModel(
+    seconds = _durations("duration", 6, 10)
+    return ModelSpec(
         sizes=sizes,
-        seconds=_durations("duration", 6, 10),
+        seconds=seconds,
         default_size=tiers["768p"][0],
         default_seconds="6",
         extra_params=extras,
         expected_seconds=expected,
         image_field="first_frame_image",
-        seconds_by_size=full_hd,
+        tiers=tuple(
+            Tier(tier, frozenset(pair), frozenset({"6"} if tier == "1080p" else seconds))
+            for tier, pair in tiers.items()
+        ),
         image_only_sizes=frozenset(pair[1] for pair in tiers.values()),
     )
 
@@ -119,7 +113,7 @@ _HAILUO_TIERS = {
 }
 
 # Input schemas from replicate.com/{owner}/{model}/api (version pages of each model).
-MODELS: dict[str, ReplicateModel] = {
+MODELS: dict[str, ModelSpec] = {
     "minimax/hailuo-02": _hailuo(
         _HAILUO_TIERS, extras=frozenset({"prompt_optimizer", "last_frame_image"}), expected=240
     ),
@@ -128,7 +122,7 @@ MODELS: dict[str, ReplicateModel] = {
         extras=frozenset({"prompt_optimizer"}),
         expected=180,
     ),
-    "google/veo-3": ReplicateModel(
+    "google/veo-3": ModelSpec(
         sizes={
             "1280x720": {"aspect_ratio": "16:9", "resolution": "720p"},
             "720x1280": {"aspect_ratio": "9:16", "resolution": "720p"},
@@ -142,7 +136,7 @@ MODELS: dict[str, ReplicateModel] = {
         expected_seconds=120,
         image_field="image",
     ),
-    "kwaivgi/kling-v2.1": ReplicateModel(
+    "kwaivgi/kling-v2.1": ModelSpec(
         # image-to-video only; the video takes the start image's aspect ratio, mode its resolution
         sizes={
             "1280x720": {"mode": "standard"},
@@ -158,7 +152,7 @@ MODELS: dict[str, ReplicateModel] = {
         expected_seconds=180,
         image_field="start_image",
     ),
-    "kwaivgi/kling-v2.1-master": ReplicateModel(
+    "kwaivgi/kling-v2.1-master": ModelSpec(
         sizes={
             "1920x1080": {"aspect_ratio": "16:9"},
             "1080x1920": {"aspect_ratio": "9:16"},
@@ -171,7 +165,7 @@ MODELS: dict[str, ReplicateModel] = {
         expected_seconds=300,
         image_field="start_image",
     ),
-    "wan-video/wan-2.2-t2v-fast": ReplicateModel(
+    "wan-video/wan-2.2-t2v-fast": ModelSpec(
         sizes={
             "832x480": {"aspect_ratio": "16:9", "resolution": "480p"},
             "480x832": {"aspect_ratio": "9:16", "resolution": "480p"},
@@ -309,8 +303,6 @@ class ReplicateAdapter(NativeAdapter):
         path, envelope = _route(upstream_model)
         request = await self.parse_create(call, body)
         spec = request.spec
-        assert isinstance(spec, ReplicateModel)
-        self._check_combination(call, spec, request)
         model_input: dict[str, Any] = {
             "prompt": request.prompt,
             **request.extras,
@@ -343,27 +335,6 @@ class ReplicateAdapter(NativeAdapter):
         fields = {"status": status if status in _STATUSES else "starting", "progress": 0, **request.seed()}
         return UpstreamVideo(prediction_id, fields)
 
-    @staticmethod
-    def _check_combination(call: Call, spec: ReplicateModel, request: CreateRequest) -> None:
-        """What ModelSpec cannot say: durations per size, and sizes only an input image can give."""
-        model = call.deployment.model
-        if request.image is None and request.size in spec.image_only_sizes:
-            text_sizes = ", ".join(s for s in spec.sizes if s not in spec.image_only_sizes)
-            raise bad_request(
-                f"size '{request.size}' needs an input_reference image on model '{model}' (the image "
-                f"decides the orientation); supported without one: {text_sizes}.",
-                param="size",
-                code="unsupported_value",
-            )
-        allowed = spec.seconds_by_size.get(request.size)
-        if allowed is not None and request.seconds not in allowed:
-            raise bad_request(
-                f"size '{request.size}' and seconds '{request.seconds}' cannot be combined on model "
-                f"'{model}': at that size it makes {' or '.join(sorted(allowed, key=int))}-second videos.",
-                param="seconds",
-                code="unsupported_value",
-            )
-
     async def _image_value(self, call: Call, image: ImageInput) -> str:
         """The client's URL as given, a data URI for small images, an uploaded file's URL otherwise."""
         if image.data is None:
@@ -377,9 +348,7 @@ class ReplicateAdapter(NativeAdapter):
         form.add_field(
             "content", image.data, filename=f"input_reference.{extension}", content_type=image.mime
         )
-        headers = self.upstream_headers(call, forward_client=False)
-        headers["Accept"] = "application/json"
-        headers["Accept-Encoding"] = "identity"
+        headers = await self.api_headers(call)
         async with self.send(
             call, "POST", f"{self.base_url}/v1/files", headers=headers, data=form
         ) as response:
@@ -429,12 +398,8 @@ class ReplicateAdapter(NativeAdapter):
         """The prediction is fetched again on every download: its output goes an hour after it ended."""
         if variant != "video":
             raise not_offered(variant, self.kind)
-        try:
+        with expired_if_gone():
             answer = await self._prediction(call, task.upstream_id)
-        except UpstreamError as exc:
-            if exc.upstream_status == 404:
-                raise expired_result() from None
-            raise
         url = _output_url(answer.get("output"))
         if answer.get("data_removed") or str(answer["status"]).lower() != "succeeded" or url is None:
             raise expired_result()
@@ -445,18 +410,12 @@ class ReplicateAdapter(NativeAdapter):
         if task.status in ("completed", "failed"):
             return
         url = f"{self.base_url}/v1/predictions/{quote(task.upstream_id, safe='')}/cancel"
-        try:
+        with ignore_refusals(404, 409):
             await self.call_json(call, "POST", url)
-        except UpstreamError as exc:
-            if exc.upstream_status not in (404, 409):
-                raise
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         """RFC 7807 problem details: ``detail`` (else ``title``) becomes the message."""
-        try:
-            parsed = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            parsed = None
+        parsed = json_or_none(raw)
         body = parsed if isinstance(parsed, dict) else {}
         detail = next(
             (v.strip() for v in (body.get("detail"), body.get("title")) if isinstance(v, str) and v.strip()),
@@ -465,26 +424,12 @@ class ReplicateAdapter(NativeAdapter):
         if detail is None or status >= 500:
             return error_from_upstream(status, headers, raw)
         text = f"Replicate: {detail}"
-        common: dict[str, Any] = {"kind": "4xx", "upstream_status": status, "type": "invalid_request_error"}
         if status == 429:
-            return UpstreamError(
-                429,
-                text,
-                **{**common, "type": "rate_limit_error"},
-                code="rate_limited",
-                headers={"Retry-After": _retry_after(headers, detail)},
-            )
+            return rate_limited(text, upstream_status=status, retry_after=_retry_after(headers, detail))
         if status == 401:
-            return UpstreamError(
-                401,
-                f"Replicate rejected the gateway's API token. {text}",
-                **common,
-                code="upstream_auth_failed",
-            )
+            return auth_rejected("Replicate", text, upstream_status=status, credential="API token")
         if status == 402:
-            return UpstreamError(
-                402, text, **{**common, "type": "insufficient_quota"}, code="insufficient_quota"
-            )
+            return out_of_quota(text, upstream_status=status)
         if status in (400, 422):
-            return UpstreamError(400, text, **common, code="invalid_value")
-        return UpstreamError(status, text, **common)
+            return refused(400, text, code="invalid_value", upstream_status=status)
+        return refused(status, text, code=None, upstream_status=status)

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
 from gateway.providers.base import Call, UpstreamVideo
-from gateway.providers.native import ModelSpec, NativeAdapter, not_offered
+from gateway.providers.native import ModelSpec, NativeAdapter, durations, ignore_refusals, not_offered
 from gateway.store import Task
 
 API_VERSION = "2024-11-06"
@@ -29,16 +29,12 @@ def _ratios(*sizes: str) -> dict[str, str]:
     return {size: size.replace("x", ":") for size in sizes}
 
 
-def _durations(*seconds: int) -> dict[str, int]:
-    return {str(s): s for s in seconds}
-
-
 _EXTRAS = frozenset({"seed", "contentModeration"})
 
 MODELS = {
     "gen4.5": ModelSpec(
         sizes=_ratios("1280x720", "720x1280"),
-        seconds=_durations(*range(2, 11)),
+        seconds=durations(*range(2, 11)),
         default_size="1280x720",
         default_seconds="5",
         extra_params=_EXTRAS,
@@ -46,7 +42,7 @@ MODELS = {
     ),
     "gen4_turbo": ModelSpec(
         sizes=_ratios("1280x720", "720x1280", "1104x832", "832x1104", "960x960", "1584x672"),
-        seconds=_durations(5, 10),
+        seconds=durations(5, 10),
         default_size="1280x720",
         default_seconds="5",
         text_input=False,
@@ -55,7 +51,7 @@ MODELS = {
     ),
     "veo3.1": ModelSpec(
         sizes=_ratios("1280x720", "720x1280", "1920x1080", "1080x1920"),
-        seconds=_durations(4, 6, 8),
+        seconds=durations(4, 6, 8),
         default_size="1280x720",
         default_seconds="8",
         extra_params=_EXTRAS | {"audio"},
@@ -63,7 +59,7 @@ MODELS = {
     ),
     "veo3.1_fast": ModelSpec(
         sizes=_ratios("1280x720", "720x1280", "1920x1080", "1080x1920"),
-        seconds=_durations(4, 6, 8),
+        seconds=durations(4, 6, 8),
         default_size="1280x720",
         default_seconds="8",
         extra_params=_EXTRAS | {"audio"},
@@ -71,7 +67,7 @@ MODELS = {
     ),
     "veo3": ModelSpec(
         sizes=_ratios("1280x720", "720x1280", "1920x1080", "1080x1920"),
-        seconds=_durations(8),
+        seconds=durations(8),
         default_size="1280x720",
         default_seconds="8",
         extra_params=_EXTRAS,
@@ -157,8 +153,5 @@ class RunwayAdapter(NativeAdapter):
         return await self.stream_result(call, output[0])
 
     async def delete(self, call: Call, task: Task) -> None:
-        try:
+        with ignore_refusals(404):
             await self.call_json(call, "DELETE", f"{self.base_url}/v1/tasks/{task.upstream_id}")
-        except UpstreamError as exc:
-            if exc.upstream_status != 404:
-                raise

@@ -52,14 +52,21 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
     NativeAdapter,
+    auth_rejected,
+    durations,
+    expired_if_gone,
     expired_result,
     field_int,
+    ignore_refusals,
     not_offered,
+    out_of_quota,
+    rate_limited,
+    refused,
     synthetic_progress,
 )
 from gateway.store import Task
@@ -103,7 +110,7 @@ def _sizes(*families: Mapping[str, tuple[str, ...]]) -> dict[str, dict[str, str]
 
 
 def _durations(low: int, high: int) -> dict[str, int]:
-    return {str(s): s for s in range(low, high + 1)}
+    return durations(*range(low, high + 1))
 
 
 _EXTRAS = frozenset({"seed", "camera_fixed", "watermark", "service_tier", "execution_expires_after"})
@@ -366,12 +373,8 @@ class SeedanceAdapter(NativeAdapter):
             )
         if variant != "video" and (variant != "thumbnail" or not task.state.get("last_frame")):
             raise not_offered(variant, self.kind)
-        try:
+        with expired_if_gone():
             answer = await self._task(call, task.upstream_id)
-        except UpstreamError as exc:
-            if exc.upstream_status == 404:
-                raise expired_result() from None
-            raise
         content = answer.get("content") if isinstance(answer.get("content"), dict) else {}
         url = content.get("video_url" if variant == "video" else "last_frame_url")
         if not isinstance(url, str) or not url:
@@ -396,57 +399,41 @@ class SeedanceAdapter(NativeAdapter):
         return await super().relay(call, upstream, default_content_type)
 
     async def delete(self, call: Call, task: Task) -> None:
-        try:
+        # Refused for the task's status (running, cancelled) or already gone: forget it anyway.
+        with ignore_refusals(400, 403, 404, 409):
             await self.call_json(call, "DELETE", f"{self.base_url}{TASKS}/{task.upstream_id}")
-        except UpstreamError as exc:
-            # Refused for the task's status (running, cancelled) or already gone: forget it anyway.
-            if exc.upstream_status not in (400, 403, 404, 409):
-                raise
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
-        try:
-            parsed = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            parsed = None
+        parsed = json_or_none(raw)
         error = parsed.get("error") if isinstance(parsed, dict) else None
         if not isinstance(error, dict) or status >= 500:
             return error_from_upstream(status, headers, raw)
         code = str(error.get("code") or "")
         text = f"Ark: {error.get('message') or f'HTTP {status}'} ({code or status})"
-        common: dict[str, Any] = {"kind": "4xx", "upstream_status": status, "type": "invalid_request_error"}
         if status == 429 or code.startswith(("RateLimitExceeded", "TooManyRequests")):
-            return UpstreamError(
-                429,
-                text,
-                **{**common, "type": "rate_limit_error"},
-                code="rate_limited",
-                headers={"Retry-After": headers.get("Retry-After") or RETRY_AFTER_SECONDS},
-            )
+            retry_after = headers.get("Retry-After") or RETRY_AFTER_SECONDS
+            return rate_limited(text, upstream_status=status, retry_after=retry_after)
         if status == 401 or code == "AuthenticationError":
-            return UpstreamError(
-                401, f"Ark rejected the gateway's API key. {text}", **common, code="upstream_auth_failed"
-            )
+            return auth_rejected("Ark", text, upstream_status=status)
         if code in ("AccountOverdueError", "OperationDenied.ServiceOverdue"):
-            return UpstreamError(
-                402, text, **{**common, "type": "insufficient_quota"}, code="insufficient_quota"
-            )
+            return out_of_quota(text, upstream_status=status)
         if code.startswith(("InvalidEndpointOrModel", "ModelNotOpen")):
-            return UpstreamError(
+            return refused(
                 404,
                 "The upstream model the gateway's config names for this model is not available at "
                 f"Ark; fix the gateway's routing config. {text}",
-                **common,
-                param="model",
                 code="upstream_model_not_found",
+                upstream_status=status,
+                param="model",
             )
         if "SensitiveContentDetected" in code:
-            return UpstreamError(400, text, **common, code="content_filter")
+            return refused(400, text, code="content_filter", upstream_status=status)
         if code.startswith(("InvalidParameter", "MissingParameter")):
-            return UpstreamError(
+            return refused(
                 400,
                 text,
-                **common,
-                param=_client_param(error.get("param")),
                 code="missing_required_parameter" if code.startswith("Missing") else "invalid_value",
+                upstream_status=status,
+                param=_client_param(error.get("param")),
             )
-        return UpstreamError(status, text, **common, code=code or None)
+        return refused(status, text, code=code or None, upstream_status=status)

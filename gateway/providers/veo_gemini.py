@@ -28,25 +28,31 @@ operation's status, Google's errors); ``gateway/providers/veo_vertex.py`` builds
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
     NativeAdapter,
+    Tier,
+    auth_rejected,
+    durations,
+    expired_if_gone,
     expired_result,
     not_offered,
+    rate_limited,
+    refused,
+    same_origin,
     synthetic_progress,
 )
 from gateway.store import Task
@@ -83,13 +89,11 @@ def veo_sizes(*resolutions: str) -> dict[str, dict[str, str]]:
     return sizes
 
 
-def veo_durations(*seconds: int) -> dict[str, int]:
-    return {str(s): s for s in seconds}
-
-
 def veo_spec(
     sizes: dict[str, dict[str, str]], seconds: dict[str, int], extras: frozenset[str], expected: float
 ) -> ModelSpec:
+    # Veo 3.x makes 1080p only as 8-second videos (Gemini API video docs, resolution parameter).
+    full_hd = frozenset(size for size, native in sizes.items() if native.get("resolution") == "1080p")
     return ModelSpec(
         sizes=sizes,
         seconds=seconds,
@@ -97,6 +101,7 @@ def veo_spec(
         default_seconds="8",
         extra_params=extras,
         expected_seconds=expected,
+        tiers=(Tier("1080p", full_hd, frozenset({"8"})),) if full_hd else (),
     )
 
 
@@ -108,12 +113,12 @@ VEO_3 = veo_sizes("720p", "1080p")
 VEO_2 = veo_sizes("fixed")  # Veo 2 makes 720p only and takes no resolution parameter
 
 MODELS = {
-    "veo-3.1-generate-preview": veo_spec(VEO_3, veo_durations(4, 6, 8), GEMINI_EXTRAS, expected=100),
-    "veo-3.1-fast-generate-preview": veo_spec(VEO_3, veo_durations(4, 6, 8), GEMINI_EXTRAS, expected=60),
-    "veo-3.0-generate-001": veo_spec(VEO_3, veo_durations(4, 6, 8), GEMINI_EXTRAS, expected=100),
-    "veo-3.0-fast-generate-001": veo_spec(VEO_3, veo_durations(4, 6, 8), GEMINI_EXTRAS, expected=60),
+    "veo-3.1-generate-preview": veo_spec(VEO_3, durations(4, 6, 8), GEMINI_EXTRAS, expected=100),
+    "veo-3.1-fast-generate-preview": veo_spec(VEO_3, durations(4, 6, 8), GEMINI_EXTRAS, expected=60),
+    "veo-3.0-generate-001": veo_spec(VEO_3, durations(4, 6, 8), GEMINI_EXTRAS, expected=100),
+    "veo-3.0-fast-generate-001": veo_spec(VEO_3, durations(4, 6, 8), GEMINI_EXTRAS, expected=60),
     # Gemini API video docs: Veo 2 durationSeconds "5", "6", "8".
-    "veo-2.0-generate-001": veo_spec(VEO_2, veo_durations(5, 6, 8), GEMINI_EXTRAS, expected=90),
+    "veo-2.0-generate-001": veo_spec(VEO_2, durations(5, 6, 8), GEMINI_EXTRAS, expected=90),
 }
 
 _GEMINI_OPERATION = re.compile(r"^models/[A-Za-z0-9.\-]+/operations/[A-Za-z0-9_\-]+$")
@@ -144,60 +149,38 @@ def retry_after(headers: Mapping[str, str], error: Mapping[str, Any]) -> str:
 
 def google_error(status: int, headers: Mapping[str, str], raw: bytes, product: str) -> ApiError:
     """A Google RPC error answer as our envelope: its message kept, its status made meaningful."""
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        parsed = None
+    parsed = json_or_none(raw)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if not isinstance(error, dict):
         return error_from_upstream(status, headers, raw)
     rpc = rpc_status(error) or ""
     text = f"{product}: {error.get('message') or f'HTTP {status}'}" + (f" ({rpc})" if rpc else "")
-    common: dict[str, Any] = {"kind": "4xx", "upstream_status": status, "type": "invalid_request_error"}
     reasons = {d.get("reason") for d in error.get("details") or () if isinstance(d, dict)}
     if status == 429 or rpc == "RESOURCE_EXHAUSTED":
-        return UpstreamError(
-            429,
-            text,
-            **{**common, "type": "rate_limit_error"},
-            code="rate_limited",
-            headers={"Retry-After": retry_after(headers, error)},
-        )
+        return rate_limited(text, upstream_status=status, retry_after=retry_after(headers, error))
     if status >= 500:
         return error_from_upstream(status, headers, raw)
     if status == 401 or rpc == "UNAUTHENTICATED" or "API_KEY_INVALID" in reasons:
-        return UpstreamError(
-            401, f"{product} rejected the gateway's credential. {text}", **common, code="upstream_auth_failed"
-        )
+        return auth_rejected(product, text, upstream_status=status, credential="credential")
     if status == 403 or rpc == "PERMISSION_DENIED":
-        return UpstreamError(403, text, **common, code="upstream_permission_denied")
+        return refused(403, text, code="upstream_permission_denied", upstream_status=status)
     if status == 404:
-        return UpstreamError(
+        return refused(
             404,
             f"{text}. Check the upstream model the gateway's routing config names.",
-            **common,
             code="upstream_not_found",
+            upstream_status=status,
         )
-    return UpstreamError(status, text, **common, code=rpc.lower() or "invalid_value")
+    return refused(status, text, code=rpc.lower() or "invalid_value", upstream_status=status)
 
 
 class VeoBase(NativeAdapter):
     """What the Gemini API and Vertex AI adapters share; it has no ``kind`` of its own."""
 
     product: ClassVar[str] = "Veo"
-    # Veo 3.x makes 1080p only as 8-second videos (Gemini API video docs, resolution parameter).
-    eight_seconds_at_1080p: ClassVar[frozenset[str]] = frozenset(
-        {
-            "veo-3.1-generate-preview",
-            "veo-3.1-fast-generate-preview",
-            "veo-3.1-generate-001",
-            "veo-3.0-generate-001",
-            "veo-3.0-fast-generate-001",
-        }
-    )
 
     async def parse_veo(self, call: Call, body: RequestBody) -> CreateRequest:
-        """``parse_create`` plus what Veo adds: inline images only, 1080p as 8-second videos."""
+        """``parse_create`` plus what Veo adds: inline images only."""
         request = await self.parse_create(call, body)
         if request.image is not None and request.image.data is None:
             raise bad_request(
@@ -209,15 +192,6 @@ class VeoBase(NativeAdapter):
         if request.image is not None and not request.image.mime.startswith("image/"):
             raise bad_request(
                 "input_reference is not an image Veo can read (PNG or JPEG).", param="input_reference"
-            )
-        upstream_model = call.deployment.upstream_model
-        resolution = request.native_size.get("resolution")
-        if resolution == "1080p" and upstream_model in self.eight_seconds_at_1080p and request.seconds != "8":
-            raise bad_request(
-                f"seconds '{request.seconds}' is not supported at size '{request.size}' by model "
-                f"'{call.deployment.model}'; supported values at 1080p: 8.",
-                param="seconds",
-                code="unsupported_value",
             )
         return request
 
@@ -344,12 +318,8 @@ class VeoGeminiAdapter(VeoBase):
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         if variant != "video":
             raise not_offered(variant, self.kind)
-        try:
+        with expired_if_gone():
             operation = await self._operation(call, task)
-        except UpstreamError as exc:
-            if exc.upstream_status == 404:
-                raise expired_result() from None
-            raise
         _, uris = self._result(operation)
         if not uris:
             raise expired_result()
@@ -358,8 +328,7 @@ class VeoGeminiAdapter(VeoBase):
     def _keyed_url(self, uri: str) -> str:
         """The file URL, if it is on the API's own origin: the API key is sent nowhere else."""
         url = urljoin(self.base_url + "/", uri)
-        own, other = urlsplit(self.base_url), urlsplit(url)
-        if (own.scheme, own.netloc) != (other.scheme, other.netloc):
+        if not same_origin(url, self.base_url):
             self.count_error("payload")
             raise UpstreamError(
                 502,

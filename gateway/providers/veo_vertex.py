@@ -39,14 +39,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import MAX_JSON_ANSWER, Call, FileAnswer, UpstreamVideo, read_limited
-from gateway.providers.native import expired_result, not_offered
-from gateway.providers.veo_gemini import VEO_2, VEO_3, VeoBase, veo_durations, veo_spec
+from gateway.providers.base import Call, FileAnswer, UpstreamVideo, json_or_none, read_limited
+from gateway.providers.native import durations, expired_if_gone, expired_result, not_offered
+from gateway.providers.veo_gemini import VEO_2, VEO_3, VeoBase, veo_spec
 from gateway.store import Task
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -54,19 +53,18 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"
 TOKEN_LIFETIME = 3600
 REFRESH_MARGIN = 300  # mint a new token this long before the current one expires
-PARSE_OFF_LOOP = 1024 * 1024  # answers this large (inline videos) are parsed in a worker thread
 
 VERTEX_EXTRAS = frozenset({"negativePrompt", "personGeneration", "enhancePrompt", "seed", "generateAudio"})
 
 MODELS = {
-    "veo-3.1-generate-preview": veo_spec(VEO_3, veo_durations(4, 6, 8), VERTEX_EXTRAS, expected=100),
-    "veo-3.1-fast-generate-preview": veo_spec(VEO_3, veo_durations(4, 6, 8), VERTEX_EXTRAS, expected=60),
-    "veo-3.1-generate-001": veo_spec(VEO_3, veo_durations(4, 6, 8), VERTEX_EXTRAS, expected=100),
-    "veo-3.0-generate-001": veo_spec(VEO_3, veo_durations(4, 6, 8), VERTEX_EXTRAS, expected=100),
-    "veo-3.0-fast-generate-001": veo_spec(VEO_3, veo_durations(4, 6, 8), VERTEX_EXTRAS, expected=60),
+    "veo-3.1-generate-preview": veo_spec(VEO_3, durations(4, 6, 8), VERTEX_EXTRAS, expected=100),
+    "veo-3.1-fast-generate-preview": veo_spec(VEO_3, durations(4, 6, 8), VERTEX_EXTRAS, expected=60),
+    "veo-3.1-generate-001": veo_spec(VEO_3, durations(4, 6, 8), VERTEX_EXTRAS, expected=100),
+    "veo-3.0-generate-001": veo_spec(VEO_3, durations(4, 6, 8), VERTEX_EXTRAS, expected=100),
+    "veo-3.0-fast-generate-001": veo_spec(VEO_3, durations(4, 6, 8), VERTEX_EXTRAS, expected=60),
     # Vertex Veo reference: veo-2.0-generate-001 durationSeconds 5–8; it makes no audio.
     "veo-2.0-generate-001": veo_spec(
-        VEO_2, veo_durations(5, 6, 7, 8), VERTEX_EXTRAS - {"generateAudio"}, expected=90
+        VEO_2, durations(5, 6, 7, 8), VERTEX_EXTRAS - {"generateAudio"}, expected=90
     ),
 }
 
@@ -179,35 +177,10 @@ class VeoVertexAdapter(VeoBase):
     def auth_headers(self) -> dict[str, str]:
         return {"x-goog-user-project": self.project}
 
-    async def call_json(
-        self,
-        call: Call,
-        method: str,
-        url: str,
-        *,
-        json_body: Any = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Any:
-        token = await self.access_token(call)
-        sent = {**(headers or {}), "Authorization": f"Bearer {token}"}
-        return await super().call_json(call, method, url, json_body=json_body, headers=sent)
-
-    async def read_json(self, response: aiohttp.ClientResponse) -> Any:
-        """As the base does, but an answer carrying a whole video is parsed off the event loop."""
-        raw = await read_limited(response, MAX_JSON_ANSWER)
-        if response.status >= 400:
-            raise self.provider_error(response.status, response.headers, raw)
-        if not raw.strip():
-            return {}
-        try:
-            return await asyncio.to_thread(json.loads, raw) if len(raw) > PARSE_OFF_LOOP else json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            self.count_error("payload")
-            raise UpstreamError(
-                502, "Upstream error: Vertex AI answered with something that is not JSON.", kind="payload"
-            ) from None
-
     # Credentials.
+
+    async def credential_headers(self, call: Call) -> Mapping[str, str]:
+        return {"Authorization": f"Bearer {await self.access_token(call)}"}
 
     async def access_token(self, call: Call) -> str:
         if self.config.api_key:
@@ -246,10 +219,7 @@ class VeoVertexAdapter(VeoBase):
         async with self.send(call, "POST", account.token_uri, headers=headers, data=form) as response:
             raw = await read_limited(response, 65536)
             status = response.status
-        try:
-            answer = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            answer = {}
+        answer = json_or_none(raw)
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if status != 200 or not isinstance(token, str) or not token:
             detail = (
@@ -353,12 +323,8 @@ class VeoVertexAdapter(VeoBase):
             raise not_offered(variant, self.kind)
         path = self.video_path(task)
         if not await asyncio.to_thread(path.is_file):
-            try:
+            with expired_if_gone():
                 operation = await self._operation(call, task)
-            except UpstreamError as exc:
-                if exc.upstream_status == 404:
-                    raise expired_result() from None
-                raise
             _, videos = self._result(operation)
             if not videos:
                 raise expired_result()
