@@ -17,6 +17,7 @@ from gateway.app import build_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.logs import configure
 from gateway.render import render_video
+from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 
 ALPHA_KEY = "sk-test-alpha-0123456789"
@@ -110,6 +111,14 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 async def upstream(aiohttp_server: Any, media: dict[str, Path]) -> tuple[FakeOpenAIUpstream, str]:
     fake = FakeOpenAIUpstream(api_key=UPSTREAM_KEY, media=media)
+    server = await aiohttp_server(fake.app())
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def faulty(aiohttp_server: Any) -> tuple[FaultyUpstream, str]:
+    """The fault-injecting OpenAI-dialect fake (tests/fakes/faulty_upstream.py) and its URL."""
+    fake = FaultyUpstream()
     server = await aiohttp_server(fake.app())
     return fake, str(server.make_url("")).rstrip("/")
 

@@ -136,3 +136,10 @@ async def assert_sdk_roundtrip(gw: RunningGateway, model: str, **create: Any) ->
     content = await client.videos.download_content(video.id)
     assert content.content[4:8] == b"ftyp", "an MP4 came back"
     return bytes(content.content)
+
+
+async def assert_variant_missing(gw: RunningGateway, video_id: str, variant: str = "thumbnail") -> None:
+    """A variant the provider does not offer: 404 ``variant_not_available`` naming it."""
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video_id}/content?variant={variant}")
+    assert status == 404 and body["error"]["code"] == "variant_not_available", body
+    assert variant in body["error"]["message"]

@@ -34,13 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-async def faulty(aiohttp_server: Any) -> tuple[FaultyUpstream, str]:
-    fake = FaultyUpstream()
-    server = await aiohttp_server(fake.app())
-    return fake, str(server.make_url("")).rstrip("/")
-
-
-@pytest.fixture
 async def gw(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> RunningGateway:

@@ -31,13 +31,6 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
 
 
-@pytest.fixture
-async def faulty(aiohttp_server: Any) -> tuple[FaultyUpstream, str]:
-    fake = FaultyUpstream()
-    server = await aiohttp_server(fake.app())
-    return fake, str(server.make_url("")).rstrip("/")
-
-
 def two_generations(tmp_path: Path, url: str) -> tuple[str, str]:
     before = config(
         tmp_path,

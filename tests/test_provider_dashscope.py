@@ -14,6 +14,7 @@ from tests.fakes.dashscope import CREATE, FakeDashScope
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
+    assert_variant_missing,
     create,
     png,
     poll_until_done,
@@ -236,9 +237,7 @@ async def test_content_streams_through_the_gateway(
     assert status == 200 and body == media["video"].read_bytes() and headers["Content-Type"] == "video/mp4"
     assert fake.downloads and "Authorization" not in fake.downloads[-1], "the key never goes to OSS"
 
-    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
-    assert status == 404 and body["error"]["code"] == "variant_not_available"
-    assert "thumbnail" in body["error"]["message"]
+    await assert_variant_missing(gw, video["id"])
 
 
 async def test_an_expired_result_is_410(gw: RunningGateway) -> None:

@@ -15,6 +15,7 @@ from tests.fakes.minimax import FakeMiniMax
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
+    assert_variant_missing,
     create,
     png,
     poll_until_done,
@@ -207,9 +208,7 @@ async def test_every_download_fetches_a_fresh_url(
     async with aiohttp.ClientSession() as session, session.get(first) as stale:
         assert stale.status == 403, "the first signed URL expired when the second was minted"
 
-    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
-    assert status == 404 and body["error"]["code"] == "variant_not_available"
-
+    await assert_variant_missing(gw, video["id"])
     minimax.files.clear()
     status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
     assert status == 410 and body["error"]["code"] == "video_expired", body

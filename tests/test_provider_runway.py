@@ -13,6 +13,7 @@ from tests.fakes.runway import FakeRunway
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
+    assert_variant_missing,
     create,
     png,
     poll_until_done,
@@ -128,12 +129,7 @@ async def test_content_streams_through_the_gateway(gw: RunningGateway, media: di
     await poll_until_done(gw, video["id"])
     status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
     assert status == 200 and body == media["video"].read_bytes() and headers["Content-Type"] == "video/mp4"
-    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
-    assert (
-        status == 404
-        and body["error"]["code"] == "variant_not_available"
-        and "thumbnail" in body["error"]["message"]
-    )
+    await assert_variant_missing(gw, video["id"])
 
 
 async def test_delete_cancels_at_runway(gw: RunningGateway, runway: tuple[FakeRunway, str]) -> None:

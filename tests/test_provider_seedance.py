@@ -13,6 +13,7 @@ from tests.fakes.seedance import FakeArk
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
+    assert_variant_missing,
     create,
     png,
     poll_until_done,
@@ -331,8 +332,7 @@ async def test_without_last_frames_there_is_no_thumbnail(
     video = await create(gw, model="seedance-pro", prompt="plain")
     assert "return_last_frame" not in fake.creates[-1]
     await poll_until_done(gw, video["id"])
-    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
-    assert status == 404 and body["error"]["code"] == "variant_not_available"
+    await assert_variant_missing(gw, video["id"])
 
 
 async def test_delete_cancels_queued_tasks_and_forgets_running_ones(

@@ -14,6 +14,7 @@ from tests.fakes.veo_gemini import FakeVeoGemini
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
+    assert_variant_missing,
     create,
     png,
     poll_until_done,
@@ -190,9 +191,7 @@ async def test_content_streams_with_the_key_only_to_the_api(
     assert api_path.endswith(":download") and api_headers["x-goog-api-key"] == UPSTREAM_KEY
     assert media_path.startswith("/media/") and "x-goog-api-key" not in media_headers
 
-    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content?variant=thumbnail")
-    assert status == 404 and body["error"]["code"] == "variant_not_available"
-
+    await assert_variant_missing(gw, video["id"])
     fake.files.clear()
     status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
     assert status == 410 and body["error"]["code"] == "video_expired"

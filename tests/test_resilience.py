@@ -10,13 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_errors import closed_port
 
 AUTH = {"Authorization": f"Bearer {ALPHA_KEY}"}
+TWO_TIERS = """
+    resilient:
+      - {provider: up, model: primary}
+      - {provider: up, model: secondary, priority: 1}
+"""
 ADMIN = {"Authorization": "Bearer admin-key-0123"}
 
 
@@ -54,13 +58,6 @@ def config(data_dir: Path, url: str, models: str, *, extra: str = "", beta: str 
         .replace("__EXTRA__", textwrap.dedent(extra))
         .replace("__BETA__", textwrap.indent(textwrap.dedent(beta), "    ").strip("\n"))
     )
-
-
-@pytest.fixture
-async def faulty(aiohttp_server: Any) -> tuple[FaultyUpstream, str]:
-    fake = FaultyUpstream()
-    server = await aiohttp_server(fake.app())
-    return fake, str(server.make_url("")).rstrip("/")
 
 
 async def post(gw: RunningGateway, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
@@ -122,11 +119,7 @@ async def test_failover_sends_the_same_bytes_to_the_next_deployment(
         config(
             tmp_path,
             url,
-            """
-        resilient:
-          - {provider: up, model: primary}
-          - {provider: up, model: secondary, priority: 1}
-    """,
+            TWO_TIERS,
         )
     )
     image = bytes(range(256)) * 1200
@@ -180,11 +173,7 @@ async def test_no_failover_once_the_upstream_may_have_the_job(
         config(
             tmp_path,
             url,
-            """
-        resilient:
-          - {provider: up, model: primary}
-          - {provider: up, model: secondary, priority: 1}
-    """,
+            TWO_TIERS,
         )
     )
     status, headers, _body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
