@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
+from gateway.videos import VIDEO_KEYS
 
 _ERROR_STATUSES = {
     "400": "Invalid request (bad JSON or multipart, a bad parameter)",
@@ -31,21 +32,7 @@ _ERROR_STATUSES = {
 
 _VIDEO = {
     "type": "object",
-    "required": [
-        "id",
-        "object",
-        "model",
-        "status",
-        "progress",
-        "created_at",
-        "completed_at",
-        "expires_at",
-        "prompt",
-        "size",
-        "seconds",
-        "remixed_from_video_id",
-        "error",
-    ],
+    "required": list(VIDEO_KEYS),
     "properties": {
         "id": {"type": "string"},
         "object": {"const": "video"},

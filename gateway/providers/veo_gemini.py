@@ -244,6 +244,33 @@ class VeoBase(NativeAdapter):
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         return google_error(status, headers, raw, self.product)
 
+    async def _operation(self, call: Call, task: Task) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _result(operation: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        raise NotImplementedError
+
+    async def completed(self, task: Task, fields: dict[str, Any], found: list[Any]) -> None:
+        """Called once a poll finds the operation done with a video (``found``: its result entries)."""
+
+    async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
+        try:
+            operation = await self._operation(call, task)
+        except UpstreamError as exc:
+            if exc.upstream_status != 404:
+                raise
+            fields = {
+                "status": "failed",
+                "error": {"code": "expired", "message": f"{self.product} no longer knows this operation."},
+            }
+            return UpstreamVideo(task.upstream_id, fields)
+        result, found = self._result(operation)
+        fields = self.operation_fields(task, operation, result, found)
+        if fields["status"] == "completed":
+            await self.completed(task, fields, found)
+        return UpstreamVideo(task.upstream_id, fields)
+
 
 class VeoGeminiAdapter(VeoBase):
     kind = "veo"
@@ -298,22 +325,8 @@ class VeoGeminiAdapter(VeoBase):
                 uris.append(video["uri"])
         return result, uris
 
-    async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
-        try:
-            operation = await self._operation(call, task)
-        except UpstreamError as exc:
-            if exc.upstream_status != 404:
-                raise
-            fields = {
-                "status": "failed",
-                "error": {"code": "expired", "message": "The Gemini API no longer knows this operation."},
-            }
-            return UpstreamVideo(task.upstream_id, fields)
-        result, uris = self._result(operation)
-        fields = self.operation_fields(task, operation, result, uris)
-        if fields["status"] == "completed":
-            fields["expires_at"] = int(time.time()) + RESULT_LIFETIME
-        return UpstreamVideo(task.upstream_id, fields)
+    async def completed(self, task: Task, fields: dict[str, Any], found: list[Any]) -> None:
+        fields["expires_at"] = int(time.time()) + RESULT_LIFETIME
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         if variant != "video":

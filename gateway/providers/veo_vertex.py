@@ -301,22 +301,9 @@ class VeoVertexAdapter(VeoBase):
                 502, "Upstream error: Vertex AI's inline video is not valid base64.", kind="payload"
             ) from None
 
-    async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
-        try:
-            operation = await self._operation(call, task)
-        except UpstreamError as exc:
-            if exc.upstream_status != 404:
-                raise
-            fields = {
-                "status": "failed",
-                "error": {"code": "expired", "message": "Vertex AI no longer knows this operation."},
-            }
-            return UpstreamVideo(task.upstream_id, fields)
-        result, videos = self._result(operation)
-        fields = self.operation_fields(task, operation, result, videos)
-        if fields["status"] == "completed" and videos[0].get("bytesBase64Encoded"):
-            await self._keep(self.video_path(task), videos[0])
-        return UpstreamVideo(task.upstream_id, fields)
+    async def completed(self, task: Task, fields: dict[str, Any], found: list[Any]) -> None:
+        if found[0].get("bytesBase64Encoded"):
+            await self._keep(self.video_path(task), found[0])
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         if variant != "video":
