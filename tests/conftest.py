@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -133,6 +134,20 @@ async def dialect_gateway(
     start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> RunningGateway:
     return await start_gateway(gateway_yaml(tmp_path, upstream_url=upstream[1]))
+
+
+# The gateway serves on uvloop when it is installed; these modules run on both loops.
+BOTH_LOOPS = {"test_http1", "test_sdk_e2e", "test_workers"}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__.rpartition(".")[2] in BOTH_LOOPS:
+        import uvloop
+
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
 
 
 LOG_SECRETS = (ALPHA_KEY, BETA_KEY, UPSTREAM_KEY)

@@ -19,15 +19,11 @@ Wire format (provider reference §b1: MicrosoftDocs/azure-ai-docs
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import Mapping
 from urllib.parse import quote
 
-import aiohttp
-
 from gateway.errors import ApiError
-from gateway.providers.base import Call, error_from_upstream
+from gateway.providers.base import error_from_upstream
 from gateway.providers.native import auth_rejected
 from gateway.providers.openai import OpenAIAdapter
 
@@ -50,14 +46,7 @@ class AzureAdapter(OpenAIAdapter):
     def auth_headers(self) -> dict[str, str]:
         return {"api-key": self.config.api_key} if self.config.api_key else {}
 
-    @contextlib.asynccontextmanager
-    async def send(
-        self, call: Call, method: str, url: str, **kwargs: Any
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        async with super().send(call, method, self._versioned(url), **kwargs) as response:
-            yield response
-
-    def _versioned(self, url: str) -> str:
+    def upstream_url(self, url: str) -> str:
         version = self.config.options.get("api_version")
         if not version or not url.startswith(self.base_url + "/"):
             return url

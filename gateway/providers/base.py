@@ -29,6 +29,7 @@ from gateway.config import Deployment, ProviderConfig
 from gateway.context import BYTES_OUT
 from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
+from gateway.http1 import Answer, ExchangeError, Http1Client, Limits
 from gateway.store import Task
 
 if TYPE_CHECKING:
@@ -121,6 +122,9 @@ class Adapter:
         self.config = config
         self.env = env
         self._session: aiohttp.ClientSession | None = None
+        self._http1: Http1Client | None = None
+        t = config.timeouts
+        self._limits = Limits(connect=t.connect, read=t.read, total=t.request, max_answer=MAX_JSON_ANSWER)
         self.in_flight = 0
 
     @property
@@ -138,6 +142,9 @@ class Adapter:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        http1, self._http1 = self._http1, None
+        if http1 is not None:
+            http1.close()
 
     async def close_when_idle(self, poll_seconds: float = 1.0) -> None:
         """Close connection pools once no request uses them; a later call opens new ones."""
@@ -173,6 +180,12 @@ class Adapter:
         raise unsupported("Characters", self.kind)
 
     # HTTP plumbing shared by the adapters that talk to a remote API.
+
+    @property
+    def http1(self) -> Http1Client:
+        if self._http1 is None:
+            self._http1 = Http1Client(self.config.max_connections)
+        return self._http1
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -214,31 +227,20 @@ class Adapter:
         streaming: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One upstream request, failures mapped to :class:`UpstreamError`; never follows redirects."""
-        provider = self.config.name
-        metrics.UPSTREAM_REQUESTS.labels(provider, call.deployment.name).inc()
-        in_flight = metrics.UPSTREAM_IN_FLIGHT.labels(provider)
-        in_flight.inc()
-        self.in_flight += 1
+        in_flight = self._sending(call)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
         try:
             async with self.session.request(
                 method,
-                url,
+                self.upstream_url(url),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
                 timeout=self.timeout(streaming=streaming),
                 compress=None,
             ) as response:
-                call.upstream_status = response.status
-                waited = time.perf_counter() - started
-                call.upstream_seconds += waited
-                metrics.UPSTREAM_DURATION.labels(provider, call.deployment.model).observe(waited)
-                if response.status >= 400:
-                    call.upstream_error = "5xx" if response.status >= 500 else "4xx"
-                    self.count_error(call.upstream_error)
-                call.outcome("5xx" if response.status >= 500 else None)
+                self._answered(call, response.status, time.perf_counter() - started)
                 started = time.perf_counter()
                 yield response
         except ApiError:
@@ -270,6 +272,52 @@ class Adapter:
             if response is not None:
                 call.upstream_seconds += time.perf_counter() - started
 
+    async def exchange(
+        self, call: Call, method: str, url: str, *, headers: Mapping[str, str], data: bytes | None = None
+    ) -> Answer:
+        """One buffered request and its whole answer, over the lean client (:mod:`gateway.http1`).
+
+        For the small JSON calls that make up the hot path (polls, JSON creates, deletes); streams
+        go through :meth:`send`. Failures are mapped as :meth:`send` maps them.
+        """
+        in_flight = self._sending(call)
+        started = time.perf_counter()
+        try:
+            answer = await self.http1.request(method, self.upstream_url(url), headers, data, self._limits)
+        except ExchangeError as exc:
+            call.upstream_seconds += time.perf_counter() - started
+            sent = exc.kind in ("reset", "payload") or (
+                exc.kind == "timeout" and not exc.connecting and (exc.answered or data is not None)
+            )
+            status = 504 if exc.kind == "timeout" else 502
+            raise self._fail(call, None, status, str(exc), exc.kind, sent=sent) from None
+        finally:
+            in_flight.dec()
+            self.in_flight -= 1
+        self._answered(call, answer.status, time.perf_counter() - started)
+        return answer
+
+    def upstream_url(self, url: str) -> str:
+        """The URL actually requested; adapters that add a query parameter to every call override it."""
+        return url
+
+    def _sending(self, call: Call) -> Any:
+        metrics.UPSTREAM_REQUESTS.labels(self.config.name, call.deployment.name).inc()
+        in_flight = metrics.UPSTREAM_IN_FLIGHT.labels(self.config.name)
+        in_flight.inc()
+        self.in_flight += 1
+        return in_flight
+
+    def _answered(self, call: Call, status: int, waited: float) -> None:
+        """The provider's answer headers arrived: time, status and health of the call."""
+        call.upstream_status = status
+        call.upstream_seconds += waited
+        metrics.UPSTREAM_DURATION.labels(self.config.name, call.deployment.model).observe(waited)
+        if status >= 400:
+            call.upstream_error = "5xx" if status >= 500 else "4xx"
+            self.count_error(call.upstream_error)
+        call.outcome("5xx" if status >= 500 else None)
+
     def _fail(
         self, call: Call, body: RequestBody | None, status: int, message: str, kind: str, *, sent: bool
     ) -> ApiError:
@@ -300,8 +348,13 @@ class Adapter:
     async def read_json(self, response: aiohttp.ClientResponse) -> Any:
         """The upstream's JSON answer; raise the right error for a refusal or a non-JSON answer."""
         raw = await read_limited(response, MAX_JSON_ANSWER)
-        if response.status >= 400:
-            raise self.provider_error(response.status, response.headers, raw)
+        return await self.json_of(Answer(response.status, CIMultiDict(response.headers), raw))
+
+    async def json_of(self, answer: Answer) -> Any:
+        """:meth:`read_json` for an answer already read."""
+        raw = answer.body
+        if answer.status >= 400:
+            raise self.provider_error(answer.status, answer.headers, raw)
         if not raw.strip():
             return {}
         try:

@@ -49,12 +49,10 @@ from aiohttp import web
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
 from gateway.providers.base import (
-    MAX_JSON_ANSWER,
     Call,
     UpstreamVideo,
     error_from_upstream,
     json_or_none,
-    read_limited,
 )
 from gateway.providers.native import (
     ModelSpec,
@@ -426,22 +424,21 @@ class FalAdapter(NativeAdapter):
     async def _result(self, call: Call, task: Task) -> Any:
         """The run's output, or its :class:`_RunFailure` (``expired`` when fal no longer has it)."""
         headers = await self.api_headers(call)
-        async with self.send(call, "GET", self._url(task, "response_url", ""), headers=headers) as response:
-            raw = await read_limited(response, MAX_JSON_ANSWER)
-            if response.status < 400:
-                try:
-                    return json.loads(raw)
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    self.count_error("payload")
-                    raise UpstreamError(
-                        502, "Upstream error: fal's result is not JSON.", kind="payload"
-                    ) from None
-            if response.status in (404, 410):
-                return _RunFailure("expired", "fal no longer has this request's result.")
-            failure = self._run_failure(response.status, response.headers, raw)
-            if failure is None:
-                raise self.provider_error(response.status, response.headers, raw)
-            return failure
+        answer = await self.exchange(call, "GET", self._url(task, "response_url", ""), headers=headers)
+        if answer.status < 400:
+            try:
+                return json.loads(answer.body)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self.count_error("payload")
+                raise UpstreamError(
+                    502, "Upstream error: fal's result is not JSON.", kind="payload"
+                ) from None
+        if answer.status in (404, 410):
+            return _RunFailure("expired", "fal no longer has this request's result.")
+        failure = self._run_failure(answer.status, answer.headers, answer.body)
+        if failure is None:
+            raise self.provider_error(answer.status, answer.headers, answer.body)
+        return failure
 
     @staticmethod
     def _run_failure(status: int, headers: Mapping[str, str], raw: bytes) -> _RunFailure | None:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.bodies import RequestBody
@@ -308,7 +308,7 @@ class NativeAdapter(Adapter):
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
-    ) -> tuple[Any, CIMultiDictProxy[str]]:
+    ) -> tuple[Any, CIMultiDict[str]]:
         """:meth:`call_json`, plus the answer's headers (for a Retry-After sent with a refusal in
         an HTTP 200, say)."""
         sent = await self.api_headers(call)
@@ -319,8 +319,8 @@ class NativeAdapter(Adapter):
             sent["Content-Type"] = "application/json"
         if params:
             url = str(URL(url).update_query(params))
-        async with self.send(call, method, url, headers=sent, data=data) as response:
-            return await self.read_json(response), response.headers
+        answer = await self.exchange(call, method, url, headers=sent, data=data)
+        return await self.json_of(answer), answer.headers
 
     def result_host_allowed(self, url: str) -> bool:
         host = urlsplit(url).hostname or ""

@@ -66,8 +66,7 @@ class OpenAIAdapter(Adapter):
         headers = self.upstream_headers(call, forward_client=False)
         headers["Accept"] = "application/json"
         headers["Accept-Encoding"] = "identity"
-        async with self.send(call, "GET", url, headers=headers) as response:
-            return await self.read_json(response)
+        return await self.json_of(await self.exchange(call, "GET", url, headers=headers))
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         headers = self.upstream_headers(call, forward_client=False)
@@ -108,10 +107,9 @@ class OpenAIAdapter(Adapter):
     async def delete(self, call: Call, task: Task) -> None:
         headers = self.upstream_headers(call, forward_client=False)
         headers["Accept-Encoding"] = "identity"
-        async with self.send(call, "DELETE", self._url(task.upstream_id), headers=headers) as response:
-            if response.status == 404:
-                return
-            await self.read_json(response)
+        answer = await self.exchange(call, "DELETE", self._url(task.upstream_id), headers=headers)
+        if answer.status != 404:
+            await self.json_of(answer)
 
     async def remix(self, call: Call, task: Task, body: RequestBody) -> UpstreamVideo:
         replace = {"model": call.deployment.upstream_model} if "model" in body.fields else {}

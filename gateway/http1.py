@@ -1,0 +1,356 @@
+"""A lean HTTP/1.1 client for the small, buffered JSON exchanges with providers.
+
+Polls, creates with JSON bodies and deletes are the gateway's hot path: a poll is one small request
+and one small answer. aiohttp's client spends more than the whole server side on building and
+tracking such a request; this client writes one request head, parses the answer with httptools
+(llhttp, the parser of Node.js) and keeps connections alive per origin. Streams (uploads, downloads,
+event streams) stay on aiohttp, which is built for them.
+
+Failures are :class:`ExchangeError` with the kinds the gateway reports for aiohttp's: ``connect``
+(nothing reached the provider), ``timeout``, ``reset`` (the connection closed before an answer) and
+``payload`` (a cut-off, oversized or malformed answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+IDLE_SECONDS = 15.0  # as aiohttp's keep-alive: well under the usual server-side idle limits
+_IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "PUT"})
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+class ExchangeError(Exception):
+    def __init__(self, kind: str, message: str, *, answered: bool = False, connecting: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.answered = answered  # the answer's headers had arrived
+        self.connecting = connecting  # still opening a connection, or waiting for one
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """connect: to open a connection or get a pooled one; read: the longest silence while an answer
+    is awaited; total: the whole exchange (None: no limit); max_answer: bytes of body."""
+
+    connect: float
+    read: float
+    total: float | None
+    max_answer: int
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection, one exchange at a time (never pipelined)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = loop.time()
+        self.received = False
+        self._waiter: asyncio.Future[Answer] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._read = 0.0
+        self._deadline: float | None = None
+        self._last_read = 0.0
+        self._max_answer = 0
+        self._start_answer()
+
+    def _start_answer(self) -> None:
+        self._status = 0
+        self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+        self._headers_done = False
+        self._keep_alive = False
+        self._close_delimited = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None:
+            self.close()  # bytes nobody asked for: the connection can no longer be trusted
+            return
+        self._last_read = self._loop.time()
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(ExchangeError("payload", "the provider's answer is not valid HTTP", answered=True))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is None:
+            return
+        if self._headers_done and self._close_delimited:
+            self.on_message_complete()
+        elif self._headers_done:
+            self._fail(ExchangeError("payload", "the provider's answer was cut off", answered=True))
+        else:
+            self._fail(ExchangeError("reset", "the provider closed the connection"))
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # an interim answer (100, 103): the real one follows
+            self._headers.clear()
+            return
+        self._status = status
+        self._headers_done = True
+        self._keep_alive = self._parser.should_keep_alive()
+        names = {name.lower() for name, _ in self._headers}
+        self._close_delimited = "content-length" not in names and "transfer-encoding" not in names
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self._max_answer:
+            self._fail(ExchangeError("payload", "the provider's answer is too large", answered=True))
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        waiter = self._waiter
+        if not self._headers_done or waiter is None or waiter.done():
+            return
+        self._waiter = None  # whatever arrives after this answer is unexpected (see data_received)
+        if not self._keep_alive:
+            self.close()
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        waiter.set_result(Answer(self._status, CIMultiDict(self._headers), body))
+
+    # exchange
+
+    async def exchange(
+        self, head: bytes, body: bytes | None, limits: Limits, deadline: float | None
+    ) -> Answer:
+        assert self.transport is not None
+        self._start_answer()
+        self.received = False
+        self._max_answer = limits.max_answer
+        self._read, self._deadline = limits.read, deadline
+        self._last_read = self._loop.time()
+        self._waiter = waiter = self._loop.create_future()
+        self._arm()
+        try:
+            self.transport.write(head + body if body else head)
+            return await waiter
+        finally:
+            self._waiter = None
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _arm(self) -> None:
+        due = self._last_read + self._read
+        if self._deadline is not None:
+            due = min(due, self._deadline)
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        now = self._loop.time()
+        if now >= self._last_read + self._read or (self._deadline is not None and now >= self._deadline):
+            error = ExchangeError(
+                "timeout", "the provider did not answer in time", answered=self._headers_done
+            )
+            self._fail(error)
+        else:
+            self._arm()
+
+    def _fail(self, error: ExchangeError) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def keep_alive(self) -> bool:
+        return not self.closed and self._keep_alive
+
+
+class _Pool:
+    """Keep-alive connections to one origin, at most ``size`` in use at once."""
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, size: int) -> None:
+        self.host, self.port, self.tls = host, port, tls
+        self.closed = False
+        self._size = size
+        self._in_use = 0
+        self._idle: deque[_Connection] = deque()
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, timeout: float) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused; connect failures raise :class:`ExchangeError`."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self._in_use < self._size and not self._queue:
+            self._in_use += 1
+        else:
+            await self._wait_for_slot(loop, timeout)
+        try:
+            now = loop.time()
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.keep_alive and now - conn.idle_since < IDLE_SECONDS:
+                    return conn, True
+                conn.close()
+            async with asyncio.timeout(max(0.0, timeout - (now - started))):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls else None,
+                )
+            return conn, False
+        except BaseException as exc:
+            self._free_slot()
+            if isinstance(exc, TimeoutError):
+                raise ExchangeError(
+                    "timeout", "timed out connecting to the provider", connecting=True
+                ) from None
+            if isinstance(exc, OSError):
+                reason = exc.strerror or str(exc) or type(exc).__name__
+                raise ExchangeError(
+                    "connect", f"could not connect to the provider ({reason})", connecting=True
+                ) from None
+            raise
+
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Queue for a slot; on return this caller holds one (handed over by :meth:`_free_slot`)."""
+        slot: asyncio.Future[None] = loop.create_future()
+        self._queue.append(slot)
+        try:
+            async with asyncio.timeout(timeout):
+                await slot
+        except BaseException as exc:
+            if slot.done() and not slot.cancelled():
+                self._free_slot()  # handed a slot just as this caller gave up: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(slot)
+            if isinstance(exc, TimeoutError):
+                raise ExchangeError(
+                    "timeout", "timed out waiting for a free connection to the provider", connecting=True
+                ) from None
+            raise
+
+    def release(self, conn: _Connection, *, reuse: bool) -> None:
+        if reuse and conn.keep_alive and not self.closed:
+            conn.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(conn)
+        else:
+            conn.close()
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        while self._queue:
+            slot = self._queue.popleft()
+            if not slot.done():
+                slot.set_result(None)  # the slot passes to the first waiter, still counted as in use
+                return
+        self._in_use -= 1
+
+    def close(self) -> None:
+        """Close the idle connections now; those in use close when their exchange ends."""
+        self.closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+class Http1Client:
+    """Pools per origin; :meth:`request` sends one buffered request and returns the whole answer."""
+
+    def __init__(self, max_connections: int, tls: ssl.SSLContext | None = None) -> None:
+        self._max_connections = max_connections
+        self._tls = tls
+        self._pools: dict[tuple[str, str, int], _Pool] = {}
+
+    def _pool(self, scheme: str, host: str, port: int) -> _Pool:
+        key = (scheme, host, port)
+        pool = self._pools.get(key)
+        if pool is None:
+            tls = None
+            if scheme == "https":
+                tls = self._tls = self._tls or ssl.create_default_context()
+            pool = self._pools[key] = _Pool(host, port, tls, self._max_connections)
+        return pool
+
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limits: Limits
+    ) -> Answer:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+        if parts.scheme not in ("http", "https") or not hostname:
+            raise ExchangeError("connect", f"cannot request {url!r}", connecting=True)
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = f"[{hostname}]" if ":" in hostname else hostname
+        if port != default_port:
+            host = f"{host}:{port}"
+        head = _head(method, target, host, headers, body)
+        pool = self._pool(parts.scheme, hostname, port)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.total if limits.total is not None else None
+        while True:
+            connect = limits.connect if deadline is None else min(limits.connect, deadline - loop.time())
+            conn, reused = await pool.acquire(connect)
+            try:
+                answer = await conn.exchange(head, body, limits, deadline)
+            except ExchangeError as exc:
+                pool.release(conn, reuse=False)
+                # A kept-alive connection the server had already closed: nothing was processed, so
+                # an idempotent request may go again, on a fresh connection.
+                if reused and exc.kind == "reset" and not conn.received and method in _IDEMPOTENT:
+                    continue
+                raise
+            except BaseException:
+                pool.release(conn, reuse=False)
+                raise
+            pool.release(conn, reuse=True)
+            return answer
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+
+def _head(method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise ValueError(f"header {name!r} cannot be sent")
+        lines.append(f"{name}: {value}")
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8")

@@ -1,0 +1,355 @@
+"""The lean HTTP/1.1 client (gateway/http1.py) against servers on loopback that write exact bytes.
+
+Each test runs on asyncio's own loop and on uvloop (the loop the gateway serves on): see conftest.
+The servers speak HTTP/1.1 as RFC 9112 frames it: Content-Length, chunked, close-delimited bodies,
+interim 1xx answers, keep-alive and its races.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.http1 import ExchangeError, Http1Client, Limits
+
+LIMITS = Limits(connect=1.0, read=1.0, total=5.0, max_answer=1 << 20)
+JSON = b'{"id": "video_1", "status": "in_progress"}'
+
+Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A loopback server that hands each connection to ``handler`` and counts connections."""
+
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.tls = tls
+        self.connections = 0
+        self.open = 0
+        self.requests: list[bytes] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        try:
+            await self.handler(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                head += await reader.readexactly(int(line.split(b":")[1]))
+        self.requests.append(head)
+        return head
+
+
+def answer(body: bytes = JSON, status: str = "200 OK", extra: bytes = b"") -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n".encode()
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+def keep_alive(response: bytes) -> Handler:
+    async def handler(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(response)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
+    servers: list[RawServer] = []
+
+    async def start(handler: Handler, tls: ssl.SSLContext | None = None) -> RawServer:
+        server = await RawServer(handler, tls).__aenter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.__aexit__()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Http1Client]:
+    http = Http1Client(max_connections=4)
+    yield http
+    http.close()
+
+
+async def test_keeps_the_connection_alive_and_sends_what_it_was_given(serve, client) -> None:
+    server = await serve(keep_alive(answer(extra=b"Retry-After: 3\r\n")))
+    headers = {"Authorization": "Bearer up", "X-Request-ID": "req_1"}
+    for _ in range(3):
+        got = await client.request("GET", server.url + "/v1/videos/x?variant=a", headers, None, LIMITS)
+        assert (got.status, got.body, got.headers["retry-after"]) == (200, JSON, "3")
+    assert server.connections == 1
+    first = server.requests[0].decode()
+    assert first.startswith("GET /v1/videos/x?variant=a HTTP/1.1\r\n")
+    port = server.url.rsplit(":", 1)[1]
+    assert f"\r\nHost: 127.0.0.1:{port}\r\n" in first
+    assert "\r\nAuthorization: Bearer up\r\n" in first and "Content-Length" not in first
+
+
+async def test_post_carries_its_body_with_a_length(serve, client) -> None:
+    server = await serve(keep_alive(answer()))
+    await client.request(
+        "POST", server.url + "/v1/videos", {"Content-Type": "application/json"}, b"{}", LIMITS
+    )
+    assert server.requests[0].endswith(b"Content-Length: 2\r\n\r\n{}")
+
+
+async def test_chunked_close_delimited_and_interim_answers(serve, client) -> None:
+    async def chunked(server, reader, writer):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()
+
+    server = await serve(chunked)
+    got = await client.request("GET", server.url + "/", {}, None, LIMITS)
+    assert (got.status, got.body) == (200, b"hello world")
+
+    async def until_close(server, reader, writer):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart one, ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"part two")
+        await writer.drain()
+
+    closing = await serve(until_close)
+    got = await client.request("GET", closing.url + "/", {}, None, LIMITS)
+    assert got.body == b"part one, part two"
+
+
+async def test_a_stale_kept_alive_connection_is_retried_for_a_get_only(serve, client) -> None:
+    async def one_answer_per_connection(server, reader, writer):
+        await server.read_request(reader)
+        writer.write(answer())  # says keep-alive, then closes: as a server whose idle timer just fired
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+    server = await serve(one_answer_per_connection)
+    await client.request("GET", server.url + "/a", {}, None, LIMITS)
+    await asyncio.sleep(0.2)
+    got = await client.request("GET", server.url + "/b", {}, None, LIMITS)
+    assert got.status == 200 and server.connections == 2
+
+    async def closes_on_second_request(server, reader, writer):
+        await server.read_request(reader)
+        writer.write(answer())
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the second request arrives, then the connection dies
+
+    post_server = await serve(closes_on_second_request)
+    await client.request("POST", post_server.url + "/", {}, b"{}", LIMITS)
+    with pytest.raises(ExchangeError) as failure:
+        await client.request("POST", post_server.url + "/", {}, b"{}", LIMITS)
+    assert failure.value.kind == "reset" and post_server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("wire", "kind"),
+    [
+        (b"", "reset"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this much", "payload"),
+        (b"SMTP ready\r\n\r\n", "payload"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1_100_000, "payload"),
+    ],
+    ids=["reset", "cut-off", "not-http", "too-large"],
+)
+async def test_broken_answers_fail_with_their_kind(serve, client, wire: bytes, kind: str) -> None:
+    async def broken(server, reader, writer):
+        await server.read_request(reader)
+        writer.write(wire)
+        await writer.drain()
+
+    server = await serve(broken)
+    with pytest.raises(ExchangeError) as failure:
+        await client.request("GET", server.url + "/", {}, None, LIMITS)
+    assert failure.value.kind == kind
+    await asyncio.sleep(0.05)
+    assert server.open == 0, "a failed connection is closed, never pooled"
+
+
+async def test_silence_and_a_slow_drip_end_in_bounded_time(serve, client) -> None:
+    async def silent(server, reader, writer):
+        await server.read_request(reader)
+        await reader.read()  # until the client gives up
+
+    silent_server = await serve(silent)
+    started = time.monotonic()
+    with pytest.raises(ExchangeError) as failure:
+        await client.request("GET", silent_server.url + "/", {}, None, Limits(1, 0.3, 5, 1 << 20))
+    assert failure.value.kind == "timeout" and not failure.value.answered
+    assert 0.25 < time.monotonic() - started < 1.5
+
+    async def drip(server, reader, writer):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    drip_server = await serve(drip)
+    started = time.monotonic()
+    with pytest.raises(ExchangeError) as failure:
+        await client.request("GET", drip_server.url + "/", {}, None, Limits(1, 0.3, 0.5, 1 << 20))
+    assert failure.value.kind == "timeout" and failure.value.answered
+    assert 0.45 < time.monotonic() - started < 1.5
+    await asyncio.sleep(0.1)
+    assert silent_server.open == 0 and drip_server.open == 0
+
+
+async def test_connect_failures_say_nothing_was_sent(unused_tcp_port: int, client) -> None:
+    with pytest.raises(ExchangeError) as failure:
+        await client.request("GET", f"http://127.0.0.1:{unused_tcp_port}/", {}, None, LIMITS)
+    assert failure.value.kind == "connect" and failure.value.connecting
+
+
+async def test_a_full_pool_queues_within_the_connect_timeout(serve) -> None:
+    release = asyncio.Event()
+
+    async def slow(server, reader, writer):
+        while True:
+            await server.read_request(reader)
+            await release.wait()
+            writer.write(answer())
+            await writer.drain()
+
+    server = await serve(slow)
+    http = Http1Client(max_connections=1)
+    try:
+        first = asyncio.create_task(http.request("GET", server.url + "/1", {}, None, LIMITS))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ExchangeError) as failure:
+            await http.request("GET", server.url + "/2", {}, None, Limits(0.2, 1, 5, 1 << 20))
+        assert failure.value.kind == "timeout" and failure.value.connecting
+        waiting = asyncio.create_task(http.request("GET", server.url + "/3", {}, None, LIMITS))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert (await first).status == 200 and (await waiting).status == 200
+        assert server.connections == 1, "the waiter got the released connection"
+    finally:
+        http.close()
+
+
+async def test_a_cancelled_exchange_closes_its_connection(serve, client) -> None:
+    async def never(server, reader, writer):
+        await server.read_request(reader)
+        await reader.read()
+
+    server = await serve(never)
+    task = asyncio.create_task(client.request("GET", server.url + "/", {}, None, LIMITS))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)
+    assert server.open == 0
+
+
+async def test_close_releases_idle_connections(serve) -> None:
+    server = await serve(keep_alive(answer()))
+    http = Http1Client(max_connections=4)
+    await http.request("GET", server.url + "/", {}, None, LIMITS)
+    assert server.open == 1
+    http.close()
+    await asyncio.sleep(0.1)
+    assert server.open == 0
+
+
+async def test_header_injection_is_refused(serve, client) -> None:
+    server = await serve(keep_alive(answer()))
+    with pytest.raises(ValueError):
+        await client.request("GET", server.url + "/", {"X-Evil": "a\r\nHost: elsewhere"}, None, LIMITS)
+    assert server.requests == []
+
+
+def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(loopback, False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_path, key_path)
+    client = ssl.create_default_context(cafile=str(cert_path))
+    return server, client
+
+
+async def test_https_verifies_the_provider(serve, tmp_path: Path) -> None:
+    server_tls, client_tls = _self_signed(tmp_path)
+    server = await serve(keep_alive(answer()), tls=server_tls)
+    trusted = Http1Client(max_connections=2, tls=client_tls)
+    untrusted = Http1Client(max_connections=2)
+    try:
+        got = await trusted.request("GET", server.url + "/", {}, None, LIMITS)
+        assert got.body == JSON
+        with pytest.raises(ExchangeError) as failure:
+            await untrusted.request("GET", server.url + "/", {}, None, LIMITS)
+        assert failure.value.kind == "connect" and "CERTIFICATE" in str(failure.value).upper()
+    finally:
+        trusted.close()
+        untrusted.close()
