@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import Counter
 
-from gateway import metrics
+from gateway import limits, metrics
 from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
-from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID, TABLE
+from gateway.context import ADMISSION, BYTES_OUT, CALL, MODEL, REQUEST_ID, TABLE
 from gateway.errors import ApiError, UpstreamError, bad_request, video_not_found
 from gateway.logs import log
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
@@ -124,7 +125,7 @@ async def _start(
         if not table.health.claim(deployment.name):
             continue
         try:
-            async with gw.bulkheads.enter(deployment, "uploads"), gw.bulkheads.enter(deployment, "requests"):
+            with gw.bulkheads.enter(deployment, "uploads"), gw.bulkheads.enter(deployment, "requests"):
                 result = await operation(
                     table.adapter(deployment.provider), _call(request, table, deployment)
                 )
@@ -172,7 +173,7 @@ async def _read(
     deadline = time.monotonic() + policy.read_deadline_seconds
     for attempt in range(1, policy.read_attempts + 1):
         try:
-            async with gw.bulkheads.enter(deployment, "requests"):
+            with gw.bulkheads.enter(deployment, "requests"):
                 return await operation(adapter, _call(request, table, deployment))
         except ApiError as exc:
             delay = policy.backoff_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
@@ -268,23 +269,22 @@ async def _save(gw: Gateway, task: Task) -> None:
         metrics.VIDEOS_FINISHED.labels(task.model, task.provider, task.status).inc()
 
 
-def _admit(request: web.Request) -> Any:
+@contextlib.asynccontextmanager
+async def _admit(request: web.Request) -> AsyncIterator[None]:
     """The per-key limits, for requests that start a video."""
     gw = gateway(request)
     key = client_key(request)
 
-    async def count_active() -> int:
-        active = await gw.store.count_active(key.name)
-        if key.max_in_progress is not None and active >= key.max_in_progress:
-            await _refresh_all(request, await gw.store.active(key.name))
-            active = await gw.store.count_active(key.name)
-        return active
+    async def refresh_active() -> None:
+        await _refresh_all(request, await gw.store.active(key.name))
 
-    return gw.limiter.admit(key, count_active)
+    async with limits.admit(key, gw.store, refresh_active) as admission:
+        request[ADMISSION] = admission
+        yield
 
 
 def _answer(request: web.Request, task: Task) -> web.Response:
-    return _json(task.video, headers=gateway(request).limiter.rate_headers(client_key(request)))
+    return _json(task.video, headers=limits.rate_headers(client_key(request), request.get(ADMISSION)))
 
 
 async def create_video(request: web.Request) -> web.StreamResponse:
@@ -394,7 +394,7 @@ async def delete_video(request: web.Request) -> web.Response:
     task = await _owned(request)
     request[MODEL] = task.model
     deployment, adapter = _deployment_of(table, task)
-    async with gw.bulkheads.enter(deployment, "requests"):
+    with gw.bulkheads.enter(deployment, "requests"):
         await adapter.delete(_call(request, table, deployment), task)
     await gw.store.delete(task.id, task.owner)
     return _json({"id": task.id, "object": "video.deleted", "deleted": True})
@@ -426,8 +426,9 @@ async def remix_video(request: web.Request) -> web.Response:
     body = await read_body(request, table.config.limits, until=("prompt",))
     try:
         deployment, adapter = _deployment_of(table, source)
-        async with _admit(request), gateway(request).bulkheads.enter(deployment, "uploads"):
-            upstream = await adapter.remix(_call(request, table, deployment), source, body)
+        async with _admit(request):
+            with gateway(request).bulkheads.enter(deployment, "uploads"):
+                upstream = await adapter.remix(_call(request, table, deployment), source, body)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
     finally:
@@ -457,7 +458,7 @@ async def _from_video(
         async with _admit(request):
             if source is not None:
                 deployment, adapter = _deployment_of(table, source)
-                async with gw.bulkheads.enter(deployment, "uploads"):
+                with gw.bulkheads.enter(deployment, "uploads"):
                     upstream = await operation(adapter, _call(request, table, deployment), source, body)
             else:
                 deployment, upstream = await _start(

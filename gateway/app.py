@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import re
 import secrets
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.http import HttpVersion11
 
-from gateway import api, metrics, openapi
+from gateway import api, logs, metrics, openapi
 from gateway.auth import CLIENT_KEY
 from gateway.bodies import too_large
 from gateway.config import GatewayConfig
@@ -21,10 +22,12 @@ from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID, STARTED, TABLE
 from gateway.errors import ApiError
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
+from gateway.limits import Bulkheads
 from gateway.logs import log
 from gateway.reload import Reloader, build_table
 from gateway.state import GATEWAY, Gateway
 from gateway.store import SQLiteTaskStore, TaskStore
+from gateway.workers import request_reload
 
 API_PREFIXES = ("/v1", "/v1/openai")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -38,8 +41,8 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
     request[STARTED] = started = time.perf_counter()
     route = _route(request)
     gw = request.app[GATEWAY]
-    in_flight = metrics.HTTP_IN_FLIGHT.labels(route)
-    in_flight.inc()
+    series = metrics.route_series(route, request.method)
+    series.in_flight.inc()
     gw.in_flight += 1
     response: web.StreamResponse = _CLIENT_GONE
     try:
@@ -57,9 +60,9 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
         await _send(request, response)
         return response
     finally:
-        in_flight.dec()
+        series.in_flight.dec()
         gw.in_flight -= 1
-        _observe(request, response, route, time.perf_counter() - started)
+        _observe(request, response, route, series, time.perf_counter() - started)
 
 
 # What metrics and logs record when the client went away before an answer (nginx's 499).
@@ -102,18 +105,26 @@ def _http_exception(exc: web.HTTPException) -> ApiError:
     return ApiError(exc.status, message, code=code, headers=headers)
 
 
-def _observe(request: web.Request, response: web.StreamResponse, route: str, seconds: float) -> None:
+def _observe(
+    request: web.Request,
+    response: web.StreamResponse,
+    route: str,
+    series: metrics.RouteSeries,
+    seconds: float,
+) -> None:
     """Metrics and the access log line of one finished request."""
     call = request.get(CALL)
-    key = request.get(CLIENT_KEY)
     upstream_seconds = call.upstream_seconds if call is not None else 0.0
     bytes_in = request.content.total_bytes
     bytes_out = _body_bytes(request, response)
-    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
-    metrics.HTTP_DURATION.labels(route, request.method).observe(seconds)
-    metrics.OVERHEAD.labels(route).observe(max(0.0, seconds - upstream_seconds))
-    metrics.REQUEST_BYTES.labels(route).inc(bytes_in)
-    metrics.RESPONSE_BYTES.labels(route).inc(bytes_out)
+    series.answered(response.status).inc()
+    series.duration.observe(seconds)
+    series.overhead.observe(max(0.0, seconds - upstream_seconds))
+    series.request_bytes.inc(bytes_in)
+    series.response_bytes.inc(bytes_out)
+    if not logs.enabled("info"):
+        return
+    key = request.get(CLIENT_KEY)
     log.info(
         "request",
         request_id=request[REQUEST_ID],
@@ -214,12 +225,27 @@ async def admin_deployments(request: web.Request) -> web.Response:
                     "max_concurrent_uploads": d.max_concurrent_uploads,
                 }
             )
-    return web.json_response({"config": table.config.source, "draining": gw.draining, "deployments": rows})
+    return web.json_response(
+        {
+            "config": table.config.source,
+            "draining": gw.draining,
+            "worker": {"pid": os.getpid(), "workers": gw.workers},
+            "deployments": rows,
+        }
+    )
 
 
 async def admin_reload(request: web.Request) -> web.Response:
-    _admin(request)
-    ok, problems = await request.app[RELOADER].reload("admin request")
+    """Reload now; with several workers, check the file here and have the supervisor reload all."""
+    gw = _admin(request)
+    reloader = request.app[RELOADER]
+    if gw.workers > 1:
+        problems = await reloader.check()
+        ok = not problems and request_reload()
+        return web.json_response(
+            {"reloaded": ok, "problems": problems, "workers": gw.workers}, status=200 if ok else 422
+        )
+    ok, problems = await reloader.reload("admin request")
     return web.json_response({"reloaded": ok, "problems": problems}, status=200 if ok else 422)
 
 
@@ -235,23 +261,35 @@ def _admin(request: web.Request) -> Gateway:
 RELOADER = web.AppKey("reloader", Reloader)
 
 
-def _hosted(config: GatewayConfig) -> HostedFiles | None:
+def _hosted(config: GatewayConfig, signing_key: bytes | None) -> HostedFiles | None:
     if config.public_base_url is None:
         return None
-    key = config.signing_key.encode() if config.signing_key else secrets.token_bytes(32)
+    key = config.signing_key.encode() if config.signing_key else signing_key or secrets.token_bytes(32)
     return HostedFiles(config.data_dir / "hosted", config.public_base_url, key)
 
 
 def build_app(
-    config: GatewayConfig, *, store: TaskStore | None = None, config_path: Path | None = None
+    config: GatewayConfig,
+    *,
+    store: TaskStore | None = None,
+    config_path: Path | None = None,
+    workers: int = 1,
+    signing_key: bytes | None = None,
 ) -> web.Application:
     """The gateway for one config. ``store`` defaults to SQLite at ``config.store_path``;
-    with ``config_path`` the config can be reloaded (SIGHUP, file watch, ``POST /admin/reload``)."""
+    with ``config_path`` the config can be reloaded (SIGHUP, file watch, ``POST /admin/reload``).
+    ``workers`` and ``signing_key`` come from the supervisor when this is one of several workers
+    (bulkheads take their share; hosted-file URLs must verify on every worker)."""
     app = web.Application(
         middlewares=[envelope_middleware, auth_middleware], handler_args={"max_field_size": 16384}
     )
     app.on_response_prepare.append(_stamp_headers)
-    state = app[GATEWAY] = Gateway(HealthBoard(config.resilience), hosted=_hosted(config))
+    state = app[GATEWAY] = Gateway(
+        HealthBoard(config.resilience),
+        bulkheads=Bulkheads(workers),
+        hosted=_hosted(config, signing_key),
+        workers=workers,
+    )
     reloader = app[RELOADER] = Reloader(state, config_path)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.config import DEFAULT_CONFIG_PATH, EMBEDDED_CONFIG_PATH, ConfigError, load_config
 from gateway.logs import configure, log
+from gateway.workers import supervise, take_signing_key, worker_slot, workers_count
 
 
 def _default_config() -> Path:
@@ -37,15 +38,30 @@ def serve(args: argparse.Namespace) -> int:
         print(f"video-gateway: {path} is not a valid config:", file=sys.stderr)
         print("\n".join(f"  {p}" for p in exc.problems), file=sys.stderr)
         return 1
-    configure(args.log_format or config.log_format, config.log_level)
-    from gateway.server import serve as run
-
+    log_format = args.log_format or config.log_format
+    configure(log_format, config.log_level)
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
-    log.info("serving", config=str(path), version=__version__)
+    worker = worker_slot()
+    workers = worker[1] if worker else workers_count(args.workers or config.workers)
+    if workers > 1 and worker is None:
+        log.info("serving", config=str(path), version=__version__, workers=workers)
+        return supervise(path, host, port, workers, log_format, config.signing_key)
+    if worker is None:
+        log.info("serving", config=str(path), version=__version__)
+    from gateway.server import serve as run
+
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(run(config, path, host, port))
+        runner.run(run(config, path, host, port, workers=workers, signing_key=take_signing_key()))
     return 0
+
+
+def _workers_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("a number of processes (1 or more) or 'auto'")
+    return int(value)
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -88,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help=f"config file (default {DEFAULT_CONFIG_PATH}, else the embedded default)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument(
+        "--workers", type=_workers_arg, help="worker processes sharing the port (default: server.workers)"
+    )
     p.add_argument("--log-format", choices=["json", "console"])
     p.set_defaults(run=serve)
 

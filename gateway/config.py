@@ -122,6 +122,7 @@ class GatewayConfig:
     default_model: str | None = None
     limits: Limits = Limits()
     resilience: Resilience = Resilience()
+    workers: int | str = 1
     drain_seconds: float = 30.0
     drain_delay_seconds: float = 0.0
     watch_config: bool = True
@@ -208,6 +209,10 @@ def schema() -> dict[str, Any]:
                         "description": "On SIGTERM, /readyz fails this long before the listener closes.",
                     },
                     "watch_config": {"type": "boolean", "description": "Reload when the file changes."},
+                    "workers": {
+                        "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
+                        "description": "Worker processes sharing the port; auto: one per CPU core.",
+                    },
                 },
             },
             "admin": {
@@ -500,6 +505,7 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
         default_model=default_model,
         limits=limits,
         resilience=Resilience(**raw.get("resilience", {})),
+        workers=server.get("workers", 1),
         drain_seconds=float(server.get("drain_seconds", 30.0)),
         drain_delay_seconds=float(server.get("drain_delay_seconds", 0.0)),
         watch_config=bool(server.get("watch_config", True)),

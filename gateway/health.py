@@ -20,7 +20,12 @@ from gateway.config import Resilience
 from gateway.logs import log
 
 EJECTIONS = Counter("gateway_deployment_ejections_total", "Times a deployment was ejected.", ["deployment"])
-EJECTED = Gauge("gateway_deployment_ejected", "1 while a deployment is ejected, else 0.", ["deployment"])
+EJECTED = Gauge(
+    "gateway_deployment_ejected",
+    "1 while a deployment is ejected, else 0.",
+    ["deployment"],
+    multiprocess_mode="livemax",  # with several workers: ejected by at least one of them
+)
 
 
 @dataclass

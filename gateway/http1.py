@@ -26,6 +26,7 @@ import httptools
 from multidict import CIMultiDict
 
 IDLE_SECONDS = 15.0  # as aiohttp's keep-alive: well under the usual server-side idle limits
+MAX_ORIGINS = 64
 _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "PUT"})
 
 
@@ -278,6 +279,10 @@ class _Pool:
                 return
         self._in_use -= 1
 
+    @property
+    def unused(self) -> bool:
+        return self._in_use == 0 and not self._queue
+
     def close(self) -> None:
         """Close the idle connections now; those in use close when their exchange ends."""
         self.closed = True
@@ -291,33 +296,47 @@ class Http1Client:
     def __init__(self, max_connections: int, tls: ssl.SSLContext | None = None) -> None:
         self._max_connections = max_connections
         self._tls = tls
-        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._pools: dict[str, tuple[_Pool, str]] = {}  # origin -> (pool, Host header)
 
-    def _pool(self, scheme: str, host: str, port: int) -> _Pool:
-        key = (scheme, host, port)
-        pool = self._pools.get(key)
-        if pool is None:
-            tls = None
-            if scheme == "https":
-                tls = self._tls = self._tls or ssl.create_default_context()
-            pool = self._pools[key] = _Pool(host, port, tls, self._max_connections)
-        return pool
+    def _pool(self, origin: str) -> tuple[_Pool, str]:
+        found = self._pools.get(origin)
+        if found is not None:
+            return found
+        parts = urlsplit(origin)
+        hostname = parts.hostname
+        if parts.scheme not in ("http", "https") or not hostname or parts.username is not None:
+            raise ExchangeError("connect", f"cannot request {origin!r}", connecting=True)
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        host = f"[{hostname}]" if ":" in hostname else hostname
+        if port != default_port:
+            host = f"{host}:{port}"
+        tls = None
+        if parts.scheme == "https":
+            tls = self._tls = self._tls or ssl.create_default_context()
+        if len(self._pools) >= MAX_ORIGINS:
+            self._forget_unused()
+        found = self._pools[origin] = (_Pool(hostname, port, tls, self._max_connections), host)
+        return found
+
+    def _forget_unused(self) -> None:
+        """Result URLs can name many hosts over time: drop the pools nobody is using."""
+        for origin, (pool, _) in list(self._pools.items()):
+            if pool.unused:
+                pool.close()
+                del self._pools[origin]
 
     async def request(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limits: Limits
     ) -> Answer:
-        parts = urlsplit(url)
-        hostname = parts.hostname
-        if parts.scheme not in ("http", "https") or not hostname:
-            raise ExchangeError("connect", f"cannot request {url!r}", connecting=True)
-        default_port = 443 if parts.scheme == "https" else 80
-        port = parts.port or default_port
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = f"[{hostname}]" if ":" in hostname else hostname
-        if port != default_port:
-            host = f"{host}:{port}"
+        path_at = url.find("/", url.find("://") + 3)
+        query_at = url.find("?", url.find("://") + 3)
+        split = min(i for i in (path_at, query_at, len(url)) if i >= 0)
+        target = url[split:].partition("#")[0]
+        if not target.startswith("/"):
+            target = "/" + target
+        pool, host = self._pool(url[:split])
         head = _head(method, target, host, headers, body)
-        pool = self._pool(parts.scheme, hostname, port)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.total if limits.total is not None else None
         while True:
@@ -339,7 +358,7 @@ class Http1Client:
             return answer
 
     def close(self) -> None:
-        for pool in self._pools.values():
+        for pool, _ in self._pools.values():
             pool.close()
         self._pools.clear()
 

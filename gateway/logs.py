@@ -48,7 +48,18 @@ def redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_LEVELS = logging.getLevelNamesMapping()
+_level = logging.INFO
+
+
+def enabled(level: str) -> bool:
+    """Would an event at ``level`` be written? Lets hot paths skip building one that would not."""
+    return _LEVELS[level.upper()] >= _level
+
+
 def configure(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
+    global _level
+    _level = _LEVELS[level.upper()]
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -61,7 +72,7 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
             redact,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(_level),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -8,11 +8,27 @@ lives elsewhere (failover, ejection, rate limits, reloads) are defined in that f
 from __future__ import annotations
 
 import hmac
+import os
 import platform
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, ClassVar
 
 from aiohttp import web
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Metric,
+    PlatformCollector,
+    ProcessCollector,
+    multiprocess,
+)
 from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.registry import Collector
 
 from gateway import __version__
 
@@ -31,7 +47,9 @@ HTTP_DURATION = Histogram(
     ["route", "method"],
     buckets=DURATION_BUCKETS,
 )
-HTTP_IN_FLIGHT = Gauge("gateway_http_requests_in_flight", "Requests being handled now.", ["route"])
+HTTP_IN_FLIGHT = Gauge(
+    "gateway_http_requests_in_flight", "Requests being handled now.", ["route"], multiprocess_mode="livesum"
+)
 OVERHEAD = Histogram(
     "gateway_overhead_seconds",
     "Time the gateway itself spent on a request: total minus upstream.",
@@ -61,7 +79,12 @@ UPSTREAM_ERRORS = Counter(
     "Failed provider requests by kind: connect, timeout, reset, 4xx, 5xx, payload.",
     ["provider", "kind"],
 )
-UPSTREAM_IN_FLIGHT = Gauge("gateway_upstream_requests_in_flight", "Provider requests open now.", ["provider"])
+UPSTREAM_IN_FLIGHT = Gauge(
+    "gateway_upstream_requests_in_flight",
+    "Provider requests open now.",
+    ["provider"],
+    multiprocess_mode="livesum",
+)
 
 VIDEOS_CREATED = Counter(
     "gateway_videos_created_total", "Videos accepted by a provider.", ["model", "provider"]
@@ -72,10 +95,84 @@ VIDEOS_FINISHED = Counter(
     ["model", "provider", "status"],
 )
 
-BUILD = Info("gateway_build", "Version of the running gateway.")
-BUILD.info({"version": __version__, "python": platform.python_version()})
+# A gauge rather than an Info, which prometheus_client's multiprocess mode does not carry.
+BUILD = Gauge(
+    "gateway_build_info",
+    "Version of the running gateway.",
+    ["version", "python"],
+    multiprocess_mode="livemax",
+)
+BUILD.labels(__version__, platform.python_version()).set(1)
 
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "4xx", "5xx", "payload")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """Clients may send any token as a method; only the standard ones become label values."""
+    return method if method in METHODS else "other"
+
+
+class RouteSeries:
+    """The series of one route and method, looked up once: ``labels()`` costs more than an update."""
+
+    __slots__ = (
+        "_codes",
+        "_method",
+        "_route",
+        "duration",
+        "in_flight",
+        "overhead",
+        "request_bytes",
+        "response_bytes",
+    )
+
+    def __init__(self, route: str, method: str) -> None:
+        self._route, self._method = route, method
+        self._codes: dict[int, Any] = {}
+        self.in_flight = HTTP_IN_FLIGHT.labels(route)
+        self.duration = HTTP_DURATION.labels(route, method)
+        self.overhead = OVERHEAD.labels(route)
+        self.request_bytes = REQUEST_BYTES.labels(route)
+        self.response_bytes = RESPONSE_BYTES.labels(route)
+
+    def answered(self, status: int) -> Any:
+        child = self._codes.get(status)
+        if child is None:
+            child = self._codes[status] = HTTP_REQUESTS.labels(self._route, self._method, str(status))
+        return child
+
+
+class UpstreamSeries:
+    """The per-call series of one deployment's upstream requests."""
+
+    __slots__ = ("duration", "in_flight", "requests")
+
+    def __init__(self, provider: str, deployment: str, model: str) -> None:
+        self.requests = UPSTREAM_REQUESTS.labels(provider, deployment)
+        self.in_flight = UPSTREAM_IN_FLIGHT.labels(provider)
+        self.duration = UPSTREAM_DURATION.labels(provider, model)
+
+
+_ROUTE_SERIES: dict[tuple[str, str], RouteSeries] = {}
+_UPSTREAM_SERIES: dict[tuple[str, str, str], UpstreamSeries] = {}
+
+
+def route_series(route: str, method: str) -> RouteSeries:
+    """Series for a route template (or ``unmatched``) and method: a bounded set, so cached for good."""
+    key = (route, method_label(method))
+    series = _ROUTE_SERIES.get(key)
+    if series is None:
+        series = _ROUTE_SERIES[key] = RouteSeries(*key)
+    return series
+
+
+def upstream_series(provider: str, deployment: str, model: str) -> UpstreamSeries:
+    key = (provider, deployment, model)
+    series = _UPSTREAM_SERIES.get(key)
+    if series is None:
+        series = _UPSTREAM_SERIES[key] = UpstreamSeries(provider, deployment, model)
+    return series
 
 
 def prime(providers: dict[str, list[tuple[str, str]]]) -> None:
@@ -94,9 +191,62 @@ def prime(providers: dict[str, list[tuple[str, str]]]) -> None:
                 VIDEOS_FINISHED.labels(model, provider, status)
 
 
+def multiprocess_dir() -> Path | None:
+    """Where the workers' metric files are, when this process is one of several workers."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(path) if path else None
+
+
+class GatewayProcesses(Collector):
+    """``process_*`` of the whole gateway when it runs as several workers: the supervisor and every
+    live worker (those with live gauge files), summed; limits and start time taken as max and min."""
+
+    _PICK: ClassVar[dict[str, Callable[[list[float]], float]]] = {
+        "process_max_fds": max,
+        "process_start_time_seconds": min,
+    }
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def _pids(self) -> set[int]:
+        pids = {os.getppid(), os.getpid()}
+        for path in self._directory.glob("gauge_live*_*.db"):
+            pid = path.stem.rpartition("_")[2]
+            if pid.isdigit():
+                pids.add(int(pid))
+        return pids
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, list[float]] = {}
+        for pid in sorted(self._pids()):
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                families.setdefault(family.name, family)
+                values.setdefault(family.name, []).extend(sample.value for sample in family.samples)
+        for name, family in families.items():
+            pick = self._PICK.get(name, sum)
+            out = Metric(family.name, family.documentation, family.type)
+            out.add_sample(family.samples[0].name, {}, pick(values[name]))
+            yield out
+
+
+def metrics_registry() -> CollectorRegistry:
+    """The default registry for one process; with several workers, all of theirs, merged."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(directory))
+    registry.register(GatewayProcesses(directory))
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
 def metrics_handler(key: str | None) -> web.Handler:
     """``/metrics``; when a key is configured, scrapers must send it as a bearer token."""
-    handler = make_aiohttp_handler(REGISTRY)
+    handler = make_aiohttp_handler(metrics_registry())
     if key is None:
         return handler
 

@@ -31,11 +31,21 @@ RELOADS = Counter("gateway_config_reloads_total", "Config loads by result: succe
 LAST_SUCCESS = Gauge(
     "gateway_config_last_reload_success_timestamp_seconds",
     "Unix time of the last config load that took effect.",
+    multiprocess_mode="livemin",  # with several workers: the one that has been waiting longest
 )
 for _result in ("success", "failure"):
     RELOADS.labels(_result)
 
-_RESTART_ONLY = ("host", "port", "data_dir", "store_path", "metrics_path", "public_base_url", "signing_key")
+_RESTART_ONLY = (
+    "host",
+    "port",
+    "workers",
+    "data_dir",
+    "store_path",
+    "metrics_path",
+    "public_base_url",
+    "signing_key",
+)
 
 
 async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable | None) -> RoutingTable:
@@ -97,6 +107,16 @@ class Reloader:
             return hashlib.sha256(self._path.read_bytes()).digest()
         except OSError:
             return None
+
+    async def check(self) -> list[str]:
+        """The file's problems, without applying it."""
+        if self._path is None:
+            return ["the gateway was started without a config file"]
+        try:
+            await asyncio.to_thread(load_config, self._path)
+        except ConfigError as exc:
+            return exc.problems
+        return []
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
         """Load the file again; True and no problems when the new table took effect."""

@@ -32,6 +32,7 @@ class RoutingTable:
         self.health = health
         self.models = config.models
         self.deployments = {d.name: d for ds in config.models.values() for d in ds}
+        self._siblings = {model: tuple(d.name for d in ds) for model, ds in config.models.items()}
         self._retired = dict(retired or {})
 
     def resolve_model(self, requested: object) -> str:
@@ -64,7 +65,7 @@ class RoutingTable:
         return ordered
 
     def siblings(self, deployment: Deployment) -> tuple[str, ...]:
-        return tuple(d.name for d in self.models.get(deployment.model, ()))
+        return self._siblings.get(deployment.model, ())
 
     def adapter(self, provider: str) -> Adapter:
         adapter = self.adapters.get(provider) or self._retired.get(provider)

@@ -22,11 +22,20 @@ from gateway.logs import log
 from gateway.state import GATEWAY
 
 
-async def serve(config: GatewayConfig, config_path: Path | None, host: str, port: int) -> None:
-    app = build_app(config, config_path=config_path)
+async def serve(
+    config: GatewayConfig,
+    config_path: Path | None,
+    host: str,
+    port: int,
+    *,
+    workers: int = 1,
+    signing_key: bytes | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT. ``workers`` > 1: this is one of several processes on the port."""
+    app = build_app(config, config_path=config_path, workers=workers, signing_key=signing_key)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=workers > 1)
     await site.start()
     log.info("listening", url=f"http://{host}:{port}/v1")
 

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
-from gateway.limits import Bulkheads, KeyLimiter
+from gateway.limits import Bulkheads
 from gateway.routing import RoutingTable
 from gateway.store import TaskStore
 
@@ -19,9 +19,9 @@ class Gateway:
     ``table`` and ``store`` are filled in at start-up."""
 
     health: HealthBoard
-    limiter: KeyLimiter = field(default_factory=KeyLimiter)
     bulkheads: Bulkheads = field(default_factory=Bulkheads)
     hosted: HostedFiles | None = None
+    workers: int = 1
     draining: bool = False
     in_flight: int = 0
     table: RoutingTable = field(init=False)

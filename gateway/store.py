@@ -8,12 +8,18 @@ video can always be found again after a restart. :class:`TaskStore` is the seam 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import mmap
+import os
 import sqlite3
+import struct
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -65,12 +71,31 @@ class TaskStore(Protocol):
     ) -> tuple[list[Task], bool]:
         """A page of the owner's tasks and whether more follow; raises KeyError for a bad cursor."""
 
-    async def count_active(self, owner: str) -> int: ...
-
     async def active(self, owner: str) -> list[Task]:
         """The owner's videos last seen queued or in progress."""
 
+    async def admit(self, owner: str, *, per_minute: int | None, max_active: int | None) -> Admission:
+        """Atomically check an owner's create limits and, when they allow it, count one more create
+        (pending until :meth:`settle`). Every process and replica on the store sees the same counts."""
+
+    async def settle(self, admission: Admission) -> None:
+        """The admitted create has ended (its video, if any, is in the store by now)."""
+
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The outcome of :meth:`TaskStore.admit`: refused (``limit`` names which) or admitted as ``id``.
+
+    ``window`` is the number of creates in the last minute, this one included when admitted, and
+    ``reset_seconds`` how long until the oldest of them leaves the window.
+    """
+
+    id: int | None
+    limit: str | None
+    window: int
+    reset_seconds: float
 
 
 _SCHEMA = """
@@ -92,18 +117,68 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner, kind, seq);
 CREATE INDEX IF NOT EXISTS tasks_upstream ON tasks (deployment, upstream_id);
+CREATE TABLE IF NOT EXISTS admissions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL,
+    at REAL NOT NULL,
+    pending INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS admissions_owner ON admissions (owner, at);
 """
+
+WINDOW_SECONDS = 60.0
+# A create still pending after this long was cut off (a crash, a kill): it no longer counts.
+PENDING_SECONDS = 900.0
 
 _COLUMNS = (
     "id, owner, model, deployment, provider, upstream_id, created_at, status, kind, video, state, updated_at"
 )
 
 
-class SQLiteTaskStore:
-    """SQLite in WAL mode with full fsync on commit, driven from one worker thread.
+class DeleteEpoch:
+    """A counter, in a small file beside the database, that every process using it bumps on delete.
 
-    This process is the file's only writer, so a write-through cache of recent tasks is exact: a
-    poll of a known video needs no database round trip. Callers get copies, never the cached object.
+    Each process caches tasks; a cache holds what this process wrote or read, and the only change
+    that can make such an entry wrong behind its back (another worker's delete) bumps this counter,
+    so each process drops its cache when the counter moved. Reading it is one load from shared memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._fd).st_size < 8:
+            with self._locked():
+                os.ftruncate(self._fd, 8)
+        self._map = mmap.mmap(self._fd, 8)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def read(self) -> int:
+        value: int = struct.unpack_from("<Q", self._map)[0]
+        return value
+
+    def bump(self) -> None:
+        with self._locked():
+            struct.pack_into("<Q", self._map, 0, self.read() + 1)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+
+class SQLiteTaskStore:
+    """SQLite in WAL mode with full fsync on commit, driven from one thread per process.
+
+    Several processes (the workers of one gateway, or a gateway and its restarted self) may share
+    the file. Each keeps a cache of recent tasks so that a poll of a known video needs no database
+    round trip; :class:`DeleteEpoch` keeps those caches from outliving a delete made elsewhere, and
+    an update that lost a race adopts what the database holds. Callers get copies, never the cached
+    object.
     """
 
     def __init__(self, path: Path, cache_size: int = 10_000) -> None:
@@ -112,8 +187,22 @@ class SQLiteTaskStore:
         self._db: sqlite3.Connection | None = None
         self._cache: OrderedDict[str, Task] = OrderedDict()
         self._cache_size = cache_size
+        self._epoch: DeleteEpoch | None = None
+        self._seen = 0
 
-    def _remember(self, task: Task) -> None:
+    def _current_epoch(self) -> int:
+        """The delete epoch; the cache is emptied when another process deleted since last look."""
+        assert self._epoch is not None, "store is not open"
+        epoch = self._epoch.read()
+        if epoch != self._seen:
+            self._cache.clear()
+            self._seen = epoch
+        return epoch
+
+    def _remember(self, task: Task, epoch: int) -> None:
+        """Cache ``task`` as read or written while the delete epoch was ``epoch``."""
+        if self._current_epoch() != epoch:
+            return  # a delete happened meanwhile: this copy may already be gone
         self._cache[task.id] = _copy(task)
         self._cache.move_to_end(task.id)
         if len(self._cache) > self._cache_size:
@@ -121,10 +210,12 @@ class SQLiteTaskStore:
 
     async def open(self) -> None:
         await self._run(self._open)
+        self._epoch = DeleteEpoch(self._path.with_name(self._path.name + "-epoch"))
+        self._seen = self._epoch.read()
 
     def _open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
@@ -143,6 +234,7 @@ class SQLiteTaskStore:
         return Task(*head, video=json.loads(video), state=json.loads(state), updated_at=updated_at)
 
     async def add(self, task: Task) -> None:
+        epoch = self._current_epoch()
         await self._run(
             self._query,
             f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -161,9 +253,10 @@ class SQLiteTaskStore:
                 task.updated_at,
             ),
         )
-        self._remember(task)
+        self._remember(task, epoch)
 
     async def get(self, task_id: str, owner: str, kind: str = "video") -> Task | None:
+        epoch = self._current_epoch()
         cached = self._cache.get(task_id)
         if cached is not None:
             return _copy(cached) if cached.owner == owner and cached.kind == kind else None
@@ -175,7 +268,7 @@ class SQLiteTaskStore:
         if not rows:
             return None
         task = self._task(rows[0])
-        self._remember(task)
+        self._remember(task, epoch)
         return _copy(task)
 
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None:
@@ -188,9 +281,12 @@ class SQLiteTaskStore:
         return self._task(rows[0]) if rows else None
 
     async def update(self, task: Task) -> bool:
+        """As the protocol says; when the task had already finished (another process or poll got
+        there first), ``task`` takes what the database holds, so every answer shows the same video."""
         task.updated_at = time.time()
+        epoch = self._current_epoch()
 
-        def run() -> bool:
+        def run() -> tuple[bool, list[tuple[Any, ...]]]:
             assert self._db is not None
             cursor = self._db.execute(
                 "UPDATE tasks SET status=?, video=?, state=?, updated_at=? "
@@ -204,13 +300,17 @@ class SQLiteTaskStore:
                     *ACTIVE_STATUSES,
                 ),
             )
-            return cursor.rowcount == 1 and task.status not in ACTIVE_STATUSES
+            if cursor.rowcount == 1:
+                return task.status not in ACTIVE_STATUSES, []
+            return False, self._query(f"SELECT {_COLUMNS} FROM tasks WHERE id=?", (task.id,))
 
-        finished = bool(await self._run(run))
-        cached = self._cache.get(task.id)
-        if cached is not None and cached.status in ACTIVE_STATUSES:
-            self._remember(task)
-        return finished
+        finished, rows = await self._run(run)
+        if rows:
+            stored = self._task(rows[0])
+            task.status, task.video, task.state = stored.status, stored.video, stored.state
+            task.updated_at = stored.updated_at
+        self._remember(task, epoch)
+        return bool(finished)
 
     async def delete(self, task_id: str, owner: str) -> bool:
         def run() -> bool:
@@ -223,6 +323,9 @@ class SQLiteTaskStore:
 
         deleted = bool(await self._run(run))
         self._cache.pop(task_id, None)
+        if deleted:
+            assert self._epoch is not None
+            self._epoch.bump()
         return deleted
 
     async def list(
@@ -248,15 +351,6 @@ class SQLiteTaskStore:
         result: tuple[list[Task], bool] = await self._run(run)
         return result
 
-    async def count_active(self, owner: str) -> int:
-        rows = await self._run(
-            self._query,
-            "SELECT COUNT(*) FROM tasks WHERE owner=? AND kind='video' AND deleted_at IS NULL "
-            f"AND status IN ({','.join('?' * len(ACTIVE_STATUSES))})",
-            (owner, *ACTIVE_STATUSES),
-        )
-        return int(rows[0][0])
-
     async def active(self, owner: str) -> list[Task]:
         rows = await self._run(
             self._query,
@@ -266,12 +360,66 @@ class SQLiteTaskStore:
         )
         return [self._task(r) for r in rows]
 
+    async def admit(self, owner: str, *, per_minute: int | None, max_active: int | None) -> Admission:
+        def run() -> Admission:
+            assert self._db is not None
+            now = time.time()
+            horizon = now - WINDOW_SECONDS
+            self._db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+            try:
+                self._db.execute(
+                    "DELETE FROM admissions WHERE owner=? AND at<=? AND (pending=0 OR at<=?)",
+                    (owner, horizon, now - PENDING_SECONDS),
+                )
+                count, oldest = self._db.execute(
+                    "SELECT COUNT(*), MIN(at) FROM admissions WHERE owner=? AND at>?", (owner, horizon)
+                ).fetchone()
+                reset = oldest + WINDOW_SECONDS - now if oldest is not None else 0.0
+                if per_minute is not None and count >= per_minute:
+                    self._db.execute("COMMIT")
+                    return Admission(None, "creates_per_minute", count, reset)
+                if max_active is not None:
+                    (pending,) = self._db.execute(
+                        "SELECT COUNT(*) FROM admissions WHERE owner=? AND pending=1 AND at>?",
+                        (owner, now - PENDING_SECONDS),
+                    ).fetchone()
+                    (active,) = self._db.execute(
+                        "SELECT COUNT(*) FROM tasks WHERE owner=? AND kind='video' AND deleted_at IS NULL "
+                        f"AND status IN ({','.join('?' * len(ACTIVE_STATUSES))})",
+                        (owner, *ACTIVE_STATUSES),
+                    ).fetchone()
+                    if active + pending >= max_active:
+                        self._db.execute("COMMIT")
+                        return Admission(None, "max_in_progress", count, reset)
+                cursor = self._db.execute(
+                    "INSERT INTO admissions (owner, at, pending) VALUES (?,?,1)", (owner, now)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return Admission(cursor.lastrowid, None, count + 1, reset if count else WINDOW_SECONDS)
+
+        admission: Admission = await self._run(run)
+        return admission
+
+    async def settle(self, admission: Admission) -> None:
+        if admission.id is not None:
+            await self._run(self._query, "UPDATE admissions SET pending=0 WHERE id=?", (admission.id,))
+
     async def close(self) -> None:
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
+        if self._epoch is not None:
+            self._epoch.close()
+            self._epoch = None
         self._executor.shutdown(wait=True)
 
 
 def _copy(task: Task) -> Task:
-    return replace(task, video=dict(task.video), state=dict(task.state))
+    """A copy whose ``video`` and ``state`` can be changed freely (``dataclasses.replace`` is slower)."""
+    copy = Task.__new__(Task)
+    copy.__dict__.update(task.__dict__)
+    copy.video, copy.state = dict(task.video), dict(task.state)
+    return copy

@@ -137,7 +137,7 @@ async def dialect_gateway(
 
 
 # The gateway serves on uvloop when it is installed; these modules run on both loops.
-BOTH_LOOPS = {"test_http1", "test_sdk_e2e", "test_workers"}
+BOTH_LOOPS = {"test_http1", "test_sdk_e2e"}
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

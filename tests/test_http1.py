@@ -353,3 +353,26 @@ async def test_https_verifies_the_provider(serve, tmp_path: Path) -> None:
     finally:
         trusted.close()
         untrusted.close()
+
+
+async def test_request_targets_keep_their_query_and_drop_fragments(serve, client) -> None:
+    server = await serve(keep_alive(answer()))
+    await client.request("GET", server.url + "?a=1", {}, None, LIMITS)
+    await client.request("GET", server.url + "/v1/x?b=2#frag", {}, None, LIMITS)
+    assert [r.split(b"\r\n")[0] for r in server.requests] == [
+        b"GET /?a=1 HTTP/1.1",
+        b"GET /v1/x?b=2 HTTP/1.1",
+    ]
+    with pytest.raises(ExchangeError):
+        await client.request("GET", "ftp://127.0.0.1/x", {}, None, LIMITS)
+    with pytest.raises(ExchangeError):
+        await client.request("GET", "http://user:pw@127.0.0.1/x", {}, None, LIMITS)
+
+
+async def test_pools_of_many_result_hosts_do_not_pile_up(serve, client, unused_tcp_port_factory) -> None:
+    server = await serve(keep_alive(answer()))
+    for _ in range(100):
+        with pytest.raises(ExchangeError):  # nothing listens there; each is a new origin
+            await client.request("GET", f"http://127.0.0.1:{unused_tcp_port_factory()}/", {}, None, LIMITS)
+    await client.request("GET", server.url + "/", {}, None, LIMITS)
+    assert len(client._pools) <= 64

@@ -302,17 +302,19 @@ class Adapter:
         return url
 
     def _sending(self, call: Call) -> Any:
-        metrics.UPSTREAM_REQUESTS.labels(self.config.name, call.deployment.name).inc()
-        in_flight = metrics.UPSTREAM_IN_FLIGHT.labels(self.config.name)
-        in_flight.inc()
+        series = metrics.upstream_series(self.config.name, call.deployment.name, call.deployment.model)
+        series.requests.inc()
+        series.in_flight.inc()
         self.in_flight += 1
-        return in_flight
+        return series.in_flight
 
     def _answered(self, call: Call, status: int, waited: float) -> None:
         """The provider's answer headers arrived: time, status and health of the call."""
         call.upstream_status = status
         call.upstream_seconds += waited
-        metrics.UPSTREAM_DURATION.labels(self.config.name, call.deployment.model).observe(waited)
+        metrics.upstream_series(
+            self.config.name, call.deployment.name, call.deployment.model
+        ).duration.observe(waited)
         if status >= 400:
             call.upstream_error = "5xx" if status >= 500 else "4xx"
             self.count_error(call.upstream_error)

@@ -1,0 +1,170 @@
+"""Several worker processes on one port, and the supervisor that keeps them running.
+
+Each worker is a whole gateway (its own event loop, connection pools and task cache) listening on
+the same port with SO_REUSEPORT, so the kernel spreads connections across them. What the workers
+must agree on lives where all of them see it: videos and per-key limits in the task store, deletes
+in the store's delete epoch, metrics in prometheus_client's multiprocess files (one scrape of any
+worker reports the whole gateway), and the key that signs hosted-file URLs, chosen here before the
+fork when the config names none. Outlier ejection and bulkheads are each worker's own (bulkheads
+hold a share of the cap each).
+
+The supervisor forwards SIGTERM and SIGINT (drain, then exit) and SIGHUP (reload) to every
+worker, and replaces a worker that dies. Workers are fresh interpreters, not forks: each imports
+prometheus_client after the multiprocess directory is named, and inherits no state but the config
+file's path and the listen address. A worker that keeps dying at start-up (a port in use, say)
+stops the whole gateway with exit status 1 instead of restarting forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.logs import log
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_ENV = "VIDEO_GATEWAY_WORKER"
+SIGNING_KEY_ENV = "VIDEO_GATEWAY_WORKER_SIGNING_KEY"
+_QUICK_DEATH_SECONDS = 5.0
+_MAX_QUICK_DEATHS = 5
+
+
+def workers_count(setting: int | str) -> int:
+    """``server.workers``: a number, or ``auto`` for one per CPU core."""
+    if setting == "auto":
+        return max(
+            1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
+    return max(1, int(setting))
+
+
+def prepare_metrics() -> Path:
+    """A fresh multiprocess directory, named in the environment before prometheus_client loads."""
+    path = Path(tempfile.mkdtemp(prefix="video-gateway-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def supervise(
+    config_path: Path, host: str, port: int, count: int, log_format: str, signing_key: str | None
+) -> int:
+    """Run ``count`` workers until SIGTERM or SIGINT; the exit status of the whole gateway.
+
+    Workers are fresh interpreters (``python -m gateway serve`` with the worker variables set), so
+    each imports prometheus_client after the multiprocess directory is named.
+    """
+    metrics_dir = prepare_metrics()
+    env = {
+        **os.environ,
+        SIGNING_KEY_ENV: signing_key or secrets.token_hex(32),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config_path),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-format",
+        log_format,
+    ]
+    children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started)
+    stopping = False
+    quick_deaths = 0
+
+    def spawn(slot: int) -> None:
+        pid = os.posix_spawn(sys.executable, argv, {**env, WORKER_ENV: f"{slot}/{count}"})
+        children[pid] = (slot, time.monotonic())
+
+    def forward(signum: int) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("supervisor_stopping", signal=signal.Signals(signum).name, workers=len(children))
+        stopping = True
+        forward(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, _: forward(signum))
+    status = 0
+    try:
+        log.info("supervisor_started", workers=count, url=f"http://{host}:{port}/v1")
+        for slot in range(count):
+            spawn(slot)
+        while children:
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:
+                break
+            if pid not in children:
+                continue
+            slot, started = children.pop(pid)
+            _forget_worker_metrics(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if stopping:
+                log.info("worker_stopped", pid=pid, code=code)
+                status = status or (1 if code not in (0, -signal.SIGTERM) else 0)
+                continue
+            log.error("worker_died", pid=pid, code=code, worker=slot)
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < _QUICK_DEATH_SECONDS else 0
+            if quick_deaths >= _MAX_QUICK_DEATHS:
+                log.error(
+                    "supervisor_giving_up", reason="workers keep dying at start-up", deaths=quick_deaths
+                )
+                status, stopping = 1, True
+                forward(signal.SIGTERM)
+                continue
+            if quick_deaths:
+                time.sleep(min(5.0, 0.2 * 2**quick_deaths))
+            spawn(slot)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("supervisor_stopped", status=status)
+    return status
+
+
+def worker_slot() -> tuple[int, int] | None:
+    """(number, count) when this process is a worker started by :func:`supervise`."""
+    value = os.environ.get(WORKER_ENV)
+    if not value:
+        return None
+    slot, _, count = value.partition("/")
+    return int(slot), int(count)
+
+
+def take_signing_key() -> bytes | None:
+    """The supervisor's signing key for hosted files, removed from the environment once read."""
+    value = os.environ.pop(SIGNING_KEY_ENV, None)
+    return value.encode() if value else None
+
+
+def _forget_worker_metrics(pid: int) -> None:
+    """A dead worker's live gauges (in-flight requests...) must not count any more."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+def request_reload() -> bool:
+    """From a worker: ask the supervisor to reload every worker. False when not under a supervisor."""
+    if worker_slot() is None:
+        return False
+    os.kill(os.getppid(), signal.SIGHUP)
+    return True

@@ -1,0 +1,91 @@
+"""The SQLite task store shared by several processes: two store objects on one file stand in for
+two workers (each has its own connection, cache and thread, as a worker process does)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store import SQLiteTaskStore, Task
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[SQLiteTaskStore, SQLiteTaskStore]]:
+    a, b = SQLiteTaskStore(tmp_path / "gw.sqlite3"), SQLiteTaskStore(tmp_path / "gw.sqlite3")
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+def task(task_id: str = "video_1", owner: str = "alpha", status: str = "in_progress") -> Task:
+    return Task(
+        id=task_id,
+        owner=owner,
+        model="sora-2",
+        deployment="up/sora",
+        provider="up",
+        upstream_id="job_1",
+        created_at=int(time.time()),
+        status=status,
+        video={"id": task_id, "status": status, "progress": 10},
+    )
+
+
+async def test_a_delete_elsewhere_empties_every_cache(pair) -> None:
+    a, b = pair
+    await a.add(task())
+    assert (await b.get("video_1", "alpha")) is not None  # now cached in b
+    assert (await b.get("video_1", "beta")) is None
+    assert await a.delete("video_1", "alpha")
+    assert (await b.get("video_1", "alpha")) is None
+    assert (await a.get("video_1", "alpha")) is None
+    assert not await b.delete("video_1", "alpha")
+
+
+async def test_the_update_that_lost_the_race_adopts_the_stored_video(pair) -> None:
+    a, b = pair
+    await a.add(task())
+    first, second = await a.get("video_1", "alpha"), await b.get("video_1", "alpha")
+    assert first is not None and second is not None
+    first.status, first.video = "completed", {"id": "video_1", "status": "completed", "completed_at": 111}
+    second.status, second.video = "completed", {"id": "video_1", "status": "completed", "completed_at": 222}
+    assert await a.update(first) is True, "the first to finish it counts it"
+    assert await b.update(second) is False
+    assert second.video["completed_at"] == 111
+    again = await b.get("video_1", "alpha")
+    assert again is not None and again.video["completed_at"] == 111
+
+
+async def test_create_limits_are_counted_once_for_all_processes(pair) -> None:
+    a, b = pair
+    admitted = [await s.admit("alpha", per_minute=3, max_active=None) for s in (a, b, a, b)]
+    assert [x.limit for x in admitted] == [None, None, None, "creates_per_minute"]
+    assert [x.window for x in admitted] == [1, 2, 3, 3]
+    assert 59 <= admitted[-1].reset_seconds <= 60
+    other = await b.admit("beta", per_minute=3, max_active=None)
+    assert other.limit is None and other.window == 1
+
+
+async def test_in_progress_counts_pending_creates_and_stored_videos(pair) -> None:
+    a, b = pair
+    first = await a.admit("alpha", per_minute=None, max_active=2)
+    second = await b.admit("alpha", per_minute=None, max_active=2)
+    assert first.id is not None and second.id is not None
+    assert (await a.admit("alpha", per_minute=None, max_active=2)).limit == "max_in_progress"
+    await a.add(task())  # the first create's video, then its admission settles
+    await a.settle(first)
+    assert (await b.admit("alpha", per_minute=None, max_active=2)).limit == "max_in_progress"
+    await b.settle(second)  # the second create failed upstream: no video
+    assert (await b.admit("alpha", per_minute=None, max_active=2)).limit is None
+
+
+async def test_concurrent_admissions_never_overshoot(pair) -> None:
+    a, b = pair
+    results = await asyncio.gather(*(s.admit("alpha", per_minute=5, max_active=None) for s in (a, b) * 10))
+    assert sum(r.limit is None for r in results) == 5

@@ -1,0 +1,209 @@
+"""``video-gateway serve --workers 2`` as a user runs it: one port, two worker processes, one gateway.
+
+Every request here opens a fresh connection, so the kernel spreads them over the workers; the
+admin endpoint names the worker that answered, which shows that both took part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ALPHA_KEY, BETA_KEY, gateway_yaml
+from tests.test_cli import REPO, free_port
+
+ADMIN_KEY = "sk-admin-for-workers-test"
+ROUNDS = 24  # with two workers, the chance that all of these land on one worker is 2**-23
+
+
+@dataclass
+class Workers:
+    process: subprocess.Popen[bytes]
+    url: str
+    config: Path
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _config(tmp_path: Path, port: int) -> str:
+    text = gateway_yaml(tmp_path / "data")
+    return text.replace(
+        "data_dir:",
+        f"server: {{port: {port}, workers: 2, watch_config: false, drain_seconds: 5}}\n"
+        f"admin: {{key: {ADMIN_KEY}}}\ndata_dir:",
+        1,
+    )
+
+
+@pytest.fixture
+def start_workers(tmp_path: Path) -> Iterator[Any]:
+    started: list[Workers] = []
+
+    async def start(beta_limits: str | None = None) -> Workers:
+        port = free_port()
+        config = tmp_path / "gateway.yaml"
+        text = _config(tmp_path, port)
+        if beta_limits is not None:
+            text = text.replace("key: ${BETA_KEY}", "key: ${BETA_KEY}\n    limits: " + beta_limits)
+        config.write_text(text)
+        log = tmp_path / "gateway.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                cwd=REPO,
+                env={**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        workers = Workers(process, f"http://127.0.0.1:{port}", config, log)
+        started.append(workers)
+        await _until(lambda: _worker_pids(workers), lambda pids: len(pids) == 2, workers)
+        return workers
+
+    yield start
+    for workers in started:
+        if workers.process.poll() is None:
+            workers.process.send_signal(signal.SIGTERM)
+            try:
+                workers.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                workers.process.kill()
+
+
+@pytest.fixture
+async def fresh() -> AsyncIterator[aiohttp.ClientSession]:
+    """A session that opens a new connection for every request."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        yield session
+
+
+async def _call(
+    session: aiohttp.ClientSession, method: str, url: str, key: str = ALPHA_KEY, **kwargs: Any
+) -> tuple[int, Any]:
+    async with session.request(method, url, headers={"Authorization": f"Bearer {key}"}, **kwargs) as r:
+        body = await r.json() if r.content_type == "application/json" else await r.text()
+        return r.status, body
+
+
+async def _worker_pids(workers: Workers) -> set[int]:
+    pids = set()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        for _ in range(ROUNDS):
+            try:
+                status, body = await _call(session, "GET", f"{workers.url}/admin/deployments", ADMIN_KEY)
+            except aiohttp.ClientConnectionError:
+                continue
+            if status == 200:
+                pids.add(body["worker"]["pid"])
+                assert body["worker"]["workers"] == 2
+    return pids
+
+
+async def _until(probe: Any, done: Any, workers: Workers, seconds: float = 30) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        assert workers.process.poll() is None, workers.log_text()
+        value = await probe()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"gave up waiting; last value {value!r}\n{workers.log_text()}"
+        await asyncio.sleep(0.2)
+
+
+async def test_both_workers_serve_the_same_videos_and_see_a_delete_at_once(start_workers, fresh) -> None:
+    workers = await start_workers()
+    status, video = await _call(
+        fresh, "POST", f"{workers.url}/v1/videos", json={"prompt": "w", "size": "320x240", "seconds": "1"}
+    )
+    assert status == 200
+    url = f"{workers.url}/v1/videos/{video['id']}"
+
+    async def status_of() -> str:
+        return str((await _call(fresh, "GET", url))[1]["status"])
+
+    await _until(status_of, lambda status: status == "completed", workers)
+    for _ in range(ROUNDS):  # every worker reads it and caches it: a completed video needs no provider
+        status, seen = await _call(fresh, "GET", url)
+        assert status == 200 and seen["id"] == video["id"] and seen["status"] == "completed"
+        assert (await _call(fresh, "GET", url, BETA_KEY))[0] == 404
+    status, listed = await _call(fresh, "GET", f"{workers.url}/v1/videos")
+    assert [v["id"] for v in listed["data"]] == [video["id"]]
+
+    assert (await _call(fresh, "DELETE", url))[0] == 200
+    for _ in range(ROUNDS):
+        status, body = await _call(fresh, "GET", url)
+        assert status == 404 and body["error"]["code"] == "video_not_found"
+
+
+async def test_one_scrape_counts_every_worker(start_workers, fresh) -> None:
+    workers = await start_workers()
+    for _ in range(30):
+        assert (await _call(fresh, "GET", f"{workers.url}/v1/models"))[0] == 200
+    for _ in range(4):
+        async with fresh.get(f"{workers.url}/metrics") as response:
+            text = await response.text()
+        samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        assert float(samples['gateway_http_requests_total{code="200",method="GET",route="/v1/models"}']) == 30
+        assert sum(name.startswith("gateway_build_info{") for name in samples) == 1
+        assert float(samples["process_resident_memory_bytes"]) > 0
+        assert float(samples["process_open_fds"]) > 0
+
+
+async def test_key_limits_hold_across_workers(start_workers, fresh) -> None:
+    workers = await start_workers(beta_limits="{creates_per_minute: 3}")
+    body = {"prompt": "w", "size": "320x240", "seconds": "1"}
+    statuses = [
+        (await _call(fresh, "POST", f"{workers.url}/v1/videos", BETA_KEY, json=body))[0] for _ in range(8)
+    ]
+    assert sorted(statuses) == [200] * 3 + [429] * 5
+
+
+async def test_an_admin_reload_reaches_every_worker(start_workers, fresh) -> None:
+    workers = await start_workers()
+    model_url = f"{workers.url}/v1/models/sora-later"
+    assert (await _call(fresh, "GET", model_url))[0] == 404
+    workers.config.write_text(workers.config.read_text() + "  sora-later:\n    provider: local\n")
+    status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
+    assert status == 200 and answer == {"reloaded": True, "problems": [], "workers": 2}
+
+    async def answers() -> list[int]:
+        return [(await _call(fresh, "GET", model_url))[0] for _ in range(ROUNDS)]
+
+    await _until(answers, lambda statuses: set(statuses) == {200}, workers, seconds=10)
+
+    workers.config.write_text(workers.config.read_text() + "bogus: 1\n")
+    status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
+    assert status == 422 and any("bogus" in p for p in answer["problems"])
+    assert set(await answers()) == {200}, "a rejected file changes nothing"
+
+
+async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(start_workers, fresh) -> None:
+    workers = await start_workers()
+    before = await _worker_pids(workers)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    after = await _until(
+        lambda: _worker_pids(workers), lambda pids: len(pids) == 2 and victim not in pids, workers
+    )
+    assert len(after & before) == 1
+    assert (await _call(fresh, "GET", f"{workers.url}/v1/models"))[0] == 200
+
+    workers.process.send_signal(signal.SIGTERM)
+    assert workers.process.wait(timeout=15) == 0
+    for pid in after:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "worker_died" in workers.log_text()
