@@ -393,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="the upstream's own latency")
     parser.add_argument("--size-mib", type=int, default=1024, help="upload and download size")
+    parser.add_argument(
+        "--workers", default="auto", help="gateway worker processes (default auto: one per core)"
+    )
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--skip-litellm-transfers", action="store_true")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s, 64 MiB transfers")
@@ -430,7 +433,16 @@ def main(argv: list[str] | None = None) -> int:
         config = write_gateway_config(workdir, up_port, max_upload=2 * size + 64 * MiB)
         gateway = spawn(
             "gateway",
-            [*gateway_command(), "serve", "--config", str(config), "--port", str(gw_port)],
+            [
+                *gateway_command(),
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(gw_port),
+                "--workers",
+                str(args.workers),
+            ],
             gw_port,
             workdir,
             env,
@@ -469,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(
             f"\n{os.cpu_count()} CPUs, Python {versions['python']}, aiohttp {versions['aiohttp']}, "
+            f"gateway workers {args.workers}, "
             f"upstream latency {args.latency_ms} ms, {args.rounds} rounds of {args.seconds} s, "
             f"{args.size_mib} MiB transfers\n"
         )

@@ -256,26 +256,43 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a gateway with workers is a supervisor and its children)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        with (
+            contextlib.suppress(OSError),
+            open(f"/proc/{current}/task/{current}/children", encoding="ascii") as f,
+        ):
+            todo.extend(int(child) for child in f.read().split())
+    return tree
+
+
 class RssSampler:
-    """Samples a process's VmRSS every 50 ms while the ``async with`` block runs.
+    """Samples VmRSS of a process and its children every 50 ms while the ``async with`` block runs.
 
     The sampling task runs in a thread, so a busy event loop (the client generating and hashing
     the body) cannot stretch the interval; VmHWM, reset on entry, catches peaks between samples.
+    ``growth`` is that of the process that grew most (the worker that carried the transfer).
     """
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.baseline = 0
-        self.peak_sampled = 0
-        self.peak_hwm: int | None = None
+        self.pids: list[int] = []
+        self.baseline: dict[int, int] = {}
+        self.peaks: dict[int, int] = {}
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._hwm_reset = False
+        self._hwm_reset: dict[int, bool] = {}
 
     async def __aenter__(self) -> RssSampler:
-        self._hwm_reset = reset_peak(self.pid)
-        self.baseline = self.peak_sampled = proc_status(self.pid)["VmRSS"]
+        self.pids = process_tree(self.pid)
+        for pid in self.pids:
+            self._hwm_reset[pid] = reset_peak(pid)
+            self.baseline[pid] = self.peaks[pid] = proc_status(pid)["VmRSS"]
         self._thread.start()
         return self
 
@@ -284,26 +301,28 @@ class RssSampler:
             self._sample()
             self._stop.wait(SAMPLE_SECONDS)
 
-    def _sample(self) -> None:
-        with contextlib.suppress(OSError):
-            self.peak_sampled = max(self.peak_sampled, proc_status(self.pid)["VmRSS"])
-            self.samples += 1
+    def _sample(self, key: str = "VmRSS") -> None:
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                self.peaks[pid] = max(self.peaks[pid], proc_status(pid)[key])
+        self.samples += 1
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
         await asyncio.to_thread(self._thread.join)
         self._sample()
-        if self._hwm_reset:
-            with contextlib.suppress(OSError):
-                self.peak_hwm = proc_status(self.pid)["VmHWM"]
+        for pid in self.pids:
+            if self._hwm_reset[pid]:
+                with contextlib.suppress(OSError):
+                    self.peaks[pid] = max(self.peaks[pid], proc_status(pid)["VmHWM"])
 
     @property
     def peak(self) -> int:
-        return max(self.peak_sampled, self.peak_hwm or 0)
+        return max(self.peaks.values())
 
     @property
     def growth(self) -> int:
-        return self.peak - self.baseline
+        return max(self.peaks[pid] - self.baseline[pid] for pid in self.pids)
 
 
 # Subprocesses.
@@ -470,11 +489,10 @@ async def download(session: aiohttp.ClientSession, path: str, url: str, key: str
 
 def rss_figures(sampler: RssSampler) -> dict[str, float]:
     return {
-        "baseline_mib": sampler.baseline / MiB,
+        "baseline_mib": sum(sampler.baseline.values()) / MiB,
         "peak_mib": sampler.peak / MiB,
-        "peak_sampled_mib": sampler.peak_sampled / MiB,
-        "peak_hwm_mib": sampler.peak_hwm / MiB if sampler.peak_hwm is not None else -1.0,
         "growth_mib": sampler.growth / MiB,
+        "processes": len(sampler.pids),
         "samples": sampler.samples,
     }
 
@@ -600,8 +618,8 @@ def report(results: dict[str, Any], checks: list[tuple[bool, str]]) -> None:
         print(
             f"{name}: direct {direct['seconds']:.2f} s, gateway {gw['seconds']:.2f} s for "
             f"{gw['bytes'] / MiB:.1f} MiB; gateway RSS baseline {rss['baseline_mib']:.1f} MiB, peak "
-            f"{rss['peak_mib']:.1f} MiB (sampled {rss['peak_sampled_mib']:.1f}, VmHWM "
-            f"{rss['peak_hwm_mib']:.1f}, {rss['samples']} samples)"
+            f"{rss['peak_mib']:.1f} MiB ({rss['processes']} processes, {rss['samples']} samples, "
+            "VmRSS and VmHWM)"
         )
     print()
     for name in ("upload", "download"):

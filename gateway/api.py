@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import Counter
 
-from gateway import limits, metrics
+from gateway import jsonio, limits, metrics
 from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
@@ -41,7 +41,7 @@ READ_RETRIES = Counter(
 
 
 def _json(data: Any, *, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(text=json.dumps(data), content_type="application/json", headers=headers)
+    return web.Response(body=jsonio.dumps(data), content_type="application/json", headers=headers)
 
 
 def _call(request: web.Request, table: RoutingTable, deployment: Deployment) -> Call:

@@ -112,6 +112,19 @@ async def fault_cycle(gw: RunningGateway, fake: FaultyUpstream, video_id: str) -
     status, body, seconds = await case("reset", "GET", f"/v1/videos/{video_id}")
     assert status in (200, 502) and seconds < 5
 
+    # Polls of a video still in progress go to the provider on every call (gateway/http1.py).
+    _, polled = await call(gw, "POST", "/v1/videos", json={"prompt": "polled", "model": "m"})
+    poll = f"/v1/videos/{polled['id']}"
+    for fault, expected in (("hang", 504), ("reset", 502), ("nonjson", 502), ("status:500", 502)):
+        status, body, seconds = await case(fault, "GET", poll)
+        assert status == expected and body["error"]["type"] == "upstream_error" and seconds < 5, fault
+    fake.behaviour["primary"] = "status:503"
+    started = time.monotonic()
+    polls = await asyncio.gather(*(call(gw, "GET", poll) for _ in range(30)))
+    assert {s for s, _ in polls} == {503} and time.monotonic() - started < 5
+    status, body, _ = await case("ok", "GET", poll)
+    assert status == 200 and body["status"] == "completed"
+
     async with aiohttp.ClientSession() as session:
         fake.behaviour["primary"] = "truncate"
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -281,3 +294,14 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(served: int) -
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_json_beyond_64_bit_integers_is_still_written() -> None:
+    """orjson refuses such integers (a provider may send one); the standard library takes over."""
+    from gateway import jsonio
+
+    value = {"expires_at": 2**70, "id": "video_x", "ok": [1.5, None, True]}
+    assert json.loads(jsonio.dumps(value)) == value
+    assert jsonio.loads(jsonio.dumps({"id": "video_x"})) == {"id": "video_x"}
+    with pytest.raises(jsonio.JSONDecodeError):
+        jsonio.loads(b"\xff not json")

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
-from gateway import metrics
+from gateway import jsonio, metrics
 from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
 from gateway.context import BYTES_OUT
@@ -360,8 +360,10 @@ class Adapter:
         if not raw.strip():
             return {}
         try:
-            return await asyncio.to_thread(json.loads, raw) if len(raw) > PARSE_OFF_LOOP else json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            return (
+                await asyncio.to_thread(jsonio.loads, raw) if len(raw) > PARSE_OFF_LOOP else jsonio.loads(raw)
+            )
+        except jsonio.JSONDecodeError:
             self.count_error("payload")
             raise UpstreamError(
                 502, "Upstream error: the provider answered with something that is not JSON.", kind="payload"
