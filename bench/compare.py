@@ -103,6 +103,35 @@ def ensure_tool(binary: str, package: str) -> str | None:
     return shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
 
 
+def tool_versions(litellm: bool) -> dict[str, object]:
+    """What ran: the machine's cores and each contender's version."""
+    from importlib.metadata import version
+
+    def first_line(argv: list[str]) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr) else "?"
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    versions: dict[str, object] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "gateway": version("video-gateway"),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": version("uvloop"),
+        "nginx": first_line([nginx, "-v"]).rpartition("/")[2] if Path(nginx).exists() else "n/a",
+        "wrk": first_line(["wrk", "-v"]).split(" ")[1] if shutil.which("wrk") else "n/a",
+    }
+    if litellm and (LITELLM_VENV / "bin" / "python").exists():
+        versions["litellm"] = first_line(
+            [
+                str(LITELLM_VENV / "bin" / "python"),
+                "-c",
+                "import importlib.metadata as m; print(m.version('litellm'))",
+            ]
+        )
+    return versions
+
+
 def start_nginx(workdir: Path, upstream_port: int, port: int, env: dict[str, str]) -> Child | None:
     nginx = ensure_tool("nginx", "nginx")
     if nginx is None:
@@ -474,13 +503,11 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(ready())
         results = asyncio.run(run(args, targets, wrk))
         rows = summarise(results)
-        versions = {
-            "python": platform.python_version(),
-            "aiohttp": aiohttp.__version__,
-            "cpus": os.cpu_count(),
-        }
+        versions = tool_versions(nginx is not None and not args.skip_litellm)
         print(
-            f"\n{os.cpu_count()} CPUs, Python {versions['python']}, aiohttp {versions['aiohttp']}, "
+            f"\n{os.cpu_count()} CPUs, " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "cpus")
+        )
+        print(
             f"gateway workers {args.workers}, "
             f"upstream latency {args.latency_ms} ms, {args.rounds} rounds of {args.seconds} s, "
             f"{args.size_mib} MiB transfers\n"

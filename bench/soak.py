@@ -28,7 +28,17 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from upload_memory import Child, free_port, gateway_command, spawn, stop, wait_ready
+from upload_memory import (
+    Child,
+    MiB,
+    free_port,
+    gateway_command,
+    proc_status,
+    process_tree,
+    spawn,
+    stop,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "soak.json"
@@ -45,9 +55,13 @@ def serve_fake(port: int) -> None:
 
 
 def sample(pid: int) -> tuple[float, int]:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return rss / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+    """RSS (MiB) and open descriptors of the gateway: the process and its workers, summed."""
+    rss, fds = 0.0, 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            rss += proc_status(member)["VmRSS"] / MiB
+            fds += len(os.listdir(f"/proc/{member}/fd"))
+    return rss, fds
 
 
 async def traffic(base: str, stop_at: float, counts: dict[str, int]) -> None:
@@ -105,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, default=3.0)
-    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--gateway-workers", default="1", help="gateway worker processes (or auto)")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--serve-fake", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -138,7 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / "gateway.yaml").write_text(yaml.safe_dump(config))
         gateway = spawn(
             "gateway",
-            [*gateway_command(), "serve", "--config", str(workdir / "gateway.yaml"), "--port", str(gw_port)],
+            [
+                *gateway_command(),
+                "serve",
+                "--config",
+                str(workdir / "gateway.yaml"),
+                "--port",
+                str(gw_port),
+                "--workers",
+                args.gateway_workers,
+            ],
             gw_port,
             workdir,
             env,

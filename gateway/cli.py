@@ -46,7 +46,7 @@ def serve(args: argparse.Namespace) -> int:
     workers = worker[1] if worker else workers_count(args.workers or config.workers)
     if workers > 1 and worker is None:
         log.info("serving", config=str(path), version=__version__, workers=workers)
-        return supervise(path, host, port, workers, log_format, config.signing_key)
+        return supervise(path, host, port, workers, log_format)
     if worker is None:
         log.info("serving", config=str(path), version=__version__)
     from gateway.server import serve as run

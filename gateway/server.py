@@ -2,7 +2,8 @@
 
 SIGTERM or SIGINT: ``/readyz`` answers 503 at once; after ``drain_delay_seconds`` the listener stops
 accepting; requests in flight get up to ``drain_seconds`` to finish; then the process exits.
-SIGHUP: reload the config. A connection that has not finished sending its request headers within
+SIGHUP: reload the config. A worker (one of several processes on the port) also stops when its
+supervisor is gone. A connection that has not finished sending its request headers within
 ``limits.header_timeout`` is closed (aiohttp itself has no such timeout; bodies are guarded by
 ``limits.client_idle_timeout`` in the body reader).
 """
@@ -20,6 +21,7 @@ from gateway.app import RELOADER, build_app
 from gateway.config import GatewayConfig
 from gateway.logs import log
 from gateway.state import GATEWAY
+from gateway.workers import supervised
 
 
 async def serve(
@@ -45,6 +47,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app[RELOADER].reload("SIGHUP")))
     watchdog = loop.create_task(_close_slow_headers(runner, config.limits.header_timeout))
+    orphan_check = loop.create_task(_stop_when_orphaned(stop)) if workers > 1 else None
     gw = app[GATEWAY]
     try:
         await stop.wait()
@@ -65,8 +68,18 @@ async def serve(
         log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=gw.in_flight)
     finally:
         watchdog.cancel()
+        if orphan_check is not None:
+            orphan_check.cancel()
         await runner.cleanup()
         log.info("stopped")
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of holding the port."""
+    while supervised():
+        await asyncio.sleep(1.0)
+    log.warning("supervisor_gone", action="draining")
+    stop.set()
 
 
 async def _close_slow_headers(runner: web.AppRunner, timeout: float) -> None:

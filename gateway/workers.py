@@ -4,8 +4,8 @@ Each worker is a whole gateway (its own event loop, connection pools and task ca
 the same port with SO_REUSEPORT, so the kernel spreads connections across them. What the workers
 must agree on lives where all of them see it: videos and per-key limits in the task store, deletes
 in the store's delete epoch, metrics in prometheus_client's multiprocess files (one scrape of any
-worker reports the whole gateway), and the key that signs hosted-file URLs, chosen here before the
-fork when the config names none. Outlier ejection and bulkheads are each worker's own (bulkheads
+worker reports the whole gateway), and the key that signs hosted-file URLs, chosen here when the
+config names none. Outlier ejection and bulkheads are each worker's own (bulkheads
 hold a share of the cap each).
 
 The supervisor forwards SIGTERM and SIGINT (drain, then exit) and SIGHUP (reload) to every
@@ -52,19 +52,14 @@ def prepare_metrics() -> Path:
     return path
 
 
-def supervise(
-    config_path: Path, host: str, port: int, count: int, log_format: str, signing_key: str | None
-) -> int:
+def supervise(config_path: Path, host: str, port: int, count: int, log_format: str) -> int:
     """Run ``count`` workers until SIGTERM or SIGINT; the exit status of the whole gateway.
 
     Workers are fresh interpreters (``python -m gateway serve`` with the worker variables set), so
     each imports prometheus_client after the multiprocess directory is named.
     """
     metrics_dir = prepare_metrics()
-    env = {
-        **os.environ,
-        SIGNING_KEY_ENV: signing_key or secrets.token_hex(32),
-    }
+    env = {**os.environ, SIGNING_KEY_ENV: secrets.token_hex(32)}  # used where the config names none
     argv = [
         sys.executable,
         "-m",
@@ -84,7 +79,7 @@ def supervise(
     quick_deaths = 0
 
     def spawn(slot: int) -> None:
-        pid = os.posix_spawn(sys.executable, argv, {**env, WORKER_ENV: f"{slot}/{count}"})
+        pid = os.posix_spawn(sys.executable, argv, {**env, WORKER_ENV: f"{slot}/{count}/{os.getpid()}"})
         children[pid] = (slot, time.monotonic())
 
     def forward(signum: int) -> None:
@@ -145,8 +140,14 @@ def worker_slot() -> tuple[int, int] | None:
     value = os.environ.get(WORKER_ENV)
     if not value:
         return None
-    slot, _, count = value.partition("/")
+    slot, count, _ = value.split("/")
     return int(slot), int(count)
+
+
+def supervised() -> bool:
+    """A worker whose supervisor is still its parent (one left orphaned must stop)."""
+    value = os.environ.get(WORKER_ENV)
+    return bool(value) and value.rpartition("/")[2] == str(os.getppid())
 
 
 def take_signing_key() -> bytes | None:
@@ -164,7 +165,7 @@ def _forget_worker_metrics(pid: int) -> None:
 
 def request_reload() -> bool:
     """From a worker: ask the supervisor to reload every worker. False when not under a supervisor."""
-    if worker_slot() is None:
+    if not supervised():
         return False
     os.kill(os.getppid(), signal.SIGHUP)
     return True

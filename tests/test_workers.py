@@ -207,3 +207,24 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(start_worker
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "worker_died" in workers.log_text()
+
+
+async def test_workers_leave_when_their_supervisor_is_killed(start_workers) -> None:
+    workers = await start_workers()
+    pids = await _worker_pids(workers)
+    workers.process.kill()
+    workers.process.wait(timeout=5)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "orphaned workers kept running"
+        await asyncio.sleep(0.2)
+    assert "supervisor_gone" in workers.log_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
