@@ -44,6 +44,9 @@ async def gw(
             """
         m:
           - {provider: up, model: primary}
+        twice:
+          - {provider: up, model: primary, name: first}
+          - {provider: up, model: primary, name: second}
     """,
             extra="resilience: {read_attempts: 2, backoff_seconds: 0.01}",
         )
@@ -62,8 +65,8 @@ async def settle() -> tuple[int, int]:
     return open_fds(), len(asyncio.all_tasks())
 
 
-async def big_upload() -> AsyncIterator[bytes]:
-    yield b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
+async def big_upload(model: str = "m") -> AsyncIterator[bytes]:
+    yield b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + model.encode() + b"\r\n"
     yield b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nbig\r\n'
     yield b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="x.png"\r\n\r\n'
     for _ in range(64):
@@ -103,6 +106,15 @@ async def fault_cycle(gw: RunningGateway, fake: FaultyUpstream, video_id: str) -
 
     status, body, seconds = await case("nonjson", "POST", "/v1/videos", json={"prompt": "x", "model": "m"})
     assert status == 502 and "not JSON" in body["error"]["message"]
+
+    # Two deployments: the upload is spooled (past 1 MiB into a temp file) to be replayed on failover;
+    # both refuse, and the spool must be gone afterwards (the descriptor count says so).
+    twice = {"Content-Type": "multipart/form-data; boundary=b"}
+    status, body, seconds = await case(
+        "status:503", "POST", "/v1/videos", data=big_upload("twice"), headers=twice
+    )
+    assert status == 503 and seconds < 5
+    assert len(fake.hits_for("primary")) >= 2 and len(fake.hits[-1].body) == len(fake.hits[-2].body)
 
     storm = await asyncio.gather(
         *(case("status:503", "POST", "/v1/videos", json={"prompt": "x", "model": "m"}) for _ in range(30))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +161,12 @@ async def test_one_scrape_counts_every_worker(start_workers, fresh) -> None:
         assert sum(name.startswith("gateway_build_info{") for name in samples) == 1
         assert float(samples["process_resident_memory_bytes"]) > 0
         assert float(samples["process_open_fds"]) > 0
+    promtool = shutil.which("promtool")
+    if promtool is not None:  # the merged exposition is as well-formed as one process's
+        result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+            result.stdout + result.stderr
+        )
 
 
 async def test_key_limits_hold_across_workers(start_workers, fresh) -> None:
