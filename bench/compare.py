@@ -12,7 +12,7 @@ fresh random order so machine drift hits all alike:
   scheduled time, so queueing delay is not hidden); the added latency is the target's minus direct;
 - create with a small multipart body: latency p50/p99 at a fixed rate;
 - a SIZE ``input_reference`` upload and a SIZE content download: throughput and peak RSS growth of
-  each proxy process.
+  each proxy process (for the gateway with workers, of the worker that grew most).
 
 It prints one table with each figure for direct, gateway, nginx and LiteLLM and the ratios
 gateway/direct, gateway/nginx and gateway/LiteLLM, and writes ``bench/results/compare.json``.
@@ -20,6 +20,7 @@ gateway/direct, gateway/nginx and gateway/LiteLLM, and writes ``bench/results/co
     .venv/bin/python bench/compare.py                      # full run (1 GiB transfers)
     .venv/bin/python bench/compare.py --quick              # short rounds, 64 MiB transfers
     .venv/bin/python bench/compare.py --skip-litellm       # no LiteLLM install
+    .venv/bin/python bench/compare.py --workers 1          # the gateway as one process (default: auto)
 
 A path that cannot be measured (e.g. LiteLLM does not serve an endpoint) shows ``n/a`` and the reason.
 """
