@@ -217,6 +217,8 @@ class _Pool:
             await self._wait_for_slot(loop, timeout)
         try:
             now = loop.time()
+            while self._idle and now - self._idle[0].idle_since >= IDLE_SECONDS:
+                self._idle.popleft().close()  # the longest idle, left behind by the LIFO below
             while self._idle:
                 conn = self._idle.pop()
                 if conn.keep_alive and now - conn.idle_since < IDLE_SECONDS:

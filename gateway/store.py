@@ -138,9 +138,11 @@ _COLUMNS = (
 class DeleteEpoch:
     """A counter, in a small file beside the database, that every process using it bumps on delete.
 
-    Each process caches tasks; a cache holds what this process wrote or read, and the only change
-    that can make such an entry wrong behind its back (another worker's delete) bumps this counter,
-    so each process drops its cache when the counter moved. Reading it is one load from shared memory.
+    Each process caches tasks it wrote or read. Another process can change such an entry behind its
+    back in two ways: a delete, which bumps this counter so that every process drops its cache when
+    the counter moved (reading it is one load from shared memory); and an update of a video still in
+    progress, which is harmless: a cached unfinished video is always asked about again, and an
+    update that then loses the race adopts the stored row.
     """
 
     def __init__(self, path: Path) -> None:

@@ -198,3 +198,19 @@ def test_redaction_and_one_line_per_event() -> None:
     assert "sk-provider-very-secret" not in lines[0] and "abcdef123456" not in lines[0]
     assert "tok_123456789" not in lines[0] and entry["api_key"] == "[REDACTED]"
     assert "\r" not in entry["event"] and "\n" not in entry["event"]
+
+
+async def test_other_methods_do_not_mint_series(dialect_gateway: RunningGateway) -> None:
+    """Methods the API does not use (WebDAV's, say) are counted as ``other``: a client cannot grow the
+    label set, whatever method token its HTTP parser lets through."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ALPHA_KEY}"}) as session:
+        for method in ("PROPFIND", "PURGE", "MKCOL"):
+            async with session.request(method, dialect_gateway.url + "/v1/videos") as response:
+                assert (
+                    response.status == 405
+                    and (await response.json())["error"]["code"] == "method_not_allowed"
+                )
+    text = await scrape(dialect_gateway)
+    assert "PROPFIND" not in text and "PURGE" not in text
+    after = samples(text)
+    assert value(after, "gateway_http_requests_total", route="unmatched", method="other", code="405") == 3
