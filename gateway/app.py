@@ -170,8 +170,14 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _json_document(document: dict[str, object]) -> web.Response:
-    return web.json_response(document)
+def _json_document(document: dict[str, object]) -> web.Handler:
+    """A handler that serves ``document``, serialised once."""
+    body = web.json_response(document).body
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    return handler
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -293,8 +299,7 @@ def build_app(
     reloader = app[RELOADER] = Reloader(state, config_path)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    spec = openapi.document()
-    app.router.add_get("/openapi.json", lambda _: _json_document(spec))
+    app.router.add_get("/openapi.json", _json_document(openapi.document()))
     app.router.add_get("/admin/deployments", admin_deployments)
     app.router.add_post("/admin/reload", admin_reload)
     if state.hosted is not None:
