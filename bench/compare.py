@@ -47,6 +47,8 @@ from typing import Any
 
 import aiohttp
 
+from gateway.cli import loop_factory
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from upload_memory import (
     GATEWAY_KEY,
@@ -102,14 +104,6 @@ def ensure_tool(binary: str, package: str) -> str | None:
         check=False,
     )
     return shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
-
-
-def _fast_loop() -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def tool_versions(litellm: bool) -> dict[str, object]:
@@ -509,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                     assert t.process is not None
                     await wait_ready(session, t.process, t.base + probe, timeout=120)
 
-        with asyncio.Runner(loop_factory=_fast_loop()) as runner:  # a lighter load generator
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:  # a lighter load generator
             runner.run(ready())
             results = runner.run(run(args, targets, wrk))
         rows = summarise(results)

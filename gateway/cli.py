@@ -21,7 +21,7 @@ def _default_config() -> Path:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else EMBEDDED_CONFIG_PATH
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop where it is installed: the same asyncio, a faster event loop."""
     try:
         import uvloop
@@ -51,7 +51,7 @@ def serve(args: argparse.Namespace) -> int:
         log.info("serving", config=str(path), version=__version__)
     from gateway.server import serve as run
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(run(config, path, host, port, workers=workers, signing_key=take_signing_key()))
     return 0
 

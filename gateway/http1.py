@@ -33,7 +33,7 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "PUT"})
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
-    headers: CIMultiDict[str]
+    headers: Mapping[str, str]  # case-insensitive (a CIMultiDict here, aiohttp's proxy elsewhere)
     body: bytes
 
 
@@ -65,7 +65,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = loop.time()
-        self.received = False
         self._waiter: asyncio.Future[Answer] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._read = 0.0
@@ -82,6 +81,7 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
         self._keep_alive = False
         self._close_delimited = False
+        self.received = False
 
     # asyncio.Protocol
 
@@ -150,7 +150,6 @@ class _Connection(asyncio.Protocol):
     ) -> Answer:
         assert self.transport is not None
         self._start_answer()
-        self.received = False
         self._max_answer = limits.max_answer
         self._read, self._deadline = limits.read, deadline
         self._last_read = self._loop.time()
@@ -331,8 +330,8 @@ class Http1Client:
     async def request(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limits: Limits
     ) -> Answer:
-        path_at = url.find("/", url.find("://") + 3)
-        query_at = url.find("?", url.find("://") + 3)
+        host_at = url.find("://") + 3
+        path_at, query_at = url.find("/", host_at), url.find("?", host_at)
         split = min(i for i in (path_at, query_at, len(url)) if i >= 0)
         target = url[split:].partition("#")[0]
         if not target.startswith("/"):

@@ -227,7 +227,7 @@ class Adapter:
         streaming: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One upstream request, failures mapped to :class:`UpstreamError`; never follows redirects."""
-        in_flight = self._sending(call)
+        series = self._sending(call)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
         try:
@@ -240,7 +240,7 @@ class Adapter:
                 timeout=self.timeout(streaming=streaming),
                 compress=None,
             ) as response:
-                self._answered(call, response.status, time.perf_counter() - started)
+                self._answered(call, series, response.status, time.perf_counter() - started)
                 started = time.perf_counter()
                 yield response
         except ApiError:
@@ -267,7 +267,7 @@ class Adapter:
                 call, body, 502, "the provider closed the connection", "reset", sent=True
             ) from None
         finally:
-            in_flight.dec()
+            series.in_flight.dec()
             self.in_flight -= 1
             if response is not None:
                 call.upstream_seconds += time.perf_counter() - started
@@ -280,7 +280,7 @@ class Adapter:
         For the small JSON calls that make up the hot path (polls, JSON creates, deletes); streams
         go through :meth:`send`. Failures are mapped as :meth:`send` maps them.
         """
-        in_flight = self._sending(call)
+        series = self._sending(call)
         started = time.perf_counter()
         try:
             answer = await self.http1.request(method, self.upstream_url(url), headers, data, self._limits)
@@ -292,29 +292,28 @@ class Adapter:
             status = 504 if exc.kind == "timeout" else 502
             raise self._fail(call, None, status, str(exc), exc.kind, sent=sent) from None
         finally:
-            in_flight.dec()
+            series.in_flight.dec()
             self.in_flight -= 1
-        self._answered(call, answer.status, time.perf_counter() - started)
+        self._answered(call, series, answer.status, time.perf_counter() - started)
         return answer
 
     def upstream_url(self, url: str) -> str:
         """The URL actually requested; adapters that add a query parameter to every call override it."""
         return url
 
-    def _sending(self, call: Call) -> Any:
+    def _sending(self, call: Call) -> metrics.UpstreamSeries:
+        """A call is leaving: counted, and in flight until the caller decrements the series."""
         series = metrics.upstream_series(self.config.name, call.deployment.name, call.deployment.model)
         series.requests.inc()
         series.in_flight.inc()
         self.in_flight += 1
-        return series.in_flight
+        return series
 
-    def _answered(self, call: Call, status: int, waited: float) -> None:
+    def _answered(self, call: Call, series: metrics.UpstreamSeries, status: int, waited: float) -> None:
         """The provider's answer headers arrived: time, status and health of the call."""
         call.upstream_status = status
         call.upstream_seconds += waited
-        metrics.upstream_series(
-            self.config.name, call.deployment.name, call.deployment.model
-        ).duration.observe(waited)
+        series.duration.observe(waited)
         if status >= 400:
             call.upstream_error = "5xx" if status >= 500 else "4xx"
             self.count_error(call.upstream_error)
@@ -350,7 +349,7 @@ class Adapter:
     async def read_json(self, response: aiohttp.ClientResponse) -> Any:
         """The upstream's JSON answer; raise the right error for a refusal or a non-JSON answer."""
         raw = await read_limited(response, MAX_JSON_ANSWER)
-        return await self.json_of(Answer(response.status, CIMultiDict(response.headers), raw))
+        return await self.json_of(Answer(response.status, response.headers, raw))
 
     async def json_of(self, answer: Answer) -> Any:
         """:meth:`read_json` for an answer already read."""

@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from gateway import jsonio
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
 from gateway.providers.base import (
@@ -427,8 +428,8 @@ class FalAdapter(NativeAdapter):
         answer = await self.exchange(call, "GET", self._url(task, "response_url", ""), headers=headers)
         if answer.status < 400:
             try:
-                return json.loads(answer.body)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                return jsonio.loads(answer.body)
+            except jsonio.JSONDecodeError:
                 self.count_error("payload")
                 raise UpstreamError(
                     502, "Upstream error: fal's result is not JSON.", kind="payload"

@@ -308,7 +308,7 @@ class NativeAdapter(Adapter):
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
-    ) -> tuple[Any, CIMultiDict[str]]:
+    ) -> tuple[Any, Mapping[str, str]]:
         """:meth:`call_json`, plus the answer's headers (for a Retry-After sent with a refusal in
         an HTTP 200, say)."""
         sent = await self.api_headers(call)
