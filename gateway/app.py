@@ -317,15 +317,19 @@ def build_app(
             task_store = sqlite
         state.store = task_store
         state.table = await build_table(config, state, None)
-        watcher = None
+        loop = asyncio.get_running_loop()
+        background = []
         if config_path is not None and config.watch_config:
-            watcher = asyncio.get_running_loop().create_task(reloader.watch())
+            background.append(loop.create_task(reloader.watch()))
+        if metrics.multiprocess_dir() is not None:
+            background.append(loop.create_task(metrics.flush_periodically()))
         log.info("gateway_started", models=sorted(config.models), providers=sorted(config.providers))
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             for adapter in state.table.all_adapters().values():
                 await adapter.close()
             if store is None:

@@ -11,8 +11,8 @@ Bulkheads are counted in each worker process, each worker holding its share of t
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from prometheus_client import Counter
 
@@ -100,9 +100,9 @@ class Bulkheads:
         cap = self._cap(deployment, kind)
         return cap is None or self._open.get((deployment.name, kind), 0) < cap
 
-    @contextmanager
-    def enter(self, deployment: Deployment, kind: str) -> Iterator[None]:
-        """Hold a slot or raise 503 with Retry-After at once: a full bulkhead sheds, never queues."""
+    def enter(self, deployment: Deployment, kind: str) -> _Slot:
+        """Hold a slot (``with``) or raise 503 with Retry-After at once: a full bulkhead sheds, never
+        queues."""
         if not self.has_room(deployment, kind):
             BULKHEAD_REJECTED.labels(deployment.name, kind).inc()
             raise ApiError(
@@ -112,12 +112,25 @@ class Bulkheads:
                 code="upstream_busy",
                 headers={"Retry-After": "1"},
             )
-        slot = (deployment.name, kind)
-        self._open[slot] = self._open.get(slot, 0) + 1
-        try:
-            yield
-        finally:
-            self._open[slot] -= 1
+        key = (deployment.name, kind)
+        self._open[key] = self._open.get(key, 0) + 1
+        return _Slot(self._open, key)
 
     def open(self, deployment: str, kind: str) -> int:
         return self._open.get((deployment, kind), 0)
+
+
+class _Slot:
+    """A held bulkhead slot, given back when the ``with`` block ends (a plain class: every upstream
+    call takes one, and a generator-based context manager costs several times as much)."""
+
+    __slots__ = ("_key", "_open")
+
+    def __init__(self, open_slots: dict[tuple[str, str], int], key: tuple[str, str]) -> None:
+        self._open, self._key = open_slots, key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self._open[self._key] -= 1

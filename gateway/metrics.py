@@ -3,16 +3,25 @@
 Labels come only from bounded sets: route templates, methods, status codes, and model, provider and
 deployment names from the config; never a key, tenant or video ID. Metrics owned by a feature that
 lives elsewhere (failover, ejection, rate limits, reloads) are defined in that feature's module.
+
+The series every request touches (:class:`RouteSeries`, :class:`UpstreamSeries`) tally in plain
+Python and reach prometheus_client in batches, as Envoy flushes its stats: an update through
+prometheus_client takes a lock and several calls, a dozen of them per poll cost more than the rest
+of the metrics work together. Every collection in this process flushes first, so one process's
+scrape is exact; with several workers each also flushes every :data:`FLUSH_SECONDS`, so a scrape
+shows the other workers' counts as of at most that long ago.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import platform
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from aiohttp import web
 from prometheus_client import (
@@ -31,6 +40,23 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+
+FLUSH_SECONDS = 1.0
+
+
+class _Flush(Collector):
+    """Registered ahead of the gateway's metrics: a collection first flushes this process's tallies."""
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        flush()
+        return ()
+
+
+_FLUSH = _Flush()
+REGISTRY.register(_FLUSH)
 
 # Uploads and downloads of large videos can take minutes: buckets reach 10 minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -113,8 +139,60 @@ def method_label(method: str) -> str:
     return method if method in METHODS else "other"
 
 
+class _Sum:
+    """A counter's or gauge's change in this process since the last flush."""
+
+    __slots__ = ("_child", "pending")
+
+    def __init__(self, child: Counter | Gauge) -> None:
+        self._child = child
+        self.pending: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.pending += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.pending -= amount
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0
+            self._child.inc(amount)
+
+
+class _Observations:
+    """A histogram's observations in this process since the last flush, counted per bucket.
+
+    prometheus_client has no call for many observations at once, so the flush adds to the child's
+    bucket and sum values itself (``_upper_bounds``, ``_buckets``, ``_sum``: stable since 0.4).
+    """
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds = tuple(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        total, self._sum = self._sum, 0.0
+        for i, count in enumerate(counts):
+            if count:
+                counts[i] = 0
+                self._child._buckets[i].inc(count)
+        self._child._sum.inc(total)
+
+
 class RouteSeries:
-    """The series of one route and method, looked up once: ``labels()`` costs more than an update."""
+    """The series of one route and method, looked up once and updated in this process's tallies."""
 
     __slots__ = (
         "_codes",
@@ -129,29 +207,40 @@ class RouteSeries:
 
     def __init__(self, route: str, method: str) -> None:
         self._route, self._method = route, method
-        self._codes: dict[int, Any] = {}
-        self.in_flight = HTTP_IN_FLIGHT.labels(route)
-        self.duration = HTTP_DURATION.labels(route, method)
-        self.overhead = OVERHEAD.labels(route)
-        self.request_bytes = REQUEST_BYTES.labels(route)
-        self.response_bytes = RESPONSE_BYTES.labels(route)
+        self._codes: dict[int, _Sum] = {}
+        self.in_flight = _Sum(HTTP_IN_FLIGHT.labels(route))
+        self.duration = _Observations(HTTP_DURATION.labels(route, method))
+        self.overhead = _Observations(OVERHEAD.labels(route))
+        self.request_bytes = _Sum(REQUEST_BYTES.labels(route))
+        self.response_bytes = _Sum(RESPONSE_BYTES.labels(route))
 
-    def answered(self, status: int) -> Any:
-        child = self._codes.get(status)
-        if child is None:
-            child = self._codes[status] = HTTP_REQUESTS.labels(self._route, self._method, str(status))
-        return child
+    def answered(self, status: int) -> _Sum:
+        tally = self._codes.get(status)
+        if tally is None:
+            tally = self._codes[status] = _Sum(HTTP_REQUESTS.labels(self._route, self._method, str(status)))
+        return tally
+
+    def flush(self) -> None:
+        for tally in (self.in_flight, self.duration, self.overhead, self.request_bytes, self.response_bytes):
+            tally.flush()
+        for code in self._codes.values():
+            code.flush()
 
 
 class UpstreamSeries:
-    """The per-call series of one deployment's upstream requests."""
+    """The per-call series of one deployment's upstream requests, tallied as :class:`RouteSeries`."""
 
     __slots__ = ("duration", "in_flight", "requests")
 
     def __init__(self, provider: str, deployment: str, model: str) -> None:
-        self.requests = UPSTREAM_REQUESTS.labels(provider, deployment)
-        self.in_flight = UPSTREAM_IN_FLIGHT.labels(provider)
-        self.duration = UPSTREAM_DURATION.labels(provider, model)
+        self.requests = _Sum(UPSTREAM_REQUESTS.labels(provider, deployment))
+        self.in_flight = _Sum(UPSTREAM_IN_FLIGHT.labels(provider))
+        self.duration = _Observations(UPSTREAM_DURATION.labels(provider, model))
+
+    def flush(self) -> None:
+        self.requests.flush()
+        self.in_flight.flush()
+        self.duration.flush()
 
 
 _ROUTE_SERIES: dict[tuple[str, str], RouteSeries] = {}
@@ -173,6 +262,24 @@ def upstream_series(provider: str, deployment: str, model: str) -> UpstreamSerie
     if series is None:
         series = _UPSTREAM_SERIES[key] = UpstreamSeries(provider, deployment, model)
     return series
+
+
+def flush() -> None:
+    """Move every hot-path tally into prometheus_client (on the event loop's thread, as they are kept)."""
+    for route in _ROUTE_SERIES.values():
+        route.flush()
+    for upstream in _UPSTREAM_SERIES.values():
+        upstream.flush()
+
+
+async def flush_periodically(seconds: float = FLUSH_SECONDS) -> None:
+    """For a worker among several: the others' scrapes read what this one flushed."""
+    try:
+        while True:
+            await asyncio.sleep(seconds)
+            flush()
+    finally:
+        flush()
 
 
 def prime(providers: dict[str, list[tuple[str, str]]]) -> None:
@@ -237,6 +344,7 @@ def metrics_registry() -> CollectorRegistry:
     if directory is None:
         return REGISTRY
     registry = CollectorRegistry()
+    registry.register(_FLUSH)
     multiprocess.MultiProcessCollector(registry, path=str(directory))
     registry.register(GatewayProcesses(directory))
     PlatformCollector(registry=registry)

@@ -13,8 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from prometheus_client import REGISTRY, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import metrics
 from gateway.logs import configure, log, register_secrets
 from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml
 
@@ -115,6 +117,40 @@ async def test_metrics_count_what_happened(dialect_gateway: RunningGateway) -> N
     assert value(
         again, "gateway_videos_finished_total", model="sora-2", provider="local", status="completed"
     ) == value(after, "gateway_videos_finished_total", model="sora-2", provider="local", status="completed")
+
+
+def test_tallies_flush_to_what_prometheus_client_would_count() -> None:
+    """The hot-path series tally in plain Python; any collection first flushes them, and what it then
+    reports equals prometheus_client's own updates of the same observations, bucket bounds included."""
+    route = "/tally-check"
+    reference = Histogram("tally_check_seconds", "reference", buckets=metrics.OVERHEAD_BUCKETS, registry=None)
+    series = metrics.route_series(route, "GET")
+    observed = [0.0, 0.0001, 0.00010001, 0.001, 0.3, 1.0, 7.5, 1e9]
+    for seconds in observed:
+        series.overhead.observe(seconds)
+        reference.observe(seconds)
+    series.answered(200).inc()
+    series.answered(200).inc()
+    series.in_flight.inc()
+    series.in_flight.inc()
+    series.in_flight.dec()
+
+    def collected(name: str) -> dict[str, float]:
+        return {
+            s.labels.get("le", s.name): s.value
+            for family in REGISTRY.collect()
+            for s in family.samples
+            if s.name == name and s.labels.get("route") == route
+        }
+
+    expected = {s.labels["le"]: s.value for s in next(iter(reference.collect())).samples if "le" in s.labels}
+    assert collected("gateway_overhead_seconds_bucket") == expected
+    assert collected("gateway_overhead_seconds_sum") == {"gateway_overhead_seconds_sum": sum(observed)}
+    assert collected("gateway_http_requests_total") == {"gateway_http_requests_total": 2}
+    assert collected("gateway_http_requests_in_flight") == {"gateway_http_requests_in_flight": 1}
+    series.in_flight.dec()
+    assert collected("gateway_http_requests_in_flight") == {"gateway_http_requests_in_flight": 0}
+    assert collected("gateway_overhead_seconds_bucket") == expected  # a second flush adds nothing
 
 
 async def test_configured_series_exist_before_traffic(dialect_gateway: RunningGateway) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway import metrics
 from tests.conftest import ALPHA_KEY, BETA_KEY, gateway_yaml
 from tests.test_cli import REPO, free_port
 
@@ -149,15 +150,22 @@ async def test_both_workers_serve_the_same_videos_and_see_a_delete_at_once(start
         assert status == 404 and body["error"]["code"] == "video_not_found"
 
 
+async def _scrape(session: aiohttp.ClientSession, url: str) -> tuple[str, dict[str, str]]:
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return text, dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
 async def test_one_scrape_counts_every_worker(start_workers, fresh) -> None:
     workers = await start_workers()
     for _ in range(30):
         assert (await _call(fresh, "GET", f"{workers.url}/v1/models"))[0] == 200
+    models = 'gateway_http_requests_total{code="200",method="GET",route="/v1/models"}'
+    # Each worker flushes its hot-path tallies every second: within that, any scrape has all 30.
+    await asyncio.sleep(metrics.FLUSH_SECONDS + 0.5)
     for _ in range(4):
-        async with fresh.get(f"{workers.url}/metrics") as response:
-            text = await response.text()
-        samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        assert float(samples['gateway_http_requests_total{code="200",method="GET",route="/v1/models"}']) == 30
+        text, samples = await _scrape(fresh, workers.url)
+        assert float(samples[models]) == 30
         assert sum(name.startswith("gateway_build_info{") for name in samples) == 1
         assert float(samples["process_resident_memory_bytes"]) > 0
         assert float(samples["process_open_fds"]) > 0

@@ -7,6 +7,7 @@ the model name and, for edits and extensions, the referenced video's ID.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -26,13 +27,20 @@ from gateway.providers.base import (
 )
 from gateway.store import Task
 
+_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")
+
 
 class OpenAIAdapter(Adapter):
     kind = "openai"
     required_fields = ("base_url",)
+    _videos_url: str | None = None
 
     def _url(self, *parts: str) -> str:
-        return "/".join([f"{self.base_url}/videos", *(quote(p, safe="") for p in parts)])
+        """``{base_url}/videos/part/...``, each part percent-encoded (provider IDs are usually safe)."""
+        root = self._videos_url
+        if root is None:
+            root = self._videos_url = f"{self.base_url}/videos"
+        return "/".join([root, *(p if _SAFE_SEGMENT.fullmatch(p) else quote(p, safe="") for p in parts)])
 
     async def _post(self, call: Call, url: str, body: RequestBody, replace: dict[str, str]) -> Any:
         """POST a client body on; the parsed JSON answer, or the open event stream."""
