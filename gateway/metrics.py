@@ -164,7 +164,8 @@ class _Observations:
     """A histogram's observations in this process since the last flush, counted per bucket.
 
     prometheus_client has no call for many observations at once, so the flush adds to the child's
-    bucket and sum values itself (``_upper_bounds``, ``_buckets``, ``_sum``: stable since 0.4).
+    bucket and sum values itself, through its private ``_upper_bounds``, ``_buckets`` and ``_sum``;
+    ``test_tallies_flush_to_what_prometheus_client_would_count`` fails if those ever change.
     """
 
     __slots__ = ("_bounds", "_child", "_counts", "_sum")
