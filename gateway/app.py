@@ -318,7 +318,7 @@ def build_app(
         state.store = task_store
         state.table = await build_table(config, state, None)
         loop = asyncio.get_running_loop()
-        background = []
+        background: list[asyncio.Task[None]] = []
         if config_path is not None and config.watch_config:
             background.append(loop.create_task(reloader.watch()))
         if metrics.multiprocess_dir() is not None:

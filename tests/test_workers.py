@@ -150,12 +150,6 @@ async def test_both_workers_serve_the_same_videos_and_see_a_delete_at_once(start
         assert status == 404 and body["error"]["code"] == "video_not_found"
 
 
-async def _scrape(session: aiohttp.ClientSession, url: str) -> tuple[str, dict[str, str]]:
-    async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
-    return text, dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-
-
 async def test_one_scrape_counts_every_worker(start_workers, fresh) -> None:
     workers = await start_workers()
     for _ in range(30):
@@ -164,7 +158,9 @@ async def test_one_scrape_counts_every_worker(start_workers, fresh) -> None:
     # Each worker flushes its hot-path tallies every second: within that, any scrape has all 30.
     await asyncio.sleep(metrics.FLUSH_SECONDS + 0.5)
     for _ in range(4):
-        text, samples = await _scrape(fresh, workers.url)
+        async with fresh.get(f"{workers.url}/metrics") as response:
+            text = await response.text()
+        samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
         assert float(samples[models]) == 30
         assert sum(name.startswith("gateway_build_info{") for name in samples) == 1
         assert float(samples["process_resident_memory_bytes"]) > 0
