@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote
 
@@ -33,14 +34,15 @@ _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")
 class OpenAIAdapter(Adapter):
     kind = "openai"
     required_fields = ("base_url",)
-    _videos_url: str | None = None
+
+    @cached_property
+    def _videos_url(self) -> str:
+        return f"{self.base_url}/videos"
 
     def _url(self, *parts: str) -> str:
         """``{base_url}/videos/part/...``, each part percent-encoded (provider IDs are usually safe)."""
-        root = self._videos_url
-        if root is None:
-            root = self._videos_url = f"{self.base_url}/videos"
-        return "/".join([root, *(p if _SAFE_SEGMENT.fullmatch(p) else quote(p, safe="") for p in parts)])
+        safe = (p if _SAFE_SEGMENT.fullmatch(p) else quote(p, safe="") for p in parts)
+        return "/".join([self._videos_url, *safe])
 
     async def _post(self, call: Call, url: str, body: RequestBody, replace: dict[str, str]) -> Any:
         """POST a client body on; the parsed JSON answer, or the open event stream."""
