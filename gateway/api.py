@@ -46,12 +46,7 @@ def _json(data: Any, *, headers: dict[str, str] | None = None) -> web.Response:
 
 def _call(request: web.Request, table: RoutingTable, deployment: Deployment) -> Call:
     """The context of one upstream operation; its outcomes feed the deployment's health."""
-    siblings = table.siblings(deployment)
-
-    def outcome(failure: str | None) -> None:
-        table.health.record(deployment.name, failure, siblings)
-
-    call = Call(request, request[REQUEST_ID], deployment, on_outcome=outcome)
+    call = Call(request, request[REQUEST_ID], deployment, on_outcome=table.outcome_recorder(deployment))
     request[CALL] = call
     return call
 

@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 IDLE_SECONDS = 15.0  # as aiohttp's keep-alive: well under the usual server-side idle limits
 MAX_ORIGINS = 64
 _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "PUT"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,6 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._headers_done = False
         self._keep_alive = False
-        self._close_delimited = False
         self.received = False
 
     # asyncio.Protocol
@@ -101,9 +101,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()
         if self._waiter is None:
             return
-        if self._headers_done and self._close_delimited:
+        if self._headers_done and self._close_delimited():
             self.on_message_complete()
         elif self._headers_done:
             self._fail(ExchangeError("payload", "the provider's answer was cut off", answered=True))
@@ -123,8 +124,11 @@ class _Connection(asyncio.Protocol):
         self._status = status
         self._headers_done = True
         self._keep_alive = self._parser.should_keep_alive()
+
+    def _close_delimited(self) -> bool:
+        """An answer with neither length nor chunks ends when the connection closes."""
         names = {name.lower() for name, _ in self._headers}
-        self._close_delimited = "content-length" not in names and "transfer-encoding" not in names
+        return "content-length" not in names and "transfer-encoding" not in names
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -160,16 +164,32 @@ class _Connection(asyncio.Protocol):
             return await waiter
         finally:
             self._waiter = None
-            if self._timer is not None:
-                self._timer.cancel()
 
     def _arm(self) -> None:
+        """Make sure the timer fires no later than this exchange's due time.
+
+        The timer outlives the exchange: on a busy kept-alive connection one armed for an earlier
+        exchange is due sooner, fires, finds the current exchange not yet due and re-arms. That
+        costs one timer per read timeout rather than one per exchange.
+        """
         due = self._last_read + self._read
         if self._deadline is not None:
             due = min(due, self._deadline)
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                return
+            self._timer.cancel()
         self._timer = self._loop.call_at(due, self._on_timer)
 
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _on_timer(self) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return  # idle between exchanges: the next one arms again
         now = self._loop.time()
         if now >= self._last_read + self._read or (self._deadline is not None and now >= self._deadline):
             error = ExchangeError(
@@ -187,6 +207,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -331,8 +352,12 @@ class Http1Client:
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limits: Limits
     ) -> Answer:
         host_at = url.find("://") + 3
-        path_at, query_at = url.find("/", host_at), url.find("?", host_at)
-        split = min(i for i in (path_at, query_at, len(url)) if i >= 0)
+        split = url.find("/", host_at)
+        if split < 0:
+            split = len(url)
+        query_at = url.find("?", host_at, split)  # a query straight after the host
+        if query_at >= 0:
+            split = query_at
         target = url[split:].partition("#")[0]
         if not target.startswith("/"):
             target = "/" + target
@@ -365,12 +390,11 @@ class Http1Client:
 
 
 def _head(method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
-            raise ValueError(f"header {name!r} cannot be sent")
-        lines.append(f"{name}: {value}")
-    if body is not None or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body or b'')}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8")
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    line_ends = len(headers)
+    # One scan of the whole block: a CR or LF inside a name or value adds to the line ends' count.
+    if fields.count("\r") != line_ends or fields.count("\n") != line_ends or ":" in "".join(headers):
+        bad = next(n for n, v in headers.items() if "\r" in n + v or "\n" in n + v or ":" in n)
+        raise ValueError(f"header {bad!r} cannot be sent")
+    length = f"Content-Length: {len(body or b'')}\r\n" if body is not None or method in _BODY_METHODS else ""
+    return f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{fields}{length}\r\n".encode()

@@ -9,7 +9,8 @@ reachable here even after a reload removed it from routing.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 
 from gateway.auth import KeyRing
 from gateway.config import Deployment, GatewayConfig
@@ -34,6 +35,7 @@ class RoutingTable:
         self.deployments = {d.name: d for ds in config.models.values() for d in ds}
         self._siblings = {model: tuple(d.name for d in ds) for model, ds in config.models.items()}
         self._retired = dict(retired or {})
+        self._recorders: dict[str, Callable[[str | None], None]] = {}
 
     def resolve_model(self, requested: object) -> str:
         """The public model a request asks for (the default when it names none), or a 400/404."""
@@ -64,8 +66,15 @@ class RoutingTable:
                 pool.remove(chosen)
         return ordered
 
-    def siblings(self, deployment: Deployment) -> tuple[str, ...]:
-        return self._siblings.get(deployment.model, ())
+    def outcome_recorder(self, deployment: Deployment) -> Callable[[str | None], None]:
+        """What reports one call's outcome to the health board: a failure kind, or None."""
+        recorder = self._recorders.get(deployment.name)
+        if recorder is None:
+            siblings = self._siblings.get(deployment.model, ())
+            recorder = self._recorders[deployment.name] = partial(
+                self.health.record, deployment.name, siblings=siblings
+            )
+        return recorder
 
     def adapter(self, provider: str) -> Adapter:
         adapter = self.adapters.get(provider) or self._retired.get(provider)
