@@ -211,7 +211,7 @@ def schema() -> dict[str, Any]:
                     "watch_config": {"type": "boolean", "description": "Reload when the file changes."},
                     "workers": {
                         "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
-                        "description": "Worker processes sharing the port; auto: one per CPU core.",
+                        "description": "Processes sharing the port; auto: one per CPU (or cgroup CPU quota).",
                     },
                 },
             },

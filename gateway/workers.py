@@ -37,12 +37,61 @@ _MAX_QUICK_DEATHS = 5
 
 
 def workers_count(setting: int | str) -> int:
-    """``server.workers``: a number, or ``auto`` for one per CPU core."""
-    if setting == "auto":
-        return max(
-            1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        )
-    return max(1, int(setting))
+    """``server.workers``: a number, or ``auto`` for one per CPU this process may use: the cores it
+    may run on, fewer when a cgroup CPU quota (a container's ``--cpus``, a pod's CPU limit) allows
+    less."""
+    if setting != "auto":
+        return max(1, int(setting))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    # Rounded down, as Go's automaxprocs does: a worker beyond the quota only gets throttled.
+    return max(1, min(cores, int(quota)) if quota is not None else cores)
+
+
+def cgroup_cpu_quota(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """CPUs' worth of time per period this process's cgroup may use, or None without a quota.
+
+    cgroup v2 keeps it in ``cpu.max`` ("200000 100000", or "max 100000" for none), v1 in
+    ``cpu.cfs_quota_us`` (-1 for none) and ``cpu.cfs_period_us``. The cgroup's own directory is
+    tried first, then the mount's root (a container sees only its own cgroup there).
+    """
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, relative = parts[1], parts[2].lstrip("/")
+        if controllers == "":
+            for directory in (root / relative, root):
+                fields = _read(directory / "cpu.max").split()
+                if len(fields) == 2:
+                    return _ratio(fields[0], fields[1])
+        elif "cpu" in controllers.split(","):
+            for directory in (root / "cpu" / relative, root / "cpu"):
+                quota, period = _read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us")
+                if quota and period:
+                    return _ratio(quota, period)
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    """quota / period; None for no quota ("max" in v2, -1 in v1) or nonsense."""
+    try:
+        return int(quota) / int(period) if int(period) > 0 and int(quota) > 0 else None
+    except ValueError:
+        return None
 
 
 def prepare_metrics() -> Path:

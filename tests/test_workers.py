@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from gateway import metrics
+from gateway.workers import cgroup_cpu_quota, workers_count
 from tests.conftest import ALPHA_KEY, BETA_KEY, gateway_yaml
 from tests.test_cli import REPO, free_port
 
@@ -239,3 +240,54 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cgroup_tree(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A fake /sys/fs/cgroup and /proc/self/cgroup, laid out as the kernel documents them."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(membership)
+    return root, proc
+
+
+V1_QUOTA = "cpu/cpu.cfs_quota_us"
+V1_PERIOD = "cpu/cpu.cfs_period_us"
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "quota", "auto"),
+    [
+        # cgroup v2 (docker --cpus=2 on a host with more cores): "$MAX $PERIOD" in cpu.max
+        ("0::/\n", {"cpu.max": "200000 100000"}, 2.0, 2),
+        ("0::/\n", {"cpu.max": "max 100000"}, None, 8),
+        ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/c1/cpu.max": "150000 100000"}, 1.5, 1),
+        # cgroup v1: cfs_quota_us is -1 without a quota
+        ("4:cpu,cpuacct:/docker/abc\n", {V1_QUOTA: "50000", V1_PERIOD: "100000"}, 0.5, 1),
+        ("4:cpu,cpuacct:/\n", {V1_QUOTA: "-1", V1_PERIOD: "100000"}, None, 8),
+        # a hybrid host: the unified hierarchy carries no cpu controller, v1 has the quota
+        ("0::/\n4:cpu,cpuacct:/\n", {V1_QUOTA: "300000", V1_PERIOD: "100000"}, 3.0, 3),
+        ("0::/\n", {}, None, 8),
+    ],
+)
+def test_auto_workers_respect_a_cgroup_cpu_quota(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    membership: str,
+    files: dict[str, str],
+    quota: float | None,
+    auto: int,
+) -> None:
+    root, proc = _cgroup_tree(tmp_path, membership, files)
+    assert cgroup_cpu_quota(root, proc) == quota
+
+    monkeypatch.setattr("gateway.workers.cgroup_cpu_quota", lambda: quota)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert workers_count("auto") == auto  # 8 cores; a quota rounds down, never below one
+    assert workers_count(3) == 3
+
+
+def test_auto_workers_without_cgroup_files_use_the_cores(tmp_path: Path) -> None:
+    assert cgroup_cpu_quota(tmp_path / "none", tmp_path / "missing") is None
