@@ -21,7 +21,7 @@ from gateway.app import RELOADER, build_app
 from gateway.config import GatewayConfig
 from gateway.logs import log
 from gateway.state import GATEWAY
-from gateway.workers import supervised
+from gateway.workers import leave_orphaned_metrics, supervised
 
 
 async def serve(
@@ -68,9 +68,12 @@ async def serve(
         log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=gw.in_flight)
     finally:
         watchdog.cancel()
+        orphaned = orphan_check is not None and orphan_check.done() and not orphan_check.cancelled()
         if orphan_check is not None:
             orphan_check.cancel()
         await runner.cleanup()
+        if orphaned:
+            leave_orphaned_metrics()
         log.info("stopped")
 
 

@@ -212,6 +212,38 @@ def _forget_worker_metrics(pid: int) -> None:
     multiprocess.mark_process_dead(pid)
 
 
+def leave_orphaned_metrics() -> None:
+    """A worker whose supervisor died without cleaning up (SIGKILL, OOM) removes its own metric
+    files; the last worker out then removes the directory the supervisor would have removed.
+
+    Each worker deletes its files before it looks, so whatever the order, the one that looks last
+    finds only files of processes that are gone (workers replaced earlier), and removes the lot.
+    """
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return
+    for own in Path(path).glob(f"*_{os.getpid()}.db"):
+        own.unlink(missing_ok=True)
+    pids = {int(pid) for f in Path(path).glob("*_*.db") if (pid := f.stem.rpartition("_")[2]).isdigit()}
+    if not any(process_alive(pid) for pid in pids):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Running; a zombie (exited, not yet reaped by whoever adopted it) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc here (or it just exited): take it as alive and leave its files
+
+
 def request_reload() -> bool:
     """From a worker: ask the supervisor to reload every worker. False when not under a supervisor."""
     if not supervised():

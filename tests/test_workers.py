@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from gateway import metrics
-from gateway.workers import cgroup_cpu_quota, workers_count
+from gateway.workers import cgroup_cpu_quota, process_alive, workers_count
 from tests.conftest import ALPHA_KEY, BETA_KEY, gateway_yaml
 from tests.test_cli import REPO, free_port
 
@@ -224,22 +224,21 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(start_worker
 async def test_workers_leave_when_their_supervisor_is_killed(start_workers) -> None:
     workers = await start_workers()
     pids = await _worker_pids(workers)
+    metrics_dir = Path(_environment(next(iter(pids)))["PROMETHEUS_MULTIPROC_DIR"])
+    assert metrics_dir.is_dir()
     workers.process.kill()
     workers.process.wait(timeout=5)
     deadline = time.monotonic() + 15
-    while any(_alive(pid) for pid in pids):
+    while any(process_alive(pid) for pid in pids):
         assert time.monotonic() < deadline, "orphaned workers kept running"
         await asyncio.sleep(0.2)
     assert "supervisor_gone" in workers.log_text()
+    assert not metrics_dir.exists(), "the last worker out leaves the metrics directory behind"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+def _environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode().partition("=")[::2] for item in raw.split(b"\0") if item)
 
 
 def _cgroup_tree(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:
