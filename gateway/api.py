@@ -17,7 +17,7 @@ from gateway import jsonio, limits, metrics
 from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
-from gateway.context import ADMISSION, BYTES_OUT, CALL, MODEL, REQUEST_ID, TABLE
+from gateway.context import context
 from gateway.errors import ApiError, UpstreamError, bad_request, video_not_found
 from gateway.logs import log
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
@@ -46,8 +46,8 @@ def _json(data: Any, *, headers: dict[str, str] | None = None) -> web.Response:
 
 def _call(request: web.Request, table: RoutingTable, deployment: Deployment) -> Call:
     """The context of one upstream operation; its outcomes feed the deployment's health."""
-    call = Call(request, request[REQUEST_ID], deployment, on_outcome=table.outcome_recorder(deployment))
-    request[CALL] = call
+    ctx = context(request)
+    call = ctx.call = Call(request, ctx.request_id, deployment, on_outcome=table.outcome_recorder(deployment))
     return call
 
 
@@ -128,7 +128,7 @@ async def _start(
             more = attempt < len(candidates) and body.replayable
             log.warning(
                 "create_attempt_failed",
-                request_id=request[REQUEST_ID],
+                request_id=context(request).request_id,
                 model=model,
                 deployment=deployment.name,
                 attempt=attempt,
@@ -143,7 +143,7 @@ async def _start(
             continue
         log.info(
             "create_routed",
-            request_id=request[REQUEST_ID],
+            request_id=context(request).request_id,
             model=model,
             deployment=deployment.name,
             attempts=attempt,
@@ -158,11 +158,10 @@ async def _start(
     )
 
 
-async def _read(
-    request: web.Request, table: RoutingTable, task: Task, operation: Callable[[Adapter, Call], Awaitable[T]]
-) -> T:
+async def _read(request: web.Request, task: Task, operation: Callable[[Adapter, Call], Awaitable[T]]) -> T:
     """A retrieve or download: the task's own deployment, retried with jittered backoff inside a deadline."""
-    gw = gateway(request)
+    ctx = context(request)
+    gw, table = ctx.gateway, ctx.table
     deployment, adapter = _deployment_of(table, task)
     policy = table.config.resilience
     deadline = time.monotonic() + policy.read_deadline_seconds
@@ -181,7 +180,7 @@ async def _read(
             READ_RETRIES.labels(deployment.provider).inc()
             log.info(
                 "read_retry",
-                request_id=request[REQUEST_ID],
+                request_id=ctx.request_id,
                 deployment=deployment.name,
                 attempt=attempt,
                 status=exc.status,
@@ -236,7 +235,7 @@ async def _refresh(request: web.Request, task: Task) -> Task:
     """Ask the provider for news about an unfinished video and remember what it said."""
     if is_terminal(task.status):
         return task
-    upstream = await _read(request, request[TABLE], task, lambda adapter, call: adapter.retrieve(call, task))
+    upstream = await _read(request, task, lambda adapter, call: adapter.retrieve(call, task))
     video = build_video(task, upstream.fields)
     state = {**task.state, **upstream.state}
     if video != task.video or state != task.state:
@@ -274,21 +273,21 @@ async def _admit(request: web.Request) -> AsyncIterator[None]:
         await _refresh_all(request, await gw.store.active(key.name))
 
     async with limits.admit(key, gw.store, refresh_active) as admission:
-        request[ADMISSION] = admission
+        context(request).admission = admission
         yield
 
 
 def _answer(request: web.Request, task: Task) -> web.Response:
-    return _json(task.video, headers=limits.rate_headers(client_key(request), request.get(ADMISSION)))
+    return _json(task.video, headers=limits.rate_headers(client_key(request), context(request).admission))
 
 
 async def create_video(request: web.Request) -> web.StreamResponse:
-    table = request[TABLE]
+    table = context(request).table
     body = await read_body(request, table.config.limits, until=("model",))
     try:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
-        request[MODEL] = model
+        context(request).model = model
         async with _admit(request):
             deployment, result = await _start(request, table, model, body, lambda a, c: a.create(c, body))
             if isinstance(result, EventStream):
@@ -306,11 +305,12 @@ async def _relay_events(
     tasks: dict[str, Task] = {}
     try:
         await response.prepare(request)
-        request[BYTES_OUT] = 0
+        ctx = context(request)
+        ctx.bytes_out = 0
         async for event in stream.events():
             data = await _translate_event(request, deployment, tasks, seed, event)
             await response.write(data)
-            request[BYTES_OUT] += len(data)
+            ctx.bytes_out += len(data)
         await response.write_eof()
     finally:
         await stream.aclose()
@@ -343,12 +343,12 @@ async def _translate_event(
 
 
 async def retrieve_video(request: web.Request) -> web.Response:
-    gw = gateway(request)
     task = await _refresh(request, await _owned(request))
-    request[MODEL] = task.model
+    ctx = context(request)
+    ctx.model = task.model
     headers = {}
     if not is_terminal(task.status):
-        headers["openai-poll-after-ms"] = str(gw.poll_after_ms(task.provider))
+        headers["openai-poll-after-ms"] = str(ctx.gateway.poll_after_ms(task.provider))
     return _json(task.video, headers=headers)
 
 
@@ -385,9 +385,9 @@ async def list_videos(request: web.Request) -> web.Response:
 
 async def delete_video(request: web.Request) -> web.Response:
     gw = gateway(request)
-    table = request[TABLE]
+    table = context(request).table
     task = await _owned(request)
-    request[MODEL] = task.model
+    context(request).model = task.model
     deployment, adapter = _deployment_of(table, task)
     with gw.bulkheads.enter(deployment, "requests"):
         await adapter.delete(_call(request, table, deployment), task)
@@ -400,7 +400,7 @@ async def video_content(request: web.Request) -> web.StreamResponse:
     if variant not in VARIANTS:
         raise bad_request(f"'variant' must be one of: {', '.join(VARIANTS)}.", param="variant")
     task = await _refresh(request, await _owned(request))
-    request[MODEL] = task.model
+    context(request).model = task.model
     if task.status != "completed":
         raise ApiError(
             409,
@@ -408,15 +408,13 @@ async def video_content(request: web.Request) -> web.StreamResponse:
             code="video_not_ready",
             headers={"x-should-retry": "false"},
         )
-    return await _read(
-        request, request[TABLE], task, lambda adapter, call: adapter.content(call, task, variant)
-    )
+    return await _read(request, task, lambda adapter, call: adapter.content(call, task, variant))
 
 
 async def remix_video(request: web.Request) -> web.Response:
-    table = request[TABLE]
+    table = context(request).table
     source = await _owned(request)
-    request[MODEL] = source.model
+    context(request).model = source.model
     check_model_access(client_key(request), source.model)
     body = await read_body(request, table.config.limits, until=("prompt",))
     try:
@@ -436,7 +434,7 @@ async def _from_video(
 ) -> web.Response:
     """Edits and extensions: to the deployment that owns the referenced video, else routed by model."""
     gw = gateway(request)
-    table = request[TABLE]
+    table = context(request).table
     body = await read_body(request, table.config.limits, until=("video[id]",))
     try:
         ref = body.get_object("video")
@@ -448,7 +446,7 @@ async def _from_video(
         elif not (body.has_file("video") or body.kind == "multipart"):
             raise bad_request("'video' is required: an uploaded file or {\"id\": ...}.", param="video")
         model = source.model if source is not None else table.resolve_model(body.get("model"))
-        request[MODEL] = model
+        context(request).model = model
         check_model_access(client_key(request), model)
         async with _admit(request):
             if source is not None:
@@ -475,12 +473,12 @@ async def extend_video(request: web.Request) -> web.Response:
 
 async def create_character(request: web.Request) -> web.Response:
     gw = gateway(request)
-    table = request[TABLE]
+    table = context(request).table
     body = await read_body(request, table.config.limits, until=("model",))
     try:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
-        request[MODEL] = model
+        context(request).model = model
         deployment, answer = await _start(
             request, table, model, body, lambda a, c: a.create_character(c, body)
         )
@@ -505,9 +503,7 @@ async def create_character(request: web.Request) -> web.Response:
 
 async def get_character(request: web.Request) -> web.Response:
     task = await _owned(request, "character_id", kind="character")
-    answer = await _read(
-        request, request[TABLE], task, lambda adapter, call: adapter.get_character(call, task)
-    )
+    answer = await _read(request, task, lambda adapter, call: adapter.get_character(call, task))
     return _json(
         {"id": task.id, "name": answer.get("name", task.video.get("name")), "created_at": task.created_at}
     )
@@ -515,14 +511,14 @@ async def get_character(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     key = client_key(request)
-    models = [m for m in request[TABLE].models if key.models is None or m in key.models]
+    models = [m for m in context(request).table.models if key.models is None or m in key.models]
     return _json({"object": "list", "data": [_model(m) for m in models]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     key = client_key(request)
     model = request.match_info["model"]
-    if model not in request[TABLE].models or (key.models is not None and model not in key.models):
+    if model not in context(request).table.models or (key.models is not None and model not in key.models):
         raise ApiError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
     return _json(_model(model))
 

@@ -15,10 +15,9 @@ from aiohttp import ClientConnectionResetError, web
 from aiohttp.http import HttpVersion11
 
 from gateway import api, logs, metrics, openapi
-from gateway.auth import CLIENT_KEY
 from gateway.bodies import too_large
 from gateway.config import GatewayConfig
-from gateway.context import BYTES_OUT, CALL, MODEL, REQUEST_ID, STARTED, TABLE
+from gateway.context import CONTEXT, RequestContext
 from gateway.errors import ApiError
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
@@ -37,10 +36,14 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 async def envelope_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     """Request IDs, the OpenAI error envelope for every failure, metrics and one access log line."""
     incoming = request.headers.get("X-Request-ID")
-    request[REQUEST_ID] = incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
-    request[STARTED] = started = time.perf_counter()
-    route = _route(request)
     gw = request.app[GATEWAY]
+    ctx = request[CONTEXT] = RequestContext(
+        gw,
+        gw.table,
+        incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id(),
+        time.perf_counter(),
+    )
+    route = _route(request)
     series = metrics.route_series(route, request.method)
     series.in_flight.inc()
     gw.in_flight += 1
@@ -53,7 +56,7 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
         except web.HTTPException as exc:
             response = _http_exception(exc).response()
         except Exception:
-            log.exception("unhandled_error", request_id=request[REQUEST_ID], path=request.path)
+            log.exception("unhandled_error", request_id=ctx.request_id, path=request.path)
             response = ApiError(
                 500, "The gateway failed to handle this request.", type="server_error", code="internal_error"
             ).response()
@@ -62,7 +65,7 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
     finally:
         series.in_flight.dec()
         gw.in_flight -= 1
-        _observe(request, response, route, series, time.perf_counter() - started)
+        _observe(request, ctx, response, route, series, time.perf_counter() - ctx.started)
 
 
 class _RequestIds:
@@ -103,13 +106,13 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
+def _body_bytes(ctx: RequestContext, response: web.StreamResponse) -> int:
     """Body bytes of an answer: known for files and whole bodies; streams count their own."""
     if isinstance(response, web.FileResponse):
         return response.content_length or 0
     if isinstance(response, web.Response):
         return len(response.body) if isinstance(response.body, bytes) else 0
-    return request.get(BYTES_OUT, 0)
+    return ctx.bytes_out
 
 
 def _http_exception(exc: web.HTTPException) -> ApiError:
@@ -125,16 +128,17 @@ def _http_exception(exc: web.HTTPException) -> ApiError:
 
 def _observe(
     request: web.Request,
+    ctx: RequestContext,
     response: web.StreamResponse,
     route: str,
     series: metrics.RouteSeries,
     seconds: float,
 ) -> None:
     """Metrics and the access log line of one finished request."""
-    call = request.get(CALL)
+    call = ctx.call
     upstream_seconds = call.upstream_seconds if call is not None else 0.0
     bytes_in = request.content.total_bytes
-    bytes_out = _body_bytes(request, response)
+    bytes_out = _body_bytes(ctx, response)
     series.answered(response.status).inc()
     series.duration.observe(seconds)
     series.overhead.observe(max(0.0, seconds - upstream_seconds))
@@ -142,14 +146,14 @@ def _observe(
     series.response_bytes.inc(bytes_out)
     if not logs.enabled("info"):
         return
-    key = request.get(CLIENT_KEY)
+    key = ctx.client_key
     log.info(
         "request",
-        request_id=request[REQUEST_ID],
+        request_id=ctx.request_id,
         method=request.method,
         route=route,
         status=response.status,
-        model=request.get(MODEL),
+        model=ctx.model,
         provider=call.deployment.provider if call else None,
         deployment=call.deployment.name if call else None,
         upstream_status=call.upstream_status if call else None,
@@ -165,23 +169,24 @@ def _observe(
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """Pin the routing table for the whole request, and authenticate API calls against it."""
-    table = request[TABLE] = request.app[GATEWAY].table
+    """Authenticate API calls against the keys of the routing table the request pinned."""
     if request.path.startswith("/v1/"):
-        request[CLIENT_KEY] = table.keys.authenticate(request.headers.get("Authorization"))
+        ctx = request[CONTEXT]
+        ctx.client_key = ctx.table.keys.authenticate(request.headers.get("Authorization"))
     return await handler(request)
 
 
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``x-request-id`` and the gateway's own time so far, on every answer as it starts."""
-    response.headers["x-request-id"] = request.get(REQUEST_ID, "")
-    if request.app[GATEWAY].draining:
+    ctx = request.get(CONTEXT)
+    if ctx is None:  # an answer aiohttp made before the middlewares ran
+        return
+    response.headers["x-request-id"] = ctx.request_id
+    if ctx.gateway.draining:
         response.force_close()
-    started = request.get(STARTED)
-    if started is not None:
-        call = request.get(CALL)
-        own = time.perf_counter() - started - (call.upstream_seconds if call is not None else 0.0)
-        response.headers["x-gateway-overhead-ms"] = f"{max(0.0, own) * 1000:.3f}"
+    call = ctx.call
+    own = time.perf_counter() - ctx.started - (call.upstream_seconds if call is not None else 0.0)
+    response.headers["x-gateway-overhead-ms"] = f"{max(0.0, own) * 1000:.3f}"
 
 
 async def healthz(request: web.Request) -> web.Response:

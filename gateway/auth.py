@@ -12,6 +12,7 @@ import hmac
 from aiohttp import web
 
 from gateway.config import ClientKey
+from gateway.context import CONTEXT
 from gateway.errors import ApiError
 
 
@@ -53,9 +54,8 @@ def check_model_access(key: ClientKey, model: str) -> None:
         )
 
 
-CLIENT_KEY = web.RequestKey("client_key", ClientKey)
-
-
 def client_key(request: web.Request) -> ClientKey:
-    key: ClientKey = request[CLIENT_KEY]
+    """The key the auth middleware authenticated (every API route has one)."""
+    key = request[CONTEXT].client_key
+    assert key is not None, "API routes are authenticated before their handler runs"
     return key

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.context import CONTEXT
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads
@@ -36,4 +37,4 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def gateway(request: web.Request) -> Gateway:
-    return request.app[GATEWAY]
+    return request[CONTEXT].gateway

@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 from gateway import jsonio, metrics
 from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
-from gateway.context import BYTES_OUT
+from gateway.context import CONTEXT
 from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.http1 import Answer, ExchangeError, Http1Client, Limits
@@ -392,7 +392,7 @@ class Adapter:
             async for chunk in upstream.content.iter_chunked(CHUNK):
                 await response.write(chunk)
                 sent += len(chunk)
-                call.request[BYTES_OUT] = sent
+                call.request[CONTEXT].bytes_out = sent
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError):
             response.force_close()
             call.upstream_error = "payload"
