@@ -237,13 +237,9 @@ class _Pool:
             await self._wait_for_slot(loop, timeout)
         try:
             now = loop.time()
-            while self._idle and now - self._idle[0].idle_since >= IDLE_SECONDS:
-                self._idle.popleft().close()  # the longest idle, left behind by the LIFO below
-            while self._idle:
-                conn = self._idle.pop()
-                if conn.keep_alive and now - conn.idle_since < IDLE_SECONDS:
-                    return conn, True
-                conn.close()
+            conn = self._fresh_idle(now)
+            if conn is not None:
+                return conn, True
             async with asyncio.timeout(max(0.0, timeout - (now - started))):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop),
@@ -265,6 +261,26 @@ class _Pool:
                     "connect", f"could not connect to the provider ({reason})", connecting=True
                 ) from None
             raise
+
+    def take_idle(self, now: float) -> _Connection | None:
+        """A kept-alive connection with its slot, when both are free without waiting (the common
+        case, served without the coroutine :meth:`acquire` is)."""
+        if self._in_use >= self._size or self._queue or not self._idle:
+            return None
+        conn = self._fresh_idle(now)
+        if conn is not None:
+            self._in_use += 1
+        return conn
+
+    def _fresh_idle(self, now: float) -> _Connection | None:
+        while self._idle and now - self._idle[0].idle_since >= IDLE_SECONDS:
+            self._idle.popleft().close()  # the longest idle, left behind by the LIFO below
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.keep_alive and now - conn.idle_since < IDLE_SECONDS:
+                return conn
+            conn.close()
+        return None
 
     async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         """Queue for a slot; on return this caller holds one (handed over by :meth:`_free_slot`)."""
@@ -366,8 +382,11 @@ class Http1Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.total if limits.total is not None else None
         while True:
-            connect = limits.connect if deadline is None else min(limits.connect, deadline - loop.time())
-            conn, reused = await pool.acquire(connect)
+            conn = pool.take_idle(loop.time())
+            reused = conn is not None
+            if conn is None:
+                connect = limits.connect if deadline is None else min(limits.connect, deadline - loop.time())
+                conn, reused = await pool.acquire(connect)
             try:
                 answer = await conn.exchange(head, body, limits, deadline)
             except ExchangeError as exc:
