@@ -263,8 +263,8 @@ class _Pool:
             raise
 
     def take_idle(self, now: float) -> _Connection | None:
-        """A kept-alive connection with its slot, when both are free without waiting (the common
-        case, served without the coroutine :meth:`acquire` is)."""
+        """A kept-alive connection with its slot when both are free at once: the common case, taken
+        without awaiting :meth:`acquire`."""
         if self._in_use >= self._size or self._queue or not self._idle:
             return None
         conn = self._fresh_idle(now)
@@ -273,6 +273,7 @@ class _Pool:
         return conn
 
     def _fresh_idle(self, now: float) -> _Connection | None:
+        """The most recently used idle connection still fit for use; stale ones are closed."""
         while self._idle and now - self._idle[0].idle_since >= IDLE_SECONDS:
             self._idle.popleft().close()  # the longest idle, left behind by the LIFO below
         while self._idle:
