@@ -68,10 +68,23 @@ def png(width: int = 64, height: int = 48) -> bytes:
     return out.getvalue()
 
 
+def _form(fields: dict[str, Any]) -> aiohttp.FormData:
+    """Form fields as a client sends them: bytes become a file part, with a filename."""
+    form = aiohttp.FormData()
+    for name, value in fields.items():
+        if isinstance(value, bytes):
+            form.add_field(name, value, filename=name, content_type="application/octet-stream")
+        else:
+            form.add_field(name, value)
+    return form
+
+
 async def request(
     gw: RunningGateway, method: str, path: str, **kwargs: Any
 ) -> tuple[int, dict[str, str], Any]:
     headers = {**AUTH, **kwargs.pop("headers", {})}
+    if isinstance(kwargs.get("data"), dict):
+        kwargs["data"] = _form(kwargs["data"])
     async with (
         aiohttp.ClientSession() as session,
         session.request(method, gw.url + path, headers=headers, **kwargs) as response,
