@@ -394,6 +394,12 @@ def _check_references(raw: Any, problem: Any) -> None:
         return
     providers = raw.get("providers") if isinstance(raw.get("providers"), dict) else {}
     models = raw.get("models") if isinstance(raw.get("models"), dict) else {}
+    from gateway.providers import ADAPTERS
+
+    for name, entry in providers.items():
+        adapter = ADAPTERS.get(entry.get("kind")) if isinstance(entry, dict) else None
+        for path, message in adapter.config_problems(entry) if adapter is not None else ():
+            problem(("providers", name, *path), message)
     seen_names: set[str] = set()
     for model, entries in models.items():
         listed = isinstance(entries, list)

@@ -267,6 +267,22 @@ def test_openai_provider_needs_base_url():
     assert parse_config(ok, SRC, {}).providers["up"].base_url == "https://api.example.com/v1"
 
 
+def test_vertex_provider_needs_a_credential_at_load_not_at_the_first_request():
+    vertex = "  vertex:\n    kind: vertex_veo\n    options:\n      project: demo\n"
+    text = BASE.replace("    kind: local\n", "    kind: local\n" + vertex)
+    msg = problem_at(problems_of(text), line_of(text, "  vertex:"), "providers.vertex")
+    assert "api_key" in msg and "service_account_file" in msg
+    with_token = text.replace("kind: vertex_veo\n", "kind: vertex_veo\n    api_key: ya29.token\n")
+    assert parse_config(with_token, SRC, {}).providers["vertex"].api_key == "ya29.token"
+    with_account = text.replace(
+        "project: demo\n", "project: demo\n      service_account_file: /etc/sa.json\n"
+    )
+    assert (
+        parse_config(with_account, SRC, {}).providers["vertex"].options["service_account_file"]
+        == "/etc/sa.json"
+    )
+
+
 def test_local_provider_rejects_unknown_options():
     text = BASE.replace("    kind: local\n", "    kind: local\n    options:\n      speed: 3\n")
     problems = problems_of(text)

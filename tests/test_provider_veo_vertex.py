@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ProviderConfig
+from gateway.config import ConfigError, ProviderConfig
+from gateway.errors import ApiError
 from gateway.providers.base import AdapterEnv
 from gateway.providers.veo_vertex import VeoVertexAdapter
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway
@@ -152,12 +153,21 @@ async def test_a_service_account_google_does_not_know_is_refused(
     assert "Invalid JWT Signature" in body["error"]["message"] and fake.creates == []
 
 
-async def test_a_provider_without_credential_says_so(
+async def test_a_provider_without_credential_is_refused_at_load(
     start_gateway: StartGateway, tmp_path: Path, vertex: tuple[FakeVertexVeo, str]
 ) -> None:
-    gw = await start_provider_gateway(start_gateway, tmp_path, provider(vertex[1], ""), MODELS)
-    got, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "veo"})
-    assert got == 500 and body["error"]["code"] == "provider_misconfigured"
+    with pytest.raises(ConfigError) as refused:
+        await start_provider_gateway(start_gateway, tmp_path, provider(vertex[1], ""), MODELS)
+    assert "providers.native: needs a credential" in str(refused.value)
+    assert "api_key" in str(refused.value) and "service_account_file" in str(refused.value)
+
+    # An adapter made without the loader (so without its checks) still answers in the envelope.
+    bare = VeoVertexAdapter(
+        ProviderConfig(name="v", kind="vertex_veo", options={"project": "p"}), AdapterEnv(data_dir=tmp_path)
+    )
+    with pytest.raises(ApiError) as error:
+        await bare.access_token(None)  # type: ignore[arg-type]  # refused before any call is made
+    assert error.value.status == 500 and error.value.code == "provider_misconfigured"
 
 
 def test_regions_pick_the_host(tmp_path: Path) -> None:

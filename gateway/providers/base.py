@@ -118,6 +118,12 @@ class Adapter:
     required_fields: ClassVar[tuple[str, ...]] = ()
     options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
 
+    @classmethod
+    def config_problems(cls, raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+        """Rules on a provider's config entry (as written) that a JSON Schema cannot say clearly:
+        (path inside the entry, message) pairs."""
+        return []
+
     def __init__(self, config: ProviderConfig, env: AdapterEnv) -> None:
         self.config = config
         self.env = env

@@ -142,6 +142,13 @@ class VeoVertexAdapter(VeoBase):
         },
     }
 
+    @classmethod
+    def config_problems(cls, raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+        options = raw.get("options")
+        if raw.get("api_key") or (isinstance(options, dict) and options.get("service_account_file")):
+            return []
+        return [((), "needs a credential: `api_key` (an access token) or `options.service_account_file`")]
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._account: ServiceAccount | None = None
