@@ -2,7 +2,8 @@
 
 An image is written under ``<data_dir>/hosted`` and served at
 ``<public_base_url>/files/<name>?expires=<unix>&sig=<hmac>``. The signature covers the name and the
-expiry, so a URL cannot be extended or pointed at another file; expired files are swept lazily.
+expiry, so a URL cannot be extended or pointed at another file; expired files are swept lazily, and
+a file goes at once when the video it was uploaded for is deleted.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ class HostedFiles:
         expires = int(time.time() + self.ttl_seconds)
         await asyncio.to_thread(self._write, name, data)
         return f"{self.public_base_url}/files/{name}?expires={expires}&sig={self._sign(name, expires)}"
+
+    async def remove(self, url: str) -> None:
+        """Delete the file behind a URL :meth:`put` gave (its video is gone); unknown URLs are ignored."""
+        name = url.partition("?")[0].rpartition("/")[2]
+        if _NAME.match(name):
+            await asyncio.to_thread((self.root / name).unlink, missing_ok=True)
 
     def _write(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,15 @@ async def test_uploaded_image_is_hosted_at_a_signed_url_luma_downloads(
     await create(hosted_gw, model="dream", prompt="again", input_reference={"image_url": data_url})
     assert fake.downloads[-1].body == image and fake.downloads[-1].url != frame0["url"]
 
+    # Deleting the video deletes the image uploaded for it; the other video's image stays.
+    status, _, _ = await request(hosted_gw, "DELETE", f"/v1/videos/{body['id']}")
+    assert status == 200
+    async with aiohttp.ClientSession() as session:
+        async with session.get(frame0["url"]) as response:
+            assert response.status == 404
+        async with session.get(fake.downloads[-1].url) as response:
+            assert response.status == 200 and await response.read() == image
+
 
 async def test_upload_without_public_base_url_is_refused_but_urls_pass(
     gw: RunningGateway, luma: tuple[FakeLuma, str]

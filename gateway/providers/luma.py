@@ -152,12 +152,16 @@ class LumaAdapter(NativeAdapter):
         }
         if request.native_seconds is not None:
             payload["duration"] = request.native_seconds
+        state: dict[str, Any] = {}
         if request.image is not None:
-            payload["keyframes"] = {"frame0": {"type": "image", "url": await self._image_url(request.image)}}
+            url = await self._image_url(request.image)
+            payload["keyframes"] = {"frame0": {"type": "image", "url": url}}
+            if request.image.data is not None:
+                state["hosted_image"] = url  # removed with the video
         answer = await self.call_json(call, "POST", f"{self.base_url}/generations/video", json_body=payload)
         if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
             raise UpstreamError(502, "Upstream error: Luma's answer has no generation id.", kind="payload")
-        return UpstreamVideo(answer["id"], {"status": "queued", "progress": 0, **request.seed()})
+        return UpstreamVideo(answer["id"], {"status": "queued", "progress": 0, **request.seed()}, state)
 
     async def _image_url(self, image: ImageInput) -> str:
         """A URL Luma can download the image from: the client's own, or one the gateway signs."""
@@ -236,6 +240,9 @@ class LumaAdapter(NativeAdapter):
         # Already gone, or refused for its state: the gateway forgets the video either way.
         with ignore_refusals(400, 404, 409):
             await self.call_json(call, "DELETE", f"{self.base_url}/generations/{task.upstream_id}")
+        hosted_image = task.state.get("hosted_image")
+        if hosted_image and self.env.hosted is not None:
+            await self.env.hosted.remove(hosted_image)
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         detail, param = _detail(raw)
