@@ -390,14 +390,15 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
 def _check_references(raw: Any, problem: Any) -> None:
     """Checks the schema cannot express; tolerant of whatever the schema rejected, so that these
     problems are reported together with the schema's."""
+    from gateway.providers import ADAPTERS
+
     if not isinstance(raw, dict):
         return
     providers = raw.get("providers") if isinstance(raw.get("providers"), dict) else {}
     models = raw.get("models") if isinstance(raw.get("models"), dict) else {}
-    from gateway.providers import ADAPTERS
-
     for name, entry in providers.items():
-        adapter = ADAPTERS.get(entry.get("kind")) if isinstance(entry, dict) else None
+        kind = entry.get("kind") if isinstance(entry, dict) else None
+        adapter = ADAPTERS.get(kind) if isinstance(kind, str) else None
         for path, message in adapter.config_problems(entry) if adapter is not None else ():
             problem(("providers", name, *path), message)
     seen_names: set[str] = set()

@@ -298,6 +298,10 @@ def test_unknown_provider_kind_lists_the_known_kinds():
     msg = problem_at(problems_of(text), line_of(text, "kind: lokal"), "providers.local.kind")
     assert "lokal" in msg and "local" in msg and "openai" in msg
 
+    listed = BASE.replace("kind: local", "kind: [vertex_veo]")  # not a string: reported, no crash
+    msg = problem_at(problems_of(listed), line_of(listed, "kind: [vertex_veo]"), "providers.local.kind")
+    assert "is not one of" in msg
+
 
 # --- keys --------------------------------------------------------------------------------------------
 
