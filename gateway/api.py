@@ -44,10 +44,11 @@ def _json(data: Any, *, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=jsonio.dumps(data), content_type="application/json", headers=headers)
 
 
-def _call(request: web.Request, table: RoutingTable, deployment: Deployment) -> Call:
-    """The context of one upstream operation; its outcomes feed the deployment's health."""
+def _call(request: web.Request, deployment: Deployment) -> Call:
+    """The context of one upstream operation; its outcomes feed the health of the request's table."""
     ctx = context(request)
-    call = ctx.call = Call(request, ctx.request_id, deployment, on_outcome=table.outcome_recorder(deployment))
+    recorder = ctx.table.outcome_recorder(deployment)
+    call = ctx.call = Call(request, ctx.request_id, deployment, on_outcome=recorder)
     return call
 
 
@@ -121,9 +122,7 @@ async def _start(
             continue
         try:
             with gw.bulkheads.enter(deployment, "uploads"), gw.bulkheads.enter(deployment, "requests"):
-                result = await operation(
-                    table.adapter(deployment.provider), _call(request, table, deployment)
-                )
+                result = await operation(table.adapter(deployment.provider), _call(request, deployment))
         except ApiError as exc:
             more = attempt < len(candidates) and body.replayable
             log.warning(
@@ -168,7 +167,7 @@ async def _read(request: web.Request, task: Task, operation: Callable[[Adapter, 
     for attempt in range(1, policy.read_attempts + 1):
         try:
             with gw.bulkheads.enter(deployment, "requests"):
-                return await operation(adapter, _call(request, table, deployment))
+                return await operation(adapter, _call(request, deployment))
         except ApiError as exc:
             delay = policy.backoff_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
             if (
@@ -390,7 +389,7 @@ async def delete_video(request: web.Request) -> web.Response:
     context(request).model = task.model
     deployment, adapter = _deployment_of(table, task)
     with gw.bulkheads.enter(deployment, "requests"):
-        await adapter.delete(_call(request, table, deployment), task)
+        await adapter.delete(_call(request, deployment), task)
     await gw.store.delete(task.id, task.owner)
     return _json({"id": task.id, "object": "video.deleted", "deleted": True})
 
@@ -421,7 +420,7 @@ async def remix_video(request: web.Request) -> web.Response:
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
             with gateway(request).bulkheads.enter(deployment, "uploads"):
-                upstream = await adapter.remix(_call(request, table, deployment), source, body)
+                upstream = await adapter.remix(_call(request, deployment), source, body)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
     finally:
@@ -452,7 +451,7 @@ async def _from_video(
             if source is not None:
                 deployment, adapter = _deployment_of(table, source)
                 with gw.bulkheads.enter(deployment, "uploads"):
-                    upstream = await operation(adapter, _call(request, table, deployment), source, body)
+                    upstream = await operation(adapter, _call(request, deployment), source, body)
             else:
                 deployment, upstream = await _start(
                     request, table, model, body, lambda a, c: operation(a, c, None, body)

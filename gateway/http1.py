@@ -383,10 +383,11 @@ class Http1Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.total if limits.total is not None else None
         while True:
-            conn = pool.take_idle(loop.time())
+            now = loop.time()
+            conn = pool.take_idle(now)
             reused = conn is not None
             if conn is None:
-                connect = limits.connect if deadline is None else min(limits.connect, deadline - loop.time())
+                connect = limits.connect if deadline is None else min(limits.connect, deadline - now)
                 conn, reused = await pool.acquire(connect)
             try:
                 answer = await conn.exchange(head, body, limits, deadline)

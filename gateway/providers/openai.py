@@ -41,8 +41,6 @@ class OpenAIAdapter(Adapter):
 
     def _url(self, *parts: str) -> str:
         """``{base_url}/videos/part/...``, each part percent-encoded (provider IDs are usually safe)."""
-        if len(parts) == 1 and _SAFE_SEGMENT.fullmatch(parts[0]):
-            return f"{self._videos_url}/{parts[0]}"  # a poll's URL, built without the generic join
         safe = (p if _SAFE_SEGMENT.fullmatch(p) else quote(p, safe="") for p in parts)
         return "/".join([self._videos_url, *safe])
 
