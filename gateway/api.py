@@ -103,7 +103,6 @@ def _retryable_read(exc: ApiError) -> bool:
 
 async def _start(
     request: web.Request,
-    table: RoutingTable,
     model: str,
     body: RequestBody,
     operation: Callable[[Adapter, Call], Awaitable[T]],
@@ -112,7 +111,8 @@ async def _start(
 
     With more than one deployment the body is spooled first so it can be sent again, byte for byte.
     """
-    gw = gateway(request)
+    ctx = context(request)
+    gw, table = ctx.gateway, ctx.table
     candidates = table.candidates(model)
     if len(candidates) > 1:
         await body.make_replayable()
@@ -127,7 +127,7 @@ async def _start(
             more = attempt < len(candidates) and body.replayable
             log.warning(
                 "create_attempt_failed",
-                request_id=context(request).request_id,
+                request_id=ctx.request_id,
                 model=model,
                 deployment=deployment.name,
                 attempt=attempt,
@@ -142,7 +142,7 @@ async def _start(
             continue
         log.info(
             "create_routed",
-            request_id=context(request).request_id,
+            request_id=ctx.request_id,
             model=model,
             deployment=deployment.name,
             attempts=attempt,
@@ -288,7 +288,7 @@ async def create_video(request: web.Request) -> web.StreamResponse:
         check_model_access(client_key(request), model)
         context(request).model = model
         async with _admit(request):
-            deployment, result = await _start(request, table, model, body, lambda a, c: a.create(c, body))
+            deployment, result = await _start(request, model, body, lambda a, c: a.create(c, body))
             if isinstance(result, EventStream):
                 return await _relay_events(request, deployment, result, _seed(body))
             return _answer(request, await _record(request, deployment, result, _seed(body)))
@@ -454,7 +454,7 @@ async def _from_video(
                     upstream = await operation(adapter, _call(request, deployment), source, body)
             else:
                 deployment, upstream = await _start(
-                    request, table, model, body, lambda a, c: operation(a, c, None, body)
+                    request, model, body, lambda a, c: operation(a, c, None, body)
                 )
         seed = {"size": source.video.get("size")} if source else {}
         return _answer(request, await _record(request, deployment, upstream, {**seed, **_seed(body)}))
@@ -478,9 +478,7 @@ async def create_character(request: web.Request) -> web.Response:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
         context(request).model = model
-        deployment, answer = await _start(
-            request, table, model, body, lambda a, c: a.create_character(c, body)
-        )
+        deployment, answer = await _start(request, model, body, lambda a, c: a.create_character(c, body))
         created_at = answer.get("created_at")
         task = Task(
             id=new_character_id(),
