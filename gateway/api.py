@@ -383,10 +383,10 @@ async def list_videos(request: web.Request) -> web.Response:
 
 
 async def delete_video(request: web.Request) -> web.Response:
-    gw = gateway(request)
-    table = context(request).table
+    ctx = context(request)
+    gw, table = ctx.gateway, ctx.table
     task = await _owned(request)
-    context(request).model = task.model
+    ctx.model = task.model
     deployment, adapter = _deployment_of(table, task)
     with gw.bulkheads.enter(deployment, "requests"):
         await adapter.delete(_call(request, deployment), task)
@@ -411,15 +411,16 @@ async def video_content(request: web.Request) -> web.StreamResponse:
 
 
 async def remix_video(request: web.Request) -> web.Response:
-    table = context(request).table
+    ctx = context(request)
+    table = ctx.table
     source = await _owned(request)
-    context(request).model = source.model
+    ctx.model = source.model
     check_model_access(client_key(request), source.model)
     body = await read_body(request, table.config.limits, until=("prompt",))
     try:
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
-            with gateway(request).bulkheads.enter(deployment, "uploads"):
+            with ctx.gateway.bulkheads.enter(deployment, "uploads"):
                 upstream = await adapter.remix(_call(request, deployment), source, body)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
@@ -432,8 +433,8 @@ async def _from_video(
     operation: Callable[[Adapter, Call, Task | None, RequestBody], Awaitable[UpstreamVideo]],
 ) -> web.Response:
     """Edits and extensions: to the deployment that owns the referenced video, else routed by model."""
-    gw = gateway(request)
-    table = context(request).table
+    ctx = context(request)
+    gw, table = ctx.gateway, ctx.table
     body = await read_body(request, table.config.limits, until=("video[id]",))
     try:
         ref = body.get_object("video")
@@ -445,7 +446,7 @@ async def _from_video(
         elif not (body.has_file("video") or body.kind == "multipart"):
             raise bad_request("'video' is required: an uploaded file or {\"id\": ...}.", param="video")
         model = source.model if source is not None else table.resolve_model(body.get("model"))
-        context(request).model = model
+        ctx.model = model
         check_model_access(client_key(request), model)
         async with _admit(request):
             if source is not None:
@@ -471,13 +472,13 @@ async def extend_video(request: web.Request) -> web.Response:
 
 
 async def create_character(request: web.Request) -> web.Response:
-    gw = gateway(request)
-    table = context(request).table
+    ctx = context(request)
+    gw, table = ctx.gateway, ctx.table
     body = await read_body(request, table.config.limits, until=("model",))
     try:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
-        context(request).model = model
+        ctx.model = model
         deployment, answer = await _start(request, model, body, lambda a, c: a.create_character(c, body))
         created_at = answer.get("created_at")
         task = Task(
