@@ -281,12 +281,13 @@ def _answer(request: web.Request, task: Task) -> web.Response:
 
 
 async def create_video(request: web.Request) -> web.StreamResponse:
-    table = context(request).table
+    ctx = context(request)
+    table = ctx.table
     body = await read_body(request, table.config.limits, until=("model",))
     try:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
-        context(request).model = model
+        ctx.model = model
         async with _admit(request):
             deployment, result = await _start(request, model, body, lambda a, c: a.create(c, body))
             if isinstance(result, EventStream):
