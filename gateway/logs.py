@@ -2,7 +2,8 @@
 
 Every event passes a redaction processor: values under credential-like keys are masked and any
 bearer token or configured secret that ended up in a message is replaced. Control characters from
-client input are escaped so one event is always one line.
+client input are escaped so one event is always one line. Records of the standard library's loggers
+(aiohttp's server, asyncio) at warning and above take the same way, in the same format.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import BadHttpMessage
 
 _SECRET_KEYS = re.compile(r"(authorization|api[-_]?key|secret|token|password|cookie|credential)", re.I)
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
@@ -57,17 +59,44 @@ def enabled(level: str) -> bool:
     return _LEVELS[level.upper()] >= _level
 
 
+class _StdlibHandler(logging.StreamHandler[TextIO]):
+    """Where records of the standard library's loggers are written, formatted as the gateway's own."""
+
+
+# Where the parser starts quoting the client's bytes in its message.
+_QUOTED = re.compile(r"[\s:]*b?['\"]")
+
+
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs a request its parser refused as an error with a traceback that quotes the
+    offending bytes, a client's header among them. It is the client's mistake: a warning, with the
+    parser's reason and the peer, and nothing the client sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            first = next((line for line in exc.message.splitlines() if line.strip()), "")
+            record.reason = _QUOTED.split(first, maxsplit=1)[0].strip(" :.") or type(exc).__name__
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.remote = peer if isinstance(peer, str) else None
+            record.msg, record.args, record.exc_info, record.exc_text = "bad_http_request", (), None, None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return record.levelno >= max(_level, logging.WARNING)
+
+
 def configure(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     global _level
     _level = _LEVELS[level.upper()]
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             redact,
             renderer,
@@ -76,6 +105,28 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    handler = _StdlibHandler(stream or sys.stderr)
+    handler.addFilter(_ClientMistakes())
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+                stamp,
+                structlog.stdlib.ExtraAdder(allow=("reason", "remote")),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
 
 
 log = structlog.get_logger("gateway")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import structlog
 from prometheus_client import REGISTRY, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.logs import configure, log, register_secrets
 from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml
 
@@ -213,27 +216,69 @@ async def test_access_log_line_has_what_on_call_needs(
     assert BETA_KEY not in json.dumps(entry)
 
 
-def test_redaction_and_one_line_per_event() -> None:
-    saved = structlog.get_config()
-    stream = io.StringIO()
-    configure("json", "info", stream)
+@pytest.fixture
+def fresh_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """A stream for a test's own ``configure``; the session's logging comes back afterwards."""
+    saved, handlers = structlog.get_config(), logging.getLogger().handlers[:]
+    monkeypatch.setattr(logs, "_level", logs._level)
+    yield io.StringIO()
+    structlog.configure(**saved)
+    logging.getLogger().handlers[:] = handlers
+
+
+def test_redaction_and_one_line_per_event(fresh_log: io.StringIO) -> None:
+    configure("json", "info", fresh_log)
     register_secrets(["sk-provider-very-secret"])
-    try:
-        log.info(
-            "upstream said\r\nforged: line",
-            detail="used sk-provider-very-secret here",
-            authorization="Bearer abcdef123456",
-            api_key="xyz",
-            note="header Bearer tok_123456789 seen",
-        )
-    finally:
-        structlog.configure(**saved)
-    lines = stream.getvalue().splitlines()
+    log.info(
+        "upstream said\r\nforged: line",
+        detail="used sk-provider-very-secret here",
+        authorization="Bearer abcdef123456",
+        api_key="xyz",
+        note="header Bearer tok_123456789 seen",
+    )
+    lines = fresh_log.getvalue().splitlines()
     assert len(lines) == 1
     entry: dict[str, Any] = json.loads(lines[0])
     assert "sk-provider-very-secret" not in lines[0] and "abcdef123456" not in lines[0]
     assert "tok_123456789" not in lines[0] and entry["api_key"] == "[REDACTED]"
     assert "\r" not in entry["event"] and "\n" not in entry["event"]
+
+
+def test_library_records_take_the_same_way(fresh_log: io.StringIO) -> None:
+    """aiohttp's and asyncio's records (standard logging) come out as the gateway's own lines,
+    redacted and on one line each; below warning they are chatter and stay out."""
+    configure("json", "debug", fresh_log)
+    register_secrets(["sk-provider-very-secret"])
+    try:
+        raise RuntimeError("upstream key sk-provider-very-secret\nin a traceback")
+    except RuntimeError:
+        logging.getLogger("asyncio").exception("Task exception was never retrieved")
+    logging.getLogger("aiohttp.client").info("chatter")
+    lines = fresh_log.getvalue().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["event"] == "Task exception was never retrieved" and entry["level"] == "error"
+    assert entry["logger"] == "asyncio" and "RuntimeError" in entry["exception"]
+    assert "sk-provider-very-secret" not in lines[0] and "timestamp" in entry
+
+
+async def test_malformed_http_is_one_warning_without_the_clients_bytes(
+    dialect_gateway: RunningGateway, session_log: Path
+) -> None:
+    """aiohttp answers a request its parser refuses with its own 400, and logs an error with a
+    traceback that quotes the bad header line. The log gets one warning with the parser's reason."""
+    seen = len(session_log.read_text().splitlines())
+    reader, writer = await asyncio.open_connection(dialect_gateway.server.host, dialect_gateway.server.port)
+    writer.write(b"GET /v1/videos HTTP/1.1\r\nHost: x\r\nAuthorization " + ALPHA_KEY.encode() + b"\r\n\r\n")
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.split()[1] == b"400"
+    text = "\n".join(session_log.read_text().splitlines()[seen:])
+    entries = [json.loads(line) for line in text.splitlines()]
+    (entry,) = [e for e in entries if e["event"] == "bad_http_request"]
+    assert entry["level"] == "warning" and entry["logger"] == "aiohttp.server"
+    assert entry["reason"] == "Invalid header token" and entry["remote"] == "127.0.0.1"
+    assert ALPHA_KEY not in text and "Traceback" not in text
 
 
 async def test_other_methods_do_not_mint_series(dialect_gateway: RunningGateway) -> None:
