@@ -6,7 +6,7 @@ import asyncio
 import os
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +79,16 @@ def load(text: str) -> GatewayConfig:
 class RunningGateway:
     server: TestServer
     app: web.Application
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)  # closed when the test ends
 
     @property
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
 
     def sdk(self, key: str = ALPHA_KEY, prefix: str = "/v1") -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url + prefix, api_key=key, max_retries=0, timeout=20)
+        client = openai.AsyncOpenAI(base_url=self.url + prefix, api_key=key, max_retries=0, timeout=20)
+        self.clients.append(client)
+        return client
 
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
@@ -93,13 +96,19 @@ StartGateway = Callable[..., Awaitable[RunningGateway]]
 
 @pytest.fixture
 async def start_gateway(aiohttp_server: Any) -> AsyncIterator[StartGateway]:
+    started: list[RunningGateway] = []
+
     async def start(config: GatewayConfig | str, **kwargs: Any) -> RunningGateway:
         cfg = load(config) if isinstance(config, str) else config
         app = build_app(cfg, **kwargs)
         server = await aiohttp_server(app)
-        return RunningGateway(server, app)
+        started.append(RunningGateway(server, app))
+        return started[-1]
 
     yield start
+    for gw in started:
+        for client in gw.clients:
+            await client.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import openai
 from PIL import Image
 
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway
@@ -143,7 +142,7 @@ async def assert_refused(
 
 async def assert_sdk_roundtrip(gw: RunningGateway, model: str, **create: Any) -> bytes:
     """create_and_poll then download_content through the official SDK; returns the video bytes."""
-    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY, max_retries=0)
+    client = gw.sdk()
     video = await client.videos.create_and_poll(model=model, poll_interval_ms=10, **create)
     assert video.status == "completed" and video.model == model and video.progress == 100
     content = await client.videos.download_content(video.id)

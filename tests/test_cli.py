@@ -80,6 +80,7 @@ async def test_serve_on_the_embedded_default(run_process: Any, tmp_path: Path) -
     )
     assert video.status == "completed"
     assert decode_mp4((await client.videos.download_content(video.id)).content)[0] == "h264"
+    await client.close()
     assert (tmp_path / "data" / "gateway.sqlite3").exists()
 
 
@@ -138,10 +139,12 @@ async def test_simulator_process_serves_the_dialect(run_process: Any, tmp_path: 
         prompt="straight to the simulator", size="320x240", seconds="1"
     )
     assert video.status == "completed" and video.seconds == "1"
-    with pytest.raises(openai.AuthenticationError):
-        await openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
-        ).videos.list()
+    await client.close()
+    async with openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
+    ) as wrong:
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.videos.list()
 
 
 async def wait_healthy_sim(port: int, process: subprocess.Popen[bytes]) -> None:

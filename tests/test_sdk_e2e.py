@@ -181,6 +181,7 @@ async def test_passthrough_reaches_upstream_byte_for_byte(
     (remix_request,) = fake.requests("POST", f"/v1/videos/{got_job_id(fake)}/remix")
     assert remix_request.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert remix.remixed_from_video_id == video.id
+    await client.close()
 
 
 def got_job_id(fake: FakeOpenAIUpstream) -> str:
