@@ -2,8 +2,8 @@
 
 Every event passes a redaction processor: values under credential-like keys are masked and any
 bearer token or configured secret that ended up in a message is replaced. Control characters from
-client input are escaped so one event is always one line. Records of the standard library's loggers
-(aiohttp's server, asyncio) at warning and above take the same way, in the same format.
+client input are escaped so one event is always one line. What aiohttp, asyncio and other libraries
+log through the standard library's logging, at warning and above, goes the same way.
 """
 
 from __future__ import annotations
