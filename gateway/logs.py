@@ -91,36 +91,26 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
-    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    out = stream or sys.stderr
+    # Both kinds of record get a level and a time first, and are redacted and rendered last.
+    head = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    tail = [structlog.processors.format_exc_info, redact, renderer]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            stamp,
-            structlog.processors.format_exc_info,
-            redact,
-            renderer,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, *head, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(_level),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    handler = _StdlibHandler(stream or sys.stderr)
+    handler = _StdlibHandler(out)
     handler.addFilter(_ClientMistakes())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
-                structlog.processors.add_log_level,
+                *head,
                 structlog.stdlib.add_logger_name,
-                stamp,
                 structlog.stdlib.ExtraAdder(allow=("reason", "remote")),
             ],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                redact,
-                renderer,
-            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
         )
     )
     root = logging.getLogger()
