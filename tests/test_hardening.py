@@ -97,7 +97,8 @@ async def fault_cycle(gw: RunningGateway, fake: FaultyUpstream, video_id: str) -
         fake.behaviour["primary"] = "ok"
         return status, body, time.monotonic() - started
 
-    multipart = {"Content-Type": "multipart/form-data; boundary=b", "x-fault": "reset_upload"}
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    fake.reset_next_upload = True
     status, body, seconds = await case("ok", "POST", "/v1/videos", data=big_upload(), headers=multipart)
     assert status == 502 and body["error"]["type"] == "upstream_error" and seconds < 5
 

@@ -1,7 +1,6 @@
 """A fault-injecting OpenAI-dialect upstream, in the manner of Envoy's fault filter.
 
-Each upstream model name has a behaviour the test sets (``fake.behaviour["primary"] = "status:503"``),
-and a request may override it with an ``x-fault`` header (the gateway forwards custom headers):
+Each upstream model name has a behaviour the test sets (``fake.behaviour["primary"] = "status:503"``):
 
     ok               a normal answer (the Video object of the OpenAI dialect, §3.1 of the reference)
     status:N         answer HTTP N with the OpenAI error envelope (§3.3), 429 with Retry-After
@@ -12,7 +11,9 @@ and a request may override it with an ``x-fault`` header (the gateway forwards c
     flaky:N          answer 503 to the first N retrieves of a video, then normally
     drip:S           send the content slowly, 1 KiB every S seconds
     truncate         send half the content promised by Content-Length, then close
-    reset_upload     read 64 KiB of the upload, then close the connection
+
+and ``fake.reset_next_upload = True`` makes the next create read 64 KiB of its body, then close the
+connection (the model is not known that early).
 
 Everything received is recorded: path, headers, the raw body, and which model it was for.
 """
@@ -46,6 +47,7 @@ class FaultyUpstream:
     hits: list[Hit] = field(default_factory=list)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     retrieves: dict[str, int] = field(default_factory=dict)
+    reset_next_upload: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def hits_for(self, model: str, method: str = "POST") -> list[Hit]:
@@ -101,7 +103,8 @@ class FaultyUpstream:
         return None
 
     async def create(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("x-fault") == "reset_upload":
+        if self.reset_next_upload:
+            self.reset_next_upload = False
             await request.content.read(64 * 1024)
             assert request.transport is not None
             request.transport.close()
@@ -109,7 +112,7 @@ class FaultyUpstream:
         body = await request.read()
         model = self._model_of(request.headers.get("Content-Type", ""), body)
         self.hits.append(Hit("POST", request.path, model, dict(request.headers), body))
-        behaviour = request.headers.get("x-fault") or self.behaviour.get(model or "", "ok")
+        behaviour = self.behaviour.get(model or "", "ok")
         fault = await self._fault(request, behaviour)
         if fault is not None:
             return fault
@@ -143,7 +146,7 @@ class FaultyUpstream:
                 status=404,
             )
         count = self.retrieves[job["id"]] = self.retrieves.get(job["id"], 0) + 1
-        behaviour = request.headers.get("x-fault") or self.behaviour.get(job["model"] or "", "ok")
+        behaviour = self.behaviour.get(job["model"] or "", "ok")
         if behaviour.startswith("flaky:") and count <= int(behaviour.partition(":")[2]):
             return web.json_response(
                 {"error": {"message": "flaky", "type": "server_error", "param": None, "code": None}},
@@ -158,7 +161,7 @@ class FaultyUpstream:
 
     async def content(self, request: web.Request) -> web.StreamResponse:
         job = self.jobs.get(request.match_info["vid"], {})
-        behaviour = request.headers.get("x-fault") or self.behaviour.get(job.get("model") or "", "ok")
+        behaviour = self.behaviour.get(job.get("model") or "", "ok")
         payload = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64
         if behaviour == "truncate":
             response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
