@@ -284,15 +284,18 @@ class SQLiteTaskStore:
 
     async def update(self, task: Task) -> bool:
         """As the protocol says; when the task had already finished (another process or poll got
-        there first), ``task`` takes what the database holds, so every answer shows the same video."""
+        there first), ``task`` takes what the database holds, so every answer shows the same video.
+        A task deleted while its poll was in flight stays deleted: it is neither written nor cached."""
         task.updated_at = time.time()
         epoch = self._current_epoch()
 
-        def run() -> tuple[bool, list[tuple[Any, ...]]]:
+        def run() -> tuple[bool, Task | None]:
+            """Whether the write went through, else the task as stored (None once deleted)."""
             assert self._db is not None
+            active = ",".join("?" * len(ACTIVE_STATUSES))
             cursor = self._db.execute(
                 "UPDATE tasks SET status=?, video=?, state=?, updated_at=? "
-                f"WHERE id=? AND status IN ({','.join('?' * len(ACTIVE_STATUSES))})",
+                f"WHERE id=? AND deleted_at IS NULL AND status IN ({active})",
                 (
                     task.status,
                     json.dumps(task.video),
@@ -303,16 +306,18 @@ class SQLiteTaskStore:
                 ),
             )
             if cursor.rowcount == 1:
-                return task.status not in ACTIVE_STATUSES, []
-            return False, self._query(f"SELECT {_COLUMNS} FROM tasks WHERE id=?", (task.id,))
+                return True, None
+            rows = self._query(f"SELECT {_COLUMNS} FROM tasks WHERE id=? AND deleted_at IS NULL", (task.id,))
+            return False, self._task(rows[0]) if rows else None
 
-        finished, rows = await self._run(run)
-        if rows:
-            stored = self._task(rows[0])
+        written, stored = await self._run(run)
+        if not written:
+            if stored is None:
+                return False
             task.status, task.video, task.state = stored.status, stored.video, stored.state
             task.updated_at = stored.updated_at
         self._remember(task, epoch)
-        return bool(finished)
+        return written and task.status not in ACTIVE_STATUSES
 
     async def delete(self, task_id: str, owner: str) -> bool:
         def run() -> bool:

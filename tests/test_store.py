@@ -62,6 +62,20 @@ async def test_the_update_that_lost_the_race_adopts_the_stored_video(pair) -> No
     assert again is not None and again.video["completed_at"] == 111
 
 
+async def test_a_poll_in_flight_during_a_delete_does_not_bring_the_video_back(pair) -> None:
+    """The poll read the task, the client deleted it, then the poll's news arrived and was saved."""
+    a, b = pair
+    await a.add(task())
+    polled = await a.get("video_1", "alpha")
+    assert polled is not None
+    assert await a.delete("video_1", "alpha")
+    polled.status, polled.video = "completed", {"id": "video_1", "status": "completed"}
+    assert await a.update(polled) is False, "a deleted video is not counted as finished"
+    for store in (a, b):
+        assert await store.get("video_1", "alpha") is None
+    assert not await a.delete("video_1", "alpha"), "nothing left to delete a second time"
+
+
 async def test_create_limits_are_counted_once_for_all_processes(pair) -> None:
     a, b = pair
     admitted = [await s.admit("alpha", per_minute=3, max_active=None) for s in (a, b, a, b)]
