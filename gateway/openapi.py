@@ -199,7 +199,7 @@ def _videos(prefix: str) -> dict[str, Any]:
                 "operationId": f"remixVideo{prefix}",
                 "parameters": [_VIDEO_ID],
                 "requestBody": prompt_body,
-                "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY)},
+                "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY, "409")},
             },
         },
         f"{prefix}/models": {

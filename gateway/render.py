@@ -121,6 +121,24 @@ def render_video(
     )
 
 
+def probe_video(path: Path) -> tuple[int, int, float] | None:
+    """Width, height and duration in seconds of a video file; None when it holds no readable video."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            if container.duration:
+                duration = container.duration / av.time_base
+            elif stream.duration and stream.time_base:
+                duration = float(stream.duration * stream.time_base)
+            else:
+                return None
+            return stream.codec_context.width, stream.codec_context.height, duration
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+
+
 @contextmanager
 def _temp_path(out_dir: Path, name: str) -> Iterator[Path]:
     """Yield a hidden temporary path next to ``name``; remove it if it was never published."""

@@ -9,13 +9,22 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from gateway.bodies import read_body
 from gateway.config import Limits
 from gateway.errors import ApiError, bad_request
-from gateway.providers.local import LocalEngine, reference_image, request_fields, validate_prompt
+from gateway.providers.local import (
+    Derivation,
+    LocalEngine,
+    derived_fields,
+    model_field,
+    reference_image,
+    request_fields,
+    uploaded_video,
+)
 
 ENGINE = web.AppKey("engine", LocalEngine)
 _LIMITS = Limits()
@@ -41,10 +50,9 @@ async def create(request: web.Request) -> web.Response:
     body = await read_body(request, _LIMITS, until=())
     try:
         await body.read_rest()
+        model = model_field(body)
         fields = request_fields(body)
-        job = await _engine(request).create(
-            model=str(body.get("model") or "sora-2"), reference=await reference_image(body), **fields
-        )
+        job = await _engine(request).create(model=model, reference=await reference_image(body), **fields)
         return web.json_response(job)
     finally:
         body.close()
@@ -87,20 +95,50 @@ async def content(request: web.Request) -> web.StreamResponse:
 
 
 async def remix(request: web.Request) -> web.Response:
-    source = await _job(request)
+    source = await _engine(request).source(request.match_info["video_id"], "remix")
     body = await read_body(request, _LIMITS, until=())
     try:
         await body.read_rest()
+        fields = derived_fields(body, source, "remix")
         job = await _engine(request).create(
-            prompt=validate_prompt(body.get("prompt")),
-            model=str(source["model"]),
-            size=str(source["size"]),
-            seconds=int(str(source["seconds"])),
-            remixed_from=str(source["id"]),
+            model=str(source["model"]), remixed_from=str(source["id"]), **fields
         )
         return web.json_response(job)
     finally:
         body.close()
+
+
+async def _from_video(request: web.Request, kind: Derivation) -> web.Response:
+    """Edits and extensions: ``video`` is an uploaded file or ``{"id": ...}`` (``video[id]`` in a form)."""
+    body = await read_body(request, _LIMITS, until=())
+    try:
+        await body.read_rest()
+        ref = body.get_object("video")
+        if ref is not None:
+            source = await _engine(request).source(_video_id(ref), kind)
+            model = str(source["model"])
+        else:
+            source = await uploaded_video(body)
+            model = model_field(body)
+        fields = derived_fields(body, source, kind)
+        return web.json_response(await _engine(request).create(model=model, **fields))
+    finally:
+        body.close()
+
+
+def _video_id(ref: dict[str, Any]) -> str:
+    video_id = ref.get("id")
+    if not isinstance(video_id, str) or not video_id:
+        raise bad_request("'video' must be an uploaded file or an object with an 'id'.", param="video")
+    return video_id
+
+
+async def edit(request: web.Request) -> web.Response:
+    return await _from_video(request, "edit")
+
+
+async def extend(request: web.Request) -> web.Response:
+    return await _from_video(request, "extension")
 
 
 async def create_character(request: web.Request) -> web.Response:
@@ -149,6 +187,8 @@ def build_simulator(
     app.cleanup_ctx.append(lifetime)
     app.router.add_post("/v1/videos/characters", create_character)
     app.router.add_get("/v1/videos/characters/{character_id}", get_character)
+    app.router.add_post("/v1/videos/edits", edit)
+    app.router.add_post("/v1/videos/extensions", extend)
     app.router.add_post("/v1/videos", create)
     app.router.add_get("/v1/videos", list_jobs)
     app.router.add_get("/v1/videos/{video_id}", retrieve)

@@ -7,7 +7,7 @@ import av
 import pytest
 from PIL import Image, ImageChops
 
-from gateway.render import RenderedAssets, render_video
+from gateway.render import RenderedAssets, probe_video, render_video
 
 WIDTH = 320
 HEIGHT = 240
@@ -129,3 +129,17 @@ def test_png_reference_image_is_drawn(tmp_path: Path) -> None:
 def test_rejects_odd_or_empty_sizes(tmp_path: Path, size: tuple[int, int]) -> None:
     with pytest.raises(ValueError):
         _render(tmp_path / "job", width=size[0], height=size[1])
+
+
+def test_probe_video_reads_size_and_duration(assets: RenderedAssets) -> None:
+    width, height, duration = probe_video(assets.video) or (0, 0, 0.0)
+    assert (width, height) == (WIDTH, HEIGHT)
+    assert duration == pytest.approx(SECONDS, abs=0.2)
+
+
+def test_probe_video_is_none_for_what_is_no_video(tmp_path: Path, assets: RenderedAssets) -> None:
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(os.urandom(4096))
+    assert probe_video(junk) is None
+    assert probe_video(assets.thumbnail) is None
+    assert probe_video(tmp_path / "missing.mp4") is None

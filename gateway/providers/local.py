@@ -2,9 +2,9 @@
 
 :class:`LocalEngine` keeps its jobs on disk (one folder each), so they survive restarts. A job is
 ``queued`` for ``queue_seconds``, then ``in_progress`` with rising progress for ``run_seconds``
-while it renders in a worker thread, then ``completed``. A prompt containing ``[fail]`` fails, for
-demos and tests of the failure path. The same engine serves the OpenAI dialect on its own
-(``video-gateway simulate``, see ``gateway/simulator.py``).
+while it renders in a worker thread, then ``completed``. A prompt containing ``[fail]`` fails
+halfway through its run, for demos and tests of the failure path. The same engine serves the
+OpenAI dialect on its own (``video-gateway simulate``, see ``gateway/simulator.py``).
 """
 
 from __future__ import annotations
@@ -16,17 +16,19 @@ import json
 import re
 import secrets
 import shutil
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
-from gateway.bodies import RequestBody
+from gateway.bodies import RequestBody, UploadedFile
 from gateway.errors import ApiError, bad_request
 from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
-from gateway.render import render_video
+from gateway.render import probe_video, render_video
 from gateway.store import Task
 
 VARIANTS = {
@@ -34,15 +36,24 @@ VARIANTS = {
     "thumbnail": ("thumbnail.webp", "image/webp"),
     "spritesheet": ("spritesheet.jpg", "image/jpeg"),
 }
+# The longest clip one request may ask for: a create, or one extension segment (the API's own limit).
 MAX_SECONDS = 20
-_SIZE = re.compile(r"^(\d{2,4})x(\d{2,4})$")
+# The longest video the renderer draws: a full-length source plus a full-length extension.
+MAX_TOTAL_SECONDS = 2 * MAX_SECONDS
+_SIZE = re.compile(r"([0-9]{2,4})x([0-9]{2,4})")
+_SECONDS = re.compile(r"[0-9]{1,3}")
 _JOB_ID = re.compile(r"^(video|char)_[0-9a-f]{32}$")
+
+Derivation = Literal["remix", "edit", "extension"]
+_DONE_TO = {"remix": "remixed", "edit": "edited", "extension": "extended"}
 
 
 def parse_size(value: Any) -> tuple[int, int]:
-    match = _SIZE.match(str(value))
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise bad_request(f"Invalid size '{value}': use WIDTHxHEIGHT, for example 1280x720.", param="size")
+        raise bad_request(
+            f"Invalid size {_shown(value)}: use WIDTHxHEIGHT, for example 1280x720.", param="size"
+        )
     width, height = int(match[1]), int(match[2])
     if not (64 <= width <= 1920 and 64 <= height <= 1920) or width % 2 or height % 2:
         raise bad_request(
@@ -52,12 +63,26 @@ def parse_size(value: Any) -> tuple[int, int]:
 
 
 def parse_seconds(value: Any) -> int:
-    text = str(value).strip()
-    if not text.isdigit() or not 1 <= int(text) <= MAX_SECONDS:
+    """A whole number of seconds from 1 to MAX_SECONDS, as a JSON integer or ASCII digits."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _SECONDS.fullmatch(value):
+        number = int(value)
+    if number is None or not 1 <= number <= MAX_SECONDS:
         raise bad_request(
-            f"Invalid seconds '{value}': use a whole number from 1 to {MAX_SECONDS}.", param="seconds"
+            f"Invalid seconds {_shown(value)}: use a whole number from 1 to {MAX_SECONDS}.", param="seconds"
         )
-    return int(text)
+    return number
+
+
+def _shown(value: Any) -> str:
+    """A client's value for an error message, short whatever was sent (str() of a huge int raises)."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:40] + "...")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**12:
+        return str(value)
+    return f"of type {type(value).__name__}"
 
 
 def validate_prompt(value: Any) -> str:
@@ -70,6 +95,46 @@ def validate_prompt(value: Any) -> str:
     if len(value) > 32000:
         raise bad_request("'prompt' is longer than 32000 characters.", param="prompt")
     return value
+
+
+def text_field(body: RequestBody, name: str) -> Any:
+    """A field's value, None when absent; a file part under a text field's name is refused.
+
+    The body must have been read to its end (:meth:`RequestBody.read_rest`). JSON ``null`` counts
+    as absent; any other value, falsy or not, is the client's and is validated as given.
+    """
+    if name in body.files:
+        raise bad_request(f"'{name}' must be a text field, not a file.", param=name)
+    return body.get(name)
+
+
+def model_field(body: RequestBody, default: str = "sora-2") -> str:
+    value = text_field(body, "model")
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request("'model' must be a non-empty string.", param="model")
+    return value
+
+
+def ensure_completed(video: Mapping[str, Any], kind: Derivation) -> None:
+    """Only a completed video can be remixed, edited or extended: 409 while it runs, 400 once failed."""
+    param = "video_id" if kind == "remix" else "video"
+    status = video["status"]
+    if status in ("queued", "in_progress"):
+        raise ApiError(
+            409,
+            f"The source video is {status}; it can be {_DONE_TO[kind]} once it is completed.",
+            param=param,
+            code="video_not_ready",
+            headers={"x-should-retry": "false"},
+        )
+    if status != "completed":
+        raise bad_request(
+            f"The source video {status}; only a completed video can be {_DONE_TO[kind]}.",
+            param=param,
+            code="video_failed",
+        )
 
 
 @dataclass
@@ -145,10 +210,29 @@ class LocalEngine:
         except Exception as exc:  # a failed render is the job's outcome, not the server's problem
             await asyncio.to_thread((folder / "error.txt").write_text, f"render failed: {exc}")
 
+    def _progress(self, job: dict[str, Any], at: float) -> int:
+        """Progress as of ``at``: rising with the clock over the run, 1 to 99."""
+        started = job["created_at"] + self.queue_seconds
+        share = (at - started) / self.run_seconds if self.run_seconds else 1.0
+        return max(1, min(99, int(share * 100)))
+
+    def _failed_at(self, job: dict[str, Any], folder: Path) -> float | None:
+        """When the job shows as failed: halfway through its run, or when its render failed if later."""
+        halfway = job["created_at"] + self.queue_seconds + self.run_seconds / 2
+        if "[fail]" in job["prompt"]:
+            return halfway
+        try:
+            return max(halfway, (folder / "error.txt").stat().st_mtime)
+        except OSError:
+            return None
+
     def _view(self, job: dict[str, Any], folder: Path) -> dict[str, Any]:
-        """The job as an OpenAI Video, as of now."""
-        elapsed = time.time() - job["created_at"]
-        done_at = job["created_at"] + self.queue_seconds + self.run_seconds
+        """The job as an OpenAI Video, as of now.
+
+        A finished job's ``completed_at`` is the moment it first showed as finished, never later,
+        and a failed one keeps the progress it had reached then.
+        """
+        now = time.time()
         view = {
             "id": job["id"],
             "object": "video",
@@ -164,23 +248,24 @@ class LocalEngine:
             "status": "queued",
             "progress": 0,
         }
-        failed = "[fail]" in job["prompt"] or (folder / "error.txt").exists()
-        if elapsed < self.queue_seconds:
+        if now < job["created_at"] + self.queue_seconds:
             return view
-        if failed and elapsed >= self.queue_seconds + self.run_seconds / 2:
+        failed_at = self._failed_at(job, folder)
+        if failed_at is not None and now >= failed_at:
             reason = "the prompt asked for a failure" if "[fail]" in job["prompt"] else "rendering failed"
             view.update(
                 status="failed",
-                completed_at=int(done_at),
+                progress=self._progress(job, failed_at),
+                completed_at=int(failed_at),
                 error={"code": "generation_failed", "message": f"Local render failed: {reason}."},
             )
             return view
-        if time.time() >= done_at and (folder / "video.mp4").exists():
+        done_at = job["created_at"] + self.queue_seconds + self.run_seconds
+        if now >= done_at and (folder / "video.mp4").exists():
             view.update(status="completed", progress=100, completed_at=int(done_at))
             return view
-        share = (elapsed - self.queue_seconds) / self.run_seconds if self.run_seconds else 1.0
-        view.update(status="in_progress", progress=max(1, min(99, int(share * 100))))
-        if not failed:
+        view.update(status="in_progress", progress=self._progress(job, now))
+        if failed_at is None:
             self._start_render(job["id"], job)
         return view
 
@@ -191,6 +276,19 @@ class LocalEngine:
         except (KeyError, OSError, ValueError):
             return None
         return self._view(job, folder)
+
+    async def source(self, job_id: str, kind: Derivation) -> dict[str, Any]:
+        """The completed job to remix, edit or extend; an ApiError (404, 409, 400) otherwise."""
+        video = await self.get(job_id)
+        if video is None:
+            raise ApiError(
+                404,
+                f"No video found with id '{job_id}'.",
+                param="video_id" if kind == "remix" else "video",
+                code="video_not_found",
+            )
+        ensure_completed(video, kind)
+        return video
 
     async def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[dict[str, Any]], bool]:
         jobs = await asyncio.to_thread(self._all_jobs)
@@ -261,34 +359,147 @@ class LocalEngine:
 async def reference_image(body: RequestBody) -> bytes | None:
     """The ``input_reference`` image as bytes: an uploaded file, or a base64 data URL.
 
-    Remote ``image_url``s are not fetched: the local provider works without network.
+    Remote references (an http(s) ``image_url``, a ``file_id``) are accepted but not fetched: the
+    local provider works without network. Anything else is a 400.
     """
     if "input_reference" in body.files:
         return await body.files["input_reference"].read()
     ref = body.get_object("input_reference")
-    url = ref.get("image_url") if ref else body.get("input_reference")
-    if isinstance(url, str) and url.startswith("data:") and "," in url:
-        try:
-            return base64.b64decode(url.split(",", 1)[1], validate=True)
-        except (binascii.Error, ValueError):
-            raise bad_request(
-                "input_reference.image_url is not valid base64 data.", param="input_reference"
-            ) from None
+    if ref is not None:
+        return _reference_object(ref)
+    value = body.get("input_reference")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _image_url(value)
+    raise bad_request(
+        "'input_reference' must be an image file, an object with 'image_url' or 'file_id', or an image URL.",
+        param="input_reference",
+    )
+
+
+def _reference_object(ref: dict[str, Any]) -> bytes | None:
+    url, file_id = ref.get("image_url"), ref.get("file_id")
+    if (url is None) == (file_id is None):
+        raise bad_request(
+            "input_reference needs exactly one of 'image_url' or 'file_id'.", param="input_reference"
+        )
+    if url is not None:
+        return _image_url(url)
+    if not isinstance(file_id, str) or not file_id:
+        raise bad_request("input_reference.file_id must be a non-empty string.", param="input_reference")
     return None
+
+
+def _image_url(url: Any) -> bytes | None:
+    if not isinstance(url, str):
+        raise bad_request("input_reference.image_url must be a string.", param="input_reference")
+    if url[:8].lower().startswith(("http://", "https://")):
+        return None
+    if not url.startswith("data:") or "," not in url:
+        raise bad_request(
+            "input_reference.image_url must be an http(s) URL or a base64 data URL.", param="input_reference"
+        )
+    try:
+        image = base64.b64decode(url.split(",", 1)[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(
+            "input_reference.image_url is not valid base64 data.", param="input_reference"
+        ) from None
+    if not image:
+        raise bad_request("input_reference.image_url holds no image data.", param="input_reference")
+    return image
 
 
 def request_fields(
     body: RequestBody, *, default_size: str = "720x1280", default_seconds: str = "4"
 ) -> dict[str, Any]:
-    """Prompt, size and seconds from a body, validated for the local renderer."""
-    size = body.get("size") or default_size
-    seconds = body.get("seconds") or default_seconds
+    """Prompt, size and seconds of a create, validated for the local renderer.
+
+    Only absent fields get the defaults; a given value is validated as it is (``0`` and ``""`` too).
+    """
+    size = text_field(body, "size")
+    seconds = text_field(body, "seconds")
+    size = default_size if size is None else size
     parse_size(size)
     return {
-        "prompt": validate_prompt(body.get("prompt")),
-        "size": str(size),
-        "seconds": parse_seconds(seconds),
+        "prompt": validate_prompt(text_field(body, "prompt")),
+        "size": size,
+        "seconds": parse_seconds(default_seconds if seconds is None else seconds),
     }
+
+
+def derived_fields(body: RequestBody, source: Mapping[str, Any], kind: Derivation) -> dict[str, Any]:
+    """Prompt, size and seconds of a remix, edit or extension of ``source`` (its size and seconds).
+
+    The new video keeps the source's size. An extension's seconds (required) are added to the
+    source's: ``Video.seconds`` of an extension is the stitched total.
+    """
+    size = text_field(body, "size")
+    if size is not None and size != source["size"]:
+        raise bad_request(
+            f"Invalid size {_shown(size)}: a video made from another keeps its size, {source['size']}.",
+            param="size",
+        )
+    seconds = text_field(body, "seconds")
+    if kind == "extension":
+        if seconds is None:
+            raise bad_request(
+                "'seconds' is required: the length of the extension.",
+                param="seconds",
+                code="missing_required_parameter",
+            )
+        total = int(source["seconds"]) + parse_seconds(seconds)
+        if total > MAX_TOTAL_SECONDS:
+            raise bad_request(
+                f"Invalid seconds {_shown(seconds)}: the {source['seconds']} s video would become {total} s, "
+                f"and the local renderer draws at most {MAX_TOTAL_SECONDS} s.",
+                param="seconds",
+            )
+    else:
+        total = int(source["seconds"]) if seconds is None else parse_seconds(seconds)
+    return {"prompt": validate_prompt(text_field(body, "prompt")), "size": source["size"], "seconds": total}
+
+
+async def uploaded_video(body: RequestBody) -> dict[str, Any]:
+    """The size and whole seconds of the ``video`` file of an edit or extension, read with PyAV."""
+    upload = body.files.get("video")
+    if upload is None:
+        raise bad_request(
+            "'video' is required: an uploaded file or {\"id\": ...}.",
+            param="video",
+            code="missing_required_parameter",
+        )
+    probed = await _probe_upload(upload)
+    if probed is None:
+        raise bad_request("'video' is not a video file the local provider can read.", param="video")
+    width, height, duration = probed
+    size, seconds = f"{width}x{height}", max(1, round(duration))
+    try:
+        parse_size(size)
+    except ApiError:
+        raise bad_request(
+            f"The uploaded video is {size}; the local provider renders even sizes from 64 to 1920.",
+            param="video",
+        ) from None
+    if seconds > MAX_TOTAL_SECONDS:
+        raise bad_request(
+            f"The uploaded video is {seconds} s; the local renderer draws at most {MAX_TOTAL_SECONDS} s.",
+            param="video",
+        )
+    return {"size": size, "seconds": seconds}
+
+
+async def _probe_upload(upload: UploadedFile) -> tuple[int, int, float] | None:
+    """Copy the spooled upload to a named temporary file, off the event loop, and probe it there."""
+    copy = await asyncio.to_thread(tempfile.NamedTemporaryFile, prefix="video-gateway-probe-")
+    try:
+        async for chunk in upload.data.chunks():
+            await asyncio.to_thread(copy.write, chunk)
+        await asyncio.to_thread(copy.flush)
+        return await asyncio.to_thread(probe_video, Path(copy.name))
+    finally:
+        await asyncio.to_thread(copy.close)
 
 
 class LocalAdapter(Adapter):
@@ -325,6 +536,7 @@ class LocalAdapter(Adapter):
 
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo:
         await body.read_rest()
+        model_field(body)  # the gateway routed by it: a file part there would have been ignored
         fields = request_fields(body)
         return await self._new(call, fields, await reference_image(body))
 
@@ -342,31 +554,26 @@ class LocalAdapter(Adapter):
         await self.engine.delete(task.upstream_id)
 
     async def _derived(
-        self, call: Call, task: Task | None, body: RequestBody, *, extend: bool
+        self, call: Call, task: Task | None, body: RequestBody, kind: Derivation
     ) -> UpstreamVideo:
+        """A new job from a completed video of this provider, or (edits, extensions) an uploaded one."""
         await body.read_rest()
-        source = await self.engine.get(task.upstream_id) if task is not None else None
-        size = source["size"] if source else body.get("size") or "720x1280"
-        seconds = body.get("seconds") or (source["seconds"] if source else "4")
-        if extend and source is not None:
-            seconds = str(min(MAX_SECONDS, int(source["seconds"]) + parse_seconds(seconds)))
-        fields = {
-            "prompt": validate_prompt(body.get("prompt")),
-            "size": size,
-            "seconds": parse_seconds(seconds),
-        }
-        return await self._new(
-            call, fields, None, remixed_from=source["id"] if source and not extend else None
-        )
+        if task is None:
+            source = await uploaded_video(body)
+        else:
+            source = await self.engine.source(task.upstream_id, kind)
+        fields = derived_fields(body, source, kind)
+        remixed_from = source["id"] if kind == "remix" else None
+        return await self._new(call, fields, None, remixed_from=remixed_from)
 
     async def remix(self, call: Call, task: Task, body: RequestBody) -> UpstreamVideo:
-        return await self._derived(call, task, body, extend=False)
+        return await self._derived(call, task, body, "remix")
 
     async def edit(self, call: Call, task: Task | None, body: RequestBody) -> UpstreamVideo:
-        return await self._derived(call, task, body, extend=False)
+        return await self._derived(call, task, body, "edit")
 
     async def extend(self, call: Call, task: Task | None, body: RequestBody) -> UpstreamVideo:
-        return await self._derived(call, task, body, extend=True)
+        return await self._derived(call, task, body, "extension")
 
     async def create_character(self, call: Call, body: RequestBody) -> dict[str, Any]:
         await body.read_rest()

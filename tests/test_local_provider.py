@@ -1,0 +1,181 @@
+"""The built-in local provider through the gateway: derived videos, finished states, strict fields."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.render import render_video
+from tests.conftest import RunningGateway, StartGateway, gateway_yaml
+from tests.test_routes import send
+from tests.test_sdk_e2e import decode_mp4
+
+
+def error_of(raw: bytes) -> dict[str, Any]:
+    error: dict[str, Any] = json.loads(raw)["error"]
+    return error
+
+
+def mp4(folder: Path, seconds: int) -> tuple[str, bytes, str]:
+    """A small real MP4 of ``seconds`` seconds, as an SDK file tuple."""
+    assets = render_video(folder, prompt="uploaded clip", width=64, height=64, seconds=seconds)
+    return "clip.mp4", assets.video.read_bytes(), "video/mp4"
+
+
+@pytest.fixture
+async def slow_gateway(start_gateway: StartGateway, tmp_path: Path) -> RunningGateway:
+    """Jobs stay in progress for 3 s: long enough to act on them before they finish."""
+    return await start_gateway(gateway_yaml(tmp_path).replace("run_seconds: 0.4", "run_seconds: 3"))
+
+
+async def test_an_extension_is_the_stitched_total_and_renders_that_long(
+    local_gateway: RunningGateway,
+) -> None:
+    client = local_gateway.sdk()
+    source = await client.videos.create_and_poll(prompt="eight seconds", size="320x240", seconds="8")
+    status, _, raw = await send(
+        local_gateway,
+        "POST",
+        "/v1/videos/extensions",
+        json={"prompt": "and sixteen more", "seconds": "16", "video": {"id": source.id}},
+    )
+    assert status == 200 and json.loads(raw)["seconds"] == "24"
+    extended = await client.videos.poll(json.loads(raw)["id"])
+    assert extended.status == "completed" and extended.seconds == "24"
+    _, _, _, frames = decode_mp4((await client.videos.download_content(extended.id)).content)
+    assert frames == 24 * 12
+
+
+async def test_an_extension_of_an_uploaded_video_adds_to_its_length(
+    local_gateway: RunningGateway, tmp_path: Path
+) -> None:
+    client = local_gateway.sdk()
+    extended = await client.videos.extend(prompt="more", seconds="4", video=mp4(tmp_path / "clip", 2))
+    assert extended.seconds == "6" and extended.size == "64x64"
+    edited = await client.videos.edit(prompt="recoloured", video=mp4(tmp_path / "clip", 2))
+    assert edited.seconds == "2" and edited.remixed_from_video_id is None
+
+
+async def test_an_extension_longer_than_the_renderer_draws_is_refused(
+    local_gateway: RunningGateway, tmp_path: Path
+) -> None:
+    form = aiohttp.FormData()
+    form.add_field("prompt", "four more")
+    form.add_field("seconds", "4")
+    _, data, content_type = mp4(tmp_path / "long", 38)
+    form.add_field("video", data, filename="long.mp4", content_type=content_type)
+    status, _, raw = await send(local_gateway, "POST", "/v1/videos/extensions", data=form)
+    assert status == 400 and error_of(raw)["param"] == "seconds" and "42 s" in error_of(raw)["message"]
+
+
+async def test_an_extension_needs_seconds(local_gateway: RunningGateway) -> None:
+    source = await local_gateway.sdk().videos.create_and_poll(prompt="base", size="320x240", seconds="2")
+    status, _, raw = await send(
+        local_gateway, "POST", "/v1/videos/extensions", json={"prompt": "longer", "video": {"id": source.id}}
+    )
+    assert status == 400 and error_of(raw)["param"] == "seconds"
+
+
+async def test_an_edit_is_not_a_remix(local_gateway: RunningGateway) -> None:
+    client = local_gateway.sdk()
+    source = await client.videos.create_and_poll(prompt="base", size="320x240", seconds="2")
+    status, _, raw = await send(
+        local_gateway, "POST", "/v1/videos/edits", json={"prompt": "edited", "video": {"id": source.id}}
+    )
+    assert status == 200 and json.loads(raw)["remixed_from_video_id"] is None
+    assert (await client.videos.poll(json.loads(raw)["id"])).remixed_from_video_id is None
+    remix = await client.videos.remix(source.id, prompt="remixed")
+    assert remix.remixed_from_video_id == source.id
+
+
+async def test_an_unfinished_source_is_not_ready(slow_gateway: RunningGateway) -> None:
+    source = await slow_gateway.sdk().videos.create(prompt="still rendering", size="320x240", seconds="2")
+    attempts = [
+        ("/v1/videos/" + source.id + "/remix", {"prompt": "remixed"}, "video_id"),
+        ("/v1/videos/edits", {"prompt": "edited", "video": {"id": source.id}}, "video"),
+        ("/v1/videos/extensions", {"prompt": "more", "seconds": "4", "video": {"id": source.id}}, "video"),
+    ]
+    for path, body, param in attempts:
+        status, headers, raw = await send(slow_gateway, "POST", path, json=body)
+        assert status == 409 and headers["x-should-retry"] == "false"
+        assert error_of(raw)["code"] == "video_not_ready" and error_of(raw)["param"] == param
+
+
+async def test_a_failed_source_is_refused(local_gateway: RunningGateway) -> None:
+    client = local_gateway.sdk()
+    failed = await client.videos.create_and_poll(prompt="[fail] broken", size="320x240", seconds="2")
+    assert failed.status == "failed"
+    status, _, raw = await send(local_gateway, "POST", f"/v1/videos/{failed.id}/remix", json={"prompt": "x"})
+    assert status == 400 and error_of(raw)["param"] == "video_id"
+    assert error_of(raw)["type"] == "invalid_request_error" and error_of(raw)["code"] == "video_failed"
+    status, _, raw = await send(
+        local_gateway, "POST", "/v1/videos/edits", json={"prompt": "x", "video": {"id": failed.id}}
+    )
+    assert status == 400 and error_of(raw)["param"] == "video"
+
+
+async def test_a_failed_video_keeps_its_progress_and_is_not_completed_in_the_future(
+    slow_gateway: RunningGateway,
+) -> None:
+    client = slow_gateway.sdk()
+    video = await client.videos.create(prompt="[fail] halfway", size="320x240", seconds="2")
+    seen = [0]
+    while video.status in ("queued", "in_progress"):
+        seen.append(video.progress)
+        await asyncio.sleep(0.05)
+        video = await client.videos.retrieve(video.id)
+        observed_at = time.time()
+    assert video.status == "failed"
+    assert video.progress >= max(seen) and video.progress > 0
+    assert video.completed_at is not None and video.completed_at <= observed_at
+    again = await client.videos.retrieve(video.id)
+    assert (again.progress, again.completed_at) == (video.progress, video.completed_at)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"seconds": 0}, "seconds"),
+        ({"seconds": ""}, "seconds"),
+        ({"seconds": "²"}, "seconds"),
+        ({"seconds": "５"}, "seconds"),
+        ({"seconds": "9" * 5000}, "seconds"),
+        ({"size": ""}, "size"),
+        ({"input_reference": 5}, "input_reference"),
+        ({"input_reference": ["data:image/png;base64,AAAA"]}, "input_reference"),
+        ({"input_reference": "a picture of a cat"}, "input_reference"),
+        ({"input_reference": {"image_url": 7}}, "input_reference"),
+    ],
+)
+async def test_explicit_invalid_values_are_refused_not_defaulted(
+    local_gateway: RunningGateway, fields: dict[str, Any], param: str
+) -> None:
+    body = {"prompt": "strict", "size": "320x240", **fields}
+    status, _, raw = await send(local_gateway, "POST", "/v1/videos", json=body)
+    assert status == 400 and error_of(raw)["param"] == param
+
+
+@pytest.mark.parametrize("name", ["seconds", "model", "size"])
+async def test_a_file_part_under_a_text_field_name_is_refused(
+    local_gateway: RunningGateway, name: str
+) -> None:
+    form = aiohttp.FormData()
+    form.add_field("prompt", "a file where text belongs")
+    form.add_field(name, b"4", filename="field.txt", content_type="text/plain")
+    status, _, raw = await send(local_gateway, "POST", "/v1/videos", data=form)
+    assert status == 400 and error_of(raw)["param"] == name
+
+
+async def test_a_plain_text_input_reference_part_is_refused(local_gateway: RunningGateway) -> None:
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("prompt", "text where an image belongs")
+    form.add_field("size", "320x240")
+    form.add_field("input_reference", "not an image")
+    status, _, raw = await send(local_gateway, "POST", "/v1/videos", data=form)
+    assert status == 400 and error_of(raw)["param"] == "input_reference"

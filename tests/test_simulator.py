@@ -1,0 +1,104 @@
+"""``video-gateway simulate`` as an OpenAI-dialect upstream: edits, extensions, finished sources."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.render import render_video
+from gateway.simulator import build_simulator
+from tests.conftest import UPSTREAM_KEY, StartGateway, gateway_yaml
+
+AUTH = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+
+
+async def post(server: TestServer, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(str(server.make_url(path)), headers=AUTH, **kwargs) as response,
+    ):
+        return response.status, await response.json()
+
+
+@pytest.fixture
+async def simulator(aiohttp_server: Any, tmp_path: Path) -> TestServer:
+    app = build_simulator(tmp_path / "sim", api_key=UPSTREAM_KEY, queue_seconds=0.1, run_seconds=0.3)
+    server: TestServer = await aiohttp_server(app)
+    return server
+
+
+@pytest.fixture
+async def client(simulator: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    url = str(simulator.make_url("/v1"))
+    async with openai.AsyncOpenAI(base_url=url, api_key=UPSTREAM_KEY, max_retries=0) as sdk:
+        yield sdk
+
+
+async def test_edits_and_extensions_by_id_and_by_upload(
+    simulator: TestServer, client: openai.AsyncOpenAI, tmp_path: Path
+) -> None:
+    source = await client.videos.create_and_poll(prompt="base", size="320x240", seconds="2")
+    status, edited = await post(
+        simulator, "/v1/videos/edits", json={"prompt": "e", "video": {"id": source.id}}
+    )
+    assert status == 200 and edited["remixed_from_video_id"] is None and edited["seconds"] == "2"
+    assert edited["size"] == "320x240" and edited["model"] == source.model
+
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("prompt", "more")
+    form.add_field("seconds", "4")
+    form.add_field("video[id]", source.id)
+    status, extended = await post(simulator, "/v1/videos/extensions", data=form)
+    assert status == 200 and extended["seconds"] == "6"
+
+    clip = render_video(tmp_path / "clip", prompt="upload", width=64, height=64, seconds=3)
+    upload = ("clip.mp4", clip.video.read_bytes(), "video/mp4")
+    by_upload = await client.videos.extend(prompt="more", seconds="4", video=upload)
+    assert by_upload.seconds == "7" and by_upload.size == "64x64"
+    assert (await client.videos.poll(by_upload.id)).status == "completed"
+    assert (await client.videos.edit(prompt="e", video=upload)).seconds == "3"
+
+
+async def test_an_extension_needs_seconds_and_a_finished_source(
+    simulator: TestServer, client: openai.AsyncOpenAI
+) -> None:
+    running = await client.videos.create(prompt="still queued", size="320x240", seconds="2")
+    body = {"prompt": "more", "seconds": "4", "video": {"id": running.id}}
+    status, answer = await post(simulator, "/v1/videos/extensions", json=body)
+    assert status == 409 and answer["error"]["code"] == "video_not_ready"
+    status, answer = await post(simulator, f"/v1/videos/{running.id}/remix", json={"prompt": "again"})
+    assert status == 409 and answer["error"]["param"] == "video_id"
+
+    done = await client.videos.poll(running.id)
+    status, answer = await post(
+        simulator, "/v1/videos/extensions", json={"prompt": "more", "video": {"id": done.id}}
+    )
+    assert status == 400 and answer["error"]["param"] == "seconds"
+
+
+async def test_the_gateway_edits_and_extends_through_the_simulator(
+    start_gateway: StartGateway, simulator: TestServer, tmp_path: Path
+) -> None:
+    gw = await start_gateway(gateway_yaml(tmp_path, upstream_url=str(simulator.make_url("")).rstrip("/")))
+    client = gw.sdk()
+    source = await client.videos.create_and_poll(
+        prompt="through the gateway", model="sora-remote", size="320x240", seconds="2"
+    )
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {client.api_key}"}) as session:
+        body = {"prompt": "more", "seconds": "4", "video": {"id": source.id}}
+        async with session.post(gw.url + "/v1/videos/extensions", json=body) as response:
+            extended = json.loads(await response.read())
+            assert response.status == 200 and extended["seconds"] == "6"
+        body = {"prompt": "edited", "video": {"id": source.id}}
+        async with session.post(gw.url + "/v1/videos/edits", json=body) as response:
+            edited = json.loads(await response.read())
+            assert response.status == 200 and edited["remixed_from_video_id"] is None
+    done = await client.videos.poll(extended["id"])
+    assert done.status == "completed" and done.seconds == "6" and done.model == "sora-remote"
