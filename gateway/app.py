@@ -9,6 +9,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import ClientConnectionResetError, web
@@ -35,14 +36,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     """Request IDs, the OpenAI error envelope for every failure, metrics and one access log line."""
-    incoming = request.headers.get("X-Request-ID")
     gw = request.app[GATEWAY]
-    ctx = request[CONTEXT] = RequestContext(
-        gw,
-        gw.table,
-        incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id(),
-        time.perf_counter(),
-    )
+    ctx = request[CONTEXT] = RequestContext(gw, gw.table, _request_id(request), time.perf_counter())
     route = _route(request)
     series = metrics.route_series(route, request.method)
     series.in_flight.inc()
@@ -65,7 +60,15 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
     finally:
         series.in_flight.dec()
         gw.in_flight -= 1
+        if response is _CLIENT_GONE and request.app[STOPPING].started:
+            response = _ABANDONED
         _observe(request, ctx, response, route, series, time.perf_counter() - ctx.started)
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's X-Request-ID when it is well-formed, else a new one."""
+    incoming = request.headers.get("X-Request-ID")
+    return incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
 
 
 class _RequestIds:
@@ -88,6 +91,22 @@ _new_request_id = _RequestIds()
 
 # What metrics and logs record when the client went away before an answer (nginx's 499).
 _CLIENT_GONE = web.Response(status=499)
+# ... and when the gateway gave up on it: cancelled as the server stopped, at the end of a drain.
+_ABANDONED = web.Response(status=503)
+
+
+@dataclass
+class Stopping:
+    """Whether the server is stopping. aiohttp fires ``on_shutdown`` before it cancels the handlers
+    still running, so a request cancelled from then on is one the gateway abandoned."""
+
+    started: bool = False
+
+    async def begin(self, app: web.Application) -> None:
+        self.started = True
+
+
+STOPPING = web.AppKey("stopping", Stopping)
 
 
 async def _send(request: web.Request, response: web.StreamResponse) -> None:
@@ -214,17 +233,18 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
     aiohttp's default handler invites any client to send its body before middlewares run.
     """
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        return ApiError(
-            417, "Only 'Expect: 100-continue' is supported.", code="expectation_failed"
-        ).response()
-    table = request.app[GATEWAY].table
+    gw = request.app[GATEWAY]
+    table = gw.table
     try:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise ApiError(417, "Only 'Expect: 100-continue' is supported.", code="expectation_failed")
         table.keys.authenticate(request.headers.get("Authorization"))
         limit = table.config.limits.max_upload_bytes
         if request.content_length is not None and request.content_length > limit:
             raise too_large(limit)
     except ApiError as exc:
+        # answered before the middlewares run: the context they would make stamps the answer's headers
+        request[CONTEXT] = RequestContext(gw, table, _request_id(request), time.perf_counter())
         response = exc.response()
         response.force_close()
         return response
@@ -320,6 +340,8 @@ def build_app(
         workers=workers,
     )
     reloader = app[RELOADER] = Reloader(state, config_path)
+    stopping = app[STOPPING] = Stopping()
+    app.on_shutdown.append(stopping.begin)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", _json_document(openapi.document()))

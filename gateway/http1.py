@@ -8,7 +8,8 @@ event streams) stay on aiohttp, which is built for them.
 
 Failures are :class:`ExchangeError` with the kinds the gateway reports for aiohttp's: ``connect``
 (nothing reached the provider), ``timeout``, ``reset`` (the connection closed before an answer) and
-``payload`` (a cut-off, oversized or malformed answer).
+``payload`` (a cut-off, oversized or malformed answer). Their messages reach the client, so they
+name no address; an operating system's error is kept as the ``__cause__``, for the log.
 """
 
 from __future__ import annotations
@@ -255,11 +256,8 @@ class _Pool:
                 raise ExchangeError(
                     "timeout", "timed out connecting to the provider", connecting=True
                 ) from None
-            if isinstance(exc, OSError):
-                reason = exc.strerror or str(exc) or type(exc).__name__
-                raise ExchangeError(
-                    "connect", f"could not connect to the provider ({reason})", connecting=True
-                ) from None
+            if isinstance(exc, OSError):  # its text (an address, a host name) is for the log only
+                raise ExchangeError("connect", "could not connect to the provider", connecting=True) from exc
             raise
 
     def take_idle(self, now: float) -> _Connection | None:
@@ -344,7 +342,7 @@ class Http1Client:
         parts = urlsplit(origin)
         hostname = parts.hostname
         if parts.scheme not in ("http", "https") or not hostname or parts.username is not None:
-            raise ExchangeError("connect", f"cannot request {origin!r}", connecting=True)
+            raise ExchangeError("connect", "the provider's URL cannot be requested", connecting=True)
         default_port = 443 if parts.scheme == "https" else 80
         port = parts.port or default_port
         host = f"[{hostname}]" if ":" in hostname else hostname

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
@@ -30,6 +32,7 @@ from gateway.context import CONTEXT
 from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.http1 import Answer, ExchangeError, Http1Client, Limits
+from gateway.logs import log
 from gateway.store import Task
 
 if TYPE_CHECKING:
@@ -80,12 +83,100 @@ class FileAnswer(web.FileResponse):
 
     The gateway's middleware sends answers itself so metrics see every byte; aiohttp then calls
     ``prepare`` again, which the stock FileResponse does not allow.
+
+    Ranges follow RFC 9110 §14.2 where aiohttp's answer an empty 416: a Range header this gateway
+    ignores (see :func:`byte_range`) gets the whole file, and an unsatisfiable one the error envelope.
     """
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return None
         return await super().prepare(request)
+
+    async def _prepare_open_file(
+        self, request: web.BaseRequest, fobj: Any, st: os.stat_result, file_encoding: str | None
+    ) -> AbstractStreamWriter | None:
+        # aiohttp's hook between the conditional checks (304, 412) and its own Range handling
+        header = request.headers.get(hdrs.RANGE)
+        if header is not None and (request.if_range is None or st.st_mtime <= request.if_range.timestamp()):
+            wanted = byte_range(header)
+            if wanted is not None and not wanted.satisfiable(st.st_size):
+                return await self._range_not_satisfiable(request, st.st_size)
+            canonical = None if wanted is None else wanted.header()
+            if canonical != header:
+                request = _with_range(request, canonical)
+        return await super()._prepare_open_file(request, fobj, st, file_encoding)
+
+    async def _range_not_satisfiable(
+        self, request: web.BaseRequest, size: int
+    ) -> AbstractStreamWriter | None:
+        error = ApiError(
+            416,
+            f"The requested range is not satisfiable: the content is {size} bytes long.",
+            param="Range",
+            code="range_not_satisfiable",
+        )
+        payload = json.dumps(error.body()).encode()
+        self.set_status(416)
+        self.content_type = "application/json"
+        self.content_length = len(payload)
+        self.headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
+        self.headers[hdrs.ACCEPT_RANGES] = "bytes"
+        writer = await web.StreamResponse.prepare(self, request)
+        if request.method != "HEAD":
+            await self.write(payload)
+        return writer
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """One range of a ``Range: bytes=`` header: ``first-last``, ``first-`` or the ``-last`` bytes."""
+
+    first: int | None
+    last: int | None
+
+    def satisfiable(self, size: int) -> bool:
+        return self.first < size if self.first is not None else self.last != 0
+
+    def header(self) -> str:
+        first = "" if self.first is None else str(self.first)
+        last = "" if self.last is None else str(self.last)
+        return f"bytes={first}-{last}"
+
+
+_BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
+_HUGE = 2**63  # stands for any position written with more digits than a file size ever has
+
+
+def byte_range(header: str) -> ByteRange | None:
+    """The one byte range a Range header asks for; None when the header is to be ignored.
+
+    RFC 9110 §14.2: a server MUST ignore a range unit it does not know, and MAY ignore an invalid
+    ranges-specifier or several ranges; each of those gets the whole content (200).
+    """
+    match = _BYTE_RANGE.fullmatch(header.strip(" \t"))
+    if match is None:
+        return None
+    first, last = (_position(digits) for digits in match.groups())
+    if first is None:
+        return None if last is None else ByteRange(None, last)
+    return None if last is not None and first > last else ByteRange(first, last)
+
+
+def _position(digits: str) -> int | None:
+    digits = digits.lstrip("0") or ("0" if digits else "")
+    if not digits:
+        return None
+    return _HUGE if len(digits) > 18 else int(digits)
+
+
+def _with_range(request: web.BaseRequest, header: str | None) -> web.BaseRequest:
+    """``request`` with its Range header replaced by ``header``, or without one (None)."""
+    headers = CIMultiDict(request.headers)
+    headers.popall(hdrs.RANGE, None)
+    if header is not None:
+        headers[hdrs.RANGE] = header
+    return request.clone(headers=headers)
 
 
 class EventStream:
@@ -251,27 +342,12 @@ class Adapter:
                 yield response
         except ApiError:
             raise
-        except aiohttp.ConnectionTimeoutError:
-            raise self._fail(
-                call, body, 504, "timed out connecting to the provider", "timeout", sent=False
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise self._fail(
-                call, body, 502, f"could not connect to the provider ({exc.os_error})", "connect", sent=False
-            ) from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            sent = response is not None or data is not None
-            raise self._fail(
-                call, body, 504, "the provider did not answer in time", "timeout", sent=sent
-            ) from None
-        except aiohttp.ClientPayloadError:
-            raise self._fail(
-                call, body, 502, "the provider's answer was cut off", "payload", sent=True
-            ) from None
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError):
-            raise self._fail(
-                call, body, 502, "the provider closed the connection", "reset", sent=True
-            ) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            own = _client_failure(exc, body)
+            if own is not None:
+                raise own from None
+            status, message, kind, sent = _transport_failure(exc, answered=response is not None, data=data)
+            raise self._fail(call, body, status, message, kind, sent=sent, cause=exc) from None
         finally:
             series.in_flight.dec()
             self.in_flight -= 1
@@ -296,7 +372,7 @@ class Adapter:
                 exc.kind == "timeout" and not exc.connecting and (exc.answered or data is not None)
             )
             status = 504 if exc.kind == "timeout" else 502
-            raise self._fail(call, None, status, str(exc), exc.kind, sent=sent) from None
+            raise self._fail(call, None, status, str(exc), exc.kind, sent=sent, cause=exc) from None
         finally:
             series.in_flight.dec()
             self.in_flight -= 1
@@ -326,13 +402,31 @@ class Adapter:
         call.outcome("5xx" if status >= 500 else None)
 
     def _fail(
-        self, call: Call, body: RequestBody | None, status: int, message: str, kind: str, *, sent: bool
+        self,
+        call: Call,
+        body: RequestBody | None,
+        status: int,
+        message: str,
+        kind: str,
+        *,
+        sent: bool,
+        cause: BaseException | None = None,
     ) -> ApiError:
+        """The error for a failed exchange; ``message`` is for the client, ``cause`` for the log only."""
         if body is not None and body.failure is not None:
             return body.failure
         self.count_error(kind)
         call.upstream_error = kind
         call.outcome(kind)
+        log.warning(
+            "upstream_failed",
+            request_id=call.request_id,
+            provider=self.config.name,
+            deployment=call.deployment.name,
+            kind=kind,
+            sent=sent,
+            **_failure_detail(cause),
+        )
         headers = {"x-should-retry": "false"} if sent and kind in ("timeout", "reset") else {}
         return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent, headers=headers)
 
@@ -419,6 +513,61 @@ class Adapter:
         )
 
 
+def _client_failure(exc: BaseException, body: RequestBody | None) -> ApiError | None:
+    """The client's own failure behind a failed upload, if it was one.
+
+    When the client's body stalls or grows too large while aiohttp streams it on, the body reader
+    raises an :class:`ApiError` (and records it as ``body.failure``), which aiohttp's client reports
+    as a connection error of its own, with the original as its cause.
+    """
+    if body is not None and body.failure is not None:
+        return body.failure
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, ApiError):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def _transport_failure(exc: BaseException, *, answered: bool, data: Any) -> tuple[int, str, str, bool]:
+    """Status, message, kind and whether the body may have reached the provider, for an aiohttp
+    failure. The message names no host, port, URL or OS error: those go to the log line only."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return 504, "timed out connecting to the provider", "timeout", False
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.InvalidURL):
+        return 502, "could not connect to the provider", "connect", False
+    if isinstance(exc, TimeoutError):
+        return 504, "the provider did not answer in time", "timeout", answered or data is not None
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return 502, "the provider's answer was cut off", "payload", True
+    return 502, "the provider closed the connection", "reset", True
+
+
+def _failure_detail(cause: BaseException | None) -> dict[str, Any]:
+    """What the log line says of a failure: the exception's class and the OS error under it.
+
+    Never the exception's text: aiohttp's names the request URL, which may carry a key in its query.
+    """
+    if cause is None:
+        return {}
+    detail: dict[str, Any] = {"error": type(cause).__name__}
+    os_error = _os_error(cause)
+    if os_error is not None:
+        detail.update(os_error=type(os_error).__name__, errno=os_error.errno, reason=os_error.strerror)
+    return detail
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The operating system's (or TLS library's) error under an aiohttp or gateway one."""
+    for link in (getattr(exc, "os_error", None), exc.__cause__, exc):
+        if isinstance(link, OSError) and not isinstance(link, aiohttp.ClientError):
+            return link
+    return None
+
+
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
     raw = bytearray()
     async for chunk in response.content.iter_any():
@@ -453,6 +602,8 @@ def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> 
     for name in ("Retry-After", "Retry-After-Ms"):
         if name in headers:
             out_headers[name] = headers[name]
+    if status == 416 and "Content-Range" in headers:  # the content's size, for the client's next Range
+        out_headers["Content-Range"] = headers["Content-Range"]
     kind = "4xx" if status < 500 else "5xx"
     if status == 429:
         out_headers.setdefault("Retry-After", "1")

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.bodies import RequestBody
@@ -23,6 +24,7 @@ from gateway.providers.base import (
     Call,
     EventStream,
     UpstreamVideo,
+    byte_range,
     error_from_upstream,
     read_limited,
 )
@@ -83,6 +85,8 @@ class OpenAIAdapter(Adapter):
         for name in (*CONTENT_REQUEST_HEADERS, "Accept-Encoding"):
             if name in call.request.headers:
                 headers[name] = call.request.headers[name]
+        if "Range" in headers:
+            _pass_range(headers)
         headers.setdefault("Accept-Encoding", "identity")
         url = self._url(task.upstream_id, "content") + f"?variant={quote(variant)}"
         async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
@@ -136,6 +140,17 @@ class OpenAIAdapter(Adapter):
 
     async def get_character(self, call: Call, task: Task) -> dict[str, Any]:
         return _character(await self._get_json(call, self._url("characters", task.upstream_id)))
+
+
+def _pass_range(headers: CIMultiDict[str]) -> None:
+    """The client's Range as the gateway reads it (:func:`byte_range`): one the gateway ignores is
+    not passed on, so the provider sends the whole video, as a local one would."""
+    wanted = byte_range(headers["Range"])
+    if wanted is not None:
+        headers["Range"] = wanted.header()
+        return
+    for name in ("Range", "If-Range"):
+        headers.popall(name, None)
 
 
 def _video_ref(task: Task | None) -> dict[str, str]:

@@ -1,0 +1,275 @@
+"""How upstream failures and edge answers reach the client: a client's own upload failure wins over
+the connection error it causes upstream, failures name no upstream address, Range requests follow
+RFC 9110, every answer carries a request ID, and requests abandoned at shutdown are not the client's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.app import build_app
+from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, load
+from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.test_resilience import AUTH, config
+
+MODELS = """
+    m:
+      - {provider: up, model: primary}
+    unreachable:
+      - {provider: down, model: nowhere}
+"""
+LIMITS = "limits: {client_idle_timeout: 0.3, max_upload_bytes: 1048576}"
+
+
+async def exchange(gw: RunningGateway, head: bytes, body: list[bytes], pause: float = 0) -> tuple[int, bytes]:
+    """Send a request head and body pieces over a raw socket, then read the answer: status, body.
+
+    The writer keeps going (or pauses) while the answer is read, as a real client's upload would.
+    """
+    host, port = gw.server.host, gw.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection(host, port)
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            for piece in body:
+                writer.write(piece)
+                await writer.drain()
+            await asyncio.sleep(pause)
+
+    sending = asyncio.create_task(send())
+    try:
+        return await asyncio.wait_for(read_answer(reader), 10)
+    finally:
+        sending.cancel()
+        writer.close()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One answer with a Content-Length: its status and body (the connection may stay open)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    lengths = [line.partition(":")[2] for line in head if line.lower().startswith("content-length:")]
+    return int(head[0].split()[1]), await reader.readexactly(int(lengths[0]))
+
+
+def request_head(length: int | None) -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (
+        f"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\n{framing}\r\n\r\n"
+    ).encode()
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+HEAD_PARTS = (
+    b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
+    b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nupload\r\n'
+    b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="r.png"\r\n\r\n'
+)
+
+
+@pytest.fixture
+async def gw(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> RunningGateway:
+    return await start_gateway(config(tmp_path, faulty[1], MODELS, extra=LIMITS))
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_upload_that_stalls_on_its_way_upstream_is_408(
+    gw: RunningGateway, faulty: tuple[FaultyUpstream, str], framing: str
+) -> None:
+    fake = faulty[0]
+    start = HEAD_PARTS + b"\0" * 1000
+    if framing == "chunked":
+        head, body = request_head(None), [chunk(start)]
+    else:
+        head, body = request_head(len(start) + 5000), [start]
+    started = time.monotonic()
+    status, raw = await exchange(gw, head, body, pause=5)
+    assert status == 408 and time.monotonic() - started < 3
+    assert json.loads(raw)["error"]["code"] == "request_timeout"
+    await asyncio.sleep(0.2)
+    assert fake.hits_for("primary") == [], "the upstream created no job from a cut-off body"
+
+
+async def test_a_chunked_upload_over_the_limit_on_its_way_upstream_is_413(
+    gw: RunningGateway, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake = faulty[0]
+    body = [
+        chunk(HEAD_PARTS),
+        *(chunk(b"\0" * 65536) for _ in range(32)),
+        chunk(b"\r\n--b--\r\n"),
+        b"0\r\n\r\n",
+    ]
+    status, raw = await exchange(gw, request_head(None), body)
+    assert status == 413 and json.loads(raw)["error"]["code"] == "request_too_large"
+    await asyncio.sleep(0.2)
+    assert fake.hits_for("primary") == [], "the upstream created no job from a cut-off body"
+
+
+def log_lines(session_log: Path, request_id: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in session_log.read_text().splitlines() if request_id in line]
+    return [line for line in lines if line.get("request_id") == request_id]
+
+
+async def post(gw: RunningGateway, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gw.url + path, headers=headers, **kwargs) as r,
+    ):
+        return r.status, dict(r.headers), await r.json()
+
+
+async def test_connect_failures_name_no_upstream_address(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any, session_log: Path
+) -> None:
+    upstream = await aiohttp_server(FaultyUpstream().app())
+    gw = await start_gateway(
+        config(
+            tmp_path, str(upstream.make_url("")).rstrip("/"), MODELS, extra="resilience: {read_attempts: 1}"
+        )
+    )
+    # a create, over aiohttp's client
+    status, _, body = await post(
+        gw, "/v1/videos", json={"prompt": "x", "model": "unreachable"}, headers={"X-Request-ID": "refused-1"}
+    )
+    message = body["error"]["message"]
+    assert status == 502 and message == "Upstream error: could not connect to the provider."
+    # a poll, over the lean client (gateway/http1.py), once the provider is gone
+    status, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 200
+    await upstream.close()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{gw.url}/v1/videos/{video['id']}", headers={**AUTH, "X-Request-ID": "refused-2"}) as r,
+    ):
+        status, body = r.status, await r.json()
+    assert status == 502 and body["error"]["message"] == message
+    for request_id in ("refused-1", "refused-2"):
+        failed = [line for line in log_lines(session_log, request_id) if line["event"] == "upstream_failed"]
+        assert failed and failed[0]["kind"] == "connect" and failed[0]["errno"] == errno.ECONNREFUSED
+        assert failed[0]["error"] in ("ClientConnectorError", "ExchangeError")
+
+
+async def completed(gw: RunningGateway, model: str) -> str:
+    client = gw.sdk()
+    size = "320x240" if model == "sora-2" else "1280x720"
+    done = await client.videos.create_and_poll(prompt="ranged", model=model, size=size, poll_interval_ms=100)
+    return done.id
+
+
+async def content(gw: RunningGateway, video_id: str, range_: str) -> tuple[int, Any, bytes]:
+    headers = {**AUTH, "Range": range_}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{gw.url}/v1/videos/{video_id}/content", headers=headers) as r,
+    ):
+        return r.status, r.headers, await r.read()
+
+
+@pytest.mark.parametrize("model", ["sora-2", "sora-remote"])
+async def test_ranges_the_gateway_ignores_get_the_whole_video(
+    dialect_gateway: RunningGateway, model: str
+) -> None:
+    video_id = await completed(dialect_gateway, model)
+    status, _, full = await content(dialect_gateway, video_id, "bytes=0-")
+    assert status == 206
+    for ignored in ("bytes=abc", "items=0-5", "bytes=0-1,5-6", "bytes=100-50"):
+        status, headers, body = await content(dialect_gateway, video_id, ignored)
+        assert status == 200 and body == full, ignored
+        assert headers["Content-Type"] == "video/mp4" and "Content-Range" not in headers, ignored
+    status, headers, body = await content(dialect_gateway, video_id, "bytes=0-" + "9" * 5000)
+    assert status == 206 and body == full
+    assert headers["Content-Range"] == f"bytes 0-{len(full) - 1}/{len(full)}"
+
+
+@pytest.mark.parametrize("model", ["sora-2", "sora-remote"])
+async def test_an_unsatisfiable_range_is_416_in_the_error_envelope(
+    dialect_gateway: RunningGateway, model: str
+) -> None:
+    video_id = await completed(dialect_gateway, model)
+    _, _, full = await content(dialect_gateway, video_id, "bytes=0-")
+    status, headers, body = await content(dialect_gateway, video_id, "bytes=999999999-")
+    assert status == 416 and headers["Content-Type"].startswith("application/json")
+    assert headers["Content-Range"] == f"bytes */{len(full)}" and headers["x-request-id"]
+    assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    if model == "sora-2":  # a zero-length suffix; a relayed download passes on what the provider says
+        status, headers, body = await content(dialect_gateway, video_id, "bytes=-0")
+        assert status == 416 and json.loads(body)["error"]["code"] == "range_not_satisfiable"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Expect": "100-continue", "Authorization": "Bearer sk-wrong"}, 401),
+        (
+            {"Expect": "100-continue", "Authorization": f"Bearer {ALPHA_KEY}", "Content-Length": str(10**12)},
+            413,
+        ),
+        ({"Expect": "something-else", "Authorization": f"Bearer {ALPHA_KEY}"}, 417),
+    ],
+)
+async def test_expect_continue_refusals_carry_a_request_id(
+    local_gateway: RunningGateway, headers: dict[str, str], status: int
+) -> None:
+    host, port = local_gateway.server.host, local_gateway.server.port
+    assert port is not None
+    lines = [f"{name}: {value}" for name, value in headers.items()]
+    head = "\r\n".join(["POST /v1/videos HTTP/1.1", "Host: gw", "Content-Type: application/json", *lines])
+    for request_id, expected in (("client-id-7", "client-id-7"), ("bad id <>", None)):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"{head}\r\nX-Request-ID: {request_id}\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        lines = raw.decode().split("\r\n")
+        assert lines[0].startswith(f"HTTP/1.1 {status}")
+        ids = [line.partition(":")[2].strip() for line in lines if line.lower().startswith("x-request-id:")]
+        assert len(ids) == 1 and (ids[0] == expected if expected else ids[0].startswith("req_"))
+
+
+async def test_requests_abandoned_at_shutdown_are_not_logged_as_the_clients(
+    tmp_path: Path, faulty: tuple[FaultyUpstream, str], unused_tcp_port: int, session_log: Path
+) -> None:
+    fake, url = faulty
+    fake.behaviour["primary"] = "hang"
+    text = config(tmp_path, url, MODELS).replace("read: 1, request: 2", "read: 30, request: 60")
+    runner = web.AppRunner(build_app(load(text)), handler_cancellation=True, shutdown_timeout=0.2)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+
+    async def hanging() -> None:
+        headers = {**AUTH, "X-Request-ID": "abandoned-1"}
+        with contextlib.suppress(aiohttp.ClientError):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{unused_tcp_port}/v1/videos",
+                    json={"prompt": "x", "model": "m"},
+                    headers=headers,
+                ) as r,
+            ):
+                await r.read()
+
+    client = asyncio.create_task(hanging())
+    while not fake.hits_for("primary"):
+        await asyncio.sleep(0.02)
+    await runner.cleanup()
+    await client
+    access = [line for line in log_lines(session_log, "abandoned-1") if line["event"] == "request"]
+    assert [line["status"] for line in access] == [503]
