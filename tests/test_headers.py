@@ -3,9 +3,13 @@ scheme and nothing about the client's connection to us crosses (fake: tests/fake
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 
-from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway
+from gateway.providers import ADAPTERS
+from gateway.providers.base import AdapterEnv
+from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml, load
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 
 # Credentials of other schemes and clouds, and headers about the client's connection.
@@ -58,3 +62,39 @@ async def test_only_allowed_client_headers_reach_the_upstream(
             assert got.headers.get(name) == value, name
     assert posts[0].headers["Content-Type"].startswith("multipart/form-data; boundary=")
     assert posts[1].headers["Content-Type"] == "application/json"
+
+
+async def test_a_result_host_gets_none_of_the_providers_headers(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """The content redirect of the fake (``[redirect]`` → ``/signed/...``) stands for a signed URL."""
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url)
+    auth_line = next(line for line in text.splitlines() if "${UPSTREAM_KEY}" in line)
+    indent = auth_line[: len(auth_line) - len(auth_line.lstrip())]
+    text = text.replace(auth_line, f"{auth_line}\n{indent}headers: {{X-Team-Secret: team-secret-4821}}")
+    gw = await start_gateway(text)
+    client = gw.sdk()
+    done = await client.videos.create_and_poll(prompt="[redirect] signed", model="sora-remote")
+    content = await client.videos.with_raw_response.download_content(
+        done.id, extra_headers={"Range": "bytes=0-9"}
+    )
+    assert content.status_code == 206 and len(content.content) == 10
+
+    (create,) = fake.requests("POST", "/v1/videos")
+    assert create.headers["X-Team-Secret"] == "team-secret-4821", "the provider itself gets its headers"
+    (signed,) = fake.requests("GET", "/signed/")
+    assert signed.headers["Range"] == "bytes=0-9"
+    for name in ("Authorization", "X-Team-Secret", "X-Request-ID"):
+        assert name not in signed.headers, name
+
+
+def test_result_redirects_never_downgrade_to_plain_http(tmp_path: Path) -> None:
+    config = load(gateway_yaml(tmp_path, upstream_url="https://videos.example"))
+    adapter = ADAPTERS["openai"](config.providers["dialect"], AdapterEnv(data_dir=tmp_path, hosted=None))
+    assert adapter.result_host_allowed("https://videos.example/signed/1")
+    assert not adapter.result_host_allowed("http://videos.example/signed/1")
+    assert not adapter.result_host_allowed("https://elsewhere.example/signed/1")
+    plain = load(gateway_yaml(tmp_path, upstream_url="http://127.0.0.1:9"))
+    local = ADAPTERS["openai"](plain.providers["dialect"], AdapterEnv(data_dir=tmp_path, hosted=None))
+    assert local.result_host_allowed("http://127.0.0.1:9/signed/1"), "a plain-HTTP provider keeps HTTP"

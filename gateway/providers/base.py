@@ -502,15 +502,18 @@ class Adapter:
         return response
 
     def result_host_allowed(self, url: str) -> bool:
-        """Redirects for content are followed only to the provider's own or declared result hosts."""
-        host = urlsplit(url).hostname or ""
-        allowed = {
-            urlsplit(self.config.base_url or self.default_base_url or "").hostname,
-            *self.config.result_hosts,
-        }
-        return host in allowed or any(
-            h.startswith(".") and host.endswith(h) for h in self.config.result_hosts
-        )
+        """Redirects for content are followed only to the provider's own or declared result hosts,
+        over HTTPS (plain HTTP only for a provider that is itself reached over plain HTTP)."""
+        target, own = urlsplit(url), urlsplit(self.config.base_url or self.default_base_url or "")
+        if target.scheme != "https" and not (target.scheme == "http" and own.scheme == "http"):
+            return False
+        host = target.hostname or ""
+        hosts = (own.hostname, *self.result_hosts())
+        return host in hosts or any(h.startswith(".") and host.endswith(h) for h in hosts if h)
+
+    def result_hosts(self) -> tuple[str, ...]:
+        """Hosts besides the provider's own that may serve its results (``.suffix`` for a domain)."""
+        return tuple(self.config.result_hosts)
 
 
 def _client_failure(exc: BaseException, body: RequestBody | None) -> ApiError | None:

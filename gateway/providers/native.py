@@ -322,14 +322,8 @@ class NativeAdapter(Adapter):
         answer = await self.exchange(call, method, url, headers=sent, data=data)
         return await self.json_of(answer), answer.headers
 
-    def result_host_allowed(self, url: str) -> bool:
-        host = urlsplit(url).hostname or ""
-        hosts = (*self.default_result_hosts, *self.config.result_hosts)
-        return (
-            super().result_host_allowed(url)
-            or host in hosts
-            or any(h.startswith(".") and host.endswith(h) for h in hosts)
-        )
+    def result_hosts(self) -> tuple[str, ...]:
+        return (*self.default_result_hosts, *self.config.result_hosts)
 
     async def stream_result(
         self,

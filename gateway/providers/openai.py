@@ -108,9 +108,9 @@ class OpenAIAdapter(Adapter):
                 "Upstream error: the provider redirected the download to an unknown host.",
                 kind="payload",
             )
-        headers = {
-            k: v for k, v in headers.items() if k.lower() not in ("authorization", "api-key", "x-api-key")
-        }
+        # A result host gets what says which bytes are wanted, none of the provider's headers.
+        wanted = (*CONTENT_REQUEST_HEADERS, "Accept-Encoding")
+        headers = {name: headers[name] for name in wanted if name in headers}
         async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
             if response.status >= 400:
                 raise error_from_upstream(
