@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -14,7 +15,13 @@ from aiohttp import web
 from gateway import __version__
 from gateway.config import DEFAULT_CONFIG_PATH, EMBEDDED_CONFIG_PATH, ConfigError, load_config
 from gateway.logs import configure, log
-from gateway.workers import supervise, take_signing_key, worker_slot, workers_count
+from gateway.workers import (
+    WORKER_COULD_NOT_START,
+    supervise,
+    take_signing_key,
+    worker_slot,
+    workers_count,
+)
 
 
 def _default_config() -> Path:
@@ -49,10 +56,15 @@ def serve(args: argparse.Namespace) -> int:
         return supervise(path, host, port, workers, log_format)
     if worker is None:
         log.info("serving", config=str(path), version=__version__)
+    from gateway.server import StartupError
     from gateway.server import serve as run
 
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run(config, path, host, port, workers=workers, signing_key=take_signing_key()))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(run(config, path, host, port, workers=workers, signing_key=take_signing_key()))
+    except StartupError as exc:
+        log.error("startup_failed", reason=str(exc))
+        return WORKER_COULD_NOT_START if worker else 1
     return 0
 
 
@@ -62,6 +74,22 @@ def _workers_arg(value: str) -> int | str:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError("a number of processes (1 or more) or 'auto'")
     return int(value)
+
+
+def _port_arg(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError("a TCP port, 1 to 65535")
+    return int(value)
+
+
+def _seconds_arg(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError("a number of seconds, 0 or more")
+    return seconds
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -103,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("serve", help="run the gateway")
     p.add_argument("--config", help=f"config file (default {DEFAULT_CONFIG_PATH}, else the embedded default)")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=_port_arg)
     p.add_argument(
         "--workers", type=_workers_arg, help="worker processes sharing the port (default: server.workers)"
     )
@@ -112,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("simulate", help="run the local provider as an OpenAI-dialect upstream")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--port", type=_port_arg, default=8090)
     p.add_argument("--data-dir", default=".video-gateway/simulator")
     p.add_argument("--api-key", help="require this bearer key (default: $SIMULATOR_API_KEY, else none)")
-    p.add_argument("--queue-seconds", type=float, default=1.0)
-    p.add_argument("--run-seconds", type=float, default=3.0)
+    p.add_argument("--queue-seconds", type=_seconds_arg, default=1.0)
+    p.add_argument("--run-seconds", type=_seconds_arg, default=3.0)
     p.add_argument("--log-format", choices=["json", "console"])
     p.set_defaults(run=simulate)
 

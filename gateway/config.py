@@ -8,9 +8,11 @@ and expanded after parsing, so a key containing YAML syntax cannot change the do
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,10 @@ _DEPLOYMENT_SCHEMA = {
 
 
 _KEY_FORMS = [{"required": ["key"]}, {"required": ["sha256"]}]
+_WORKERS_FORMS = [{"type": "integer", "minimum": 1}, {"const": "auto"}]
+# Names that become dict keys, label values and paths: YAML reads `2025:` or `yes:` as a number or
+# a boolean, which must be quoted.
+_STRING_NAMES = {"type": "string"}
 
 
 def schema() -> dict[str, Any]:
@@ -210,7 +216,7 @@ def schema() -> dict[str, Any]:
                     },
                     "watch_config": {"type": "boolean", "description": "Reload when the file changes."},
                     "workers": {
-                        "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
+                        "oneOf": _WORKERS_FORMS,
                         "description": "Processes sharing the port; auto: one per CPU (or cgroup CPU quota).",
                     },
                 },
@@ -295,6 +301,7 @@ def schema() -> dict[str, Any]:
             "providers": {
                 "type": "object",
                 "minProperties": 1,
+                "propertyNames": _STRING_NAMES,
                 "additionalProperties": {
                     "type": "object",
                     "additionalProperties": False,
@@ -303,7 +310,11 @@ def schema() -> dict[str, Any]:
                         "kind": {"enum": sorted(ADAPTERS)},
                         "base_url": {"type": "string", "pattern": "^https?://"},
                         "api_key": {"type": "string"},
-                        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "headers": {
+                            "type": "object",
+                            "propertyNames": _STRING_NAMES,
+                            "additionalProperties": {"type": "string"},
+                        },
                         "timeouts": _TIMEOUTS_SCHEMA,
                         "max_connections": {"type": "integer", "minimum": 1},
                         "poll_after_ms": {
@@ -320,6 +331,7 @@ def schema() -> dict[str, Any]:
             "models": {
                 "type": "object",
                 "minProperties": 1,
+                "propertyNames": _STRING_NAMES,
                 "additionalProperties": {
                     "oneOf": [
                         _DEPLOYMENT_SCHEMA,
@@ -347,44 +359,109 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
 
 
 def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfig:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
-        hint = ' (inside {...}, quote ${ENV} references: "${ENV}")' if "${" in line and "{" in line else ""
-        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}{hint}"]) from None
-    lines: dict[tuple[Any, ...], int] = {}
-    for node_path, line in _node_lines(node, ()) if node is not None else ():
-        lines.setdefault(node_path, line)  # a mapping value is located at its key's line
+    node, raw, key_of = _parse_yaml(text, source)
+    locator = _Locator(source, key_of)
+    if node is not None:
+        locator.walk(node)
+    lines, problems = locator.lines, locator.problems
 
     def at(path: tuple[Any, ...], message: str) -> str:
         while path not in lines and path:
             path = path[:-1]
-        line = lines.get(path)
-        prefix = f"{source}:{line}" if line else source
-        return f"{prefix}: {_dotted(path) or '(top level)'}: {message}" if path else f"{prefix}: {message}"
+        return _at(source, lines.get(path), path, message)
 
     if raw is None:
         raw = {}
-    problems: list[str] = []
-    raw = _expand_env(raw, (), env, lambda p, m: problems.append(at(p, m)))
+    expanded: set[tuple[Any, ...]] = set()  # paths whose ${ENV} failed: the value left is not theirs
 
-    validator = jsonschema.Draft202012Validator(schema())
-    for error in sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path))):
-        error = _written_form(error)
+    def env_problem(path: tuple[Any, ...], message: str) -> None:
+        expanded.add(path)
+        problems.append(at(path, message))
+
+    raw = _expand_env(raw, (), env, env_problem)
+
+    validator = _Validator(schema())
+    errors = [e for top in validator.iter_errors(raw) for e in _written_errors(top)]
+    for error in sorted(errors, key=lambda e: list(map(str, e.absolute_path))):
         path = tuple(error.absolute_path)
+        if path in expanded:
+            continue
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             for key in _unknown_keys(error):  # each unknown key at its own line
                 problems.append(at((*path, key), _schema_message(error, [key])))
+            continue
+        if "propertyNames" in error.schema_path:  # a name that is not a string, at its own line
+            line = lines.get((*path, error.instance), lines.get(path))
+            problems.append(_at(source, line, path, f"name {error.instance!r} is not a string; quote it"))
             continue
         problems.append(at(path, _schema_message(error)))
     _check_references(raw, lambda p, m: problems.append(at(p, m)))
     if problems:
         raise ConfigError(problems)
     return _resolve(raw, source)
+
+
+def _at(source: str, line: int | None, path: tuple[Any, ...], message: str) -> str:
+    """One problem as ``file:line: key.path: message``."""
+    prefix = f"{source}:{line}" if line else source
+    return f"{prefix}: {_dotted(path) or '(top level)'}: {message}" if path else f"{prefix}: {message}"
+
+
+def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any, Callable[[yaml.Node], Any]]:
+    """The document's node tree, its value, and how a key node becomes the key the value holds."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        hint = ' (inside {...}, quote ${ENV} references: "${ENV}")' if "${" in line and "{" in line else ""
+        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}{hint}"]) from None
+    finally:
+        loader.dispose()
+    return node, raw, loader.construct_object
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Locator:
+    """Where each key and item of a document is written, and the keys written twice (YAML would
+    silently keep the last). A mapping value is located at its key's line."""
+
+    def __init__(self, source: str, key_of: Callable[[yaml.Node], Any]) -> None:
+        self.source = source
+        self._key_of = key_of
+        self.lines: dict[tuple[Any, ...], int] = {(): 1}
+        self.problems: list[str] = []
+
+    def walk(
+        self, node: yaml.Node, path: tuple[Any, ...] = (), ancestors: tuple[yaml.Node, ...] = ()
+    ) -> None:
+        """Raises ConfigError at an alias of an enclosing node: the document would be infinitely deep."""
+        if not path:
+            self.lines[()] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            children = [
+                (self._key_of(k), k.start_mark.line + 1, v) for k, v in node.value if k.tag != _MERGE_TAG
+            ]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(i, v.start_mark.line + 1, v) for i, v in enumerate(node.value)]
+        else:
+            return
+        first: dict[Any, int] = {}
+        for key, line, child in children:
+            if key in first:
+                message = f"duplicate key (first on line {first[key]}); remove one"
+                self.problems.append(_at(self.source, line, (*path, key), message))
+            first.setdefault(key, line)
+            self.lines[(*path, key)] = line
+            if any(child is a for a in (*ancestors, node)):
+                loop = _at(self.source, line, (*path, key), "an alias of a value that encloses it (a loop)")
+                raise ConfigError([loop])
+            self.walk(child, (*path, key), (*ancestors, node))
 
 
 def _check_references(raw: Any, problem: Any) -> None:
@@ -539,6 +616,10 @@ def _expand_env(value: Any, path: tuple[Any, ...], env: Mapping[str, str], probl
             problem(path, f"environment variable {name} is not set")
             return ""
 
+        # Only the text as written is checked: a variable's value may hold anything, "${" included.
+        if any("${" in literal for literal in _ENV_REF.split(value)[::3]):
+            problem(path, _MALFORMED_REF)
+            return value
         return _ENV_REF.sub(substitute, value)
     if isinstance(value, dict):
         return {k: _expand_env(v, (*path, k), env, problem) for k, v in value.items()}
@@ -547,15 +628,10 @@ def _expand_env(value: Any, path: tuple[Any, ...], env: Mapping[str, str], probl
     return value
 
 
-def _node_lines(node: yaml.Node, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], int]]:
-    yield path, node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, child in node.value:
-            yield (*path, key.value), key.start_mark.line + 1
-            yield from _node_lines(child, (*path, key.value))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, child in enumerate(node.value):
-            yield from _node_lines(child, (*path, i))
+_MALFORMED_REF = (
+    "malformed ${...} reference: write ${NAME} or ${NAME:-default}, NAME made of letters, digits "
+    "and _ and not starting with a digit"
+)
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -565,15 +641,41 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return out
 
 
-def _written_form(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
-    """For a value that may be written in several forms (a deployment or a list of them), the error
-    inside the form it was written in, so that its own path and line are reported."""
-    while error.validator == "oneOf" and error.validator_value != _KEY_FORMS and error.context:
-        written = [e for e in error.context if not (e.validator == "type" and not e.relative_path)]
-        error = jsonschema.exceptions.best_match(written or error.context) or error
-        if error.validator == "oneOf" and not error.context:
-            break
-    return error
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _finite_number(checker: Any, instance: Any) -> bool:
+    """YAML's .inf and .nan are numbers that pass every bound; no setting can use them."""
+    return (
+        isinstance(instance, numbers.Number) and not isinstance(instance, bool) and not _non_finite(instance)
+    )
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("number", _finite_number),
+)
+
+
+def _written_errors(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """For a value that may be written in several forms (a deployment or a list of them), every
+    error inside the form it was written in, so that each is reported at its own path and line."""
+    if error.validator_value == _KEY_FORMS and not isinstance(error.instance, dict):
+        return []  # the item's type error says it all
+    if error.validator != "oneOf" or error.validator_value in (_KEY_FORMS, _WORKERS_FORMS):
+        return [error]
+    branches: dict[Any, list[jsonschema.ValidationError]] = {}
+    for e in error.context or ():
+        branches.setdefault(e.relative_schema_path[0], []).append(e)
+    written = [
+        errors
+        for errors in branches.values()
+        if not any(e.validator == "type" and not e.relative_path for e in errors)
+    ]
+    if len(written) != 1:
+        return [error]
+    return [inner for e in written[0] for inner in _written_errors(e)]
 
 
 def _unknown_keys(error: jsonschema.ValidationError) -> list[Any]:
@@ -587,14 +689,90 @@ def _schema_message(error: jsonschema.ValidationError, extra: list[Any] | None =
         return f"unknown key {', '.join(map(repr, extra))} (allowed: {allowed})"
     if error.validator == "required":
         return error.message.replace("is a required property", "is required")
-    if error.validator == "enum":
-        return f"{error.instance!r} is not one of: {', '.join(map(str, error.validator_value))}"
     if error.validator == "oneOf" and error.validator_value == _KEY_FORMS:
         return "give exactly one of `key` or `sha256`"
+    if error.validator == "oneOf" and error.validator_value == _WORKERS_FORMS:
+        return 'must be a number of processes, 1 or more, or "auto"'
+    if (
+        error.validator == "type"
+        and error.validator_value in ("number", "integer")
+        and _non_finite(error.instance)
+    ):
+        return f"must be a finite {error.validator_value}, not {error.instance}"
+    if _may_hold_secret(tuple(error.absolute_path)):
+        return _without_value(error)
+    if error.validator == "enum":
+        return f"{error.instance!r} is not one of: {', '.join(map(str, error.validator_value))}"
     if error.validator == "oneOf":
         best = jsonschema.exceptions.best_match(error.context or [])
         return _schema_message(best) if best is not None else error.message
     return error.message
+
+
+# Where secrets are written ("*": any name or index). A problem at one of these paths, or above one
+# (where a scalar may be a secret written one level too high), never quotes the value.
+_SECRET_PATHS = (
+    ("keys", "*", "key"),
+    ("admin", "key"),
+    ("metrics", "key"),
+    ("server", "signing_key"),
+    ("providers", "*", "api_key"),
+    ("providers", "*", "headers", "*"),
+)
+
+
+def _may_hold_secret(path: tuple[Any, ...]) -> bool:
+    return any(
+        len(path) <= len(secret)
+        and all(want in ("*", part) for part, want in zip(path, secret, strict=False))
+        for secret in _SECRET_PATHS
+    )
+
+
+_KINDS = {
+    "string": "a string",
+    "object": "a mapping",
+    "array": "a list",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "empty",
+}
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, types in (
+        ("integer", int),
+        ("number", float),
+        ("string", str),
+        ("object", dict),
+        ("array", list),
+    ):
+        if isinstance(value, types):
+            return _KINDS[kind]
+    return "empty" if value is None else type(value).__name__
+
+
+def _without_value(error: jsonschema.ValidationError) -> str:
+    """What is wrong, in words that do not include the value (which may be a secret)."""
+    rule = error.validator_value
+    if error.validator == "type":
+        expected = " or ".join(_KINDS.get(t, t) for t in (rule if isinstance(rule, list) else [rule]))
+        hint = "; quote it" if rule == "string" and isinstance(error.instance, int | float) else ""
+        return f"must be {expected}, not {_kind_of(error.instance)}{hint}"
+    if error.validator == "minLength":
+        return f"is too short (at least {rule} characters)"
+    if error.validator == "maxLength":
+        return f"is too long (at most {rule} characters)"
+    if error.validator == "pattern":
+        return f"does not match {rule!r}"
+    if error.validator in ("minItems", "minProperties"):
+        return "must not be empty"
+    if error.validator == "enum":
+        return f"must be one of: {', '.join(map(str, rule))}"
+    return f"is not valid ({error.validator}; the value is not shown, it may be a secret)"
 
 
 def sha256_hex(key: str) -> str:

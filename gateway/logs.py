@@ -98,7 +98,7 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *head, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(_level),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(out),  # one write per line: workers share stderr
         cache_logger_on_first_use=False,
     )
     handler = _StdlibHandler(out)
@@ -117,6 +117,13 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
     for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
+
+
+def set_level(level: str) -> None:
+    """Change the level only, keeping format and stream (a config reload's ``logging.level``)."""
+    global _level
+    _level = _LEVELS[level.upper()]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(_level))
 
 
 log = structlog.get_logger("gateway")

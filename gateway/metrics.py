@@ -40,6 +40,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.context import CONTEXT
 
 FLUSH_SECONDS = 1.0
 
@@ -294,6 +295,7 @@ def prime(providers: dict[str, list[tuple[str, str]]]) -> None:
         UPSTREAM_IN_FLIGHT.labels(provider)
         for deployment, model in deployments:
             UPSTREAM_REQUESTS.labels(provider, deployment)
+            UPSTREAM_DURATION.labels(provider, model)
             VIDEOS_CREATED.labels(model, provider)
             for status in ("completed", "failed"):
                 VIDEOS_FINISHED.labels(model, provider, status)
@@ -354,14 +356,18 @@ def metrics_registry() -> CollectorRegistry:
 
 
 def metrics_handler(key: str | None) -> web.Handler:
-    """``/metrics``; when a key is configured, scrapers must send it as a bearer token."""
+    """``/metrics``; when a key is configured, scrapers must send it as a bearer token.
+
+    The key is the one of the config generation the request pinned, so a reload rotates it at once
+    (the old key stops working); ``key`` applies where no generation is pinned.
+    """
     handler = make_aiohttp_handler(metrics_registry())
-    if key is None:
-        return handler
 
     async def guarded(request: web.Request) -> web.StreamResponse:
+        ctx = request.get(CONTEXT)
+        current = ctx.table.config.metrics_key if ctx is not None else key
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(presented.encode(), key.encode()):
+        if current is not None and not hmac.compare_digest(presented.encode(), current.encode()):
             return web.Response(status=401, text="metrics key required\n")
         return await handler(request)
 

@@ -4,7 +4,9 @@ On SIGHUP, on ``POST /admin/reload``, or when the file changes: parse and check 
 valid, build the new table and swap it (requests in flight keep the table they started with); if
 not, keep the old one and log every problem. Adapters whose provider config is unchanged are kept,
 with their connection pools. Adapters of removed providers stay reachable for the videos they hold,
-and their pools close once idle. Listen address, data dir, store and metrics path need a restart.
+and their pools close once idle. Keys, limits, the admin and metrics keys, the resilience policy,
+the log level, drain times and ``watch_config`` take effect at once; what :data:`RESTART_ONLY`
+names keeps its old value until a restart, and a reload that changes it says so in the log.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from gateway.api import FAILOVERS, READ_RETRIES
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.health import EJECTED, EJECTIONS
 from gateway.limits import BULKHEAD_REJECTED, RATE_LIMITED
-from gateway.logs import log, register_secrets
+from gateway.logs import log, register_secrets, set_level
 from gateway.providers import ADAPTERS, Adapter
 from gateway.providers.base import AdapterEnv
 from gateway.routing import RoutingTable
@@ -36,23 +38,25 @@ LAST_SUCCESS = Gauge(
 for _result in ("success", "failure"):
     RELOADS.labels(_result)
 
-_RESTART_ONLY = (
-    "host",
-    "port",
-    "workers",
-    "data_dir",
-    "store_path",
-    "metrics_path",
-    "public_base_url",
-    "signing_key",
-)
+# GatewayConfig attribute -> the setting as written in the file.
+RESTART_ONLY = {
+    "host": "server.host",
+    "port": "server.port",
+    "workers": "server.workers",
+    "data_dir": "data_dir",
+    "store_path": "store.path",
+    "metrics_path": "metrics.path",
+    "public_base_url": "server.public_base_url",
+    "signing_key": "server.signing_key",
+    "log_format": "logging.format",
+}
 
 
 async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable | None) -> RoutingTable:
     """The table for ``config``, reusing the previous table's adapters where the provider is unchanged."""
     register_secrets(p.api_key for p in config.providers.values())
     register_secrets(v for p in config.providers.values() for v in p.headers.values())
-    register_secrets([config.metrics_key, config.admin_key])
+    register_secrets([config.metrics_key, config.admin_key, config.signing_key])
     env = AdapterEnv(data_dir=config.data_dir, hosted=gw.hosted)
     old = previous.all_adapters() if previous is not None else {}
     adapters: dict[str, Adapter] = {}
@@ -98,6 +102,7 @@ class Reloader:
         self._path = path
         self._lock = asyncio.Lock()
         self._fingerprint = self._read_fingerprint()
+        self._watching = False
         LAST_SUCCESS.set(time.time())
 
     def _read_fingerprint(self) -> bytes | None:
@@ -132,10 +137,10 @@ class Reloader:
                     "config_reload_rejected", reason=reason, path=str(self._path), problems=exc.problems
                 )
                 return False, exc.problems
-            current = self._gw.table.config
-            ignored = [name for name in _RESTART_ONLY if getattr(config, name) != getattr(current, name)]
+            ignored = self._needs_restart(config, self._gw.table.config)
             if ignored:
                 log.warning("config_reload_needs_restart", settings=ignored)
+            self._apply_process_settings(config, self._gw.table.config)
             self._gw.table = await build_table(config, self._gw, self._gw.table)
             RELOADS.labels("success").inc()
             LAST_SUCCESS.set(time.time())
@@ -148,10 +153,30 @@ class Reloader:
             )
             return True, []
 
+    def _needs_restart(self, config: GatewayConfig, current: GatewayConfig) -> list[str]:
+        """The changed settings this process cannot apply while it runs."""
+        changed = [
+            key for name, key in RESTART_ONLY.items() if getattr(config, name) != getattr(current, name)
+        ]
+        if config.watch_config and not self._watching:  # started without a watcher: none to resume
+            changed.append("server.watch_config")
+        return changed
+
+    def _apply_process_settings(self, config: GatewayConfig, current: GatewayConfig) -> None:
+        """What lives outside the routing table: the health board's policy and the log level.
+        Drain times, the metrics and admin keys and ``watch_config`` are read from the table."""
+        self._gw.health.policy = config.resilience
+        if config.log_level != current.log_level:
+            set_level(config.log_level)
+
     async def watch(self, interval: float = 2.0) -> None:
-        """Reload whenever the file's content changes (checked every ``interval`` seconds)."""
+        """Reload whenever the file's content changes (checked every ``interval`` seconds), while
+        the current config's ``server.watch_config`` is on."""
+        self._watching = True
         while True:
             await asyncio.sleep(interval)
+            if not self._gw.table.config.watch_config:
+                continue
             fingerprint = await asyncio.to_thread(self._read_fingerprint)
             if fingerprint is not None and fingerprint != self._fingerprint:
                 await self.reload("file changed")

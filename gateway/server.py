@@ -5,14 +5,18 @@ accepting; requests in flight get up to ``drain_seconds`` to finish; then the pr
 SIGHUP: reload the config. A worker (one of several processes on the port) also stops when its
 supervisor is gone. A connection that has not finished sending its request headers within
 ``limits.header_timeout`` is closed (aiohttp itself has no such timeout; bodies are guarded by
-``limits.client_idle_timeout`` in the body reader).
+``limits.client_idle_timeout`` in the body reader). Drain times and the header timeout are read from
+the current config, so a reload changes them. What stops the gateway from starting (the address
+cannot be listened on, the store or data dir cannot be opened) is a :class:`StartupError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -36,34 +40,33 @@ async def serve(
     """Serve until SIGTERM or SIGINT. ``workers`` > 1: this is one of several processes on the port."""
     app = build_app(config, config_path=config_path, workers=workers, signing_key=signing_key)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=workers > 1)
-    await site.start()
+    site = await _start(runner, config, host, port, reuse_port=workers > 1)
     log.info("listening", url=f"http://{host}:{port}/v1")
 
+    gw = app[GATEWAY]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app[RELOADER].reload("SIGHUP")))
-    watchdog = loop.create_task(_close_slow_headers(runner, config.limits.header_timeout))
+    watchdog = loop.create_task(_close_slow_headers(runner, lambda: gw.table.config.limits.header_timeout))
     orphan_check = loop.create_task(_stop_when_orphaned(stop)) if workers > 1 else None
-    gw = app[GATEWAY]
     try:
         await stop.wait()
         gw.draining = True
+        current = gw.table.config
         log.info(
             "draining",
-            delay_seconds=config.drain_delay_seconds,
-            drain_seconds=config.drain_seconds,
+            delay_seconds=current.drain_delay_seconds,
+            drain_seconds=current.drain_seconds,
             in_flight=gw.in_flight,
         )
-        await asyncio.sleep(config.drain_delay_seconds)
+        await asyncio.sleep(current.drain_delay_seconds)
         await site.stop()
         started = time.monotonic()
         # aiohttp's own shutdown stops reading request bodies at once, which would cut off uploads in
         # flight: wait for them here first, and let runner.cleanup() only sweep what is left.
-        while gw.in_flight and time.monotonic() - started < config.drain_seconds:
+        while gw.in_flight and time.monotonic() - started < current.drain_seconds:
             await asyncio.sleep(0.05)
         log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=gw.in_flight)
     finally:
@@ -77,6 +80,37 @@ async def serve(
         log.info("stopped")
 
 
+class StartupError(Exception):
+    """The gateway cannot start; the message says what failed, for one log line."""
+
+
+async def _start(
+    runner: web.AppRunner, config: GatewayConfig, host: str, port: int, *, reuse_port: bool
+) -> web.TCPSite:
+    """Open the store and adapters, then listen; failures the operator must fix are StartupErrors."""
+    try:
+        await runner.setup()
+    except (OSError, sqlite3.Error) as exc:
+        where = f"data_dir {config.data_dir} (store {config.store_path})"
+        raise StartupError(f"cannot open {where}: {_reason(exc)}") from None
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on {host}:{port}: {_reason(exc)}") from None
+    return site
+
+
+def _reason(exc: Exception) -> str:
+    """An OS error without its errno prefix and asyncio's wording around it."""
+    if isinstance(exc, OSError) and exc.strerror:
+        # asyncio words a bind failure "error while attempting to bind on address (...): <reason>"
+        reason = exc.strerror.rpartition("): ")[2]
+        return f"{reason}: {exc.filename}" if exc.filename else reason
+    return str(exc)
+
+
 async def _stop_when_orphaned(stop: asyncio.Event) -> None:
     """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of holding the port."""
     while supervised():
@@ -85,10 +119,11 @@ async def _stop_when_orphaned(stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _close_slow_headers(runner: web.AppRunner, timeout: float) -> None:
+async def _close_slow_headers(runner: web.AppRunner, current_timeout: Callable[[], float]) -> None:
     """Close connections that opened but never completed their first request's headers in time."""
     first_seen: dict[object, float] = {}
     while True:
+        timeout = current_timeout()
         await asyncio.sleep(min(1.0, timeout / 2))
         server = runner.server
         if server is None:

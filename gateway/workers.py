@@ -11,8 +11,10 @@ hold a share of the cap each).
 The supervisor forwards SIGTERM and SIGINT (drain, then exit) and SIGHUP (reload) to every
 worker, and replaces a worker that dies. Workers are fresh interpreters, not forks: each imports
 prometheus_client after the multiprocess directory is named, and inherits no state but the config
-file's path and the listen address. A worker that keeps dying at start-up (a port in use, say)
-stops the whole gateway with exit status 1 instead of restarting forever.
+file's path and the listen address. A worker that cannot start (a port in use, an unusable data
+dir: it logs why and exits with :data:`WORKER_COULD_NOT_START`) stops the whole gateway with exit
+status 1 at once, and one that keeps dying at start-up for other reasons does so after a few tries
+instead of restarting forever.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from gateway.logs import log
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "VIDEO_GATEWAY_WORKER"
 SIGNING_KEY_ENV = "VIDEO_GATEWAY_WORKER_SIGNING_KEY"
+# A worker's exit status when it logged a start-up failure a restart cannot fix.
+WORKER_COULD_NOT_START = 3
 _QUICK_DEATH_SECONDS = 5.0
 _MAX_QUICK_DEATHS = 5
 
@@ -163,6 +167,11 @@ def supervise(config_path: Path, host: str, port: int, count: int, log_format: s
             if stopping:
                 log.info("worker_stopped", pid=pid, code=code)
                 status = status or (1 if code not in (0, -signal.SIGTERM) else 0)
+                continue
+            if code == WORKER_COULD_NOT_START:  # it logged why; the others would fail alike
+                log.info("supervisor_stopping", reason="a worker could not start", workers=len(children))
+                status, stopping = 1, True
+                forward(signal.SIGTERM)
                 continue
             log.error("worker_died", pid=pid, code=code, worker=slot)
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < _QUICK_DEATH_SECONDS else 0

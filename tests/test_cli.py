@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -194,3 +195,64 @@ def test_check_config_on_the_shipped_files() -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve", "--port", "99999"),
+        ("serve", "--port", "0"),
+        ("serve", "--port", "-1"),
+        ("simulate", "--port", "65536"),
+        ("simulate", "--queue-seconds", "-1"),
+        ("simulate", "--run-seconds", "nan"),
+    ],
+)
+def test_numeric_flags_out_of_range_are_usage_errors(args: tuple[str, ...], tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", *args], cwd=REPO, capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"argument {args[1]}:" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    """A port another process listens on (without SO_REUSEPORT, so workers cannot share it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ("server: {port: __PORT_IN_USE__}", "address already in use"),
+        ("server: {port: __FREE__}\ndata_dir: /proc/nope/x", "/proc/nope"),
+        ("server: {port: __FREE__, host: 256.1.1.1}", "cannot listen on 256.1.1.1"),
+    ],
+)
+def test_start_up_failure_is_one_error_and_status_1(
+    tmp_path: Path, port_in_use: int, setting: str, reason: str, workers: str
+) -> None:
+    text = gateway_yaml(tmp_path / "data") + setting.replace("__PORT_IN_USE__", str(port_in_use))
+    if "/proc/nope" in setting:
+        text = text.replace(f"data_dir: {tmp_path / 'data'}\n", "")
+    config = tmp_path / "gw.yaml"
+    config.write_text(text.replace("__FREE__", str(free_port())))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", workers],
+        cwd=REPO,
+        env={**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": "sk-beta-xxxxxx"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    errors = [e for e in map(json.loads, output.splitlines()) if e["level"] == "error"]
+    assert errors and all(e["event"] == "startup_failed" for e in errors), output
+    assert len(errors) <= int(workers), "one line per process that tried"
+    assert all(reason in e["reason"] for e in errors), output

@@ -154,6 +154,24 @@ def test_unset_env_without_default_names_the_variable_and_its_line():
     assert parse_config(text, SRC, {"MISSING_SECRET": "v"}).providers["up"].api_key == "v"
 
 
+@pytest.mark.parametrize("written", ["${MISSING", "${ NAME }", "${BAD-NAME}", "${1BAD}", "x${NAME:-a"])
+def test_malformed_env_reference_is_an_error_at_its_line(written: str):
+    text = BASE.replace(f"    key: {KEY}\n", f'    key: "{written}-padding"\n')
+    (problem,) = problems_of(text, env={"NAME": "sk-value-0123456789"})
+    message = problem_at([problem], line_of(text, written), "keys[0].key")
+    assert "malformed ${...} reference" in message and "${NAME}" in message
+    # only the file is checked: a variable's value may hold the same characters
+    text = BASE.replace(f"    key: {KEY}\n", "    key: ${CLIENT_KEY}\n")
+    config = parse_config(text, SRC, {"CLIENT_KEY": f"{written}-padding"})
+    assert config.keys[0].digest == hashlib.sha256(f"{written}-padding".encode()).digest()
+
+
+def test_unset_env_is_the_only_problem_of_its_value():
+    text = BASE.replace(f"    key: {KEY}\n", "    key: ${CLIENT_KEY}\n")
+    (problem,) = problems_of(text)
+    assert "CLIENT_KEY is not set" in problem_at([problem], line_of(text, "CLIENT_KEY"), "keys[0].key")
+
+
 # --- every problem at once, each at its line -------------------------------------------------------
 
 MANY_MISTAKES = f"""\
@@ -380,6 +398,113 @@ def test_duplicate_deployment_name_is_an_error():
     assert '"local/sora-2"' in msg
     # an explicit name resolves it
     assert parse_config(text + "    name: alias-local\n", SRC, {}).models["alias"][0].name == "alias-local"
+
+
+def test_every_problem_of_a_deployment_is_reported():
+    text = BASE + "  sora-3:\n    provider: local\n    max_concurrent_uploads: 0\n    prority: 1\n"
+    text += "  sora-4:\n    - {provider: local, weight: 0, max_concurrent_requests: 0}\n"
+    problems = problems_of(text)
+    assert "minimum" in problem_at(
+        problems, line_of(text, "max_concurrent_uploads"), "models.sora-3.max_concurrent_uploads"
+    )
+    assert "prority" in problem_at(problems, line_of(text, "prority"), "models.sora-3.prority")
+    assert problem_at(problems, line_of(text, "weight: 0"), "models.sora-4[0].weight")
+    assert problem_at(problems, line_of(text, "weight: 0"), "models.sora-4[0].max_concurrent_requests")
+    assert len(problems) == 4, problems
+
+
+def test_workers_error_says_what_is_allowed():
+    text = BASE + "server: {workers: 0}\n"
+    message = problem_at(problems_of(text), line_of(text, "workers"), "server.workers")
+    assert "1 or more" in message and '"auto"' in message
+
+
+@pytest.mark.parametrize(
+    ("section", "name"),
+    [("models", "2025"), ("models", "yes"), ("providers", "5")],
+)
+def test_model_and_provider_names_must_be_strings(section: str, name: str):
+    entry = {"models": "    provider: local\n", "providers": "    kind: local\n"}[section]
+    text = BASE.replace(f"{section}:\n", f"{section}:\n  {name}:\n{entry}", 1)
+    (problem,) = problems_of(text)
+    assert "is not a string; quote it" in problem_at([problem], line_of(text, f"  {name}:"), section)
+    quoted = text.replace(f"  {name}:", f'  "{name}":')
+    assert name in getattr(parse_config(quoted, SRC, {}), section)
+
+
+@pytest.mark.parametrize(
+    ("setting", "path"),
+    [
+        ("models:\n  sora-2:\n    provider: local\n    weight: .inf\n", "models.sora-2.weight"),
+        ("models:\n  sora-2:\n    - {provider: local, weight: .nan}\n", "models.sora-2[0].weight"),
+        ("resilience:\n  backoff_seconds: .inf\n", "resilience.backoff_seconds"),
+        ("server:\n  drain_seconds: .nan\n", "server.drain_seconds"),
+        (
+            "providers:\n  local:\n    kind: local\n    options: {run_seconds: .inf}\n",
+            "providers.local.options.run_seconds",
+        ),
+        ("limits:\n  client_idle_timeout: -.inf\n", "limits.client_idle_timeout"),
+    ],
+)
+def test_non_finite_numbers_are_errors(setting: str, path: str):
+    section = setting.split(":", 1)[0]
+    text = BASE.split(f"{section}:\n")[0] if section in ("models", "providers") else BASE
+    if section == "providers":
+        text += setting + "models:\n  sora-2:\n    provider: local\n"
+    else:
+        text += setting
+    (problem,) = problems_of(text)
+    assert "must be a finite" in problem_at([problem], line_of(text, setting.splitlines()[-1].strip()), path)
+
+
+def test_duplicate_keys_are_errors_at_the_duplicate():
+    text = BASE + "models:\n  sora-2:\n    provider: nowhere\n"
+    text = text.replace("    kind: local\n", "    kind: local\n    kind: openai\n")
+    problems = problems_of(text)
+    second_models = [n for n, line in enumerate(text.splitlines(), 1) if line == "models:"][1]
+    assert "duplicate key (first on line" in problem_at(problems, second_models, "models")
+    assert "duplicate key" in problem_at(problems, line_of(text, "kind: openai"), "providers.local.kind")
+    # what the loader kept is reported at the line it was kept from
+    assert "nowhere" in problem_at(problems, line_of(text, "provider: nowhere"), "models.sora-2.provider")
+
+
+def test_an_alias_loop_is_an_error():
+    (problem,) = problems_of("keys: &k [*k]\nproviders: {}\nmodels: {}\n")
+    assert problem.startswith(f"{SRC}:1: keys[0]: ") and "loop" in problem
+
+
+SECRET = "Zq7-secret-value"
+
+
+@pytest.mark.parametrize(
+    ("written", "path"),
+    [
+        ("admin: {key: Zq7}\n", "admin.key"),
+        ("admin: Zq7-secret-value\n", "admin"),
+        ("metrics: {key: 987654321}\n", "metrics.key"),
+        ("server: {signing_key: Zq7-short}\n", "server.signing_key"),
+        ("  up: {kind: openai, base_url: http://u, api_key: 987654321}\n", "providers.up.api_key"),
+        (
+            "  up: {kind: openai, base_url: http://u, headers: {X-Key: 987654321}}\n",
+            "providers.up.headers.X-Key",
+        ),
+        ("  up: {kind: openai, base_url: http://u, headers: Zq7-secret-value}\n", "providers.up.headers"),
+        ("  - Zq7-secret-value\n", "keys[1]"),
+        ("  - {name: short, key: Zq7}\n", "keys[1].key"),
+    ],
+)
+def test_problems_never_quote_a_secret(written: str, path: str):
+    value = re.search(r"(Zq7[\w-]*|987654321)", written).group(1)
+    if written.startswith("  up:"):
+        text = BASE.replace("    kind: local\n", "    kind: local\n" + written)
+    elif written.startswith("  - "):
+        text = BASE.replace("providers:", written + "providers:")
+    else:
+        text = BASE + written
+    problems = problems_of(text)
+    message = problem_at(problems, line_of(text, value), path)
+    assert value not in message and message.strip(), problems
+    assert all(value not in p for p in problems), problems
 
 
 # --- YAML syntax -------------------------------------------------------------------------------------

@@ -169,6 +169,26 @@ async def test_configured_series_exist_before_traffic(dialect_gateway: RunningGa
     ) in snapshot
 
 
+async def test_upstream_latency_series_exist_before_traffic(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """With the label set it is observed with: the provider and the public model."""
+    text = (
+        gateway_yaml(tmp_path)
+        .replace("providers:\n", "providers:\n  primed: {kind: openai, base_url: 'http://127.0.0.1:9/v1'}\n")
+        .replace("models:\n", "models:\n  primed-model: {provider: primed, model: upstream-name}\n")
+    )
+    gw = await start_gateway(text)
+    snapshot = samples(await scrape(gw))
+    labels = {"provider": "primed", "model": "primed-model"}
+    assert value(snapshot, "gateway_upstream_request_duration_seconds_count", **labels) == 0
+    assert ("gateway_upstream_request_duration_seconds_count", frozenset(labels.items())) in snapshot
+    assert (
+        "gateway_upstream_request_duration_seconds_bucket",
+        frozenset({**labels, "le": "+Inf"}.items()),
+    ) in snapshot
+
+
 async def test_metrics_key_and_path_are_configurable(start_gateway: StartGateway, tmp_path: Path) -> None:
     gw = await start_gateway(gateway_yaml(tmp_path, extra="metrics: {key: scrape-secret-1}"))
     async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,10 +17,11 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import ALPHA_KEY, ENV, StartGateway, load
+from gateway import logs
+from tests.conftest import ALPHA_KEY, ENV, RunningGateway, StartGateway, load
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_cli import free_port, wait_healthy
-from tests.test_resilience import ADMIN, AUTH, config, get, post
+from tests.test_resilience import ADMIN, AUTH, TWO_TIERS, config, get, post
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,6 +141,142 @@ async def test_file_change_is_picked_up(
         await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
         await asyncio.sleep(0.3)
     assert fake.hits_for("secondary"), "the watcher reloaded the changed file"
+
+
+async def reload_to(gw: RunningGateway, path: Path, text: str) -> None:
+    path.write_text(text)
+    assert await post_admin(gw.url, "/admin/reload") == (200, {"reloaded": True, "problems": []})
+
+
+async def status_of(url: str, headers: dict[str, str] | None = None) -> int:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        return response.status
+
+
+def logged(session_log: Path, event: str, since: int = 0) -> list[dict[str, Any]]:
+    entries = map(json.loads, session_log.read_text().splitlines()[since:])
+    return [e for e in entries if e["event"] == event]
+
+
+async def test_reload_rotates_the_metrics_key(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    text = config(tmp_path, faulty[1], TWO_TIERS, extra="metrics: {key: metrics-old-key}")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = await start_gateway(load(text), config_path=path)
+    old, new = ({"Authorization": f"Bearer metrics-{k}-key"} for k in ("old", "new"))
+    assert await status_of(gw.url + "/metrics", old) == 200
+
+    await reload_to(gw, path, text.replace("metrics-old-key", "metrics-new-key"))
+    assert await status_of(gw.url + "/metrics", old) == 401, "the replaced key no longer works"
+    assert await status_of(gw.url + "/metrics", new) == 200
+    assert await status_of(gw.url + "/metrics") == 401
+
+    await reload_to(gw, path, text.replace("metrics: {key: metrics-old-key}", ""))
+    assert await status_of(gw.url + "/metrics") == 200, "a removed key opens the endpoint"
+    await reload_to(gw, path, text)
+    assert await status_of(gw.url + "/metrics") == 401, "a key added by a reload guards it"
+
+
+async def test_reload_applies_the_resilience_policy(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    fake.behaviour["primary"] = "status:500"
+    text = config(tmp_path, url, TWO_TIERS, extra="resilience: {consecutive_failures: 5}")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = await start_gateway(load(text), config_path=path)
+    stricter = "resilience: {consecutive_failures: 1, base_ejection_seconds: 300}"
+    await reload_to(gw, path, text.replace("resilience: {consecutive_failures: 5}", stricter))
+
+    assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    primary = {row["deployment"]: row for row in state["deployments"]}["up/primary"]
+    assert primary["state"] == "ejected", "one failure ejects under the reloaded policy"
+    assert primary["ejected_for_seconds"] > 200, "for the reloaded base_ejection_seconds"
+
+
+@pytest.fixture
+def session_level() -> Any:
+    """A test that reloads the log level gives the session its debug level back."""
+    yield
+    logs.set_level("debug")
+
+
+async def test_reload_applies_the_log_level(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    faulty: tuple[FaultyUpstream, str],
+    session_log: Path,
+    session_level: None,
+) -> None:
+    text = config(tmp_path, faulty[1], TWO_TIERS, extra="logging: {level: debug}")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = await start_gateway(load(text), config_path=path)
+
+    async def access_logged(request_id: str) -> bool:
+        await get(gw, "/v1/models", {**AUTH, "X-Request-ID": request_id})
+        return any(e.get("request_id") == request_id for e in logged(session_log, "request"))
+
+    await reload_to(gw, path, text.replace("level: debug", "level: warning"))
+    assert not await access_logged("level-warning"), "info lines stop at level warning"
+    await reload_to(gw, path, text)
+    assert await access_logged("level-debug")
+
+
+async def test_reload_names_the_settings_that_need_a_restart(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], session_log: Path
+) -> None:
+    text = config(tmp_path, faulty[1], TWO_TIERS)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = await start_gateway(load(text), config_path=path)
+    seen = len(session_log.read_text().splitlines())
+    await reload_to(gw, path, text + "server: {port: 18999}\nlogging: {format: json}\n")
+    (entry,) = logged(session_log, "config_reload_needs_restart", seen)
+    assert entry["settings"] == ["server.port", "logging.format"]
+
+
+async def test_reload_can_turn_the_file_watch_off(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    fake, url = faulty
+    before, after = two_generations(tmp_path, url)
+    off = "server: {watch_config: false}\nadmin:"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(before)
+    gw = await start_gateway(load(before), config_path=path)
+    await reload_to(gw, path, before.replace("admin:", off))
+    path.write_text(after.replace("admin:", off))
+    await asyncio.sleep(3)  # the watcher looks every 2 s
+    assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"}))[0] == 200
+    assert fake.hits_for("primary") and not fake.hits_for("secondary"), "the changed file was not loaded"
+
+
+async def test_rejected_reload_never_shows_a_secret(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], session_log: Path
+) -> None:
+    text = config(tmp_path, faulty[1], TWO_TIERS)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = await start_gateway(load(text), config_path=path)
+    seen = len(session_log.read_text().splitlines())
+    path.write_text(
+        text.replace("admin: {key: admin-key-0123}", "admin: {key: Adm1nP4}").replace(
+            "api_key: ${UPSTREAM_KEY}", "api_key: 84736251907364", 1
+        )
+    )
+    status, result = await post_admin(gw.url, "/admin/reload")
+    assert status == 422 and len(result["problems"]) == 2
+    assert any("admin.key: is too short" in p for p in result["problems"])
+    assert any("providers.up.api_key: must be a string" in p for p in result["problems"])
+    new_lines = "\n".join(session_log.read_text().splitlines()[seen:])
+    assert "config_reload_rejected" in new_lines
+    for secret in ("Adm1nP4", "84736251907364"):
+        assert secret not in json.dumps(result) and secret not in new_lines
 
 
 async def test_expect_continue_only_after_key_and_size(
@@ -274,3 +412,40 @@ async def test_slow_headers_are_cut_off(gateway_process: Any) -> None:
     data = await asyncio.wait_for(reader.read(), 10)
     assert data == b"" and time.monotonic() - started < 4, "the server closed the half-open request"
     writer.close()
+
+
+async def test_reload_applies_drain_times(gateway_process: Any) -> None:
+    process, port = gateway_process("")
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(url + "/healthz", process)
+    path = Path(process.args[-1])
+    path.write_text(
+        path.read_text().replace("drain_delay_seconds: 1, drain_seconds: 10", "drain_seconds: 0.2")
+    )
+    assert await post_admin(url, "/admin/reload") == (200, {"reloaded": True, "problems": []})
+    sent = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
+        sent.set()
+        for _ in range(50):
+            await asyncio.sleep(0.2)
+            yield b" upload"
+
+    async def upload() -> None:
+        async with aiohttp.ClientSession() as session:
+            headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
+            async with session.post(url + "/v1/videos", data=slow_body(), headers=headers) as response:
+                await response.read()
+
+    task = asyncio.create_task(upload())
+    await sent.wait()
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(process.wait, 15)
+    took = time.monotonic() - started
+    await asyncio.gather(task, return_exceptions=True)
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert code == 0 and took < 3, f"drained in {took:.1f} s\n{output}"
+    assert "drain_seconds=0.2" in output and "abandoned=1" in output
