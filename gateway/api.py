@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -30,6 +31,9 @@ T = TypeVar("T")
 
 VARIANTS = ("video", "thumbnail", "spritesheet")
 LIST_DEFAULT_LIMIT = 20
+# ASCII digits only (str.isdigit() takes "²" and "５", which int() then refuses or reads), 1 to 100:
+# a page of 0 could not say where the next one starts, and last_id must be set whenever has_more is.
+_LIMIT = re.compile(r"[0-9]{1,3}")
 _REFRESH_CONCURRENCY = 8
 
 FAILOVERS = Counter(
@@ -70,6 +74,13 @@ async def _owned(request: web.Request, param: str = "video_id", kind: str = "vid
             )
         raise video_not_found(task_id)
     return task
+
+
+def _check_prompt(body: RequestBody) -> None:
+    """A JSON ``prompt`` that is there but not text is the wrong type, not a missing parameter."""
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise bad_request("'prompt' must be a string.", param="prompt", code="invalid_type")
 
 
 def _seed(body: RequestBody) -> dict[str, Any]:
@@ -285,6 +296,7 @@ async def create_video(request: web.Request) -> web.StreamResponse:
     table = ctx.table
     body = await read_body(request, table.config.limits, until=("model",))
     try:
+        _check_prompt(body)
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
         ctx.model = model
@@ -359,8 +371,8 @@ def _list_params(request: web.Request) -> tuple[str | None, int, str]:
     if order not in ("asc", "desc"):
         raise bad_request("'order' must be 'asc' or 'desc'.", param="order")
     raw_limit = query.get("limit", str(LIST_DEFAULT_LIMIT))
-    if not raw_limit.isdigit() or not 0 <= int(raw_limit) <= 100:
-        raise bad_request("'limit' must be an integer from 0 to 100.", param="limit")
+    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= 100:
+        raise bad_request("'limit' must be an integer from 1 to 100.", param="limit")
     return after, int(raw_limit), order
 
 
@@ -417,8 +429,10 @@ async def remix_video(request: web.Request) -> web.Response:
     source = await _owned(request)
     ctx.model = source.model
     check_model_access(client_key(request), source.model)
-    body = await read_body(request, table.config.limits, until=("prompt",))
+    # ``model`` too: a pass-through upstream has it replaced only when the gateway has seen it
+    body = await read_body(request, table.config.limits, until=("prompt", "model"))
     try:
+        _check_prompt(body)
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
             with ctx.gateway.bulkheads.enter(deployment, "uploads"):
@@ -429,23 +443,51 @@ async def remix_video(request: web.Request) -> web.Response:
         body.close()
 
 
+async def _source_video(request: web.Request, body: RequestBody) -> Task | None:
+    """The caller's video that ``video`` names as ``{"id"}`` / ``video[id]``; None for an uploaded file."""
+    ref = body.get_object("video")
+    if ref is not None and "id" in ref:
+        video_id = ref["id"]
+        if not isinstance(video_id, str):
+            raise bad_request("'video.id' must be a string: a video ID.", param="video", code="invalid_type")
+        source = await gateway(request).store.get(video_id, client_key(request).name)
+        if source is None:
+            raise video_not_found(video_id, param="video")
+        return source
+    if not body.has_file("video"):
+        raise bad_request(
+            "'video' is required: an uploaded file or {\"id\": ...}.",
+            param="video",
+            code="missing_required_parameter",
+        )
+    return None
+
+
 async def _from_video(
     request: web.Request,
     operation: Callable[[Adapter, Call, Task | None, RequestBody], Awaitable[UpstreamVideo]],
+    *,
+    extension: bool = False,
 ) -> web.Response:
-    """Edits and extensions: to the deployment that owns the referenced video, else routed by model."""
+    """Edits and extensions: to the deployment that owns the referenced video, else routed by model.
+
+    A multipart body is read until ``video[id]``, ``model`` (replaced on the way out) and an
+    extension's ``seconds`` are known; lacking one, it is read to its end, so an uploaded ``video``
+    file has been seen by then.
+    """
     ctx = context(request)
     gw, table = ctx.gateway, ctx.table
-    body = await read_body(request, table.config.limits, until=("video[id]",))
+    until = ("video[id]", "model", "seconds") if extension else ("video[id]", "model")
+    body = await read_body(request, table.config.limits, until=until)
     try:
-        ref = body.get_object("video")
-        source: Task | None = None
-        if ref is not None and "id" in ref:
-            source = await gw.store.get(str(ref["id"]), client_key(request).name)
-            if source is None:
-                raise video_not_found(str(ref["id"]))
-        elif not (body.has_file("video") or body.kind == "multipart"):
-            raise bad_request("'video' is required: an uploaded file or {\"id\": ...}.", param="video")
+        _check_prompt(body)
+        if extension and body.get("seconds") is None:
+            raise bad_request(
+                "'seconds' is required: the length of the extension.",
+                param="seconds",
+                code="missing_required_parameter",
+            )
+        source = await _source_video(request, body)
         model = source.model if source is not None else table.resolve_model(body.get("model"))
         ctx.model = model
         check_model_access(client_key(request), model)
@@ -469,7 +511,7 @@ async def edit_video(request: web.Request) -> web.Response:
 
 
 async def extend_video(request: web.Request) -> web.Response:
-    return await _from_video(request, lambda a, c, t, b: a.extend(c, t, b))
+    return await _from_video(request, lambda a, c, t, b: a.extend(c, t, b), extension=True)
 
 
 async def create_character(request: web.Request) -> web.Response:

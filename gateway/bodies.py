@@ -4,13 +4,14 @@ A multipart create may carry a large ``input_reference`` file. The router needs 
 can pick an upstream, so the body is read part by part until the wanted fields are known; the raw
 bytes read so far are kept in a :class:`Spool` (memory, then a temp file) and replayed ahead of the
 rest of the client's stream. The upstream gets the same bytes, same boundary, same parts, except the
-field values the gateway replaces (``model`` → upstream name, ``video[id]`` → upstream ID).
+field values the gateway replaces (``model`` → upstream name, ``video[id]`` → upstream ID). The rest
+of the stream is still parsed on its way through, nothing kept, so that a second copy of a field the
+gateway checked (:data:`SINGLE_FIELDS`) is refused before the upstream has the whole body.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import IO, Any
 
 from aiohttp import web
 
+from gateway import jsonio
 from gateway.config import Limits
 from gateway.errors import ApiError, bad_request
 
@@ -26,6 +28,10 @@ CHUNK = 256 * 1024
 _MAX_PART_HEADERS = 16 * 1024
 _MAX_PREAMBLE = 64 * 1024
 _MAX_TEXT_FIELDS = 40 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+# Fields the gateway itself reads (to route, check access, show the video) or replaces. A second
+# copy would reach a pass-through upstream unchecked, and an upstream may well read that one.
+SINGLE_FIELDS = frozenset({"model", "prompt", "size", "seconds", "video[id]"})
 
 
 class Spool:
@@ -119,10 +125,12 @@ class MultipartParser:
 
     ``feed`` returns events: ``("part", PartInfo)``, ``("data", bytes)``, ``("end", PartInfo)``,
     ``("done", None)``. Offsets let the caller splice a replacement value into the raw bytes.
+    With ``data_events`` off, part values are skipped without being copied.
     """
 
     def __init__(self, boundary: str) -> None:
-        self._delimiter = b"--" + boundary.encode("latin-1")
+        self.data_events = True
+        self._delimiter = b"--" + boundary.encode("ascii")
         self._body_delimiter = b"\r\n" + self._delimiter
         self._buffer = bytearray()
         self._offset = 0
@@ -132,13 +140,25 @@ class MultipartParser:
         self.done = False
 
     def feed(self, data: bytes) -> list[tuple[str, Any]]:
-        if self.done:
+        if self.done or self._skipped(data):
             return []
         self._buffer += data
         events: list[tuple[str, Any]] = []
         while self._step(events):
             pass
         return events
+
+    def _skipped(self, data: bytes) -> bool:
+        """Pass over a chunk inside a value without copying it, when no data events are wanted and no
+        delimiter ends in it: the middle of a large file costs one search."""
+        delimiter, keep = self._body_delimiter, len(self._body_delimiter) - 1
+        if self.data_events or self._state != "body" or len(data) <= keep or len(self._buffer) > keep:
+            return False
+        if delimiter in self._buffer + data[:keep] or delimiter in data:
+            return False
+        self._offset += len(self._buffer) + len(data) - keep
+        self._buffer = bytearray(data[-keep:])
+        return True
 
     def _consume(self, n: int) -> None:
         del self._buffer[:n]
@@ -177,21 +197,25 @@ class MultipartParser:
             if i < 0:
                 keep = len(self._body_delimiter) - 1
                 if len(buf) > keep:
-                    events.append(("data", bytes(buf[: len(buf) - keep])))
+                    self._data(events, len(buf) - keep)
                     self._consume(len(buf) - keep)
                 return False
             if len(buf) < i + len(self._body_delimiter) + 2:
                 if i:
-                    events.append(("data", bytes(buf[:i])))
+                    self._data(events, i)
                     self._consume(i)
                 return False
             if i:
-                events.append(("data", bytes(buf[:i])))
+                self._data(events, i)
             self._part.value_end = self._offset + i
             events.append(("end", self._part))
             self._part = None
             return self._after_delimiter(i + len(self._body_delimiter), events)
         return False
+
+    def _data(self, events: list[tuple[str, Any]], n: int) -> None:
+        if self.data_events:
+            events.append(("data", bytes(self._buffer[:n])))
 
     def _after_delimiter(self, at: int, events: list[tuple[str, Any]]) -> bool:
         tail = bytes(self._buffer[at : at + 2])
@@ -242,6 +266,8 @@ class RequestBody:
     _boundary: str = ""
     _head: Spool | None = None
     _parts: dict[str, PartInfo] = field(default_factory=dict)
+    _parser: MultipartParser | None = None
+    _seen: set[str] = field(default_factory=set)
     _first_boundary: int = 0
     _consumed: bool = False
     _spooled: bool = False
@@ -271,7 +297,7 @@ class RequestBody:
             return
         assert self._head is not None
         self._consumed = True
-        async for chunk in _read_stream(self, self._request, self._limits):
+        async for chunk in self._rest():
             await self._head.write(chunk)
         self._spooled = True
 
@@ -285,6 +311,7 @@ class RequestBody:
             return
         assert self._head is not None
         parser = MultipartParser(self._boundary)
+        self._parser = None  # the collector below checks every part itself
         self._parts.clear()
         self.fields.clear()
         collector = _Collector(self)
@@ -303,7 +330,7 @@ class RequestBody:
             fields = dict(self.fields)
             for name, value in replace.items():
                 _set_bracketed(fields, name, value)
-            data = json.dumps(fields).encode()
+            data = jsonio.dumps(fields)
             return data, len(data)
         if self.kind == "none":
             return None, None
@@ -345,8 +372,29 @@ class RequestBody:
             yield chunk
         if not self._consumed:
             self._consumed = True
-            async for chunk in _read_stream(self, self._request, self._limits):
+            async for chunk in self._rest():
                 yield chunk
+
+    async def _rest(self) -> AsyncIterator[bytes]:
+        """The client's bytes past the head, parsed on the way (nothing kept) for repeated fields."""
+        async for chunk in _read_stream(self, self._request, self._limits):
+            if self._parser is not None:
+                self._scan(chunk)
+            yield chunk
+
+    def _scan(self, chunk: bytes) -> None:
+        """Check the parts a chunk starts; a refusal is kept as :attr:`failure` for the upstream call."""
+        assert self._parser is not None
+        try:
+            for kind, value in self._parser.feed(chunk):
+                if kind == "part":
+                    _note_part(self._seen, value.name)
+        except MultipartError as exc:
+            self.failure = _malformed(exc)
+            raise self.failure from None
+        except ApiError as exc:
+            self.failure = exc
+            raise
 
     def close(self) -> None:
         if self._head is not None:
@@ -365,10 +413,12 @@ class _Collector:
         self.text = bytearray()
         self.text_total = 0
         self.file: UploadedFile | None = None
+        self.seen: set[str] = set()
 
     async def handle(self, event: tuple[str, Any]) -> None:
         kind, value = event
         if kind == "part":
+            _note_part(self.seen, value.name)
             self.current = value
             self.text.clear()
             self.file = None
@@ -398,6 +448,19 @@ class _Collector:
             self.current = None
 
 
+def _note_part(seen: set[str], name: str) -> None:
+    """Remember a part's name; a second copy of one of :data:`SINGLE_FIELDS` is refused."""
+    if name in seen and name in SINGLE_FIELDS:
+        raise bad_request(
+            f"The field '{name}' is given more than once.", param=name, code="duplicate_parameter"
+        )
+    seen.add(name)
+
+
+def _malformed(exc: MultipartError) -> ApiError:
+    return bad_request(f"Malformed multipart body: {exc}.", code="invalid_multipart")
+
+
 def _set_bracketed(target: dict[str, Any], name: str, value: str) -> None:
     """Set ``video[id]`` as ``target["video"]["id"]`` (or a plain key)."""
     if "[" in name and name.endswith("]"):
@@ -422,6 +485,10 @@ async def _read_stream(
             body.failure = ApiError(
                 408, "The request body stalled: no data for too long.", code="request_timeout"
             )
+            raise body.failure from None
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not decode as
+            reason = str(exc).rpartition("message:")[2].strip().rstrip(".") or "it is malformed"
+            body.failure = bad_request(f"The request body cannot be read: {reason}.", code="invalid_body")
             raise body.failure from None
         if not chunk:
             return
@@ -456,10 +523,10 @@ async def read_body(request: web.Request, limits: Limits, until: Iterable[str] =
         return await _read_json(request, limits)
     if content_type == MULTIPART_TYPE:
         return await _read_multipart_head(request, limits, set(until))
+    sent = request.headers.get("Content-Type", "").strip()
+    told = f"Unsupported Content-Type '{sent[:100]}'" if sent else "The request has no Content-Type"
     raise ApiError(
-        415,
-        f"Unsupported Content-Type '{content_type}': send application/json or multipart/form-data.",
-        code="unsupported_media_type",
+        415, f"{told}: send application/json or multipart/form-data.", code="unsupported_media_type"
     )
 
 
@@ -475,9 +542,11 @@ async def _read_json(request: web.Request, limits: Limits) -> RequestBody:
     if not raw.strip():
         return RequestBody("none", {})
     try:
-        fields = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fields = jsonio.loads(raw)
+    except jsonio.JSONDecodeError as exc:
         raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+    if jsonio.nesting_exceeds(fields, MAX_JSON_DEPTH):
+        raise bad_request(f"The JSON body nests deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json")
     if not isinstance(fields, dict):
         raise bad_request("The JSON body must be an object.", code="invalid_json")
     body.fields = fields
@@ -508,11 +577,13 @@ async def _read_multipart_head(request: web.Request, limits: Limits, until: set[
         await stream.aclose()
     except MultipartError as exc:
         body.close()
-        raise bad_request(f"Malformed multipart body: {exc}.", code="invalid_multipart") from None
+        raise _malformed(exc) from None
     except BaseException:
         body.close()
         raise
     body._first_boundary = parser.first_boundary or 0
+    parser.data_events = False
+    body._parser, body._seen = parser, collector.seen
     # even when the closing boundary was seen, the rest of the stream (its CRLF, an epilogue) is still
     # the client's body: it is replayed, or Content-Length would promise bytes that never come
     return body
@@ -524,4 +595,6 @@ def _boundary(request: web.Request) -> str:
     boundary = message.get_param("boundary")
     if not isinstance(boundary, str) or not 1 <= len(boundary) <= 200:
         raise bad_request("multipart/form-data needs a boundary parameter.", code="invalid_multipart")
+    if not (boundary.isascii() and boundary.isprintable()):
+        raise bad_request("The multipart boundary must be printable ASCII.", code="invalid_multipart")
     return boundary

@@ -15,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.logs import scrub
+
 
 class ApiError(Exception):
     """An error with everything the envelope needs.
@@ -41,7 +43,8 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        message = scrub(self.message)  # a provider's message may quote the credential it was sent
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
         return web.Response(
@@ -81,9 +84,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return ApiError(400, message, param=param, code=code)
 
 
-def video_not_found(video_id: str) -> ApiError:
-    """The one answer for unknown, foreign, deleted, forged and malformed IDs alike."""
-    return ApiError(404, f"No video found with id '{video_id}'.", param="video_id", code="video_not_found")
+def video_not_found(video_id: str, param: str = "video_id") -> ApiError:
+    """The one answer for unknown, foreign, deleted, forged and malformed IDs alike.
+
+    ``param`` names where the ID came from: the path's ``video_id``, or a body's ``video``.
+    """
+    return ApiError(404, f"No video found with id '{video_id}'.", param=param, code="video_not_found")
 
 
 def model_not_found(model: str) -> ApiError:

@@ -1,8 +1,8 @@
 """JSON on the hot path: orjson, several times faster than the standard library at both ends.
 
-Every answer the gateway writes and every provider answer it reads passes through here. orjson
-refuses integers beyond 64 bits when writing; those (rare, provider-supplied) go through the
-standard library instead, so nothing that ``json`` can write is refused.
+Every answer the gateway writes, every provider answer and every client body it reads passes through
+here. orjson refuses integers beyond 64 bits when writing; those (rare, provider-supplied) go through
+the standard library instead, so nothing that ``json`` can write is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +22,29 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value).encode()
 
 
-def loads(raw: bytes | str) -> Any:
-    """Parse JSON; raises :data:`JSONDecodeError` (also for bytes that are not UTF-8)."""
+def loads(raw: bytes | bytearray | str) -> Any:
+    """Parse JSON strictly; raises :data:`JSONDecodeError` for anything RFC 8259 does not allow.
+
+    Unlike ``json.loads`` this refuses ``NaN`` and ``Infinity``, numbers beyond a double's range (an
+    integer of 5000 digits among them), lone surrogates, bytes that are not UTF-8 and nesting deeper
+    than 1024 levels. Integers beyond 64 bits but within a double's range come back as floats.
+    """
     return orjson.loads(raw)
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether objects and arrays in ``value`` nest more than ``limit`` levels deep.
+
+    Walked level by level, without recursion: a parsed document may be deeper than the encoders can
+    write back (orjson stops at 255 levels, ``json`` at the interpreter's recursion limit).
+    """
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit):
+        children: list[Any] = []
+        for container in level:
+            items = container.values() if isinstance(container, dict) else container
+            children.extend(item for item in items if isinstance(item, dict | list))
+        if not children:
+            return False
+        level = children
+    return True

@@ -29,13 +29,18 @@ def register_secrets(values: Iterable[str | None]) -> None:
     _secrets.update(v for v in values if v and len(v) >= 6)
 
 
+def scrub(text: str) -> str:
+    """``text`` with every configured secret and bearer token in it replaced by ``[REDACTED]``:
+    for log lines, and for messages passed on to clients (a provider may echo its key in one)."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "[REDACTED]")
+    return _BEARER.sub(r"\1 [REDACTED]", text)
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, str):
-        for secret in _secrets:
-            if secret in value:
-                value = value.replace(secret, "[REDACTED]")
-        value = _BEARER.sub(r"\1 [REDACTED]", value)
-        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", scrub(value))
     if isinstance(value, dict):
         return {k: "[REDACTED]" if _SECRET_KEYS.search(str(k)) else _clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -307,6 +307,39 @@ def _outcome(chunks: list[bytes]) -> Any:
     return [(p.info, p.data) for p in parts], parser.done
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(form=forms(), data=st.data())
+def test_parser_without_data_events_finds_the_same_parts(
+    form: tuple[str, list[Part], bytes], data: st.DataObject
+):
+    """How the rest of a streamed body is checked: the same parts and offsets, no value copied."""
+    boundary, _, raw = form
+    chunks = split_at(raw, data.draw(st.lists(st.integers(0, len(raw)), max_size=30)))
+    parsed, _ = run_parser(boundary, chunks)
+    parser = MultipartParser(boundary)
+    parser.data_events = False
+    events = [event for chunk in chunks for event in parser.feed(chunk)]
+    assert all(kind != "data" for kind, _ in events) and parser.done
+    ended = [value for kind, value in events if kind == "end"]
+    assert [(p.name, p.value_start, p.value_end) for p in ended] == [
+        (p.info.name, p.info.value_start, p.info.value_end) for p in parsed
+    ]
+
+
+def test_parser_skipping_large_values_keeps_every_offset():
+    """Values are skipped chunk by chunk, whole chunks at a time: offsets stay exact at any split."""
+    big = Part("video", os.urandom(300_000) + f"\r\n--{BOUNDARY[:-1]}".encode() * 3, filename="v.mp4")
+    raw = multipart([*TRICKY_PARTS, big, Part("model", b"last")])
+    expected, _ = run_parser(BOUNDARY, [raw])
+    for size in (len(BOUNDARY) + 1, len(BOUNDARY) + 4, 1000, 65_536, 100_003, len(raw)):
+        parser = MultipartParser(BOUNDARY)
+        parser.data_events = False
+        events = [event for chunk in split_every(raw, size) for event in parser.feed(chunk)]
+        ended = [(p.name, p.value_start, p.value_end) for kind, p in events if kind == "end"]
+        assert ended == [(p.info.name, p.info.value_start, p.info.value_end) for p in expected], size
+        assert parser.done and all(kind != "data" for kind, _ in events)
+
+
 @settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=_FUZZ, data=st.data())
 def test_parser_fuzz_only_raises_multipart_error(raw: bytes, data: st.DataObject):
@@ -410,6 +443,8 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         body = await read_body(request, request.app[LIMITS], until=until)
         try:
             routed = {"fields": dict(body.fields), "bytes_read": body.bytes_read, "kind": body.kind}
+            if "X-Replayable" in request.headers:
+                await body.make_replayable()
             data, length = body.upstream_body(replace)
             if data is None or isinstance(data, bytes):
                 out = data or b""
@@ -821,9 +856,62 @@ async def test_multipart_without_boundary_parameter_is_400(client: Any):
     assert await error_of(resp) == (400, "invalid_multipart")
 
 
-@pytest.mark.parametrize(
-    "raw", [b"{not json", b'{"model": "m",}', b"[1, 2]", b'"a string"', b'{"a": "\xff"}'], ids=str
-)
+INVALID_JSON = {
+    "syntax": b"{not json",
+    "trailing-comma": b'{"model": "m",}',
+    "array": b"[1, 2]",
+    "string": b'"a string"',
+    "not-utf8": b'{"a": "\xff"}',
+    "NaN": b'{"model": "m", "seconds": NaN}',
+    "Infinity": b'{"model": "m", "seconds": Infinity}',
+    "-Infinity": b'{"model": "m", "x": [-Infinity]}',
+    "overflow": b'{"model": "m", "seconds": 1e400}',
+    "5000-digits": b'{"model": "m", "n": -' + b"9" * 5000 + b"}",
+    "lone-surrogate": b'{"model": "\\udc00"}',
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "deep-object": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    "past-the-depth": b'{"x": ' + b"[" * bodies.MAX_JSON_DEPTH + b"]" * bodies.MAX_JSON_DEPTH + b"}",
+}
+
+
+@pytest.mark.parametrize("raw", INVALID_JSON.values(), ids=INVALID_JSON.keys())
 async def test_invalid_json_is_400(client: Any, raw: bytes):
     resp = await client.post("/echo", data=raw, headers={"Content-Type": "application/json"})
     assert await error_of(resp) == (400, "invalid_json")
+
+
+async def test_json_depth_limit_is_exact_and_what_passes_is_forwarded_as_parsed(client: Any):
+    def nested(depth: int) -> bytes:
+        inner = depth - 1  # the body object is the first level
+        return b'{"model": "m", "n": 18446744073709551615, "x": ' + b"[" * inner + b"]" * inner + b"}"
+
+    resp = await client.post(
+        "/echo", data=nested(bodies.MAX_JSON_DEPTH), headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 200, await resp.text()
+    assert json.loads(await resp.read()) == {**json.loads(nested(bodies.MAX_JSON_DEPTH)), "model": "renamed"}
+    resp = await client.post(
+        "/echo", data=nested(bodies.MAX_JSON_DEPTH + 1), headers={"Content-Type": "application/json"}
+    )
+    assert await error_of(resp) == (400, "invalid_json")
+
+
+def _repeated(name: str, where: str) -> bytes:
+    """A form naming ``name`` twice: both in the head, or the second past a 2 MiB file."""
+    first = [Part(field, b"first") for field in sorted(bodies.SINGLE_FIELDS)]
+    second = Part(name, b"second")
+    big = Part("input_reference", b"\0" * (2 * MiB), filename="big.bin")
+    return multipart([*first, second] if where == "head" else [*first, big, second])
+
+
+@pytest.mark.parametrize("where", ["head", "streamed"])
+@pytest.mark.parametrize("name", sorted(bodies.SINGLE_FIELDS))
+@pytest.mark.parametrize("path,extra", [("/echo", {}), ("/echo", {"X-Replayable": "1"}), ("/rest", {})])
+async def test_a_single_field_given_twice_is_400(
+    client: Any, name: str, where: str, path: str, extra: dict[str, str]
+):
+    raw = _repeated(name, where)
+    resp = await client.post(path, data=raw, headers={"Content-Type": content_type(), **extra})
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["param"] == name, body
+    assert body["error"]["code"] == "duplicate_parameter"

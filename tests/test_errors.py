@@ -265,3 +265,132 @@ async def test_stalled_upload_is_cut_off(start_gateway: StartGateway, tmp_path: 
     )
     assert status == 408 and time.monotonic() - started < 2.5
     assert_envelope(body, headers, code="request_timeout")
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def json_routes(gw: RunningGateway) -> list[str]:
+    """Every route that takes a JSON body; remix needs a video of the caller's."""
+    source = await gw.sdk().videos.create(prompt="remix source", size="320x240")
+    return [
+        "/v1/videos",
+        f"/v1/videos/{source.id}/remix",
+        "/v1/videos/edits",
+        "/v1/videos/extensions",
+        "/v1/videos/characters",
+    ]
+
+
+HOSTILE_JSON = {
+    "deeply nested": b"[" * 100_000 + b"]" * 100_000,
+    "nested past the gateway's depth": b'{"prompt": "a", "x": ' + b"[" * 900 + b"]" * 900 + b"}",
+    "5000-digit integer": b'{"prompt": "a", "n": ' + b"1" * 5000 + b"}",
+    "NaN": b'{"prompt": "a", "seconds": NaN}',
+    "Infinity": b'{"prompt": "a", "seconds": Infinity}',
+    "-Infinity": b'{"prompt": "a", "x": {"y": [-Infinity]}}',
+    "overflowing float": b'{"prompt": "a", "seconds": 1e999}',
+    "lone surrogate": b'{"prompt": "a", "video": {"id": "\\ud800"}}',
+}
+
+
+@pytest.mark.parametrize("raw", HOSTILE_JSON.values(), ids=HOSTILE_JSON.keys())
+async def test_hostile_json_is_400_invalid_json_on_every_json_route(
+    local_gateway: RunningGateway, raw: bytes
+) -> None:
+    for path in await json_routes(local_gateway):
+        status, headers, body = await request(local_gateway, "POST", path, data=raw, headers=JSON)
+        assert status == 400, (path, body)
+        assert_envelope(body, headers, code="invalid_json")
+
+
+async def test_non_finite_numbers_never_reach_the_upstream(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    raw = b'{"model": "sora-remote", "prompt": "x", "seconds": NaN}'
+    status, headers, body = await request(dialect_gateway, "POST", "/v1/videos", data=raw, headers=JSON)
+    assert status == 400
+    assert_envelope(body, headers, code="invalid_json")
+    assert upstream[0].requests("POST", "/v1/videos") == []
+
+
+async def test_list_limit_takes_only_short_ascii_digits(local_gateway: RunningGateway) -> None:
+    gw = local_gateway
+    for _ in range(2):
+        await gw.sdk().videos.create(prompt="listed", size="320x240")
+    for limit in ("%C2%B2", "%EF%BC%95", "9" * 5000, "0", "", "1.0", "+5", " 5", "0x10"):
+        status, headers, body = await request(gw, "GET", f"/v1/videos?limit={limit}")
+        assert status == 400, limit
+        assert_envelope(body, headers, param="limit")
+    status, _, page = await request(gw, "GET", "/v1/videos?limit=1")
+    assert status == 200 and len(page["data"]) == 1
+    assert page["has_more"] is True and page["last_id"] == page["data"][0]["id"]
+    status, _, page = await request(gw, "GET", "/v1/videos?limit=007")
+    assert status == 200 and len(page["data"]) == 2 and page["has_more"] is False
+
+
+async def raw_exchange(gw: RunningGateway, head: bytes, body: bytes) -> tuple[int, Any]:
+    """One request written byte for byte (headers no client library would send) and its answer."""
+    assert gw.server.host is not None and gw.server.port is not None
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    try:
+        writer.write(
+            b"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+            + f"Authorization: Bearer {ALPHA_KEY}\r\nContent-Length: {len(body)}\r\n".encode()
+            + head
+            + b"\r\n"
+            + body
+        )
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+async def test_non_ascii_multipart_boundary_is_400(local_gateway: RunningGateway) -> None:
+    for boundary in ("☃".encode(), b"\xe9", "caf\u00e9".encode()):
+        body = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
+        body += b"--" + boundary + b"--\r\n"
+        head = b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\n"
+        status, answer = await raw_exchange(local_gateway, head, body)
+        assert status == 400, boundary
+        assert answer["error"]["code"] == "invalid_multipart"
+
+
+async def test_undecodable_content_encoding_is_400(local_gateway: RunningGateway) -> None:
+    for encoding in ("gzip", "deflate"):
+        for data, content_type in (
+            (b'{"prompt": "not compressed at all"}', "application/json"),
+            (multipart({"prompt": "not compressed either"}), "multipart/form-data; boundary=XyZ"),
+        ):
+            status, headers, body = await request(
+                local_gateway,
+                "POST",
+                "/v1/videos",
+                data=data,
+                headers={"Content-Type": content_type, "Content-Encoding": encoding},
+            )
+            assert status == 400, (encoding, content_type)
+            assert_envelope(body, headers, code="invalid_body")
+            assert encoding in body["error"]["message"]
+
+
+async def test_unsupported_media_type_says_what_was_sent(local_gateway: RunningGateway) -> None:
+    status, headers, body = await request(
+        local_gateway, "POST", "/v1/videos", data=b"prompt", headers={"Content-Type": "garbage"}
+    )
+    assert status == 415
+    assert_envelope(body, headers, code="unsupported_media_type")
+    assert "'garbage'" in body["error"]["message"] and "octet-stream" not in body["error"]["message"]
+    status, answer = await raw_exchange(local_gateway, b"", b"prompt")
+    assert status == 415 and "no Content-Type" in answer["error"]["message"]
+
+
+async def test_prompt_of_the_wrong_type_is_invalid_type(local_gateway: RunningGateway) -> None:
+    routes = [path for path in await json_routes(local_gateway) if not path.endswith("/characters")]
+    for path in routes:
+        for prompt in (123, ["a"], {"text": "a"}, True):
+            status, headers, body = await request(local_gateway, "POST", path, json={"prompt": prompt})
+            assert status == 400, (path, prompt)
+            assert_envelope(body, headers, code="invalid_type", param="prompt")

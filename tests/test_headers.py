@@ -4,8 +4,10 @@ scheme and nothing about the client's connection to us crosses (fake: tests/fake
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from gateway.providers import ADAPTERS
 from gateway.providers.base import AdapterEnv
@@ -98,3 +100,31 @@ def test_result_redirects_never_downgrade_to_plain_http(tmp_path: Path) -> None:
     plain = load(gateway_yaml(tmp_path, upstream_url="http://127.0.0.1:9"))
     local = ADAPTERS["openai"](plain.providers["dialect"], AdapterEnv(data_dir=tmp_path, hosted=None))
     assert local.result_host_allowed("http://127.0.0.1:9/signed/1"), "a plain-HTTP provider keeps HTTP"
+
+
+async def test_a_provider_message_quoting_its_credentials_reaches_the_client_redacted(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """Providers echo what they were sent in their errors ("Incorrect API key provided: sk-...");
+    this fake quotes the whole Authorization header in an OpenAI error envelope (reference §3.3)."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        echoed = f"Key {request.headers['Authorization']!r} refused; raw {UPSTREAM_KEY}"
+        body = {"error": {"message": echoed, "type": "invalid_request_error", "param": None, "code": None}}
+        return web.json_response(body, status=401)
+
+    echo = web.Application()
+    echo.router.add_route("*", "/{tail:.*}", refuse)
+    server = await aiohttp_server(echo)
+    gw = await start_gateway(gateway_yaml(tmp_path, upstream_url=str(server.make_url("")).rstrip("/")))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gw.url}/v1/videos",
+            json={"model": "sora-remote", "prompt": "echo"},
+            headers={"Authorization": f"Bearer {ALPHA_KEY}"},
+        ) as r,
+    ):
+        text = await r.text()
+    assert r.status == 401 and "refused" in text
+    assert UPSTREAM_KEY not in text and "[REDACTED]" in text

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, gateway_yaml
+from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway, gateway_yaml
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_sdk_e2e import VIDEO_KEYS, png_bytes
 
@@ -161,6 +161,33 @@ async def test_edits_extensions_and_characters_reach_the_owning_upstream(
     assert fake.requests("GET", "/v1/videos/characters/upchar_")
 
 
+async def test_a_model_sent_with_an_edit_by_id_goes_upstream_as_the_deployments(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """An edit or extension by ID is routed by its source; a ``model`` field the client adds must
+    not reach the provider as written (a public name, or a model the key may not use)."""
+    fake, _ = upstream
+    source = await dialect_gateway.sdk().videos.create(prompt="source", model="sora-remote")
+    status, _, raw = await send(
+        dialect_gateway,
+        "POST",
+        "/v1/videos/edits",
+        json={"prompt": "blue", "video": {"id": source.id}, "model": "premium-upstream-model"},
+    )
+    assert status == 200, raw
+    (edit_request,) = fake.requests("POST", "/v1/videos/edits")
+    assert json.loads(edit_request.body)["model"] == "upstream-sora"
+
+    extension = form(
+        ("prompt", "longer"), ("video[id]", source.id), ("seconds", "4"), ("model", "sora-remote")
+    )
+    status, _, raw = await send(dialect_gateway, "POST", "/v1/videos/extensions", data=extension)
+    assert status == 200, raw
+    (extend_request,) = fake.requests("POST", "/v1/videos/extensions")
+    assert b'name="model"\r\n\r\nupstream-sora\r\n' in extend_request.body
+    assert b"sora-remote" not in extend_request.body
+
+
 async def test_local_provider_does_edits_and_extensions(local_gateway: RunningGateway) -> None:
     client = local_gateway.sdk()
     source = await client.videos.create_and_poll(prompt="base clip", size="320x240", seconds="4")
@@ -245,13 +272,141 @@ async def test_hop_by_hop_and_client_credentials_stay_behind(
             "Proxy-Authorization": "Basic c2VjcmV0",
             "Cookie": "session=abc",
             "OpenAI-Organization": "org-client",
-            "X-Custom": "kept",
+            "X-Custom": "not on the allow-list",
         },
     )
     assert status == 200
     (received,) = upstream[0].requests("POST", "/v1/videos")
-    for name in ("X-Private-Hop", "Keep-Alive", "TE", "Proxy-Authorization", "Cookie", "OpenAI-Organization"):
+    for name in (
+        "X-Private-Hop",
+        "Keep-Alive",
+        "TE",
+        "Proxy-Authorization",
+        "Cookie",
+        "OpenAI-Organization",
+        "X-Custom",
+    ):
         assert name not in received.headers, name
     assert received.headers["Authorization"] == "Bearer sk-upstream-secret-abcdef"
-    assert received.headers["X-Custom"] == "kept"
     assert received.headers["X-Request-ID"] == headers["x-request-id"]
+
+
+def form(*fields: tuple[str, str | bytes], file: str | None = None) -> aiohttp.FormData:
+    """A multipart body with the fields in this order, repeats kept; ``file`` names one file part."""
+    data = aiohttp.FormData(default_to_multipart=True)
+    for name, value in fields:
+        if name == file:
+            data.add_field(name, value, filename="big.bin", content_type="application/octet-stream")
+        else:
+            data.add_field(name, value)
+    return data
+
+
+async def error_of(gw: RunningGateway, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    status, _, raw = await send(gw, "POST", path, **kwargs)
+    return status, json.loads(raw)["error"] if status >= 400 else json.loads(raw)
+
+
+async def test_edits_and_extensions_need_a_video_they_can_name(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """Without a video (file or ID) an edit or extension is a 400, never a brand-new video."""
+    gw, remote = dialect_gateway, {"model": "sora-remote", "prompt": "x", "seconds": "4"}
+    for path in ("/v1/videos/edits", "/v1/videos/extensions"):
+        status, error = await error_of(gw, path, data=form(*remote.items()))
+        assert status == 400 and error["param"] == "video", (path, error)
+        for video in ({}, "video_" + "0" * 32, None):
+            status, error = await error_of(gw, path, json={**remote, "video": video})
+            assert status == 400 and error["param"] == "video", (path, video, error)
+        for video_id in (None, 7, ["video_x"], {"id": "video_x"}):
+            status, error = await error_of(gw, path, json={**remote, "video": {"id": video_id}})
+            assert status == 400 and error["param"] == "video" and error["code"] == "invalid_type", error
+        for video_id in ("video_" + "0" * 32, "None", "x" * 300, "\u2603"):
+            for kwargs in (
+                {"json": {**remote, "video": {"id": video_id}}},
+                {"data": form(*remote.items(), ("video[id]", video_id))},
+            ):
+                status, error = await error_of(gw, path, **kwargs)
+                assert status == 404 and error["code"] == "video_not_found", (path, video_id, error)
+                assert error["param"] == "video"
+    assert [r for r in upstream[0].received if r.method == "POST"] == []
+
+
+async def test_extensions_need_seconds_before_any_provider(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    fake, _ = upstream
+    source = await dialect_gateway.sdk().videos.create(prompt="source", model="sora-remote")
+    for kwargs in (
+        {"json": {"prompt": "longer", "video": {"id": source.id}}},
+        {"json": {"prompt": "longer", "seconds": None, "video": {"id": source.id}}},
+        {"data": form(("video[id]", source.id), ("prompt", "longer"))},
+    ):
+        status, error = await error_of(dialect_gateway, "/v1/videos/extensions", **kwargs)
+        assert status == 400 and error["param"] == "seconds", error
+    assert fake.requests("POST", "/v1/videos/extensions") == []
+    status, _ = await error_of(
+        dialect_gateway,
+        "/v1/videos/extensions",
+        data=form(("video[id]", source.id), ("prompt", "longer"), ("seconds", "4")),
+    )
+    assert status == 200 and len(fake.requests("POST", "/v1/videos/extensions")) == 1
+
+
+async def test_a_checked_field_given_twice_is_refused(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A key limited to sora-remote must not reach the forbidden upstream model by naming it twice."""
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url).replace(
+        "    key: ${BETA_KEY}\n", "    key: ${BETA_KEY}\n    models: [sora-remote]\n"
+    )
+    text += "  sora-secret:\n    provider: dialect\n    model: upstream-secret\n"
+    gw = await start_gateway(text)
+    beta = {"Authorization": f"Bearer {BETA_KEY}"}
+    big = b"\0" * (3 * 1024 * 1024)  # past the head: the second copy comes while the body streams on
+    for path, fields, file, param in (
+        ("/v1/videos", [("model", "sora-secret"), ("model", "sora-remote"), ("prompt", "p")], None, "model"),
+        (
+            "/v1/videos",
+            [("model", "sora-remote"), ("prompt", "p"), ("model", "upstream-secret")],
+            None,
+            "model",
+        ),
+        (
+            "/v1/videos",
+            [("model", "sora-remote"), ("input_reference", big), ("model", "upstream-secret")],
+            "input_reference",
+            "model",
+        ),
+        ("/v1/videos", [("prompt", "a"), ("model", "sora-remote"), ("prompt", "b")], None, "prompt"),
+    ):
+        status, error = await error_of(gw, path, data=form(*fields, file=file), headers=beta)
+        assert status == 400 and error["param"] == param, (fields[:2], error)
+    assert fake.requests("POST", "/v1/videos") == []
+
+    source = await gw.sdk(BETA_KEY).videos.create(prompt="mine", model="sora-remote")
+    for path, fields in (
+        ("/v1/videos/extensions", [("video[id]", source.id), ("seconds", "4"), ("video[id]", "up_0099")]),
+        ("/v1/videos/edits", [("video[id]", source.id), ("prompt", "p"), ("video", big), ("video[id]", "x")]),
+        (f"/v1/videos/{source.id}/remix", [("prompt", "a"), ("prompt", "b")]),
+    ):
+        status, error = await error_of(gw, path, data=form(*fields, file="video"), headers=beta)
+        assert status == 400 and error["param"] == fields[0][0], (path, error)
+    assert [r.path for r in fake.received if r.method == "POST"] == ["/v1/videos"]
+
+    # a field the gateway neither reads nor replaces may repeat: it reaches the upstream unchanged
+    fields = [("model", "sora-remote"), ("prompt", "p"), ("tag", "a"), ("tag", "b")]
+    status, _ = await error_of(gw, "/v1/videos", data=form(*fields), headers=beta)
+    forwarded = fake.requests("POST", "/v1/videos")[-1].body
+    assert status == 200 and forwarded.count(b'name="tag"') == 2
+
+    # JSON keeps the last of repeated keys, and the gateway sends on what it checked, once
+    raw = b'{"model": "sora-secret", "prompt": "first", "model": "sora-remote", "prompt": "second"}'
+    status, video = await error_of(
+        gw, "/v1/videos", data=raw, headers={**beta, "Content-Type": "application/json"}
+    )
+    assert status == 200 and video["model"] == "sora-remote" and video["prompt"] == "second"
+    forwarded = fake.requests("POST", "/v1/videos")[-1].body
+    assert json.loads(forwarded) == {"model": "upstream-sora", "prompt": "second"}
+    assert forwarded.count(b'"model"') == 1 and b"secret" not in forwarded

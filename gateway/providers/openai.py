@@ -126,14 +126,15 @@ class OpenAIAdapter(Adapter):
             await self.json_of(answer)
 
     async def remix(self, call: Call, task: Task, body: RequestBody) -> UpstreamVideo:
-        replace = {"model": call.deployment.upstream_model} if "model" in body.fields else {}
-        return _video(await self._post(call, self._url(task.upstream_id, "remix"), body, replace))
+        return _video(await self._post(call, self._url(task.upstream_id, "remix"), body, _model(call, body)))
 
     async def edit(self, call: Call, task: Task | None, body: RequestBody) -> UpstreamVideo:
-        return _video(await self._post(call, self._url("edits"), body, _video_ref(task)))
+        replace = {**_model(call, body), **_video_ref(task)}
+        return _video(await self._post(call, self._url("edits"), body, replace))
 
     async def extend(self, call: Call, task: Task | None, body: RequestBody) -> UpstreamVideo:
-        return _video(await self._post(call, self._url("extensions"), body, _video_ref(task)))
+        replace = {**_model(call, body), **_video_ref(task)}
+        return _video(await self._post(call, self._url("extensions"), body, replace))
 
     async def create_character(self, call: Call, body: RequestBody) -> dict[str, Any]:
         return _character(await self._post(call, self._url("characters"), body, {}))
@@ -151,6 +152,12 @@ def _pass_range(headers: CIMultiDict[str]) -> None:
         return
     for name in ("Range", "If-Range"):
         headers.popall(name, None)
+
+
+def _model(call: Call, body: RequestBody) -> dict[str, str]:
+    """A ``model`` the client sent becomes the deployment's: the provider never sees a public name,
+    nor one the key may not use (an edit by ID is routed by its source, not by that field)."""
+    return {"model": call.deployment.upstream_model} if "model" in body.fields else {}
 
 
 def _video_ref(task: Task | None) -> dict[str, str]:
