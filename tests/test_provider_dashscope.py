@@ -237,6 +237,15 @@ async def test_content_streams_through_the_gateway(
     assert status == 200 and body == media["video"].read_bytes() and headers["Content-Type"] == "video/mp4"
     assert fake.downloads and "Authorization" not in fake.downloads[-1], "the key never goes to OSS"
 
+    path = f"/v1/videos/{video['id']}/content"
+    status, headers, body = await request(gw, "GET", path, headers={"Range": "bytes=0-99"})
+    assert status == 206 and body == media["video"].read_bytes()[:100]
+    assert fake.downloads[-1]["Range"] == "bytes=0-99"
+    for ignored in ("items=0-5", "bytes=0-1,5-6", "bytes=abc"):
+        status, _, body = await request(gw, "GET", path, headers={"Range": ignored})
+        assert status == 200 and body == media["video"].read_bytes(), ignored
+        assert "Range" not in fake.downloads[-1], "a Range the gateway ignores is not passed on"
+
     await assert_variant_missing(gw, video["id"])
 
 

@@ -163,6 +163,20 @@ def byte_range(header: str) -> ByteRange | None:
     return None if last is not None and first > last else ByteRange(first, last)
 
 
+def range_headers(request_headers: Mapping[str, str]) -> dict[str, str]:
+    """The client's ``Range`` (with its ``If-Range``) as the gateway reads it, for a provider or a
+    result host. A Range the gateway ignores (:func:`byte_range`) is not passed on, so the whole
+    file comes, as it would from a local provider."""
+    header = request_headers.get("Range")
+    wanted = byte_range(header) if header is not None else None
+    if wanted is None:
+        return {}
+    sent = {"Range": wanted.header()}
+    if "If-Range" in request_headers:
+        sent["If-Range"] = request_headers["If-Range"]
+    return sent
+
+
 def _position(digits: str) -> int | None:
     digits = digits.lstrip("0") or ("0" if digits else "")
     if not digits:

@@ -31,7 +31,7 @@ from yarl import URL
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Adapter, Call, read_limited
+from gateway.providers.base import Adapter, Call, range_headers, read_limited
 from gateway.providers.local import validate_prompt
 
 MAX_INLINE_IMAGE = 20 * 1024 * 1024
@@ -333,12 +333,12 @@ class NativeAdapter(Adapter):
         headers: Mapping[str, str] | None = None,
         content_type: str = "video/mp4",
     ) -> web.StreamResponse:
-        """Stream a result file to the client (Range passed on); the URL never reaches the client."""
-        sent: dict[str, str] = dict(headers or {})
-        for name in ("Range", "If-Range"):
-            if name in call.request.headers:
-                sent[name] = call.request.headers[name]
-        sent.setdefault("Accept-Encoding", "identity")
+        """Stream a result file to the client (Range passed on); the URL never reaches the client.
+
+        ``headers`` (a provider's credential, say) go to the first URL only; a redirect's target
+        gets the range headers alone."""
+        ranged = {**range_headers(call.request.headers), "Accept-Encoding": "identity"}
+        sent: dict[str, str] = {**(headers or {}), **ranged}
         for _ in range(4):
             if not self.result_host_allowed(url):
                 raise UpstreamError(
@@ -350,9 +350,7 @@ class NativeAdapter(Adapter):
             async with self.send(call, "GET", url, headers=sent, streaming=True) as response:
                 if response.status in _REDIRECTS and "Location" in response.headers:
                     url = str(response.url.join(URL(response.headers["Location"])))
-                    sent = {
-                        k: v for k, v in sent.items() if k.lower() not in ("authorization", "x-goog-api-key")
-                    }
+                    sent = ranged
                     continue
                 if response.status in (403, 404, 410):
                     raise expired_result()

@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.bodies import RequestBody
@@ -24,8 +23,8 @@ from gateway.providers.base import (
     Call,
     EventStream,
     UpstreamVideo,
-    byte_range,
     error_from_upstream,
+    range_headers,
     read_limited,
 )
 from gateway.store import Task
@@ -82,11 +81,10 @@ class OpenAIAdapter(Adapter):
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         headers = self.upstream_headers(call, forward_client=False)
-        for name in (*CONTENT_REQUEST_HEADERS, "Accept-Encoding"):
+        for name in ("If-None-Match", "If-Modified-Since", "Accept-Encoding"):
             if name in call.request.headers:
                 headers[name] = call.request.headers[name]
-        if "Range" in headers:
-            _pass_range(headers)
+        headers.update(range_headers(call.request.headers))
         headers.setdefault("Accept-Encoding", "identity")
         url = self._url(task.upstream_id, "content") + f"?variant={quote(variant)}"
         async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
@@ -141,17 +139,6 @@ class OpenAIAdapter(Adapter):
 
     async def get_character(self, call: Call, task: Task) -> dict[str, Any]:
         return _character(await self._get_json(call, self._url("characters", task.upstream_id)))
-
-
-def _pass_range(headers: CIMultiDict[str]) -> None:
-    """The client's Range as the gateway reads it (:func:`byte_range`): one the gateway ignores is
-    not passed on, so the provider sends the whole video, as a local one would."""
-    wanted = byte_range(headers["Range"])
-    if wanted is not None:
-        headers["Range"] = wanted.header()
-        return
-    for name in ("Range", "If-Range"):
-        headers.popall(name, None)
 
 
 def _model(call: Call, body: RequestBody) -> dict[str, str]:
