@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway import metrics
 from gateway.app import build_app
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, load
 from tests.fakes.faulty_upstream import FaultyUpstream
@@ -273,3 +274,36 @@ async def test_requests_abandoned_at_shutdown_are_not_logged_as_the_clients(
     await client
     access = [line for line in log_lines(session_log, "abandoned-1") if line["event"] == "request"]
     assert [line["status"] for line in access] == [503]
+
+
+def upstream_errors(provider: str) -> float:
+    samples = metrics.metrics_registry().get_sample_value
+    return sum(
+        samples("gateway_upstream_errors_total", {"provider": provider, "kind": kind}) or 0.0
+        for kind in ("connect", "timeout", "reset", "payload", "4xx", "5xx")
+    )
+
+
+async def test_a_client_that_hangs_up_mid_upload_is_not_the_providers_failure(
+    gw: RunningGateway, faulty: tuple[FaultyUpstream, str], session_log: Path
+) -> None:
+    """Clients give up on uploads; that must not count against the provider, nor bring it closer to
+    ejection, and the access log says the client went away (499)."""
+    before = upstream_errors("up")
+    start = HEAD_PARTS + b"\0" * 20000
+    _, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    writer.write(
+        request_head(len(start) + 500_000).replace(b"Host: gw", b"Host: gw\r\nX-Request-ID: hangs-up-1")
+    )
+    writer.write(start)
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.transport.abort()
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        if any(line.get("event") == "request" for line in log_lines(session_log, "hangs-up-1")):
+            break
+    (access,) = [line for line in log_lines(session_log, "hangs-up-1") if line.get("event") == "request"]
+    assert access["status"] == 499
+    assert upstream_errors("up") == before
+    assert faulty[0].hits_for("primary") == []
