@@ -216,11 +216,15 @@ class SQLiteTaskStore:
         self._seen = self._epoch.read()
 
     def _open(self) -> None:
+        """Open, one process at a time: workers starting together on a new file would otherwise
+        race to switch it to WAL, and the loser gets "database is locked" at once (no busy wait)."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
+        with open(self._path.with_name(self._path.name + "-open-lock"), "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
         self._db = db
 
     async def _run(self, fn: Any, *args: Any) -> Any:

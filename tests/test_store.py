@@ -103,3 +103,16 @@ async def test_concurrent_admissions_never_overshoot(pair) -> None:
     a, b = pair
     results = await asyncio.gather(*(s.admit("alpha", per_minute=5, max_active=None) for s in (a, b) * 10))
     assert sum(r.limit is None for r in results) == 5
+
+
+async def test_workers_opening_a_new_store_together_all_succeed(tmp_path: Path) -> None:
+    """Workers start at once on a fresh data_dir; switching the new file to WAL must not make one of
+    them fail with "database is locked" (which stops the whole gateway at start-up)."""
+    for attempt in range(40):
+        path = tmp_path / str(attempt) / "gw.sqlite3"
+        stores = [SQLiteTaskStore(path) for _ in range(6)]
+        opened = await asyncio.gather(*(store.open() for store in stores), return_exceptions=True)
+        for store, result in zip(stores, opened, strict=True):
+            if not isinstance(result, BaseException):
+                await store.close()
+        assert [r for r in opened if isinstance(r, BaseException)] == []
