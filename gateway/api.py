@@ -364,7 +364,8 @@ async def retrieve_video(request: web.Request) -> web.Response:
     return _json(task.video, headers=headers)
 
 
-def _list_params(request: web.Request) -> tuple[str | None, int, str]:
+def list_params(request: web.Request) -> tuple[str | None, int, str]:
+    """``after``, ``limit`` and ``order`` of a list request (the simulator's too), or a 400."""
     query = request.query
     after = query.get("after") or None
     order = query.get("order", "desc")
@@ -378,7 +379,7 @@ def _list_params(request: web.Request) -> tuple[str | None, int, str]:
 
 async def list_videos(request: web.Request) -> web.Response:
     gw = gateway(request)
-    after, limit, order = _list_params(request)
+    after, limit, order = list_params(request)
     try:
         tasks, has_more = await gw.store.list(client_key(request).name, after=after, limit=limit, order=order)
     except KeyError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import re
 import secrets
@@ -16,6 +15,7 @@ from aiohttp import ClientConnectionResetError, web
 from aiohttp.http import HttpVersion11
 
 from gateway import api, logs, metrics, openapi
+from gateway.auth import bearer_token, same_key
 from gateway.bodies import too_large
 from gateway.config import GatewayConfig
 from gateway.context import CONTEXT, RequestContext
@@ -301,8 +301,7 @@ async def admin_reload(request: web.Request) -> web.Response:
 def _admin(request: web.Request) -> Gateway:
     gw = request.app[GATEWAY]
     key = gw.table.config.admin_key
-    presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if key is None or not hmac.compare_digest(presented.encode(), key.encode()):
+    if key is None or not same_key(bearer_token(request.headers.get("Authorization")), key):
         raise ApiError(401, "The admin endpoints need the admin key.", code="invalid_admin_key")
     return gw
 

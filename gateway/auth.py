@@ -16,15 +16,27 @@ from gateway.context import CONTEXT
 from gateway.errors import ApiError
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme in any case), else None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def same_key(presented: str | None, key: str) -> bool:
+    """A constant-time comparison of a presented token with a configured key."""
+    raw = (presented or "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(raw, key.encode("utf-8", "surrogateescape"))
+
+
 class KeyRing:
     def __init__(self, keys: tuple[ClientKey, ...]) -> None:
         self._keys = keys
 
     def authenticate(self, authorization: str | None) -> ClientKey:
         """The key named by an ``Authorization: Bearer`` header, or a 401."""
-        scheme, _, token = (authorization or "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(authorization)
+        if token is None:
             raise ApiError(
                 401,
                 "Missing API key: send it as 'Authorization: Bearer <key>'.",

@@ -15,7 +15,6 @@ shows the other workers' counts as of at most that long ago.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import platform
 from bisect import bisect_left
@@ -40,6 +39,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.auth import bearer_token, same_key
 from gateway.context import CONTEXT
 
 FLUSH_SECONDS = 1.0
@@ -366,8 +366,8 @@ def metrics_handler(key: str | None) -> web.Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         ctx = request.get(CONTEXT)
         current = ctx.table.config.metrics_key if ctx is not None else key
-        presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if current is not None and not hmac.compare_digest(presented.encode(), current.encode()):
+        presented = bearer_token(request.headers.get("Authorization"))
+        if current is not None and not same_key(presented, current):
             return web.Response(status=401, text="metrics key required\n")
         return await handler(request)
 

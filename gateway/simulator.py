@@ -6,13 +6,14 @@ same answers, statuses, error envelope and media as the real API (single tenant,
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from gateway.api import list_params
+from gateway.auth import bearer_token, same_key
 from gateway.bodies import read_body
 from gateway.config import Limits
 from gateway.errors import ApiError, bad_request
@@ -65,10 +66,8 @@ async def retrieve(request: web.Request) -> web.Response:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    limit = int(request.query.get("limit", "20"))
-    jobs, more = await _engine(request).list(
-        after=request.query.get("after"), limit=min(limit, 100), order=request.query.get("order", "desc")
-    )
+    after, limit, order = list_params(request)
+    jobs, more = await _engine(request).list(after=after, limit=limit, order=order)
     return web.json_response(
         {
             "object": "list",
@@ -166,10 +165,10 @@ def build_simulator(
     @web.middleware
     async def errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
         try:
-            if api_key is not None:
-                presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(presented.encode(), api_key.encode()):
-                    raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            if api_key is not None and not same_key(
+                bearer_token(request.headers.get("Authorization")), api_key
+            ):
+                raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
             return await handler(request)
         except ApiError as exc:
             return exc.response()

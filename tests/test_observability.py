@@ -194,6 +194,12 @@ async def test_metrics_key_and_path_are_configurable(start_gateway: StartGateway
     async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
         assert response.status == 401
     assert "gateway_http_requests_total" in await scrape(gw, {"Authorization": "Bearer scrape-secret-1"})
+    for wrong in ("scrape-secret-1", "Basic scrape-secret-1", "Bearer scrape-secret-2"):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(gw.url + "/metrics", headers={"Authorization": wrong}) as response,
+        ):
+            assert response.status == 401, wrong
 
     off = await start_gateway(gateway_yaml(tmp_path / "off", extra="metrics: {enabled: false}"))
     async with aiohttp.ClientSession() as session, session.get(off.url + "/metrics") as response:

@@ -225,6 +225,8 @@ async def test_ejection_then_probe_and_recovery(
     assert {r["deployment"]: r for r in state["deployments"]}["only-one"]["state"] != "ejected"
 
     assert (await get(gw, "/admin/deployments", AUTH))[0] == 401
+    assert (await get(gw, "/admin/deployments", {"Authorization": "admin-key-0123"}))[0] == 401
+    assert (await get(gw, "/admin/deployments", {"Authorization": "bearer admin-key-0123"}))[0] == 200
 
 
 async def test_reads_retry_the_same_deployment(

@@ -102,3 +102,17 @@ async def test_the_gateway_edits_and_extends_through_the_simulator(
             assert response.status == 200 and edited["remixed_from_video_id"] is None
     done = await client.videos.poll(extended["id"])
     assert done.status == "completed" and done.seconds == "6" and done.model == "sora-remote"
+
+
+async def test_list_parameters_are_checked_like_the_gateways(simulator: TestServer) -> None:
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        for query in ("limit=abc", "limit=0", "limit=101", "order=sideways"):
+            async with session.get(str(simulator.make_url(f"/v1/videos?{query}"))) as response:
+                body = await response.json()
+            assert response.status == 400 and body["error"]["param"] in ("limit", "order"), query
+        async with session.get(str(simulator.make_url("/v1/videos?limit=2&order=asc"))) as response:
+            assert response.status == 200 and (await response.json())["object"] == "list"
+        async with session.get(
+            str(simulator.make_url("/v1/videos")), headers={"Authorization": UPSTREAM_KEY}
+        ) as response:
+            assert response.status == 401, "the key must come as a bearer token"
