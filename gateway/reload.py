@@ -60,13 +60,20 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
     env = AdapterEnv(data_dir=config.data_dir, hosted=gw.hosted)
     old = previous.all_adapters() if previous is not None else {}
     adapters: dict[str, Adapter] = {}
+    started: list[Adapter] = []
     for name, provider in config.providers.items():
         reused = old.get(name)
         if reused is not None and reused.config == provider:
             adapters[name] = reused
             continue
         adapter = ADAPTERS[provider.kind](provider, env)
-        await adapter.start()
+        try:
+            await adapter.start()
+        except ConfigError as exc:  # e.g. a credential file that cannot be read: nothing is swapped
+            for other in started:
+                await other.close()
+            raise ConfigError([f"providers.{name}: {problem}" for problem in exc.problems]) from None
+        started.append(adapter)
         adapters[name] = adapter
     for name, adapter in old.items():
         if adapters.get(name) is not adapter:
@@ -137,11 +144,19 @@ class Reloader:
                     "config_reload_rejected", reason=reason, path=str(self._path), problems=exc.problems
                 )
                 return False, exc.problems
+            try:
+                table = await build_table(config, self._gw, self._gw.table)
+            except ConfigError as exc:
+                RELOADS.labels("failure").inc()
+                log.error(
+                    "config_reload_rejected", reason=reason, path=str(self._path), problems=exc.problems
+                )
+                return False, exc.problems
             ignored = self._needs_restart(config, self._gw.table.config)
             if ignored:
                 log.warning("config_reload_needs_restart", settings=ignored)
             self._apply_process_settings(config, self._gw.table.config)
-            self._gw.table = await build_table(config, self._gw, self._gw.table)
+            self._gw.table = table
             RELOADS.labels("success").inc()
             LAST_SUCCESS.set(time.time())
             log.info(

@@ -22,7 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.app import RELOADER, build_app
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig
 from gateway.logs import log
 from gateway.state import GATEWAY
 from gateway.workers import leave_orphaned_metrics, supervised
@@ -90,6 +90,8 @@ async def _start(
     """Open the store and adapters, then listen; failures the operator must fix are StartupErrors."""
     try:
         await runner.setup()
+    except ConfigError as exc:  # an adapter that cannot start, e.g. an unreadable credential file
+        raise StartupError("; ".join(exc.problems)) from None
     except (OSError, sqlite3.Error) as exc:
         where = f"data_dir {config.data_dir} (store {config.store_path})"
         raise StartupError(f"cannot open {where}: {_reason(exc)}") from None

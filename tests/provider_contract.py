@@ -40,6 +40,11 @@ async def start_provider_gateway(
     start_gateway: StartGateway, tmp_path: Path, provider_yaml: str, models_yaml: str, extra: str = ""
 ) -> RunningGateway:
     """A gateway with one provider (``provider_yaml``: the body of ``providers.<name>``) and its models."""
+    return await start_gateway(provider_gateway_yaml(tmp_path, provider_yaml, models_yaml, extra))
+
+
+def provider_gateway_yaml(tmp_path: Path, provider_yaml: str, models_yaml: str, extra: str = "") -> str:
+    """The config of :func:`start_provider_gateway`."""
     text = textwrap.dedent("""
         data_dir: __DATA__
         keys:
@@ -58,7 +63,7 @@ async def start_provider_gateway(
         .replace("__MODELS__", textwrap.indent(textwrap.dedent(models_yaml).strip("\n"), "  "))
         .replace("__EXTRA__", textwrap.dedent(extra))
     )
-    return await start_gateway(text)
+    return text
 
 
 def png(width: int = 64, height: int = 48) -> bytes:

@@ -12,6 +12,8 @@ from gateway.config import ConfigError, ProviderConfig
 from gateway.errors import ApiError
 from gateway.providers.base import AdapterEnv
 from gateway.providers.veo_vertex import VeoVertexAdapter
+from gateway.reload import Reloader
+from gateway.state import GATEWAY
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway
 from tests.fakes.veo_vertex import FakeVertexVeo, ServiceAccountKey
 from tests.provider_contract import (
@@ -20,6 +22,7 @@ from tests.provider_contract import (
     create,
     png,
     poll_until_done,
+    provider_gateway_yaml,
     request,
     start_provider_gateway,
 )
@@ -286,3 +289,32 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
     assert await assert_sdk_roundtrip(gw, "veo", prompt="sdk", size="720x1280", seconds="6") == (
         media["video"].read_bytes()
     )
+
+
+async def test_an_unusable_service_account_file_stops_the_start_and_the_reload(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    vertex: tuple[FakeVertexVeo, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found when the gateway starts or reloads, not at the first create of a user."""
+    missing = tmp_path / "nowhere.json"
+    broken = f"""
+        kind: vertex_veo
+        base_url: {vertex[1]}
+        {service_account(missing)}
+    """
+    with pytest.raises(ConfigError) as refused:
+        await start_provider_gateway(start_gateway, tmp_path / "a", broken, MODELS)
+    assert f"providers.native: options.service_account_file {missing}" in str(refused.value)
+    assert "FileNotFoundError" in str(refused.value)
+
+    working = provider(vertex[1], f"api_key: {STATIC_TOKEN}")
+    gw = await start_provider_gateway(start_gateway, tmp_path / "b", working, MODELS)
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text(provider_gateway_yaml(tmp_path / "b", broken, MODELS))
+    monkeypatch.setenv("ALPHA_KEY", ALPHA_KEY)  # a reload reads the environment
+    ok, problems = await Reloader(gw.app[GATEWAY], config_file).reload("test")
+    assert not ok and any("options.service_account_file" in p for p in problems)
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "still here", "model": "veo"})
+    assert status == 200, body

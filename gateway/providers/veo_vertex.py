@@ -42,6 +42,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from gateway.bodies import RequestBody
+from gateway.config import ConfigError
 from gateway.errors import ApiError, UpstreamError
 from gateway.providers.base import Call, FileAnswer, UpstreamVideo, json_or_none, read_limited
 from gateway.providers.native import durations, expired_if_gone, expired_result, not_offered
@@ -155,6 +156,17 @@ class VeoVertexAdapter(VeoBase):
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Read the service account now, so that an unusable file stops the start or the reload
+        that names it, rather than failing the first create."""
+        await super().start()
+        path = self.config.options.get("service_account_file")
+        if path and not self.config.api_key:
+            try:
+                self._account = await asyncio.to_thread(load_service_account, str(path))
+            except ApiError as exc:
+                raise ConfigError([f"options.service_account_file {path}: {exc.message}"]) from None
 
     @property
     def project(self) -> str:
