@@ -53,9 +53,7 @@ async def test_reload_under_load_loses_nothing(
 ) -> None:
     fake, url = faulty
     before, after = two_generations(tmp_path, url)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(before)
-    gw = await start_gateway(load(before), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, before)
     failures: list[Any] = []
     created: list[str] = []
     stop = asyncio.Event()
@@ -111,9 +109,7 @@ async def test_invalid_reload_keeps_the_old_table(
 ) -> None:
     fake, url = faulty
     before, _ = two_generations(tmp_path, url)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(before)
-    gw = await start_gateway(load(before), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, before)
     failures_before = reload_count("failure")
     path.write_text(before.replace("{provider: up, model: primary}", "{provider: opnai, model: primary}"))
     status, result = await post_admin(gw.url, "/admin/reload")
@@ -132,15 +128,22 @@ async def test_file_change_is_picked_up(
 ) -> None:
     fake, url = faulty
     before, after = two_generations(tmp_path, url)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(before)
-    gw = await start_gateway(load(before), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, before)
     path.write_text(after)
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline and not fake.hits_for("secondary"):
         await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
         await asyncio.sleep(0.3)
     assert fake.hits_for("secondary"), "the watcher reloaded the changed file"
+
+
+async def start_from_file(
+    start_gateway: StartGateway, tmp_path: Path, text: str
+) -> tuple[RunningGateway, Path]:
+    """A gateway started from ``text`` written to a file, so that it can be reloaded from there."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return await start_gateway(load(text), config_path=path), path
 
 
 async def reload_to(gw: RunningGateway, path: Path, text: str) -> None:
@@ -162,9 +165,7 @@ async def test_reload_rotates_the_metrics_key(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
     text = config(tmp_path, faulty[1], TWO_TIERS, extra="metrics: {key: metrics-old-key}")
-    path = tmp_path / "gateway.yaml"
-    path.write_text(text)
-    gw = await start_gateway(load(text), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, text)
     old, new = ({"Authorization": f"Bearer metrics-{k}-key"} for k in ("old", "new"))
     assert await status_of(gw.url + "/metrics", old) == 200
 
@@ -185,9 +186,7 @@ async def test_reload_applies_the_resilience_policy(
     fake, url = faulty
     fake.behaviour["primary"] = "status:500"
     text = config(tmp_path, url, TWO_TIERS, extra="resilience: {consecutive_failures: 5}")
-    path = tmp_path / "gateway.yaml"
-    path.write_text(text)
-    gw = await start_gateway(load(text), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, text)
     stricter = "resilience: {consecutive_failures: 1, base_ejection_seconds: 300}"
     await reload_to(gw, path, text.replace("resilience: {consecutive_failures: 5}", stricter))
 
@@ -213,9 +212,7 @@ async def test_reload_applies_the_log_level(
     session_level: None,
 ) -> None:
     text = config(tmp_path, faulty[1], TWO_TIERS, extra="logging: {level: debug}")
-    path = tmp_path / "gateway.yaml"
-    path.write_text(text)
-    gw = await start_gateway(load(text), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, text)
 
     async def access_logged(request_id: str) -> bool:
         await get(gw, "/v1/models", {**AUTH, "X-Request-ID": request_id})
@@ -231,9 +228,7 @@ async def test_reload_names_the_settings_that_need_a_restart(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], session_log: Path
 ) -> None:
     text = config(tmp_path, faulty[1], TWO_TIERS)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(text)
-    gw = await start_gateway(load(text), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, text)
     seen = len(session_log.read_text().splitlines())
     await reload_to(gw, path, text + "server: {port: 18999}\nlogging: {format: json}\n")
     (entry,) = logged(session_log, "config_reload_needs_restart", seen)
@@ -246,9 +241,7 @@ async def test_reload_can_turn_the_file_watch_off(
     fake, url = faulty
     before, after = two_generations(tmp_path, url)
     off = "server: {watch_config: false}\nadmin:"
-    path = tmp_path / "gateway.yaml"
-    path.write_text(before)
-    gw = await start_gateway(load(before), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, before)
     await reload_to(gw, path, before.replace("admin:", off))
     path.write_text(after.replace("admin:", off))
     await asyncio.sleep(3)  # the watcher looks every 2 s
@@ -260,9 +253,7 @@ async def test_rejected_reload_never_shows_a_secret(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], session_log: Path
 ) -> None:
     text = config(tmp_path, faulty[1], TWO_TIERS)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(text)
-    gw = await start_gateway(load(text), config_path=path)
+    gw, path = await start_from_file(start_gateway, tmp_path, text)
     seen = len(session_log.read_text().splitlines())
     path.write_text(
         text.replace("admin: {key: admin-key-0123}", "admin: {key: Adm1nP4}").replace(
