@@ -24,7 +24,8 @@ CONTENT_RESPONSE_HEADERS = (
     "Cache-Control",
 )
 
-CONTENT_REQUEST_HEADERS = ("Range", "If-Range", "If-None-Match", "If-Modified-Since")
+# Passed on with a content download; Range and If-Range go through base.range_headers().
+CONDITIONAL_REQUEST_HEADERS = ("If-None-Match", "If-Modified-Since")
 
 
 def forwardable_request_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:

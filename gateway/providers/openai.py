@@ -17,7 +17,7 @@ from yarl import URL
 
 from gateway.bodies import RequestBody
 from gateway.errors import UpstreamError
-from gateway.headers import CONTENT_REQUEST_HEADERS
+from gateway.headers import CONDITIONAL_REQUEST_HEADERS
 from gateway.providers.base import (
     Adapter,
     Call,
@@ -80,17 +80,19 @@ class OpenAIAdapter(Adapter):
         return await self.json_of(await self.exchange(call, "GET", url, headers=headers))
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
+        sent = call.request.headers
+        # Which bytes the client wants, for the provider and for a result host it redirects to.
+        asked = {
+            name: sent[name] for name in (*CONDITIONAL_REQUEST_HEADERS, "Accept-Encoding") if name in sent
+        }
+        asked = {"Accept-Encoding": "identity", **asked, **range_headers(sent)}
         headers = self.upstream_headers(call, forward_client=False)
-        for name in ("If-None-Match", "If-Modified-Since", "Accept-Encoding"):
-            if name in call.request.headers:
-                headers[name] = call.request.headers[name]
-        headers.update(range_headers(call.request.headers))
-        headers.setdefault("Accept-Encoding", "identity")
+        headers.update(asked)
         url = self._url(task.upstream_id, "content") + f"?variant={quote(variant)}"
         async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
             if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                 return await self._follow(
-                    call, str(response.url.join(URL(response.headers["Location"]))), headers
+                    call, str(response.url.join(URL(response.headers["Location"]))), asked
                 )
             if response.status >= 400:
                 raise error_from_upstream(
@@ -98,17 +100,15 @@ class OpenAIAdapter(Adapter):
                 )
             return await self.relay(call, response)
 
-    async def _follow(self, call: Call, url: str, headers: Any) -> web.StreamResponse:
-        """One redirect to a signed result URL, only to a host this provider is known to use."""
+    async def _follow(self, call: Call, url: str, headers: dict[str, str]) -> web.StreamResponse:
+        """One redirect to a signed result URL, only to a host this provider is known to use; it
+        gets ``headers`` (which bytes are wanted), none of the provider's own."""
         if not self.result_host_allowed(url):
             raise UpstreamError(
                 502,
                 "Upstream error: the provider redirected the download to an unknown host.",
                 kind="payload",
             )
-        # A result host gets what says which bytes are wanted, none of the provider's headers.
-        wanted = (*CONTENT_REQUEST_HEADERS, "Accept-Encoding")
-        headers = {name: headers[name] for name in wanted if name in headers}
         async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
             if response.status >= 400:
                 raise error_from_upstream(
