@@ -361,7 +361,7 @@ class Adapter:
             if own is not None:
                 raise own from None
             status, message, kind, sent = _transport_failure(exc, answered=response is not None, data=data)
-            raise self._fail(call, body, status, message, kind, sent=sent, cause=exc) from None
+            raise self._fail(call, status, message, kind, sent=sent, cause=exc) from None
         finally:
             series.in_flight.dec()
             self.in_flight -= 1
@@ -386,7 +386,7 @@ class Adapter:
                 exc.kind == "timeout" and not exc.connecting and (exc.answered or data is not None)
             )
             status = 504 if exc.kind == "timeout" else 502
-            raise self._fail(call, None, status, str(exc), exc.kind, sent=sent, cause=exc) from None
+            raise self._fail(call, status, str(exc), exc.kind, sent=sent, cause=exc) from None
         finally:
             series.in_flight.dec()
             self.in_flight -= 1
@@ -418,17 +418,15 @@ class Adapter:
     def _fail(
         self,
         call: Call,
-        body: RequestBody | None,
         status: int,
         message: str,
         kind: str,
         *,
         sent: bool,
         cause: BaseException | None = None,
-    ) -> ApiError:
-        """The error for a failed exchange; ``message`` is for the client, ``cause`` for the log only."""
-        if body is not None and body.failure is not None:
-            return body.failure
+    ) -> UpstreamError:
+        """The error for a failed exchange (not the client's own: see :func:`_client_failure`);
+        ``message`` is for the client, ``cause`` for the log only."""
         self.count_error(kind)
         call.upstream_error = kind
         call.outcome(kind)
