@@ -8,7 +8,6 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import ClientConnectionResetError, web
@@ -60,7 +59,7 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
     finally:
         series.in_flight.dec()
         gw.in_flight -= 1
-        if response is _CLIENT_GONE and request.app[STOPPING].started:
+        if response is _CLIENT_GONE and gw.stopping:
             response = _ABANDONED
         _observe(request, ctx, response, route, series, time.perf_counter() - ctx.started)
 
@@ -95,18 +94,10 @@ _CLIENT_GONE = web.Response(status=499)
 _ABANDONED = web.Response(status=503)
 
 
-@dataclass
-class Stopping:
-    """Whether the server is stopping. aiohttp fires ``on_shutdown`` before it cancels the handlers
-    still running, so a request cancelled from then on is one the gateway abandoned."""
-
-    started: bool = False
-
-    async def begin(self, app: web.Application) -> None:
-        self.started = True
-
-
-STOPPING = web.AppKey("stopping", Stopping)
+async def _stopping(app: web.Application) -> None:
+    """aiohttp fires ``on_shutdown`` before it cancels the handlers still running, so a request
+    cancelled from then on is one the gateway abandoned, not one the client left."""
+    app[GATEWAY].stopping = True
 
 
 async def _send(request: web.Request, response: web.StreamResponse) -> None:
@@ -339,8 +330,7 @@ def build_app(
         workers=workers,
     )
     reloader = app[RELOADER] = Reloader(state, config_path)
-    stopping = app[STOPPING] = Stopping()
-    app.on_shutdown.append(stopping.begin)
+    app.on_shutdown.append(_stopping)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", _json_document(openapi.document()))

@@ -23,7 +23,8 @@ class Gateway:
     bulkheads: Bulkheads = field(default_factory=Bulkheads)
     hosted: HostedFiles | None = None
     workers: int = 1
-    draining: bool = False
+    draining: bool = False  # SIGTERM came: readiness fails, new connections close
+    stopping: bool = False  # the drain is over: aiohttp is cancelling what still runs
     in_flight: int = 0
     table: RoutingTable = field(init=False)
     store: TaskStore = field(init=False)
