@@ -339,7 +339,7 @@ def build_app(
     if state.hosted is not None:
         app.router.add_get("/files/{name}", state.hosted.handle)
     if config.metrics_path is not None:
-        app.router.add_get(config.metrics_path, metrics.metrics_handler(config.metrics_key))
+        app.router.add_get(config.metrics_path, metrics.metrics_handler())
     for prefix in API_PREFIXES:
         api.add_routes(app, prefix, expect=expect_continue)
 

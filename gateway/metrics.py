@@ -355,17 +355,16 @@ def metrics_registry() -> CollectorRegistry:
     return registry
 
 
-def metrics_handler(key: str | None) -> web.Handler:
+def metrics_handler() -> web.Handler:
     """``/metrics``; when a key is configured, scrapers must send it as a bearer token.
 
     The key is the one of the config generation the request pinned, so a reload rotates it at once
-    (the old key stops working); ``key`` applies where no generation is pinned.
+    (the old key stops working).
     """
     handler = make_aiohttp_handler(metrics_registry())
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        ctx = request.get(CONTEXT)
-        current = ctx.table.config.metrics_key if ctx is not None else key
+        current = request[CONTEXT].table.config.metrics_key
         presented = bearer_token(request.headers.get("Authorization"))
         if current is not None and not same_key(presented, current):
             return web.Response(status=401, text="metrics key required\n")

@@ -138,15 +138,8 @@ class Reloader:
             self._fingerprint = await asyncio.to_thread(self._read_fingerprint)
             try:
                 config = await asyncio.to_thread(load_config, self._path)
-            except ConfigError as exc:
-                RELOADS.labels("failure").inc()
-                log.error(
-                    "config_reload_rejected", reason=reason, path=str(self._path), problems=exc.problems
-                )
-                return False, exc.problems
-            try:
                 table = await build_table(config, self._gw, self._gw.table)
-            except ConfigError as exc:
+            except ConfigError as exc:  # the file, or an adapter that cannot start with it
                 RELOADS.labels("failure").inc()
                 log.error(
                     "config_reload_rejected", reason=reason, path=str(self._path), problems=exc.problems
