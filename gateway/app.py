@@ -276,7 +276,8 @@ async def admin_deployments(request: web.Request) -> web.Response:
 
 
 async def admin_reload(request: web.Request) -> web.Response:
-    """Reload now; with several workers, check the file here and have the supervisor reload all."""
+    """Reload now; with several workers, check here what each worker's reload would meet (the file,
+    adapters that cannot start) and have the supervisor reload all."""
     gw = _admin(request)
     reloader = request.app[RELOADER]
     if gw.workers > 1:

@@ -54,27 +54,8 @@ RESTART_ONLY = {
 
 async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable | None) -> RoutingTable:
     """The table for ``config``, reusing the previous table's adapters where the provider is unchanged."""
-    register_secrets(p.api_key for p in config.providers.values())
-    register_secrets(v for p in config.providers.values() for v in p.headers.values())
-    register_secrets([config.metrics_key, config.admin_key, config.signing_key])
-    env = AdapterEnv(data_dir=config.data_dir, hosted=gw.hosted)
     old = previous.all_adapters() if previous is not None else {}
-    adapters: dict[str, Adapter] = {}
-    started: list[Adapter] = []
-    for name, provider in config.providers.items():
-        reused = old.get(name)
-        if reused is not None and reused.config == provider:
-            adapters[name] = reused
-            continue
-        adapter = ADAPTERS[provider.kind](provider, env)
-        try:
-            await adapter.start()
-        except ConfigError as exc:  # e.g. a credential file that cannot be read: nothing is swapped
-            for other in started:
-                await other.close()
-            raise ConfigError([f"providers.{name}: {problem}" for problem in exc.problems]) from None
-        started.append(adapter)
-        adapters[name] = adapter
+    adapters, _ = await _start_adapters(config, gw, old)
     for name, adapter in old.items():
         if adapters.get(name) is not adapter:
             asyncio.get_running_loop().create_task(adapter.close_when_idle())
@@ -87,6 +68,36 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
         }
     )
     return RoutingTable(config, adapters, gw.health, retired)
+
+
+async def _start_adapters(
+    config: GatewayConfig, gw: Gateway, old: dict[str, Adapter]
+) -> tuple[dict[str, Adapter], list[Adapter]]:
+    """An adapter for every provider of ``config``, reusing those of ``old`` whose provider is
+    unchanged; and the ones newly started. An adapter that cannot start (a credential file that
+    cannot be read) is a ConfigError, after the ones started before it are closed again. The
+    config's secrets are registered first, so that no log line or error message shows them."""
+    register_secrets(p.api_key for p in config.providers.values())
+    register_secrets(v for p in config.providers.values() for v in p.headers.values())
+    register_secrets([config.metrics_key, config.admin_key, config.signing_key])
+    env = AdapterEnv(data_dir=config.data_dir, hosted=gw.hosted)
+    adapters: dict[str, Adapter] = {}
+    started: list[Adapter] = []
+    for name, provider in config.providers.items():
+        reused = old.get(name)
+        if reused is not None and reused.config == provider:
+            adapters[name] = reused
+            continue
+        adapter = ADAPTERS[provider.kind](provider, env)
+        try:
+            await adapter.start()
+        except ConfigError as exc:
+            for other in started:
+                await other.close()
+            raise ConfigError([f"providers.{name}: {problem}" for problem in exc.problems]) from None
+        started.append(adapter)
+        adapters[name] = adapter
+    return adapters, started
 
 
 def _prime_resilience(config: GatewayConfig) -> None:
@@ -121,13 +132,17 @@ class Reloader:
             return None
 
     async def check(self) -> list[str]:
-        """The file's problems, without applying it."""
+        """The problems a reload of the file would meet, without applying it: the file's own, and
+        those of a changed provider whose adapter cannot start (started here, then closed)."""
         if self._path is None:
             return ["the gateway was started without a config file"]
         try:
-            await asyncio.to_thread(load_config, self._path)
+            config = await asyncio.to_thread(load_config, self._path)
+            _, started = await _start_adapters(config, self._gw, self._gw.table.all_adapters())
         except ConfigError as exc:
             return exc.problems
+        for adapter in started:
+            await adapter.close()
         return []
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]:

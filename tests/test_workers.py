@@ -202,6 +202,30 @@ async def test_an_admin_reload_reaches_every_worker(start_workers, fresh) -> Non
     assert set(await answers()) == {200}, "a rejected file changes nothing"
 
 
+async def test_an_admin_reload_refuses_a_provider_that_cannot_start(
+    start_workers, fresh, tmp_path: Path
+) -> None:
+    """The workers would each refuse it and keep the old table, so the admin answer must say no."""
+    workers = await start_workers()
+    missing = tmp_path / "no-such-account.json"
+    workers.config.write_text(
+        workers.config.read_text().replace(
+            "models:\n",
+            "  vertex:\n    kind: vertex_veo\n"
+            f"    options: {{project: demo, service_account_file: '{missing}'}}\n"
+            "models:\n  veo-later:\n    provider: vertex\n    model: veo-3.0-generate-001\n",
+            1,
+        )
+    )
+    status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
+    assert status == 422 and answer["reloaded"] is False, answer
+    refusal = f"providers.vertex: options.service_account_file {missing}"
+    assert any(problem.startswith(refusal) for problem in answer["problems"]), answer
+    statuses = [(await _call(fresh, "GET", f"{workers.url}/v1/models/veo-later"))[0] for _ in range(ROUNDS)]
+    assert set(statuses) == {404}, "no worker reloaded"
+    assert "config_reloaded" not in workers.log_text()
+
+
 async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(start_workers, fresh) -> None:
     workers = await start_workers()
     before = await _worker_pids(workers)
