@@ -74,7 +74,10 @@ _MATCHERS = re.compile(r"\{[^}]*\}")
 _MATCHER_LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _IDENT = re.compile(r"(?<![\w.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
-_LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,\s*([a-zA-Z_]\w*)\s*\)$")
+_LABEL_VALUES = re.compile(
+    r"^label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{([^}]*)\})?\s*,\s*([a-zA-Z_]\w*)\s*\)$"
+)
+_SERIES = re.compile(r"\b((?:gateway|process)_[a-z_]+)(\{job=~\"\$job\")?")
 _VARIABLE = re.compile(r"\$\{?(\w+)")
 
 
@@ -221,6 +224,10 @@ def test_variables_are_defined_and_used() -> None:
         ("Upstream errors", "$provider"),
     ]:
         assert any(variable in e for e in exprs(grouped[title])), f"{variable} unused in row {title!r}"
+    # One Prometheus often scrapes staging and production: every series follows the $job choice.
+    for expr in exprs(dashboard["panels"]):
+        for metric, scoped in _SERIES.findall(expr):
+            assert scoped, f"{metric} is not filtered by $job in: {expr}"
 
 
 def test_promtool_parses_every_expression(tmp_path: Path) -> None:
@@ -316,7 +323,8 @@ async def test_every_dashboard_metric_is_exported(dialect_gateway: RunningGatewa
             continue
         match = _LABEL_VALUES.match(variable["query"]["query"])
         assert match and variable["definition"] == variable["query"]["query"], variable["name"]
-        metric, label = match.groups()
+        metric, matchers, label = match.groups()
+        assert matchers == (None if label == "job" else 'job=~"$job"'), "choices follow the chosen jobs"
         used.add(metric)
         assert label == variable["name"]
         if metric not in names:
