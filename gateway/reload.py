@@ -29,7 +29,11 @@ from gateway.providers.base import AdapterEnv
 from gateway.routing import RoutingTable
 from gateway.state import Gateway
 
-RELOADS = Counter("gateway_config_reloads_total", "Config loads by result: success or failure.", ["result"])
+RELOADS = Counter(
+    "gateway_config_reloads_total",
+    "Config loads by result: success or failure. Each worker process counts the loads it made.",
+    ["result"],
+)
 LAST_SUCCESS = Gauge(
     "gateway_config_last_reload_success_timestamp_seconds",
     "Unix time of the last config load that took effect.",

@@ -195,6 +195,9 @@ async def test_an_admin_reload_reaches_every_worker(start_workers, fresh) -> Non
         return [(await _call(fresh, "GET", model_url))[0] for _ in range(ROUNDS)]
 
     await _until(answers, lambda statuses: set(statuses) == {200}, workers, seconds=10)
+    async with fresh.get(f"{workers.url}/metrics") as response:
+        scraped = await response.text()
+    assert 'gateway_config_reloads_total{result="success"} 2.0' in scraped, "each worker counts its load"
 
     workers.config.write_text(workers.config.read_text() + "bogus: 1\n")
     status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
