@@ -13,6 +13,7 @@ import fcntl
 import json
 import mmap
 import os
+import secrets
 import sqlite3
 import struct
 import time
@@ -121,13 +122,15 @@ CREATE TABLE IF NOT EXISTS admissions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     owner TEXT NOT NULL,
     at REAL NOT NULL,
-    pending INTEGER NOT NULL
+    pending INTEGER NOT NULL,
+    boot TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS admissions_owner ON admissions (owner, at);
 """
 
 WINDOW_SECONDS = 60.0
-# A create still pending after this long was cut off (a crash, a kill): it no longer counts.
+# A backstop: a create still pending after this long no longer counts, even when its process seems
+# alive. A process that died is noticed at once (see :class:`BootLease`).
 PENDING_SECONDS = 900.0
 
 _COLUMNS = (
@@ -173,6 +176,51 @@ class DeleteEpoch:
         os.close(self._fd)
 
 
+class BootLease:
+    """Proof that a process using the store is alive: a file named after its boot ID, in a directory
+    beside the database, that it holds a lock on for as long as it runs.
+
+    Each pending admission carries the boot ID of the process that made it. When a process dies
+    (kill -9, a crash, a power cut) the kernel drops its lock, and whoever next finds the file
+    unlocked settles that process's pending admissions, which would otherwise hold a key at its
+    ``max_in_progress`` cap for :data:`PENDING_SECONDS`. The file is locked before it is given its
+    name, so a named file that can be locked belongs to a dead process.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.boot = secrets.token_hex(8)
+        directory.mkdir(exist_ok=True)
+        staging = directory / f".{self.boot}"
+        self._fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, directory / self.boot)
+
+    def dead(self) -> Iterator[str]:
+        """Boot IDs of processes that died; each file is removed as its boot ID is handed out."""
+        for name in os.listdir(self.directory):
+            if name.startswith(".") or name == self.boot:
+                continue
+            try:
+                fd = os.open(self.directory / name, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # another process swept it first
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # alive
+            finally:
+                os.close(fd)  # closing drops the lock we may have taken
+            yield name
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / name)
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / self.boot)
+        os.close(self._fd)
+
+
 class SQLiteTaskStore:
     """SQLite in WAL mode with full fsync on commit, driven from one thread per process.
 
@@ -191,6 +239,7 @@ class SQLiteTaskStore:
         self._cache_size = cache_size
         self._epoch: DeleteEpoch | None = None
         self._seen = 0
+        self._lease: BootLease | None = None
 
     def _current_epoch(self) -> int:
         """The delete epoch; the cache is emptied when another process deleted since last look."""
@@ -225,7 +274,21 @@ class SQLiteTaskStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
-        self._db = db
+            if "boot" not in {row[1] for row in db.execute("PRAGMA table_info(admissions)")}:
+                db.execute("ALTER TABLE admissions ADD COLUMN boot TEXT NOT NULL DEFAULT ''")
+                db.execute("UPDATE admissions SET pending=0")  # made before boot IDs: nobody to ask
+            self._db = db
+            self._lease = BootLease(self._path.with_name(self._path.name + "-boots"))
+            self._settle_dead()
+
+    def _settle_dead(self) -> int:
+        """Settle the pending admissions of processes that died; how many there were."""
+        assert self._db is not None and self._lease is not None
+        settled = 0
+        for boot in self._lease.dead():
+            cursor = self._db.execute("UPDATE admissions SET pending=0 WHERE boot=? AND pending=1", (boot,))
+            settled += cursor.rowcount
+        return settled
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -372,60 +435,94 @@ class SQLiteTaskStore:
         return [self._task(r) for r in rows]
 
     async def admit(self, owner: str, *, per_minute: int | None, max_active: int | None) -> Admission:
-        def run() -> Admission:
-            assert self._db is not None
-            now = time.time()
-            horizon = now - WINDOW_SECONDS
-            self._db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
-            try:
-                self._db.execute(
-                    "DELETE FROM admissions WHERE owner=? AND at<=? AND (pending=0 OR at<=?)",
-                    (owner, horizon, now - PENDING_SECONDS),
-                )
-                count, oldest = self._db.execute(
-                    "SELECT COUNT(*), MIN(at) FROM admissions WHERE owner=? AND at>?", (owner, horizon)
-                ).fetchone()
-                reset = oldest + WINDOW_SECONDS - now if oldest is not None else 0.0
-                if per_minute is not None and count >= per_minute:
-                    self._db.execute("COMMIT")
-                    return Admission(None, "creates_per_minute", count, reset)
-                if max_active is not None:
-                    (pending,) = self._db.execute(
-                        "SELECT COUNT(*) FROM admissions WHERE owner=? AND pending=1 AND at>?",
-                        (owner, now - PENDING_SECONDS),
-                    ).fetchone()
-                    (active,) = self._db.execute(
-                        "SELECT COUNT(*) FROM tasks WHERE owner=? AND kind='video' AND deleted_at IS NULL "
-                        f"AND status IN ({','.join('?' * len(ACTIVE_STATUSES))})",
-                        (owner, *ACTIVE_STATUSES),
-                    ).fetchone()
-                    if active + pending >= max_active:
-                        self._db.execute("COMMIT")
-                        return Admission(None, "max_in_progress", count, reset)
-                cursor = self._db.execute(
-                    "INSERT INTO admissions (owner, at, pending) VALUES (?,?,1)", (owner, now)
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return Admission(cursor.lastrowid, None, count + 1, reset if count else WINDOW_SECONDS)
+        """As the protocol says. A caller cancelled meanwhile (the client went away) cannot settle
+        what it never received, so the admission is settled for it as soon as it is made."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._admit_checked, owner, per_minute, max_active)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._settle_abandoned)
+            raise
 
-        admission: Admission = await self._run(run)
+    def _admit_checked(self, owner: str, per_minute: int | None, max_active: int | None) -> Admission:
+        """Admit; a refusal for the in-progress cap is checked once more after settling the pending
+        admissions of processes that died, so a crash never holds a key at its cap."""
+        admission = self._admit(owner, per_minute, max_active)
+        if admission.limit == "max_in_progress" and self._settle_dead():
+            admission = self._admit(owner, per_minute, max_active)
         return admission
 
+    def _admit(self, owner: str, per_minute: int | None, max_active: int | None) -> Admission:
+        assert self._db is not None and self._lease is not None
+        now = time.time()
+        horizon = now - WINDOW_SECONDS
+        self._db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+        try:
+            self._db.execute(
+                "DELETE FROM admissions WHERE owner=? AND at<=? AND (pending=0 OR at<=?)",
+                (owner, horizon, now - PENDING_SECONDS),
+            )
+            count, oldest = self._db.execute(
+                "SELECT COUNT(*), MIN(at) FROM admissions WHERE owner=? AND at>?", (owner, horizon)
+            ).fetchone()
+            reset = oldest + WINDOW_SECONDS - now if oldest is not None else 0.0
+            if per_minute is not None and count >= per_minute:
+                self._db.execute("COMMIT")
+                return Admission(None, "creates_per_minute", count, reset)
+            if max_active is not None:
+                (pending,) = self._db.execute(
+                    "SELECT COUNT(*) FROM admissions WHERE owner=? AND pending=1 AND at>?",
+                    (owner, now - PENDING_SECONDS),
+                ).fetchone()
+                (active,) = self._db.execute(
+                    "SELECT COUNT(*) FROM tasks WHERE owner=? AND kind='video' AND deleted_at IS NULL "
+                    f"AND status IN ({','.join('?' * len(ACTIVE_STATUSES))})",
+                    (owner, *ACTIVE_STATUSES),
+                ).fetchone()
+                if active + pending >= max_active:
+                    self._db.execute("COMMIT")
+                    return Admission(None, "max_in_progress", count, reset)
+            cursor = self._db.execute(
+                "INSERT INTO admissions (owner, at, pending, boot) VALUES (?,?,1,?)",
+                (owner, now, self._lease.boot),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return Admission(cursor.lastrowid, None, count + 1, reset if count else WINDOW_SECONDS)
+
+    def _settle_abandoned(self, future: asyncio.Future[Admission]) -> None:
+        if not future.cancelled() and future.exception() is None and future.result().id is not None:
+            with contextlib.suppress(RuntimeError):  # the store closed meanwhile, settling it all
+                self._executor.submit(self._settle, future.result())
+
+    def _settle(self, admission: Admission) -> None:
+        if self._db is not None:
+            self._db.execute("UPDATE admissions SET pending=0 WHERE id=?", (admission.id,))
+
     async def settle(self, admission: Admission) -> None:
+        """Shielded: a handler cancelled while this runs must not leave the create counted."""
         if admission.id is not None:
-            await self._run(self._query, "UPDATE admissions SET pending=0 WHERE id=?", (admission.id,))
+            await asyncio.shield(self._run(self._settle, admission))
 
     async def close(self) -> None:
         if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
+            await self._run(self._close)
         if self._epoch is not None:
             self._epoch.close()
             self._epoch = None
         self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        """Creates still pending now were cut off by the stop: they no longer count."""
+        assert self._db is not None and self._lease is not None
+        self._db.execute("UPDATE admissions SET pending=0 WHERE boot=? AND pending=1", (self._lease.boot,))
+        self._db.close()
+        self._db = None
+        self._lease.close()
+        self._lease = None
 
 
 def _copy(task: Task) -> Task:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway import logs
-from tests.conftest import ALPHA_KEY, ENV, RunningGateway, StartGateway, load
+from tests.conftest import ALPHA_KEY, BETA_KEY, ENV, RunningGateway, StartGateway, load
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_cli import free_port, wait_healthy
 from tests.test_resilience import ADMIN, AUTH, TWO_TIERS, config, get, post
@@ -318,7 +319,7 @@ async def test_expect_continue_only_after_key_and_size(
 def gateway_process(tmp_path: Path, faulty: tuple[FaultyUpstream, str]) -> Any:
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    def start(extra: str, beta: str = "") -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         text = config(
             tmp_path,
@@ -328,6 +329,7 @@ def gateway_process(tmp_path: Path, faulty: tuple[FaultyUpstream, str]) -> Any:
               - {provider: up, model: primary}
         """,
             extra=extra,
+            beta=beta,
         ).replace(
             "admin:",
             f"server: {{port: {port}, drain_delay_seconds: 1, drain_seconds: 10}}\n"
@@ -440,3 +442,65 @@ async def test_reload_applies_drain_times(gateway_process: Any) -> None:
     output = process.stdout.read().decode() if process.stdout else ""
     assert code == 0 and took < 3, f"drained in {took:.1f} s\n{output}"
     assert "drain_seconds=0.2" in output and "abandoned=1" in output
+
+
+BETA = {"Authorization": f"Bearer {BETA_KEY}"}
+
+
+async def create_status(url: str, timeout: float = 10) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        session.post(url + "/v1/videos", json={"prompt": "x", "model": "m"}, headers=BETA) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_a_create_cut_off_by_a_crash_does_not_hold_its_key_at_the_cap(
+    gateway_process: Any, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """kill -9 while a create waits for its upstream: after the restart the key may create again
+    at once, not after the 15-minute backstop on pending creates."""
+    fake, _ = faulty
+    fake.behaviour["primary"] = "hang"
+    process, port = gateway_process("", beta="limits: {max_in_progress: 1}")
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(url + "/healthz", process)
+    cut_off = asyncio.create_task(create_status(url))
+    while not fake.hits_for("primary"):
+        await asyncio.sleep(0.05)
+    process.kill()
+    process.wait()
+    await asyncio.gather(cut_off, return_exceptions=True)
+
+    fake.behaviour["primary"] = "ok"
+    process, port = gateway_process("", beta="limits: {max_in_progress: 1}")
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(url + "/healthz", process)
+    status, body = await create_status(url)
+    assert status == 200, body
+    fake.behaviour["primary"] = "status:503"  # polls fail, so the new video stays in progress
+    status, body = await create_status(url)
+    assert status == 429 and body["error"]["code"] == "too_many_in_progress", "the cap still holds"
+
+
+async def test_a_create_abandoned_while_the_store_is_busy_does_not_count_as_in_progress(
+    gateway_process: Any, faulty: tuple[FaultyUpstream, str], tmp_path: Path
+) -> None:
+    """The client gives up while its create waits for the store (another process holds the write
+    lock); the admission the store makes afterwards is settled, not left pending."""
+    fake, _ = faulty
+    process, port = gateway_process("", beta="limits: {max_in_progress: 1}")
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(url + "/healthz", process)
+    other = sqlite3.connect(tmp_path / "gateway.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(asyncio.TimeoutError):
+        await create_status(url, timeout=0.5)
+    await asyncio.sleep(0.3)
+    other.execute("ROLLBACK")
+    other.close()
+    status, body = await create_status(url)
+    assert status == 200, body
+    fake.behaviour["primary"] = "status:503"  # polls fail, so the new video stays in progress
+    status, body = await create_status(url)
+    assert status == 429 and body["error"]["code"] == "too_many_in_progress", "the cap still holds"

@@ -4,6 +4,10 @@ two workers (each has its own connection, cache and thread, as a worker process 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,3 +120,58 @@ async def test_workers_opening_a_new_store_together_all_succeed(tmp_path: Path) 
             if not isinstance(result, BaseException):
                 await store.close()
         assert [r for r in opened if isinstance(r, BaseException)] == []
+
+
+def admit_and_die(path: Path) -> None:
+    """Another process admits a create for alpha and dies with it pending (no close, no settle)."""
+    code = textwrap.dedent(f"""
+        import asyncio, os
+        from pathlib import Path
+        from gateway.store import SQLiteTaskStore
+
+        async def main():
+            store = SQLiteTaskStore(Path({str(path)!r}))
+            await store.open()
+            assert (await store.admit("alpha", per_minute=None, max_active=1)).id is not None
+            os._exit(0)
+
+        asyncio.run(main())
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+async def test_a_dead_process_does_not_hold_a_key_at_its_in_progress_cap(pair, tmp_path: Path) -> None:
+    a, _ = pair
+    admit_and_die(tmp_path / "gw.sqlite3")
+    admitted = await a.admit("alpha", per_minute=None, max_active=1)
+    assert admitted.limit is None, "the dead process's pending create was settled"
+    assert (await a.admit("alpha", per_minute=None, max_active=1)).limit == "max_in_progress"
+    assert sorted(p.name for p in (tmp_path / "gw.sqlite3-boots").iterdir()) == sorted(
+        [a._lease.boot, pair[1]._lease.boot]
+    ), "the dead process's lease is gone, the live ones stay"
+
+
+async def test_a_live_process_keeps_its_pending_creates(pair) -> None:
+    a, b = pair
+    assert (await b.admit("alpha", per_minute=None, max_active=1)).id is not None
+    assert (await a.admit("alpha", per_minute=None, max_active=1)).limit == "max_in_progress"
+
+
+async def test_a_store_from_before_boot_ids_opens_and_forgets_its_pending_creates(tmp_path: Path) -> None:
+    path = tmp_path / "gw.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE admissions (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL,
+                                 at REAL NOT NULL, pending INTEGER NOT NULL);
+    """)
+    old.execute("INSERT INTO admissions (owner, at, pending) VALUES ('alpha', ?, 1)", (time.time(),))
+    old.commit()
+    old.close()
+    store = SQLiteTaskStore(path)
+    await store.open()
+    try:
+        first = await store.admit("alpha", per_minute=2, max_active=1)
+        assert first.limit is None and first.window == 2, "the old row still counts in the rate window"
+        assert (await store.admit("alpha", per_minute=5, max_active=1)).limit == "max_in_progress"
+    finally:
+        await store.close()
