@@ -19,12 +19,12 @@ from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
 from gateway.context import context
-from gateway.errors import ApiError, UpstreamError, bad_request, video_not_found
+from gateway.errors import ApiError, UpstreamError, bad_request, store_unavailable, video_not_found
 from gateway.logs import log
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
 from gateway.routing import RoutingTable
 from gateway.state import Gateway, gateway
-from gateway.store import Task
+from gateway.store import StoreUnavailable, Task
 from gateway.videos import build_video, is_terminal, new_character_id, new_video_id
 
 T = TypeVar("T")
@@ -68,12 +68,16 @@ async def _owned(request: web.Request, param: str = "video_id", kind: str = "vid
     task_id = request.match_info[param]
     task = await gateway(request).store.get(task_id, client_key(request).name, kind)
     if task is None:
-        if kind == "character":
-            raise ApiError(
-                404, f"No character found with id '{task_id}'.", param=param, code="character_not_found"
-            )
-        raise video_not_found(task_id)
+        raise _not_found(task_id, kind)
     return task
+
+
+def _not_found(task_id: str, kind: str) -> ApiError:
+    if kind == "character":
+        return ApiError(
+            404, f"No character found with id '{task_id}'.", param="character_id", code="character_not_found"
+        )
+    return video_not_found(task_id)
 
 
 def _check_prompt(body: RequestBody) -> None:
@@ -180,6 +184,10 @@ async def _read(request: web.Request, task: Task, operation: Callable[[Adapter, 
             with gw.bulkheads.enter(deployment, "requests"):
                 return await operation(adapter, _call(request, deployment))
         except ApiError as exc:
+            if isinstance(exc, UpstreamError) and exc.upstream_status == 404:
+                # the provider no longer has it (deleted, purged): the gateway's own answer, which
+                # does not quote the provider's ID for the job
+                raise _not_found(task.id, task.kind) from None
             delay = policy.backoff_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
             if (
                 not _retryable_read(exc)
@@ -226,11 +234,37 @@ async def _record(
         remixed_from = await _map_remixed_from(gw, owner, deployment.name, upstream.fields)
     task.video = build_video(task, upstream.fields, remixed_from=remixed_from)
     task.status = task.video["status"]
-    await gw.store.add(task)
+    await _add_started(request, deployment, task)
     metrics.VIDEOS_CREATED.labels(task.model, task.provider).inc()
     if is_terminal(task.status):
         metrics.VIDEOS_FINISHED.labels(task.model, task.provider, task.status).inc()
     return task
+
+
+async def _add_started(request: web.Request, deployment: Deployment, task: Task) -> None:
+    """Store a task whose job the provider has just accepted. When the store fails, the job is
+    logged for operators and, for a video, cancelled upstream where the provider allows it; the
+    client is told not to retry automatically, since a retry would start another job."""
+    try:
+        await gateway(request).store.add(task)
+    except StoreUnavailable as exc:
+        log.error(
+            "started_job_not_recorded",
+            request_id=context(request).request_id,
+            deployment=deployment.name,
+            upstream_id=task.upstream_id,
+            kind=task.kind,
+            error=str(exc),
+        )
+        if task.kind == "video":
+            with contextlib.suppress(ApiError):
+                adapter = context(request).table.adapter(deployment.provider)
+                await adapter.delete(_call(request, deployment), task)
+        raise store_unavailable(
+            "The provider started this job, but the gateway could not record it: its task store is "
+            "unavailable. The job was cancelled where the provider allows it; retry shortly.",
+            retry=False,
+        ) from None
 
 
 async def _map_remixed_from(gw: Gateway, owner: str, deployment: str, fields: dict[str, Any]) -> str | None:
@@ -250,7 +284,12 @@ async def _refresh(request: web.Request, task: Task) -> Task:
     state = {**task.state, **upstream.state}
     if video != task.video or state != task.state:
         task.video, task.status, task.state = video, video["status"], state
-        await _save(gateway(request), task)
+        try:
+            await _save(gateway(request), task)
+        except StoreUnavailable as exc:  # the news is still true; the next poll saves it
+            log.warning(
+                "poll_not_saved", request_id=context(request).request_id, video=task.id, error=str(exc)
+            )
     return task
 
 
@@ -517,7 +556,7 @@ async def extend_video(request: web.Request) -> web.Response:
 
 async def create_character(request: web.Request) -> web.Response:
     ctx = context(request)
-    gw, table = ctx.gateway, ctx.table
+    table = ctx.table
     body = await read_body(request, table.config.limits, until=("model",))
     try:
         model = table.resolve_model(body.get("model"))
@@ -537,7 +576,7 @@ async def create_character(request: web.Request) -> web.Response:
             kind="character",
         )
         task.video = {"id": task.id, "name": answer.get("name"), "created_at": task.created_at}
-        await gw.store.add(task)
+        await _add_started(request, deployment, task)
         return _json(task.video)
     finally:
         body.close()

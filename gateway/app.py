@@ -18,14 +18,14 @@ from gateway.auth import bearer_token, same_key
 from gateway.bodies import too_large
 from gateway.config import GatewayConfig
 from gateway.context import CONTEXT, RequestContext
-from gateway.errors import ApiError
+from gateway.errors import ApiError, store_unavailable
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads
 from gateway.logs import log
 from gateway.reload import Reloader, build_table
 from gateway.state import GATEWAY, Gateway
-from gateway.store import SQLiteTaskStore, TaskStore
+from gateway.store import SQLiteTaskStore, StoreUnavailable, TaskStore
 from gateway.workers import request_reload
 
 API_PREFIXES = ("/v1", "/v1/openai")
@@ -49,6 +49,9 @@ async def envelope_middleware(request: web.Request, handler: web.Handler) -> web
             response = exc.response()
         except web.HTTPException as exc:
             response = _http_exception(exc).response()
+        except StoreUnavailable as exc:
+            log.error("store_unavailable", request_id=ctx.request_id, path=request.path, error=str(exc))
+            response = store_unavailable().response()
         except Exception:
             log.exception("unhandled_error", request_id=ctx.request_id, path=request.path)
             response = ApiError(

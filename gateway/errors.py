@@ -2,7 +2,8 @@
 
     ApiError                      any answer that is not a success
      ├── client errors            400 / 401 / 403 / 404 / 405 / 413 / 415 / 429
-     └── UpstreamError            the provider failed us: 502 / 503 / 504, or its own 4xx passed on
+     ├── UpstreamError            the provider failed us: 502 / 503 / 504, or its own 4xx passed on
+     └── store_unavailable()      503: the task store cannot be read or written
 
 Handlers raise; the error middleware in ``app.py`` renders. Nothing else builds error bodies.
 """
@@ -90,6 +91,19 @@ def video_not_found(video_id: str, param: str = "video_id") -> ApiError:
     ``param`` names where the ID came from: the path's ``video_id``, or a body's ``video``.
     """
     return ApiError(404, f"No video found with id '{video_id}'.", param=param, code="video_not_found")
+
+
+def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
+    """The task store failed. ``retry=False`` once a provider has accepted the job the request
+    started: an automatic retry would start another one."""
+    headers = {"Retry-After": "1"} if retry else {"Retry-After": "1", "x-should-retry": "false"}
+    return ApiError(
+        503,
+        message or "The gateway's task store is unavailable; retry shortly.",
+        type="server_error",
+        code="store_unavailable",
+        headers=headers,
+    )
 
 
 def model_not_found(model: str) -> ApiError:

@@ -29,6 +29,13 @@ T = TypeVar("T")
 ACTIVE_STATUSES = ("queued", "in_progress")
 
 
+class StoreUnavailable(Exception):
+    """The store could not be read or written (locked past its busy timeout, disk full, I/O error).
+
+    Every :class:`TaskStore` method may raise it; the app answers 503 rather than a generic 500.
+    """
+
+
 @dataclass
 class Task:
     """One video (or character) the gateway handed out an ID for.
@@ -291,7 +298,12 @@ class SQLiteTaskStore:
         return settled
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise  # our mistake, not the store's
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(f"task store: {exc}") from exc
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         assert self._db is not None, "store is not open"
@@ -437,8 +449,7 @@ class SQLiteTaskStore:
     async def admit(self, owner: str, *, per_minute: int | None, max_active: int | None) -> Admission:
         """As the protocol says. A caller cancelled meanwhile (the client went away) cannot settle
         what it never received, so the admission is settled for it as soon as it is made."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._admit_checked, owner, per_minute, max_active)
+        future = asyncio.ensure_future(self._run(self._admit_checked, owner, per_minute, max_active))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -493,7 +504,7 @@ class SQLiteTaskStore:
             raise
         return Admission(cursor.lastrowid, None, count + 1, reset if count else WINDOW_SECONDS)
 
-    def _settle_abandoned(self, future: asyncio.Future[Admission]) -> None:
+    def _settle_abandoned(self, future: asyncio.Future[Any]) -> None:
         if not future.cancelled() and future.exception() is None and future.result().id is not None:
             with contextlib.suppress(RuntimeError):  # the store closed meanwhile, settling it all
                 self._executor.submit(self._settle, future.result())

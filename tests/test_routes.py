@@ -410,3 +410,32 @@ async def test_a_checked_field_given_twice_is_refused(
     forwarded = fake.requests("POST", "/v1/videos")[-1].body
     assert json.loads(forwarded) == {"model": "upstream-sora", "prompt": "second"}
     assert forwarded.count(b'"model"') == 1 and b"secret" not in forwarded
+
+
+async def test_a_video_or_character_the_provider_no_longer_has_is_the_gateways_own_404(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A provider that purged a job answers 404 with its own ID in the message; the client hears the
+    gateway's answer for its own ID, as for any unknown video, not the provider's words."""
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    video = await client.videos.create(prompt="purged later", model="sora-remote")
+    character = await client.videos.create_character(
+        name="Mochi", video=("c.mp4", b"\x00" * 32, "video/mp4"), extra_body={"model": "sora-remote"}
+    )
+    fake.jobs.clear()
+    fake.characters.clear()
+
+    for path in (f"/v1/videos/{video.id}", f"/v1/videos/{video.id}/content"):
+        status, _, raw = await send(dialect_gateway, "GET", path)
+        assert status == 404, raw
+        assert json.loads(raw)["error"] == {
+            "message": f"No video found with id '{video.id}'.",
+            "type": "invalid_request_error",
+            "param": "video_id",
+            "code": "video_not_found",
+        }
+    status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/characters/{character.id}")
+    assert status == 404 and json.loads(raw)["error"]["code"] == "character_not_found"
+    assert character.id in json.loads(raw)["error"]["message"] and b"upchar_" not in raw
+    assert len(fake.requests("GET", "/v1/videos/up_")) == 2, "one poll each: a 404 is not retried"
