@@ -18,7 +18,7 @@ from gateway import jsonio, limits, metrics
 from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
-from gateway.context import context
+from gateway.context import context, start_answer
 from gateway.errors import ApiError, UpstreamError, bad_request, store_unavailable, video_not_found
 from gateway.logs import log
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
@@ -355,7 +355,7 @@ async def _relay_events(
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     tasks: dict[str, Task] = {}
     try:
-        await response.prepare(request)
+        await start_answer(request, response)
         ctx = context(request)
         ctx.bytes_out = 0
         async for event in stream.events():

@@ -6,6 +6,7 @@ costs a few Python calls, and a poll used to make a dozen of them for separate k
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ class RequestContext:
     table: RoutingTable  # the config generation pinned at entry: a reload mid-request changes nothing
     request_id: str
     started: float
-    client_key: ClientKey | None = None  # set by the auth middleware on API routes
+    client_key: ClientKey | None = None  # set by the envelope middleware on API routes
     model: str | None = None  # the public model, once known (logs and metrics)
     call: Call | None = None  # the latest upstream call (status, error, time spent waiting on it)
     bytes_out: int = 0  # body bytes a streamed answer has sent so far
@@ -37,3 +38,24 @@ CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context")
 
 def context(request: web.Request) -> RequestContext:
     return request[CONTEXT]
+
+
+def stamp(ctx: RequestContext, response: web.StreamResponse) -> None:
+    """``x-request-id`` and the gateway's own time so far, on an answer about to start.
+
+    Every answer goes through here (the envelope middleware sends whole answers, streams call
+    :func:`start_answer`) rather than through aiohttp's ``on_response_prepare`` signal, which costs a
+    coroutine and a signal dispatch on every poll.
+    """
+    response.headers["x-request-id"] = ctx.request_id
+    if ctx.gateway.draining:
+        response.force_close()
+    call = ctx.call
+    own = time.perf_counter() - ctx.started - (call.upstream_seconds if call is not None else 0.0)
+    response.headers["x-gateway-overhead-ms"] = f"{max(0.0, own) * 1000:.3f}"
+
+
+async def start_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """Start a streamed answer: stamp it, then send its status and headers."""
+    stamp(request[CONTEXT], response)
+    await response.prepare(request)

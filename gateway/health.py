@@ -44,7 +44,10 @@ class HealthBoard:
         self._states: dict[str, DeploymentHealth] = {}
 
     def state(self, deployment: str) -> DeploymentHealth:
-        return self._states.setdefault(deployment, DeploymentHealth())
+        state = self._states.get(deployment)
+        if state is None:
+            state = self._states[deployment] = DeploymentHealth()
+        return state
 
     def is_ejected(self, deployment: str) -> bool:
         state = self._states.get(deployment)
@@ -72,6 +75,8 @@ class HealthBoard:
             if state.ejected_until:
                 log.info("deployment_restored", deployment=deployment)
                 EJECTED.labels(deployment).set(0)
+            elif not state.consecutive_failures and not state.probing:
+                return  # healthy and still healthy: every poll passes here
             state.consecutive_failures, state.ejected_until, state.probing = 0, 0.0, False
             return
         state.consecutive_failures += 1

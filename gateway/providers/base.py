@@ -28,7 +28,7 @@ from multidict import CIMultiDict
 from gateway import jsonio, metrics
 from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
-from gateway.context import CONTEXT
+from gateway.context import CONTEXT, start_answer
 from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.http1 import Answer, ExchangeError, Http1Client, Limits
@@ -498,7 +498,7 @@ class Adapter:
             response.headers["Content-Type"] = default_content_type
         if upstream.content_length is not None and "Content-Length" in upstream.headers:
             response.content_length = upstream.content_length
-        await response.prepare(call.request)
+        await start_answer(call.request, response)
         sent = 0
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):

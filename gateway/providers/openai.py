@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.bodies import RequestBody
@@ -73,10 +74,18 @@ class OpenAIAdapter(Adapter):
     async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
         return _video(await self._get_json(call, self._url(task.upstream_id)))
 
-    async def _get_json(self, call: Call, url: str) -> Any:
-        headers = self.upstream_headers(call, forward_client=False)
+    @cached_property
+    def _get_headers(self) -> dict[str, str]:
+        """What every JSON GET sends but its request ID, built once: polls are the hot path."""
+        headers = CIMultiDict(self.config.headers)
+        headers.update(self.auth_headers())
         headers["Accept"] = "application/json"
         headers["Accept-Encoding"] = "identity"
+        headers.popall("X-Request-ID", None)  # each request's own, added as it goes
+        return dict(headers)
+
+    async def _get_json(self, call: Call, url: str) -> Any:
+        headers = {**self._get_headers, "X-Request-ID": call.request_id}
         return await self.json_of(await self.exchange(call, "GET", url, headers=headers))
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
