@@ -165,6 +165,10 @@ _WORKERS_FORMS = [{"type": "integer", "minimum": 1}, {"const": "auto"}]
 # Names that become dict keys, label values and paths: YAML reads `2025:` or `yes:` as a number or
 # a boolean, which must be quoted.
 _STRING_NAMES = {"type": "string"}
+# What goes into an HTTP header: a line break would end it (a key read from a file with its newline).
+_LINE_BREAK = {"type": "string", "pattern": "[\r\n]"}
+_HEADER_VALUE = {"type": "string", "not": _LINE_BREAK}
+_HEADER_NAME = {"type": "string", "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}
 
 
 def schema() -> dict[str, Any]:
@@ -309,11 +313,11 @@ def schema() -> dict[str, Any]:
                     "properties": {
                         "kind": {"enum": sorted(ADAPTERS)},
                         "base_url": {"type": "string", "pattern": "^https?://"},
-                        "api_key": {"type": "string"},
+                        "api_key": _HEADER_VALUE,
                         "headers": {
                             "type": "object",
-                            "propertyNames": _STRING_NAMES,
-                            "additionalProperties": {"type": "string"},
+                            "propertyNames": _HEADER_NAME,
+                            "additionalProperties": _HEADER_VALUE,
                         },
                         "timeouts": _TIMEOUTS_SCHEMA,
                         "max_connections": {"type": "integer", "minimum": 1},
@@ -392,7 +396,12 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
             continue
         if "propertyNames" in error.schema_path:  # a name that is not a string, at its own line
             line = lines.get((*path, error.instance), lines.get(path))
-            problems.append(_at(source, line, path, f"name {error.instance!r} is not a string; quote it"))
+            wrong = (
+                "cannot be an HTTP header name (letters, digits and !#$%&'*+.^_`|~- only)"
+                if error.validator == "pattern"
+                else "is not a string; quote it"
+            )
+            problems.append(_at(source, line, path, f"name {error.instance!r} {wrong}"))
             continue
         problems.append(at(path, _schema_message(error)))
     _check_references(raw, lambda p, m: problems.append(at(p, m)))
@@ -768,6 +777,8 @@ def _without_value(error: jsonschema.ValidationError) -> str:
         return f"is too long (at most {rule} characters)"
     if error.validator == "pattern":
         return f"does not match {rule!r}"
+    if error.validator == "not" and rule == _LINE_BREAK:
+        return "must be one line: it holds a line break (a key read from a file with its newline?)"
     if error.validator in ("minItems", "minProperties"):
         return "must not be empty"
     if error.validator == "enum":

@@ -39,6 +39,18 @@ class Answer:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class FixedHeaders:
+    """Headers that many requests send alike (an adapter's poll headers), checked and written out
+    once rather than on every request."""
+
+    lines: str
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> FixedHeaders:
+        return cls(_lines(headers))
+
+
 class ExchangeError(Exception):
     def __init__(self, kind: str, message: str, *, answered: bool = False, connecting: bool = False) -> None:
         super().__init__(message)
@@ -62,7 +74,7 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection, one exchange at a time (never pipelined)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -93,7 +105,7 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None:
             self.close()  # bytes nobody asked for: the connection can no longer be trusted
             return
-        self._last_read = self._loop.time()
+        self._last_read = self.loop.time()
         self.received = True
         try:
             self._parser.feed_data(data)
@@ -157,8 +169,8 @@ class _Connection(asyncio.Protocol):
         self._start_answer()
         self._max_answer = limits.max_answer
         self._read, self._deadline = limits.read, deadline
-        self._last_read = self._loop.time()
-        self._waiter = waiter = self._loop.create_future()
+        self._last_read = self.loop.time()
+        self._waiter = waiter = self.loop.create_future()
         self._arm()
         try:
             self.transport.write(head + body if body else head)
@@ -180,7 +192,7 @@ class _Connection(asyncio.Protocol):
             if self._timer.when() <= due:
                 return
             self._timer.cancel()
-        self._timer = self._loop.call_at(due, self._on_timer)
+        self._timer = self.loop.call_at(due, self._on_timer)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -191,7 +203,7 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if self._waiter is None:
             return  # idle between exchanges: the next one arms again
-        now = self._loop.time()
+        now = self.loop.time()
         if now >= self._last_read + self._read or (self._deadline is not None and now >= self._deadline):
             error = ExchangeError(
                 "timeout", "the provider did not answer in time", answered=self._headers_done
@@ -302,7 +314,7 @@ class _Pool:
 
     def release(self, conn: _Connection, *, reuse: bool) -> None:
         if reuse and conn.keep_alive and not self.closed:
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = conn.loop.time()
             self._idle.append(conn)
         else:
             conn.close()
@@ -364,8 +376,15 @@ class Http1Client:
                 del self._pools[origin]
 
     async def request(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, limits: Limits
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        limits: Limits,
+        fixed: FixedHeaders | None = None,
     ) -> Answer:
+        """One exchange; ``fixed`` headers are sent ahead of ``headers``."""
         host_at = url.find("://") + 3
         split = url.find("/", host_at)
         if split < 0:
@@ -377,7 +396,7 @@ class Http1Client:
         if not target.startswith("/"):
             target = "/" + target
         pool, host = self._pool(url[:split])
-        head = _head(method, target, host, headers, body)
+        head = _head(method, target, host, headers, body, fixed)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.total if limits.total is not None else None
         while True:
@@ -408,12 +427,25 @@ class Http1Client:
         self._pools.clear()
 
 
-def _head(method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None) -> bytes:
-    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-    line_ends = len(headers)
-    # One scan of the whole block: a CR or LF inside a name or value adds to the line ends' count.
-    if fields.count("\r") != line_ends or fields.count("\n") != line_ends or ":" in "".join(headers):
-        bad = next(n for n, v in headers.items() if "\r" in n + v or "\n" in n + v or ":" in n)
-        raise ValueError(f"header {bad!r} cannot be sent")
+def _head(
+    method: str,
+    target: str,
+    host: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    fixed: FixedHeaders | None,
+) -> bytes:
+    fields = _lines(headers) if fixed is None else fixed.lines + _lines(headers)
     length = f"Content-Length: {len(body or b'')}\r\n" if body is not None or method in _BODY_METHODS else ""
     return f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{fields}{length}\r\n".encode()
+
+
+def _lines(headers: Mapping[str, str]) -> str:
+    """Header lines; a name or value that would break the request's framing is a ValueError."""
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    line_ends = len(headers)
+    # One scan of the whole block: a CR or LF inside a name or value adds to the line ends' count.
+    if lines.count("\r") != line_ends or lines.count("\n") != line_ends or ":" in "".join(headers):
+        bad = next(n for n, v in headers.items() if "\r" in n + v or "\n" in n + v or ":" in n)
+        raise ValueError(f"header {bad!r} cannot be sent")
+    return lines

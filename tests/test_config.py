@@ -285,6 +285,27 @@ def test_openai_provider_needs_base_url():
     assert parse_config(ok, SRC, {}).providers["up"].base_url == "https://api.example.com/v1"
 
 
+def test_provider_credentials_and_headers_must_fit_in_an_http_header():
+    """A key read from a file with its newline would break every request to the provider (each
+    one a 500): it is a load error at its line instead, naming the problem but not the key."""
+    up = "  up:\n    kind: openai\n    base_url: http://up/v1\n    api_key: ${UP_KEY}\n"
+    text = BASE.replace("    kind: local\n", "    kind: local\n" + up)
+    msg = problem_at(
+        problems_of(text, {"UP_KEY": "sk-up-secret\n"}), line_of(text, "    api_key:"), "providers.up.api_key"
+    )
+    assert "line break" in msg and "sk-up-secret" not in msg
+    assert parse_config(text, SRC, {"UP_KEY": "sk-up-secret"}).providers["up"].api_key == "sk-up-secret"
+
+    headered = text.replace(
+        "    api_key:", '    headers: {"X Org": a, X-Team: "b\\r\\nInjected: 1"}\n    api_key:'
+    )
+    problems = problems_of(headered, {"UP_KEY": "k"})
+    line = line_of(headered, "    headers:")
+    assert "cannot be an HTTP header name" in problem_at(problems, line, "providers.up.headers")
+    value = problem_at(problems, line, "providers.up.headers.X-Team")
+    assert "line break" in value and "Injected" not in value
+
+
 def test_vertex_provider_needs_a_credential_at_load_not_at_the_first_request():
     vertex = "  vertex:\n    kind: vertex_veo\n    options:\n      project: demo\n"
     text = BASE.replace("    kind: local\n", "    kind: local\n" + vertex)

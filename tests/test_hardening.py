@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import hmac
 import http.client
 import json
@@ -24,7 +25,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.auth import KeyRing
+from gateway.auth import REMEMBERED, KeyRing
 from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS
 from gateway.config import ClientKey
 from gateway.context import RequestContext
@@ -224,6 +225,32 @@ def test_key_check_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(Exception, match="Incorrect API key"):
             ring.authenticate(f"Bearer {presented}")
         assert calls == [(32, 32)] * len(keys)
+
+
+def test_a_key_that_authenticated_is_remembered_and_a_wrong_one_never_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next request with a key that worked is a lookup; a wrong key is hashed and compared with
+    every digest each time, and the memory of spellings of right keys stays bounded."""
+    ring = KeyRing((ClientKey("a", hashlib.sha256(b"sk-right").digest()), ClientKey("b", bytes(32))))
+    compared: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    assert ring.authenticate("Bearer sk-right").name == "a" and len(compared) == 2
+    assert ring.authenticate("Bearer sk-right").name == "a" and len(compared) == 2, "remembered"
+    for wrong in ("Bearer sk-righ", "Bearer sk-right2", "Bearer sk-right2"):
+        compared.clear()
+        with pytest.raises(Exception, match="Incorrect API key"):
+            ring.authenticate(wrong)
+        assert len(compared) == 2, "a wrong key is never remembered"
+    for spaces in range(1, REMEMBERED + 50):
+        assert ring.authenticate("Bearer" + " " * spaces + "sk-right").name == "a"
+    assert len(ring._known) <= REMEMBERED
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,22 @@ async def test_reload_rotates_the_metrics_key(
     assert await status_of(gw.url + "/metrics") == 401, "a key added by a reload guards it"
 
 
+async def test_a_key_removed_by_a_reload_stops_working_at_once(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """Keys that authenticated are remembered for speed; a reload that removes one must still
+    refuse it on the next request."""
+    text = config(tmp_path, faulty[1], TWO_TIERS)
+    gw, path = await start_from_file(start_gateway, tmp_path, text)
+    beta = {"Authorization": f"Bearer {BETA_KEY}"}
+    for _ in range(2):
+        assert await status_of(gw.url + "/v1/videos", beta) == 200
+
+    await reload_to(gw, path, text.replace("  - name: beta\n    key: ${BETA_KEY}\n", ""))
+    assert await status_of(gw.url + "/v1/videos", beta) == 401, "the removed key no longer works"
+    assert await status_of(gw.url + "/v1/videos", AUTH) == 200
+
+
 async def test_reload_applies_the_resilience_policy(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

@@ -31,7 +31,7 @@ from gateway.config import Deployment, ProviderConfig
 from gateway.context import CONTEXT, start_answer
 from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
-from gateway.http1 import Answer, ExchangeError, Http1Client, Limits
+from gateway.http1 import Answer, ExchangeError, FixedHeaders, Http1Client, Limits
 from gateway.logs import log
 from gateway.store import Task
 
@@ -369,17 +369,27 @@ class Adapter:
                 call.upstream_seconds += time.perf_counter() - started
 
     async def exchange(
-        self, call: Call, method: str, url: str, *, headers: Mapping[str, str], data: bytes | None = None
+        self,
+        call: Call,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        data: bytes | None = None,
+        fixed: FixedHeaders | None = None,
     ) -> Answer:
         """One buffered request and its whole answer, over the lean client (:mod:`gateway.http1`).
 
         For the small JSON calls that make up the hot path (polls, JSON creates, deletes); streams
-        go through :meth:`send`. Failures are mapped as :meth:`send` maps them.
+        go through :meth:`send`. Failures are mapped as :meth:`send` maps them. ``fixed`` headers,
+        built once, go ahead of ``headers``.
         """
         series = self._sending(call)
         started = time.perf_counter()
         try:
-            answer = await self.http1.request(method, self.upstream_url(url), headers, data, self._limits)
+            answer = await self.http1.request(
+                method, self.upstream_url(url), headers, data, self._limits, fixed
+            )
         except ExchangeError as exc:
             call.upstream_seconds += time.perf_counter() - started
             sent = exc.kind in ("reset", "payload") or (

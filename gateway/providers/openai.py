@@ -19,6 +19,7 @@ from yarl import URL
 from gateway.bodies import RequestBody
 from gateway.errors import UpstreamError
 from gateway.headers import CONDITIONAL_REQUEST_HEADERS
+from gateway.http1 import FixedHeaders
 from gateway.providers.base import (
     Adapter,
     Call,
@@ -75,18 +76,20 @@ class OpenAIAdapter(Adapter):
         return _video(await self._get_json(call, self._url(task.upstream_id)))
 
     @cached_property
-    def _get_headers(self) -> dict[str, str]:
-        """What every JSON GET sends but its request ID, built once: polls are the hot path."""
+    def _get_headers(self) -> FixedHeaders:
+        """What every JSON GET sends but its request ID, built once (polls are the hot path; this
+        adapter's credential does not change while it lives)."""
         headers = CIMultiDict(self.config.headers)
         headers.update(self.auth_headers())
         headers["Accept"] = "application/json"
         headers["Accept-Encoding"] = "identity"
         headers.popall("X-Request-ID", None)  # each request's own, added as it goes
-        return dict(headers)
+        return FixedHeaders.of(headers)
 
     async def _get_json(self, call: Call, url: str) -> Any:
-        headers = {**self._get_headers, "X-Request-ID": call.request_id}
-        return await self.json_of(await self.exchange(call, "GET", url, headers=headers))
+        headers = {"X-Request-ID": call.request_id}
+        answer = await self.exchange(call, "GET", url, headers=headers, fixed=self._get_headers)
+        return await self.json_of(answer)
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         sent = call.request.headers
