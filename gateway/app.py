@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import secrets
@@ -83,22 +84,14 @@ def _request_id(request: web.Request) -> str:
     return incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
 
 
-class _RequestIds:
-    """Random request IDs from ``os.urandom``, read 4 KiB at a time: one system call per 256 IDs
-    rather than one per request."""
-
-    def __init__(self) -> None:
-        self._pool, self._at = b"", 0
-
-    def __call__(self) -> str:
-        if self._at >= len(self._pool):
-            self._pool, self._at = os.urandom(4096), 0
-        at = self._at
-        self._at = at + 16
-        return "req_" + self._pool[at : at + 16].hex()
+# Request IDs: a random prefix per process, then a counter, so unique across workers and restarts
+# at the cost of one format per request.
+_ID_PREFIX = "req_" + secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
 
 
-_new_request_id = _RequestIds()
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 # What metrics and logs record when the client went away before an answer (nginx's 499).
@@ -163,11 +156,7 @@ def _observe(
     upstream_seconds = call.upstream_seconds if call is not None else 0.0
     bytes_in = request.content.total_bytes
     bytes_out = _body_bytes(ctx, response)
-    series.answered(response.status).inc()
-    series.duration.observe(seconds)
-    series.overhead.observe(max(0.0, seconds - upstream_seconds))
-    series.request_bytes.inc(bytes_in)
-    series.response_bytes.inc(bytes_out)
+    series.record(response.status, seconds, max(0.0, seconds - upstream_seconds), bytes_in, bytes_out)
     if not logs.enabled("info"):
         return
     key = ctx.client_key

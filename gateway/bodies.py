@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway import jsonio
 from gateway.config import Limits
 from gateway.errors import ApiError, bad_request
+from gateway.headers import media_type
 
 CHUNK = 256 * 1024
 _MAX_PART_HEADERS = 16 * 1024
@@ -516,7 +517,7 @@ async def read_body(request: web.Request, limits: Limits, until: Iterable[str] =
     """
     if request.content_length is not None and request.content_length > limits.max_upload_bytes:
         raise too_large(limits.max_upload_bytes)
-    content_type = request.content_type
+    content_type = media_type(request.headers.get("Content-Type"))
     if not request.body_exists:
         return RequestBody("none", {})
     if content_type in JSON_TYPES or content_type.endswith("+json"):

@@ -30,3 +30,12 @@ CONDITIONAL_REQUEST_HEADERS = ("If-None-Match", "If-Modified-Since")
 
 def forwardable_request_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _TO_UPSTREAM)
+
+
+def media_type(content_type: str | None) -> str:
+    """The ``type/subtype`` of a Content-Type value, lower-cased; its parameters are not parsed.
+
+    aiohttp's ``content_type`` parses them with the email package, which raises on some malformed
+    ones (``boundary=g%r;L*``): a client's or a provider's odd header must not become a 500.
+    """
+    return (content_type or "").partition(";")[0].strip().lower()

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -32,11 +32,36 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "PUT"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     status: int
     headers: Mapping[str, str]  # case-insensitive (a CIMultiDict here, aiohttp's proxy elsewhere)
     body: bytes
+
+
+class _ReceivedHeaders(Mapping[str, str]):
+    """An answer's headers as they arrived, decoded and made case-insensitive when first read: the
+    answer to a poll that went well is never asked for them."""
+
+    __slots__ = ("_lines", "_made")
+
+    def __init__(self, lines: list[tuple[bytes, bytes]]) -> None:
+        self._lines = lines
+        self._made: CIMultiDict[str] | None = None
+
+    def _headers(self) -> CIMultiDict[str]:
+        if self._made is None:
+            self._made = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in self._lines)
+        return self._made
+
+    def __getitem__(self, name: str) -> str:
+        return self._headers()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +114,7 @@ class _Connection(asyncio.Protocol):
 
     def _start_answer(self) -> None:
         self._status = 0
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._size = 0
         self._headers_done = False
@@ -127,7 +152,7 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -141,7 +166,7 @@ class _Connection(asyncio.Protocol):
     def _close_delimited(self) -> bool:
         """An answer with neither length nor chunks ends when the connection closes."""
         names = {name.lower() for name, _ in self._headers}
-        return "content-length" not in names and "transfer-encoding" not in names
+        return b"content-length" not in names and b"transfer-encoding" not in names
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -158,7 +183,7 @@ class _Connection(asyncio.Protocol):
         if not self._keep_alive:
             self.close()
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        waiter.set_result(Answer(self._status, CIMultiDict(self._headers), body))
+        waiter.set_result(Answer(self._status, _ReceivedHeaders(self._headers), body))
 
     # exchange
 

@@ -216,11 +216,16 @@ class RouteSeries:
         self.request_bytes = _Sum(REQUEST_BYTES.labels(route))
         self.response_bytes = _Sum(RESPONSE_BYTES.labels(route))
 
-    def answered(self, status: int) -> _Sum:
+    def record(self, status: int, seconds: float, overhead: float, bytes_in: int, bytes_out: int) -> None:
+        """One answered request: its status, times and body sizes."""
         tally = self._codes.get(status)
         if tally is None:
             tally = self._codes[status] = _Sum(HTTP_REQUESTS.labels(self._route, self._method, str(status)))
-        return tally
+        tally.pending += 1
+        self.duration.observe(seconds)
+        self.overhead.observe(overhead)
+        self.request_bytes.pending += bytes_in
+        self.response_bytes.pending += bytes_out
 
     def flush(self) -> None:
         for tally in (self.in_flight, self.duration, self.overhead, self.request_bytes, self.response_bytes):

@@ -15,7 +15,6 @@ import mmap
 import os
 import secrets
 import sqlite3
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -161,6 +160,7 @@ class DeleteEpoch:
             with self._locked():
                 os.ftruncate(self._fd, 8)
         self._map = mmap.mmap(self._fd, 8)
+        self._counter = memoryview(self._map).cast("Q")  # the host's byte order: only its processes share it
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -171,14 +171,15 @@ class DeleteEpoch:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def read(self) -> int:
-        value: int = struct.unpack_from("<Q", self._map)[0]
+        value: int = self._counter[0]
         return value
 
     def bump(self) -> None:
         with self._locked():
-            struct.pack_into("<Q", self._map, 0, self.read() + 1)
+            self._counter[0] = self.read() + 1
 
     def close(self) -> None:
+        self._counter.release()
         self._map.close()
         os.close(self._fd)
 

@@ -62,6 +62,8 @@ STATUS_SYNONYMS: dict[str, tuple[str, str | None]] = {
 
 DEFAULT_SIZE = "720x1280"
 DEFAULT_SECONDS = "4"
+_UNFINISHED = ("queued", "in_progress")
+_FINISHED = ("completed", "failed")
 
 
 def new_video_id() -> str:
@@ -73,16 +75,22 @@ def new_character_id() -> str:
     return "char_" + secrets.token_hex(16)
 
 
+_UNKNOWN_STATUS = ("failed", "unknown_status")
+
+
 def map_status(raw: Any) -> tuple[str, str | None]:
-    return STATUS_SYNONYMS.get(str(raw).strip().lower(), ("failed", "unknown_status"))
+    known = STATUS_SYNONYMS.get(raw) if type(raw) is str else None  # most providers write it so
+    return known or STATUS_SYNONYMS.get(str(raw).strip().lower(), _UNKNOWN_STATUS)
 
 
 def _int_or_none(value: Any) -> int | None:
+    if type(value) is int:  # the usual case (a bool's type is bool)
+        return value
     if isinstance(value, bool) or value is None:
         return None
     try:
         return int(float(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # "inf" is a float, but no int
         return None
 
 
@@ -93,30 +101,33 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
     falls back to what the gateway showed last (``task.video``), so values never go backwards.
     """
     last = task.video
-    status, failure_code = map_status(upstream.get("status", last.get("status", "queued")))
-    progress = _int_or_none(upstream.get("progress"))
+    get, last_get = upstream.get, last.get
+    status, failure_code = map_status(get("status", last_get("status", "queued")))
+    progress = _int_or_none(get("progress"))
     if progress is None:
-        progress = last.get("progress", 0)
+        progress = last_get("progress", 0)
     progress = max(0, min(100, progress))
     if status == "completed":
         progress = 100
-    elif last.get("status") in ("queued", "in_progress") and status in ("queued", "in_progress"):
-        progress = max(progress, last.get("progress", 0))
+    elif last_get("status") in _UNFINISHED and status in _UNFINISHED:
+        progress = max(progress, last_get("progress", 0))
 
     error = None
     if status == "failed":
-        reported = upstream.get("error") if isinstance(upstream.get("error"), dict) else {}
+        reported = get("error")
+        if not isinstance(reported, dict):
+            reported = {}
         error = {
             "code": str(reported.get("code") or failure_code or "generation_failed"),
-            "message": str(
-                reported.get("message") or f"The video generation ended as '{upstream.get('status')}'."
-            ),
+            "message": str(reported.get("message") or f"The video generation ended as '{get('status')}'."),
         }
 
-    completed_at = _int_or_none(upstream.get("completed_at")) or last.get("completed_at")
-    if status in ("completed", "failed") and completed_at is None:
-        completed_at = int(time.time())
-    seconds = upstream.get("seconds", last.get("seconds"))
+    completed_at = None
+    if status in _FINISHED:
+        completed_at = _int_or_none(get("completed_at")) or last_get("completed_at")
+        if completed_at is None:
+            completed_at = int(time.time())
+    seconds = get("seconds", last_get("seconds"))
     return {
         "id": task.id,
         "object": "video",
@@ -124,17 +135,17 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
         "status": status,
         "progress": progress,
         "created_at": task.created_at,
-        "completed_at": completed_at if status in ("completed", "failed") else None,
-        "expires_at": _int_or_none(upstream.get("expires_at")) or last.get("expires_at"),
-        "prompt": upstream.get("prompt") or last.get("prompt"),
-        "size": str(upstream.get("size") or last.get("size") or DEFAULT_SIZE),
+        "completed_at": completed_at,
+        "expires_at": _int_or_none(get("expires_at")) or last_get("expires_at"),
+        "prompt": get("prompt") or last_get("prompt"),
+        "size": str(get("size") or last_get("size") or DEFAULT_SIZE),
         "seconds": str(seconds) if seconds is not None else DEFAULT_SECONDS,
         "remixed_from_video_id": remixed_from
         if remixed_from is not None
-        else last.get("remixed_from_video_id"),
+        else last_get("remixed_from_video_id"),
         "error": error,
     }
 
 
 def is_terminal(status: str) -> bool:
-    return status in ("completed", "failed")
+    return status in _FINISHED

@@ -130,10 +130,8 @@ def test_tallies_flush_to_what_prometheus_client_would_count() -> None:
     series = metrics.route_series(route, "GET")
     observed = [0.0, 0.0001, 0.00010001, 0.001, 0.3, 1.0, 7.5, 1e9]
     for seconds in observed:
-        series.overhead.observe(seconds)
+        series.record(200, 2 * seconds, seconds, 10, 20)
         reference.observe(seconds)
-    series.answered(200).inc()
-    series.answered(200).inc()
     series.in_flight.inc()
     series.in_flight.inc()
     series.in_flight.dec()
@@ -149,7 +147,9 @@ def test_tallies_flush_to_what_prometheus_client_would_count() -> None:
     expected = {s.labels["le"]: s.value for s in next(iter(reference.collect())).samples if "le" in s.labels}
     assert collected("gateway_overhead_seconds_bucket") == expected
     assert collected("gateway_overhead_seconds_sum") == {"gateway_overhead_seconds_sum": sum(observed)}
-    assert collected("gateway_http_requests_total") == {"gateway_http_requests_total": 2}
+    assert collected("gateway_http_requests_total") == {"gateway_http_requests_total": len(observed)}
+    assert collected("gateway_request_body_bytes_total") == {"gateway_request_body_bytes_total": 80}
+    assert collected("gateway_response_body_bytes_total") == {"gateway_response_body_bytes_total": 160}
     assert collected("gateway_http_requests_in_flight") == {"gateway_http_requests_in_flight": 1}
     series.in_flight.dec()
     assert collected("gateway_http_requests_in_flight") == {"gateway_http_requests_in_flight": 0}

@@ -439,3 +439,17 @@ async def test_a_video_or_character_the_provider_no_longer_has_is_the_gateways_o
     assert status == 404 and json.loads(raw)["error"]["code"] == "character_not_found"
     assert character.id in json.loads(raw)["error"]["message"] and b"upchar_" not in raw
     assert len(fake.requests("GET", "/v1/videos/up_")) == 2, "one poll each: a 404 is not retried"
+
+
+async def test_numbers_a_provider_writes_as_infinite_text_are_left_out_not_a_500(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """``"inf"`` parses as a float that no integer can hold; a timestamp like that is no timestamp."""
+    fake, _ = upstream
+    video = await dialect_gateway.sdk().videos.create(prompt="odd numbers", model="sora-remote")
+    (job,) = fake.jobs.values()
+    job["expires_at"] = "inf"
+    status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}")
+    assert status == 200, raw
+    polled = json.loads(raw)
+    assert polled["status"] == "in_progress" and polled["progress"] == 40 and polled["expires_at"] is None

@@ -18,7 +18,7 @@ from yarl import URL
 
 from gateway.bodies import RequestBody
 from gateway.errors import UpstreamError
-from gateway.headers import CONDITIONAL_REQUEST_HEADERS
+from gateway.headers import CONDITIONAL_REQUEST_HEADERS, media_type
 from gateway.http1 import FixedHeaders
 from gateway.providers.base import (
     Adapter,
@@ -44,8 +44,9 @@ class OpenAIAdapter(Adapter):
 
     def _url(self, *parts: str) -> str:
         """``{base_url}/videos/part/...``, each part percent-encoded (provider IDs are usually safe)."""
-        safe = (p if _SAFE_SEGMENT.fullmatch(p) else quote(p, safe="") for p in parts)
-        return "/".join([self._videos_url, *safe])
+        return "/".join(
+            [self._videos_url, *[p if _SAFE_SEGMENT.fullmatch(p) else quote(p, safe="") for p in parts]]
+        )
 
     async def _post(self, call: Call, url: str, body: RequestBody, replace: dict[str, str]) -> Any:
         """POST a client body on; the parsed JSON answer, or the open event stream."""
@@ -61,7 +62,10 @@ class OpenAIAdapter(Adapter):
             response = await closer.enter_async_context(
                 self.send(call, "POST", url, headers=headers, data=data, body=body, streaming=True)
             )
-            if response.status < 400 and response.content_type == "text/event-stream":
+            if (
+                response.status < 400
+                and media_type(response.headers.get("Content-Type")) == "text/event-stream"
+            ):
                 stream, closer = EventStream(response, closer), contextlib.AsyncExitStack()
                 return stream
             return await self.read_json(response)
@@ -166,10 +170,9 @@ def _video_ref(task: Task | None) -> dict[str, str]:
 def _video(answer: Any) -> UpstreamVideo:
     if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
         raise UpstreamError(502, "Upstream error: the provider's answer has no video id.", kind="payload")
-    fields = dict(answer)
-    if "created_at" not in fields and "created" in fields:
-        fields["created_at"] = fields["created"]
-    return UpstreamVideo(answer["id"], fields)
+    if "created_at" not in answer and "created" in answer:
+        answer["created_at"] = answer["created"]
+    return UpstreamVideo(answer["id"], answer)
 
 
 def _character(answer: Any) -> dict[str, Any]:
