@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
+from gateway.providers import local as local_module
 from gateway.render import render_video
-from tests.conftest import RunningGateway, StartGateway, gateway_yaml
+from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, gateway_yaml
+from tests.test_cli import free_port, wait_healthy
 from tests.test_routes import send
 from tests.test_sdk_e2e import decode_mp4
 
@@ -179,3 +185,69 @@ async def test_a_plain_text_input_reference_part_is_refused(local_gateway: Runni
     form.add_field("input_reference", "not an image")
     status, _, raw = await send(local_gateway, "POST", "/v1/videos", data=form)
     assert status == 400 and error_of(raw)["param"] == "input_reference"
+
+
+async def test_a_video_is_rendered_once_however_often_it_is_polled(
+    local_gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The render finishes before the job's run time is up; polls in between must not start another."""
+    renders: list[str] = []
+    real = local_module.render_video
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        renders.append(kwargs["prompt"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local_module, "render_video", counting)
+    client = local_gateway.sdk()
+    video = await client.videos.create(prompt="polled often", size="64x64", seconds="4")
+    while (await client.videos.retrieve(video.id)).status != "completed":
+        await asyncio.sleep(0.01)
+    assert renders == ["polled often"]
+
+
+async def test_a_render_cut_off_by_kill_9_is_done_again_after_the_restart_and_leaves_no_files(
+    tmp_path: Path,
+) -> None:
+    """A gateway killed mid-render leaves the renderer's temporary files; after the restart the next
+    poll renders the video again, and the files of the dead render are gone."""
+    data, log = tmp_path / "data", tmp_path / "gateway.log"
+
+    def leftovers() -> list[Path]:
+        return sorted(data.glob("local/*/video_*/.*.tmp"))
+
+    async def start() -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-format", "json"],
+            cwd=tmp_path,
+            env={**os.environ, "VIDEO_GATEWAY_DATA_DIR": str(data), "VIDEO_GATEWAY_API_KEY": ALPHA_KEY},
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(url + "/healthz", process)
+        return process, url
+
+    process, url = await start()
+    try:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=ALPHA_KEY, max_retries=0) as client:
+            video = await client.videos.create(prompt="cut off", size="1280x720", seconds="20")
+            deadline = time.monotonic() + 20
+            while not leftovers() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        process.kill()
+        process.wait()
+        assert leftovers(), "the render was under way when the gateway died"
+        assert not list(data.glob("local/*/video_*/video.mp4"))
+
+        process, url = await start()
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=ALPHA_KEY, max_retries=0) as client:
+            done = await client.videos.poll(video.id, poll_interval_ms=100)
+            assert done.status == "completed"
+            content = (await client.videos.download_content(video.id)).content
+        assert decode_mp4(content)[1:] == (1280, 720, 20 * 12)
+        assert leftovers() == []
+    finally:
+        process.kill()
+        process.wait()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import fcntl
 import json
 import re
 import secrets
@@ -195,11 +196,27 @@ class LocalEngine:
 
     async def _render(self, job_id: str, job: dict[str, Any]) -> None:
         folder = self._dir(job_id)
-        width, height = parse_size(job["size"])
-        reference = folder / "reference.bin"
         try:
-            await asyncio.to_thread(
-                render_video,
+            await asyncio.to_thread(self._render_once, folder, job)
+        except Exception as exc:  # a failed render is the job's outcome, not the server's problem
+            await asyncio.to_thread((folder / "error.txt").write_text, f"render failed: {exc}")
+
+    @staticmethod
+    def _render_once(folder: Path, job: dict[str, Any]) -> None:
+        """Render the job unless it is rendered or being rendered (by another worker on the same data
+        dir: the lock says so). Temporary files found under the lock are a dead render's and go."""
+        with open(folder / ".render.lock", "ab") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            if (folder / "video.mp4").exists():
+                return
+            for left in folder.glob(".*.tmp"):
+                left.unlink(missing_ok=True)
+            width, height = parse_size(job["size"])
+            reference = folder / "reference.bin"
+            render_video(
                 folder,
                 prompt=job["prompt"],
                 width=width,
@@ -207,8 +224,6 @@ class LocalEngine:
                 seconds=int(job["seconds"]),
                 reference_image=reference if reference.exists() else None,
             )
-        except Exception as exc:  # a failed render is the job's outcome, not the server's problem
-            await asyncio.to_thread((folder / "error.txt").write_text, f"render failed: {exc}")
 
     def _progress(self, job: dict[str, Any], at: float) -> int:
         """Progress as of ``at``: rising with the clock over the run, 1 to 99."""
@@ -261,11 +276,12 @@ class LocalEngine:
             )
             return view
         done_at = job["created_at"] + self.queue_seconds + self.run_seconds
-        if now >= done_at and (folder / "video.mp4").exists():
+        rendered = (folder / "video.mp4").exists()
+        if now >= done_at and rendered:
             view.update(status="completed", progress=100, completed_at=int(done_at))
             return view
         view.update(status="in_progress", progress=self._progress(job, now))
-        if failed_at is None:
+        if failed_at is None and not rendered:  # a render cut off by a restart starts again
             self._start_render(job["id"], job)
         return view
 
