@@ -9,6 +9,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -35,6 +36,9 @@ LIST_DEFAULT_LIMIT = 20
 # a page of 0 could not say where the next one starts, and last_id must be set whenever has_more is.
 _LIMIT = re.compile(r"[0-9]{1,3}")
 _REFRESH_CONCURRENCY = 8
+# How long a poll waits for its news to be saved before it answers anyway: a store stuck on a lock
+# must not hold every poll for its 30 s busy timeout.
+SAVE_WAIT_SECONDS = 1.0
 
 FAILOVERS = Counter(
     "gateway_create_failovers_total", "Creates moved to the next deployment after a refusal.", ["model"]
@@ -284,13 +288,30 @@ async def _refresh(request: web.Request, task: Task) -> Task:
     state = {**task.state, **upstream.state}
     if video != task.video or state != task.state:
         task.video, task.status, task.state = video, video["status"], state
-        try:
-            await _save(gateway(request), task)
-        except StoreUnavailable as exc:  # the news is still true; the next poll saves it
-            log.warning(
-                "poll_not_saved", request_id=context(request).request_id, video=task.id, error=str(exc)
-            )
+        await _save_news(request, task)
     return task
+
+
+async def _save_news(request: web.Request, task: Task) -> None:
+    """Save what a poll learnt, waiting at most :data:`SAVE_WAIT_SECONDS`: the news is true either
+    way, a save that takes longer goes on without holding the client, and one that fails is redone
+    by the next poll, which learns the same."""
+    request_id = context(request).request_id
+    saving = asyncio.ensure_future(_save(gateway(request), task))
+    try:
+        await asyncio.wait_for(asyncio.shield(saving), SAVE_WAIT_SECONDS)
+    except TimeoutError:
+        log.warning("poll_save_slow", request_id=request_id, video=task.id, waited_seconds=SAVE_WAIT_SECONDS)
+    except StoreUnavailable as exc:
+        log.warning("poll_not_saved", request_id=request_id, video=task.id, error=str(exc))
+    finally:
+        if not saving.done():
+            saving.add_done_callback(partial(_saved_late, request_id, task.id))
+
+
+def _saved_late(request_id: str, video: str, saving: asyncio.Future[None]) -> None:
+    if not saving.cancelled() and saving.exception() is not None:
+        log.warning("poll_not_saved", request_id=request_id, video=video, error=str(saving.exception()))
 
 
 async def _refresh_all(request: web.Request, tasks: list[Task]) -> list[Task]:

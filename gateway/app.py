@@ -195,8 +195,14 @@ def _json_document(document: dict[str, object]) -> web.Handler:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[GATEWAY].draining:
+    """503 while draining, or while the task store cannot serve (a load balancer then sends this
+    replica's traffic elsewhere); the body says which."""
+    gw = request.app[GATEWAY]
+    if gw.draining:
         return web.json_response({"status": "draining"}, status=503)
+    problem = await gw.store.health()
+    if problem is not None:
+        return web.json_response({"status": "store_unavailable", "detail": problem}, status=503)
     return web.json_response({"status": "ready"})
 
 

@@ -88,6 +88,9 @@ class TaskStore(Protocol):
     async def settle(self, admission: Admission) -> None:
         """The admitted create has ended (its video, if any, is in the store by now)."""
 
+    async def health(self) -> str | None:
+        """None while the store serves reads and writes; else what is wrong, for ``/readyz``."""
+
     async def close(self) -> None: ...
 
 
@@ -230,7 +233,9 @@ class BootLease:
 
 
 class SQLiteTaskStore:
-    """SQLite in WAL mode with full fsync on commit, driven from one thread per process.
+    """SQLite in WAL mode with full fsync on commit, off the event loop: writes on one thread and
+    connection, reads on another, so that a write stuck on a lock (another process's long
+    transaction, a slow disk) holds up other writes but not the reads WAL lets through.
 
     Several processes (the workers of one gateway, or a gateway and its restarted self) may share
     the file. Each keeps a cache of recent tasks so that a poll of a known video needs no database
@@ -239,10 +244,16 @@ class SQLiteTaskStore:
     object.
     """
 
+    # A write waiting longer than this (for another process's lock, a stalled disk) makes /readyz 503.
+    stuck_write_seconds = 10.0
+
     def __init__(self, path: Path, cache_size: int = 10_000) -> None:
         self._path = path
+        self._writes: dict[object, float] = {}  # writes submitted and not yet done: when each was
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store-reads")
         self._db: sqlite3.Connection | None = None
+        self._read_db: sqlite3.Connection | None = None
         self._cache: OrderedDict[str, Task] = OrderedDict()
         self._cache_size = cache_size
         self._epoch: DeleteEpoch | None = None
@@ -286,6 +297,7 @@ class SQLiteTaskStore:
                 db.execute("ALTER TABLE admissions ADD COLUMN boot TEXT NOT NULL DEFAULT ''")
                 db.execute("UPDATE admissions SET pending=0")  # made before boot IDs: nobody to ask
             self._db = db
+            self._read_db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             self._lease = BootLease(self._path.with_name(self._path.name + "-boots"))
             self._settle_dead()
 
@@ -298,13 +310,41 @@ class SQLiteTaskStore:
             settled += cursor.rowcount
         return settled
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Any, *args: Any, executor: ThreadPoolExecutor | None = None) -> Any:
+        """``fn(*args)`` on the writing thread, or on ``executor``."""
+        token = object()
+        if executor is None:
+            self._writes[token] = time.monotonic()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(executor or self._executor, fn, *args)
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise  # our mistake, not the store's
         except sqlite3.DatabaseError as exc:
             raise StoreUnavailable(f"task store: {exc}") from exc
+        finally:
+            self._writes.pop(token, None)
+
+    async def health(self) -> str | None:
+        if self._writes:
+            waited = time.monotonic() - min(self._writes.values())
+            if waited > self.stuck_write_seconds:
+                return f"a write has waited {waited:.1f} s"
+        try:
+            await asyncio.wait_for(self._read("SELECT 1 FROM tasks LIMIT 1"), 2.0)
+        except StoreUnavailable as exc:
+            return str(exc)
+        except TimeoutError:
+            return "a read did not answer within 2 s"
+        return None
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one query, on the reading thread and connection."""
+        rows: list[tuple[Any, ...]] = await self._run(self._select, sql, params, executor=self._reader)
+        return rows
+
+    def _select(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        assert self._read_db is not None, "store is not open"
+        return self._read_db.execute(sql, params).fetchall()
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         assert self._db is not None, "store is not open"
@@ -342,8 +382,7 @@ class SQLiteTaskStore:
         cached = self._cache.get(task_id)
         if cached is not None:
             return _copy(cached) if cached.owner == owner and cached.kind == kind else None
-        rows = await self._run(
-            self._query,
+        rows = await self._read(
             f"SELECT {_COLUMNS} FROM tasks WHERE id=? AND owner=? AND kind=? AND deleted_at IS NULL",
             (task_id, owner, kind),
         )
@@ -354,8 +393,7 @@ class SQLiteTaskStore:
         return _copy(task)
 
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None:
-        rows = await self._run(
-            self._query,
+        rows = await self._read(
             f"SELECT {_COLUMNS} FROM tasks WHERE deployment=? AND upstream_id=? AND owner=? "
             "AND deleted_at IS NULL",
             (deployment, upstream_id, owner),
@@ -421,7 +459,7 @@ class SQLiteTaskStore:
         def run() -> tuple[list[Task], bool]:
             where, params = "owner=? AND kind=? AND deleted_at IS NULL", [owner, kind]
             if after is not None:
-                cursor = self._query(
+                cursor = self._select(
                     "SELECT seq FROM tasks WHERE id=? AND owner=? AND kind=?", (after, owner, kind)
                 )
                 if not cursor:
@@ -429,18 +467,17 @@ class SQLiteTaskStore:
                 where += " AND seq < ?" if order == "desc" else " AND seq > ?"
                 params.append(cursor[0][0])
             direction = "DESC" if order == "desc" else "ASC"
-            rows = self._query(
+            rows = self._select(
                 f"SELECT {_COLUMNS} FROM tasks WHERE {where} ORDER BY seq {direction} LIMIT ?",
                 (*params, limit + 1),
             )
             return [self._task(r) for r in rows[:limit]], len(rows) > limit
 
-        result: tuple[list[Task], bool] = await self._run(run)
+        result: tuple[list[Task], bool] = await self._run(run, executor=self._reader)
         return result
 
     async def active(self, owner: str) -> list[Task]:
-        rows = await self._run(
-            self._query,
+        rows = await self._read(
             f"SELECT {_COLUMNS} FROM tasks WHERE owner=? AND kind='video' AND deleted_at IS NULL "
             f"AND status IN ({','.join('?' * len(ACTIVE_STATUSES))}) ORDER BY seq",
             (owner, *ACTIVE_STATUSES),
@@ -520,12 +557,16 @@ class SQLiteTaskStore:
             await asyncio.shield(self._run(self._settle, admission))
 
     async def close(self) -> None:
+        if self._read_db is not None:
+            await self._run(self._read_db.close, executor=self._reader)
+            self._read_db = None
         if self._db is not None:
             await self._run(self._close)
         if self._epoch is not None:
             self._epoch.close()
             self._epoch = None
         self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
     def _close(self) -> None:
         """Creates still pending now were cut off by the stop: they no longer count."""

@@ -6,7 +6,9 @@ takes a fraction of a second; the failure itself is real: SQLite reports "databa
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ import aiohttp
 import openai
 import pytest
 
+from gateway import api
 from gateway.state import GATEWAY
 from tests.conftest import ALPHA_KEY, RunningGateway
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
@@ -94,3 +97,45 @@ async def test_while_the_store_is_locked_reads_go_on_and_a_delete_is_a_503_that_
     assert status == 404 and body["error"]["code"] == "video_not_found"
     status, _, body = await call(dialect_gateway, "GET", "/v1/videos")
     assert body["data"] == []
+
+
+async def test_a_stuck_write_holds_up_no_read_and_takes_the_replica_out_of_rotation(
+    dialect_gateway: RunningGateway,
+    upstream: tuple[FakeOpenAIUpstream, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delete waits on another process's lock: lists and uncached reads still answer, polls with
+    news after a short wait for their own save rather than the store's busy timeout, and /readyz says
+    503 (store_unavailable) once the write has waited too long, then ready again."""
+    monkeypatch.setattr(api, "SAVE_WAIT_SECONDS", 0.2)
+    store = dialect_gateway.app[GATEWAY].store
+    kept, video = [
+        (await call(dialect_gateway, "POST", "/v1/videos", json={"prompt": p, "model": "sora-remote"}))[2]
+        for p in ("kept", "deleted")
+    ]
+    store._cache.clear()  # the next read goes to the database
+    store.stuck_write_seconds = 0.3
+    store._db.execute("PRAGMA busy_timeout=3000")
+    other = sqlite3.connect(tmp_path / "gateway.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        deleting = asyncio.create_task(call(dialect_gateway, "DELETE", f"/v1/videos/{video['id']}"))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        status, _, body = await call(dialect_gateway, "GET", "/v1/videos")
+        assert status == 200 and [v["id"] for v in body["data"]] == [video["id"], kept["id"]]
+        status, _, body = await call(dialect_gateway, "GET", f"/v1/videos/{kept['id']}")
+        assert status == 200, body
+        assert time.monotonic() - started < 1.5, "reads waited for the stuck write (3 s)"
+        status, _, body = await call(dialect_gateway, "GET", "/readyz")
+        assert status == 503 and body["status"] == "store_unavailable" and "write" in body["detail"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    status, _, body = await deleting
+    assert status == 200 and body["deleted"] is True
+    deadline = time.monotonic() + 5
+    while (await call(dialect_gateway, "GET", "/readyz"))[0] != 200:  # the saves queued meanwhile
+        assert time.monotonic() < deadline, "the store never became ready again"
+        await asyncio.sleep(0.05)
