@@ -629,19 +629,20 @@ def _model(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "video-gateway"}
 
 
-def add_routes(app: web.Application, prefix: str, expect: Any = None) -> None:
-    """Literal routes first: aiohttp matches in registration order."""
+def add_routes(add: Callable[..., None], prefix: str, expect: Any = None) -> None:
+    """``add(method, path, handler, **options)`` for each route; literal routes first, as aiohttp
+    matches in registration order."""
     videos = f"{prefix}/videos"
     post = {"expect_handler": expect} if expect is not None else {}
-    app.router.add_post(f"{videos}/edits", edit_video, **post)
-    app.router.add_post(f"{videos}/extensions", extend_video, **post)
-    app.router.add_post(f"{videos}/characters", create_character, **post)
-    app.router.add_get(f"{videos}/characters/{{character_id}}", get_character)
-    app.router.add_post(videos, create_video, **post)
-    app.router.add_get(videos, list_videos)
-    app.router.add_get(f"{videos}/{{video_id}}", retrieve_video)
-    app.router.add_delete(f"{videos}/{{video_id}}", delete_video)
-    app.router.add_get(f"{videos}/{{video_id}}/content", video_content)
-    app.router.add_post(f"{videos}/{{video_id}}/remix", remix_video, **post)
-    app.router.add_get(f"{prefix}/models", list_models)
-    app.router.add_get(f"{prefix}/models/{{model}}", get_model)
+    add("POST", f"{videos}/edits", edit_video, **post)
+    add("POST", f"{videos}/extensions", extend_video, **post)
+    add("POST", f"{videos}/characters", create_character, **post)
+    add("GET", f"{videos}/characters/{{character_id}}", get_character)
+    add("POST", videos, create_video, **post)
+    add("GET", videos, list_videos)
+    add("GET", f"{videos}/{{video_id}}", retrieve_video)
+    add("DELETE", f"{videos}/{{video_id}}", delete_video)
+    add("GET", f"{videos}/{{video_id}}/content", video_content)
+    add("POST", f"{videos}/{{video_id}}/remix", remix_video, **post)
+    add("GET", f"{prefix}/models", list_models)
+    add("GET", f"{prefix}/models/{{model}}", get_model)

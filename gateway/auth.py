@@ -85,7 +85,7 @@ def check_model_access(key: ClientKey, model: str) -> None:
 
 
 def client_key(request: web.Request) -> ClientKey:
-    """The key the envelope middleware authenticated (every API route has one)."""
+    """The key the envelope authenticated (every API route has one)."""
     key = request[CONTEXT].client_key
     assert key is not None, "API routes are authenticated before their handler runs"
     return key

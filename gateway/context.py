@@ -1,6 +1,6 @@
-"""What one request carries from the middleware through its handler.
+"""What one request carries from the envelope (``app.enveloped``) through its handler.
 
-One slotted object under one request key, made by the envelope middleware: each ``request[...]``
+One slotted object under one request key, made by the envelope: each ``request[...]``
 costs a few Python calls, and a poll used to make a dozen of them for separate keys.
 """
 
@@ -26,7 +26,7 @@ class RequestContext:
     table: RoutingTable  # the config generation pinned at entry: a reload mid-request changes nothing
     request_id: str
     started: float
-    client_key: ClientKey | None = None  # set by the envelope middleware on API routes
+    client_key: ClientKey | None = None  # set by the envelope on API routes
     model: str | None = None  # the public model, once known (logs and metrics)
     call: Call | None = None  # the latest upstream call (status, error, time spent waiting on it)
     bytes_out: int = 0  # body bytes a streamed answer has sent so far
@@ -43,7 +43,7 @@ def context(request: web.Request) -> RequestContext:
 def stamp(ctx: RequestContext, response: web.StreamResponse) -> None:
     """``x-request-id`` and the gateway's own time so far, on an answer about to start.
 
-    Every answer goes through here (the envelope middleware sends whole answers, streams call
+    Every answer goes through here (the envelope sends whole answers, streams call
     :func:`start_answer`) rather than through aiohttp's ``on_response_prepare`` signal, which costs a
     coroutine and a signal dispatch on every poll.
     """

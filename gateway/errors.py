@@ -5,7 +5,7 @@
      ├── UpstreamError            the provider failed us: 502 / 503 / 504, or its own 4xx passed on
      └── store_unavailable()      503: the task store cannot be read or written
 
-Handlers raise; the envelope middleware in ``app.py`` renders. Nothing else builds error bodies.
+Handlers raise; the envelope in ``app.py`` renders. Nothing else builds error bodies.
 """
 
 from __future__ import annotations

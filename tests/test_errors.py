@@ -125,12 +125,20 @@ async def test_bad_queries_routes_and_methods(local_gateway: RunningGateway) -> 
         assert status == 400, query
         assert_envelope(body, headers, param=param)
 
-    status, headers, body = await request(gw, "GET", "/v1/nothing-here")
-    assert status == 404
-    assert_envelope(body, headers)
+    for path in ("/v1/nothing-here", "/v1/videos/", "/nothing", "/v1/openai/videos/a/b/c"):
+        status, headers, body = await request(gw, "GET", path)
+        assert status == 404, path
+        assert_envelope(body, headers, code="not_found")
+    status, headers, body = await request(gw, "GET", "/v1/nothing-here", headers={"Authorization": ""})
+    assert status == 401, "an unknown API route still asks for a key first"
     status, headers, body = await request(gw, "PUT", "/v1/videos")
     assert status == 405
-    assert_envelope(body, headers)
+    assert_envelope(body, headers, code="method_not_allowed")
+    assert headers["Allow"] == "GET,HEAD,POST"
+    status, headers, body = await request(gw, "POST", "/v1/openai/videos/video_x/content")
+    assert status == 405 and headers["Allow"] == "GET,HEAD"
+    status, headers, _ = await request(gw, "HEAD", "/v1/nothing-here")
+    assert status == 404 and headers["x-request-id"]
 
     video = await gw.sdk().videos.create(prompt="not yet", size="320x240")
     status, headers, body = await request(gw, "GET", f"/v1/videos/{video.id}/content?variant=poster")
