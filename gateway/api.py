@@ -285,7 +285,7 @@ async def _refresh(request: web.Request, task: Task) -> Task:
         return task
     upstream = await _read(request, task, lambda adapter, call: adapter.retrieve(call, task))
     video = build_video(task, upstream.fields)
-    state = {**task.state, **upstream.state}
+    state = {**task.state, **upstream.state} if upstream.state else task.state
     if video != task.video or state != task.state:
         task.video, task.status, task.state = video, video["status"], state
         await _save_news(request, task)

@@ -73,7 +73,6 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
             await _send(request, ctx, response)
             return response
         finally:
-            series.in_flight.dec()
             gw.in_flight -= 1
             if response is _CLIENT_GONE and gw.stopping:
                 response = _ABANDONED

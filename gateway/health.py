@@ -70,15 +70,17 @@ class HealthBoard:
 
     def record(self, deployment: str, failure: str | None, siblings: Sequence[str]) -> None:
         """The outcome of one upstream call: ``failure`` is its kind, or None for a success."""
-        state = self.state(deployment)
+        state = self._states.get(deployment)
         if failure is None:
+            if state is None:
+                return  # never failed: every poll of a healthy deployment passes here
             if state.ejected_until:
                 log.info("deployment_restored", deployment=deployment)
                 EJECTED.labels(deployment).set(0)
-            elif not state.consecutive_failures and not state.probing:
-                return  # healthy and still healthy: every poll passes here
             state.consecutive_failures, state.ejected_until, state.probing = 0, 0.0, False
             return
+        if state is None:
+            state = self.state(deployment)
         state.consecutive_failures += 1
         state.last_failure = failure
         if state.probing or state.consecutive_failures >= self.policy.consecutive_failures:

@@ -45,13 +45,15 @@ class _ReceivedHeaders(Mapping[str, str]):
 
     __slots__ = ("_lines", "_made")
 
-    def __init__(self, lines: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, lines: dict[bytes, bytes]) -> None:
         self._lines = lines
         self._made: CIMultiDict[str] | None = None
 
     def _headers(self) -> CIMultiDict[str]:
         if self._made is None:
-            self._made = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in self._lines)
+            self._made = CIMultiDict(
+                (n.decode("latin-1"), v.decode("latin-1")) for n, v in self._lines.items()
+            )
         return self._made
 
     def __getitem__(self, name: str) -> str:
@@ -100,6 +102,11 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        # httptools hands each header to on_header: a dict's own __setitem__ takes it without a
+        # Python call (a provider's answer has a dozen headers). A header sent twice keeps its last
+        # value; none of those the gateway reads is a list.
+        self._header_lines: dict[bytes, bytes] = {}
+        self.on_header = self._header_lines.__setitem__
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -114,7 +121,7 @@ class _Connection(asyncio.Protocol):
 
     def _start_answer(self) -> None:
         self._status = 0
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_lines.clear()
         self._body: list[bytes] = []
         self._size = 0
         self._headers_done = False
@@ -149,15 +156,12 @@ class _Connection(asyncio.Protocol):
         else:
             self._fail(ExchangeError("reset", "the provider closed the connection"))
 
-    # httptools callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+    # httptools callbacks (and on_header, set in __init__)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # an interim answer (100, 103): the real one follows
-            self._headers.clear()
+            self._header_lines.clear()
             return
         self._status = status
         self._headers_done = True
@@ -165,7 +169,7 @@ class _Connection(asyncio.Protocol):
 
     def _close_delimited(self) -> bool:
         """An answer with neither length nor chunks ends when the connection closes."""
-        names = {name.lower() for name, _ in self._headers}
+        names = {name.lower() for name in self._header_lines}
         return b"content-length" not in names and b"transfer-encoding" not in names
 
     def on_body(self, body: bytes) -> None:
@@ -183,7 +187,7 @@ class _Connection(asyncio.Protocol):
         if not self._keep_alive:
             self.close()
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        waiter.set_result(Answer(self._status, _ReceivedHeaders(self._headers), body))
+        waiter.set_result(Answer(self._status, _ReceivedHeaders(dict(self._header_lines)), body))
 
     # exchange
 

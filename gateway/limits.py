@@ -92,18 +92,13 @@ class Bulkheads:
         self._open: dict[tuple[str, str], int] = {}
         self._workers = workers
 
-    def _cap(self, deployment: Deployment, kind: str) -> int | None:
-        cap = deployment.max_concurrent_uploads if kind == "uploads" else deployment.max_concurrent_requests
-        return None if cap is None else math.ceil(cap / self._workers)
-
-    def has_room(self, deployment: Deployment, kind: str) -> bool:
-        cap = self._cap(deployment, kind)
-        return cap is None or self._open.get((deployment.name, kind), 0) < cap
-
     def enter(self, deployment: Deployment, kind: str) -> _Slot:
         """Hold a slot (``with``) or raise 503 with Retry-After at once: a full bulkhead sheds, never
         queues."""
-        if not self.has_room(deployment, kind):
+        key = (deployment.name, kind)
+        held = self._open.get(key, 0)
+        cap = deployment.max_concurrent_uploads if kind == "uploads" else deployment.max_concurrent_requests
+        if cap is not None and held >= math.ceil(cap / self._workers):
             BULKHEAD_REJECTED.labels(deployment.name, kind).inc()
             raise ApiError(
                 503,
@@ -112,8 +107,7 @@ class Bulkheads:
                 code="upstream_busy",
                 headers={"Retry-After": "1"},
             )
-        key = (deployment.name, kind)
-        self._open[key] = self._open.get(key, 0) + 1
+        self._open[key] = held + 1
         return _Slot(self._open, key)
 
     def open(self, deployment: str, kind: str) -> int:

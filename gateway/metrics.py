@@ -217,7 +217,8 @@ class RouteSeries:
         self.response_bytes = _Sum(RESPONSE_BYTES.labels(route))
 
     def record(self, status: int, seconds: float, overhead: float, bytes_in: int, bytes_out: int) -> None:
-        """One answered request: its status, times and body sizes."""
+        """One request ended (it is no longer in flight): its status, times and body sizes."""
+        self.in_flight.pending -= 1
         tally = self._codes.get(status)
         if tally is None:
             tally = self._codes[status] = _Sum(HTTP_REQUESTS.labels(self._route, self._method, str(status)))
@@ -243,6 +244,11 @@ class UpstreamSeries:
         self.requests = _Sum(UPSTREAM_REQUESTS.labels(provider, deployment))
         self.in_flight = _Sum(UPSTREAM_IN_FLIGHT.labels(provider))
         self.duration = _Observations(UPSTREAM_DURATION.labels(provider, model))
+
+    def sent(self) -> None:
+        """A request left for the provider, and is in flight until ``in_flight.dec()``."""
+        self.requests.pending += 1
+        self.in_flight.pending += 1
 
     def flush(self) -> None:
         self.requests.flush()

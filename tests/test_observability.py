@@ -130,6 +130,7 @@ def test_tallies_flush_to_what_prometheus_client_would_count() -> None:
     series = metrics.route_series(route, "GET")
     observed = [0.0, 0.0001, 0.00010001, 0.001, 0.3, 1.0, 7.5, 1e9]
     for seconds in observed:
+        series.in_flight.inc()  # as a request starts; record() ends it
         series.record(200, 2 * seconds, seconds, 10, 20)
         reference.observe(seconds)
     series.in_flight.inc()

@@ -410,8 +410,7 @@ class Adapter:
     def _sending(self, call: Call) -> metrics.UpstreamSeries:
         """A call is leaving: counted, and in flight until the caller decrements the series."""
         series = metrics.upstream_series(self.config.name, call.deployment.name, call.deployment.model)
-        series.requests.inc()
-        series.in_flight.inc()
+        series.sent()
         self.in_flight += 1
         return series
 
