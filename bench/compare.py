@@ -20,7 +20,7 @@ gateway/direct, gateway/nginx and gateway/LiteLLM, and writes ``bench/results/co
     .venv/bin/python bench/compare.py                      # full run (1 GiB transfers)
     .venv/bin/python bench/compare.py --quick              # short rounds, 64 MiB transfers
     .venv/bin/python bench/compare.py --skip-litellm       # no LiteLLM install
-    .venv/bin/python bench/compare.py --workers 1          # the gateway as one process (default: auto)
+    .venv/bin/python bench/compare.py --workers auto       # one gateway worker per core (default: 1)
 
 A path that cannot be measured (e.g. LiteLLM does not serve an endpoint) shows ``n/a`` and the reason.
 """
@@ -426,7 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="the upstream's own latency")
     parser.add_argument("--size-mib", type=int, default=1024, help="upload and download size")
     parser.add_argument(
-        "--workers", default="auto", help="gateway worker processes (default auto: one per core)"
+        "--workers",
+        default="1",
+        help="gateway worker processes (default 1, as nginx runs here: on a small machine shared with "
+        "the upstream and the load generator, a second worker only adds contention; auto: one per core)",
     )
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--skip-litellm-transfers", action="store_true")

@@ -1,10 +1,11 @@
 """A bounded soak: minutes of mixed traffic with 20 % injected faults; RSS and open FDs must stay flat.
 
 Starts, on 127.0.0.1, the fault-injecting fake upstream of the test suite and ``video-gateway serve``
-in front of it, then runs a steady mix (creates, polls, downloads) where one request in five asks
-the upstream for a fault (503, reset, hang, non-JSON, truncated or slow body). Every few seconds it
+in front of it, then runs a steady mix (creates, polls, downloads) where one request in five meets a
+fault: a create for a model whose upstream fails (503, 500, reset, hang, non-JSON), or a poll or
+download of a video whose upstream is flaky, truncates or drips its content. Every few seconds it
 samples the gateway's RSS and open file descriptors and prints them; at the end it compares the last
-samples with those after warm-up.
+samples with those after warm-up, and counts the answers by status.
 
     .venv/bin/python bench/soak.py --minutes 3
 """
@@ -43,7 +44,17 @@ from upload_memory import (
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "soak.json"
 KEY = "sk-soak-client-key"
-FAULTS = ["status:503", "reset", "hang", "nonjson", "status:500", "truncate", "drip:0.01"]
+# Public model -> the fake upstream's behaviour for it (tests/fakes/faulty_upstream.py), by name:
+# creates for the first kind fail; downloads of videos made with the second do.
+CREATE_FAULTS = {
+    "f503": "status:503",
+    "f500": "status:500",
+    "reset": "reset",
+    "hang": "hang",
+    "html": "nonjson",
+}
+DOWNLOAD_FAULTS = {"truncate": "truncate", "drip": "drip:0.01"}
+MODELS = ["ok", *CREATE_FAULTS, *DOWNLOAD_FAULTS]
 
 
 def serve_fake(port: int) -> None:
@@ -51,7 +62,8 @@ def serve_fake(port: int) -> None:
 
     from tests.fakes.faulty_upstream import FaultyUpstream
 
-    web.run_app(FaultyUpstream().app(), host="127.0.0.1", port=port, print=None, access_log=None)
+    fake = FaultyUpstream(behaviour={**CREATE_FAULTS, **DOWNLOAD_FAULTS})
+    web.run_app(fake.app(), host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 def sample(pid: int) -> tuple[float, int]:
@@ -67,29 +79,28 @@ def sample(pid: int) -> tuple[float, int]:
 async def traffic(base: str, stop_at: float, counts: dict[str, int]) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     timeout = aiohttp.ClientTimeout(total=15)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        videos: list[str] = []
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+        videos: dict[bool, list[str]] = {False: [], True: []}  # by whether their downloads fail
         while time.monotonic() < stop_at:
-            extra = {"x-fault": random.choice(FAULTS)} if random.random() < 0.2 else {}
-            roll = random.random()
+            faulty, roll = random.random() < 0.2, random.random()
             try:
-                if roll < 0.2 or not videos:
+                if not videos[faulty] or (roll < 0.5 if faulty else roll < 0.2):
+                    if faulty:  # half fail as creates; the other half are downloads that fail
+                        model = random.choice(list(CREATE_FAULTS if videos[True] else DOWNLOAD_FAULTS))
+                    else:
+                        model = "ok"
                     async with session.post(
-                        f"{base}/v1/videos",
-                        json={"prompt": "soak", "model": "m"},
-                        headers={**headers, **extra},
+                        f"{base}/v1/videos", json={"prompt": "soak", "model": model}
                     ) as r:
                         body = await r.read()
                         if r.status == 200:
-                            videos.append(json.loads(body)["id"])
-                            videos = videos[-200:]
-                elif roll < 0.8:
-                    async with session.get(f"{base}/v1/videos/{random.choice(videos)}", headers=headers) as r:
-                        await r.read()
+                            made = videos[model != "ok"]
+                            made.append(json.loads(body)["id"])
+                            del made[:-200]
                 else:
-                    async with session.get(
-                        f"{base}/v1/videos/{random.choice(videos)}/content", headers={**headers, **extra}
-                    ) as r:
+                    path = f"/v1/videos/{random.choice(videos[faulty])}"
+                    download = faulty or roll >= 0.8
+                    async with session.get(base + path + ("/content" if download else "")) as r:
                         await r.read()
                 counts[str(r.status)] = counts.get(str(r.status), 0) + 1
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     "timeouts": {"connect": 1, "read": 1, "request": 2},
                 }
             },
-            "models": {"m": {"provider": "up", "model": "primary"}},
+            "models": {name: {"provider": "up", "model": name} for name in MODELS},
         }
         (workdir / "gateway.yaml").write_text(yaml.safe_dump(config))
         gateway = spawn(
