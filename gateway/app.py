@@ -104,14 +104,9 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
     for resource in request.app.router.resources():
         if resource is not request.match_info.route.resource:
             allowed |= (await resource.resolve(request))[1]
-    if allowed:
-        raise ApiError(
-            405,
-            "Method not allowed on this route.",
-            code="method_not_allowed",
-            headers={"Allow": ",".join(sorted(allowed))},
-        )
-    raise ApiError(404, "Unknown route.", code="not_found")
+    if allowed:  # the envelope turns aiohttp's own exceptions into ours (_http_exception)
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def _request_id(request: web.Request) -> str:

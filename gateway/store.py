@@ -310,19 +310,23 @@ class SQLiteTaskStore:
             settled += cursor.rowcount
         return settled
 
-    async def _run(self, fn: Any, *args: Any, executor: ThreadPoolExecutor | None = None) -> Any:
-        """``fn(*args)`` on the writing thread, or on ``executor``."""
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the writing thread, timed for :meth:`health`."""
         token = object()
-        if executor is None:
-            self._writes[token] = time.monotonic()
+        self._writes[token] = time.monotonic()
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor or self._executor, fn, *args)
+            return await self._on(self._executor, fn, *args)
+        finally:
+            del self._writes[token]
+
+    @staticmethod
+    async def _on(executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise  # our mistake, not the store's
         except sqlite3.DatabaseError as exc:
             raise StoreUnavailable(f"task store: {exc}") from exc
-        finally:
-            self._writes.pop(token, None)
 
     async def health(self) -> str | None:
         if self._writes:
@@ -339,7 +343,7 @@ class SQLiteTaskStore:
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Rows of one query, on the reading thread and connection."""
-        rows: list[tuple[Any, ...]] = await self._run(self._select, sql, params, executor=self._reader)
+        rows: list[tuple[Any, ...]] = await self._on(self._reader, self._select, sql, params)
         return rows
 
     def _select(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -473,7 +477,7 @@ class SQLiteTaskStore:
             )
             return [self._task(r) for r in rows[:limit]], len(rows) > limit
 
-        result: tuple[list[Task], bool] = await self._run(run, executor=self._reader)
+        result: tuple[list[Task], bool] = await self._on(self._reader, run)
         return result
 
     async def active(self, owner: str) -> list[Task]:
@@ -558,7 +562,7 @@ class SQLiteTaskStore:
 
     async def close(self) -> None:
         if self._read_db is not None:
-            await self._run(self._read_db.close, executor=self._reader)
+            await self._on(self._reader, self._read_db.close)
             self._read_db = None
         if self._db is not None:
             await self._run(self._close)

@@ -320,9 +320,14 @@ class Adapter:
 
     def upstream_headers(self, call: Call, *, forward_client: bool = True) -> CIMultiDict[str]:
         headers = forwardable_request_headers(call.request.headers) if forward_client else CIMultiDict()
-        headers.update(self.config.headers)
-        headers.update(self.auth_headers())
+        headers.update(self.provider_headers())
         headers["X-Request-ID"] = call.request_id
+        return headers
+
+    def provider_headers(self) -> CIMultiDict[str]:
+        """The deployment's configured headers, then its credential."""
+        headers = CIMultiDict(self.config.headers)
+        headers.update(self.auth_headers())
         return headers
 
     @contextlib.asynccontextmanager

@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.bodies import RequestBody
@@ -83,8 +82,7 @@ class OpenAIAdapter(Adapter):
     def _get_headers(self) -> FixedHeaders:
         """What every JSON GET sends but its request ID, built once (polls are the hot path; this
         adapter's credential does not change while it lives)."""
-        headers = CIMultiDict(self.config.headers)
-        headers.update(self.auth_headers())
+        headers = self.provider_headers()
         headers["Accept"] = "application/json"
         headers["Accept-Encoding"] = "identity"
         headers.popall("X-Request-ID", None)  # each request's own, added as it goes
