@@ -9,6 +9,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -69,8 +70,11 @@ def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter
 
 
 async def _owned(request: web.Request, param: str = "video_id", kind: str = "video") -> Task:
+    """The caller's task named in the path (the store's shared copy: never change it in place), or 404."""
     task_id = request.match_info[param]
-    task = await gateway(request).store.get(task_id, client_key(request).name, kind)
+    ctx = context(request)
+    assert ctx.client_key is not None, "API routes are authenticated before their handler runs"
+    task = await ctx.gateway.store.get(task_id, ctx.client_key.name, kind)
     if task is None:
         raise _not_found(task_id, kind)
     return task
@@ -287,7 +291,7 @@ async def _refresh(request: web.Request, task: Task) -> Task:
     video = build_video(task, upstream.fields)
     state = {**task.state, **upstream.state} if upstream.state else task.state
     if video != task.video or state != task.state:
-        task.video, task.status, task.state = video, video["status"], state
+        task = replace(task, video=video, status=video["status"], state=state)
         await _save_news(request, task)
     return task
 
@@ -631,17 +635,18 @@ def _model(model: str) -> dict[str, Any]:
 
 def add_routes(add: Callable[..., None], prefix: str, expect: Any = None) -> None:
     """``add(method, path, handler, **options)`` for each route; literal routes first, as aiohttp
-    matches in registration order."""
+    matches in registration order. Within one prefix aiohttp tries routes in that order too, so the
+    poll (the hot path) goes ahead of ``/videos`` itself, which no video path can match anyway."""
     videos = f"{prefix}/videos"
     post = {"expect_handler": expect} if expect is not None else {}
     add("POST", f"{videos}/edits", edit_video, **post)
     add("POST", f"{videos}/extensions", extend_video, **post)
     add("POST", f"{videos}/characters", create_character, **post)
     add("GET", f"{videos}/characters/{{character_id}}", get_character)
-    add("POST", videos, create_video, **post)
-    add("GET", videos, list_videos)
     add("GET", f"{videos}/{{video_id}}", retrieve_video)
     add("DELETE", f"{videos}/{{video_id}}", delete_video)
+    add("POST", videos, create_video, **post)
+    add("GET", videos, list_videos)
     add("GET", f"{videos}/{{video_id}}/content", video_content)
     add("POST", f"{videos}/{{video_id}}/remix", remix_video, **post)
     add("GET", f"{prefix}/models", list_models)

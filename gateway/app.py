@@ -150,11 +150,15 @@ async def _send(request: web.Request, ctx: RequestContext, response: web.StreamR
 
 
 def _body_bytes(ctx: RequestContext, response: web.StreamResponse) -> int:
-    """Body bytes of an answer: known for files and whole bodies; streams count their own."""
+    """Body bytes of an answer: known for whole bodies and files; streams count their own.
+
+    The exact type is tried first: ``isinstance`` against aiohttp's answers, which are abstract base
+    classes, costs more than all the rest of this."""
+    if type(response) is web.Response or isinstance(response, web.Response):
+        body = response.body
+        return len(body) if isinstance(body, bytes) else 0
     if isinstance(response, web.FileResponse):
         return response.content_length or 0
-    if isinstance(response, web.Response):
-        return len(response.body) if isinstance(response.body, bytes) else 0
     return ctx.bytes_out
 
 

@@ -61,7 +61,12 @@ class TaskStore(Protocol):
     async def add(self, task: Task) -> None: ...
 
     async def get(self, task_id: str, owner: str, kind: str = "video") -> Task | None:
-        """The owner's live task, or None (unknown, foreign and deleted IDs alike)."""
+        """The owner's live task, or None (unknown, foreign and deleted IDs alike).
+
+        It may be the store's cached copy, shared by every request: change it with
+        ``dataclasses.replace``, never in place (a poll whose news is not saved yet must not be
+        taken for saved by the next one).
+        """
 
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None: ...
 
@@ -385,7 +390,7 @@ class SQLiteTaskStore:
         epoch = self._current_epoch()
         cached = self._cache.get(task_id)
         if cached is not None:
-            return _copy(cached) if cached.owner == owner and cached.kind == kind else None
+            return cached if cached.owner == owner and cached.kind == kind else None
         rows = await self._read(
             f"SELECT {_COLUMNS} FROM tasks WHERE id=? AND owner=? AND kind=? AND deleted_at IS NULL",
             (task_id, owner, kind),
@@ -394,7 +399,7 @@ class SQLiteTaskStore:
             return None
         task = self._task(rows[0])
         self._remember(task, epoch)
-        return _copy(task)
+        return task
 
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None:
         rows = await self._read(
@@ -583,7 +588,8 @@ class SQLiteTaskStore:
 
 
 def _copy(task: Task) -> Task:
-    """A copy whose ``video`` and ``state`` can be changed freely (``dataclasses.replace`` is slower)."""
+    """The cache's own copy of a task added or saved, which the caller's later changes do not reach
+    (``dataclasses.replace`` is slower)."""
     copy = Task.__new__(Task)
     copy.__dict__.update(task.__dict__)
     copy.video, copy.state = dict(task.video), dict(task.state)

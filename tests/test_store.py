@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,12 @@ async def test_the_update_that_lost_the_race_adopts_the_stored_video(pair) -> No
     await a.add(task())
     first, second = await a.get("video_1", "alpha"), await b.get("video_1", "alpha")
     assert first is not None and second is not None
-    first.status, first.video = "completed", {"id": "video_1", "status": "completed", "completed_at": 111}
-    second.status, second.video = "completed", {"id": "video_1", "status": "completed", "completed_at": 222}
+    first = replace(
+        first, status="completed", video={"id": "video_1", "status": "completed", "completed_at": 111}
+    )
+    second = replace(
+        second, status="completed", video={"id": "video_1", "status": "completed", "completed_at": 222}
+    )
     assert await a.update(first) is True, "the first to finish it counts it"
     assert await b.update(second) is False
     assert second.video["completed_at"] == 111

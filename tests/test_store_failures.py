@@ -7,6 +7,7 @@ takes a fraction of a second; the failure itself is real: SQLite reports "databa
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -139,3 +140,36 @@ async def test_a_stuck_write_holds_up_no_read_and_takes_the_replica_out_of_rotat
     while (await call(dialect_gateway, "GET", "/readyz"))[0] != 200:  # the saves queued meanwhile
         assert time.monotonic() < deadline, "the store never became ready again"
         await asyncio.sleep(0.05)
+
+
+def stored(data_dir: Path, video_id: str) -> tuple[str, int]:
+    """What the database holds for a video, read past every process's cache."""
+    db = sqlite3.connect(data_dir / "gateway.sqlite3")
+    try:
+        status, video = db.execute("SELECT status, video FROM tasks WHERE id=?", (video_id,)).fetchone()
+    finally:
+        db.close()
+    return status, json.loads(video)["progress"]
+
+
+async def test_news_a_poll_could_not_save_is_saved_by_the_next_poll_that_learns_it(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], tmp_path: Path
+) -> None:
+    """The client hears the news at once; the task stays as saved until a later poll saves it, so a
+    video the store never saw progress on is not taken for saved (nor lost across a restart)."""
+    fake, _ = upstream
+    status, _, video = await call(
+        dialect_gateway, "POST", "/v1/videos", json={"prompt": "p", "model": "sora-remote"}
+    )
+    assert status == 200
+    (job,) = fake.jobs.values()
+    path = f"/v1/videos/{video['id']}"
+    with store_locked(dialect_gateway, tmp_path):
+        status, _, body = await call(dialect_gateway, "GET", path)
+    assert status == 200 and (body["status"], body["progress"]) == ("in_progress", 40)
+    assert stored(tmp_path, video["id"]) == ("queued", 0), "the save could not happen"
+
+    job.update(status="queued", progress=0)  # so the provider tells the next poll the same news
+    status, _, body = await call(dialect_gateway, "GET", path)
+    assert status == 200 and (body["status"], body["progress"]) == ("in_progress", 40)
+    assert stored(tmp_path, video["id"]) == ("in_progress", 40)
