@@ -72,9 +72,7 @@ def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter
 async def _owned(request: web.Request, param: str = "video_id", kind: str = "video") -> Task:
     """The caller's task named in the path (the store's shared copy: never change it in place), or 404."""
     task_id = request.match_info[param]
-    ctx = context(request)
-    assert ctx.client_key is not None, "API routes are authenticated before their handler runs"
-    task = await ctx.gateway.store.get(task_id, ctx.client_key.name, kind)
+    task = await gateway(request).store.get(task_id, client_key(request).name, kind)
     if task is None:
         raise _not_found(task_id, kind)
     return task
