@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from gateway.store import Task
+from gateway.store import ACTIVE_STATUSES, Task
 
 VIDEO_KEYS = (
     "id",
@@ -62,7 +62,6 @@ STATUS_SYNONYMS: dict[str, tuple[str, str | None]] = {
 
 DEFAULT_SIZE = "720x1280"
 DEFAULT_SECONDS = "4"
-_UNFINISHED = ("queued", "in_progress")
 _FINISHED = ("completed", "failed")
 
 
@@ -109,7 +108,7 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
     progress = max(0, min(100, progress))
     if status == "completed":
         progress = 100
-    elif last_get("status") in _UNFINISHED and status in _UNFINISHED:
+    elif last_get("status") in ACTIVE_STATUSES and status in ACTIVE_STATUSES:
         progress = max(progress, last_get("progress", 0))
 
     error = None

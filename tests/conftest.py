@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -92,6 +94,24 @@ class RunningGateway:
 
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+async def call(
+    gw: RunningGateway, method: str, path: str, *, key: str = ALPHA_KEY, **kwargs: Any
+) -> tuple[int, dict[str, str], Any]:
+    """One plain HTTP request to a running gateway as the client holding ``key``: the status, the
+    headers, and the body as JSON (its bytes when it is not JSON)."""
+    headers = {"Authorization": f"Bearer {key}", **kwargs.pop("headers", {})}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, gw.url + path, headers=headers, **kwargs) as response,
+    ):
+        raw = await response.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw
+        return response.status, dict(response.headers), body
 
 
 @pytest.fixture

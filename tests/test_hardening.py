@@ -30,7 +30,7 @@ from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS
 from gateway.config import ClientKey
 from gateway.context import RequestContext
 from gateway.providers.base import Call
-from tests.conftest import ALPHA_KEY, ENV, RunningGateway, StartGateway
+from tests.conftest import ALPHA_KEY, ENV, RunningGateway, StartGateway, call
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_cli import free_port
 from tests.test_resilience import AUTH, config
@@ -79,26 +79,13 @@ async def big_upload(model: str = "m") -> AsyncIterator[bytes]:
     yield b"\r\n--b--\r\n"
 
 
-async def call(gw: RunningGateway, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-    headers = {**AUTH, **kwargs.pop("headers", {})}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, gw.url + path, headers=headers, **kwargs) as response,
-    ):
-        raw = await response.read()
-        try:
-            return response.status, json.loads(raw)
-        except ValueError:
-            return response.status, raw
-
-
 async def fault_cycle(gw: RunningGateway, fake: FaultyUpstream, video_id: str) -> None:
     """One round of every fault; each must end in bounded time with the right error."""
 
     async def case(fault: str, method: str, path: str, **kwargs: Any) -> tuple[int, Any, float]:
         started = time.monotonic()
         fake.behaviour["primary"] = fault
-        status, body = await call(gw, method, path, **kwargs)
+        status, _, body = await call(gw, method, path, **kwargs)
         fake.behaviour["primary"] = "ok"
         return status, body, time.monotonic() - started
 
@@ -131,7 +118,7 @@ async def fault_cycle(gw: RunningGateway, fake: FaultyUpstream, video_id: str) -
     assert status in (200, 502) and seconds < 5
 
     # Polls of a video still in progress go to the provider on every call (gateway/http1.py).
-    _, polled = await call(gw, "POST", "/v1/videos", json={"prompt": "polled", "model": "m"})
+    _, _, polled = await call(gw, "POST", "/v1/videos", json={"prompt": "polled", "model": "m"})
     poll = f"/v1/videos/{polled['id']}"
     for fault, expected in (("hang", 504), ("reset", 502), ("nonjson", 502), ("status:500", 502)):
         status, body, seconds = await case(fault, "GET", poll)
@@ -139,7 +126,7 @@ async def fault_cycle(gw: RunningGateway, fake: FaultyUpstream, video_id: str) -
     fake.behaviour["primary"] = "status:503"
     started = time.monotonic()
     polls = await asyncio.gather(*(call(gw, "GET", poll) for _ in range(30)))
-    assert {s for s, _ in polls} == {503} and time.monotonic() - started < 5
+    assert {s for s, _, _ in polls} == {503} and time.monotonic() - started < 5
     status, body, _ = await case("ok", "GET", poll)
     assert status == 200 and body["status"] == "completed"
 
@@ -160,7 +147,7 @@ async def test_faults_end_in_time_with_the_right_error_and_leak_nothing(
 ) -> None:
     """Pools may hold connections after the first round; later rounds must not add to them."""
     fake, _ = faulty
-    _, video = await call(gw, "POST", "/v1/videos", json={"prompt": "warm up", "model": "m"})
+    _, _, video = await call(gw, "POST", "/v1/videos", json={"prompt": "warm up", "model": "m"})
     await call(gw, "GET", f"/v1/videos/{video['id']}")
     await fault_cycle(gw, fake, video["id"])
     fds_before, tasks_before = await settle()

@@ -15,16 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 
 from gateway import api
 from gateway.state import GATEWAY
-from tests.conftest import ALPHA_KEY, RunningGateway
+from tests.conftest import ALPHA_KEY, RunningGateway, call
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
-
-AUTH = {"Authorization": f"Bearer {ALPHA_KEY}"}
 
 
 @contextmanager
@@ -38,14 +35,6 @@ def store_locked(gw: RunningGateway, data_dir: Path) -> Iterator[None]:
     finally:
         other.execute("ROLLBACK")
         other.close()
-
-
-async def call(gw: RunningGateway, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, gw.url + path, headers=AUTH, **kwargs) as r,
-    ):
-        return r.status, dict(r.headers), await r.json()
 
 
 def assert_store_unavailable(status: int, body: Any) -> None:

@@ -9,23 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway, gateway_yaml
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def call(gw: RunningGateway, method: str, path: str, key: str, **kwargs: Any) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, gw.url + path, headers=auth(key), **kwargs) as response,
-    ):
-        body = await response.read()
-        try:
-            return response.status, json.loads(body)
-        except ValueError:
-            return response.status, body
+from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway, call, gateway_yaml
 
 
 def video_routes(video_id: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -57,12 +41,12 @@ async def test_other_tenant_gets_the_unknown_id_404_on_every_route(local_gateway
     unknown = "video_" + secrets.token_hex(16)
 
     for method, path, kwargs in video_routes(video.id):
-        status, body = await call(local_gateway, method, path, BETA_KEY, **kwargs)
-        unknown_status, unknown_body = await call(
+        status, _, body = await call(local_gateway, method, path, key=BETA_KEY, **kwargs)
+        unknown_status, _, unknown_body = await call(
             local_gateway,
             method,
             path.replace(video.id, unknown),
-            ALPHA_KEY,
+            key=ALPHA_KEY,
             **json.loads(json.dumps(kwargs).replace(video.id, unknown)),
         )
         assert status == unknown_status == 404, (method, path, body)
@@ -81,7 +65,7 @@ async def test_characters_are_private_too(local_gateway: RunningGateway) -> None
     )
     assert character.id.startswith("char_") and character.name == "Ada"
     assert (await local_gateway.sdk(ALPHA_KEY).videos.get_character(character.id)).name == "Ada"
-    status, body = await call(local_gateway, "GET", f"/v1/videos/characters/{character.id}", BETA_KEY)
+    status, _, body = await call(local_gateway, "GET", f"/v1/videos/characters/{character.id}", key=BETA_KEY)
     assert status == 404 and body["error"]["code"] == "character_not_found"
 
 
@@ -98,8 +82,10 @@ async def test_characters_are_private_too(local_gateway: RunningGateway) -> None
     ],
 )
 async def test_forged_and_malformed_ids_get_the_same_404(local_gateway: RunningGateway, forged: str) -> None:
-    reference_status, reference = await call(local_gateway, "GET", "/v1/videos/video_" + "f" * 32, ALPHA_KEY)
-    status, body = await call(local_gateway, "GET", f"/v1/videos/{forged}", ALPHA_KEY)
+    reference_status, _, reference = await call(
+        local_gateway, "GET", "/v1/videos/video_" + "f" * 32, key=ALPHA_KEY
+    )
+    status, _, body = await call(local_gateway, "GET", f"/v1/videos/{forged}", key=ALPHA_KEY)
     assert status == reference_status == 404
     assert body["error"]["code"] == reference["error"]["code"] == "video_not_found"
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -110,7 +96,7 @@ async def test_deleted_video_is_gone_for_its_owner(local_gateway: RunningGateway
     video = await client.videos.create(prompt="short-lived", size="320x240")
     await client.videos.delete(video.id)
     for method, path, kwargs in video_routes(video.id):
-        status, body = await call(local_gateway, method, path, ALPHA_KEY, **kwargs)
+        status, _, body = await call(local_gateway, method, path, key=ALPHA_KEY, **kwargs)
         assert status == 404, (method, path, body)
 
 
@@ -119,13 +105,15 @@ async def test_keys_and_model_permissions(start_gateway: StartGateway, tmp_path:
     text = text.replace("\nmodels:\n  sora-2:", "\nmodels:\n  sora-2-pro:\n    provider: local\n  sora-2:")
     gw = await start_gateway(text)
 
-    status, body = await call(gw, "POST", "/v1/videos", BETA_KEY, json={"prompt": "x", "model": "sora-2-pro"})
+    status, _, body = await call(
+        gw, "POST", "/v1/videos", key=BETA_KEY, json={"prompt": "x", "model": "sora-2-pro"}
+    )
     assert (
         status == 403 and body["error"]["code"] == "model_not_allowed" and body["error"]["param"] == "model"
     )
-    status, body = await call(gw, "GET", "/v1/models", BETA_KEY)
+    status, _, body = await call(gw, "GET", "/v1/models", key=BETA_KEY)
     assert [m["id"] for m in body["data"]] == ["sora-2"]
-    status, body = await call(gw, "GET", "/v1/models", ALPHA_KEY)
+    status, _, body = await call(gw, "GET", "/v1/models", key=ALPHA_KEY)
     assert {m["id"] for m in body["data"]} == {"sora-2", "sora-2-pro"}
     assert all(m["object"] == "model" for m in body["data"]) and body["object"] == "list"
 
