@@ -359,7 +359,8 @@ def build_app(
         routes.add("GET", config.metrics_path, metrics.metrics_handler())
     for prefix in API_PREFIXES:
         api.add_routes(routes.add, prefix, expect=expect_continue)
-    app.router.add_route("*", "/{path:.*}", enveloped(unmatched, "unmatched"))  # last: any path left
+    # last: any path left, line breaks included (a path may hold an encoded one, which "." stops at)
+    app.router.add_route("*", r"/{path:[\s\S]*}", enveloped(unmatched, "unmatched"))
     bare = [route for route in app.router.routes() if not hasattr(route.handler, "route")]
     if bare:  # a route added straight to the router would skip authentication and the envelope
         raise RuntimeError(f"routes outside the envelope: {bare}")
