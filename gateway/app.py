@@ -14,6 +14,9 @@ from typing import Any
 
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from gateway import api, logs, metrics, openapi
 from gateway.auth import bearer_token, same_key
@@ -47,7 +50,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
         gw = request.app[GATEWAY]
         ctx = request[CONTEXT] = RequestContext(gw, gw.table, _request_id(request), time.perf_counter())
         series = metrics.route_series(route, request.method)
-        series.in_flight.inc()
+        series.started()
         gw.in_flight += 1
         response: web.StreamResponse = _CLIENT_GONE
         try:
@@ -261,6 +264,79 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not part of the response
     return None
+
+
+class GatewayRunner(web.AppRunner):
+    """aiohttp's AppRunner, with connections that answer in the OpenAI envelope what aiohttp
+    answers by itself: a request its parser refused, and an error that escaped the envelope."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # the app's start-up runs here
+        return _Server(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **plain._kwargs,
+        )
+
+
+class _Server(web.Server):
+    """aiohttp's Server, making :class:`_Connection` s."""
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class _Connection(RequestHandler):
+    """One client connection.
+
+    No route or middleware sees a request that aiohttp's parser refused (aiohttp issue 3287): bad
+    syntax, a line over the size limit, TLS on the plain port. aiohttp answers it here, in text/plain
+    that quotes the client's bytes; this answers the envelope instead, with a request ID and a count
+    under the route ``malformed``, and logs one line with the parser's reason and not those bytes.
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was started: the connection can only be closed")
+        request_id = _new_request_id()
+        if isinstance(exc, BadHttpMessage):
+            reason = _parser_reason(exc)
+            # Scanners and TLS clients on the plain port are routine on an open port: not a warning.
+            say = log.info if isinstance(exc, BadHttpMethod) else log.warning
+            say("bad_http_request", request_id=request_id, reason=reason, remote=request.remote)
+            error = ApiError(status, f"The request is not valid HTTP: {reason}.", code="invalid_http_request")
+        else:  # the envelope catches every error of a handler: this is the gateway's own bug
+            log.error("unhandled_error", request_id=request_id, path=request.path, exc_info=exc)
+            error = ApiError(
+                status,
+                "The gateway failed to handle this request.",
+                type="server_error",
+                code="internal_error",
+            )
+        response = error.response()
+        response.headers["x-request-id"] = request_id
+        response.force_close()
+        if isinstance(exc, BadHttpMessage):  # an escaped error was counted by its route's envelope
+            series = metrics.route_series("malformed", "other")
+            series.started()
+            series.record(status, 0.0, 0.0, 0, len(response.body or b""))
+        return response
+
+
+def _parser_reason(exc: BadHttpMessage) -> str:
+    """The parser's reason, without the client's bytes it goes on to quote
+    ("Invalid header token:\n\n  b'...'" gives "Invalid header token")."""
+    first = next((line for line in exc.message.splitlines() if line.strip()), "")
+    reason = re.split(r"""[:'"]""", first, maxsplit=1)[0].strip(" .")
+    return reason or type(exc).__name__
 
 
 async def admin_deployments(request: web.Request) -> web.Response:

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 import structlog
-from aiohttp.http_exceptions import BadHttpMessage
 
 _SECRET_KEYS = re.compile(r"(authorization|api[-_]?key|secret|token|password|cookie|credential)", re.I)
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
@@ -68,26 +67,9 @@ class _StdlibHandler(logging.StreamHandler[TextIO]):
     """Where records of the standard library's loggers are written, formatted as the gateway's own."""
 
 
-# Where the parser starts quoting the client's bytes in its message.
-_QUOTED = re.compile(r"[\s:]*b?['\"]")
-
-
-class _ClientMistakes(logging.Filter):
-    """aiohttp logs a request its parser refused as an error with a traceback that quotes the
-    offending bytes, a client's header among them. It is the client's mistake: a warning, with the
-    parser's reason and the peer, and nothing the client sent."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, BadHttpMessage):
-            first = next((line for line in exc.message.splitlines() if line.strip()), "")
-            record.reason = _QUOTED.split(first, maxsplit=1)[0].strip(" :.") or type(exc).__name__
-            peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            record.remote = peer if isinstance(peer, str) else None
-            record.msg, record.args, record.exc_info, record.exc_text = "bad_http_request", (), None, None
-            if record.levelno > logging.WARNING:
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return record.levelno >= max(_level, logging.WARNING)
+def _warnings_and_above(record: logging.LogRecord) -> bool:
+    """Libraries' records below warning are chatter; the gateway's level may raise the bar."""
+    return record.levelno >= max(_level, logging.WARNING)
 
 
 def configure(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
@@ -107,13 +89,12 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
         cache_logger_on_first_use=False,
     )
     handler = _StdlibHandler(out)
-    handler.addFilter(_ClientMistakes())
+    handler.addFilter(_warnings_and_above)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
                 *head,
                 structlog.stdlib.add_logger_name,
-                structlog.stdlib.ExtraAdder(allow=("reason", "remote")),
             ],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
         )

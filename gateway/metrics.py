@@ -216,8 +216,12 @@ class RouteSeries:
         self.request_bytes = _Sum(REQUEST_BYTES.labels(route))
         self.response_bytes = _Sum(RESPONSE_BYTES.labels(route))
 
+    def started(self) -> None:
+        """A request began: it is in flight until :meth:`record`."""
+        self.in_flight.pending += 1
+
     def record(self, status: int, seconds: float, overhead: float, bytes_in: int, bytes_out: int) -> None:
-        """One request ended (it is no longer in flight): its status, times and body sizes."""
+        """A request that :meth:`started` ended: its status, times and body sizes."""
         self.in_flight.pending -= 1
         tally = self._codes.get(status)
         if tally is None:

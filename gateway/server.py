@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import RELOADER, build_app
+from gateway.app import RELOADER, GatewayRunner, build_app
 from gateway.config import ConfigError, GatewayConfig
 from gateway.logs import log
 from gateway.state import GATEWAY
@@ -39,7 +39,7 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT. ``workers`` > 1: this is one of several processes on the port."""
     app = build_app(config, config_path=config_path, workers=workers, signing_key=signing_key)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     site = await _start(runner, config, host, port, reuse_port=workers > 1)
     log.info("listening", url=f"http://{host}:{port}/v1")
 

@@ -15,10 +15,10 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseRunner, TestServer
 from hypothesis import settings
 
-from gateway.app import build_app
+from gateway.app import GatewayRunner, build_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.logs import configure
 from gateway.render import render_video
@@ -114,14 +114,41 @@ async def call(
         return response.status, dict(response.headers), body
 
 
+class GatewayTestServer(TestServer):
+    """aiohttp's TestServer on the runner ``video-gateway serve`` uses (its connections answer
+    aiohttp's own errors in the envelope)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
+ServeGateway = Callable[..., Awaitable[TestServer]]
+
+
 @pytest.fixture
-async def start_gateway(aiohttp_server: Any) -> AsyncIterator[StartGateway]:
+async def gateway_server() -> AsyncIterator[ServeGateway]:
+    """``await gateway_server(app, port=None)``: the app served on loopback until the test ends."""
+    servers: list[TestServer] = []
+
+    async def serve(app: web.Application, *, port: int | None = None) -> TestServer:
+        server = GatewayTestServer(app, port=port)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield serve
+    while servers:
+        await servers.pop().close()
+
+
+@pytest.fixture
+async def start_gateway(gateway_server: ServeGateway) -> AsyncIterator[StartGateway]:
     started: list[RunningGateway] = []
 
     async def start(config: GatewayConfig | str, **kwargs: Any) -> RunningGateway:
         cfg = load(config) if isinstance(config, str) else config
         app = build_app(cfg, **kwargs)
-        server = await aiohttp_server(app)
+        server = await gateway_server(app)
         started.append(RunningGateway(server, app))
         return started[-1]
 

@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS
 from gateway.config import ClientKey
 from gateway.context import RequestContext
 from gateway.providers.base import Call
-from tests.conftest import ALPHA_KEY, ENV, RunningGateway, StartGateway, call
+from tests.conftest import ALPHA_KEY, ENV, RunningGateway, ServeGateway, StartGateway, call
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_cli import free_port
 from tests.test_resilience import AUTH, config
@@ -486,7 +487,8 @@ def test_fuzz_repeated_multipart_fields(served: int, route: str, names: list[str
         assert (error["param"], error["code"]) == (repeated[0], "duplicate_parameter"), names
 
 
-_VIDEO_REFS = st.one_of(json_values, st.builds(lambda video_id: {"id": video_id}, json_values))
+# finite: "Infinity" is no JSON, and refused as such (test_fuzz_hostile_json_documents)
+_VIDEO_REFS = st.one_of(finite_json, st.builds(lambda video_id: {"id": video_id}, finite_json))
 
 
 @FEW
@@ -551,3 +553,107 @@ def test_json_beyond_64_bit_integers_is_still_written() -> None:
     assert jsonio.loads(jsonio.dumps({"id": "video_x"})) == {"id": "video_x"}
     with pytest.raises(jsonio.JSONDecodeError):
         jsonio.loads(b"\xff not json")
+
+
+async def exchange(gw: RunningGateway, raw: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+    """``raw`` bytes sent as they are: the answer's status, headers and body, and whether the gateway
+    then closed the connection."""
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    try:
+        writer.write(raw)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+        closed = await asyncio.wait_for(reader.read(1), 10) == b""
+        return int(status_line.split()[1]), headers, body, closed
+    finally:
+        writer.close()
+
+
+SECRET_IN_A_BAD_LINE = b"Authorization Bearer sk-secret-in-a-bad-line"
+MALFORMED = {
+    "header line without a colon": b"GET /v1/videos HTTP/1.1\r\nHost: x\r\n"
+    + SECRET_IN_A_BAD_LINE
+    + b"\r\n\r\n",
+    "method with a separator": b"GET(X /v1/videos HTTP/1.1\r\nHost: x\r\n\r\n",
+    "letters in Content-Length": b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Length: 12zz\r\n\r\n",
+    "letters in a chunk size": b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"zz\r\n",
+    "TLS on the plain port": bytes.fromhex("16030100a5010000a10303") + b"zz" * 40,
+    "header over 16 KiB": b"GET /v1/videos HTTP/1.1\r\nHost: x\r\nX-Big: " + b"zz" * 9000 + b"\r\n\r\n",
+    "request line over 8 KiB": b"GET /v1/videos/" + b"zz" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_what_the_http_parser_refuses_gets_the_envelope(gw: RunningGateway, raw: bytes) -> None:
+    """aiohttp answers these itself, before any route: in text/plain quoting the client's bytes,
+    unless the gateway's connections answer them (gateway.app._Connection)."""
+    status, headers, body, closed = await exchange(gw, raw)
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert headers["x-request-id"].startswith("req_") and closed
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_http_request"
+    assert error["param"] is None and error["message"].startswith("The request is not valid HTTP: ")
+    assert b"zz" not in body and b"sk-secret" not in body and b"GET(X" not in body, body
+
+
+async def test_an_error_that_escapes_a_handler_gets_the_envelope(gateway_server: ServeGateway) -> None:
+    """Every gateway route catches its own errors; one that escaped (a bug) still answers the envelope."""
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app = web.Application()
+    app.router.add_get("/broken", broken)
+    server = await gateway_server(app)
+    async with aiohttp.ClientSession() as session, session.get(server.make_url("/broken")) as response:
+        assert response.status == 500 and response.headers["x-request-id"].startswith("req_")
+        assert (await response.json())["error"] == {
+            "message": "The gateway failed to handle this request.",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+
+
+request_tokens = st.text(st.characters(min_codepoint=0, max_codepoint=0x2FF), max_size=12)
+_BODY_HEADERS = ("content-length", "transfer-encoding", "expect")  # a declared body never sent waits
+
+
+@FEW
+@given(
+    method=st.sampled_from(["GET", "POST", "DELETE", "PUT"]) | request_tokens,
+    path=st.sampled_from(["/v1/videos", "/v1/videos/video_1", "/v1/openai/videos"]).flatmap(
+        lambda base: st.builds(lambda tail: base + tail, request_tokens)
+    ),
+    version=st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.x", ""]),
+    headers=st.lists(
+        st.tuples(
+            request_tokens.filter(lambda name: name.strip().lower() not in _BODY_HEADERS), request_tokens
+        ),
+        max_size=4,
+    ),
+)
+@example(method="GET", path="/v1/videos", version="HTTP/1.1", headers=[("Authorization", "\x00")])
+def test_fuzz_raw_requests(
+    served: int, method: str, path: str, version: str, headers: list[tuple[str, str]]
+) -> None:
+    """Requests as bytes on the wire, well-formed or not: every answer is a JSON success or the envelope,
+    in time, never a 500."""
+    lines = [
+        f"{method} {path} {version}".rstrip(),
+        "Host: x",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogatepass")
+    with socket.create_connection(("127.0.0.1", served), timeout=10) as sock:
+        sock.sendall(raw)
+        response = http.client.HTTPResponse(sock, method=method)
+        response.begin()
+        body = response.read()
+    assert response.status < 500, (raw, body)
+    document = json.loads(body)
+    if response.status >= 400:
+        assert set(document["error"]) == {"message", "type", "param", "code"}, document

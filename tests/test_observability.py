@@ -130,12 +130,10 @@ def test_tallies_flush_to_what_prometheus_client_would_count() -> None:
     series = metrics.route_series(route, "GET")
     observed = [0.0, 0.0001, 0.00010001, 0.001, 0.3, 1.0, 7.5, 1e9]
     for seconds in observed:
-        series.in_flight.inc()  # as a request starts; record() ends it
+        series.started()
         series.record(200, 2 * seconds, seconds, 10, 20)
         reference.observe(seconds)
-    series.in_flight.inc()
-    series.in_flight.inc()
-    series.in_flight.dec()
+    series.started()  # a request still in flight when the collection comes
 
     def collected(name: str) -> dict[str, float]:
         return {
@@ -152,9 +150,10 @@ def test_tallies_flush_to_what_prometheus_client_would_count() -> None:
     assert collected("gateway_request_body_bytes_total") == {"gateway_request_body_bytes_total": 80}
     assert collected("gateway_response_body_bytes_total") == {"gateway_response_body_bytes_total": 160}
     assert collected("gateway_http_requests_in_flight") == {"gateway_http_requests_in_flight": 1}
-    series.in_flight.dec()
-    assert collected("gateway_http_requests_in_flight") == {"gateway_http_requests_in_flight": 0}
     assert collected("gateway_overhead_seconds_bucket") == expected  # a second flush adds nothing
+    series.record(200, 0.0, 0.0, 0, 0)
+    assert collected("gateway_http_requests_in_flight") == {"gateway_http_requests_in_flight": 0}
+    assert collected("gateway_http_requests_total") == {"gateway_http_requests_total": len(observed) + 1}
 
 
 async def test_configured_series_exist_before_traffic(dialect_gateway: RunningGateway) -> None:
@@ -289,24 +288,47 @@ def test_library_records_take_the_same_way(fresh_log: io.StringIO) -> None:
     assert "sk-provider-very-secret" not in lines[0] and "timestamp" in entry
 
 
-async def test_malformed_http_is_one_warning_without_the_clients_bytes(
+async def test_malformed_http_is_one_warning_and_a_count_without_the_clients_bytes(
     dialect_gateway: RunningGateway, session_log: Path
 ) -> None:
-    """aiohttp answers a request its parser refuses with its own 400, and logs an error with a
-    traceback that quotes the bad header line. The log gets one warning with the parser's reason."""
+    """aiohttp itself would log a request its parser refuses as an error, with a traceback quoting the
+    bad header line. The gateway logs one warning with the parser's reason and the answer's request ID,
+    and counts it under the route ``malformed``."""
+    before = samples(await scrape(dialect_gateway))
     seen = len(session_log.read_text().splitlines())
     reader, writer = await asyncio.open_connection(dialect_gateway.server.host, dialect_gateway.server.port)
     writer.write(b"GET /v1/videos HTTP/1.1\r\nHost: x\r\nAuthorization " + ALPHA_KEY.encode() + b"\r\n\r\n")
-    status_line = await asyncio.wait_for(reader.readline(), 5)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()
     await writer.wait_closed()
-    assert status_line.split()[1] == b"400"
+    status_line, *lines = head.decode().split("\r\n")
+    assert status_line.split()[1] == "400"
+    (request_id,) = [
+        line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("x-request-id:")
+    ]
     new = session_log.read_text().splitlines()[seen:]
     text = "\n".join(new)
     (entry,) = [e for e in map(json.loads, new) if e["event"] == "bad_http_request"]
-    assert entry["level"] == "warning" and entry["logger"] == "aiohttp.server"
+    assert entry["level"] == "warning" and entry["request_id"] == request_id
     assert entry["reason"] == "Invalid header token" and entry["remote"] == "127.0.0.1"
     assert ALPHA_KEY not in text and "Traceback" not in text
+
+    reader, writer = await asyncio.open_connection(dialect_gateway.server.host, dialect_gateway.server.port)
+    writer.write(bytes.fromhex("16030100a5010000a10303") + b"\x00" * 32)  # a TLS ClientHello's start
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).split()[1] == b"400"
+    writer.close()
+    await writer.wait_closed()
+    logged = [json.loads(line) for line in session_log.read_text().splitlines()[seen:]]
+    tls = [e for e in logged if e["event"] == "bad_http_request"][1:]
+    assert [(e["level"], e["reason"]) for e in tls] == [("info", "Received HTTPS traffic on an HTTP port")]
+
+    after = samples(await scrape(dialect_gateway))
+    counted = {"route": "malformed", "method": "other", "code": "400"}
+    assert (
+        value(after, "gateway_http_requests_total", **counted)
+        == value(before, "gateway_http_requests_total", **counted) + 2
+    )
+    assert value(after, "gateway_http_requests_in_flight", route="malformed") == 0
 
 
 async def test_other_methods_do_not_mint_series(dialect_gateway: RunningGateway) -> None:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import unused_port
 
 from gateway.app import build_app
-from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, load
+from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, ServeGateway, StartGateway, load
 from tests.fakes.luma import FakeLuma
 from tests.provider_contract import (
     assert_refused,
@@ -59,13 +59,15 @@ async def gw(start_gateway: StartGateway, tmp_path: Path, luma: tuple[FakeLuma, 
 
 
 @pytest.fixture
-async def hosted_gw(aiohttp_server: Any, tmp_path: Path, luma: tuple[FakeLuma, str]) -> RunningGateway:
+async def hosted_gw(
+    gateway_server: ServeGateway, tmp_path: Path, luma: tuple[FakeLuma, str]
+) -> RunningGateway:
     """A gateway whose ``server.public_base_url`` is its own loopback address, so the fake can fetch."""
     port = unused_port()
 
     async def start(text: str) -> RunningGateway:
         app = build_app(load(text))
-        return RunningGateway(await aiohttp_server(app, port=port), app)
+        return RunningGateway(await gateway_server(app, port=port), app)
 
     extra = f"server: {{public_base_url: 'http://127.0.0.1:{port}'}}"
     gw = await start_provider_gateway(start, tmp_path, provider_yaml(luma[1]), MODELS, extra=extra)

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from gateway import metrics
-from gateway.app import build_app
+from gateway.app import GatewayRunner, build_app
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, load
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_resilience import AUTH, config
@@ -250,7 +250,7 @@ async def test_requests_abandoned_at_shutdown_are_not_logged_as_the_clients(
     fake, url = faulty
     fake.behaviour["primary"] = "hang"
     text = config(tmp_path, url, MODELS).replace("read: 1, request: 2", "read: 30, request: 60")
-    runner = web.AppRunner(build_app(load(text)), handler_cancellation=True, shutdown_timeout=0.2)
+    runner = GatewayRunner(build_app(load(text)), handler_cancellation=True, shutdown_timeout=0.2)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
 
