@@ -555,12 +555,15 @@ def test_json_beyond_64_bit_integers_is_still_written() -> None:
         jsonio.loads(b"\xff not json")
 
 
-async def exchange(gw: RunningGateway, raw: bytes) -> tuple[int, dict[str, str], bytes, bool]:
-    """``raw`` bytes sent as they are: the answer's status, headers and body, and whether the gateway
-    then closed the connection."""
+async def exchange(gw: RunningGateway, *parts: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+    """Bytes sent as they are, each part a moment after the last: the answer's status, headers and
+    body, and whether the gateway then closed the connection (rather than answer again)."""
     reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
     try:
-        writer.write(raw)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.1)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
         headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
@@ -597,6 +600,24 @@ async def test_what_the_http_parser_refuses_gets_the_envelope(gw: RunningGateway
     assert error["type"] == "invalid_request_error" and error["code"] == "invalid_http_request"
     assert error["param"] is None and error["message"].startswith("The request is not valid HTTP: ")
     assert b"zz" not in body and b"sk-secret" not in body and b"GET(X" not in body, body
+
+
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
+async def test_http_versions_other_than_1_get_505_in_a_status_line_clients_read(
+    gw: RunningGateway, version: str
+) -> None:
+    """aiohttp's parser lets these through, and would answer "HTTP/2.0 200 OK", which an HTTP/1 client
+    cannot read (Python's http.client raises UnknownProtocol). nginx and Go answer 505, as this does."""
+    raw = f"GET /v1/videos HTTP/{version[5:]}\r\nHost: x\r\nAuthorization: Bearer {ALPHA_KEY}\r\n\r\n"
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    writer.write(raw.encode())
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status_line.split()[:2] in ([b"HTTP/1.0", b"505"], [b"HTTP/1.1", b"505"]), status_line
+    status, _, body, closed = await exchange(gw, raw.encode())
+    error = json.loads(body)["error"]
+    assert status == 505 and closed and error["code"] == "http_version_not_supported"
+    assert error["message"] == f"{version} is not supported: send HTTP/1.1 (or 1.0)."
 
 
 async def test_an_error_that_escapes_a_handler_gets_the_envelope(gateway_server: ServeGateway) -> None:
@@ -653,7 +674,38 @@ def test_fuzz_raw_requests(
         response = http.client.HTTPResponse(sock, method=method)
         response.begin()
         body = response.read()
-    assert response.status < 500, (raw, body)
+    # no version at all is an HTTP/0.9 request line, to the parser
+    assert response.status < 500 or (response.status == 505 and version in ("HTTP/2.0", ""))
     document = json.loads(body)
     if response.status >= 400:
         assert set(document["error"]) == {"message", "type", "param", "code"}, document
+
+
+CHUNKED_HEAD = (
+    "POST /v1/videos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+    "Transfer-Encoding: chunked\r\nContent-Type: {content_type}\r\n\r\n"
+)
+FORM_START = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n--b\r\n'
+
+
+@pytest.mark.parametrize(
+    ("content_type", "first_chunk"),
+    [("application/json", b'{"prompt": "x", '), ("multipart/form-data; boundary=b", FORM_START)],
+    ids=["json", "multipart streamed to the upstream"],
+)
+async def test_a_chunked_body_that_breaks_off_is_refused_at_once(
+    gw: RunningGateway, faulty: tuple[FaultyUpstream, str], content_type: str, first_chunk: bytes
+) -> None:
+    """A bad chunk size after the first chunk: aiohttp's C parser would leave the handler waiting
+    for more body until the idle timeout (a minute). The client gets the 400 at once, and only it."""
+    fake, _ = faulty
+    head = CHUNKED_HEAD.format(key=ALPHA_KEY, content_type=content_type).encode()
+    chunk = b"%x\r\n%s\r\n" % (len(first_chunk), first_chunk)
+    started = time.monotonic()
+    status, _, body, closed = await exchange(gw, head, chunk, b"zz\r\nnot a chunk\r\n")
+    assert time.monotonic() - started < 5
+    assert status == 400 and closed
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_body" and "chunk size" in error["message"], error
+    assert b"zz" not in body
+    assert fake.hits_for("primary") == [], "the provider got a create from a body that broke off"
