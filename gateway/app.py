@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
-from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
@@ -111,6 +111,18 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
     if allowed:  # the envelope turns aiohttp's own exceptions into ours (_http_exception)
         raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise web.HTTPNotFound()
+
+
+class _AnyTarget(web.PlainResource):
+    """Every request target, registered last to take what no route did: any path (line breaks and
+    braces included, which route patterns stop at) and targets that are no path at all
+    (``OPTIONS *``), which no pattern can match and aiohttp would answer in text/plain."""
+
+    def __init__(self) -> None:
+        super().__init__("/")
+
+    def _match(self, path: str) -> dict[str, str]:
+        return {}
 
 
 def _request_id(request: web.Request) -> str:
@@ -312,13 +324,14 @@ class _Connection(RequestHandler):
         for i in range(queued, len(messages)):
             message = messages[i][0]
             if isinstance(message, _ErrInfo):
-                self._fail_body_in_progress(message)
+                if message.message.startswith(_HTTP2_PREFACE):
+                    messages[i] = _version_refusal("HTTP/2")
+                else:
+                    self._fail_body_in_progress(message)
             elif message.version not in (HttpVersion11, HttpVersion10):
                 # aiohttp's parser lets HTTP/2.0 and HTTP/0.9 request lines through, and its answer
                 # would name that version in a status line no client of it can read.
-                version = f"HTTP/{message.version.major}.{message.version.minor}"
-                refusal = HttpProcessingError(code=505, message=f"{version} is not supported")
-                messages[i] = (_ErrInfo(505, refusal, refusal.message), EMPTY_PAYLOAD)
+                messages[i] = _version_refusal(f"HTTP/{message.version.major}.{message.version.minor}")
 
     def _fail_body_in_progress(self, refused: _ErrInfo) -> None:
         """aiohttp's C parser raises on a broken chunked body (a bad chunk size, say) without failing
@@ -354,6 +367,16 @@ class _Connection(RequestHandler):
         response.headers["x-request-id"] = request_id
         response.force_close()
         return response
+
+
+# How llhttp refuses "PRI * HTTP/2.0", the preface of a client speaking HTTP/2 without asking first.
+_HTTP2_PREFACE = "Pause on PRI/Upgrade"
+
+
+def _version_refusal(version: str) -> tuple[_ErrInfo, StreamReader]:
+    """A parsed request of an HTTP version the gateway does not speak, as aiohttp queues a refusal."""
+    refusal = HttpProcessingError(code=505, message=f"{version} is not supported")
+    return _ErrInfo(505, refusal, refusal.message), EMPTY_PAYLOAD
 
 
 def _refusal(status: int, exc: HttpProcessingError, request_id: str, remote: str | None) -> web.Response:
@@ -478,8 +501,9 @@ def build_app(
         routes.add("GET", config.metrics_path, metrics.metrics_handler())
     for prefix in API_PREFIXES:
         api.add_routes(routes.add, prefix, expect=expect_continue)
-    # last: any path left, line breaks included (a path may hold an encoded one, which "." stops at)
-    app.router.add_route("*", r"/{path:[\s\S]*}", enveloped(unmatched, "unmatched"))
+    catch_all = _AnyTarget()  # last
+    app.router.register_resource(catch_all)
+    catch_all.add_route("*", enveloped(unmatched, "unmatched"))
     bare = [route for route in app.router.routes() if not hasattr(route.handler, "route")]
     if bare:  # a route added straight to the router would skip authentication and the envelope
         raise RuntimeError(f"routes outside the envelope: {bare}")

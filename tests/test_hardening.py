@@ -602,13 +602,20 @@ async def test_what_the_http_parser_refuses_gets_the_envelope(gw: RunningGateway
     assert b"zz" not in body and b"sk-secret" not in body and b"GET(X" not in body, body
 
 
-@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
+OTHER_VERSIONS = {
+    "HTTP/2.0": f"GET /v1/videos HTTP/2.0\r\nHost: x\r\nAuthorization: Bearer {ALPHA_KEY}\r\n\r\n",
+    "HTTP/0.9": f"GET /v1/videos HTTP/0.9\r\nHost: x\r\nAuthorization: Bearer {ALPHA_KEY}\r\n\r\n",
+    "HTTP/2": "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # the preface of HTTP/2 without an upgrade
+}
+
+
+@pytest.mark.parametrize(("version", "raw"), OTHER_VERSIONS.items(), ids=OTHER_VERSIONS.keys())
 async def test_http_versions_other_than_1_get_505_in_a_status_line_clients_read(
-    gw: RunningGateway, version: str
+    gw: RunningGateway, version: str, raw: str
 ) -> None:
-    """aiohttp's parser lets these through, and would answer "HTTP/2.0 200 OK", which an HTTP/1 client
-    cannot read (Python's http.client raises UnknownProtocol). nginx and Go answer 505, as this does."""
-    raw = f"GET /v1/videos HTTP/{version[5:]}\r\nHost: x\r\nAuthorization: Bearer {ALPHA_KEY}\r\n\r\n"
+    """aiohttp's parser lets the first two through, and would answer "HTTP/2.0 200 OK", which an HTTP/1
+    client cannot read (Python's http.client raises UnknownProtocol); HTTP/2's preface it refused as
+    "Pause on PRI/Upgrade". nginx and Go answer 505, as this does."""
     reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
     writer.write(raw.encode())
     status_line = await asyncio.wait_for(reader.readline(), 10)
@@ -618,6 +625,15 @@ async def test_http_versions_other_than_1_get_505_in_a_status_line_clients_read(
     error = json.loads(body)["error"]
     assert status == 505 and closed and error["code"] == "http_version_not_supported"
     assert error["message"] == f"{version} is not supported: send HTTP/1.1 (or 1.0)."
+
+
+async def test_a_request_target_that_is_no_path_gets_the_envelope(gw: RunningGateway) -> None:
+    """``OPTIONS *`` is valid HTTP that no path pattern matches: aiohttp answered it in text/plain."""
+    status, headers, body, _ = await exchange(
+        gw, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 404 and headers["x-request-id"].startswith("req_")
+    assert json.loads(body)["error"]["code"] == "not_found"
 
 
 async def test_an_error_that_escapes_a_handler_gets_the_envelope(gateway_server: ServeGateway) -> None:
