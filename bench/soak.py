@@ -2,8 +2,10 @@
 
 Starts, on 127.0.0.1, the fault-injecting fake upstream of the test suite and ``video-gateway serve``
 in front of it, then runs a steady mix (creates, polls, downloads) where one request in five meets a
-fault: a create for a model whose upstream fails (503, 500, reset, hang, non-JSON), or a poll or
-download of a video whose upstream is flaky, truncates or drips its content. Every few seconds it
+fault: a create for a model whose upstream fails (503, 500, reset, hang, non-JSON), a poll or
+download of a video whose upstream is flaky, truncates or drips its content, or a client's own
+fault on a raw connection (malformed HTTP, a chunked body that breaks off, an HTTP/2.0 request line,
+an upload the client abandons halfway). Every few seconds it
 samples the gateway's RSS and open file descriptors and prints them; at the end it compares the last
 samples with those after warm-up, and counts the answers by status.
 
@@ -76,6 +78,36 @@ def sample(pid: int) -> tuple[float, int]:
     return rss, fds
 
 
+def client_faults(key: str) -> list[bytes]:
+    """Requests a broken or hostile client sends, as bytes on the wire (each ends the connection)."""
+    auth = f"Authorization: Bearer {key}\r\n".encode()
+    chunked = b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" + auth
+    return [
+        b"GET /v1/videos HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        chunked + b'Content-Type: application/json\r\n\r\n5\r\n{"pro\r\nzz\r\n',
+        b"GET /v1/videos HTTP/2.0\r\nHost: x\r\n" + auth + b"\r\n",
+        b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n"
+        + auth
+        + b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        + b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nok\r\n--b\r\n'
+        + b'Content-Disposition: form-data; name="input_reference"; filename="x.png"\r\n\r\n'
+        + b"\0" * 65536,  # and then the client is gone
+    ]
+
+
+async def client_fault(base: str, raw: bytes) -> str:
+    """One raw request; the status the gateway answered, or ``closed`` when the client left first."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw)
+        if raw.startswith(b"POST") and b"Content-Length" in raw:  # the abandoned upload
+            return "closed"
+        return (await asyncio.wait_for(reader.readline(), 15)).split()[1].decode()
+    finally:
+        writer.close()
+
+
 async def traffic(base: str, stop_at: float, counts: dict[str, int]) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     timeout = aiohttp.ClientTimeout(total=15)
@@ -84,6 +116,10 @@ async def traffic(base: str, stop_at: float, counts: dict[str, int]) -> None:
         while time.monotonic() < stop_at:
             faulty, roll = random.random() < 0.2, random.random()
             try:
+                if faulty and roll >= 0.8:
+                    status = await client_fault(base, random.choice(client_faults(KEY)))
+                    counts[status] = counts.get(status, 0) + 1
+                    continue
                 if not videos[faulty] or (roll < 0.5 if faulty else roll < 0.2):
                     if faulty:  # half fail as creates; the other half are downloads that fail
                         model = random.choice(list(CREATE_FAULTS if videos[True] else DOWNLOAD_FAULTS))
@@ -103,7 +139,7 @@ async def traffic(base: str, stop_at: float, counts: dict[str, int]) -> None:
                     async with session.get(base + path + ("/content" if download else "")) as r:
                         await r.read()
                 counts[str(r.status)] = counts.get(str(r.status), 0) + 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
 
 
