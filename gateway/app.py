@@ -397,11 +397,15 @@ def _refusal(status: int, exc: HttpProcessingError, request_id: str, remote: str
     return response
 
 
+# Where the parser's message starts quoting the client's bytes: b'...', b"..." or bytearray(b'...').
+_QUOTED_BYTES = re.compile(r"""[\s:]*(?:bytearray\()?(?<!\w)b['"]""")
+
+
 def _parser_reason(exc: HttpProcessingError) -> str:
-    """The parser's reason, without the client's bytes it goes on to quote
-    ("Invalid header token:\n\n  b'...'" gives "Invalid header token")."""
-    first = next((line for line in exc.message.splitlines() if line.strip()), "")
-    reason = re.split(r"""[:'"]""", first, maxsplit=1)[0].strip(" .")
+    """The parser's reason, on one line and without the client's bytes that it goes on to quote
+    ("Bad status line:\n  Expected CRLF after version:\n\n  b'...'" gives
+    "Bad status line: Expected CRLF after version")."""
+    reason = " ".join(_QUOTED_BYTES.split(exc.message, maxsplit=1)[0].split()).strip(" :.")
     return reason or type(exc).__name__
 
 
