@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -13,17 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientConnectionResetError, web
-from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
-from aiohttp.web_request import BaseRequest
+from aiohttp.http import HttpVersion11
 
 from gateway import api, logs, metrics, openapi
 from gateway.auth import bearer_token, same_key
 from gateway.bodies import too_large
 from gateway.config import GatewayConfig
-from gateway.context import CONTEXT, RequestContext, stamp
+from gateway.context import CONTEXT, RequestContext, request_id, stamp
 from gateway.errors import ApiError, store_unavailable
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
@@ -35,7 +29,6 @@ from gateway.store import SQLiteTaskStore, StoreUnavailable, TaskStore
 from gateway.workers import request_reload
 
 API_PREFIXES = ("/v1", "/v1/openai")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
 def enveloped(handler: web.Handler, route: str) -> web.Handler:
@@ -49,7 +42,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
 
     async def envelope(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
-        ctx = request[CONTEXT] = RequestContext(gw, gw.table, _request_id(request), time.perf_counter())
+        ctx = request[CONTEXT] = RequestContext(gw, gw.table, request_id(request), time.perf_counter())
         series = metrics.route_series(route, request.method)
         series.started()
         gw.in_flight += 1
@@ -123,22 +116,6 @@ class _AnyTarget(web.PlainResource):
 
     def _match(self, path: str) -> dict[str, str]:
         return {}
-
-
-def _request_id(request: web.Request) -> str:
-    """The client's X-Request-ID when it is well-formed, else a new one."""
-    incoming = request.headers.get("X-Request-ID")
-    return incoming if incoming and _REQUEST_ID.match(incoming) else _new_request_id()
-
-
-# Request IDs: a random prefix per process, then a counter, so unique across workers and restarts
-# at the cost of one format per request.
-_ID_PREFIX = "req_" + secrets.token_hex(8)
-_ID_COUNTER = itertools.count()
-
-
-def _new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 # What metrics and logs record when the client went away before an answer (nginx's 499).
@@ -268,7 +245,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
             raise too_large(limit)
     except ApiError as exc:
         # answered before the envelope runs: stamped here, with a context of its own
-        ctx = request[CONTEXT] = RequestContext(gw, table, _request_id(request), time.perf_counter())
+        ctx = request[CONTEXT] = RequestContext(gw, table, request_id(request), time.perf_counter())
         response = exc.response()
         stamp(ctx, response)
         response.force_close()
@@ -277,136 +254,6 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not part of the response
     return None
-
-
-class GatewayRunner(web.AppRunner):
-    """aiohttp's AppRunner, with connections that answer in the OpenAI envelope what aiohttp
-    answers by itself: a request its parser refused, and an error that escaped the envelope."""
-
-    async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()  # the app's start-up runs here
-        return _Server(
-            plain.request_handler,
-            request_factory=plain.request_factory,
-            handler_cancellation=plain.handler_cancellation,
-            loop=plain._loop,
-            **plain._kwargs,
-        )
-
-
-class _Server(web.Server):
-    """aiohttp's Server, making a :class:`_Connection` of each client connection."""
-
-    def __call__(self) -> RequestHandler:
-        return _Connection(self, loop=self._loop, **self._kwargs)
-
-
-class _Connection(RequestHandler):
-    """One client connection, mending three things aiohttp's own does below the routes.
-
-    - No route or middleware sees a request that aiohttp's parser refused (aiohttp issue 3287): bad
-      syntax, a line over the size limit, TLS on the plain port. aiohttp answers it in text/plain that
-      quotes the client's bytes; :meth:`handle_error` answers the envelope instead.
-    - A request line of HTTP/2.0 or HTTP/0.9 passes the parser: it is refused with 505.
-    - A chunked body that breaks off fails the request reading it at once (see
-      :meth:`_fail_body_in_progress`).
-    """
-
-    def data_received(self, data: bytes) -> None:
-        messages = self._messages
-        queued = len(messages)
-        RequestHandler.data_received(self, data)  # not super(): this runs for every read of a socket
-        if len(messages) == queued:
-            return  # more of a body, a request line or headers
-        last = messages[-1][0]
-        if len(messages) == queued + 1 and type(last) is not _ErrInfo and last.version is HttpVersion11:
-            return  # the usual case: one more HTTP/1.1 request
-        for i in range(queued, len(messages)):
-            message = messages[i][0]
-            if isinstance(message, _ErrInfo):
-                if message.message.startswith(_HTTP2_PREFACE):
-                    messages[i] = _version_refusal("HTTP/2")
-                else:
-                    self._fail_body_in_progress(message)
-            elif message.version not in (HttpVersion11, HttpVersion10):
-                # aiohttp's parser lets HTTP/2.0 and HTTP/0.9 request lines through, and its answer
-                # would name that version in a status line no client of it can read.
-                messages[i] = _version_refusal(f"HTTP/{message.version.major}.{message.version.minor}")
-
-    def _fail_body_in_progress(self, refused: _ErrInfo) -> None:
-        """aiohttp's C parser raises on a broken chunked body (a bad chunk size, say) without failing
-        the body of the request being read, which then waits for more until the idle timeout. Fail it
-        here, as aiohttp's Python parser does: its handler answers 400, then the connection closes."""
-        request = self._current_request
-        if request is None or request.content.is_eof() or not isinstance(refused.exc, HttpProcessingError):
-            return  # no body being read, or it was whole: the refusal is the next request's
-        request.content.set_exception(RequestPayloadError(_parser_reason(refused.exc)))
-        request.content.feed_eof()  # no more will come: aiohttp must not linger reading it
-        self.close()  # after this request's answer; the refusal queued behind it gets none
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("an answer was started: the connection can only be closed")
-        request_id = _new_request_id()
-        if isinstance(exc, HttpProcessingError):
-            response = _refusal(status, exc, request_id, request.remote)
-        else:  # the envelope catches every error of a handler: this is the gateway's own bug
-            log.error("unhandled_error", request_id=request_id, path=request.path, exc_info=exc)
-            response = ApiError(
-                status,
-                "The gateway failed to handle this request.",
-                type="server_error",
-                code="internal_error",
-            ).response()
-        response.headers["x-request-id"] = request_id
-        response.force_close()
-        return response
-
-
-# How llhttp refuses "PRI * HTTP/2.0", the preface of a client speaking HTTP/2 without asking first.
-_HTTP2_PREFACE = "Pause on PRI/Upgrade"
-
-
-def _version_refusal(version: str) -> tuple[_ErrInfo, StreamReader]:
-    """A parsed request of an HTTP version the gateway does not speak, as aiohttp queues a refusal."""
-    refusal = HttpProcessingError(code=505, message=f"{version} is not supported")
-    return _ErrInfo(505, refusal, refusal.message), EMPTY_PAYLOAD
-
-
-def _refusal(status: int, exc: HttpProcessingError, request_id: str, remote: str | None) -> web.Response:
-    """The answer to a request the parser refused (400) or of an HTTP version not spoken (505),
-    logged and counted as the route ``malformed``."""
-    reason = _parser_reason(exc)
-    # Scanners and TLS clients on the plain port are routine on an open port: not a warning.
-    say = log.info if isinstance(exc, BadHttpMethod) else log.warning
-    say("bad_http_request", request_id=request_id, reason=reason, remote=remote)
-    if status == 505:
-        error = ApiError(505, f"{reason}: send HTTP/1.1 (or 1.0).", code="http_version_not_supported")
-    else:
-        error = ApiError(status, f"The request is not valid HTTP: {reason}.", code="invalid_http_request")
-    response = error.response()
-    series = metrics.route_series("malformed", "other")
-    series.started()
-    series.record(status, 0.0, 0.0, 0, len(response.body or b""))
-    return response
-
-
-# Where the parser's message starts quoting the client's bytes: b'...', b"..." or bytearray(b'...').
-_QUOTED_BYTES = re.compile(r"""[\s:]*(?:bytearray\()?(?<!\w)b['"]""")
-
-
-def _parser_reason(exc: HttpProcessingError) -> str:
-    """The parser's reason, on one line and without the client's bytes that it goes on to quote
-    ("Bad status line:\n  Expected CRLF after version:\n\n  b'...'" gives
-    "Bad status line: Expected CRLF after version")."""
-    reason = " ".join(_QUOTED_BYTES.split(exc.message, maxsplit=1)[0].split()).strip(" :.")
-    return reason or type(exc).__name__
 
 
 async def admin_deployments(request: web.Request) -> web.Response:

@@ -6,6 +6,9 @@ costs a few Python calls, and a poll used to make a dozen of them for separate k
 
 from __future__ import annotations
 
+import itertools
+import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +37,23 @@ class RequestContext:
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def request_id(request: web.Request) -> str:
+    """The client's X-Request-ID when it is well-formed, else a new one."""
+    incoming = request.headers.get("X-Request-ID")
+    return incoming if incoming and _REQUEST_ID.match(incoming) else new_request_id()
+
+
+# Request IDs: a random prefix per process, then a counter, so unique across workers and restarts
+# at the cost of one format per request.
+_ID_PREFIX = "req_" + secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def context(request: web.Request) -> RequestContext:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import RELOADER, GatewayRunner, build_app
+from gateway.app import RELOADER, build_app
 from gateway.config import ConfigError, GatewayConfig
+from gateway.connections import GatewayRunner
 from gateway.logs import log
 from gateway.state import GATEWAY
 from gateway.workers import leave_orphaned_metrics, supervised

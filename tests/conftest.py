@@ -18,8 +18,9 @@ from aiohttp import web
 from aiohttp.test_utils import BaseRunner, TestServer
 from hypothesis import settings
 
-from gateway.app import GatewayRunner, build_app
+from gateway.app import build_app
 from gateway.config import GatewayConfig, parse_config
+from gateway.connections import GatewayRunner
 from gateway.logs import configure
 from gateway.render import render_video
 from tests.fakes.faulty_upstream import FaultyUpstream

@@ -622,7 +622,7 @@ async def test_what_the_http_parser_refuses_gets_the_envelope(
     gw: RunningGateway, raw: bytes, reason: str
 ) -> None:
     """aiohttp answers these itself, before any route: in text/plain quoting the client's bytes,
-    unless the gateway's connections answer them (gateway.app._Connection)."""
+    unless the gateway's connections answer them (gateway.connections)."""
     status, headers, body, closed = await exchange(gw, raw)
     assert status == 400 and headers["content-type"].startswith("application/json")
     assert headers["x-request-id"].startswith("req_") and closed

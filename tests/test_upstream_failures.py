@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 
 from gateway import metrics
-from gateway.app import GatewayRunner, build_app
+from gateway.app import build_app
+from gateway.connections import GatewayRunner
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, load
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_resilience import AUTH, config
