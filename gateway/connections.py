@@ -50,12 +50,13 @@ class _Server(web.Server):
 
 
 class _Connection(RequestHandler):
-    """One client connection, mending three things aiohttp's own does below the routes.
+    """One client connection, mending what aiohttp's own does below the routes.
 
     - No route or middleware sees a request that aiohttp's parser refused (aiohttp issue 3287): bad
       syntax, a line over the size limit, TLS on the plain port. aiohttp answers it in text/plain that
       quotes the client's bytes; :meth:`handle_error` answers the envelope instead.
-    - A request line of HTTP/2.0 or HTTP/0.9 passes the parser: it is refused with 505.
+    - A request line of HTTP/2.0 or HTTP/0.9 passes the parser: it is refused with 505, and
+      ``CONNECT`` (the gateway is no proxy) with 405.
     - A chunked body that breaks off fails the request reading it at once (see
       :meth:`_fail_body_in_progress`).
     """
@@ -67,19 +68,28 @@ class _Connection(RequestHandler):
         if len(messages) == queued:
             return  # more of a body, a request line or headers
         last = messages[-1][0]
-        if len(messages) == queued + 1 and type(last) is not _ErrInfo and last.version is HttpVersion11:
+        if (
+            len(messages) == queued + 1
+            and type(last) is not _ErrInfo
+            and last.version is HttpVersion11
+            and not last.upgrade
+        ):
             return  # the usual case: one more HTTP/1.1 request
         for i in range(queued, len(messages)):
             message = messages[i][0]
             if isinstance(message, _ErrInfo):
                 if message.message.startswith(_HTTP2_PREFACE):
-                    messages[i] = _version_refusal("HTTP/2")
+                    messages[i] = _refused(505, "HTTP/2 is not supported")
                 else:
                     self._fail_body_in_progress(message)
             elif message.version not in (HttpVersion11, HttpVersion10):
                 # aiohttp's parser lets HTTP/2.0 and HTTP/0.9 request lines through, and its answer
                 # would name that version in a status line no client of it can read.
-                messages[i] = _version_refusal(f"HTTP/{message.version.major}.{message.version.minor}")
+                version = f"HTTP/{message.version.major}.{message.version.minor}"
+                messages[i] = _refused(505, f"{version} is not supported")
+            elif message.method == "CONNECT":  # a client that takes the gateway for its proxy
+                # Its target is no path, so no route can take it, and aiohttp would answer text/plain.
+                messages[i] = _refused(405, "CONNECT is not supported: the gateway is no forward proxy")
 
     def _fail_body_in_progress(self, refused: _ErrInfo) -> None:
         """aiohttp's C parser raises on a broken chunked body (a bad chunk size, say) without failing
@@ -121,24 +131,27 @@ class _Connection(RequestHandler):
 _HTTP2_PREFACE = "Pause on PRI/Upgrade"
 
 
-def _version_refusal(version: str) -> tuple[_ErrInfo, StreamReader]:
-    """A parsed request of an HTTP version the gateway does not speak, as aiohttp queues a refusal."""
-    refusal = HttpProcessingError(code=505, message=f"{version} is not supported")
-    return _ErrInfo(505, refusal, refusal.message), EMPTY_PAYLOAD
+def _refused(status: int, reason: str) -> tuple[_ErrInfo, StreamReader]:
+    """A parsed request the gateway refuses, queued as aiohttp queues those its parser refused."""
+    return _ErrInfo(status, HttpProcessingError(code=status, message=reason), reason), EMPTY_PAYLOAD
+
+
+# How a refusal is answered, by status: the error code, and the message around the parser's reason.
+_REFUSALS = {
+    405: ("method_not_allowed", "{}."),
+    505: ("http_version_not_supported", "{}: send HTTP/1.1 (or 1.0)."),
+}
 
 
 def _refusal(status: int, exc: HttpProcessingError, request_id: str, remote: str | None) -> web.Response:
-    """The answer to a request the parser refused (400) or of an HTTP version not spoken (505),
-    logged and counted as the route ``malformed``."""
+    """The answer to a request the parser refused (400) or the connection did (405, 505), logged
+    and counted as the route ``malformed``."""
     reason = _parser_reason(exc)
     # Scanners and TLS clients on the plain port are routine on an open port: not a warning.
     say = log.info if isinstance(exc, BadHttpMethod) else log.warning
     say("bad_http_request", request_id=request_id, reason=reason, remote=remote)
-    if status == 505:
-        error = ApiError(505, f"{reason}: send HTTP/1.1 (or 1.0).", code="http_version_not_supported")
-    else:
-        error = ApiError(status, f"The request is not valid HTTP: {reason}.", code="invalid_http_request")
-    response = error.response()
+    code, message = _REFUSALS.get(status, ("invalid_http_request", "The request is not valid HTTP: {}."))
+    response = ApiError(status, message.format(reason), code=code).response()
     series = metrics.route_series("malformed", "other")
     series.started()
     series.record(status, 0.0, 0.0, 0, len(response.body or b""))

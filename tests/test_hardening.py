@@ -666,6 +666,21 @@ async def test_a_request_target_that_is_no_path_gets_the_envelope(gw: RunningGat
     assert json.loads(body)["error"]["code"] == "not_found"
 
 
+async def test_connect_is_refused_in_the_envelope(gw: RunningGateway) -> None:
+    """A client configured with the gateway as its proxy sends CONNECT host:port, a target no route
+    can match: aiohttp answered it in text/plain."""
+    status, headers, body, closed = await exchange(
+        gw, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert status == 405 and closed and headers["x-request-id"].startswith("req_")
+    assert json.loads(body)["error"] == {
+        "message": "CONNECT is not supported: the gateway is no forward proxy.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "method_not_allowed",
+    }
+
+
 async def test_an_error_that_escapes_a_handler_gets_the_envelope(gateway_server: ServeGateway) -> None:
     """Every gateway route catches its own errors; one that escaped (a bug) still answers the envelope."""
 
