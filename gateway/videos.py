@@ -93,6 +93,15 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+def _seconds(value: Any) -> str | None:
+    """A duration as the Video object writes it (a string of digits), from text or a whole number."""
+    if type(value) is str:
+        return value or None
+    if type(value) is int or (type(value) is float and value.is_integer()):
+        return str(int(value))
+    return None
+
+
 def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | None = None) -> dict[str, Any]:
     """The client's view of a video: all 13 keys, public ID and model, one of the four statuses.
 
@@ -126,7 +135,12 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
         completed_at = _int_or_none(get("completed_at")) or last_get("completed_at")
         if completed_at is None:
             completed_at = int(time.time())
-    seconds = get("seconds", last_get("seconds"))
+    prompt = get("prompt")
+    if type(prompt) is not str or not prompt:  # text or nothing, whatever the provider sent
+        prompt = last_get("prompt")
+    size = get("size")
+    if type(size) is not str or not size:
+        size = last_get("size") or DEFAULT_SIZE
     return {
         "id": task.id,
         "object": "video",
@@ -136,9 +150,9 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
         "created_at": task.created_at,
         "completed_at": completed_at,
         "expires_at": _int_or_none(get("expires_at")) or last_get("expires_at"),
-        "prompt": get("prompt") or last_get("prompt"),
-        "size": str(get("size") or last_get("size") or DEFAULT_SIZE),
-        "seconds": str(seconds) if seconds is not None else DEFAULT_SECONDS,
+        "prompt": prompt,
+        "size": size,
+        "seconds": _seconds(get("seconds")) or last_get("seconds") or DEFAULT_SECONDS,
         "remixed_from_video_id": remixed_from
         if remixed_from is not None
         else last_get("remixed_from_video_id"),

@@ -1,0 +1,144 @@
+"""Whatever an OpenAI-dialect upstream answers to a poll, the client gets a well-formed Video object
+(the 13 keys of ``openai-videos-api.md`` §3.1, with their types) or the error envelope, never a 500.
+
+The upstream here answers each retrieve with a document the test draws at random (seeded, so a
+failure replays): the Video object's fields with values of any JSON type, unknown fields, numbers
+beyond 64 bits, ``NaN``, documents that are no object at all, and bytes that are no JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.videos import STATUS_SYNONYMS, STATUSES, VIDEO_KEYS
+from tests.conftest import ALPHA_KEY, StartGateway, call
+
+UPSTREAM_KEY = "sk-upstream-answers"
+JOB = {"id": "job_1", "object": "video", "status": "queued", "progress": 0, "created_at": 1_700_000_000}
+ACTIVE = ("queued", "in_progress")
+
+
+class RandomAnswers:
+    """An OpenAI-dialect upstream (§1: POST /v1/videos, GET /v1/videos/{id}) whose retrieve answers
+    ``self.next``, raw bytes as they are."""
+
+    def __init__(self) -> None:
+        self.next = b"{}"
+        self.creates = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/videos", self.create)
+        app.router.add_get("/v1/videos/{vid}", self.retrieve)
+        return app
+
+    async def create(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.creates += 1
+        return web.json_response({**JOB, "id": f"job_{self.creates}"})
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.next, content_type="application/json")
+
+
+def value(rng: random.Random, depth: int = 0) -> Any:
+    kinds = ["none", "bool", "int", "big", "float", "text", "status", "list", "object"]
+    kind = rng.choice(kinds if depth < 2 else kinds[:7])
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "int":
+        return rng.randint(-(10**12), 10**12)
+    if kind == "big":  # past 64 bits; past a double's range (300 digits) the answer is no JSON to us
+        return int("9" * rng.randint(19, 300))
+    if kind == "float":
+        return rng.choice([0.5, -3.25, 1e300, -1e-300, 99.9, 100.0])
+    if kind == "text":
+        return "".join(rng.choice("ab 7.-\u00e9\u4e2d\n\x00") for _ in range(rng.randint(0, 12)))
+    if kind == "status":
+        word = rng.choice([*STATUS_SYNONYMS, "", "weird"])
+        return rng.choice([word, word.upper(), f" {word} "])
+    if kind == "list":
+        return [value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {rng.choice(["code", "message", "x"]): value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+
+
+def document(rng: random.Random, job_id: str) -> bytes:
+    """One retrieve answer: mostly a Video-ish object about the job, sometimes something else."""
+    shape = rng.random()
+    if shape < 0.05:
+        return rng.choice([b"[]", b'"completed"', b"42", b"null", b"<html>oops</html>", b"", b"9" * 400])
+    if shape < 0.1:
+        return b'{"id": "job_1", "status": "in_progress", "progress": NaN}'
+    keys = rng.sample([*VIDEO_KEYS, "extra", "metadata"], rng.randint(0, len(VIDEO_KEYS)))
+    fields = {key: value(rng) for key in keys}
+    if rng.random() < 0.6:
+        fields["status"] = rng.choice([*STATUS_SYNONYMS, "nonsense"])
+    if rng.random() < 0.85:  # else whatever was drawn for it, if anything: no id is a 502
+        fields["id"] = job_id
+    return json.dumps(fields).encode()
+
+
+def assert_video(video: dict[str, Any], video_id: str) -> None:
+    assert list(video) == list(VIDEO_KEYS), video
+    assert video["id"] == video_id and video["object"] == "video" and video["model"] == "remote"
+    assert video["status"] in STATUSES
+    assert type(video["progress"]) is int and 0 <= video["progress"] <= 100
+    assert type(video["created_at"]) is int
+    for key in ("completed_at", "expires_at"):
+        assert video[key] is None or type(video[key]) is int, (key, video[key])
+    assert type(video["size"]) is str and type(video["seconds"]) is str
+    assert video["prompt"] is None or type(video["prompt"]) is str
+    if video["status"] == "completed":
+        assert video["progress"] == 100 and video["completed_at"] is not None
+    if video["status"] == "failed":
+        assert type(video["error"]["code"]) is str and type(video["error"]["message"]) is str
+    else:
+        assert video["error"] is None
+
+
+async def test_any_poll_answer_becomes_a_video_or_the_envelope(
+    start_gateway: StartGateway, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    fake = RandomAnswers()
+    upstream = await aiohttp_server(fake.app())
+    gw = await start_gateway(
+        textwrap.dedent(f"""
+        data_dir: {tmp_path}
+        keys: [{{name: alpha, key: "{ALPHA_KEY}"}}]
+        providers:
+          up:
+            kind: openai
+            base_url: {upstream.make_url("/v1")}
+            api_key: {UPSTREAM_KEY}
+        models:
+          remote: {{provider: up, model: upstream-model}}
+        """)
+    )
+    rng = random.Random(20261206)
+    answers: dict[int, int] = {}
+    video_id, last = "", None
+    for _ in range(300):
+        if last is None or last["status"] not in ACTIVE:  # a finished video is no longer polled
+            status, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+            assert status == 200, created
+            video_id, last = created["id"], created
+        fake.next = document(rng, f"job_{fake.creates}")
+        status, _, body = await call(gw, "GET", f"/v1/videos/{video_id}")
+        answers[status] = answers.get(status, 0) + 1
+        assert status in (200, 502), (fake.next, body)
+        if status == 502:
+            assert set(body["error"]) == {"message", "type", "param", "code"}, body
+            continue
+        assert_video(body, video_id)
+        if last["status"] in ACTIVE and body["status"] in ACTIVE:
+            assert body["progress"] >= last["progress"], (last, body, fake.next)
+        last = body
+    assert answers[200] > 200 and answers.get(502, 0) > 5, answers
