@@ -73,6 +73,20 @@ async def test_text_to_video_request_and_status_sequence(
     assert seen[-1]["completed_at"] is not None and seen[-1]["error"] is None
 
 
+@pytest.mark.parametrize("progress", [1e308, -0.5, 3, True, "0.4"])
+async def test_a_progress_that_is_no_fraction_is_ignored(
+    gw: RunningGateway, runway: tuple[FakeRunway, str], progress: object
+) -> None:
+    """Runway reports a fraction; anything else is ignored (1e308 times 100 is infinity, which no
+    integer holds: that poll used to fail with a 500)."""
+    fake, _ = runway
+    fake.running_progress = progress
+    video = await create(gw, model="gen-video", prompt="a red fox", size="720x1280", seconds="7")
+    seen = await poll_until_done(gw, video["id"])
+    assert [v["status"] for v in seen] == ["queued", "in_progress", "completed"]
+    assert [v["progress"] for v in seen] == [0, 0, 100]
+
+
 async def test_image_to_video_sends_a_data_uri(gw: RunningGateway, runway: tuple[FakeRunway, str]) -> None:
     fake, _ = runway
     image = png()

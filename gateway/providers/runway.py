@@ -132,7 +132,7 @@ class RunwayAdapter(NativeAdapter):
         status = str(answer["status"]).lower()
         fields: dict[str, Any] = {"status": status}
         progress = answer.get("progress")
-        if isinstance(progress, int | float):
+        if type(progress) in (int, float) and 0 <= progress <= 1:  # a fraction (no bool); else noise
             fields["progress"] = round(progress * 100)
         if status == "failed":
             fields["error"] = {

@@ -29,6 +29,7 @@ class FakeRunway:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     creates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    running_progress: Any = 0.4  # what a RUNNING task reports (a fraction, by Runway's docs)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -80,7 +81,7 @@ class FakeRunway:
         step = STEPS[min(task["polls"], len(STEPS) - 1)]
         answer: dict[str, Any] = {"id": task["id"], "createdAt": task["createdAt"], "status": step}
         if step == "RUNNING":
-            answer["progress"] = 0.4
+            answer["progress"] = self.running_progress
         if step == "SUCCEEDED":
             if "[fail]" in task["prompt"]:
                 answer.update(
