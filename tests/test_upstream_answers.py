@@ -14,10 +14,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from gateway.videos import STATUS_SYNONYMS, STATUSES, VIDEO_KEYS
-from tests.conftest import ALPHA_KEY, StartGateway, call
+from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, call
 
 UPSTREAM_KEY = "sk-upstream-answers"
 JOB = {"id": "job_1", "object": "video", "status": "queued", "progress": 0, "created_at": 1_700_000_000}
@@ -26,10 +27,11 @@ ACTIVE = ("queued", "in_progress")
 
 class RandomAnswers:
     """An OpenAI-dialect upstream (§1: POST /v1/videos, GET /v1/videos/{id}) whose retrieve answers
-    ``self.next``, raw bytes as they are."""
+    ``self.next``, raw bytes as they are, and whose create answers ``self.next_create`` when set."""
 
     def __init__(self) -> None:
         self.next = b"{}"
+        self.next_create: bytes | None = None
         self.creates = 0
 
     def app(self) -> web.Application:
@@ -41,6 +43,8 @@ class RandomAnswers:
     async def create(self, request: web.Request) -> web.Response:
         await request.read()
         self.creates += 1
+        if self.next_create is not None:
+            return web.Response(body=self.next_create, content_type="application/json")
         return web.json_response({**JOB, "id": f"job_{self.creates}"})
 
     async def retrieve(self, request: web.Request) -> web.Response:
@@ -104,9 +108,10 @@ def assert_video(video: dict[str, Any], video_id: str) -> None:
         assert video["error"] is None
 
 
-async def test_any_poll_answer_becomes_a_video_or_the_envelope(
+@pytest.fixture
+async def gateway(
     start_gateway: StartGateway, aiohttp_server: Any, tmp_path: Path
-) -> None:
+) -> tuple[RunningGateway, RandomAnswers]:
     fake = RandomAnswers()
     upstream = await aiohttp_server(fake.app())
     gw = await start_gateway(
@@ -122,6 +127,13 @@ async def test_any_poll_answer_becomes_a_video_or_the_envelope(
           remote: {{provider: up, model: upstream-model}}
         """)
     )
+    return gw, fake
+
+
+async def test_any_poll_answer_becomes_a_video_or_the_envelope(
+    gateway: tuple[RunningGateway, RandomAnswers],
+) -> None:
+    gw, fake = gateway
     rng = random.Random(20261206)
     answers: dict[int, int] = {}
     video_id, last = "", None
@@ -142,3 +154,26 @@ async def test_any_poll_answer_becomes_a_video_or_the_envelope(
             assert body["progress"] >= last["progress"], (last, body, fake.next)
         last = body
     assert answers[200] > 200 and answers.get(502, 0) > 5, answers
+
+
+async def test_any_create_answer_becomes_a_video_the_client_can_find_or_the_envelope(
+    gateway: tuple[RunningGateway, RandomAnswers],
+) -> None:
+    """A create the provider answered with an ID is a video the client can poll; without one, a 502."""
+    gw, fake = gateway
+    rng = random.Random(6122026)
+    answers: dict[int, int] = {}
+    for _ in range(150):
+        fake.next_create = document(rng, f"job_{fake.creates + 1}")
+        status, _, body = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+        answers[status] = answers.get(status, 0) + 1
+        assert status in (200, 502), (fake.next_create, body)
+        if status == 502:
+            assert set(body["error"]) == {"message", "type", "param", "code"}, body
+            continue
+        assert_video(body, body["id"])
+        fake.next = json.dumps({"id": f"job_{fake.creates}", "status": "in_progress", "progress": 1}).encode()
+        status, _, polled = await call(gw, "GET", f"/v1/videos/{body['id']}")
+        assert status == 200, polled
+        assert_video(polled, body["id"])
+    assert answers[200] > 80 and answers.get(502, 0) > 5, answers
