@@ -18,7 +18,7 @@ from gateway.auth import bearer_token, same_key
 from gateway.bodies import too_large
 from gateway.config import GatewayConfig
 from gateway.context import CONTEXT, RequestContext, request_id, stamp
-from gateway.errors import ApiError, store_unavailable
+from gateway.errors import ApiError, internal_error, store_unavailable
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads
@@ -61,12 +61,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
                 response = store_unavailable().response()
             except Exception:
                 log.exception("unhandled_error", request_id=ctx.request_id, path=request.path)
-                response = ApiError(
-                    500,
-                    "The gateway failed to handle this request.",
-                    type="server_error",
-                    code="internal_error",
-                ).response()
+                response = internal_error().response()
             await _send(request, ctx, response)
             return response
         finally:

@@ -23,7 +23,7 @@ from aiohttp.web_request import BaseRequest
 
 from gateway import metrics
 from gateway.context import new_request_id
-from gateway.errors import ApiError
+from gateway.errors import ApiError, internal_error
 from gateway.logs import log
 
 
@@ -116,12 +116,7 @@ class _Connection(RequestHandler):
             response = _refusal(status, exc, request_id, request.remote)
         else:  # the envelope catches every error of a handler: this is the gateway's own bug
             log.error("unhandled_error", request_id=request_id, path=request.path, exc_info=exc)
-            response = ApiError(
-                status,
-                "The gateway failed to handle this request.",
-                type="server_error",
-                code="internal_error",
-            ).response()
+            response = internal_error(status).response()
         response.headers["x-request-id"] = request_id
         response.force_close()
         return response

@@ -3,9 +3,11 @@
     ApiError                      any answer that is not a success
      ├── client errors            400 / 401 / 403 / 404 / 405 / 413 / 415 / 429
      ├── UpstreamError            the provider failed us: 502 / 503 / 504, or its own 4xx passed on
-     └── store_unavailable()      503: the task store cannot be read or written
+     ├── store_unavailable()      503: the task store cannot be read or written
+     └── internal_error()         500: the gateway's own bug
 
-Handlers raise; the envelope in ``app.py`` renders. Nothing else builds error bodies.
+Handlers raise; the envelope in ``app.py`` renders, and ``connections.py`` for what aiohttp answers
+below the routes. Nothing else builds error bodies.
 """
 
 from __future__ import annotations
@@ -103,6 +105,13 @@ def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
         type="server_error",
         code="store_unavailable",
         headers=headers,
+    )
+
+
+def internal_error(status: int = 500) -> ApiError:
+    """The gateway's own failure (a bug): logged where it happened, never detailed to the client."""
+    return ApiError(
+        status, "The gateway failed to handle this request.", type="server_error", code="internal_error"
     )
 
 
