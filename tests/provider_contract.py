@@ -160,3 +160,20 @@ async def assert_variant_missing(gw: RunningGateway, video_id: str, variant: str
     status, _, body = await request(gw, "GET", f"/v1/videos/{video_id}/content?variant={variant}")
     assert status == 404 and body["error"]["code"] == "variant_not_available", body
     assert variant in body["error"]["message"]
+
+
+ODD_TASK_ID = "a/b?c#d e%41.."  # every character here means something in a URL
+
+
+async def assert_task_id_kept_whole(gw: RunningGateway, fake: Any, model: str) -> str:
+    """The provider's task ID is used whole: one made of characters that mean something in a URL
+    is polled at its own path (the fake finds the task, else the poll would be a 404), and an empty
+    one is no task the gateway could ever poll (502). ``fake.next_id`` sets the ID its next create
+    answers. Returns the video made with the odd ID."""
+    fake.next_id = ODD_TASK_ID
+    video = await create(gw, model=model, prompt="an odd task id")
+    status, _, polled = await request(gw, "GET", f"/v1/videos/{video['id']}")
+    assert status == 200 and polled["id"] == video["id"], polled
+    fake.next_id = ""
+    await assert_refused(gw, {"model": model, "prompt": "an empty task id"}, status=502)
+    return str(video["id"])

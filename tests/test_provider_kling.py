@@ -18,6 +18,7 @@ from tests.fakes.kling import FakeKling
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
+    assert_task_id_kept_whole,
     assert_variant_missing,
     create,
     png,
@@ -300,3 +301,7 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
     assert await assert_sdk_roundtrip(gw, "kling", prompt="sdk", size="1280x720", seconds="5") == (
         media["video"].read_bytes()
     )
+
+
+async def test_a_task_id_is_used_whole(gw: RunningGateway, kling: FakeKling) -> None:
+    await assert_task_id_kept_whole(gw, kling, "kling")

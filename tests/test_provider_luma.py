@@ -14,8 +14,10 @@ from gateway.app import build_app
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, ServeGateway, StartGateway, load
 from tests.fakes.luma import FakeLuma
 from tests.provider_contract import (
+    ODD_TASK_ID,
     assert_refused,
     assert_sdk_roundtrip,
+    assert_task_id_kept_whole,
     create,
     png,
     poll_until_done,
@@ -268,3 +270,10 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
     assert await assert_sdk_roundtrip(gw, "dream", prompt="sdk", size="720x1280") == (
         media["video"].read_bytes()
     )
+
+
+async def test_a_task_id_is_used_whole(gw: RunningGateway, luma: tuple[FakeLuma, str]) -> None:
+    video_id = await assert_task_id_kept_whole(gw, luma[0], "dream")
+    status, _, deleted = await request(gw, "DELETE", f"/v1/videos/{video_id}")
+    assert status == 200 and deleted["deleted"] is True, deleted
+    assert ODD_TASK_ID not in luma[0].generations  # the delete reached the generation's own path

@@ -15,6 +15,7 @@ from tests.fakes.minimax import FakeMiniMax
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
+    assert_task_id_kept_whole,
     assert_variant_missing,
     create,
     png,
@@ -231,3 +232,7 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
     assert await assert_sdk_roundtrip(gw, "hailuo", prompt="sdk", size="1920x1080", seconds="6") == (
         media["video"].read_bytes()
     )
+
+
+async def test_a_task_id_is_used_whole(gw: RunningGateway, minimax: FakeMiniMax) -> None:
+    await assert_task_id_kept_whole(gw, minimax, "hailuo")

@@ -11,8 +11,10 @@ import pytest
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.runway import FakeRunway
 from tests.provider_contract import (
+    ODD_TASK_ID,
     assert_refused,
     assert_sdk_roundtrip,
+    assert_task_id_kept_whole,
     assert_variant_missing,
     create,
     png,
@@ -156,3 +158,10 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
     assert await assert_sdk_roundtrip(gw, "gen-video", prompt="sdk", size="1280x720", seconds="5") == (
         media["video"].read_bytes()
     )
+
+
+async def test_a_task_id_is_used_whole(gw: RunningGateway, runway: tuple[FakeRunway, str]) -> None:
+    video_id = await assert_task_id_kept_whole(gw, runway[0], "gen-video")
+    status, _, deleted = await request(gw, "DELETE", f"/v1/videos/{video_id}")
+    assert status == 200 and deleted["deleted"] is True, deleted
+    assert ODD_TASK_ID not in runway[0].tasks  # the cancel reached the task's own path

@@ -13,6 +13,7 @@ from tests.fakes.seedance import FakeArk
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
+    assert_task_id_kept_whole,
     assert_variant_missing,
     create,
     png,
@@ -362,3 +363,7 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
     assert await assert_sdk_roundtrip(gw, "seedance-pro", prompt="sdk", size="1280x720", seconds="4") == (
         media["video"].read_bytes()
     )
+
+
+async def test_a_task_id_is_used_whole(gw: RunningGateway, ark: tuple[FakeArk, str]) -> None:
+    await assert_task_id_kept_whole(gw, ark[0], "seedance-pro")

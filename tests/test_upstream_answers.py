@@ -13,6 +13,7 @@ import random
 import textwrap
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from aiohttp import web
@@ -33,6 +34,7 @@ class RandomAnswers:
         self.next = b"{}"
         self.next_create: bytes | None = None
         self.creates = 0
+        self.polled: list[str] = []  # each retrieve's request target, as sent
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -48,6 +50,7 @@ class RandomAnswers:
         return web.json_response({**JOB, "id": f"job_{self.creates}"})
 
     async def retrieve(self, request: web.Request) -> web.Response:
+        self.polled.append(request.raw_path)
         return web.Response(body=self.next, content_type="application/json")
 
 
@@ -181,3 +184,23 @@ async def test_any_create_answer_becomes_a_video_the_client_can_find_or_the_enve
         assert status == 200, polled
         assert_video(polled, body["id"])
     assert answers[200] > 80 and answers.get(502, 0) > 5, answers
+
+
+@pytest.mark.parametrize("upstream_id", ["..", "a/b?c#d e%41"])
+async def test_an_upstream_id_is_polled_at_its_own_path(
+    gateway: tuple[RunningGateway, RandomAnswers], upstream_id: str
+) -> None:
+    """An ID is one path segment whatever its characters: ``..`` or ``a/b`` cannot point a poll,
+    sent with the provider's credential, at another path (servers resolve ``..``; this fake does
+    not, so the test reads the target as sent)."""
+    gw, fake = gateway
+    fake.next_create = json.dumps({**JOB, "id": upstream_id}).encode()
+    status, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+    assert status == 200, created
+    fake.next = json.dumps({**JOB, "id": upstream_id, "status": "in_progress", "progress": 5}).encode()
+    status, _, polled = await call(gw, "GET", f"/v1/videos/{created['id']}")
+    assert status == 200 and polled["progress"] == 5, polled
+    (target,) = fake.polled
+    root, version, videos, segment = target.split("/")
+    assert (root, version, videos) == ("", "v1", "videos") and segment not in (".", ".."), target
+    assert unquote(segment) == upstream_id

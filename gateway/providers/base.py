@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -175,6 +175,18 @@ def range_headers(request_headers: Mapping[str, str]) -> dict[str, str]:
     if "If-Range" in request_headers:
         sent["If-Range"] = request_headers["If-Range"]
     return sent
+
+
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")
+
+
+def path_segment(value: str) -> str:
+    """``value`` (a provider's ID) as one segment of a URL path: as it is when plain, as provider
+    IDs are, and percent-encoded otherwise, so that no ID (``a/b``, ``x?y``, ``..``) can point a
+    call with the provider's credential at another path."""
+    if _PLAIN_SEGMENT.fullmatch(value) is None:
+        return quote(value, safe="")
+    return value.replace(".", "%2E") if value in (".", "..") else value
 
 
 def _position(digits: str) -> int | None:

@@ -39,7 +39,7 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none, path_segment
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
@@ -183,7 +183,11 @@ class DashScopeAdapter(NativeAdapter):
             call, "POST", self.base_url + CREATE, json_body=payload, headers={"X-DashScope-Async": "enable"}
         )
         output = answer.get("output") if isinstance(answer, dict) else None
-        if not isinstance(output, dict) or not isinstance(output.get("task_id"), str):
+        if (
+            not isinstance(output, dict)
+            or not isinstance(output.get("task_id"), str)
+            or not output["task_id"]
+        ):
             raise self._refusal_in_answer(call, answer, "DashScope's answer has no task id.")
         fields: dict[str, Any] = {"status": "queued", "progress": 0, **request.seed()}
         return UpstreamVideo(output["task_id"], fields)
@@ -207,7 +211,7 @@ class DashScopeAdapter(NativeAdapter):
         return {"model": upstream_model, "input": inputs, "parameters": parameters}
 
     async def _task(self, call: Call, task_id: str) -> dict[str, Any]:
-        answer = await self.call_json(call, "GET", f"{self.base_url}{TASKS}/{task_id}")
+        answer = await self.call_json(call, "GET", f"{self.base_url}{TASKS}/{path_segment(task_id)}")
         output = answer.get("output") if isinstance(answer, dict) else None
         if not isinstance(output, dict) or "task_status" not in output:
             raise self._refusal_in_answer(call, answer, "DashScope's task answer has no task_status.")
@@ -271,7 +275,9 @@ class DashScopeAdapter(NativeAdapter):
         # Only PENDING tasks can be cancelled; a running or finished one is left to expire at
         # DashScope after 24 hours, and the gateway forgets it either way.
         with ignore_refusals(400, 403, 404, 409):
-            await self.call_json(call, "POST", f"{self.base_url}{TASKS}/{task.upstream_id}/cancel")
+            await self.call_json(
+                call, "POST", f"{self.base_url}{TASKS}/{path_segment(task.upstream_id)}/cancel"
+            )
 
     def _refusal_in_answer(self, call: Call, answer: Any, missing: str) -> ApiError:
         """An HTTP-200 answer without what it should carry: its ``code`` if it has one, else a 502."""

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, json_or_none
+from gateway.providers.base import Call, UpstreamVideo, json_or_none, path_segment
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
@@ -239,7 +239,7 @@ class KlingAdapter(NativeAdapter):
             payload["image"] = request.image.url if request.image.data is None else request.image.base64()
         data = await self._api(call, "POST", f"/v1/videos/{endpoint}", json_body=payload)
         task_id = data.get("task_id")
-        if not isinstance(task_id, str | int) or not str(task_id):
+        if isinstance(task_id, bool) or not isinstance(task_id, str | int) or not str(task_id):
             self.count_error("payload")
             raise UpstreamError(502, "Upstream error: Kling's answer has no task_id.", kind="payload")
         fields = {"status": str(data.get("task_status") or "submitted").lower(), "progress": 0}
@@ -323,7 +323,7 @@ class KlingAdapter(NativeAdapter):
         endpoint = task.state.get("endpoint")
         if endpoint not in ENDPOINTS:
             endpoint = "text2video"
-        return await self._api(call, "GET", f"/v1/videos/{endpoint}/{task.upstream_id}")
+        return await self._api(call, "GET", f"/v1/videos/{endpoint}/{path_segment(task.upstream_id)}")
 
     async def _api(self, call: Call, method: str, path: str, *, json_body: Any = None) -> dict[str, Any]:
         """One Kling call: ``data`` of a ``code: 0`` answer; any other code raised as its error."""

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none, path_segment
 from gateway.providers.native import (
     ImageInput,
     ModelSpec,
@@ -185,7 +185,9 @@ class LumaAdapter(NativeAdapter):
         return await self.env.hosted.put(image.data, image.mime)
 
     async def _generation(self, call: Call, generation_id: str) -> dict[str, Any]:
-        answer = await self.call_json(call, "GET", f"{self.base_url}/generations/{generation_id}")
+        answer = await self.call_json(
+            call, "GET", f"{self.base_url}/generations/{path_segment(generation_id)}"
+        )
         if not isinstance(answer, dict):
             raise UpstreamError(
                 502, "Upstream error: Luma's generation answer is not an object.", kind="payload"
@@ -239,7 +241,9 @@ class LumaAdapter(NativeAdapter):
     async def delete(self, call: Call, task: Task) -> None:
         # Already gone, or refused for its state: the gateway forgets the video either way.
         with ignore_refusals(400, 404, 409):
-            await self.call_json(call, "DELETE", f"{self.base_url}/generations/{task.upstream_id}")
+            await self.call_json(
+                call, "DELETE", f"{self.base_url}/generations/{path_segment(task.upstream_id)}"
+            )
         hosted_image = task.state.get("hosted_image")
         if hosted_image and self.env.hosted is not None:
             await self.env.hosted.remove(hosted_image)

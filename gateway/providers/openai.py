@@ -7,7 +7,6 @@ the model name and, for edits and extensions, the referenced video's ID.
 from __future__ import annotations
 
 import contextlib
-import re
 from functools import cached_property
 from typing import Any
 from urllib.parse import quote
@@ -25,12 +24,11 @@ from gateway.providers.base import (
     EventStream,
     UpstreamVideo,
     error_from_upstream,
+    path_segment,
     range_headers,
     read_limited,
 )
 from gateway.store import Task
-
-_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")
 
 
 class OpenAIAdapter(Adapter):
@@ -42,10 +40,8 @@ class OpenAIAdapter(Adapter):
         return f"{self.base_url}/videos"
 
     def _url(self, *parts: str) -> str:
-        """``{base_url}/videos/part/...``, each part percent-encoded (provider IDs are usually safe)."""
-        return "/".join(
-            [self._videos_url, *[p if _SAFE_SEGMENT.fullmatch(p) else quote(p, safe="") for p in parts]]
-        )
+        """``{base_url}/videos/part/...``, each part one path segment."""
+        return "/".join([self._videos_url, *[path_segment(p) for p in parts]])
 
     async def _post(self, call: Call, url: str, body: RequestBody, replace: dict[str, str]) -> Any:
         """POST a client body on; the parsed JSON answer, or the open event stream."""

@@ -38,7 +38,6 @@ import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -46,7 +45,7 @@ from multidict import CIMultiDict
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none, path_segment
 from gateway.providers.native import (
     ImageInput,
     ModelSpec,
@@ -360,7 +359,7 @@ class ReplicateAdapter(NativeAdapter):
         return url
 
     async def _prediction(self, call: Call, prediction_id: str) -> dict[str, Any]:
-        url = f"{self.base_url}/v1/predictions/{quote(prediction_id, safe='')}"
+        url = f"{self.base_url}/v1/predictions/{path_segment(prediction_id)}"
         answer = await self.call_json(call, "GET", url)
         if not isinstance(answer, dict) or "status" not in answer:
             raise UpstreamError(502, "Upstream error: Replicate's prediction has no status.", kind="payload")
@@ -409,7 +408,7 @@ class ReplicateAdapter(NativeAdapter):
         """Cancels an unfinished prediction; a finished one has nothing left to stop."""
         if task.status in ("completed", "failed"):
             return
-        url = f"{self.base_url}/v1/predictions/{quote(task.upstream_id, safe='')}/cancel"
+        url = f"{self.base_url}/v1/predictions/{path_segment(task.upstream_id)}/cancel"
         with ignore_refusals(404, 409):
             await self.call_json(call, "POST", url)
 

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import Call, UpstreamVideo
+from gateway.providers.base import Call, UpstreamVideo, path_segment
 from gateway.providers.native import ModelSpec, NativeAdapter, durations, ignore_refusals, not_offered
 from gateway.store import Task
 
@@ -117,12 +117,12 @@ class RunwayAdapter(NativeAdapter):
             payload["promptImage"] = request.image.data_uri()
             endpoint = "image_to_video"
         answer = await self.call_json(call, "POST", f"{self.base_url}/v1/{endpoint}", json_body=payload)
-        if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
+        if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
             raise UpstreamError(502, "Upstream error: Runway's answer has no task id.", kind="payload")
         return UpstreamVideo(answer["id"], {"status": "queued", "progress": 0, **request.seed()})
 
     async def _task(self, call: Call, task_id: str) -> dict[str, Any]:
-        answer = await self.call_json(call, "GET", f"{self.base_url}/v1/tasks/{task_id}")
+        answer = await self.call_json(call, "GET", f"{self.base_url}/v1/tasks/{path_segment(task_id)}")
         if not isinstance(answer, dict) or "status" not in answer:
             raise UpstreamError(502, "Upstream error: Runway's task answer has no status.", kind="payload")
         return answer
@@ -154,4 +154,4 @@ class RunwayAdapter(NativeAdapter):
 
     async def delete(self, call: Call, task: Task) -> None:
         with ignore_refusals(404):
-            await self.call_json(call, "DELETE", f"{self.base_url}/v1/tasks/{task.upstream_id}")
+            await self.call_json(call, "DELETE", f"{self.base_url}/v1/tasks/{path_segment(task.upstream_id)}")

@@ -52,7 +52,7 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none, path_segment
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
@@ -262,7 +262,7 @@ class SeedanceAdapter(NativeAdapter):
         adaptive = request.image is not None and not body.get("size")
         payload = self._payload(call.deployment.upstream_model, request, adaptive)
         answer = await self.call_json(call, "POST", self.base_url + TASKS, json_body=payload)
-        if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
+        if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
             raise UpstreamError(502, "Upstream error: Ark's answer has no task id.", kind="payload")
         state: dict[str, Any] = {"last_frame": bool(payload.get("return_last_frame"))}
         if adaptive:
@@ -297,7 +297,7 @@ class SeedanceAdapter(NativeAdapter):
         return payload
 
     async def _task(self, call: Call, task_id: str) -> dict[str, Any]:
-        answer = await self.call_json(call, "GET", f"{self.base_url}{TASKS}/{task_id}")
+        answer = await self.call_json(call, "GET", f"{self.base_url}{TASKS}/{path_segment(task_id)}")
         if not isinstance(answer, dict) or "status" not in answer:
             raise UpstreamError(502, "Upstream error: Ark's task answer has no status.", kind="payload")
         return answer
@@ -401,7 +401,7 @@ class SeedanceAdapter(NativeAdapter):
     async def delete(self, call: Call, task: Task) -> None:
         # Refused for the task's status (running, cancelled) or already gone: forget it anyway.
         with ignore_refusals(400, 403, 404, 409):
-            await self.call_json(call, "DELETE", f"{self.base_url}{TASKS}/{task.upstream_id}")
+            await self.call_json(call, "DELETE", f"{self.base_url}{TASKS}/{path_segment(task.upstream_id)}")
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         parsed = json_or_none(raw)

@@ -91,6 +91,7 @@ class FakeDashScope:
     headers: list[dict[str, str]] = field(default_factory=list)
     downloads: list[dict[str, str]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    next_id: str | None = None  # the task ID the next create answers (for odd IDs), then generated again
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -127,7 +128,8 @@ class FakeDashScope:
             )
         if "[sensitive]" in prompt:
             return _error(400, "DataInspectionFailed", "Input data may contain inappropriate content.")
-        task_id = str(uuid.uuid4())
+        task_id = self.next_id if self.next_id is not None else str(uuid.uuid4())
+        self.next_id = None
         self.tasks[task_id] = {"status": "PENDING", "prompt": prompt, "polls": 0}
         return web.json_response(
             {"request_id": str(uuid.uuid4()), "output": {"task_id": task_id, "task_status": "PENDING"}}

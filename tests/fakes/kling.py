@@ -74,6 +74,7 @@ class FakeKling:
     headers: list[dict[str, str]] = field(default_factory=list)
     claims: list[dict[str, Any]] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
+    next_id: str | None = None  # the task ID the next create answers (for odd IDs), then generated again
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -178,7 +179,8 @@ class FakeKling:
             return _error(200, 1303, "Parallel tasks exceed the resource pack limit")
         if "[5001]" in prompt:
             return _error(503, 5001, "Service temporarily unavailable, usually under maintenance")
-        task_id = str(uuid.uuid4().int)[:18]
+        task_id = self.next_id if self.next_id is not None else str(uuid.uuid4().int)[:18]
+        self.next_id = None
         now_ms = int(time.time() * 1000)
         self.tasks[task_id] = {"endpoint": endpoint, "prompt": prompt, "polls": 0, "created_at": now_ms}
         return web.json_response(

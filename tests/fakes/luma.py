@@ -66,6 +66,7 @@ class FakeLuma:
     media: dict[str, Path]
     generations: dict[str, dict[str, Any]] = field(default_factory=dict)
     creates: list[dict[str, Any]] = field(default_factory=list)
+    next_id: str | None = None  # the task ID the next create answers (for odd IDs), then generated again
     headers: list[dict[str, str]] = field(default_factory=list)
     downloads: list[Download] = field(default_factory=list)
     expired: set[str] = field(default_factory=set)
@@ -108,7 +109,8 @@ class FakeLuma:
         frame0 = (body.get("keyframes") or {}).get("frame0")
         if frame0 is not None and not await self._download(frame0["url"]):
             return web.json_response({"detail": "frame0: the image could not be downloaded"}, status=400)
-        generation_id = str(uuid.uuid4())
+        generation_id = self.next_id if self.next_id is not None else str(uuid.uuid4())
+        self.next_id = None
         generation = {
             "id": generation_id,
             "generation_type": "video",

@@ -83,6 +83,7 @@ class FakeMiniMax:
     headers: list[dict[str, str]] = field(default_factory=list)
     minted: list[str] = field(default_factory=list)
     deleted: list[Any] = field(default_factory=list)
+    next_id: str | None = None  # the task ID the next create answers (for odd IDs), then generated again
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(335797537439947))
 
     def app(self) -> web.Application:
@@ -125,7 +126,8 @@ class FakeMiniMax:
         ):
             if f"[{code}]" in prompt:
                 return answer(code, message, task_id="")
-        task_id = str(next(self._ids))
+        task_id = self.next_id if self.next_id is not None else str(next(self._ids))
+        self.next_id = None
         width, height = PIXELS[body["resolution"]]
         image = body.get("first_frame_image", "")
         if image.startswith("data:") and _png_is_portrait(image):

@@ -30,6 +30,7 @@ class FakeRunway:
     creates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     running_progress: Any = 0.4  # what a RUNNING task reports (a fraction, by Runway's docs)
+    next_id: str | None = None  # the task ID the next create answers (for odd IDs), then generated again
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -63,7 +64,8 @@ class FakeRunway:
             )
         if not isinstance(body.get("duration"), int) or ":" not in str(body.get("ratio")):
             return web.json_response({"error": "Validation of body failed"}, status=400)
-        task_id = str(uuid.uuid4())
+        task_id = self.next_id if self.next_id is not None else str(uuid.uuid4())
+        self.next_id = None
         self.tasks[task_id] = {
             "id": task_id,
             "createdAt": "2026-11-25T10:00:00.000Z",

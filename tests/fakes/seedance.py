@@ -120,6 +120,7 @@ class FakeArk:
     creates: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    next_id: str | None = None  # the task ID the next create answers (for odd IDs), then generated again
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -183,7 +184,10 @@ class FakeArk:
             )
         if settings["ratio"] == "adaptive":
             settings["ratio"] = _nearest_ratio(image)
-        task_id = f"cgt-20261125100000-{len(self.tasks) + 1:05d}"
+        task_id = (
+            self.next_id if self.next_id is not None else f"cgt-20261125100000-{len(self.tasks) + 1:05d}"
+        )
+        self.next_id = None
         now = int(time.time())
         self.tasks[task_id] = {
             "id": task_id,
