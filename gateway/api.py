@@ -594,11 +594,11 @@ async def create_character(request: web.Request) -> web.Response:
             deployment=deployment.name,
             provider=deployment.provider,
             upstream_id=answer["id"],
-            created_at=created_at if isinstance(created_at, int) else int(time.time()),
+            created_at=created_at if type(created_at) is int else int(time.time()),
             status="completed",
             kind="character",
         )
-        task.video = {"id": task.id, "name": answer.get("name"), "created_at": task.created_at}
+        task.video = {"id": task.id, "name": _character_name(answer, None), "created_at": task.created_at}
         await _add_started(request, deployment, task)
         return _json(task.video)
     finally:
@@ -609,8 +609,18 @@ async def get_character(request: web.Request) -> web.Response:
     task = await _owned(request, "character_id", kind="character")
     answer = await _read(request, task, lambda adapter, call: adapter.get_character(call, task))
     return _json(
-        {"id": task.id, "name": answer.get("name", task.video.get("name")), "created_at": task.created_at}
+        {
+            "id": task.id,
+            "name": _character_name(answer, task.video.get("name")),
+            "created_at": task.created_at,
+        }
     )
+
+
+def _character_name(answer: dict[str, Any], known: str | None) -> str | None:
+    """A character's name as the provider gives it (text or null), else the one the client has seen."""
+    name = answer.get("name", known)
+    return name if name is None or type(name) is str else known
 
 
 async def list_models(request: web.Request) -> web.Response:

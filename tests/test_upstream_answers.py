@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -27,20 +28,28 @@ ACTIVE = ("queued", "in_progress")
 
 
 class RandomAnswers:
-    """An OpenAI-dialect upstream (§1: POST /v1/videos, GET /v1/videos/{id}) whose retrieve answers
-    ``self.next``, raw bytes as they are, and whose create answers ``self.next_create`` when set."""
+    """An OpenAI-dialect upstream (§1: POST /v1/videos, GET /v1/videos/{id}, and §2.7's character
+    routes) whose retrieve answers ``self.next``, raw bytes as they are, whose create answers
+    ``self.next_create`` when set, and whose character routes ``self.next_character``."""
 
     def __init__(self) -> None:
         self.next = b"{}"
         self.next_create: bytes | None = None
+        self.next_character = b"{}"  # what both character routes answer
         self.creates = 0
         self.polled: list[str] = []  # each retrieve's request target, as sent
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/videos", self.create)
+        app.router.add_post("/v1/videos/characters", self.character)
+        app.router.add_get("/v1/videos/characters/{cid}", self.character)
         app.router.add_get("/v1/videos/{vid}", self.retrieve)
         return app
+
+    async def character(self, request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=self.next_character, content_type="application/json")
 
     async def create(self, request: web.Request) -> web.Response:
         await request.read()
@@ -111,9 +120,9 @@ def assert_video(video: dict[str, Any], video_id: str) -> None:
         assert video["error"] is None
 
 
-def is_video(answers: dict[int, int], status: int, body: Any, sent: bytes | None) -> bool:
-    """Count the gateway's answer to what the provider ``sent``: a video (200), or else a 502 in the
-    error envelope."""
+def succeeded(answers: dict[int, int], status: int, body: Any, sent: bytes | None) -> bool:
+    """Count the gateway's answer to what the provider ``sent``: True for a 200, or else it is a 502
+    in the error envelope."""
     answers[status] = answers.get(status, 0) + 1
     assert status in (200, 502), (sent, body)
     if status == 502:
@@ -157,7 +166,7 @@ async def test_any_poll_answer_becomes_a_video_or_the_envelope(
             video_id, last = created["id"], created
         fake.next = document(rng, f"job_{fake.creates}")
         status, _, body = await call(gw, "GET", f"/v1/videos/{video_id}")
-        if not is_video(answers, status, body, fake.next):
+        if not succeeded(answers, status, body, fake.next):
             continue
         assert_video(body, video_id)
         if last["status"] in ACTIVE and body["status"] in ACTIVE:
@@ -176,7 +185,7 @@ async def test_any_create_answer_becomes_a_video_the_client_can_find_or_the_enve
     for _ in range(150):
         fake.next_create = document(rng, f"job_{fake.creates + 1}")
         status, _, body = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
-        if not is_video(answers, status, body, fake.next_create):
+        if not succeeded(answers, status, body, fake.next_create):
             continue
         assert_video(body, body["id"])
         fake.next = json.dumps({"id": f"job_{fake.creates}", "status": "in_progress", "progress": 1}).encode()
@@ -204,3 +213,45 @@ async def test_an_upstream_id_is_polled_at_its_own_path(
     root, version, videos, segment = target.split("/")
     assert (root, version, videos) == ("", "v1", "videos") and segment not in (".", ".."), target
     assert unquote(segment) == upstream_id
+
+
+def character_document(rng: random.Random) -> bytes:
+    """A character answer (§2.7: ``{id, name, created_at}``) with values of any JSON type."""
+    if rng.random() < 0.05:
+        return rng.choice([b"[]", b"null", b"<html>oops</html>", b""])
+    keys = rng.sample(["id", "name", "created_at", "extra"], rng.randint(0, 4))
+    fields = {key: value(rng) for key in keys}
+    if rng.random() < 0.8:
+        fields["id"] = rng.choice(["upchar_1", "upchar_1", ""])
+    return json.dumps(fields).encode()
+
+
+def assert_character(character: dict[str, Any], character_id: str | None = None) -> None:
+    assert list(character) == ["id", "name", "created_at"], character
+    assert character["id"].startswith("char_") and character["id"] == (character_id or character["id"])
+    assert character["name"] is None or type(character["name"]) is str, character
+    assert type(character["created_at"]) is int, character
+
+
+async def test_any_character_answer_becomes_a_character_or_the_envelope(
+    gateway: tuple[RunningGateway, RandomAnswers],
+) -> None:
+    """A character the provider answered with an ID is ``{id, name, created_at}`` with §2.7's types
+    when created and when read back; without an ID, a 502."""
+    gw, fake = gateway
+    rng = random.Random(26122026)
+    answers: dict[int, int] = {}
+    form = {"name": "Mochi", "model": "remote"}
+    for _ in range(100):
+        fake.next_character = character_document(rng)
+        data = aiohttp.FormData(form)
+        data.add_field("video", b"\x00\x00\x00\x18ftypmp42", filename="clip.mp4", content_type="video/mp4")
+        status, _, created = await call(gw, "POST", "/v1/videos/characters", data=data)
+        if not succeeded(answers, status, created, fake.next_character):
+            continue
+        assert_character(created)
+        fake.next_character = character_document(rng)
+        status, _, read = await call(gw, "GET", f"/v1/videos/characters/{created['id']}")
+        if succeeded(answers, status, read, fake.next_character):
+            assert_character(read, created["id"])
+    assert answers[200] > 60 and answers.get(502, 0) > 5, answers

@@ -170,6 +170,6 @@ def _video(answer: Any) -> UpstreamVideo:
 
 
 def _character(answer: Any) -> dict[str, Any]:
-    if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
+    if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
         raise UpstreamError(502, "Upstream error: the provider's answer has no character id.", kind="payload")
     return answer
