@@ -21,7 +21,11 @@ from aiohttp import web
 from gateway.errors import ApiError
 from gateway.providers.base import FileAnswer
 
-_NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpg|webp|bin)$")
+_NAME = re.compile(r"[0-9a-f]{32}\.(png|jpg|webp|bin)")
+# ASCII digits and hex only: str.isdigit() takes "²", which int() refuses, and compare_digest refuses
+# text that is not ASCII; either was a 500 for a link anyone can send.
+_EXPIRES = re.compile(r"[0-9]{1,12}")
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
@@ -45,7 +49,7 @@ class HostedFiles:
     async def remove(self, url: str) -> None:
         """Delete the file behind a URL :meth:`put` gave (its video is gone); unknown URLs are ignored."""
         name = url.partition("?")[0].rpartition("/")[2]
-        if _NAME.match(name):
+        if _NAME.fullmatch(name):
             await asyncio.to_thread((self.root / name).unlink, missing_ok=True)
 
     def _write(self, name: str, data: bytes) -> None:
@@ -61,8 +65,9 @@ class HostedFiles:
         expires = request.query.get("expires", "")
         sig = request.query.get("sig", "")
         valid = (
-            _NAME.match(name)
-            and expires.isdigit()
+            _NAME.fullmatch(name)
+            and _EXPIRES.fullmatch(expires)
+            and _SIGNATURE.fullmatch(sig)
             and hmac.compare_digest(sig, self._sign(name, int(expires)))
         )
         if not valid or int(expires) < time.time() or not (self.root / name).is_file():

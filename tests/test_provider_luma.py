@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp.test_utils import unused_port
 
 from gateway.app import build_app
@@ -172,6 +173,34 @@ async def test_uploaded_image_is_hosted_at_a_signed_url_luma_downloads(
             assert response.status == 404
         async with session.get(fake.downloads[-1].url) as response:
             assert response.status == 200 and await response.read() == image
+
+
+async def test_a_hosted_link_with_any_other_query_is_the_same_404(
+    hosted_gw: RunningGateway, luma: tuple[FakeLuma, str]
+) -> None:
+    """Links anyone can send: odd expiries and signatures (a superscript digit, 5 000 digits,
+    text that is not ASCII) are the envelope's 404 like any wrong link, never a 500."""
+    form = {"prompt": "animate", "model": "dream", "size": "1280x720", "input_reference": png()}
+    status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
+    assert status == 200, body
+    url = luma[0].creates[0]["keyframes"]["frame0"]["url"]
+    path, _, query = url.partition("?")
+    expires, sig = (part.partition("=")[2] for part in query.split("&"))
+    odd = [
+        f"expires=%C2%B2&sig={sig}",
+        f"expires={'9' * 5000}&sig={sig}",
+        f"expires={expires}&sig={'%C3%A9' * 64}",
+        f"expires={expires}&sig={sig.upper()}",
+        f"expires={expires}",
+        "",
+    ]
+    async with aiohttp.ClientSession() as session:
+        for target in [*(f"{path}?{q}" for q in odd), f"{path}%0A?{query}"]:
+            async with session.get(yarl.URL(target, encoded=True)) as response:
+                answer = await response.json()
+                assert response.status == 404 and answer["error"]["code"] == "not_found", (target, answer)
+        async with session.get(url) as response:
+            assert response.status == 200
 
 
 async def test_upload_without_public_base_url_is_refused_but_urls_pass(
