@@ -71,15 +71,20 @@ def serve(args: argparse.Namespace) -> int:
 def _workers_arg(value: str) -> int | str:
     if value == "auto":
         return value
-    if not value.isdigit() or int(value) < 1:
+    if not _ascii_digits(value) or int(value) < 1:
         raise argparse.ArgumentTypeError("a number of processes (1 or more) or 'auto'")
     return int(value)
 
 
 def _port_arg(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
+    if not _ascii_digits(value) or not 1 <= int(value) <= 65535:
         raise argparse.ArgumentTypeError("a TCP port, 1 to 65535")
     return int(value)
+
+
+def _ascii_digits(value: str) -> bool:
+    """str.isdigit() alone takes "²", which int() refuses."""
+    return value.isascii() and value.isdigit() and len(value) <= 9
 
 
 def _seconds_arg(value: str) -> float:

@@ -203,6 +203,9 @@ def test_check_config_on_the_shipped_files() -> None:
         ("serve", "--port", "99999"),
         ("serve", "--port", "0"),
         ("serve", "--port", "-1"),
+        ("serve", "--port", "\u00b2"),
+        ("serve", "--workers", "\u00b2"),
+        ("serve", "--workers", "0"),
         ("simulate", "--port", "65536"),
         ("simulate", "--queue-seconds", "-1"),
         ("simulate", "--run-seconds", "nan"),
@@ -214,6 +217,7 @@ def test_numeric_flags_out_of_range_are_usage_errors(args: tuple[str, ...], tmp_
     )
     assert result.returncode == 2, result.stderr
     assert f"argument {args[1]}:" in result.stderr and "Traceback" not in result.stderr
+    assert "invalid" not in result.stderr, "argparse's own wording names a function of ours"
 
 
 @pytest.fixture
