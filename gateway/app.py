@@ -338,7 +338,8 @@ def build_app(
     routes = Routes(app)
     routes.add("GET", "/healthz", healthz)
     routes.add("GET", "/readyz", readyz)
-    routes.add("GET", "/openapi.json", _json_document(openapi.document()))
+    document = openapi.document(config.metrics_path, hosted=state.hosted is not None)
+    routes.add("GET", "/openapi.json", _json_document(document))
     routes.add("GET", "/admin/deployments", admin_deployments)
     routes.add("POST", "/admin/reload", admin_reload)
     if state.hosted is not None:

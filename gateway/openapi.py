@@ -1,7 +1,8 @@
 """The gateway's own API as an OpenAPI 3.1 document, served at ``/openapi.json``.
 
-It describes what this gateway answers (the OpenAI Videos surface plus its own health, admin and
-metrics routes), including every error status, so that schema-driven fuzzers can hold it to it.
+It describes what this gateway answers (the OpenAI Videos surface, and its own health, admin,
+metrics and hosted-file routes where the config has them), including every error status, so that
+schema-driven fuzzers can hold it to it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _ERROR_STATUSES = {
     "413": "Body too large",
     "415": "Unsupported content type",
     "417": "Unsupported expectation",
+    "422": "The config did not load; nothing changed",
     "429": "Rate limited (per key or upstream)",
     "500": "Gateway failure",
     "502": "Upstream failed or unreachable",
@@ -76,11 +78,15 @@ _ERROR = {
     },
 }
 
+_PROMPT = {"type": "string", "minLength": 1, "maxLength": 32000}
+_VIDEO_REFERENCE = {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}
+_FILE = {"type": "string", "format": "binary"}
+
 _CREATE = {
     "type": "object",
     "required": ["prompt"],
     "properties": {
-        "prompt": {"type": "string", "minLength": 1, "maxLength": 32000},
+        "prompt": _PROMPT,
         "model": {"type": "string"},
         "seconds": {"type": ["string", "integer"]},
         "size": {"type": "string"},
@@ -92,12 +98,43 @@ _CREATE_FORM = {
     "type": "object",
     "required": ["prompt"],
     "properties": {
-        "prompt": {"type": "string", "minLength": 1, "maxLength": 32000},
+        "prompt": _PROMPT,
         "model": {"type": "string"},
         "seconds": {"type": "string"},
         "size": {"type": "string"},
-        "input_reference": {"type": "string", "format": "binary"},
+        "input_reference": _FILE,
     },
+}
+
+
+def _from_video(form: bool, *extra: str) -> dict[str, Any]:
+    """An edit's (or, with ``seconds``, an extension's) body: a prompt and the source video, an
+    upload or ``{id}`` of a video the gateway made (a form sends the ID as ``video[id]``)."""
+    fields: dict[str, Any] = {"prompt": _PROMPT, "video": _FILE if form else _VIDEO_REFERENCE}
+    fields.update({name: {"type": "string"} for name in extra})
+    return {"type": "object", "required": list(fields), "properties": fields}
+
+
+_CHARACTER = {
+    "type": "object",
+    "required": ["id", "name", "created_at"],
+    "properties": {
+        "id": {"type": ["string", "null"]},
+        "name": {"type": ["string", "null"]},
+        "created_at": {"type": "integer"},
+    },
+}
+
+_CREATE_CHARACTER_FORM = {
+    "type": "object",
+    "required": ["name", "video"],
+    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 80}, "video": _FILE},
+}
+
+_MODEL = {
+    "type": "object",
+    "required": ["id", "object"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "model"}},
 }
 
 
@@ -112,6 +149,12 @@ def _errors(*statuses: str) -> dict[str, Any]:
 _COMMON = ("400", "401", "404", "405", "429", "500", "502", "503", "504")
 _BODY = ("403", "408", "413", "415", "417")
 _VIDEO_ID = {"name": "video_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_CHARACTER_ID = {"name": "character_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _body(json: dict[str, Any] | None, form: dict[str, Any]) -> dict[str, Any]:
+    content = {"application/json": {"schema": json}} if json is not None else {}
+    return {"required": True, "content": {**content, "multipart/form-data": {"schema": form}}}
 
 
 def _videos(prefix: str) -> dict[str, Any]:
@@ -202,24 +245,143 @@ def _videos(prefix: str) -> dict[str, Any]:
                 "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY, "409")},
             },
         },
+        f"{prefix}/videos/edits": {
+            "post": {
+                "operationId": f"editVideo{prefix}",
+                "requestBody": _body(_from_video(False), _from_video(True)),
+                "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY, "409")},
+            },
+        },
+        f"{prefix}/videos/extensions": {
+            "post": {
+                "operationId": f"extendVideo{prefix}",
+                "requestBody": _body(_from_video(False, "seconds"), _from_video(True, "seconds")),
+                "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY, "409")},
+            },
+        },
+        f"{prefix}/videos/characters": {
+            "post": {
+                "operationId": f"createCharacter{prefix}",
+                "requestBody": _body(None, _CREATE_CHARACTER_FORM),
+                "responses": {"200": _json(_CHARACTER), **_errors(*_COMMON, *_BODY)},
+            },
+        },
+        f"{prefix}/videos/characters/{{character_id}}": {
+            "get": {
+                "operationId": f"getCharacter{prefix}",
+                "parameters": [_CHARACTER_ID],
+                "responses": {"200": _json(_CHARACTER), **_errors(*_COMMON)},
+            },
+        },
         f"{prefix}/models": {
             "get": {
                 "operationId": f"listModels{prefix}",
                 "responses": {"200": _json({"$ref": "#/components/schemas/ModelList"}), **_errors(*_COMMON)},
             },
         },
+        f"{prefix}/models/{{model}}": {
+            "get": {
+                "operationId": f"getModel{prefix}",
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": _json(_MODEL), **_errors(*_COMMON)},
+            },
+        },
     }
 
 
-def document() -> dict[str, Any]:
+def _operations(metrics_path: str | None, hosted: bool) -> dict[str, Any]:
+    """The gateway's own routes beside the API: admin (its own key), metrics and hosted files."""
+    admin = [{"admin": []}]
+    paths: dict[str, Any] = {
+        "/admin/deployments": {
+            "get": {
+                "operationId": "adminDeployments",
+                "security": admin,
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "required": ["config", "draining", "worker", "deployments"]}
+                    ),
+                    **_errors("401"),
+                },
+            }
+        },
+        "/admin/reload": {
+            "post": {
+                "operationId": "adminReload",
+                "security": admin,
+                "responses": {
+                    "200": _json({"type": "object", "required": ["reloaded", "problems"]}),
+                    **_errors("401"),
+                    "422": _json(
+                        {"type": "object", "required": ["reloaded", "problems"]}, _ERROR_STATUSES["422"]
+                    ),
+                },
+            }
+        },
+    }
+    if metrics_path is not None:
+        text = {"schema": {"type": "string"}}
+        paths[metrics_path] = {
+            "get": {
+                "operationId": "metrics",
+                "security": [{"metrics": []}, {}],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus exposition",
+                        "content": {"text/plain": text, "application/openmetrics-text": text},
+                    },
+                    "401": {
+                        "description": "The metrics key is configured and was not sent",
+                        "content": {"text/plain": text},
+                    },
+                },
+            }
+        }
+    if hosted:
+        paths["/files/{name}"] = {
+            "get": {
+                "operationId": "hostedFile",
+                "security": [],
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "expires", "in": "query", "schema": {"type": "string"}},
+                    {"name": "sig", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An image uploaded for a provider that fetches images by URL",
+                        "content": {t: {"schema": _FILE} for t in ("image/png", "image/jpeg", "image/webp")},
+                    },
+                    **_errors("404"),
+                },
+            }
+        }
+    return paths
+
+
+def document(metrics_path: str | None = "/metrics", hosted: bool = False) -> dict[str, Any]:
+    """The document for a gateway whose metrics are at ``metrics_path`` (None: off) and that hosts
+    uploaded images (``hosted``)."""
     paths: dict[str, Any] = {}
     for prefix in ("/v1", "/v1/openai"):
         paths.update(_videos(prefix))
+    paths.update(_operations(metrics_path, hosted))
     paths["/healthz"] = {
         "get": {
             "operationId": "healthz",
             "security": [],
             "responses": {"200": _json({"type": "object", "properties": {"status": {"type": "string"}}})},
+        }
+    }
+    paths["/openapi.json"] = {
+        "get": {
+            "operationId": "openapi",
+            "security": [],
+            "responses": {
+                "200": _json({"type": "object", "required": ["openapi", "paths"]}, "This document")
+            },
         }
     }
     paths["/readyz"] = {
@@ -242,7 +404,11 @@ def document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "admin": {"type": "http", "scheme": "bearer", "description": "The admin key"},
+                "metrics": {"type": "http", "scheme": "bearer", "description": "The metrics key, when set"},
+            },
             "schemas": {
                 "Video": _VIDEO,
                 "VideoList": {
@@ -272,11 +438,7 @@ def document() -> dict[str, Any]:
                         "object": {"const": "list"},
                         "data": {
                             "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["id", "object"],
-                                "properties": {"id": {"type": "string"}, "object": {"const": "model"}},
-                            },
+                            "items": _MODEL,
                         },
                     },
                 },

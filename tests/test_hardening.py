@@ -31,7 +31,7 @@ from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS
 from gateway.config import ClientKey
 from gateway.context import RequestContext
 from gateway.providers.base import Call
-from tests.conftest import ALPHA_KEY, ENV, RunningGateway, ServeGateway, StartGateway, call
+from tests.conftest import ALPHA_KEY, ENV, RunningGateway, ServeGateway, StartGateway, call, gateway_yaml
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_cli import free_port
 from tests.test_resilience import AUTH, config
@@ -515,6 +515,33 @@ def test_fuzz_edits_and_extensions_without_a_video_of_their_own(
     form = multipart([(name, values[name]) for name in fields])
     error = error_of(*send(served, "POST", route, form, "multipart/form-data; boundary=b"))
     assert error["param"] in ("video", "seconds", "prompt"), (fields, error)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "",
+        "server: {public_base_url: 'http://gw.example'}\n        metrics: {path: /internal/metrics}",
+        "metrics: {enabled: false}",
+    ],
+)
+async def test_the_openapi_document_describes_every_route(
+    start_gateway: StartGateway, tmp_path: Path, extra: str
+) -> None:
+    """What the fuzzers are held to is every route this gateway serves (hosted files and metrics
+    where the config has them), and no other."""
+    gw = await start_gateway(gateway_yaml(tmp_path, extra=extra))
+    status, _, document = await call(gw, "GET", "/openapi.json")
+    assert status == 200
+    described = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+    served = {
+        (route.method, route.resource.canonical)
+        for route in gw.app.router.routes()
+        if route.method != "HEAD" and route.handler.route != "unmatched"  # HEAD comes with GET
+    }
+    assert described == served
+    if "public_base_url" in extra:
+        assert {("GET", "/files/{name}"), ("GET", "/internal/metrics")} <= served
 
 
 @pytest.mark.skipif(
