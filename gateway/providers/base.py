@@ -626,6 +626,14 @@ def json_or_none(raw: bytes) -> Any:
         return None
 
 
+def _text(value: Any) -> str | None:
+    """A provider's error field as the envelope has it (text or null): a number becomes its digits,
+    anything else but text is dropped."""
+    if isinstance(value, str):
+        return value or None
+    return str(value) if type(value) is int else None
+
+
 def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamError:
     """A provider's refusal as our envelope: its message kept, the status made meaningful."""
     message, type_, param, code = None, None, None, None
@@ -634,7 +642,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> 
         err = parsed.get("error", parsed)
         if isinstance(err, dict):
             message = err.get("message") or err.get("detail") or err.get("msg")
-            type_, param, code = err.get("type"), err.get("param"), err.get("code")
+            type_, param, code = (_text(err.get(name)) for name in ("type", "param", "code"))
         elif isinstance(err, str):
             message = err
     if not isinstance(message, str) or not message:
@@ -665,7 +673,7 @@ def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> 
             kind=kind,
             upstream_status=status,
             type=type_ or "invalid_request_error",
-            code=None if code is None else str(code),
+            code=code,
             param=param,
             headers=out_headers,
         )

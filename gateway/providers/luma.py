@@ -126,7 +126,8 @@ def _detail(raw: bytes) -> tuple[str | None, str | None]:
     if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
         messages, param = [], None
         for item in detail:
-            loc = [str(part) for part in item.get("loc", ()) if part != "body"]
+            where = item.get("loc")
+            loc = [str(part) for part in where if part != "body"] if isinstance(where, list) else []
             messages.append(f"{'.'.join(loc) or 'body'}: {item.get('msg', 'invalid')}")
             if param is None and loc:
                 param = _PARAMS.get(loc[0])

@@ -133,12 +133,18 @@ def rpc_status(error: Mapping[str, Any]) -> str | None:
     return RPC_CODES.get(code) if isinstance(code, int) else None
 
 
+def _details(error: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The error's ``details`` entries that are objects, as ``google.rpc.Status`` has them."""
+    details = error.get("details")
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+
+
 def retry_after(headers: Mapping[str, str], error: Mapping[str, Any]) -> str:
     """Seconds to wait: the Retry-After header, else ``google.rpc.RetryInfo.retryDelay`` ("30s")."""
     if headers.get("Retry-After"):
         return headers["Retry-After"]
-    for detail in error.get("details") or ():
-        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+    for detail in _details(error):
+        delay = detail.get("retryDelay")
         if isinstance(delay, str) and delay.endswith("s"):
             try:
                 return str(max(1, math.ceil(float(delay[:-1]))))
@@ -155,7 +161,7 @@ def google_error(status: int, headers: Mapping[str, str], raw: bytes, product: s
         return error_from_upstream(status, headers, raw)
     rpc = rpc_status(error) or ""
     text = f"{product}: {error.get('message') or f'HTTP {status}'}" + (f" ({rpc})" if rpc else "")
-    reasons = {d.get("reason") for d in error.get("details") or () if isinstance(d, dict)}
+    reasons = {d["reason"] for d in _details(error) if isinstance(d.get("reason"), str)}
     if status == 429 or rpc == "RESOURCE_EXHAUSTED":
         return rate_limited(text, upstream_status=status, retry_after=retry_after(headers, error))
     if status >= 500:
