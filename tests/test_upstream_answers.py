@@ -1,9 +1,13 @@
-"""Whatever an OpenAI-dialect upstream answers to a poll, the client gets a well-formed Video object
-(the 13 keys of ``openai-videos-api.md`` §3.1, with their types) or the error envelope, never a 500.
+"""Whatever an upstream answers, the client gets a well-formed answer: a Video object (the 13 keys
+of ``openai-videos-api.md`` §3.1, with their types), a character (§2.7), or the error envelope with
+its fields as the SDKs read them, and never the gateway's own 500.
 
-The upstream here answers each retrieve with a document the test draws at random (seeded, so a
-failure replays): the Video object's fields with values of any JSON type, unknown fields, numbers
-beyond 64 bits, ``NaN``, documents that are no object at all, and bytes that are no JSON.
+The upstreams here answer with documents the tests draw at random (seeded, so a failure replays):
+the fields of the expected shape with values of any JSON type, unknown fields, numbers beyond 64
+bits, ``NaN``, documents that are no object at all, and bytes that are no JSON. An OpenAI-dialect
+upstream answers creates, polls and characters; a second upstream stands in for every provider kind
+at once (it answers any path), with success documents and refusals in the providers' own shapes
+(``providers.md``).
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.providers import ADAPTERS
 from gateway.videos import STATUS_SYNONYMS, STATUSES, VIDEO_KEYS
-from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, call
+from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, call
 
-UPSTREAM_KEY = "sk-upstream-answers"
 JOB = {"id": "job_1", "object": "video", "status": "queued", "progress": 0, "created_at": 1_700_000_000}
 ACTIVE = ("queued", "in_progress")
 
@@ -102,9 +106,9 @@ def document(rng: random.Random, job_id: str) -> bytes:
     return json.dumps(fields).encode()
 
 
-def assert_video(video: dict[str, Any], video_id: str) -> None:
+def assert_video(video: dict[str, Any], video_id: str, model: str = "remote") -> None:
     assert list(video) == list(VIDEO_KEYS), video
-    assert video["id"] == video_id and video["object"] == "video" and video["model"] == "remote"
+    assert video["id"] == video_id and video["object"] == "video" and video["model"] == model
     assert video["status"] in STATUSES
     assert type(video["progress"]) is int and 0 <= video["progress"] <= 100
     assert type(video["created_at"]) is int
@@ -120,13 +124,22 @@ def assert_video(video: dict[str, Any], video_id: str) -> None:
         assert video["error"] is None
 
 
+def assert_envelope(body: Any, sent: object) -> None:
+    """The error envelope as the SDKs read it: a message, and type, param and code as text or null."""
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, (body, sent)
+    assert type(error["message"]) is str and error["message"], (body, sent)
+    for name in ("type", "param", "code"):
+        assert error[name] is None or type(error[name]) is str, (name, body, sent)
+
+
 def succeeded(answers: dict[int, int], status: int, body: Any, sent: bytes | None) -> bool:
     """Count the gateway's answer to what the provider ``sent``: True for a 200, or else it is a 502
     in the error envelope."""
     answers[status] = answers.get(status, 0) + 1
     assert status in (200, 502), (sent, body)
     if status == 502:
-        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert_envelope(body, sent)
     return status == 200
 
 
@@ -255,3 +268,188 @@ async def test_any_character_answer_becomes_a_character_or_the_envelope(
         if succeeded(answers, status, read, fake.next_character):
             assert_character(read, created["id"])
     assert answers[200] > 60 and answers.get(502, 0) > 5, answers
+
+
+# Each provider kind with what its config needs besides base_url and api_key.
+KINDS = {
+    "openai": "",
+    "azure": "",
+    "runway": "",
+    "luma": "",
+    "kling": "options: {access_key: ak-gateway-tests}",
+    "minimax": "",
+    "replicate": "",
+    "fal": "",
+    "dashscope": "",
+    "seedance": "",
+    "veo": "",
+    "vertex_veo": "options: {project: gateway-tests}",
+}
+FIELDS = ["message", "type", "param", "code", "status", "details", "reason", "detail", "loc", "msg"]
+
+
+class AnyPath:
+    """Every provider at once: any method, any path gets ``self.status`` with ``self.body``."""
+
+    def __init__(self) -> None:
+        self.status = 400
+        self.body = b"{}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.answer)
+        return app
+
+    async def answer(self, request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=self.status, body=self.body, content_type="application/json")
+
+
+def refusal(rng: random.Random) -> bytes:
+    """One error body in one of the providers' shapes, with values of any type."""
+    fields = {name: value(rng) for name in rng.sample(FIELDS, rng.randint(0, 5))}
+    shape = rng.random()
+    if shape < 0.05:
+        return rng.choice([b"", b"<html>502 Bad Gateway</html>", b"null", b"[]", b'"busy"'])
+    if shape < 0.4:
+        return json.dumps({"error": fields}).encode()
+    if shape < 0.6:
+        items = [{"loc": value(rng), "msg": value(rng), "type": value(rng)} for _ in range(rng.randint(0, 3))]
+        return json.dumps({"detail": rng.choice([items, value(rng)])}).encode()
+    if shape < 0.75:
+        details = rng.choice([[{"reason": value(rng), "retryDelay": value(rng)}], value(rng)])
+        return json.dumps({"error": {**fields, "details": details}}).encode()
+    if shape < 0.85:
+        return json.dumps({"code": value(rng), "message": value(rng), "base_resp": value(rng)}).encode()
+    return json.dumps(fields).encode()
+
+
+@pytest.fixture
+async def every_provider(
+    start_gateway: StartGateway, aiohttp_server: Any, tmp_path: Path
+) -> tuple[RunningGateway, AnyPath]:
+    """A gateway with a provider of each kind, all at the one upstream, and model ``m-<kind>``."""
+    fake = AnyPath()
+    upstream = await aiohttp_server(fake.app())
+    base = str(upstream.make_url("")).rstrip("/")
+    providers, models = "", ""
+    for kind, extra in KINDS.items():
+        known = getattr(ADAPTERS[kind], "models", None) or {}
+        upstream_model = next(iter(known), "upstream-model")
+        providers += f"""
+          p-{kind}:
+            kind: {kind}
+            base_url: {base}/v1
+            api_key: {UPSTREAM_KEY}
+            {extra}"""
+        models += f"\n  m-{kind}: {{provider: p-{kind}, model: {upstream_model}}}"
+    config = (
+        textwrap.dedent(f"""
+        data_dir: {tmp_path}
+        keys: [{{name: alpha, key: "{ALPHA_KEY}"}}]
+        resilience: {{backoff_seconds: 0.01}}
+        providers:""")
+        + textwrap.indent(textwrap.dedent(providers), "  ")
+        + "\nmodels:"
+        + models
+        + "\n"
+    )
+    return await start_gateway(config), fake
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_any_refusal_becomes_the_envelope(
+    every_provider: tuple[RunningGateway, AnyPath], kind: str
+) -> None:
+    gw, fake = every_provider
+    rng = random.Random(f"refusals-{kind}")
+    statuses: dict[int, int] = {}
+    for _ in range(40):
+        fake.status = rng.choice([400, 401, 402, 403, 404, 409, 413, 422, 429, 451, 500, 502, 503, 504])
+        fake.body = refusal(rng)
+        status, headers, body = await call(
+            gw, "POST", "/v1/videos", json={"prompt": "p", "model": f"m-{kind}"}
+        )
+        statuses[status] = statuses.get(status, 0) + 1
+        sent = (fake.status, fake.body)
+        assert 400 <= status <= 599 and status != 500, (status, body, sent)
+        assert_envelope(body, sent)
+        assert headers.get("Retry-After", "1").isdigit() or status != 429, (headers, sent)
+    assert len(statuses) > 2, statuses
+
+
+# Keys and words of the providers' documents (providers.md), for answers that look like theirs.
+PROVIDER_WORDS = [
+    *("id", "task_id", "status", "state", "task_status", "output", "data", "name", "done", "response"),
+    *("video", "videos", "url", "uri", "video_url", "progress", "error", "failure_reason", "assets"),
+    *("file_id", "base_resp", "status_code", "content", "task_result", "generateVideoResponse"),
+    *("generatedSamples", "metrics", "created_at", "completed_at", "urls", "code", "message"),
+    *("SUCCESS", "succeeded", "completed", "Success", "SUCCEEDED", "COMPLETED", "IN_QUEUE", "FAILED"),
+]
+
+
+def provider_document(rng: random.Random, depth: int = 0) -> Any:
+    if depth < 3 and rng.random() < 0.5:
+        return {
+            rng.choice(PROVIDER_WORDS): provider_document(rng, depth + 1) for _ in range(rng.randint(0, 5))
+        }
+    if depth < 3 and rng.random() < 0.2:
+        return [provider_document(rng, depth + 1) for _ in range(rng.randint(0, 2))]
+    return rng.choice([value(rng), rng.choice(PROVIDER_WORDS), "http://127.0.0.1:9/v.mp4"])
+
+
+def job(kind: str, rng: random.Random) -> dict[str, Any]:
+    """A document holding the job's ID under every name a provider gives it, and a status, with
+    random fields on top half the time."""
+    model = next(iter(getattr(ADAPTERS[kind], "models", None) or {}), "m")
+    operation = f"models/{model}/operations/job1"
+    if kind == "vertex_veo":
+        operation = f"projects/gateway-tests/locations/us-central1/publishers/google/{operation}"
+    status = rng.choice(PROVIDER_WORDS)
+    document = {
+        "id": "job_1",
+        "task_id": "job_1",
+        "request_id": "job1",
+        "name": operation,
+        "data": {"task_id": "job_1", "task_status": status},
+        "output": {"task_id": "job_1", "task_status": status},
+        "base_resp": {"status_code": 0},
+        "code": 0,
+        "status": status,
+    }
+    extra = provider_document(rng)
+    if isinstance(extra, dict) and rng.random() < 0.5:
+        document.update(extra)
+    return document
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_any_provider_answer_becomes_a_video_or_the_envelope(
+    every_provider: tuple[RunningGateway, AnyPath], kind: str
+) -> None:
+    """A provider answering each call with a random document: every create, poll, download and
+    delete gets a well-formed Video, the media, or the envelope, and never a 500."""
+    gw, fake = every_provider
+    rng = random.Random(f"answers-{kind}")
+    fake.status, model, answers = 200, f"m-{kind}", {}
+    for _ in range(40):
+        fake.body = json.dumps(job(kind, rng)).encode()
+        status, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": model})
+        answers[("create", status)] = answers.get(("create", status), 0) + 1
+        assert 200 <= status <= 599 and status != 500, (created, fake.body)
+        if status != 200:
+            assert_envelope(created, fake.body)
+            continue
+        assert_video(created, created["id"], model)
+        video = f"/v1/videos/{created['id']}"
+        calls = [("poll", "GET", video), ("poll", "GET", video), ("content", "GET", f"{video}/content")]
+        for operation, method, path in [*calls, ("delete", "DELETE", video)]:
+            fake.body = json.dumps(job(kind, rng) if rng.random() < 0.6 else provider_document(rng)).encode()
+            status, _, body = await call(gw, method, path)
+            answers[(operation, status)] = answers.get((operation, status), 0) + 1
+            assert 200 <= status <= 599 and status != 500, (method, path, body, fake.body)
+            if status >= 400:
+                assert_envelope(body, fake.body)
+            elif operation == "poll":
+                assert_video(body, created["id"], model)
+    assert answers.get(("create", 200), 0) > 30 and answers.get(("poll", 200), 0) > 10, answers
