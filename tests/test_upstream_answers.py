@@ -317,7 +317,8 @@ def refusal(rng: random.Random) -> bytes:
         items = [{"loc": value(rng), "msg": value(rng), "type": value(rng)} for _ in range(rng.randint(0, 3))]
         return json.dumps({"detail": rng.choice([items, value(rng)])}).encode()
     if shape < 0.75:
-        details = rng.choice([[{"reason": value(rng), "retryDelay": value(rng)}], value(rng)])
+        delay = rng.choice([value(rng), "27.5s", "1e400s", "infs", "s"])  # RetryInfo's is "<seconds>s"
+        details = rng.choice([[{"reason": value(rng), "retryDelay": delay}], value(rng)])
         return json.dumps({"error": {**fields, "details": details}}).encode()
     if shape < 0.85:
         return json.dumps({"code": value(rng), "message": value(rng), "base_resp": value(rng)}).encode()

@@ -148,7 +148,7 @@ def retry_after(headers: Mapping[str, str], error: Mapping[str, Any]) -> str:
         if isinstance(delay, str) and delay.endswith("s"):
             try:
                 return str(max(1, math.ceil(float(delay[:-1]))))
-            except ValueError:
+            except (ValueError, OverflowError):  # not a number, or "infs"
                 continue
     return RETRY_AFTER_SECONDS
 
