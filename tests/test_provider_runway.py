@@ -102,6 +102,23 @@ async def test_image_to_video_sends_a_data_uri(gw: RunningGateway, runway: tuple
     await assert_refused(gw, {"prompt": "no image", "model": "turbo"}, status=400, param="input_reference")
 
 
+async def test_an_image_url_that_is_no_url_is_refused(gw: RunningGateway) -> None:
+    """``urlsplit`` raises on some strings (an unclosed IPv6 bracket): that is the client's 400."""
+    fields = {"prompt": "animate", "model": "turbo", "input_reference": {"image_url": "http://[::1"}}
+    await assert_refused(gw, fields, status=400, param="input_reference")
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "http://127.0.0.1:99999/out.mp4"])
+async def test_a_result_redirect_to_no_url_is_a_502(
+    gw: RunningGateway, runway: tuple[FakeRunway, str], location: str
+) -> None:
+    video = await create(gw, model="gen-video", prompt="a red fox")
+    await poll_until_done(gw, video["id"])
+    runway[0].redirect_to = location
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 502 and body["error"]["type"] == "upstream_error", body
+
+
 async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningGateway) -> None:
     await assert_refused(
         gw,

@@ -42,6 +42,7 @@ class RandomAnswers:
         self.next_character = b"{}"  # what both character routes answer
         self.creates = 0
         self.polled: list[str] = []  # each retrieve's request target, as sent
+        self.content_location = ""  # where content redirects to (§2.3: a 302 to a signed URL)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -49,7 +50,11 @@ class RandomAnswers:
         app.router.add_post("/v1/videos/characters", self.character)
         app.router.add_get("/v1/videos/characters/{cid}", self.character)
         app.router.add_get("/v1/videos/{vid}", self.retrieve)
+        app.router.add_get("/v1/videos/{vid}/content", self.content)
         return app
+
+    async def content(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": self.content_location})
 
     async def character(self, request: web.Request) -> web.Response:
         await request.read()
@@ -226,6 +231,21 @@ async def test_an_upstream_id_is_polled_at_its_own_path(
     root, version, videos, segment = target.split("/")
     assert (root, version, videos) == ("", "v1", "videos") and segment not in (".", ".."), target
     assert unquote(segment) == upstream_id
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "http://127.0.0.1:99999/v.mp4", "//"])
+async def test_a_redirect_to_no_url_is_a_502(
+    gateway: tuple[RunningGateway, RandomAnswers], location: str
+) -> None:
+    """A provider whose content redirects to something that is no URL failed: 502, not 500."""
+    gw, fake = gateway
+    fake.next_create = json.dumps({**JOB, "status": "completed", "progress": 100}).encode()
+    status, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+    assert status == 200 and created["status"] == "completed", created
+    fake.content_location = location
+    status, headers, body = await call(gw, "GET", f"/v1/videos/{created['id']}/content")
+    assert status == 502, (status, headers, body)
+    assert_envelope(body, location)
 
 
 def character_document(rng: random.Random) -> bytes:
@@ -409,7 +429,8 @@ def provider_document(rng: random.Random, depth: int = 0) -> Any:
         }
     if depth < 3 and rng.random() < 0.2:
         return [provider_document(rng, depth + 1) for _ in range(rng.randint(0, 2))]
-    return rng.choice([value(rng), rng.choice(PROVIDER_WORDS), "http://127.0.0.1:9/v.mp4"])
+    urls = ["http://127.0.0.1:9/v.mp4", "http://[::1/v.mp4", "https://127.0.0.1:99999/v.mp4"]
+    return rng.choice([value(rng), rng.choice(PROVIDER_WORDS), rng.choice(urls)])
 
 
 def job(kind: str, rng: random.Random) -> dict[str, Any]:

@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway import jsonio, metrics
 from gateway.bodies import RequestBody
@@ -175,6 +176,29 @@ def range_headers(request_headers: Mapping[str, str]) -> dict[str, str]:
     if "If-Range" in request_headers:
         sent["If-Range"] = request_headers["If-Range"]
     return sent
+
+
+def split_url(url: str) -> SplitResult | None:
+    """``url`` in its parts, or None when it is no URL at all: URLs from providers and clients are
+    untrusted, and ``urlsplit`` raises on some (``http://[::1``)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def redirect_target(response: aiohttp.ClientResponse) -> str:
+    """Where a redirect points, resolved against the URL that answered; a ``Location`` that is no
+    URL (``http://[::1``, port 99999) is the provider's failure, a 502."""
+    try:
+        return str(response.url.join(URL(response.headers["Location"])))
+    except ValueError:
+        raise UpstreamError(
+            502, "Upstream error: the provider redirected to something that is no URL.", kind="payload"
+        ) from None
 
 
 _PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")
@@ -542,7 +566,9 @@ class Adapter:
     def result_host_allowed(self, url: str) -> bool:
         """Redirects for content are followed only to the provider's own or declared result hosts,
         over HTTPS (plain HTTP only for a provider that is itself reached over plain HTTP)."""
-        target, own = urlsplit(url), urlsplit(self.config.base_url or self.default_base_url or "")
+        target, own = split_url(url), urlsplit(self.config.base_url or self.default_base_url or "")
+        if target is None:
+            return False
         if target.scheme != "https" and not (target.scheme == "http" and own.scheme == "http"):
             return False
         host = target.hostname or ""

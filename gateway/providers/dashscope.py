@@ -33,13 +33,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none, path_segment
+from gateway.providers.base import (
+    Call,
+    UpstreamVideo,
+    error_from_upstream,
+    json_or_none,
+    path_segment,
+    split_url,
+)
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
@@ -136,7 +143,8 @@ MODELS = {
 
 def _oss_expiry(url: str) -> int | None:
     """When a signed OSS URL stops working: its ``Expires`` query parameter (unix time)."""
-    values = parse_qs(urlsplit(url).query).get("Expires")
+    parts = split_url(url)
+    values = parse_qs(parts.query).get("Expires") if parts is not None else None
     return field_int(values[0]) if values else None
 
 

@@ -54,6 +54,7 @@ from gateway.providers.base import (
     UpstreamVideo,
     error_from_upstream,
     json_or_none,
+    split_url,
 )
 from gateway.providers.native import (
     ModelSpec,
@@ -241,7 +242,8 @@ def _video(result: Any) -> dict[str, Any] | None:
     video = result.get("video") if isinstance(result, dict) else None
     if not isinstance(video, dict) or not isinstance(video.get("url"), str):
         return None
-    if urlsplit(video["url"]).scheme not in ("http", "https"):
+    parts = split_url(video["url"])
+    if parts is None or parts.scheme not in ("http", "https"):
         return None
     return video
 

@@ -31,11 +31,18 @@ from yarl import URL
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Adapter, Call, range_headers, read_limited
+from gateway.providers.base import (
+    REDIRECTS,
+    Adapter,
+    Call,
+    range_headers,
+    read_limited,
+    redirect_target,
+    split_url,
+)
 from gateway.providers.local import validate_prompt
 
 MAX_INLINE_IMAGE = 20 * 1024 * 1024
-_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,8 @@ async def image_input(body: RequestBody) -> ImageInput | None:
                 "input_reference.image_url is not valid base64 data.", param="input_reference"
             ) from None
         return ImageInput(data=data, mime=head[5:].split(";")[0] or _sniff(data))
-    if urlsplit(url).scheme not in ("http", "https"):
+    parts = split_url(url)
+    if parts is None or parts.scheme not in ("http", "https"):
         raise bad_request(
             "input_reference.image_url must be an https URL or a data URL.", param="input_reference"
         )
@@ -188,10 +196,12 @@ def _shape(size: str) -> str | None:
 
 def same_origin(url: str, base: str) -> bool:
     """Whether ``url`` has ``base``'s scheme, host and port: where the gateway may send a credential."""
-    got, own = urlsplit(url), urlsplit(base)
+    got, own = split_url(url), urlsplit(base)
+    if got is None:
+        return False
     try:
         return (got.scheme, got.hostname, got.port) == (own.scheme, own.hostname, own.port)
-    except ValueError:
+    except ValueError:  # a port out of range
         return False
 
 
@@ -348,8 +358,8 @@ class NativeAdapter(Adapter):
                     kind="payload",
                 )
             async with self.send(call, "GET", url, headers=sent, streaming=True) as response:
-                if response.status in _REDIRECTS and "Location" in response.headers:
-                    url = str(response.url.join(URL(response.headers["Location"])))
+                if response.status in REDIRECTS and "Location" in response.headers:
+                    url = redirect_target(response)
                     sent = ranged
                     continue
                 if response.status in (403, 404, 410):

@@ -12,13 +12,13 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
-from yarl import URL
 
 from gateway.bodies import RequestBody
 from gateway.errors import UpstreamError
 from gateway.headers import CONDITIONAL_REQUEST_HEADERS, media_type
 from gateway.http1 import FixedHeaders
 from gateway.providers.base import (
+    REDIRECTS,
     Adapter,
     Call,
     EventStream,
@@ -27,6 +27,7 @@ from gateway.providers.base import (
     path_segment,
     range_headers,
     read_limited,
+    redirect_target,
 )
 from gateway.store import Task
 
@@ -100,10 +101,8 @@ class OpenAIAdapter(Adapter):
         headers.update(asked)
         url = self._url(task.upstream_id, "content") + f"?variant={quote(variant)}"
         async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
-            if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                return await self._follow(
-                    call, str(response.url.join(URL(response.headers["Location"]))), asked
-                )
+            if response.status in REDIRECTS and "Location" in response.headers:
+                return await self._follow(call, redirect_target(response), asked)
             if response.status >= 400:
                 raise error_from_upstream(
                     response.status, response.headers, await read_limited(response, 65536)
@@ -120,6 +119,10 @@ class OpenAIAdapter(Adapter):
                 kind="payload",
             )
         async with self.send(call, "GET", url, headers=headers, streaming=True) as response:
+            if response.status in REDIRECTS:
+                raise UpstreamError(
+                    502, "Upstream error: the provider's result URL redirected again.", kind="payload"
+                )
             if response.status >= 400:
                 raise error_from_upstream(
                     response.status, response.headers, await read_limited(response, 65536)

@@ -45,14 +45,21 @@ import re
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import aiohttp
 from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none, path_segment
+from gateway.providers.base import (
+    Call,
+    UpstreamVideo,
+    error_from_upstream,
+    json_or_none,
+    path_segment,
+    split_url,
+)
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
@@ -183,7 +190,8 @@ def _suffix_value(value: Any) -> str:
 
 def _tos_expiry(url: str) -> int | None:
     """When a TOS presigned URL stops working: ``X-Tos-Date`` (UTC) plus ``X-Tos-Expires`` seconds."""
-    query = parse_qs(urlsplit(url).query)
+    parts = split_url(url)
+    query = parse_qs(parts.query) if parts is not None else {}
     try:
         signed = time.strptime(query["X-Tos-Date"][0], "%Y%m%dT%H%M%SZ")
         return calendar.timegm(signed) + int(query["X-Tos-Expires"][0])
@@ -192,7 +200,8 @@ def _tos_expiry(url: str) -> int | None:
 
 
 def _image_type(url: str) -> str:
-    path = urlsplit(url).path.lower()
+    parts = split_url(url)
+    path = parts.path.lower() if parts is not None else ""
     if path.endswith(".png"):
         return "image/png"
     if path.endswith(".webp"):

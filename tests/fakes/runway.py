@@ -30,6 +30,7 @@ class FakeRunway:
     creates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     running_progress: Any = 0.4  # what a RUNNING task reports (a fraction, by Runway's docs)
+    redirect_to: str | None = None  # outputs answer a 302 here instead (for broken Locations)
     next_id: str | None = None  # the task ID the next create answers (for odd IDs), then generated again
 
     def app(self) -> web.Application:
@@ -105,4 +106,6 @@ class FakeRunway:
         return web.Response(status=204)
 
     async def output(self, request: web.Request) -> web.StreamResponse:
+        if self.redirect_to is not None:
+            return web.Response(status=302, headers={"Location": self.redirect_to})
         return web.FileResponse(self.video, headers={"Content-Type": "video/mp4"})
