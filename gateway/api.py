@@ -397,8 +397,8 @@ async def _translate_event(
     lines = event.rstrip(b"\n").split(b"\n")
     data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
     try:
-        payload = json.loads(data) if data else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        payload = jsonio.loads(data) if data else None
+    except jsonio.JSONDecodeError:
         return event
     if not isinstance(payload, dict) or not isinstance(payload.get("id"), str) or "status" not in payload:
         return event

@@ -73,8 +73,9 @@ def png(width: int = 64, height: int = 48) -> bytes:
 
 
 def _form(fields: dict[str, Any]) -> aiohttp.FormData:
-    """Form fields as a client sends them: bytes become a file part, with a filename."""
-    form = aiohttp.FormData()
+    """Form fields as the SDKs send them (multipart, file or not): bytes become a file part, with a
+    filename."""
+    form = aiohttp.FormData(default_to_multipart=True)
     for name, value in fields.items():
         if isinstance(value, bytes):
             form.add_field(name, value, filename=name, content_type="application/octet-stream")

@@ -108,6 +108,20 @@ async def test_an_image_url_that_is_no_url_is_refused(gw: RunningGateway) -> Non
     await assert_refused(gw, fields, status=400, param="input_reference")
 
 
+@pytest.mark.parametrize("seed", ["[" * 100_000, "NaN"])
+async def test_a_form_field_is_read_as_strict_json_or_as_text(
+    gw: RunningGateway, runway: tuple[FakeRunway, str], seed: str
+) -> None:
+    """Form values are parsed as JSON when they look like it: nesting 100 000 deep (a
+    RecursionError for Python's json) and NaN (no JSON) stay text, which Runway then refuses or
+    takes; either way the client hears a clear answer, never a 500."""
+    form = {"prompt": "animate", "model": "gen-video", "seed": seed}
+    status, _, body = await request(gw, "POST", "/v1/videos", data=form)
+    assert status in (200, 400), body
+    if status == 200:
+        assert runway[0].creates[-1][1]["seed"] == seed  # as text: NaN is no JSON number
+
+
 @pytest.mark.parametrize("location", ["http://[::1", "http://127.0.0.1:99999/out.mp4"])
 async def test_a_result_redirect_to_no_url_is_a_502(
     gw: RunningGateway, runway: tuple[FakeRunway, str], location: str

@@ -645,10 +645,10 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 def json_or_none(raw: bytes) -> Any:
-    """``raw`` parsed as JSON, or None when it is not JSON."""
+    """``raw`` parsed as JSON, or None when it is not (strict) JSON."""
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return jsonio.loads(raw)
+    except jsonio.JSONDecodeError:
         return None
 
 

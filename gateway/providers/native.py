@@ -29,6 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway import jsonio
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
 from gateway.providers.base import (
@@ -521,11 +522,11 @@ def field_int(value: Any) -> int | None:
 
 
 def _field(body: RequestBody, name: str) -> Any:
-    """An extra parameter: JSON values as given, form values parsed as JSON when they look like it."""
+    """An extra parameter: JSON values as given, form values parsed as (strict) JSON when they are."""
     value = body.get(name)
     if body.kind == "multipart" and isinstance(value, str):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            return jsonio.loads(value)
+        except jsonio.JSONDecodeError:
             return value
     return value

@@ -9,7 +9,8 @@ Shapes follow the reference ``shared/reference/openai-videos-api.md``:
 - ``stream`` on create: §7 (apifree's optional flag), answered as ``text/event-stream``.
 
 Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
-``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``).
+``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``),
+``[odd events]`` (a streamed create starts with events whose data is no JSON).
 Jobs move queued → in_progress → completed, one step per retrieve.
 """
 
@@ -155,6 +156,8 @@ class FakeOpenAIUpstream:
     async def _stream(self, request: web.Request, job: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if "[odd events]" in (job["prompt"] or ""):  # events that are no JSON a parser could take
+            await response.write(b"event: progress\ndata: " + b"[" * 100_000 + b"\n\ndata: NaN\n\n")
         for status, progress in (("queued", 0), ("in_progress", 50), ("completed", 100)):
             job.update(status=status, progress=progress)
             await response.write(f"event: video.{status}\ndata: {json.dumps(job)}\n\n".encode())
