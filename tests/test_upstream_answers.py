@@ -332,6 +332,7 @@ KNOWN_REFUSALS = [
     (400, {"error": {"code": 400, "details": 1.5, "message": "m"}}),  # Google, details no list
     (422, {"detail": [{"loc": None, "msg": "field required"}]}),  # Luma, loc no list
     (400, {"error": {"message": "m", "type": 5, "param": ["prompt"], "code": {"a": 1}}}),  # OpenAI
+    (400, b"[" * 100_000),  # nested past Python's recursion limit
 ]
 
 
@@ -399,7 +400,7 @@ async def test_any_refusal_becomes_the_envelope(
         (rng.choice([400, 401, 402, 403, 404, 409, 413, 422, 429, 451, 500, 502, 503, 504]), refusal(rng))
         for _ in range(40)
     ]
-    known = [(status, json.dumps(document).encode()) for status, document in KNOWN_REFUSALS]
+    known = [(status, b if isinstance(b, bytes) else json.dumps(b).encode()) for status, b in KNOWN_REFUSALS]
     for fake.status, fake.body in [*known, *drawn]:  # each becomes what the upstream answers
         status, headers, body = await call(
             gw, "POST", "/v1/videos", json={"prompt": "p", "model": f"m-{kind}"}
