@@ -397,7 +397,7 @@ async def _translate_event(
     lines = event.rstrip(b"\n").split(b"\n")
     data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
     try:
-        payload = jsonio.loads(data) if data else None
+        payload = jsonio.loads_shallow(data) if data else None
     except jsonio.JSONDecodeError:
         return event
     if not isinstance(payload, dict) or not isinstance(payload.get("id"), str) or "status" not in payload:

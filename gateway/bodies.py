@@ -29,7 +29,7 @@ CHUNK = 256 * 1024
 _MAX_PART_HEADERS = 16 * 1024
 _MAX_PREAMBLE = 64 * 1024
 _MAX_TEXT_FIELDS = 40 * 1024 * 1024
-MAX_JSON_DEPTH = 64
+MAX_JSON_DEPTH = jsonio.MAX_DEPTH
 # Fields the gateway itself reads (to route, check access, show the video) or replaces. A second
 # copy would reach a pass-through upstream unchecked, and an upstream may well read that one.
 SINGLE_FIELDS = frozenset({"model", "prompt", "size", "seconds", "video[id]"})

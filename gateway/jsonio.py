@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 JSONDecodeError = json.JSONDecodeError  # orjson's error is a subclass: catch this one
+MAX_DEPTH = 64  # nesting the gateway takes from clients and providers
 
 
 def dumps(value: Any) -> bytes:
@@ -30,6 +31,17 @@ def loads(raw: bytes | bytearray | str) -> Any:
     than 1024 levels. Integers beyond 64 bits but within a double's range come back as floats.
     """
     return orjson.loads(raw)
+
+
+def loads_shallow(raw: bytes) -> Any:
+    """:func:`loads`, also refusing nesting deeper than :data:`MAX_DEPTH` levels: the gateway could
+    neither write such a value back nor make text of it (``str`` of 1 000 nested lists raises
+    RecursionError). For what providers send and form values; brackets are counted first, so a
+    usual document is never walked."""
+    value = loads(raw)
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and nesting_exceeds(value, MAX_DEPTH):
+        raise JSONDecodeError(f"nested deeper than {MAX_DEPTH} levels", "", 0)
+    return value
 
 
 def nesting_exceeds(value: Any, limit: int) -> bool:

@@ -108,13 +108,14 @@ async def test_an_image_url_that_is_no_url_is_refused(gw: RunningGateway) -> Non
     await assert_refused(gw, fields, status=400, param="input_reference")
 
 
-@pytest.mark.parametrize("seed", ["[" * 100_000, "NaN"])
+@pytest.mark.parametrize("seed", ["[" * 100_000, "[" * 1000 + "]" * 1000, "NaN"])
 async def test_a_form_field_is_read_as_strict_json_or_as_text(
     gw: RunningGateway, runway: tuple[FakeRunway, str], seed: str
 ) -> None:
     """Form values are parsed as JSON when they look like it: nesting 100 000 deep (a
-    RecursionError for Python's json) and NaN (no JSON) stay text, which Runway then refuses or
-    takes; either way the client hears a clear answer, never a 500."""
+    RecursionError for Python's json), 1 000 deep (valid JSON that Python could not write back)
+    and NaN (no JSON) stay text, which Runway then refuses or takes; either way the client hears a
+    clear answer, never a 500."""
     form = {"prompt": "animate", "model": "gen-video", "seed": seed}
     status, _, body = await request(gw, "POST", "/v1/videos", data=form)
     assert status in (200, 400), body

@@ -229,13 +229,15 @@ async def test_stream_is_relayed_with_gateway_ids(
 
 
 async def test_stream_events_that_are_no_json_pass_as_they_are(dialect_gateway: RunningGateway) -> None:
-    """Events whose data is no JSON (nested 100 000 deep, NaN) are relayed untouched; the video
-    events after them still get the gateway's IDs."""
+    """Events whose data is no JSON (nested 100 000 deep, NaN) or nested too deep to be written
+    back (1 000 levels) are relayed untouched; the video events after them still get the gateway's
+    IDs."""
     body = {"prompt": "[odd events]", "model": "sora-remote", "stream": True}
     status, _, raw = await send(dialect_gateway, "POST", "/v1/videos", json=body)
     assert status == 200
     events = [e for e in raw.decode().split("\n\n") if e.strip()]
     assert events[:2] == ["event: progress\ndata: " + "[" * 100_000, "data: NaN"]
+    assert events[2].startswith('data: {"id": "up_') and events[2].endswith("]" * 1000 + "}")
     assert events[-2].startswith("event: video.completed\ndata: {") and events[-1] == "data: [DONE]"
     assert json.loads(events[-2].partition("data: ")[2])["id"].startswith("video_")
 

@@ -99,7 +99,10 @@ def document(rng: random.Random, job_id: str) -> bytes:
     """One retrieve answer: mostly a Video-ish object about the job, sometimes something else."""
     shape = rng.random()
     if shape < 0.05:
-        return rng.choice([b"[]", b'"completed"', b"42", b"null", b"<html>oops</html>", b"", b"9" * 400])
+        deep = b'{"id": "%s", "status": ' % job_id.encode() + b"[" * 1000 + b"]" * 1000 + b"}"
+        return rng.choice(
+            [b"[]", b'"completed"', b"42", b"null", b"<html>oops</html>", b"", b"9" * 400, deep]
+        )
     if shape < 0.1:
         return b'{"id": "job_1", "status": "in_progress", "progress": NaN}'
     keys = rng.sample([*VIDEO_KEYS, "extra", "metadata"], rng.randint(0, len(VIDEO_KEYS)))
@@ -333,6 +336,7 @@ KNOWN_REFUSALS = [
     (422, {"detail": [{"loc": None, "msg": "field required"}]}),  # Luma, loc no list
     (400, {"error": {"message": "m", "type": 5, "param": ["prompt"], "code": {"a": 1}}}),  # OpenAI
     (400, b"[" * 100_000),  # nested past Python's recursion limit
+    (400, b'{"error": {"status": "INVALID_ARGUMENT", "message": ' + b"[" * 1000 + b"]" * 1000 + b"}}"),
 ]
 
 

@@ -522,7 +522,9 @@ class Adapter:
             return {}
         try:
             return (
-                await asyncio.to_thread(jsonio.loads, raw) if len(raw) > PARSE_OFF_LOOP else jsonio.loads(raw)
+                await asyncio.to_thread(jsonio.loads_shallow, raw)
+                if len(raw) > PARSE_OFF_LOOP
+                else jsonio.loads_shallow(raw)
             )
         except jsonio.JSONDecodeError:
             self.count_error("payload")
@@ -647,7 +649,7 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
 def json_or_none(raw: bytes) -> Any:
     """``raw`` parsed as JSON, or None when it is not (strict) JSON."""
     try:
-        return jsonio.loads(raw)
+        return jsonio.loads_shallow(raw)
     except jsonio.JSONDecodeError:
         return None
 

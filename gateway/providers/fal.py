@@ -430,7 +430,7 @@ class FalAdapter(NativeAdapter):
         answer = await self.exchange(call, "GET", self._url(task, "response_url", ""), headers=headers)
         if answer.status < 400:
             try:
-                return jsonio.loads(answer.body)
+                return jsonio.loads_shallow(answer.body)
             except jsonio.JSONDecodeError:
                 self.count_error("payload")
                 raise UpstreamError(

@@ -526,7 +526,7 @@ def _field(body: RequestBody, name: str) -> Any:
     value = body.get(name)
     if body.kind == "multipart" and isinstance(value, str):
         try:
-            return jsonio.loads(value)
+            return jsonio.loads_shallow(value.encode("utf-8", "surrogatepass"))
         except jsonio.JSONDecodeError:
             return value
     return value

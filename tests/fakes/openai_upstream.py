@@ -158,6 +158,8 @@ class FakeOpenAIUpstream:
         await response.prepare(request)
         if "[odd events]" in (job["prompt"] or ""):  # events that are no JSON a parser could take
             await response.write(b"event: progress\ndata: " + b"[" * 100_000 + b"\n\ndata: NaN\n\n")
+            deep = b'{"id": "%s", "status": ' % job["id"].encode() + b"[" * 1000 + b"]" * 1000 + b"}"
+            await response.write(b"data: " + deep + b"\n\n")
         for status, progress in (("queued", 0), ("in_progress", 50), ("completed", 100)):
             job.update(status=status, progress=progress)
             await response.write(f"event: video.{status}\ndata: {json.dumps(job)}\n\n".encode())
