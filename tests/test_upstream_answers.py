@@ -21,6 +21,7 @@ from urllib.parse import unquote
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway.providers import ADAPTERS
@@ -293,21 +294,28 @@ async def test_any_character_answer_becomes_a_character_or_the_envelope(
     assert answers[200] > 60 and answers.get(502, 0) > 5, answers
 
 
-# Each provider kind with what its config needs besides base_url and api_key.
-KINDS = {
-    "openai": "",
-    "azure": "",
-    "runway": "",
-    "luma": "",
-    "kling": "options: {access_key: ak-gateway-tests}",
-    "minimax": "",
-    "replicate": "",
-    "fal": "",
-    "dashscope": "",
-    "seedance": "",
-    "veo": "",
-    "vertex_veo": "options: {project: gateway-tests}",
+# Each provider kind with the options its config needs besides base_url and api_key.
+KINDS: dict[str, dict[str, str]] = {
+    "openai": {},
+    "azure": {},
+    "runway": {},
+    "luma": {},
+    "kling": {"access_key": "ak-gateway-tests"},
+    "minimax": {},
+    "replicate": {},
+    "fal": {},
+    "dashscope": {},
+    "seedance": {},
+    "veo": {},
+    "vertex_veo": {"project": "gateway-tests"},
 }
+
+
+def upstream_model(kind: str) -> str:
+    """A model the kind's adapter knows (the first of its table), for kinds that keep one."""
+    return next(iter(getattr(ADAPTERS[kind], "models", None) or {}), "upstream-model")
+
+
 FIELDS = ["message", "type", "param", "code", "status", "details", "reason", "detail", "loc", "msg"]
 
 
@@ -367,30 +375,19 @@ async def every_provider(
     """A gateway with a provider of each kind, all at the one upstream, and model ``m-<kind>``."""
     fake = AnyPath()
     upstream = await aiohttp_server(fake.app())
-    base = str(upstream.make_url("")).rstrip("/")
-    providers, models = "", ""
-    for kind, extra in KINDS.items():
-        known = getattr(ADAPTERS[kind], "models", None) or {}
-        upstream_model = next(iter(known), "upstream-model")
-        providers += f"""
-          p-{kind}:
-            kind: {kind}
-            base_url: {base}/v1
-            api_key: {UPSTREAM_KEY}
-            {extra}"""
-        models += f"\n  m-{kind}: {{provider: p-{kind}, model: {upstream_model}}}"
-    config = (
-        textwrap.dedent(f"""
-        data_dir: {tmp_path}
-        keys: [{{name: alpha, key: "{ALPHA_KEY}"}}]
-        resilience: {{backoff_seconds: 0.01}}
-        providers:""")
-        + textwrap.indent(textwrap.dedent(providers), "  ")
-        + "\nmodels:"
-        + models
-        + "\n"
-    )
-    return await start_gateway(config), fake
+    base_url = str(upstream.make_url("/v1"))
+    provider = {"base_url": base_url, "api_key": UPSTREAM_KEY}
+    config = {
+        "data_dir": str(tmp_path),
+        "keys": [{"name": "alpha", "key": ALPHA_KEY}],
+        "resilience": {"backoff_seconds": 0.01},
+        "providers": {
+            f"p-{kind}": {"kind": kind, **provider, **({"options": options} if options else {})}
+            for kind, options in KINDS.items()
+        },
+        "models": {f"m-{kind}": {"provider": f"p-{kind}", "model": upstream_model(kind)} for kind in KINDS},
+    }
+    return await start_gateway(yaml.safe_dump(config)), fake
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -441,8 +438,7 @@ def provider_document(rng: random.Random, depth: int = 0) -> Any:
 def job(kind: str, rng: random.Random) -> dict[str, Any]:
     """A document holding the job's ID under every name a provider gives it, and a status, with
     random fields on top half the time."""
-    model = next(iter(getattr(ADAPTERS[kind], "models", None) or {}), "m")
-    operation = f"models/{model}/operations/job1"
+    operation = f"models/{upstream_model(kind)}/operations/job1"
     if kind == "vertex_veo":
         operation = f"projects/gateway-tests/locations/us-central1/publishers/google/{operation}"
     status = rng.choice(PROVIDER_WORDS)
