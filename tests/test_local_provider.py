@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +206,70 @@ async def test_a_video_is_rendered_once_however_often_it_is_polled(
     while (await client.videos.retrieve(video.id)).status != "completed":
         await asyncio.sleep(0.01)
     assert renders == ["polled often"]
+
+
+@pytest.fixture
+def held_renders(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[str], threading.Event]]:
+    """Renders that wait for the test's go: the prompts of those begun, and the event that lets
+    them draw."""
+    begun: list[str] = []
+    go = threading.Event()
+    real = local_module.render_video
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        begun.append(kwargs["prompt"])
+        go.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local_module, "render_video", held)
+    yield begun, go
+    go.set()
+
+
+async def test_creates_polls_and_deletes_answer_while_many_videos_wait_to_render(
+    local_gateway: RunningGateway, held_renders: tuple[list[str], threading.Event], tmp_path: Path
+) -> None:
+    """Renders are CPU-bound: the local provider draws one at a time in its own thread, so that
+    however many wait, the event loop keeps its CPU and the shared thread pool stays free for the
+    job files that creates, polls and deletes read and write. A video deleted before its render
+    began is never drawn."""
+    begun, go = held_renders
+    client = local_gateway.sdk()
+    videos = []
+    for i in range(40):  # more than the default thread pool's 32 threads at most
+        video = await asyncio.wait_for(client.videos.create(prompt=f"waiting {i}", size="64x64"), 10)
+        videos.append(video)
+    polled = await asyncio.wait_for(client.videos.retrieve(videos[-1].id), 10)
+    assert polled.status in ("queued", "in_progress")
+    assert (await asyncio.wait_for(client.videos.delete(videos[-1].id), 10)).deleted
+    assert begun == ["waiting 0"]
+
+    go.set()
+    for video in videos[:-1]:
+        assert (await client.videos.poll(video.id, poll_interval_ms=20)).status == "completed"
+    assert "waiting 39" not in begun and len(begun) == 39
+    assert len(list((tmp_path / "local").glob("*/video_*"))) == 39
+
+
+async def test_a_shutdown_waits_for_the_render_under_way_only_and_the_rest_render_after_the_restart(
+    start_gateway: StartGateway, held_renders: tuple[list[str], threading.Event], tmp_path: Path
+) -> None:
+    begun, go = held_renders
+    gateway = await start_gateway(gateway_yaml(tmp_path))
+    videos = [await gateway.sdk().videos.create(prompt=f"before {i}", size="64x64") for i in range(3)]
+    while not begun:
+        await asyncio.sleep(0.01)
+    closing = asyncio.ensure_future(gateway.server.close())
+    await asyncio.sleep(0.2)
+    assert not closing.done(), "the render under way is finished before the provider closes"
+    go.set()
+    await asyncio.wait_for(closing, 10)
+    assert begun == ["before 0"]
+
+    restarted = await start_gateway(gateway_yaml(tmp_path))
+    for video in videos:
+        assert (await restarted.sdk().videos.poll(video.id, poll_interval_ms=20)).status == "completed"
+    assert begun == ["before 0", "before 1", "before 2"]
 
 
 async def test_a_render_cut_off_by_kill_9_is_done_again_after_the_restart_and_leaves_no_files(

@@ -19,7 +19,9 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -138,6 +140,20 @@ def ensure_completed(video: Mapping[str, Any], kind: Derivation) -> None:
         )
 
 
+@contextmanager
+def _job_lock(folder: Path, *, wait: bool) -> Iterator[bool]:
+    """A job folder's lock, held by a render writing into it and by a delete removing it, in any
+    process on the data dir. False when the job is gone, or when another holds it and not ``wait``."""
+    with ExitStack() as stack:
+        try:
+            lock = stack.enter_context(open(folder / ".render.lock", "ab"))
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (FileNotFoundError, BlockingIOError):
+            yield False
+            return
+        yield (folder / "job.json").exists()
+
+
 @dataclass
 class LocalEngine:
     """Jobs in folders under ``root``; status is derived from the clock and the rendered files."""
@@ -148,6 +164,10 @@ class LocalEngine:
 
     def __post_init__(self) -> None:
         self._renders: dict[str, asyncio.Task[None]] = {}
+        # Rendering is CPU-bound: one render at a time in its own thread leaves the event loop its
+        # CPU and the shared thread pool free for the job files that every request reads.
+        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-render")
+        self._closed = False
 
     def _dir(self, job_id: str) -> Path:
         if not _JOB_ID.match(job_id):
@@ -188,8 +208,8 @@ class LocalEngine:
         tmp.replace(folder / "job.json")
 
     def _start_render(self, job_id: str, job: dict[str, Any]) -> None:
-        if job_id in self._renders or "[fail]" in job["prompt"]:
-            return
+        if self._closed or job_id in self._renders or "[fail]" in job["prompt"]:
+            return  # once closed, the next process renders what is left
         task = asyncio.get_running_loop().create_task(self._render(job_id, job))
         self._renders[job_id] = task
         task.add_done_callback(lambda _: self._renders.pop(job_id, None))
@@ -197,20 +217,17 @@ class LocalEngine:
     async def _render(self, job_id: str, job: dict[str, Any]) -> None:
         folder = self._dir(job_id)
         try:
-            await asyncio.to_thread(self._render_once, folder, job)
+            await asyncio.get_running_loop().run_in_executor(self._renderer, self._render_once, folder, job)
         except Exception as exc:  # a failed render is the job's outcome, not the server's problem
             await asyncio.to_thread((folder / "error.txt").write_text, f"render failed: {exc}")
 
     @staticmethod
     def _render_once(folder: Path, job: dict[str, Any]) -> None:
         """Render the job unless it is rendered or being rendered (by another worker on the same data
-        dir: the lock says so). Temporary files found under the lock are a dead render's and go."""
-        with open(folder / ".render.lock", "ab") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            if (folder / "video.mp4").exists():
+        dir: the lock says so) or deleted. Temporary files found under the lock are a dead render's
+        and go."""
+        with _job_lock(folder, wait=False) as locked:
+            if not locked or (folder / "video.mp4").exists():
                 return
             for left in folder.glob(".*.tmp"):
                 left.unlink(missing_ok=True)
@@ -326,11 +343,17 @@ class LocalEngine:
             return False
         render = self._renders.get(job_id)
         if render is not None:
-            await asyncio.wait({render})
-        if not folder.exists():
-            return False
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        return True
+            render.cancel()  # one still waiting for the renderer is never drawn
+        return await asyncio.to_thread(self._remove, folder)
+
+    @staticmethod
+    def _remove(folder: Path) -> bool:
+        """Delete a job's folder once no render writes into it: the render lock waits for one under
+        way, in this process or another on the same data dir."""
+        with _job_lock(folder, wait=True) as locked:
+            if locked:
+                shutil.rmtree(folder, ignore_errors=True)
+            return locked
 
     async def asset(self, job_id: str, variant: str) -> tuple[Path, str]:
         """The finished file for a variant; ApiError 404/409 when there is none (yet)."""
@@ -367,6 +390,10 @@ class LocalEngine:
         return character
 
     async def close(self) -> None:
+        """Finish the render under way; those still waiting are drawn by the next process, when a
+        poll finds them unrendered."""
+        self._closed = True
+        self._renderer.shutdown(wait=False, cancel_futures=True)
         renders = list(self._renders.values())
         if renders:
             await asyncio.wait(renders)
