@@ -178,28 +178,35 @@ async def _start(
     )
 
 
-async def _read(request: web.Request, task: Task, operation: Callable[[Adapter, Call], Awaitable[T]]) -> T:
-    """A retrieve or download: the task's own deployment, retried with jittered backoff inside a deadline."""
+async def _read(
+    request: web.Request,
+    task: Task,
+    operation: Callable[[Adapter, Call], Awaitable[T]],
+    deadline: float | None = None,
+) -> T:
+    """A retrieve or download: the task's own deployment, retried with jittered backoff inside one
+    deadline (the event loop's time; ``read_deadline_seconds`` from now, or sooner when given) by
+    which the try under way must have its answer begun too (not a download's stream)."""
     ctx = context(request)
     gw, table = ctx.gateway, ctx.table
     deployment, adapter = _deployment_of(table, task)
     policy = table.config.resilience
-    deadline = time.monotonic() + policy.read_deadline_seconds
+    loop = asyncio.get_running_loop()
+    due = loop.time() + policy.read_deadline_seconds
+    deadline = due if deadline is None else min(deadline, due)
     for attempt in range(1, policy.read_attempts + 1):
         try:
             with gw.bulkheads.enter(deployment, "requests"):
-                return await operation(adapter, _call(request, deployment))
+                call = _call(request, deployment)
+                call.answer_by = deadline
+                return await operation(adapter, call)
         except ApiError as exc:
             if isinstance(exc, UpstreamError) and exc.upstream_status == 404:
                 # the provider no longer has it (deleted, purged): the gateway's own answer, which
                 # does not quote the provider's ID for the job
                 raise _not_found(task.id, task.kind) from None
             delay = policy.backoff_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-            if (
-                not _retryable_read(exc)
-                or attempt == policy.read_attempts
-                or time.monotonic() + delay > deadline
-            ):
+            if not _retryable_read(exc) or attempt == policy.read_attempts or loop.time() + delay > deadline:
                 raise
             READ_RETRIES.labels(deployment.provider).inc()
             log.info(
@@ -281,11 +288,11 @@ async def _map_remixed_from(gw: Gateway, owner: str, deployment: str, fields: di
     return source.id if source is not None else None
 
 
-async def _refresh(request: web.Request, task: Task) -> Task:
+async def _refresh(request: web.Request, task: Task, deadline: float | None = None) -> Task:
     """Ask the provider for news about an unfinished video and remember what it said."""
     if is_terminal(task.status):
         return task
-    upstream = await _read(request, task, lambda adapter, call: adapter.retrieve(call, task))
+    upstream = await _read(request, task, lambda adapter, call: adapter.retrieve(call, task), deadline)
     video = build_video(task, upstream.fields)
     state = {**task.state, **upstream.state} if upstream.state else task.state
     if video != task.video or state != task.state:
@@ -317,13 +324,18 @@ def _saved_late(request_id: str, video: str, saving: asyncio.Future[None]) -> No
 
 
 async def _refresh_all(request: web.Request, tasks: list[Task]) -> list[Task]:
-    """Refresh many videos at once, bounded; a video whose provider fails keeps its last known state."""
+    """Refresh many videos at once, bounded, within one read deadline; a video whose provider fails
+    or is not asked in time keeps its last known state."""
     gate = asyncio.Semaphore(_REFRESH_CONCURRENCY)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + context(request).table.config.resilience.read_deadline_seconds
 
     async def one(task: Task) -> Task:
         async with gate:
+            if loop.time() >= deadline:
+                return task
             try:
-                return await _refresh(request, task)
+                return await _refresh(request, task, deadline)
             except ApiError:
                 return task
 

@@ -101,7 +101,7 @@ class Resilience:
     consecutive_failures   failures in a row that eject a deployment
     base_ejection_seconds  ejection lasts this times the number of times it was ejected
     read_attempts          tries of a retrieve, list refresh or download on connect errors, 502/503/504
-    read_deadline_seconds  all tries of one read together
+    read_deadline_seconds  all tries of one read together, by when the provider must begin to answer
     backoff_seconds        base of the jittered exponential backoff between tries
     """
 

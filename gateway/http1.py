@@ -115,6 +115,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._read = 0.0
         self._deadline: float | None = None
+        self._answer_by: float | None = None
         self._last_read = 0.0
         self._max_answer = 0
         self._start_answer()
@@ -192,12 +193,17 @@ class _Connection(asyncio.Protocol):
     # exchange
 
     async def exchange(
-        self, head: bytes, body: bytes | None, limits: Limits, deadline: float | None
+        self,
+        head: bytes,
+        body: bytes | None,
+        limits: Limits,
+        deadline: float | None,
+        answer_by: float | None = None,
     ) -> Answer:
         assert self.transport is not None
         self._start_answer()
         self._max_answer = limits.max_answer
-        self._read, self._deadline = limits.read, deadline
+        self._read, self._deadline, self._answer_by = limits.read, deadline, answer_by
         self._last_read = self.loop.time()
         self._waiter = waiter = self.loop.create_future()
         self._arm()
@@ -214,14 +220,22 @@ class _Connection(asyncio.Protocol):
         exchange is due sooner, fires, finds the current exchange not yet due and re-arms. That
         costs one timer per read timeout rather than one per exchange.
         """
-        due = self._last_read + self._read
-        if self._deadline is not None:
-            due = min(due, self._deadline)
+        due = self._due()
         if self._timer is not None:
             if self._timer.when() <= due:
                 return
             self._timer.cancel()
         self._timer = self.loop.call_at(due, self._on_timer)
+
+    def _due(self) -> float:
+        """When the exchange under way times out: a read timeout after the last bytes, the total
+        deadline, and until the answer's headers are in, the time it must begin by."""
+        due = self._last_read + self._read
+        if self._deadline is not None and self._deadline < due:
+            due = self._deadline
+        if self._answer_by is not None and not self._headers_done and self._answer_by < due:
+            due = self._answer_by
+        return due
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -232,8 +246,7 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if self._waiter is None:
             return  # idle between exchanges: the next one arms again
-        now = self.loop.time()
-        if now >= self._last_read + self._read or (self._deadline is not None and now >= self._deadline):
+        if self.loop.time() >= self._due():
             error = ExchangeError(
                 "timeout", "the provider did not answer in time", answered=self._headers_done
             )
@@ -412,8 +425,10 @@ class Http1Client:
         body: bytes | None,
         limits: Limits,
         fixed: FixedHeaders | None = None,
+        answer_by: float | None = None,
     ) -> Answer:
-        """One exchange; ``fixed`` headers are sent ahead of ``headers``."""
+        """One exchange; ``fixed`` headers are sent ahead of ``headers``. ``answer_by``, a time of
+        the event loop, is when the answer must have begun (its headers in), whatever the limits."""
         host_at = url.find("://") + 3
         split = url.find("/", host_at)
         if split < 0:
@@ -428,15 +443,18 @@ class Http1Client:
         head = _head(method, target, host, headers, body, fixed)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.total if limits.total is not None else None
+        start_by = deadline
+        if answer_by is not None and (start_by is None or answer_by < start_by):
+            start_by = answer_by
         while True:
             now = loop.time()
             conn = pool.take_idle(now)
             reused = conn is not None
             if conn is None:
-                connect = limits.connect if deadline is None else min(limits.connect, deadline - now)
+                connect = limits.connect if start_by is None else min(limits.connect, start_by - now)
                 conn, reused = await pool.acquire(connect)
             try:
-                answer = await conn.exchange(head, body, limits, deadline)
+                answer = await conn.exchange(head, body, limits, deadline, answer_by)
             except ExchangeError as exc:
                 pool.release(conn, reuse=False)
                 # A kept-alive connection the server had already closed: nothing was processed, so

@@ -244,6 +244,35 @@ async def test_silence_and_a_slow_drip_end_in_bounded_time(serve, client) -> Non
     assert silent_server.open == 0 and drip_server.open == 0
 
 
+async def test_an_answer_due_by_a_time_must_begin_by_then_and_may_take_longer_to_end(serve, client) -> None:
+    """``answer_by`` (a read's deadline) bounds the wait for an answer, not its reading: a large
+    answer that began in time ends within the read and total limits, as without it."""
+
+    async def silent(server, reader, writer):
+        await server.read_request(reader)
+        await reader.read()
+
+    async def slow_body(server, reader, writer):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+        for _ in range(30):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    silent_server, slow_server = await serve(silent), await serve(slow_body)
+    limits = Limits(1, 5, 10, 1 << 20)
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    with pytest.raises(ExchangeError) as failure:
+        await client.request("GET", silent_server.url + "/", {}, None, limits, answer_by=loop.time() + 0.3)
+    assert failure.value.kind == "timeout" and not failure.value.answered
+    assert 0.25 < time.monotonic() - started < 1.5
+
+    answer = await client.request("GET", slow_server.url + "/", {}, None, limits, answer_by=loop.time() + 0.3)
+    assert answer.status == 200 and answer.body == b"x" * 30
+
+
 async def test_connect_failures_say_nothing_was_sent(unused_tcp_port: int, client) -> None:
     with pytest.raises(ExchangeError) as failure:
         await client.request("GET", f"http://127.0.0.1:{unused_tcp_port}/", {}, None, LIMITS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,32 @@ async def test_reads_retry_the_same_deployment(
     status, body = await get(gw, f"/v1/videos/{video['id']}")
     assert status == 503 and body["error"]["message"].startswith("Upstream error (HTTP 503)")
     assert fake.retrieves[list(fake.jobs)[-1]] == 3, "three attempts, then the error is passed on"
+
+
+async def test_a_hung_provider_holds_a_poll_for_the_read_deadline_and_a_list_shows_what_is_known(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A read's tries share one deadline, the try under way included: a provider that never answers
+    holds a poll for ``read_deadline_seconds``, not for its own read timeout, and a list refreshes
+    its unfinished videos within one such deadline, showing the rest as last known."""
+    fake, url = faulty
+    text = config(
+        tmp_path, url, "m: {provider: up, model: stuck}", extra="resilience: {read_deadline_seconds: 0.5}"
+    )
+    gw = await start_gateway(text.replace("read: 1, request: 2", "read: 30, request: 60", 1))
+    videos = [(await post(gw, "/v1/videos", json={"prompt": str(i), "model": "m"}))[2] for i in range(12)]
+    fake.behaviour["stuck"] = "hang"
+
+    started = time.monotonic()
+    status, body = await asyncio.wait_for(get(gw, f"/v1/videos/{videos[0]['id']}"), 10)
+    assert status == 504 and body["error"]["type"] == "upstream_error"
+    assert time.monotonic() - started < 5
+
+    started = time.monotonic()
+    status, listed = await asyncio.wait_for(get(gw, "/v1/videos?limit=20"), 10)
+    assert status == 200 and time.monotonic() - started < 5
+    assert sorted(v["id"] for v in listed["data"]) == sorted(v["id"] for v in videos)
+    assert {v["status"] for v in listed["data"]} == {"queued"}
 
 
 async def test_bulkhead_sheds_with_retry_after(

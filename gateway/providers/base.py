@@ -55,6 +55,9 @@ class Call:
     upstream_status: int | None = None
     upstream_error: str | None = None
     on_outcome: Callable[[str | None], None] | None = None
+    # The event loop's time by which the provider must begin answering a JSON call, besides its
+    # own timeouts: a read's tries share one deadline (``resilience.read_deadline_seconds``).
+    answer_by: float | None = None
 
     def outcome(self, failure: str | None) -> None:
         """Report a call's health: a failure kind, or None when the provider answered properly."""
@@ -429,7 +432,7 @@ class Adapter:
         started = time.perf_counter()
         try:
             answer = await self.http1.request(
-                method, self.upstream_url(url), headers, data, self._limits, fixed
+                method, self.upstream_url(url), headers, data, self._limits, fixed, call.answer_by
             )
         except ExchangeError as exc:
             call.upstream_seconds += time.perf_counter() - started
