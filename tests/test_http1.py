@@ -94,6 +94,26 @@ def keep_alive(response: bytes) -> Handler:
     return handler
 
 
+async def silent(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read the request, then say nothing until the client gives up."""
+    await server.read_request(reader)
+    await reader.read()
+
+
+def dripping(size: int) -> Handler:
+    """Answer at once with a body of ``size`` bytes, one every 20 ms."""
+
+    async def handler(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+        for _ in range(size):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    return handler
+
+
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
     servers: list[RawServer] = []
@@ -215,10 +235,6 @@ async def test_broken_answers_fail_with_their_kind(serve, client, wire: bytes, k
 
 
 async def test_silence_and_a_slow_drip_end_in_bounded_time(serve, client) -> None:
-    async def silent(server, reader, writer):
-        await server.read_request(reader)
-        await reader.read()  # until the client gives up
-
     silent_server = await serve(silent)
     started = time.monotonic()
     with pytest.raises(ExchangeError) as failure:
@@ -226,15 +242,7 @@ async def test_silence_and_a_slow_drip_end_in_bounded_time(serve, client) -> Non
     assert failure.value.kind == "timeout" and not failure.value.answered
     assert 0.25 < time.monotonic() - started < 1.5
 
-    async def drip(server, reader, writer):
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        for _ in range(1000):
-            writer.write(b"x")
-            await writer.drain()
-            await asyncio.sleep(0.02)
-
-    drip_server = await serve(drip)
+    drip_server = await serve(dripping(1000))
     started = time.monotonic()
     with pytest.raises(ExchangeError) as failure:
         await client.request("GET", drip_server.url + "/", {}, None, Limits(1, 0.3, 0.5, 1 << 20))
@@ -247,20 +255,7 @@ async def test_silence_and_a_slow_drip_end_in_bounded_time(serve, client) -> Non
 async def test_an_answer_due_by_a_time_must_begin_by_then_and_may_take_longer_to_end(serve, client) -> None:
     """``answer_by`` (a read's deadline) bounds the wait for an answer, not its reading: a large
     answer that began in time ends within the read and total limits, as without it."""
-
-    async def silent(server, reader, writer):
-        await server.read_request(reader)
-        await reader.read()
-
-    async def slow_body(server, reader, writer):
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
-        for _ in range(30):
-            writer.write(b"x")
-            await writer.drain()
-            await asyncio.sleep(0.02)
-
-    silent_server, slow_server = await serve(silent), await serve(slow_body)
+    silent_server, slow_server = await serve(silent), await serve(dripping(30))
     limits = Limits(1, 5, 10, 1 << 20)
     loop = asyncio.get_running_loop()
     started = time.monotonic()
