@@ -263,26 +263,28 @@ async def test_a_hung_provider_holds_a_poll_for_the_read_deadline_and_a_list_sho
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
     """A read's tries share one deadline, the try under way included: a provider that never answers
-    holds a poll for ``read_deadline_seconds``, not for its own read timeout, and a list refreshes
-    its unfinished videos within one such deadline, showing the rest as last known."""
+    holds a poll or a download for ``read_deadline_seconds``, not for its own read timeout, and a
+    list refreshes its unfinished videos within one such deadline, showing the rest as last known."""
     fake, url = faulty
     text = config(
         tmp_path, url, "m: {provider: up, model: stuck}", extra="resilience: {read_deadline_seconds: 0.5}"
     )
     gw = await start_gateway(text.replace("read: 1, request: 2", "read: 30, request: 60", 1))
     videos = [(await post(gw, "/v1/videos", json={"prompt": str(i), "model": "m"}))[2] for i in range(12)]
+    assert (await get(gw, f"/v1/videos/{videos[-1]['id']}"))[1]["status"] == "completed"
     fake.behaviour["stuck"] = "hang"
 
-    started = time.monotonic()
-    status, body = await asyncio.wait_for(get(gw, f"/v1/videos/{videos[0]['id']}"), 10)
-    assert status == 504 and body["error"]["type"] == "upstream_error"
-    assert time.monotonic() - started < 5
+    for path in (f"/v1/videos/{videos[0]['id']}", f"/v1/videos/{videos[-1]['id']}/content"):
+        started = time.monotonic()
+        status, body = await asyncio.wait_for(get(gw, path), 10)
+        assert status == 504 and body["error"]["type"] == "upstream_error", path
+        assert time.monotonic() - started < 5, path
 
     started = time.monotonic()
     status, listed = await asyncio.wait_for(get(gw, "/v1/videos?limit=20"), 10)
     assert status == 200 and time.monotonic() - started < 5
     assert sorted(v["id"] for v in listed["data"]) == sorted(v["id"] for v in videos)
-    assert {v["status"] for v in listed["data"]} == {"queued"}
+    assert [v["status"] for v in listed["data"]] == ["completed"] + ["queued"] * 11
 
 
 async def test_bulkhead_sheds_with_retry_after(

@@ -381,12 +381,13 @@ class Adapter:
         body: RequestBody | None = None,
         streaming: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One upstream request, failures mapped to :class:`UpstreamError`; never follows redirects."""
+        """One upstream request, failures mapped to :class:`UpstreamError`; never follows redirects.
+        The answer must begin by ``call.answer_by`` when it is set."""
         series = self._sending(call)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
         try:
-            async with self.session.request(
+            requesting = self.session.request(
                 method,
                 self.upstream_url(url),
                 headers=headers,
@@ -394,7 +395,10 @@ class Adapter:
                 allow_redirects=False,
                 timeout=self.timeout(streaming=streaming),
                 compress=None,
-            ) as response:
+            )
+            async with asyncio.timeout_at(call.answer_by):
+                answer = await requesting
+            async with answer as response:
                 self._answered(call, series, response.status, time.perf_counter() - started)
                 started = time.perf_counter()
                 yield response

@@ -163,6 +163,8 @@ class FaultyUpstream:
         job = self.jobs.get(request.match_info["vid"], {})
         behaviour = self.behaviour.get(job.get("model") or "", "ok")
         payload = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64
+        if behaviour == "hang":
+            await asyncio.sleep(3600)
         if behaviour == "truncate":
             response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
             response.content_length = len(payload) * 2
