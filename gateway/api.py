@@ -21,7 +21,14 @@ from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
 from gateway.context import context, start_answer
-from gateway.errors import ApiError, UpstreamError, bad_request, store_unavailable, video_not_found
+from gateway.errors import (
+    ApiError,
+    UpstreamError,
+    bad_request,
+    expired_result,
+    store_unavailable,
+    video_not_found,
+)
 from gateway.logs import log
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
 from gateway.routing import RoutingTable
@@ -84,6 +91,11 @@ def _not_found(task_id: str, kind: str) -> ApiError:
             404, f"No character found with id '{task_id}'.", param="character_id", code="character_not_found"
         )
     return video_not_found(task_id)
+
+
+def _expired(task: Task) -> bool:
+    expires_at = task.video.get("expires_at")
+    return isinstance(expires_at, int) and time.time() >= expires_at
 
 
 def _check_prompt(body: RequestBody) -> None:
@@ -202,9 +214,9 @@ async def _read(
                 return await operation(adapter, call)
         except ApiError as exc:
             if isinstance(exc, UpstreamError) and exc.upstream_status == 404:
-                # the provider no longer has it (deleted, purged): the gateway's own answer, which
-                # does not quote the provider's ID for the job
-                raise _not_found(task.id, task.kind) from None
+                # the provider no longer has it: the gateway's own answer, which does not quote the
+                # provider's ID for the job; past the video's expiry, its content is what is gone
+                raise (expired_result() if _expired(task) else _not_found(task.id, task.kind)) from None
             delay = policy.backoff_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
             if not _retryable_read(exc) or attempt == policy.read_attempts or loop.time() + delay > deadline:
                 raise

@@ -95,6 +95,16 @@ def video_not_found(video_id: str, param: str = "video_id") -> ApiError:
     return ApiError(404, f"No video found with id '{video_id}'.", param=param, code="video_not_found")
 
 
+def expired_result() -> ApiError:
+    """The client's video, whose content the provider no longer has."""
+    return ApiError(
+        410,
+        "The provider no longer has this video's content: its result has expired.",
+        type="invalid_request_error",
+        code="video_expired",
+    )
+
+
 def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
     """The task store failed. ``retry=False`` once a provider has accepted the job the request
     started: an automatic retry would start another one."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -453,6 +454,26 @@ async def test_a_video_or_character_the_provider_no_longer_has_is_the_gateways_o
     assert status == 404 and json.loads(raw)["error"]["code"] == "character_not_found"
     assert character.id in json.loads(raw)["error"]["message"] and b"upchar_" not in raw
     assert len(fake.requests("GET", "/v1/videos/up_")) == 2, "one poll each: a 404 is not retried"
+
+
+async def test_content_the_provider_purged_after_its_expiry_is_gone_not_unknown(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A completed video whose ``expires_at`` has passed is still the client's video (retrieve shows
+    it): when the provider no longer has its content, the download is 410 ``video_expired``, as the
+    native providers answer, not a 404 that says the video does not exist."""
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    video = await client.videos.create(prompt="downloaded too late", model="sora-remote")
+    (job,) = fake.jobs.values()
+    job.update(status="completed", progress=100, completed_at=int(time.time()) - 7200)
+    job["expires_at"] = int(time.time()) - 3600
+    assert (await client.videos.retrieve(video.id)).status == "completed"
+    fake.jobs.clear()
+
+    status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}/content")
+    assert status == 410 and json.loads(raw)["error"]["code"] == "video_expired"
+    assert (await client.videos.retrieve(video.id)).expires_at == job["expires_at"]
 
 
 async def test_numbers_a_provider_writes_as_infinite_text_are_left_out_not_a_500(

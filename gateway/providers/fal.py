@@ -48,7 +48,7 @@ from aiohttp import web
 
 from gateway import jsonio
 from gateway.bodies import RequestBody
-from gateway.errors import ApiError, UpstreamError
+from gateway.errors import ApiError, UpstreamError, expired_result
 from gateway.providers.base import (
     Call,
     UpstreamVideo,
@@ -60,7 +60,6 @@ from gateway.providers.native import (
     ModelSpec,
     NativeAdapter,
     auth_rejected,
-    expired_result,
     ignore_refusals,
     not_offered,
     rate_limited,

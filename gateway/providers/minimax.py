@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.bodies import RequestBody
-from gateway.errors import ApiError, UpstreamError, bad_request
+from gateway.errors import ApiError, UpstreamError, bad_request, expired_result
 from gateway.providers.base import Call, UpstreamVideo, json_or_none
 from gateway.providers.native import (
     ModelSpec,
@@ -41,7 +41,6 @@ from gateway.providers.native import (
     Tier,
     auth_rejected,
     durations,
-    expired_result,
     field_int,
     not_offered,
     out_of_quota,

@@ -31,7 +31,7 @@ from yarl import URL
 
 from gateway import jsonio
 from gateway.bodies import RequestBody
-from gateway.errors import ApiError, UpstreamError, bad_request
+from gateway.errors import ApiError, UpstreamError, bad_request, expired_result
 from gateway.providers.base import (
     REDIRECTS,
     Adapter,
@@ -493,15 +493,6 @@ def upstream_failed(
         upstream_status=upstream_status,
         code=code,
         headers={"Retry-After": retry_after} if retry_after else {},
-    )
-
-
-def expired_result() -> ApiError:
-    return ApiError(
-        410,
-        "The provider no longer has this video's content: its result has expired.",
-        type="invalid_request_error",
-        code="video_expired",
     )
 
 

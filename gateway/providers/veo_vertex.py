@@ -43,9 +43,9 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.config import ConfigError
-from gateway.errors import ApiError, UpstreamError
+from gateway.errors import ApiError, UpstreamError, expired_result
 from gateway.providers.base import Call, FileAnswer, UpstreamVideo, json_or_none, read_limited
-from gateway.providers.native import durations, expired_if_gone, expired_result, not_offered
+from gateway.providers.native import durations, expired_if_gone, not_offered
 from gateway.providers.veo_gemini import VEO_2, VEO_3, VeoBase, veo_spec
 from gateway.store import Task
 
