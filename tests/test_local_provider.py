@@ -272,6 +272,23 @@ async def test_a_shutdown_waits_for_the_render_under_way_only_and_the_rest_rende
     assert begun == ["before 0", "before 1", "before 2"]
 
 
+async def test_a_render_the_closing_engine_never_began_is_not_taken_for_a_failed_one(tmp_path: Path) -> None:
+    """A close (shutdown, or a reload that replaced the provider) right after a create: the render
+    finds the renderer shut down. That is not the video's failure: the next engine draws it."""
+    engine = local_module.LocalEngine(tmp_path, queue_seconds=0, run_seconds=0)
+    job = await engine.create(prompt="closed at once", model="m", size="64x64", seconds=1)
+    await engine.close()
+    assert not (tmp_path / job["id"] / "error.txt").exists()
+
+    reopened = local_module.LocalEngine(tmp_path, queue_seconds=0, run_seconds=0)
+    try:
+        while (video := await reopened.get(job["id"])) is not None and video["status"] != "completed":
+            assert video["status"] == "in_progress"
+            await asyncio.sleep(0.01)
+    finally:
+        await reopened.close()
+
+
 async def test_a_render_cut_off_by_kill_9_is_done_again_after_the_restart_and_leaves_no_files(
     tmp_path: Path,
 ) -> None:

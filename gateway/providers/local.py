@@ -219,6 +219,8 @@ class LocalEngine:
         try:
             await asyncio.get_running_loop().run_in_executor(self._renderer, self._render_once, folder, job)
         except Exception as exc:  # a failed render is the job's outcome, not the server's problem
+            if self._closed:
+                return  # perhaps the closed renderer's refusal: the next engine renders it again
             await asyncio.to_thread((folder / "error.txt").write_text, f"render failed: {exc}")
 
     @staticmethod
