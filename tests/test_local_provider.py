@@ -282,11 +282,14 @@ async def test_a_render_the_closing_engine_never_began_is_not_taken_for_a_failed
 
     reopened = local_module.LocalEngine(tmp_path, queue_seconds=0, run_seconds=0)
     try:
-        while (video := await reopened.get(job["id"])) is not None and video["status"] != "completed":
-            assert video["status"] == "in_progress"
+        for _ in range(1000):
+            video = await reopened.get(job["id"])
+            if video is None or video["status"] != "in_progress":
+                break
             await asyncio.sleep(0.01)
     finally:
         await reopened.close()
+    assert video is not None and video["status"] == "completed"
 
 
 async def test_a_render_cut_off_by_kill_9_is_done_again_after_the_restart_and_leaves_no_files(
