@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import textwrap
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -152,26 +151,22 @@ def succeeded(answers: dict[int, int], status: int, body: Any, sent: bytes | Non
     return status == 200
 
 
+def one_key_config(data_dir: Path, providers: dict[str, Any], models: dict[str, Any], **settings: Any) -> str:
+    """A gateway config with the one client key ``alpha``, as YAML."""
+    config = {"data_dir": str(data_dir), "keys": [{"name": "alpha", "key": ALPHA_KEY}], **settings}
+    return yaml.safe_dump({**config, "providers": providers, "models": models})
+
+
 @pytest.fixture
 async def gateway(
     start_gateway: StartGateway, aiohttp_server: Any, tmp_path: Path
 ) -> tuple[RunningGateway, RandomAnswers]:
     fake = RandomAnswers()
     upstream = await aiohttp_server(fake.app())
-    gw = await start_gateway(
-        textwrap.dedent(f"""
-        data_dir: {tmp_path}
-        keys: [{{name: alpha, key: "{ALPHA_KEY}"}}]
-        providers:
-          up:
-            kind: openai
-            base_url: {upstream.make_url("/v1")}
-            api_key: {UPSTREAM_KEY}
-        models:
-          remote: {{provider: up, model: upstream-model}}
-        """)
-    )
-    return gw, fake
+    provider = {"kind": "openai", "base_url": str(upstream.make_url("/v1")), "api_key": UPSTREAM_KEY}
+    model = {"provider": "up", "model": "upstream-model"}
+    config = one_key_config(tmp_path, {"up": provider}, {"remote": model})
+    return await start_gateway(config), fake
 
 
 async def test_any_poll_answer_becomes_a_video_or_the_envelope(
@@ -377,17 +372,16 @@ async def every_provider(
     upstream = await aiohttp_server(fake.app())
     base_url = str(upstream.make_url("/v1"))
     provider = {"base_url": base_url, "api_key": UPSTREAM_KEY}
-    config = {
-        "data_dir": str(tmp_path),
-        "keys": [{"name": "alpha", "key": ALPHA_KEY}],
-        "resilience": {"backoff_seconds": 0.01},
-        "providers": {
+    config = one_key_config(
+        tmp_path,
+        {
             f"p-{kind}": {"kind": kind, **provider, **({"options": options} if options else {})}
             for kind, options in KINDS.items()
         },
-        "models": {f"m-{kind}": {"provider": f"p-{kind}", "model": upstream_model(kind)} for kind in KINDS},
-    }
-    return await start_gateway(yaml.safe_dump(config)), fake
+        {f"m-{kind}": {"provider": f"p-{kind}", "model": upstream_model(kind)} for kind in KINDS},
+        resilience={"backoff_seconds": 0.01},
+    )
+    return await start_gateway(config), fake
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -190,6 +190,12 @@ def split_url(url: str) -> SplitResult | None:
         return None
 
 
+def is_web_url(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL that parses."""
+    parts = split_url(url)
+    return parts is not None and parts.scheme in ("http", "https")
+
+
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 

@@ -53,8 +53,8 @@ from gateway.providers.base import (
     Call,
     UpstreamVideo,
     error_from_upstream,
+    is_web_url,
     json_or_none,
-    split_url,
 )
 from gateway.providers.native import (
     ModelSpec,
@@ -241,10 +241,7 @@ def _video(result: Any) -> dict[str, Any] | None:
     video = result.get("video") if isinstance(result, dict) else None
     if not isinstance(video, dict) or not isinstance(video.get("url"), str):
         return None
-    parts = split_url(video["url"])
-    if parts is None or parts.scheme not in ("http", "https"):
-        return None
-    return video
+    return video if is_web_url(video["url"]) else None
 
 
 def _field(loc: Any) -> str | None:

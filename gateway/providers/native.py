@@ -36,6 +36,7 @@ from gateway.providers.base import (
     REDIRECTS,
     Adapter,
     Call,
+    is_web_url,
     range_headers,
     read_limited,
     redirect_target,
@@ -166,8 +167,7 @@ async def image_input(body: RequestBody) -> ImageInput | None:
                 "input_reference.image_url is not valid base64 data.", param="input_reference"
             ) from None
         return ImageInput(data=data, mime=head[5:].split(";")[0] or _sniff(data))
-    parts = split_url(url)
-    if parts is None or parts.scheme not in ("http", "https"):
+    if not is_web_url(url):
         raise bad_request(
             "input_reference.image_url must be an https URL or a data URL.", param="input_reference"
         )
