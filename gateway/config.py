@@ -40,7 +40,8 @@ class Timeouts:
     """Upstream timeouts in seconds.
 
     connect  opening a connection (or waiting for a pooled one)
-    read     idle time between two reads of an answer, on every call, streaming ones included
+    read     idle time between two reads of an answer, on every call, streaming ones included; on
+             Linux also the longest an upload may go untaken (gateway.sockets)
     request  whole call for metadata calls (create, retrieve, delete); never for up/downloads
     """
 

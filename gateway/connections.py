@@ -13,6 +13,8 @@ The refusal tests in ``tests/test_hardening.py`` fail if those change.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
@@ -22,19 +24,27 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from gateway import metrics
+from gateway.config import Limits
 from gateway.context import new_request_id
 from gateway.errors import ApiError, internal_error
 from gateway.logs import log
+from gateway.sockets import give_up_when_stalled
+from gateway.state import GATEWAY
+
+_DEFAULT_LIMITS = Limits()
 
 
 class GatewayRunner(web.AppRunner):
     """aiohttp's AppRunner, with connections that answer in the OpenAI envelope what aiohttp
-    answers by itself: a request its parser refused, and an error that escaped the envelope."""
+    answers by itself (a request its parser refused, an error that escaped the envelope), and that
+    give up on a client that takes no more of its answer (:func:`give_up_when_stalled`)."""
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # the app's start-up runs here
+        gw = self.app.get(GATEWAY)  # a bare app (tests of these connections) keeps the default
         return _Server(
             plain.request_handler,
+            lambda: (gw.table.config.limits if gw is not None else _DEFAULT_LIMITS).client_idle_timeout,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
@@ -44,6 +54,10 @@ class GatewayRunner(web.AppRunner):
 
 class _Server(web.Server):
     """aiohttp's Server, making a :class:`_Connection` of each client connection."""
+
+    def __init__(self, handler: Any, client_idle_timeout: Callable[[], float], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.client_idle_timeout = client_idle_timeout  # read per connection, so a reload changes it
 
     def __call__(self) -> RequestHandler:
         return _Connection(self, loop=self._loop, **self._kwargs)
@@ -60,6 +74,11 @@ class _Connection(RequestHandler):
     - A chunked body that breaks off fails the request reading it at once (see
       :meth:`_fail_body_in_progress`).
     """
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        manager: _Server = self._manager  # type: ignore[assignment]
+        give_up_when_stalled(transport.get_extra_info("socket"), manager.client_idle_timeout())
 
     def data_received(self, data: bytes) -> None:
         messages = self._messages

@@ -4,6 +4,7 @@ makes a 500; the key check is constant-time; schemathesis holds the gateway to i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import hmac
@@ -26,15 +27,28 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gateway.app import build_app
 from gateway.auth import REMEMBERED, KeyRing
 from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS
 from gateway.config import ClientKey
+from gateway.connections import GatewayRunner
 from gateway.context import RequestContext
 from gateway.providers.base import Call
-from tests.conftest import ALPHA_KEY, ENV, RunningGateway, ServeGateway, StartGateway, call, gateway_yaml
+from gateway.state import GATEWAY, Gateway
+from tests.conftest import (
+    ALPHA_KEY,
+    ENV,
+    RunningGateway,
+    ServeGateway,
+    StartGateway,
+    call,
+    gateway_yaml,
+    load,
+)
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_cli import free_port
 from tests.test_resilience import AUTH, config
+from tests.test_upstream_failures import HEAD_PARTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -797,3 +811,95 @@ async def test_a_chunked_body_that_breaks_off_is_refused_at_once(
     assert error["code"] == "invalid_body" and "chunk size" in error["message"], error
     assert b"zz" not in body
     assert fake.hits_for("primary") == [], "the provider got a create from a body that broke off"
+
+
+async def stalled_gateway(
+    tmp_path: Path, url: str, port: int, client_idle_timeout: float
+) -> tuple[GatewayRunner, Gateway]:
+    """The gateway as ``video-gateway serve`` runs it (a request's handler is cancelled when its
+    client's connection goes), in front of the faulty fake, with a short client idle timeout."""
+    text = config(
+        tmp_path,
+        url,
+        "m:\n  - {provider: up, model: primary}",
+        extra=f"limits: {{client_idle_timeout: {client_idle_timeout}}}",
+    )
+    app = build_app(load(text))
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=0.2)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, app[GATEWAY]
+
+
+async def test_a_client_that_stops_taking_a_download_is_let_go(
+    tmp_path: Path, faulty: tuple[FaultyUpstream, str], unused_tcp_port: int
+) -> None:
+    """A client that takes no more of an answer (a phone gone to sleep mid-download, a NAT that
+    dropped the flow) must not hold its request, and the provider's connection under it, for ever.
+    After ``limits.client_idle_timeout`` without taking a byte, the gateway lets it go."""
+    fake, url = faulty
+    runner, gateway = await stalled_gateway(tmp_path, url, unused_tcp_port, client_idle_timeout=1)
+    try:
+        base = f"http://127.0.0.1:{unused_tcp_port}"
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async with session.post(f"{base}/v1/videos", json={"prompt": "x", "model": "m"}) as r:
+                video_id = (await r.json())["id"]
+            async with session.get(f"{base}/v1/videos/{video_id}") as r:
+                assert (await r.json())["status"] == "completed"
+        fake.behaviour["primary"] = "large"  # 256 MiB, far more than the sockets' buffers hold
+        reader, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
+        writer.write(
+            f"GET /v1/videos/{video_id}/content HTTP/1.1\r\nHost: gw\r\n"
+            f"Authorization: Bearer {ALPHA_KEY}\r\n\r\n".encode()
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.transport.pause_reading()  # and the socket's receive window closes
+        started = time.monotonic()
+        while (fake.streaming or gateway.in_flight) and time.monotonic() - started < 20:
+            await asyncio.sleep(0.1)
+        assert fake.streaming == 0, "the provider's connection is still held for a client that left"
+        assert gateway.in_flight == 0, "the download's request is still being served"
+        writer.transport.resume_reading()
+        received = 0
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+                received += len(chunk)
+        assert received < 256 * 1024 * 1024, "the connection should have been cut, not finished"
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_provider_that_stops_taking_an_upload_is_given_up_on(
+    tmp_path: Path, faulty: tuple[FaultyUpstream, str], unused_tcp_port: int
+) -> None:
+    """A provider that stops reading an upload (and never answers) gets the provider's
+    ``timeouts.read`` (1 s here), as one that stops answering does: a 504, with the client told not
+    to retry on its own, since the provider may hold part of the job."""
+    fake, url = faulty
+    runner, _ = await stalled_gateway(tmp_path, url, unused_tcp_port, client_idle_timeout=60)
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield HEAD_PARTS
+        for _ in range(1024):  # 64 MiB, far more than the sockets' buffers hold
+            yield bytes(65536)
+        yield b"\r\n--b--\r\n"
+
+    try:
+        fake.stall_next_upload = True
+        started = time.monotonic()
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
+            session.post(
+                f"http://127.0.0.1:{unused_tcp_port}/v1/videos",
+                data=upload(),
+                headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"},
+            ) as r,
+        ):
+            body = await r.json()
+        assert time.monotonic() - started < 15
+        assert r.status == 504 and r.headers["x-should-retry"] == "false", body
+        assert body["error"]["message"] == "Upstream error: the provider stopped taking the request."
+    finally:
+        fake.stall_released.set()
+        await runner.cleanup()

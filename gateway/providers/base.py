@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.http1 import Answer, ExchangeError, FixedHeaders, Http1Client, Limits
 from gateway.logs import log
+from gateway.sockets import stall_limited_socket
 from gateway.store import Task
 
 if TYPE_CHECKING:
@@ -346,7 +348,12 @@ class Adapter:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.config.max_connections, enable_cleanup_closed=True)
+            connector = aiohttp.TCPConnector(
+                limit=self.config.max_connections,
+                enable_cleanup_closed=True,
+                # an upload the provider stopped reading ends as a read it stopped answering would
+                socket_factory=stall_limited_socket(self.config.timeouts.read),
+            )
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._session
 
@@ -625,6 +632,8 @@ def _transport_failure(exc: BaseException, *, answered: bool, data: Any) -> tupl
         return 504, "the provider did not answer in time", "timeout", answered or data is not None
     if isinstance(exc, aiohttp.ClientPayloadError):
         return 502, "the provider's answer was cut off", "payload", True
+    if getattr(_os_error(exc) or exc, "errno", None) == errno.ETIMEDOUT:  # see stall_limited_socket
+        return 504, "the provider stopped taking the request", "timeout", True
     return 502, "the provider closed the connection", "reset", True
 
 

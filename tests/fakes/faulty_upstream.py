@@ -11,9 +11,12 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
     flaky:N          answer 503 to the first N retrieves of a video, then normally
     drip:S           send the content slowly, 1 KiB every S seconds
     truncate         send half the content promised by Content-Length, then close
+    large            send 256 MiB of content, as fast as the reader takes it
 
-and ``fake.reset_next_upload = True`` makes the next create read 64 KiB of its body, then close the
-connection (the model is not known that early).
+``fake.reset_next_upload = True`` makes the next create read 64 KiB of its body, then close the
+connection, and ``fake.stall_next_upload = True`` makes it read 64 KiB, then read no more and not
+answer until ``fake.stall_released`` is set (the model is not known that early). ``fake.streaming``
+counts content answers under way.
 
 Everything received is recorded: path, headers, the raw body, and which model it was for.
 """
@@ -48,6 +51,9 @@ class FaultyUpstream:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     retrieves: dict[str, int] = field(default_factory=dict)
     reset_next_upload: bool = False
+    stall_next_upload: bool = False
+    stall_released: asyncio.Event = field(default_factory=asyncio.Event)
+    streaming: int = 0
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def hits_for(self, model: str, method: str = "POST") -> list[Hit]:
@@ -108,6 +114,11 @@ class FaultyUpstream:
             await request.content.read(64 * 1024)
             assert request.transport is not None
             request.transport.close()
+            return web.Response(status=500)
+        if self.stall_next_upload:
+            self.stall_next_upload = False
+            await request.content.read(64 * 1024)
+            await self.stall_released.wait()
             return web.Response(status=500)
         body = await request.read()
         model = self._model_of(request.headers.get("Content-Type", ""), body)
@@ -173,6 +184,8 @@ class FaultyUpstream:
             assert request.transport is not None
             request.transport.close()
             return response
+        if behaviour == "large":
+            return await self._large(request)
         if behaviour.startswith("drip:"):
             response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
             response.content_length = len(payload)
@@ -183,3 +196,17 @@ class FaultyUpstream:
             await response.write_eof()
             return response
         return web.Response(body=payload, content_type="video/mp4")
+
+    async def _large(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        response.content_length = 256 * 1024 * 1024
+        chunk = bytes(1024 * 1024)
+        self.streaming += 1
+        try:
+            await response.prepare(request)
+            for _ in range(256):
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            self.streaming -= 1
+        return response
