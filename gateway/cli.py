@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import sys
@@ -47,15 +48,16 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     log_format = args.log_format or config.log_format
     configure(log_format, config.log_level)
+    open_files = _raise_open_files_limit()
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
     worker = worker_slot()
     workers = worker[1] if worker else workers_count(args.workers or config.workers)
     if workers > 1 and worker is None:
-        log.info("serving", config=str(path), version=__version__, workers=workers)
+        log.info("serving", config=str(path), version=__version__, workers=workers, open_files=open_files)
         return supervise(path, host, port, workers, log_format)
     if worker is None:
-        log.info("serving", config=str(path), version=__version__)
+        log.info("serving", config=str(path), version=__version__, open_files=open_files)
     from gateway.server import StartupError
     from gateway.server import serve as run
 
@@ -66,6 +68,26 @@ def serve(args: argparse.Namespace) -> int:
         log.error("startup_failed", reason=str(exc))
         return WORKER_COULD_NOT_START if worker else 1
     return 0
+
+
+def _raise_open_files_limit() -> int | None:
+    """Raise the soft limit on open files to the hard one, as Go's runtime and nginx's
+    ``worker_rlimit_nofile`` do; the limit in force after (None where there is none to read).
+
+    A proxied request holds two descriptors (its client's and its provider's), an upload's spool
+    a third. The soft limit systemd and recent container runtimes give a service, 1024, runs out at
+    a few hundred requests in flight, and then the gateway stops accepting connections.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _workers_arg(value: str) -> int | str:

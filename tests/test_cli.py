@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -260,3 +261,42 @@ def test_start_up_failure_is_one_error_and_status_1(
     assert errors and all(e["event"] == "startup_failed" for e in errors), output
     assert len(errors) <= int(workers), "one line per process that tried"
     assert all(reason in e["reason"] for e in errors), output
+
+
+async def test_a_low_soft_limit_on_open_files_does_not_cap_the_connections(tmp_path: Path) -> None:
+    """systemd and recent container runtimes start a service with a soft limit of 1024 open files
+    (a hard one far higher): the gateway raises it, as Go and nginx do, instead of refusing
+    connections past a few hundred requests in flight. Here the soft limit is 64, and 300 clients
+    hold a connection each."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard limit here ({hard}) leaves no room to show it")
+    port = free_port()
+    log = tmp_path / "gateway.log"  # a file: a pipe read only at the end would fill and stall the gateway
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-format", "json"],
+            cwd=tmp_path,
+            env={**os.environ, "VIDEO_GATEWAY_DATA_DIR": str(tmp_path / "data")},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)),
+        )
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def hold_one() -> int:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    await response.read()
+                    await asyncio.sleep(1)  # every connection stays open while the others arrive
+                    return response.status
+
+            statuses = await asyncio.wait_for(asyncio.gather(*(hold_one() for _ in range(300))), 30)
+        assert statuses == [200] * 300
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    (serving,) = [json.loads(line) for line in log.read_text().splitlines() if '"serving"' in line]
+    assert serving["open_files"] == (None if hard == resource.RLIM_INFINITY else hard)
