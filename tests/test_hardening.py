@@ -27,14 +27,12 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import build_app
 from gateway.auth import REMEMBERED, KeyRing
 from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS
 from gateway.config import ClientKey
-from gateway.connections import GatewayRunner
 from gateway.context import RequestContext
 from gateway.providers.base import Call
-from gateway.state import GATEWAY, Gateway
+from gateway.state import GATEWAY
 from tests.conftest import (
     ALPHA_KEY,
     ENV,
@@ -43,7 +41,6 @@ from tests.conftest import (
     StartGateway,
     call,
     gateway_yaml,
-    load,
 )
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_cli import free_port
@@ -813,71 +810,53 @@ async def test_a_chunked_body_that_breaks_off_is_refused_at_once(
     assert fake.hits_for("primary") == [], "the provider got a create from a body that broke off"
 
 
-async def stalled_gateway(
-    tmp_path: Path, url: str, port: int, client_idle_timeout: float
-) -> tuple[GatewayRunner, Gateway]:
-    """The gateway as ``video-gateway serve`` runs it (a request's handler is cancelled when its
-    client's connection goes), in front of the faulty fake, with a short client idle timeout."""
-    text = config(
-        tmp_path,
-        url,
-        "m:\n  - {provider: up, model: primary}",
-        extra=f"limits: {{client_idle_timeout: {client_idle_timeout}}}",
-    )
-    app = build_app(load(text))
-    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=0.2)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, app[GATEWAY]
+def idle_config(tmp_path: Path, url: str, client_idle_timeout: float) -> str:
+    """The faulty fake as model ``m``, with its 1 s read timeout, and this client idle timeout."""
+    models = "m:\n  - {provider: up, model: primary}"
+    return config(tmp_path, url, models, extra=f"limits: {{client_idle_timeout: {client_idle_timeout}}}")
 
 
 async def test_a_client_that_stops_taking_a_download_is_let_go(
-    tmp_path: Path, faulty: tuple[FaultyUpstream, str], unused_tcp_port: int
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
     """A client that takes no more of an answer (a phone gone to sleep mid-download, a NAT that
     dropped the flow) must not hold its request, and the provider's connection under it, for ever.
     After ``limits.client_idle_timeout`` without taking a byte, the gateway lets it go."""
     fake, url = faulty
-    runner, gateway = await stalled_gateway(tmp_path, url, unused_tcp_port, client_idle_timeout=1)
-    try:
-        base = f"http://127.0.0.1:{unused_tcp_port}"
-        async with aiohttp.ClientSession(headers=AUTH) as session:
-            async with session.post(f"{base}/v1/videos", json={"prompt": "x", "model": "m"}) as r:
-                video_id = (await r.json())["id"]
-            async with session.get(f"{base}/v1/videos/{video_id}") as r:
-                assert (await r.json())["status"] == "completed"
-        fake.behaviour["primary"] = "large"  # 256 MiB, far more than the sockets' buffers hold
-        reader, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
-        writer.write(
-            f"GET /v1/videos/{video_id}/content HTTP/1.1\r\nHost: gw\r\n"
-            f"Authorization: Bearer {ALPHA_KEY}\r\n\r\n".encode()
-        )
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
-        writer.transport.pause_reading()  # and the socket's receive window closes
-        started = time.monotonic()
-        while (fake.streaming or gateway.in_flight) and time.monotonic() - started < 20:
-            await asyncio.sleep(0.1)
-        assert fake.streaming == 0, "the provider's connection is still held for a client that left"
-        assert gateway.in_flight == 0, "the download's request is still being served"
-        writer.transport.resume_reading()
-        received = 0
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
-                received += len(chunk)
-        assert received < 256 * 1024 * 1024, "the connection should have been cut, not finished"
-        writer.close()
-    finally:
-        await runner.cleanup()
+    gw = await start_gateway(idle_config(tmp_path, url, client_idle_timeout=1))
+    _, _, video = await call(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert (await call(gw, "GET", f"/v1/videos/{video['id']}"))[2]["status"] == "completed"
+    fake.behaviour["primary"] = "large"  # 256 MiB, far more than the sockets' buffers hold
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    writer.write(
+        f"GET /v1/videos/{video['id']}/content HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {ALPHA_KEY}\r\n\r\n".encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    writer.transport.pause_reading()  # and the socket's receive window closes
+    gateway = gw.app[GATEWAY]
+    started = time.monotonic()
+    while (fake.streaming or gateway.in_flight) and time.monotonic() - started < 20:
+        await asyncio.sleep(0.1)
+    assert fake.streaming == 0, "the provider's connection is still held for a client that left"
+    assert gateway.in_flight == 0, "the download's request is still being served"
+    writer.transport.resume_reading()
+    received = 0
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += len(chunk)
+    assert received < 256 * 1024 * 1024, "the connection should have been cut, not finished"
+    writer.close()
 
 
 async def test_a_provider_that_stops_taking_an_upload_is_given_up_on(
-    tmp_path: Path, faulty: tuple[FaultyUpstream, str], unused_tcp_port: int
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
     """A provider that stops reading an upload (and never answers) gets the provider's
     ``timeouts.read`` (1 s here), as one that stops answering does: a 504, with the client told not
     to retry on its own, since the provider may hold part of the job."""
     fake, url = faulty
-    runner, _ = await stalled_gateway(tmp_path, url, unused_tcp_port, client_idle_timeout=60)
+    gw = await start_gateway(idle_config(tmp_path, url, client_idle_timeout=60))
 
     async def upload() -> AsyncIterator[bytes]:
         yield HEAD_PARTS
@@ -885,21 +864,19 @@ async def test_a_provider_that_stops_taking_an_upload_is_given_up_on(
             yield bytes(65536)
         yield b"\r\n--b--\r\n"
 
+    fake.stall_next_upload = True
+    started = time.monotonic()
     try:
-        fake.stall_next_upload = True
-        started = time.monotonic()
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
-            session.post(
-                f"http://127.0.0.1:{unused_tcp_port}/v1/videos",
-                data=upload(),
-                headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"},
-            ) as r,
-        ):
-            body = await r.json()
-        assert time.monotonic() - started < 15
-        assert r.status == 504 and r.headers["x-should-retry"] == "false", body
-        assert body["error"]["message"] == "Upstream error: the provider stopped taking the request."
+        status, headers, body = await call(
+            gw,
+            "POST",
+            "/v1/videos",
+            data=upload(),
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+            timeout=aiohttp.ClientTimeout(total=20),
+        )
     finally:
         fake.stall_released.set()
-        await runner.cleanup()
+    assert time.monotonic() - started < 15
+    assert status == 504 and headers["x-should-retry"] == "false", body
+    assert body["error"]["message"] == "Upstream error: the provider stopped taking the request."
