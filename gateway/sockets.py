@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 
 _TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only
+_MAX_MILLISECONDS = 2**31 - 1  # the option is a C int: a longer timeout (24.8 days) is no timeout
 
 
 def give_up_when_stalled(sock: Any, seconds: float) -> None:
@@ -23,8 +24,9 @@ def give_up_when_stalled(sock: Any, seconds: float) -> None:
     """
     if _TCP_USER_TIMEOUT is None or sock is None:
         return
+    milliseconds = min(max(1, round(seconds * 1000)), _MAX_MILLISECONDS)
     with contextlib.suppress(OSError):  # not TCP (a Unix socket), or the connection already went
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, max(1, round(seconds * 1000)))
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, milliseconds)
 
 
 def stall_limited_socket(seconds: float) -> aiohttp.SocketFactoryType:

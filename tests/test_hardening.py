@@ -810,7 +810,7 @@ async def test_a_chunked_body_that_breaks_off_is_refused_at_once(
     assert fake.hits_for("primary") == [], "the provider got a create from a body that broke off"
 
 
-def idle_config(tmp_path: Path, url: str, client_idle_timeout: float) -> str:
+def idle_config(tmp_path: Path, url: str, client_idle_timeout: int) -> str:
     """The faulty fake as model ``m``, with its 1 s read timeout, and this client idle timeout."""
     models = "m:\n  - {provider: up, model: primary}"
     return config(tmp_path, url, models, extra=f"limits: {{client_idle_timeout: {client_idle_timeout}}}")
@@ -880,3 +880,18 @@ async def test_a_provider_that_stops_taking_an_upload_is_given_up_on(
     assert time.monotonic() - started < 15
     assert status == 504 and headers["x-should-retry"] == "false", body
     assert body["error"]["message"] == "Upstream error: the provider stopped taking the request."
+
+
+async def test_idle_timeouts_longer_than_the_socket_option_holds_still_serve(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """The kernel's option takes milliseconds in a C int (24.8 days at most); a config that asks
+    for longer (any finite number passes the schema) gets the longest, not a failed connection."""
+    _, url = faulty
+    ten_billion = 10_000_000_000  # seconds
+    text = idle_config(tmp_path, url, ten_billion).replace("read: 1,", f"read: {ten_billion},")
+    gw = await start_gateway(text)
+    status, _, video = await call(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 200, video
+    status, _, content = await call(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 200 and content.startswith(b"\0\0\0\x18ftyp")
