@@ -22,8 +22,9 @@ from aiohttp import web
 
 from gateway import jsonio
 from gateway.config import Limits
-from gateway.errors import ApiError, bad_request
+from gateway.errors import ApiError, bad_request, upload_storage_failed
 from gateway.headers import media_type
+from gateway.logs import log
 
 CHUNK = 256 * 1024
 _MAX_PART_HEADERS = 16 * 1024
@@ -57,9 +58,12 @@ class Spool:
         if not self._buffer:
             return
         data, self._buffer = bytes(self._buffer), bytearray()
-        if self._file is None:
-            self._file = await asyncio.to_thread(tempfile.TemporaryFile, prefix="video-gateway-")
-        await asyncio.to_thread(self._append, self._file, data)
+        try:
+            if self._file is None:
+                self._file = await asyncio.to_thread(tempfile.TemporaryFile, prefix="video-gateway-")
+            await asyncio.to_thread(self._append, self._file, data)
+        except OSError as exc:
+            raise _storage_failed(exc) from None
 
     @staticmethod
     def _append(f: IO[bytes], data: bytes) -> None:
@@ -76,7 +80,10 @@ class Spool:
         await self._flush()
         pos = start
         while pos < end:
-            data = await asyncio.to_thread(self._read_at, self._file, pos, min(CHUNK, end - pos))
+            try:
+                data = await asyncio.to_thread(self._read_at, self._file, pos, min(CHUNK, end - pos))
+            except OSError as exc:
+                raise _storage_failed(exc) from None
             if not data:
                 return
             pos += len(data)
@@ -95,6 +102,11 @@ class Spool:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _storage_failed(exc: OSError) -> ApiError:
+    log.error("upload_storage_failed", reason=exc.strerror or type(exc).__name__, errno=exc.errno)
+    return upload_storage_failed(exc)
 
 
 @dataclass

@@ -118,6 +118,19 @@ def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
     )
 
 
+def upload_storage_failed(exc: OSError) -> ApiError:
+    """The temporary file that holds part of an upload failed: a full disk, most often. The
+    gateway's trouble, not the client's, and likely to pass once other uploads end."""
+    reason = exc.strerror or type(exc).__name__
+    return ApiError(
+        503,
+        f"The gateway cannot hold this upload right now ({reason}); retry shortly.",
+        type="server_error",
+        code="upload_storage_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 def internal_error(status: int = 500) -> ApiError:
     """The gateway's own failure (a bug): logged where it happened, never detailed to the client."""
     return ApiError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hashlib
 import hmac
@@ -28,7 +29,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.auth import REMEMBERED, KeyRing
-from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS
+from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS, Spool
 from gateway.config import ClientKey
 from gateway.context import RequestContext
 from gateway.providers.base import Call
@@ -895,3 +896,49 @@ async def test_idle_timeouts_longer_than_the_socket_option_holds_still_serve(
     assert status == 200, video
     status, _, content = await call(gw, "GET", f"/v1/videos/{video['id']}/content")
     assert status == 200 and content.startswith(b"\0\0\0\x18ftyp")
+
+
+@pytest.mark.parametrize(
+    ("model", "first_part"),
+    [
+        ("twice", b""),  # two deployments: the whole upload is held on disk, for a failover
+        ("m", b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="a.png"\r\n\r\n'),
+    ],
+    ids=["held for failover", "image ahead of the model field"],
+)
+async def test_a_full_disk_under_an_upload_is_a_503_to_retry(
+    gw: RunningGateway,
+    faulty: tuple[FaultyUpstream, str],
+    session_log: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    first_part: bytes,
+) -> None:
+    """Part of an upload waits in a temporary file (past 1 MiB) when it must be replayed or when
+    the model field comes after the image. A full disk there is the gateway's trouble and passes as
+    other uploads end: 503 with Retry-After and an error log line that says why, not a 500 with a
+    traceback, and the provider gets nothing."""
+
+    def disk_full(f: Any, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Spool, "_append", staticmethod(disk_full))
+
+    async def body() -> AsyncIterator[bytes]:
+        if first_part:
+            yield first_part + bytes(2 * 1024 * 1024) + b"\r\n"
+        async for piece in big_upload(model):
+            yield piece
+
+    logged = len(session_log.read_text().splitlines())
+    status, headers, answer = await call(
+        gw, "POST", "/v1/videos", data=body(), headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert status == 503 and headers["Retry-After"] == "5", answer
+    assert answer["error"]["code"] == "upload_storage_unavailable"
+    assert "No space left on device" in answer["error"]["message"]
+    assert faulty[0].hits_for("primary") == []
+    events = [json.loads(line) for line in session_log.read_text().splitlines()[logged:]]
+    failures = [e for e in events if e["event"] == "upload_storage_failed"]
+    assert failures and failures[0]["reason"] == "No space left on device"
+    assert not [e for e in events if e["event"] == "unhandled_error"]
