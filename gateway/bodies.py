@@ -22,9 +22,8 @@ from aiohttp import web
 
 from gateway import jsonio
 from gateway.config import Limits
-from gateway.errors import ApiError, bad_request, upload_storage_failed
+from gateway.errors import ApiError, bad_request, storage_failed
 from gateway.headers import media_type
-from gateway.logs import log
 
 CHUNK = 256 * 1024
 _MAX_PART_HEADERS = 16 * 1024
@@ -63,7 +62,7 @@ class Spool:
                 self._file = await asyncio.to_thread(tempfile.TemporaryFile, prefix="video-gateway-")
             await asyncio.to_thread(self._append, self._file, data)
         except OSError as exc:
-            raise _storage_failed(exc) from None
+            raise storage_failed("this upload", exc) from None
 
     @staticmethod
     def _append(f: IO[bytes], data: bytes) -> None:
@@ -83,7 +82,7 @@ class Spool:
             try:
                 data = await asyncio.to_thread(self._read_at, self._file, pos, min(CHUNK, end - pos))
             except OSError as exc:
-                raise _storage_failed(exc) from None
+                raise storage_failed("this upload", exc) from None
             if not data:
                 return
             pos += len(data)
@@ -102,11 +101,6 @@ class Spool:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _storage_failed(exc: OSError) -> ApiError:
-    log.error("upload_storage_failed", reason=exc.strerror or type(exc).__name__, errno=exc.errno)
-    return upload_storage_failed(exc)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.logs import scrub
+from gateway.logs import log, scrub
 
 
 class ApiError(Exception):
@@ -118,15 +118,17 @@ def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
     )
 
 
-def upload_storage_failed(exc: OSError) -> ApiError:
-    """The temporary file that holds part of an upload failed: a full disk, most often. The
-    gateway's trouble, not the client's, and likely to pass once other uploads end."""
+def storage_failed(what: str, exc: OSError) -> ApiError:
+    """The gateway's own disk failed under ``what`` (an upload's temporary file, an image it hosts
+    for a provider, a provider's inline video): a full disk, most often. The gateway's trouble, not
+    the client's, and likely to pass: logged once with the reason, answered 503 to retry."""
     reason = exc.strerror or type(exc).__name__
+    log.error("storage_failed", what=what, reason=reason, errno=exc.errno)
     return ApiError(
         503,
-        f"The gateway cannot hold this upload right now ({reason}); retry shortly.",
+        f"The gateway cannot store {what} right now ({reason}); retry shortly.",
         type="server_error",
-        code="upload_storage_unavailable",
+        code="storage_unavailable",
         headers={"Retry-After": "5"},
     )
 

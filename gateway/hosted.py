@@ -9,6 +9,7 @@ a file goes at once when the video it was uploaded for is deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, storage_failed
 from gateway.providers.base import FileAnswer
 
 _NAME = re.compile(r"[0-9a-f]{32}\.(png|jpg|webp|bin)")
@@ -43,7 +44,12 @@ class HostedFiles:
         """Store ``data`` and return a signed URL that works for ``ttl_seconds``."""
         name = f"{secrets.token_hex(16)}.{_EXTENSIONS.get(mime, 'bin')}"
         expires = int(time.time() + self.ttl_seconds)
-        await asyncio.to_thread(self._write, name, data)
+        try:
+            await asyncio.to_thread(self._write, name, data)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # a half-written image must not fill the disk further
+                await asyncio.to_thread((self.root / name).unlink, missing_ok=True)
+            raise storage_failed("this image", exc) from None
         return f"{self.public_base_url}/files/{name}?expires={expires}&sig={self._sign(name, expires)}"
 
     async def remove(self, url: str) -> None:

@@ -935,10 +935,10 @@ async def test_a_full_disk_under_an_upload_is_a_503_to_retry(
         gw, "POST", "/v1/videos", data=body(), headers={"Content-Type": "multipart/form-data; boundary=b"}
     )
     assert status == 503 and headers["Retry-After"] == "5", answer
-    assert answer["error"]["code"] == "upload_storage_unavailable"
+    assert answer["error"]["code"] == "storage_unavailable"
     assert "No space left on device" in answer["error"]["message"]
     assert faulty[0].hits_for("primary") == []
     events = [json.loads(line) for line in session_log.read_text().splitlines()[logged:]]
-    failures = [e for e in events if e["event"] == "upload_storage_failed"]
+    failures = [e for e in events if e["event"] == "storage_failed"]
     assert failures and failures[0]["reason"] == "No space left on device"
     assert not [e for e in events if e["event"] == "unhandled_error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,28 @@ async def test_a_task_id_is_used_whole(gw: RunningGateway, luma: tuple[FakeLuma,
     status, _, deleted = await request(gw, "DELETE", f"/v1/videos/{video_id}")
     assert status == 200 and deleted["deleted"] is True, deleted
     assert ODD_TASK_ID not in luma[0].generations  # the delete reached the generation's own path
+
+
+async def test_a_full_disk_when_the_image_is_hosted_is_a_503_and_luma_gets_nothing(
+    hosted_gw: RunningGateway, luma: tuple[FakeLuma, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image Luma is to fetch is written to the gateway's disk first. A full disk there is the
+    gateway's trouble: 503 to retry, no half-written image left behind, and no create at Luma."""
+    fake, _ = luma
+    real_write = Path.write_bytes
+
+    def disk_full(path: Path, data: bytes) -> int:
+        real_write(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    form = {"prompt": "animate", "model": "dream", "size": "1280x720", "input_reference": png()}
+    status, headers, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
+    assert status == 503 and headers["Retry-After"] == "5", body
+    assert body["error"]["code"] == "storage_unavailable"
+    assert fake.creates == []
+    assert [p for p in tmp_path.rglob("hosted/*") if p.is_file()] == []
+
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
+    assert status == 200 and len(fake.creates) == 1, body

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +319,33 @@ async def test_an_unusable_service_account_file_stops_the_start_and_the_reload(
     assert not ok and any("options.service_account_file" in p for p in problems)
     status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "still here", "model": "veo"})
     assert status == 200, body
+
+
+async def test_a_full_disk_when_the_video_is_kept_is_a_503_until_there_is_room(
+    gw: RunningGateway, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vertex's finished video arrives inline once and is kept on the gateway's disk. A full disk
+    then is the gateway's trouble: the poll answers 503 to retry, the half-written file goes (a full
+    disk must not fill further), and the next poll after room is made keeps the video."""
+    video = await create(gw, model="veo", prompt="keep me")
+    real_write = Path.write_bytes
+
+    def disk_full(path: Path, data: bytes) -> int:
+        real_write(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    for _ in range(30):
+        status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}")
+        if status != 200:
+            break
+        assert body["status"] != "completed", "completed without the video kept"
+    assert status == 503 and headers["Retry-After"] == "5", body
+    assert body["error"]["code"] == "storage_unavailable"
+    assert "No space left on device" in body["error"]["message"]
+    assert list(tmp_path.rglob("*.part")) == [] and cached_videos(tmp_path) == []
+
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    assert (await poll_until_done(gw, video["id"]))[-1]["status"] == "completed"
+    status, _, content = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 200 and content == media["video"].read_bytes()

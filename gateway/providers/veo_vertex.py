@@ -43,7 +43,7 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.config import ConfigError
-from gateway.errors import ApiError, UpstreamError, expired_result
+from gateway.errors import ApiError, UpstreamError, expired_result, storage_failed
 from gateway.providers.base import Call, FileAnswer, UpstreamVideo, json_or_none, read_limited
 from gateway.providers.native import durations, expired_if_gone, not_offered
 from gateway.providers.veo_gemini import VEO_2, VEO_3, VeoBase, veo_spec
@@ -114,8 +114,12 @@ def write_video(path: Path, encoded: str) -> None:
     data = base64.b64decode(encoded, validate=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.part")
-    partial.write_bytes(data)
-    partial.replace(path)
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)  # a full disk must not fill up further
+        raise
 
 
 class VeoVertexAdapter(VeoBase):
@@ -319,6 +323,8 @@ class VeoVertexAdapter(VeoBase):
             raise UpstreamError(
                 502, "Upstream error: Vertex AI's inline video is not valid base64.", kind="payload"
             ) from None
+        except OSError as exc:
+            raise storage_failed("Vertex AI's video", exc) from None
 
     async def completed(self, task: Task, fields: dict[str, Any], found: list[Any]) -> None:
         if found[0].get("bytesBase64Encoded"):
