@@ -118,12 +118,18 @@ def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
     )
 
 
+def log_storage_failure(what: str, exc: OSError) -> str:
+    """One ``storage_failed`` error line: what the gateway could not store, and why; the why."""
+    reason = exc.strerror or type(exc).__name__
+    log.error("storage_failed", what=what, reason=reason, errno=exc.errno)
+    return reason
+
+
 def storage_failed(what: str, exc: OSError) -> ApiError:
     """The gateway's own disk failed under ``what`` (an upload's temporary file, an image it hosts
     for a provider, a provider's inline video): a full disk, most often. The gateway's trouble, not
     the client's, and likely to pass: logged once with the reason, answered 503 to retry."""
-    reason = exc.strerror or type(exc).__name__
-    log.error("storage_failed", what=what, reason=reason, errno=exc.errno)
+    reason = log_storage_failure(what, exc)
     return ApiError(
         503,
         f"The gateway cannot store {what} right now ({reason}); retry shortly.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import subprocess
@@ -337,3 +338,43 @@ async def test_a_render_cut_off_by_kill_9_is_done_again_after_the_restart_and_le
     finally:
         process.kill()
         process.wait()
+
+
+async def test_a_full_disk_fails_neither_a_create_nor_a_render_for_good(
+    local_gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A full data disk is the gateway's trouble, and it passes. A create that cannot write its job
+    is a 503 to retry that leaves no half-made video behind; a render that runs out of room is not
+    the video's failure, and the video's next poll renders it again."""
+    client = local_gateway.sdk()
+    real_write = local_module.LocalEngine._write_job
+
+    def no_room_for_the_job(folder: Path, *args: Any) -> None:
+        folder.mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local_module.LocalEngine, "_write_job", staticmethod(no_room_for_the_job))
+    with pytest.raises(openai.InternalServerError) as refused:
+        await client.with_options(max_retries=0).videos.create(prompt="no room", size="64x64")
+    assert refused.value.status_code == 503 and refused.value.code == "storage_unavailable"
+    assert list(tmp_path.rglob("video_*")) == []
+    monkeypatch.setattr(local_module.LocalEngine, "_write_job", staticmethod(real_write))
+
+    renders: list[str] = []
+    real_render = local_module.render_video
+
+    def first_without_room(*args: Any, **kwargs: Any) -> Any:
+        renders.append(kwargs["prompt"])
+        if len(renders) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(local_module, "render_video", first_without_room)
+    video = await client.videos.create(prompt="room later", size="64x64", seconds="1")
+    for _ in range(200):
+        video = await client.videos.retrieve(video.id)
+        if video.status in ("completed", "failed"):
+            break
+        await asyncio.sleep(0.05)
+    assert video.status == "completed", video.error
+    assert len(renders) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import fcntl
 import json
 import re
@@ -29,7 +30,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from gateway.bodies import RequestBody, UploadedFile
-from gateway.errors import ApiError, bad_request
+from gateway.errors import ApiError, bad_request, log_storage_failure, storage_failed
 from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
 from gateway.render import probe_video, render_video
 from gateway.store import Task
@@ -46,6 +47,7 @@ MAX_TOTAL_SECONDS = 2 * MAX_SECONDS
 _SIZE = re.compile(r"([0-9]{2,4})x([0-9]{2,4})")
 _SECONDS = re.compile(r"[0-9]{1,3}")
 _JOB_ID = re.compile(r"^(video|char)_[0-9a-f]{32}$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 Derivation = Literal["remix", "edit", "extension"]
 _DONE_TO = {"remix": "remixed", "edit": "edited", "extension": "extended"}
@@ -194,7 +196,12 @@ class LocalEngine:
             "created_at": time.time(),
             "remixed_from_video_id": remixed_from,
         }
-        await asyncio.to_thread(self._write_job, self._dir(job_id), job, reference)
+        folder = self._dir(job_id)
+        try:
+            await asyncio.to_thread(self._write_job, folder, job, reference)
+        except OSError as exc:
+            await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
+            raise storage_failed("this video", exc) from None
         self._start_render(job_id, job)
         return self._view(job, self._dir(job_id))
 
@@ -221,6 +228,10 @@ class LocalEngine:
         except Exception as exc:  # a failed render is the job's outcome, not the server's problem
             if self._closed:
                 return  # perhaps the closed renderer's refusal: the next engine renders it again
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                # the gateway's trouble, and it passes: the video's next poll renders it again
+                log_storage_failure("a local render", exc)
+                return
             await asyncio.to_thread((folder / "error.txt").write_text, f"render failed: {exc}")
 
     @staticmethod
