@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import textwrap
@@ -181,6 +182,20 @@ async def faulty(aiohttp_server: Any) -> tuple[FaultyUpstream, str]:
     fake = FaultyUpstream()
     server = await aiohttp_server(fake.app())
     return fake, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """From now on ``Path.write_bytes`` writes half, then fails as a full disk does (ENOSPC); the
+    function returned makes room again."""
+    real_write = Path.write_bytes
+
+    def half_then_full(path: Path, data: bytes) -> int:
+        real_write(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    return lambda: monkeypatch.setattr(Path, "write_bytes", real_write)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,18 +310,11 @@ async def test_a_task_id_is_used_whole(gw: RunningGateway, luma: tuple[FakeLuma,
 
 
 async def test_a_full_disk_when_the_image_is_hosted_is_a_503_and_luma_gets_nothing(
-    hosted_gw: RunningGateway, luma: tuple[FakeLuma, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hosted_gw: RunningGateway, luma: tuple[FakeLuma, str], tmp_path: Path, full_disk: Callable[[], None]
 ) -> None:
     """The image Luma is to fetch is written to the gateway's disk first. A full disk there is the
     gateway's trouble: 503 to retry, no half-written image left behind, and no create at Luma."""
     fake, _ = luma
-    real_write = Path.write_bytes
-
-    def disk_full(path: Path, data: bytes) -> int:
-        real_write(path, data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_bytes", disk_full)
     form = {"prompt": "animate", "model": "dream", "size": "1280x720", "input_reference": png()}
     status, headers, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
     assert status == 503 and headers["Retry-After"] == "5", body
@@ -329,6 +322,6 @@ async def test_a_full_disk_when_the_image_is_hosted_is_a_503_and_luma_gets_nothi
     assert fake.creates == []
     assert [p for p in tmp_path.rglob("hosted/*") if p.is_file()] == []
 
-    monkeypatch.setattr(Path, "write_bytes", real_write)
+    full_disk()  # room again
     status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
     assert status == 200 and len(fake.creates) == 1, body

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -322,19 +322,12 @@ async def test_an_unusable_service_account_file_stops_the_start_and_the_reload(
 
 
 async def test_a_full_disk_when_the_video_is_kept_is_a_503_until_there_is_room(
-    gw: RunningGateway, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    gw: RunningGateway, media: dict[str, Path], tmp_path: Path, full_disk: Callable[[], None]
 ) -> None:
     """Vertex's finished video arrives inline once and is kept on the gateway's disk. A full disk
     then is the gateway's trouble: the poll answers 503 to retry, the half-written file goes (a full
     disk must not fill further), and the next poll after room is made keeps the video."""
     video = await create(gw, model="veo", prompt="keep me")
-    real_write = Path.write_bytes
-
-    def disk_full(path: Path, data: bytes) -> int:
-        real_write(path, data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_bytes", disk_full)
     for _ in range(30):
         status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}")
         if status != 200:
@@ -345,7 +338,7 @@ async def test_a_full_disk_when_the_video_is_kept_is_a_503_until_there_is_room(
     assert "No space left on device" in body["error"]["message"]
     assert list(tmp_path.rglob("*.part")) == [] and cached_videos(tmp_path) == []
 
-    monkeypatch.setattr(Path, "write_bytes", real_write)
+    full_disk()  # room again
     assert (await poll_until_done(gw, video["id"]))[-1]["status"] == "completed"
     status, _, content = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
     assert status == 200 and content == media["video"].read_bytes()
