@@ -119,7 +119,7 @@ def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
 
 
 def log_storage_failure(what: str, exc: OSError) -> str:
-    """One ``storage_failed`` error line: what the gateway could not store, and why; the why."""
+    """Log one ``storage_failed`` error line (what could not be stored, and why); return the why."""
     reason = exc.strerror or type(exc).__name__
     log.error("storage_failed", what=what, reason=reason, errno=exc.errno)
     return reason

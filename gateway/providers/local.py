@@ -203,7 +203,7 @@ class LocalEngine:
             await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
             raise storage_failed("this video", exc) from None
         self._start_render(job_id, job)
-        return self._view(job, self._dir(job_id))
+        return self._view(job, folder)
 
     @staticmethod
     def _write_job(folder: Path, job: dict[str, Any], reference: bytes | None) -> None:
