@@ -24,10 +24,13 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
+from aiohttp.test_utils import unused_port
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gateway.app import build_app
 from gateway.auth import REMEMBERED, KeyRing
 from gateway.bodies import MAX_JSON_DEPTH, SINGLE_FIELDS, Spool
 from gateway.config import ClientKey
@@ -42,6 +45,7 @@ from tests.conftest import (
     StartGateway,
     call,
     gateway_yaml,
+    load,
 )
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_cli import free_port
@@ -847,6 +851,30 @@ async def test_a_client_that_stops_taking_a_download_is_let_go(
         while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
             received += len(chunk)
     assert received < 256 * 1024 * 1024, "the connection should have been cut, not finished"
+    writer.close()
+
+
+async def test_a_client_that_stops_taking_a_file_sent_by_sendfile_is_let_go(
+    gateway_server: ServeGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """Files the gateway serves itself (local renders, kept Vertex videos, images hosted for Luma)
+    go out by sendfile(), one call with no pause between writes to time: the kernel's option
+    ends it all the same."""
+    port = unused_port()
+    extra = f"server: {{public_base_url: 'http://127.0.0.1:{port}'}}"
+    app = build_app(load(idle_config(tmp_path, faulty[1], client_idle_timeout=1) + extra))
+    await gateway_server(app, port=port)
+    gateway = app[GATEWAY]
+    assert gateway.hosted is not None
+    url = yarl.URL(await gateway.hosted.put(bytes(64 * 1024 * 1024), "image/png"))  # past any buffer
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {url.raw_path_qs} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    writer.transport.pause_reading()
+    started = time.monotonic()
+    while gateway.in_flight and time.monotonic() - started < 20:
+        await asyncio.sleep(0.1)
+    assert gateway.in_flight == 0, "the file is still being sent to a client that left"
     writer.close()
 
 
