@@ -68,6 +68,13 @@ def _call(request: web.Request, deployment: Deployment) -> Call:
     return call
 
 
+def _changing_call(request: web.Request, deployment: Deployment) -> Call:
+    """The context of an upstream operation that changes the provider's state (a create, a delete):
+    from here on the request runs to its end even if its client leaves (:func:`shielded`)."""
+    context(request).changing = True
+    return _call(request, deployment)
+
+
 def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter]:
     """The exact deployment that created a task: follow-ups are never re-balanced."""
     deployment = table.deployments.get(task.deployment) or Deployment(
@@ -155,7 +162,8 @@ async def _start(
             continue
         try:
             with gw.bulkheads.enter(deployment, "uploads"), gw.bulkheads.enter(deployment, "requests"):
-                result = await operation(table.adapter(deployment.provider), _call(request, deployment))
+                call = _changing_call(request, deployment)
+                result = await operation(table.adapter(deployment.provider), call)
         except ApiError as exc:
             more = attempt < len(candidates) and body.replayable
             log.warning(
@@ -489,7 +497,7 @@ async def delete_video(request: web.Request) -> web.Response:
     ctx.model = task.model
     deployment, adapter = _deployment_of(table, task)
     with gw.bulkheads.enter(deployment, "requests"):
-        await adapter.delete(_call(request, deployment), task)
+        await adapter.delete(_changing_call(request, deployment), task)
     await gw.store.delete(task.id, task.owner)
     return _json({"id": task.id, "object": "video.deleted", "deleted": True})
 
@@ -523,7 +531,7 @@ async def remix_video(request: web.Request) -> web.Response:
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
             with ctx.gateway.bulkheads.enter(deployment, "uploads"):
-                upstream = await adapter.remix(_call(request, deployment), source, body)
+                upstream = await adapter.remix(_changing_call(request, deployment), source, body)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
     finally:
@@ -582,7 +590,7 @@ async def _from_video(
             if source is not None:
                 deployment, adapter = _deployment_of(table, source)
                 with gw.bulkheads.enter(deployment, "uploads"):
-                    upstream = await operation(adapter, _call(request, deployment), source, body)
+                    upstream = await operation(adapter, _changing_call(request, deployment), source, body)
             else:
                 deployment, upstream = await _start(
                     request, model, body, lambda a, c: operation(a, c, None, body)
@@ -665,21 +673,75 @@ def _model(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "video-gateway"}
 
 
+def shielded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Handler:
+    """``handler``, run to its end even when its client leaves on the way.
+
+    These handlers change a provider's state. A create the provider accepted is a job someone pays
+    for: cancelled with the client's connection (aiohttp's handler cancellation), the handler would
+    leave that job running upstream unrecorded, with no ID, in no list and outside the key's limits,
+    and a delete would leave the video listed here though gone upstream. Run apart, the handler
+    records what the provider did, so the client finds the video in its list, and logs how it ended.
+    Only a request whose change was sent (:func:`_changing_call`) and whose body the gateway has
+    whole is finished so. One whose client leaves before (waiting for its admission, say) is
+    cancelled as before, and so is one whose client leaves mid-upload: its body is cut short on the
+    way to the provider, which then starts nothing (and whose health is not blamed for it). A drain
+    waits for these too (``Gateway.left_by_client``)."""
+
+    async def run(request: web.Request) -> web.StreamResponse:
+        work = asyncio.ensure_future(handler(request))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # Nothing sent yet, or a body cut short (which must not reach the provider as if whole):
+            # there is nothing to finish.
+            if not (context(request).changing and request.content.is_eof()):
+                work.cancel()
+                raise
+            left = gateway(request).left_by_client
+            left.add(work)
+            work.add_done_callback(left.discard)
+            work.add_done_callback(partial(_ended_without_client, context(request).request_id, request.path))
+            raise
+        finally:
+            del work  # it holds the handler's error, whose traceback holds this frame: no cycle
+
+    return run
+
+
+def _ended_without_client(request_id: str, path: str, work: asyncio.Task[web.StreamResponse]) -> None:
+    """Log how a :func:`shielded` handler whose client had left ended."""
+    if work.cancelled():  # by the shutdown, at the end of the drain: the provider may have a job
+        log.warning("abandoned_at_shutdown", request_id=request_id, path=path)
+        return
+    exc = work.exception()
+    outcome: dict[str, Any]
+    if exc is None:
+        outcome = {"status": work.result().status}
+    elif isinstance(exc, ApiError):
+        outcome = {"status": exc.status, "error": exc.message}
+    elif isinstance(exc, ConnectionError):
+        outcome = {"error": repr(exc)}
+    else:
+        log.error("unhandled_error", request_id=request_id, path=path, exc_info=exc)
+        return
+    log.info("finished_without_client", request_id=request_id, path=path, **outcome)
+
+
 def add_routes(add: Callable[..., None], prefix: str, expect: Any = None) -> None:
     """``add(method, path, handler, **options)`` for each route; literal routes first, as aiohttp
     matches in registration order. Within one prefix aiohttp tries routes in that order too, so the
     poll (the hot path) goes ahead of ``/videos`` itself, which no video path can match anyway."""
     videos = f"{prefix}/videos"
     post = {"expect_handler": expect} if expect is not None else {}
-    add("POST", f"{videos}/edits", edit_video, **post)
-    add("POST", f"{videos}/extensions", extend_video, **post)
-    add("POST", f"{videos}/characters", create_character, **post)
+    add("POST", f"{videos}/edits", shielded(edit_video), **post)
+    add("POST", f"{videos}/extensions", shielded(extend_video), **post)
+    add("POST", f"{videos}/characters", shielded(create_character), **post)
     add("GET", f"{videos}/characters/{{character_id}}", get_character)
     add("GET", f"{videos}/{{video_id}}", retrieve_video)
-    add("DELETE", f"{videos}/{{video_id}}", delete_video)
-    add("POST", videos, create_video, **post)
+    add("DELETE", f"{videos}/{{video_id}}", shielded(delete_video))
+    add("POST", videos, shielded(create_video), **post)
     add("GET", videos, list_videos)
     add("GET", f"{videos}/{{video_id}}/content", video_content)
-    add("POST", f"{videos}/{{video_id}}/remix", remix_video, **post)
+    add("POST", f"{videos}/{{video_id}}/remix", shielded(remix_video), **post)
     add("GET", f"{prefix}/models", list_models)
     add("GET", f"{prefix}/models/{{model}}", get_model)

@@ -307,6 +307,14 @@ def _admin(request: web.Request) -> Gateway:
 RELOADER = web.AppKey("reloader", Reloader)
 
 
+async def _abandon_left_by_client(state: Gateway) -> None:
+    """Cancel what still runs of creates and deletes cut off from their client (``api.shielded``):
+    the drain has waited for them, and the adapters and the store are about to close under them."""
+    for work in state.left_by_client:
+        work.cancel()
+    await asyncio.gather(*state.left_by_client, return_exceptions=True)
+
+
 def _hosted(config: GatewayConfig, signing_key: bytes | None) -> HostedFiles | None:
     if config.public_base_url is None:
         return None
@@ -376,6 +384,7 @@ def build_app(
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await _abandon_left_by_client(state)
             for adapter in state.table.all_adapters().values():
                 await adapter.close()
             if store is None:

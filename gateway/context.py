@@ -34,6 +34,7 @@ class RequestContext:
     call: Call | None = None  # the latest upstream call (status, error, time spent waiting on it)
     bytes_out: int = 0  # body bytes a streamed answer has sent so far
     admission: Admission | None = None  # the per-key limits a create was admitted under
+    changing: bool = False  # a create or delete was sent upstream: see api.shielded
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context")

@@ -66,10 +66,15 @@ async def serve(
         await site.stop()
         started = time.monotonic()
         # aiohttp's own shutdown stops reading request bodies at once, which would cut off uploads in
-        # flight: wait for them here first, and let runner.cleanup() only sweep what is left.
-        while gw.in_flight and time.monotonic() - started < current.drain_seconds:
+        # flight: wait for them here first, and let runner.cleanup() only sweep what is left. Creates
+        # whose client left are waited for too: they are recording what their provider started.
+        while (gw.in_flight or gw.left_by_client) and time.monotonic() - started < current.drain_seconds:
             await asyncio.sleep(0.05)
-        log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=gw.in_flight)
+        log.info(
+            "drained",
+            seconds=round(time.monotonic() - started, 3),
+            abandoned=gw.in_flight + len(gw.left_by_client),
+        )
     finally:
         watchdog.cancel()
         orphaned = orphan_check is not None and orphan_check.done() and not orphan_check.cancelled()

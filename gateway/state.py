@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -26,6 +27,8 @@ class Gateway:
     draining: bool = False  # SIGTERM came: readiness fails, new connections close
     stopping: bool = False  # the drain is over: aiohttp is cancelling what still runs
     in_flight: int = 0
+    # Creates and deletes whose client left, still recording what their provider did (api.shielded)
+    left_by_client: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
     table: RoutingTable = field(init=False)
     store: TaskStore = field(init=False)
 

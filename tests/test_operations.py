@@ -335,21 +335,25 @@ async def test_expect_continue_only_after_key_and_size(
 def gateway_process(tmp_path: Path, faulty: tuple[FaultyUpstream, str]) -> Any:
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(extra: str, beta: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    def start(extra: str, beta: str = "", read_timeout: float = 1) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
-        text = config(
-            tmp_path,
-            faulty[1],
-            """
+        text = (
+            config(
+                tmp_path,
+                faulty[1],
+                """
             m:
               - {provider: up, model: primary}
         """,
-            extra=extra,
-            beta=beta,
-        ).replace(
-            "admin:",
-            f"server: {{port: {port}, drain_delay_seconds: 1, drain_seconds: 10}}\n"
-            "limits: {header_timeout: 1}\nadmin:",
+                extra=extra,
+                beta=beta,
+            )
+            .replace(
+                "admin:",
+                f"server: {{port: {port}, drain_delay_seconds: 1, drain_seconds: 10}}\n"
+                "limits: {header_timeout: 1}\nadmin:",
+            )
+            .replace("read: 1, request: 2", f"read: {read_timeout}, request: {2 * read_timeout}")
         )
         path = tmp_path / "gateway.yaml"
         path.write_text(text)
@@ -409,6 +413,37 @@ async def test_sigterm_drains_an_upload_in_flight(gateway_process: Any) -> None:
     assert status == 200, f"the upload in flight completed\n{output}"
     assert code == 0
     assert "draining" in output and "Traceback" not in output
+
+
+async def test_a_drain_waits_for_a_create_whose_client_left(
+    gateway_process: Any, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """SIGTERM just after a client gave up on a create the provider is still answering: the drain
+    lets the create record its video before the process exits, so it is there after the restart."""
+    fake, _ = faulty
+    fake.behaviour["primary"] = "delay:2.5"  # past the drain delay (1 s): the drain itself must wait
+    process, port = gateway_process("", read_timeout=5)
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(url + "/healthz", process)
+    with pytest.raises(asyncio.TimeoutError):
+        await create_status(url, timeout=0.3)
+    process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(process.wait, 15)
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert code == 0, output
+    for _ in range(60):  # the provider made the job either way
+        if fake.jobs:
+            break
+        await asyncio.sleep(0.05)
+
+    fake.behaviour["primary"] = "ok"
+    process, port = gateway_process("")
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(url + "/healthz", process)
+    async with aiohttp.ClientSession() as session, session.get(url + "/v1/videos", headers=BETA) as r:
+        assert r.status == 200
+        listed = await r.json()
+    assert [v["status"] for v in listed["data"]] == ["completed"], listed
 
 
 async def test_slow_headers_are_cut_off(gateway_process: Any) -> None:

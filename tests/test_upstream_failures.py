@@ -1,6 +1,7 @@
 """How upstream failures and edge answers reach the client: a client's own upload failure wins over
 the connection error it causes upstream, failures name no upstream address, Range requests follow
-RFC 9110, every answer carries a request ID, and requests abandoned at shutdown are not the client's."""
+RFC 9110, every answer carries a request ID, requests abandoned at shutdown are not the client's, and
+a create or delete the provider has taken is finished even when its client leaves."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 
 from gateway import metrics
 from gateway.app import build_app
 from gateway.connections import GatewayRunner
+from gateway.state import GATEWAY
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, load
 from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_resilience import AUTH, config
 
 MODELS = """
@@ -308,3 +312,81 @@ async def test_a_client_that_hangs_up_mid_upload_is_not_the_providers_failure(
     assert access["status"] == 499
     assert upstream_errors("up") == before
     assert faulty[0].hits_for("primary") == []
+
+
+async def wait_for_event(session_log: Path, request_id: str, event: str) -> dict[str, Any]:
+    for _ in range(100):
+        found = [line for line in log_lines(session_log, request_id) if line.get("event") == event]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {event} line for {request_id}")
+
+
+async def test_a_create_whose_client_leaves_while_the_provider_answers_is_kept(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
+) -> None:
+    """A client that times out, or dies, once its create has reached the provider leaves a job the
+    provider goes on with (and bills for). The gateway still records it: the client finds it in its
+    list and can poll it, and the log says how the create ended."""
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    with pytest.raises(openai.APITimeoutError):
+        await client.videos.create(
+            model="sora-remote",  # type: ignore[arg-type]
+            prompt="a provider slow to answer [slow]",
+            extra_headers={"X-Request-ID": "left-create-1"},
+            timeout=0.3,
+        )
+    access = await wait_for_event(session_log, "left-create-1", "request")
+    assert access["status"] == 499
+    ended = await wait_for_event(session_log, "left-create-1", "finished_without_client")
+    assert ended["status"] == 200 and ended["level"] == "info"
+
+    (job_id,) = fake.jobs
+    listed = (await client.videos.list()).data
+    assert [v.prompt for v in listed] == ["a provider slow to answer [slow]"]
+    polled = await client.videos.retrieve(listed[0].id)
+    assert polled.status == "completed"  # the fake moves a step per poll: the list's, then this one
+    assert fake.requests("GET", f"/v1/videos/{job_id}"), "the poll reached the provider's job"
+
+
+async def test_a_delete_whose_client_leaves_while_the_provider_deletes_is_done(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
+) -> None:
+    """The provider deleted the video: it must not stay in the client's list as if it still existed."""
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    video = await client.videos.create(model="sora-remote", prompt="to delete [slow]")  # type: ignore[arg-type]
+    with pytest.raises(openai.APITimeoutError):
+        await client.videos.delete(video.id, extra_headers={"X-Request-ID": "left-delete-1"}, timeout=0.3)
+    ended = await wait_for_event(session_log, "left-delete-1", "finished_without_client")
+    assert ended["status"] == 200
+    assert fake.jobs == {}
+    assert (await client.videos.list()).data == []
+    with pytest.raises(openai.NotFoundError):
+        await client.videos.retrieve(video.id)
+
+
+async def test_a_create_whose_client_leaves_before_it_is_sent_starts_nothing(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
+) -> None:
+    """Only a create already sent is finished without its client: one that leaves while its body is
+    still coming starts no job (the body is cut short upstream, and the provider is not blamed)."""
+    fake, _ = upstream
+    head = (
+        f"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"
+        "X-Request-ID: left-upload-1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        "Content-Length: 10000000\r\n\r\n"
+    ).encode()
+    _, writer = await asyncio.open_connection(dialect_gateway.server.host, dialect_gateway.server.port)
+    writer.write(head + HEAD_PARTS.replace(b"\r\nm\r\n", b"\r\nsora-remote\r\n") + b"\0" * 200_000)
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.transport.abort()
+    access = await wait_for_event(session_log, "left-upload-1", "request")
+    assert access["status"] == 499
+    await asyncio.sleep(0.3)
+    assert fake.jobs == {}
+    assert not [line for line in log_lines(session_log, "left-upload-1") if line["level"] != "info"]
+    assert not dialect_gateway.app[GATEWAY].left_by_client

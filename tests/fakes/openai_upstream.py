@@ -10,7 +10,9 @@ Shapes follow the reference ``shared/reference/openai-videos-api.md``:
 
 Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
 ``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``),
-``[odd events]`` (a streamed create starts with events whose data is no JSON).
+``[odd events]`` (a streamed create starts with events whose data is no JSON), ``[slow]`` (the
+job is made at once, as a provider makes it on reading the request, but the create's answer and a
+delete's come :data:`SLOW_SECONDS` later).
 Jobs move queued → in_progress → completed, one step per retrieve.
 """
 
@@ -28,6 +30,8 @@ from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
+
+SLOW_SECONDS = 1.0
 
 
 @dataclass
@@ -151,7 +155,12 @@ class FakeOpenAIUpstream:
         job = self._new_job(fields)
         if str(fields.get("stream", "")).lower() == "true" or fields.get("stream") is True:
             return await self._stream(request, job)
+        await self._slow(job)
         return web.json_response(job)
+
+    async def _slow(self, job: dict[str, Any]) -> None:
+        if "[slow]" in (job["prompt"] or ""):
+            await asyncio.sleep(SLOW_SECONDS)
 
     async def _stream(self, request: web.Request, job: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -191,6 +200,7 @@ class FakeOpenAIUpstream:
     async def delete(self, request: web.Request) -> web.Response:
         job = self._job(request)
         del self.jobs[job["id"]]
+        await self._slow(job)
         return web.json_response({"id": job["id"], "object": "video.deleted", "deleted": True})
 
     async def content(self, request: web.Request) -> web.StreamResponse:
