@@ -495,7 +495,17 @@ async def _read_stream(
             raise body.failure from None
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not decode as
             reason = str(exc).rpartition("message:")[2].strip().rstrip(".") or "it is malformed"
-            body.failure = bad_request(f"The request body cannot be read: {reason}.", code="invalid_body")
+            body.failure = ApiError(
+                400,
+                f"The request body cannot be read: {reason}.",
+                code="invalid_body",
+                headers={"Connection": "close"},
+            )
+            # The rest cannot be read either: close after the answer, and mark the body ended so
+            # that aiohttp does not read on after it (which raised the same error again, logged as
+            # an unhandled one with a traceback).
+            request.content.feed_eof()
+            request.protocol.close()
             raise body.failure from None
         if not chunk:
             return

@@ -366,7 +366,10 @@ async def test_non_ascii_multipart_boundary_is_400(local_gateway: RunningGateway
         assert answer["error"]["code"] == "invalid_multipart"
 
 
-async def test_undecodable_content_encoding_is_400(local_gateway: RunningGateway) -> None:
+async def test_undecodable_content_encoding_is_400(local_gateway: RunningGateway, session_log: Path) -> None:
+    """A 400 that closes the connection: the rest of such a body cannot be read either, and reading on
+    (as aiohttp does after an answer) logged its error again, as an unhandled one with a traceback."""
+    logged = session_log.stat().st_size
     for encoding in ("gzip", "deflate"):
         for data, content_type in (
             (b'{"prompt": "not compressed at all"}', "application/json"),
@@ -382,6 +385,12 @@ async def test_undecodable_content_encoding_is_400(local_gateway: RunningGateway
             assert status == 400, (encoding, content_type)
             assert_envelope(body, headers, code="invalid_body")
             assert encoding in body["error"]["message"]
+            assert headers["Connection"] == "close"
+    await asyncio.sleep(0.2)
+    with session_log.open(encoding="utf-8") as log:
+        log.seek(logged)
+        errors = [line for line in log if '"level": "error"' in line]
+    assert errors == []
 
 
 async def test_unsupported_media_type_says_what_was_sent(local_gateway: RunningGateway) -> None:
