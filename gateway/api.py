@@ -406,21 +406,38 @@ async def create_video(request: web.Request) -> web.StreamResponse:
 async def _relay_events(
     request: web.Request, deployment: Deployment, stream: EventStream, seed: dict[str, Any]
 ) -> web.StreamResponse:
-    """Relay an upstream event stream, giving each video it mentions its gateway ID first."""
+    """Relay an upstream event stream, giving each video it mentions its gateway ID first.
+
+    A client that left (see :func:`shielded`) is written no more, but the stream is read on until
+    its video is recorded: the provider started the job, and the client is to find it in its list.
+    """
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     tasks: dict[str, Task] = {}
+    ctx = context(request)
+    ctx.bytes_out = 0
     try:
-        await start_answer(request, response)
-        ctx = context(request)
-        ctx.bytes_out = 0
+        listening = await _sent(start_answer(request, response))
         async for event in stream.events():
             data = await _translate_event(request, deployment, tasks, seed, event)
-            await response.write(data)
-            ctx.bytes_out += len(data)
-        await response.write_eof()
+            listening = listening and await _sent(response.write(data))
+            if listening:
+                ctx.bytes_out += len(data)
+            elif tasks:
+                break
+        if listening:
+            await response.write_eof()
     finally:
         await stream.aclose()
     return response
+
+
+async def _sent(writing: Awaitable[None]) -> bool:
+    """Whether a write to the client went out; False when the client is gone."""
+    try:
+        await writing
+    except ConnectionError:
+        return False
+    return True
 
 
 async def _translate_event(

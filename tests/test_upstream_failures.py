@@ -351,6 +351,24 @@ async def test_a_create_whose_client_leaves_while_the_provider_answers_is_kept(
     assert fake.requests("GET", f"/v1/videos/{job_id}"), "the poll reached the provider's job"
 
 
+async def test_a_streamed_create_whose_client_leaves_before_the_stream_starts_is_kept(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
+) -> None:
+    """The same for a create answered as an event stream (an aggregator's ``stream``): with no client
+    to relay it to, the stream is still read until its video is recorded."""
+    fake, _ = upstream
+    body = {"prompt": "streamed slowly [slow]", "model": "sora-remote", "stream": True}
+    headers = {**AUTH, "X-Request-ID": "left-stream-1"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
+        with pytest.raises(TimeoutError):
+            await session.post(dialect_gateway.url + "/v1/videos", json=body, headers=headers)
+    ended = await wait_for_event(session_log, "left-stream-1", "finished_without_client")
+    assert ended["status"] == 200
+    assert len(fake.jobs) == 1
+    listed = (await dialect_gateway.sdk().videos.list()).data
+    assert [v.prompt for v in listed] == ["streamed slowly [slow]"]
+
+
 async def test_a_delete_whose_client_leaves_while_the_provider_deletes_is_done(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
 ) -> None:

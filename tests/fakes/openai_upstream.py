@@ -11,8 +11,8 @@ Shapes follow the reference ``shared/reference/openai-videos-api.md``:
 Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
 ``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``),
 ``[odd events]`` (a streamed create starts with events whose data is no JSON), ``[slow]`` (the
-job is made at once, as a provider makes it on reading the request, but the create's answer and a
-delete's come :data:`SLOW_SECONDS` later).
+job is made at once, as a provider makes it on reading the request, but the create's answer (a stream
+too) and a delete's come :data:`SLOW_SECONDS` later).
 Jobs move queued → in_progress → completed, one step per retrieve.
 """
 
@@ -163,6 +163,7 @@ class FakeOpenAIUpstream:
             await asyncio.sleep(SLOW_SECONDS)
 
     async def _stream(self, request: web.Request, job: dict[str, Any]) -> web.StreamResponse:
+        await self._slow(job)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         if "[odd events]" in (job["prompt"] or ""):  # events that are no JSON a parser could take
