@@ -107,6 +107,23 @@ async def test_content_range_requests(dialect_gateway: RunningGateway) -> None:
         )
 
 
+async def test_head_of_content_is_the_headers_alone(dialect_gateway: RunningGateway) -> None:
+    """HEAD (a download manager sizing a file, ``curl -I``) gets a GET's status and headers and no
+    body: a body after them would be read as the next answer on a kept-alive connection."""
+    for model in ("sora-2", "sora-remote"):
+        client = dialect_gateway.sdk()
+        done = await client.videos.create_and_poll(
+            prompt="sized", model=model, size="320x240" if model == "sora-2" else "1280x720"
+        )
+        url = f"{dialect_gateway.url}/v1/videos/{done.id}/content"
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async with session.head(url) as head:
+                assert head.status == 200 and head.headers["Content-Type"] == "video/mp4"
+                length = int(head.headers["Content-Length"])
+            async with session.get(url) as get:  # the same connection, read as the next answer
+                assert get.status == 200 and len(await get.read()) == length > 0
+
+
 async def test_redirected_content_is_followed_inside_the_gateway(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], media: dict[str, Path]
 ) -> None:

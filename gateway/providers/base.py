@@ -557,7 +557,8 @@ class Adapter:
     ) -> web.StreamResponse:
         """Stream a media answer to the client: status, content headers and bytes, nothing else.
 
-        Once the first byte went out, an upstream failure can only cut the client's connection.
+        Once the first byte went out, an upstream failure can only cut the client's connection. A
+        HEAD gets the status and headers alone (aiohttp leaves a streamed body to its writer).
         """
         response = web.StreamResponse(status=upstream.status)
         for name in CONTENT_RESPONSE_HEADERS:
@@ -571,6 +572,9 @@ class Adapter:
         if upstream.content_length is not None and "Content-Length" in upstream.headers:
             response.content_length = upstream.content_length
         await start_answer(call.request, response)
+        if call.request.method == "HEAD":
+            await response.write_eof()
+            return response
         sent = 0
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
