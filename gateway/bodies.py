@@ -103,6 +103,15 @@ class Spool:
             self._file = None
 
 
+# An image the gateway must hold whole (to send it inline, base64 in a provider's JSON, or to draw
+# it) may be no larger than this; a file for the provider itself streams through, up to the upload limit.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+def image_too_large(param: str = "input_reference") -> ApiError:
+    return ApiError(413, f"{param} is larger than 20 MiB.", param=param, code="request_too_large")
+
+
 @dataclass
 class UploadedFile:
     name: str
@@ -110,7 +119,11 @@ class UploadedFile:
     content_type: str
     data: Spool
 
-    async def read(self) -> bytes:
+    async def read_image(self) -> bytes:
+        """The whole file, to be held in memory as an image: one over :data:`MAX_IMAGE_BYTES` is
+        refused before it is read."""
+        if self.data.size > MAX_IMAGE_BYTES:
+            raise image_too_large(self.name)
         return await self.data.read()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import textwrap
+import tracemalloc
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,35 @@ async def request(
         except ValueError:
             body = raw
         return response.status, dict(response.headers), body
+
+
+async def create_with_a_huge_image(gw: RunningGateway, model: str, mib: int) -> tuple[int, Any, int]:
+    """A create whose ``input_reference`` is ``mib`` MiB, streamed: the status and body of the answer,
+    and the peak of memory Python allocated meanwhile (client and gateway: both run here)."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield (
+            f'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
+            '--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhuge\r\n'
+            '--b\r\nContent-Disposition: form-data; name="input_reference"; filename="i.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        chunk = bytes(1024 * 1024)
+        for _ in range(mib):
+            yield chunk
+        yield b"\r\n--b--\r\n"
+
+    headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
+    tracemalloc.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(gw.url + "/v1/videos", data=stream(), headers=headers) as response,
+        ):
+            status, body = response.status, await response.json()
+        return status, body, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 async def create(gw: RunningGateway, **fields: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import pytest
 from gateway.providers import local as local_module
 from gateway.render import render_video
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, gateway_yaml
+from tests.provider_contract import create_with_a_huge_image
 from tests.test_cli import free_port, wait_healthy
 from tests.test_routes import send
 from tests.test_sdk_e2e import decode_mp4
@@ -378,3 +379,12 @@ async def test_a_full_disk_fails_neither_a_create_nor_a_render_for_good(
         await asyncio.sleep(0.05)
     assert video.status == "completed", video.error
     assert len(renders) == 2
+
+
+async def test_an_image_too_large_to_draw_is_refused_unread(local_gateway: RunningGateway) -> None:
+    """The local provider draws its video from the reference image, held whole in memory: one over
+    20 MiB is a 413 before it is read, as for the providers that take an image inline."""
+    status, body, peak = await create_with_a_huge_image(local_gateway, "sora-2", mib=256)
+    assert status == 413 and body["error"]["code"] == "request_too_large", body
+    assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held for a refused image"
+    assert (await local_gateway.sdk().videos.list()).data == []

@@ -18,6 +18,7 @@ from tests.provider_contract import (
     assert_task_id_kept_whole,
     assert_variant_missing,
     create,
+    create_with_a_huge_image,
     png,
     poll_until_done,
     request,
@@ -84,6 +85,18 @@ async def test_text_to_video_request_and_status_sequence(gw: RunningGateway, min
     progress = [v["progress"] for v in seen]
     assert progress[0] == 0 and 1 <= progress[1] <= progress[2] <= 95 and progress[3] == 100
     assert seen[-1]["size"] == "1366x768" and seen[-1]["error"] is None
+
+
+async def test_an_image_too_large_to_send_inline_is_refused_unread(
+    gw: RunningGateway, minimax: FakeMiniMax
+) -> None:
+    """An image goes to MiniMax inline (a data URL in its JSON), so the gateway must hold it whole:
+    one over 20 MiB is a 413 before it is read into memory, not a gateway holding gigabytes."""
+    status, body, peak = await create_with_a_huge_image(gw, "hailuo-fast", mib=256)
+    assert status == 413 and body["error"]["code"] == "request_too_large", body
+    assert body["error"]["param"] == "input_reference"
+    assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held for a refused image"
+    assert minimax.creates == []
 
 
 async def test_image_to_video_sends_a_data_url_and_follows_the_image(

@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import jsonio
-from gateway.bodies import RequestBody
+from gateway.bodies import MAX_IMAGE_BYTES, RequestBody, image_too_large
 from gateway.errors import ApiError, UpstreamError, bad_request, expired_result
 from gateway.providers.base import (
     REDIRECTS,
@@ -43,8 +43,6 @@ from gateway.providers.base import (
     split_url,
 )
 from gateway.providers.local import validate_prompt
-
-MAX_INLINE_IMAGE = 20 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -141,10 +139,11 @@ def synthetic_progress(started_at: float, expected_seconds: float, now: float | 
 
 
 async def image_input(body: RequestBody) -> ImageInput | None:
-    """``input_reference`` as an upload, a data URL, or an http(s) URL (never fetched here)."""
+    """``input_reference`` as an upload, a data URL, or an http(s) URL (never fetched here); the
+    image is sent inline, so it is held in memory, up to ``MAX_IMAGE_BYTES``."""
     upload = body.files.get("input_reference")
     if upload is not None:
-        data = await upload.read()
+        data = await upload.read_image()
         if not data:
             raise bad_request("input_reference is an empty file.", param="input_reference")
         mime = upload.content_type if upload.content_type.startswith("image/") else _sniff(data)
@@ -166,6 +165,8 @@ async def image_input(body: RequestBody) -> ImageInput | None:
             raise bad_request(
                 "input_reference.image_url is not valid base64 data.", param="input_reference"
             ) from None
+        if len(data) > MAX_IMAGE_BYTES:
+            raise image_too_large()
         return ImageInput(data=data, mime=head[5:].split(";")[0] or _sniff(data))
     if not is_web_url(url):
         raise bad_request(
@@ -260,13 +261,6 @@ class NativeAdapter(Adapter):
                 f"Model '{call.deployment.model}' needs an input_reference image.",
                 param="input_reference",
                 code="missing_required_parameter",
-            )
-        if image is not None and image.data is not None and len(image.data) > MAX_INLINE_IMAGE:
-            raise ApiError(
-                413,
-                "input_reference is larger than 20 MiB.",
-                param="input_reference",
-                code="request_too_large",
             )
         extras = {name: _field(body, name) for name in spec.extra_params if body.get(name) is not None}
         request = CreateRequest(
