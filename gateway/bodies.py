@@ -108,6 +108,10 @@ class Spool:
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
+# The file parts a body read to its end (for a native or local provider) holds as images.
+IMAGE_PARTS = frozenset({"input_reference"})
+
+
 def image_too_large(param: str = "input_reference") -> ApiError:
     return ApiError(413, f"{param} is larger than 20 MiB.", param=param, code="request_too_large")
 
@@ -119,11 +123,9 @@ class UploadedFile:
     content_type: str
     data: Spool
 
-    async def read_image(self) -> bytes:
-        """The whole file, to be held in memory as an image: one over :data:`MAX_IMAGE_BYTES` is
-        refused before it is read."""
-        if self.data.size > MAX_IMAGE_BYTES:
-            raise image_too_large(self.name)
+    async def read(self) -> bytes:
+        """The whole file, in memory: an image part is no larger than :data:`MAX_IMAGE_BYTES`
+        (:meth:`RequestBody.read_rest` refuses one as soon as it passes that)."""
         return await self.data.read()
 
 
@@ -455,6 +457,8 @@ class _Collector:
                     )
                 self.text += value
             elif self.file is not None:
+                if self.current.name in IMAGE_PARTS and self.file.data.size + len(value) > MAX_IMAGE_BYTES:
+                    raise image_too_large(self.current.name)  # at once, not after the whole upload
                 await self.file.data.write(value)
         elif kind == "end":
             self.body._parts[value.name] = value

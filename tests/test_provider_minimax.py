@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,22 @@ async def test_an_image_too_large_to_send_inline_is_refused_unread(
     assert body["error"]["param"] == "input_reference"
     assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held for a refused image"
     assert minimax.creates == []
+
+    # ... and refused as soon as the image passes 20 MiB, not after the rest of a 1 GiB upload
+    head = (
+        f"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {2**30}\r\n\r\n"
+        '--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nhailuo-fast\r\n'
+        '--b\r\nContent-Disposition: form-data; name="input_reference"; filename="i.png"\r\n\r\n'
+    ).encode()
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    try:
+        writer.write(head + bytes(24 * 1024 * 1024))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+    finally:
+        writer.transport.abort()
+    assert answer.startswith(b"HTTP/1.1 413"), answer
 
 
 async def test_image_to_video_sends_a_data_url_and_follows_the_image(

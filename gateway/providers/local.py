@@ -419,7 +419,7 @@ async def reference_image(body: RequestBody) -> bytes | None:
     local provider works without network. Anything else is a 400.
     """
     if "input_reference" in body.files:
-        return await body.files["input_reference"].read_image()
+        return await body.files["input_reference"].read()
     ref = body.get_object("input_reference")
     if ref is not None:
         return _reference_object(ref)

@@ -143,7 +143,7 @@ async def image_input(body: RequestBody) -> ImageInput | None:
     image is sent inline, so it is held in memory, up to ``MAX_IMAGE_BYTES``."""
     upload = body.files.get("input_reference")
     if upload is not None:
-        data = await upload.read_image()
+        data = await upload.read()
         if not data:
             raise bad_request("input_reference is an empty file.", param="input_reference")
         mime = upload.content_type if upload.content_type.startswith("image/") else _sniff(data)
