@@ -388,3 +388,11 @@ async def test_an_image_too_large_to_draw_is_refused_unread(local_gateway: Runni
     assert status == 413 and body["error"]["code"] == "request_too_large", body
     assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held for a refused image"
     assert (await local_gateway.sdk().videos.list()).data == []
+
+
+async def test_a_character_needs_its_clip(local_gateway: RunningGateway) -> None:
+    """The API requires a character's ``video``; the local provider draws none, but says so too."""
+    form = aiohttp.FormData({"name": "Ada"}, default_to_multipart=True)
+    status, _, body = await send(local_gateway, "POST", "/v1/videos/characters", data=form)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "video" and error["code"] == "missing_required_parameter"

@@ -636,6 +636,12 @@ class LocalAdapter(Adapter):
         name = body.get("name")
         if not isinstance(name, str) or not 1 <= len(name) <= 80:
             raise bad_request("'name' is required: 1 to 80 characters.", param="name")
+        if "video" not in body.files:  # required by the API, though this provider draws no character
+            raise bad_request(
+                "'video' is required: an uploaded clip of the character.",
+                param="video",
+                code="missing_required_parameter",
+            )
         return await self.engine.create_character(name)
 
     async def get_character(self, call: Call, task: Task) -> dict[str, Any]:
