@@ -79,6 +79,8 @@ _ERROR = {
 }
 
 _PROMPT = {"type": "string", "minLength": 1, "maxLength": 32000}
+_MODEL = {"type": "string", "minLength": 1}
+_SIZE = {"type": "string", "pattern": "^[0-9]+x[0-9]+$"}
 _VIDEO_REFERENCE = {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}
 _FILE = {"type": "string", "format": "binary"}
 
@@ -87,9 +89,9 @@ _CREATE = {
     "required": ["prompt"],
     "properties": {
         "prompt": _PROMPT,
-        "model": {"type": "string"},
+        "model": _MODEL,
         "seconds": {"type": ["string", "integer"]},
-        "size": {"type": "string"},
+        "size": _SIZE,
         "input_reference": {"type": "object", "properties": {"image_url": {"type": "string"}}},
     },
 }
@@ -99,9 +101,9 @@ _CREATE_FORM = {
     "required": ["prompt"],
     "properties": {
         "prompt": _PROMPT,
-        "model": {"type": "string"},
+        "model": _MODEL,
         "seconds": {"type": "string"},
-        "size": {"type": "string"},
+        "size": _SIZE,
         "input_reference": _FILE,
     },
 }
@@ -188,7 +190,11 @@ def _videos(prefix: str) -> dict[str, Any]:
             "get": {
                 "operationId": f"listVideos{prefix}",
                 "parameters": [
-                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    {  # a video ID from an earlier page; one the caller has not is a 400
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^video_[0-9a-f]{32}$"},
+                    },
                     {
                         "name": "limit",
                         "in": "query",
