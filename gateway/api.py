@@ -736,8 +736,9 @@ def _ended_without_client(request_id: str, path: str, work: asyncio.Task[web.Str
         outcome = {"status": work.result().status}
     elif isinstance(exc, ApiError):
         outcome = {"status": exc.status, "error": exc.message}
-    elif isinstance(exc, ConnectionError):
-        outcome = {"error": repr(exc)}
+    elif isinstance(exc, StoreUnavailable):  # as the envelope logs it
+        log.error("store_unavailable", request_id=request_id, path=path, error=str(exc))
+        return
     else:
         log.error("unhandled_error", request_id=request_id, path=path, exc_info=exc)
         return

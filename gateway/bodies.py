@@ -104,16 +104,15 @@ class Spool:
 
 
 # An image the gateway must hold whole (to send it inline, base64 in a provider's JSON, or to draw
-# it) may be no larger than this; a file for the provider itself streams through, up to the upload limit.
+# it) may be no larger than this; a file for the provider itself streams through, up to the upload
+# limit. IMAGE_PARTS are the file parts a body read to its end (for a native or local provider) holds.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
-
-
-# The file parts a body read to its end (for a native or local provider) holds as images.
 IMAGE_PARTS = frozenset({"input_reference"})
 
 
 def image_too_large(param: str = "input_reference") -> ApiError:
-    return ApiError(413, f"{param} is larger than 20 MiB.", param=param, code="request_too_large")
+    limit = MAX_IMAGE_BYTES // (1024 * 1024)
+    return ApiError(413, f"{param} is larger than {limit} MiB.", param=param, code="request_too_large")
 
 
 @dataclass

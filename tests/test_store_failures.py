@@ -162,3 +162,21 @@ async def test_news_a_poll_could_not_save_is_saved_by_the_next_poll_that_learns_
     status, _, body = await call(dialect_gateway, "GET", path)
     assert status == 200 and (body["status"], body["progress"]) == ("in_progress", 40)
     assert stored(tmp_path, video["id"]) == ("in_progress", 40)
+
+
+async def test_a_delete_whose_client_left_and_the_store_failed_is_logged_as_the_stores_failure(
+    dialect_gateway: RunningGateway, tmp_path: Path, session_log: Path
+) -> None:
+    """A delete finished without its client (api.shielded) that the store could not record is logged
+    as the envelope logs such a failure, not as a gateway bug."""
+    client = dialect_gateway.sdk()
+    video = await client.videos.create(model="sora-remote", prompt="to delete [slow]")  # type: ignore[arg-type]
+    with store_locked(dialect_gateway, tmp_path):
+        with pytest.raises(openai.APITimeoutError):
+            await client.videos.delete(video.id, extra_headers={"X-Request-ID": "left-locked-1"}, timeout=0.3)
+        for _ in range(60):
+            lines = [json.loads(x) for x in session_log.read_text().splitlines() if "left-locked-1" in x]
+            if any(line["event"] == "store_unavailable" for line in lines):
+                break
+            await asyncio.sleep(0.05)
+    assert [line["event"] for line in lines if line["level"] == "error"] == ["store_unavailable"]
