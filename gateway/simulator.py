@@ -20,6 +20,7 @@ from gateway.errors import ApiError, bad_request
 from gateway.providers.local import (
     Derivation,
     LocalEngine,
+    character_name,
     derived_fields,
     model_field,
     reference_image,
@@ -144,10 +145,7 @@ async def create_character(request: web.Request) -> web.Response:
     body = await read_body(request, _LIMITS, until=())
     try:
         await body.read_rest()
-        name = body.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request("'name' is required.", param="name")
-        return web.json_response(await _engine(request).create_character(name))
+        return web.json_response(await _engine(request).create_character(character_name(body)))
     finally:
         body.close()
 

@@ -116,3 +116,15 @@ async def test_list_parameters_are_checked_like_the_gateways(simulator: TestServ
             str(simulator.make_url("/v1/videos")), headers={"Authorization": UPSTREAM_KEY}
         ) as response:
             assert response.status == 401, "the key must come as a bearer token"
+
+
+async def test_characters_are_checked_like_the_local_providers(
+    simulator: TestServer, client: openai.AsyncOpenAI
+) -> None:
+    character = await client.videos.create_character(name="Ada", video=("clip.mp4", b"\0" * 64, "video/mp4"))
+    assert (await client.videos.get_character(character.id)).name == "Ada"
+    for fields, param in (({"name": "Ada"}, "video"), ({"name": "x" * 81}, "name")):
+        status, body = await post(
+            simulator, "/v1/videos/characters", data=aiohttp.FormData(fields, default_to_multipart=True)
+        )
+        assert status == 400 and body["error"]["param"] == param, body

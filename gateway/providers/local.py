@@ -467,6 +467,21 @@ def _image_url(url: Any) -> bytes | None:
     return image
 
 
+def character_name(body: RequestBody) -> str:
+    """The name of a character to create, read to its end; the API requires its clip too, though
+    the local provider draws no character from it."""
+    name = body.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 80:
+        raise bad_request("'name' is required: 1 to 80 characters.", param="name")
+    if "video" not in body.files:
+        raise bad_request(
+            "'video' is required: an uploaded clip of the character.",
+            param="video",
+            code="missing_required_parameter",
+        )
+    return name
+
+
 def request_fields(
     body: RequestBody, *, default_size: str = "720x1280", default_seconds: str = "4"
 ) -> dict[str, Any]:
@@ -633,16 +648,7 @@ class LocalAdapter(Adapter):
 
     async def create_character(self, call: Call, body: RequestBody) -> dict[str, Any]:
         await body.read_rest()
-        name = body.get("name")
-        if not isinstance(name, str) or not 1 <= len(name) <= 80:
-            raise bad_request("'name' is required: 1 to 80 characters.", param="name")
-        if "video" not in body.files:  # required by the API, though this provider draws no character
-            raise bad_request(
-                "'video' is required: an uploaded clip of the character.",
-                param="video",
-                code="missing_required_parameter",
-            )
-        return await self.engine.create_character(name)
+        return await self.engine.create_character(character_name(body))
 
     async def get_character(self, call: Call, task: Task) -> dict[str, Any]:
         character = await self.engine.get_character(task.upstream_id)
