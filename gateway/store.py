@@ -26,6 +26,13 @@ from typing import Any, Protocol, TypeVar
 T = TypeVar("T")
 
 ACTIVE_STATUSES = ("queued", "in_progress")
+# A key's unfinished videos, counted at each create it makes under max_in_progress and listed to be
+# refreshed, are found through the partial index tasks_unfinished, whatever the key's history: a scan
+# of its 1 000 000 finished videos took 180 ms, inside the write lock every create takes. SQLite uses
+# a partial index only for a query whose WHERE has the index's own terms, so they are written out,
+# not bound, and the queries name it (INDEXED BY): by itself the planner takes tasks_owner for an
+# ORDER BY seq.
+_UNFINISHED = "deleted_at IS NULL AND status IN ({})".format(", ".join(f"'{s}'" for s in ACTIVE_STATUSES))
 
 
 class StoreUnavailable(Exception):
@@ -132,6 +139,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner, kind, seq);
 CREATE INDEX IF NOT EXISTS tasks_upstream ON tasks (deployment, upstream_id);
+CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (owner, kind, status) WHERE __UNFINISHED__;
 CREATE TABLE IF NOT EXISTS admissions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     owner TEXT NOT NULL,
@@ -140,7 +148,7 @@ CREATE TABLE IF NOT EXISTS admissions (
     boot TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS admissions_owner ON admissions (owner, at);
-"""
+""".replace("__UNFINISHED__", _UNFINISHED)
 
 WINDOW_SECONDS = 60.0
 # A backstop: a create still pending after this long no longer counts, even when its process seems
@@ -487,9 +495,9 @@ class SQLiteTaskStore:
 
     async def active(self, owner: str) -> list[Task]:
         rows = await self._read(
-            f"SELECT {_COLUMNS} FROM tasks WHERE owner=? AND kind='video' AND deleted_at IS NULL "
-            f"AND status IN ({','.join('?' * len(ACTIVE_STATUSES))}) ORDER BY seq",
-            (owner, *ACTIVE_STATUSES),
+            f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_unfinished "
+            f"WHERE owner=? AND kind='video' AND {_UNFINISHED} ORDER BY seq",
+            (owner,),
         )
         return [self._task(r) for r in rows]
 
@@ -534,9 +542,9 @@ class SQLiteTaskStore:
                     (owner, now - PENDING_SECONDS),
                 ).fetchone()
                 (active,) = self._db.execute(
-                    "SELECT COUNT(*) FROM tasks WHERE owner=? AND kind='video' AND deleted_at IS NULL "
-                    f"AND status IN ({','.join('?' * len(ACTIVE_STATUSES))})",
-                    (owner, *ACTIVE_STATUSES),
+                    "SELECT COUNT(*) FROM tasks INDEXED BY tasks_unfinished "
+                    f"WHERE owner=? AND kind='video' AND {_UNFINISHED}",
+                    (owner,),
                 ).fetchone()
                 if active + pending >= max_active:
                     self._db.execute("COMMIT")

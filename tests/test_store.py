@@ -180,3 +180,42 @@ async def test_a_store_from_before_boot_ids_opens_and_forgets_its_pending_create
         assert (await store.admit("alpha", per_minute=5, max_active=1)).limit == "max_in_progress"
     finally:
         await store.close()
+
+
+async def test_counting_a_keys_unfinished_videos_does_not_grow_with_its_history(tmp_path: Path) -> None:
+    """Each create under max_in_progress counts the key's unfinished videos inside the store's write
+    lock, and a list refreshes them: work that must not grow with the key's finished videos (a scan
+    of a million took 180 ms, so a busy gateway's creates queued behind it). Counted in SQLite's own
+    VM steps, not in time."""
+    path = tmp_path / "gw.sqlite3"
+    store = SQLiteTaskStore(path)
+    await store.open()
+    try:
+        await store.add(task("video_unfinished", status="in_progress"))
+        history = sqlite3.connect(path, isolation_level=None)
+        history.execute("BEGIN")
+        history.executemany(
+            "INSERT INTO tasks (id, owner, kind, model, deployment, provider, upstream_id, created_at, "
+            "status, video, state, updated_at) VALUES (?, 'alpha', 'video', 'm', 'd', 'p', ?, 0, "
+            "'completed', '{}', '{}', 0)",
+            ((f"video_done_{i}", f"job_{i}") for i in range(20_000)),
+        )
+        history.execute("COMMIT")
+        history.close()
+
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        assert store._db is not None and store._read_db is not None
+        for connection in (store._db, store._read_db):
+            connection.set_progress_handler(count, 100)
+        admission = await store.admit("alpha", per_minute=None, max_active=2)
+        assert admission.id is not None
+        assert [t.id for t in await store.active("alpha")] == ["video_unfinished"]
+        assert steps * 100 < 20_000, f"{steps * 100} VM steps for one unfinished video among 20 000"
+    finally:
+        await store.close()
