@@ -22,6 +22,7 @@ from gateway import api
 from gateway.state import GATEWAY
 from tests.conftest import ALPHA_KEY, RunningGateway, call
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
+from tests.test_upstream_failures import log_lines, wait_for_event
 
 
 @contextmanager
@@ -174,9 +175,6 @@ async def test_a_delete_whose_client_left_and_the_store_failed_is_logged_as_the_
     with store_locked(dialect_gateway, tmp_path):
         with pytest.raises(openai.APITimeoutError):
             await client.videos.delete(video.id, extra_headers={"X-Request-ID": "left-locked-1"}, timeout=0.3)
-        for _ in range(60):
-            lines = [json.loads(x) for x in session_log.read_text().splitlines() if "left-locked-1" in x]
-            if any(line["event"] == "store_unavailable" for line in lines):
-                break
-            await asyncio.sleep(0.05)
-    assert [line["event"] for line in lines if line["level"] == "error"] == ["store_unavailable"]
+        await wait_for_event(session_log, "left-locked-1", "store_unavailable")
+    errors = [line["event"] for line in log_lines(session_log, "left-locked-1") if line["level"] == "error"]
+    assert errors == ["store_unavailable"]
