@@ -20,7 +20,7 @@ from gateway import jsonio, limits, metrics
 from gateway.auth import check_model_access, client_key
 from gateway.bodies import RequestBody, read_body
 from gateway.config import Deployment
-from gateway.context import context, start_answer
+from gateway.context import context, cut_answer, start_answer
 from gateway.errors import (
     ApiError,
     UpstreamError,
@@ -410,6 +410,7 @@ async def _relay_events(
 
     A client that left (see :func:`shielded`) is written no more, but the stream is read on until
     its video is recorded: the provider started the job, and the client is to find it in its list.
+    A stream that breaks off upstream cuts the client's connection, so that it sees the break.
     """
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     tasks: dict[str, Task] = {}
@@ -424,7 +425,9 @@ async def _relay_events(
                 ctx.bytes_out += len(data)
             elif tasks:
                 break
-        if listening:
+        if stream.cut_off:
+            cut_answer(request, response)
+        elif listening:
             await response.write_eof()
     finally:
         await stream.aclose()

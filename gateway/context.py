@@ -80,3 +80,11 @@ async def start_answer(request: web.Request, response: web.StreamResponse) -> No
     """Start a streamed answer: stamp it, then send its status and headers."""
     stamp(request[CONTEXT], response)
     await response.prepare(request)
+
+
+def cut_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """End a streamed answer that cannot be finished so that the client sees it cut short: ended
+    normally, a chunked answer would pass a truncated video (or event stream) off as whole."""
+    response.force_close()
+    if request.transport is not None:
+        request.transport.close()  # after what is already written; aiohttp's final chunk never goes

@@ -148,11 +148,12 @@ async def fault_cycle(gw: RunningGateway, fake: FaultyUpstream, video_id: str) -
     assert status == 200 and body["status"] == "completed"
 
     async with aiohttp.ClientSession() as session:
-        fake.behaviour["primary"] = "truncate"
-        with pytest.raises(aiohttp.ClientPayloadError):
-            async with session.get(f"{gw.url}/v1/videos/{video_id}/content", headers=AUTH) as response:
-                assert response.status == 200
-                await response.read()
+        for fault in ("truncate", "truncate-chunked"):  # the client must see the cut, not an end
+            fake.behaviour["primary"] = fault
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with session.get(f"{gw.url}/v1/videos/{video_id}/content", headers=AUTH) as response:
+                    assert response.status == 200
+                    await response.read()
         fake.behaviour["primary"] = "drip:0.05"
         async with session.get(f"{gw.url}/v1/videos/{video_id}/content", headers=AUTH) as response:
             assert response.status == 200 and len(await response.read()) == 16396

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
+import pytest
 
-from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway
+from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway, call
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_errors import closed_port
 
@@ -180,6 +182,30 @@ async def test_no_failover_once_the_upstream_may_have_the_job(
     status, headers, _body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
     assert status == 504 and headers["x-should-retry"] == "false"
     assert fake.hits_for("secondary") == [] and len(fake.hits_for("primary")) == 1
+
+
+async def test_a_create_whose_answer_broke_off_is_not_retried_by_the_sdk(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """The provider made the job, then its answer broke off: a retry would start and bill a second
+    one, so the client is told not to retry (the SDK retries a 502 otherwise, twice by default)."""
+    fake, url = faulty
+    fake.behaviour["primary"] = "truncate"
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
+    sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY, max_retries=2)
+    gw.clients.append(sdk)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sdk.videos.create(prompt="x", model="resilient")  # type: ignore[arg-type]
+    assert caught.value.status_code == 502 and caught.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.jobs) == 1 and fake.hits_for("secondary") == []
+
+    # A poll whose answer broke off is a read: the client may well try it again
+    fake.behaviour["primary"] = "ok"
+    video = await sdk.videos.create(prompt="y", model="resilient")  # type: ignore[arg-type]
+    fake.behaviour["primary"] = "truncate"
+    status, headers, body = await call(gw, "GET", f"/v1/videos/{video.id}")
+    assert status == 502 and body["error"]["message"] == "Upstream error: the provider's answer was cut off."
+    assert "x-should-retry" not in headers
 
 
 async def test_ejection_then_probe_and_recovery(

@@ -369,6 +369,27 @@ async def test_a_streamed_create_whose_client_leaves_before_the_stream_starts_is
     assert [v.prompt for v in listed] == ["streamed slowly [slow]"]
 
 
+async def test_a_streamed_create_the_provider_cuts_off_is_cut_off_for_the_client_too(
+    dialect_gateway: RunningGateway, session_log: Path
+) -> None:
+    """Ended normally, the relayed stream would pass for whole, and the client wait for events that
+    never come (it hung until its own timeout). The client sees the break; the video is recorded."""
+    body = {"prompt": "streamed [cut stream]", "model": "sora-remote", "stream": True}
+    headers = {**AUTH, "X-Request-ID": "cut-stream-1"}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.post(dialect_gateway.url + "/v1/videos", json=body, headers=headers) as response,
+    ):
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    listed = (await dialect_gateway.sdk().videos.list()).data
+    assert [v.prompt for v in listed] == ["streamed [cut stream]"]
+    access = await wait_for_event(session_log, "cut-stream-1", "request")
+    assert access["upstream_error"] == "payload"
+    assert not [line for line in log_lines(session_log, "cut-stream-1") if line["level"] == "error"]
+
+
 async def test_a_delete_whose_client_leaves_while_the_provider_deletes_is_done(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
 ) -> None:

@@ -30,7 +30,7 @@ from yarl import URL
 from gateway import jsonio, metrics
 from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
-from gateway.context import CONTEXT, start_answer
+from gateway.context import CONTEXT, cut_answer, start_answer
 from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.http1 import Answer, ExchangeError, FixedHeaders, Http1Client, Limits
@@ -240,21 +240,38 @@ def _with_range(request: web.BaseRequest, header: str | None) -> web.BaseRequest
     return request.clone(headers=headers)
 
 
+# How a provider's stream fails once its answer has begun: cut off, reset, or stalled past the read
+# timeout.
+UPSTREAM_STREAM_FAILURES = (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError)
+
+
 class EventStream:
     """An upstream ``text/event-stream`` answer, relayed event by event."""
 
-    def __init__(self, response: aiohttp.ClientResponse, closer: contextlib.AsyncExitStack) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        closer: contextlib.AsyncExitStack,
+        on_cut_off: Callable[[], None],
+    ) -> None:
         self.response = response
         self._closer = closer
+        self._on_cut_off = on_cut_off
+        self.cut_off = False  # the provider's stream broke off (reset, cut, stalled past its read timeout)
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Raw events, each ending in a blank line."""
+        """Raw events, each ending in a blank line; they end early when the stream breaks off."""
         pending = b""
-        async for chunk in self.response.content.iter_any():
-            pending += chunk.replace(b"\r\n", b"\n")
-            *complete, pending = pending.split(b"\n\n")
-            for event in complete:
-                yield event + b"\n\n"
+        try:
+            async for chunk in self.response.content.iter_any():
+                pending += chunk.replace(b"\r\n", b"\n")
+                *complete, pending = pending.split(b"\n\n")
+                for event in complete:
+                    yield event + b"\n\n"
+        except UPSTREAM_STREAM_FAILURES:
+            self.cut_off = True
+            self._on_cut_off()
+            return
         if pending.strip():
             yield pending + b"\n\n"
 
@@ -509,11 +526,20 @@ class Adapter:
             sent=sent,
             **_failure_detail(cause),
         )
-        headers = {"x-should-retry": "false"} if sent and kind in ("timeout", "reset") else {}
+        # A create or delete the provider may have acted on (its job made, the answer lost) must not
+        # be sent again blindly; a read may.
+        unknown = sent and kind in ("timeout", "reset", "payload") and call.request[CONTEXT].changing
+        headers = {"x-should-retry": "false"} if unknown else {}
         return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent, headers=headers)
 
     def count_error(self, kind: str) -> None:
         metrics.UPSTREAM_ERRORS.labels(self.config.name, kind).inc()
+
+    def stream_cut_off(self, call: Call) -> None:
+        """A provider's stream broke off once the client had the start of it: counted (the caller
+        cuts the client's answer: :func:`cut_answer`)."""
+        call.upstream_error = "payload"
+        self.count_error("payload")
 
     def error_in_answer(self, call: Call, error: UpstreamError) -> UpstreamError:
         """A refusal the provider sent inside a successful HTTP answer, counted and reported to health
@@ -581,10 +607,9 @@ class Adapter:
                 await response.write(chunk)
                 sent += len(chunk)
                 call.request[CONTEXT].bytes_out = sent
-        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError):
-            response.force_close()
-            call.upstream_error = "payload"
-            self.count_error("payload")
+        except UPSTREAM_STREAM_FAILURES:
+            cut_answer(call.request, response)
+            self.stream_cut_off(call)
             return response
         await response.write_eof()
         return response

@@ -7,7 +7,7 @@ the model name and, for edits and extensions, the referenced video's ID.
 from __future__ import annotations
 
 import contextlib
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 from urllib.parse import quote
 
@@ -53,8 +53,9 @@ class OpenAIAdapter(Adapter):
             headers["Content-Length"] = str(length)
         if body.kind == "json":
             headers["Content-Type"] = "application/json"
-        closer = contextlib.AsyncExitStack()
-        try:
+        # Entered, not closed in a finally: a failure reading the answer (cut off, say) must reach
+        # send(), which maps it, rather than escape as aiohttp's own error.
+        async with contextlib.AsyncExitStack() as closer:
             response = await closer.enter_async_context(
                 self.send(call, "POST", url, headers=headers, data=data, body=body, streaming=True)
             )
@@ -62,11 +63,8 @@ class OpenAIAdapter(Adapter):
                 response.status < 400
                 and media_type(response.headers.get("Content-Type")) == "text/event-stream"
             ):
-                stream, closer = EventStream(response, closer), contextlib.AsyncExitStack()
-                return stream
+                return EventStream(response, closer.pop_all(), partial(self.stream_cut_off, call))
             return await self.read_json(response)
-        finally:
-            await closer.aclose()
 
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo | EventStream:
         answer = await self._post(call, self._url(), body, {"model": call.deployment.upstream_model})

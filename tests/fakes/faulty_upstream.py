@@ -10,7 +10,9 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
     nonjson          answer 200 with an HTML page
     flaky:N          answer 503 to the first N retrieves of a video, then normally
     drip:S           send the content slowly, 1 KiB every S seconds
-    truncate         send half the content promised by Content-Length, then close
+    truncate         send half the content (or the JSON answer) promised by Content-Length,
+                     then close
+    truncate-chunked send content chunked, then close before the final chunk
     large            send 256 MiB of content, as fast as the reader takes it
 
 ``fake.reset_next_upload = True`` makes the next create read 64 KiB of its body, then close the
@@ -139,7 +141,10 @@ class FaultyUpstream:
             "seconds": "4",
             "behaviour": behaviour,
         }
-        return web.json_response({k: v for k, v in self.jobs[job_id].items() if k != "behaviour"})
+        answer = {k: v for k, v in self.jobs[job_id].items() if k != "behaviour"}
+        if behaviour == "truncate":  # the job is made, but its answer breaks off
+            return await _cut_off(request, json.dumps(answer).encode(), "application/json")
+        return web.json_response(answer)
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         job = self.jobs.get(request.match_info["vid"])
@@ -168,7 +173,10 @@ class FaultyUpstream:
             if fault is not None:
                 return fault
         job.update(status="completed", progress=100, completed_at=int(time.time()))
-        return web.json_response({k: v for k, v in job.items() if k != "behaviour"})
+        answer = {k: v for k, v in job.items() if k != "behaviour"}
+        if self.behaviour.get(job["model"] or "") == "truncate":
+            return await _cut_off(request, json.dumps(answer).encode(), "application/json")
+        return web.json_response(answer)
 
     async def content(self, request: web.Request) -> web.StreamResponse:
         job = self.jobs.get(request.match_info["vid"], {})
@@ -176,14 +184,8 @@ class FaultyUpstream:
         payload = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64
         if behaviour == "hang":
             await asyncio.sleep(3600)
-        if behaviour == "truncate":
-            response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
-            response.content_length = len(payload) * 2
-            await response.prepare(request)
-            await response.write(payload)
-            assert request.transport is not None
-            request.transport.close()
-            return response
+        if behaviour in ("truncate", "truncate-chunked"):
+            return await _cut_off(request, payload, "video/mp4", chunked=behaviour == "truncate-chunked")
         if behaviour == "large":
             return await self._large(request)
         if behaviour.startswith("drip:"):
@@ -210,3 +212,18 @@ class FaultyUpstream:
         finally:
             self.streaming -= 1
         return response
+
+
+async def _cut_off(
+    request: web.Request, payload: bytes, content_type: str, *, chunked: bool = False
+) -> web.StreamResponse:
+    """A 200 that promises twice ``payload`` (or, chunked, no length), sends it, then closes the
+    connection: chunked, the final empty chunk never comes."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    if not chunked:
+        response.content_length = len(payload) * 2
+    await response.prepare(request)
+    await response.write(payload)
+    assert request.transport is not None
+    request.transport.close()
+    return response

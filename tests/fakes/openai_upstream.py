@@ -10,7 +10,8 @@ Shapes follow the reference ``shared/reference/openai-videos-api.md``:
 
 Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
 ``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``),
-``[odd events]`` (a streamed create starts with events whose data is no JSON), ``[slow]`` (the
+``[odd events]`` (a streamed create starts with events whose data is no JSON), ``[cut stream]``
+(a streamed create's connection drops after its first event), ``[slow]`` (the
 job is made at once, as a provider makes it on reading the request, but the create's answer (a stream
 too) and a delete's come :data:`SLOW_SECONDS` later).
 Jobs move queued → in_progress → completed, one step per retrieve.
@@ -173,6 +174,10 @@ class FakeOpenAIUpstream:
         for status, progress in (("queued", 0), ("in_progress", 50), ("completed", 100)):
             job.update(status=status, progress=progress)
             await response.write(f"event: video.{status}\ndata: {json.dumps(job)}\n\n".encode())
+            if "[cut stream]" in (job["prompt"] or ""):  # the connection drops after the first event
+                assert request.transport is not None
+                request.transport.close()
+                return response
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
