@@ -62,8 +62,10 @@ class HostedFiles:
         self.root.mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - 2 * self.ttl_seconds
         for old in self.root.iterdir():
-            if old.stat().st_mtime < cutoff:
-                old.unlink(missing_ok=True)
+            # another put's sweep, or a delete, may remove a listed file first
+            with contextlib.suppress(FileNotFoundError):
+                if old.stat().st_mtime < cutoff:
+                    old.unlink(missing_ok=True)
         (self.root / name).write_bytes(data)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:

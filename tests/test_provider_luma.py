@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,5 +323,25 @@ async def test_a_full_disk_when_the_image_is_hosted_is_a_503_and_luma_gets_nothi
     assert [p for p in tmp_path.rglob("hosted/*") if p.is_file()] == []
 
     full_disk()  # room again
+    status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
+    assert status == 200 and len(fake.creates) == 1, body
+
+
+async def test_an_image_swept_by_another_request_meanwhile_is_no_failure(
+    hosted_gw: RunningGateway, luma: tuple[FakeLuma, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each hosted image sweeps out expired ones, on a worker thread, while other creates do the same
+    and deletes remove theirs: a file listed and then gone before its turn must not fail a create
+    (it was a 503 storage_unavailable)."""
+    fake, _ = luma
+    real_iterdir = Path.iterdir
+
+    def listed_then_gone(path: Path) -> Iterator[Path]:
+        if path.name == "hosted":
+            yield path / f"{'0' * 32}.png"  # removed by someone else since it was listed
+        yield from real_iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", listed_then_gone)
+    form = {"prompt": "animate", "model": "dream", "size": "1280x720", "input_reference": png()}
     status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
     assert status == 200 and len(fake.creates) == 1, body
