@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +128,20 @@ async def test_characters_are_checked_like_the_local_providers(
             simulator, "/v1/videos/characters", data=aiohttp.FormData(fields, default_to_multipart=True)
         )
         assert status == 400 and body["error"]["param"] == param, body
+
+
+async def test_a_video_deleted_while_the_list_is_read_is_left_out(
+    simulator: TestServer, client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list reads every job's file on a worker thread while a delete may remove one: a job
+    listed and gone by its turn is left out, not a 500."""
+    video = await client.videos.create(prompt="kept", model="sora-2")
+    real_glob = Path.glob
+
+    def listed_then_gone(path: Path, pattern: str) -> Iterator[Path]:
+        if pattern == "video_*/job.json":
+            yield path / f"video_{'0' * 32}" / "job.json"  # deleted since it was listed
+        yield from real_glob(path, pattern)
+
+    monkeypatch.setattr(Path, "glob", listed_then_gone)
+    assert [v.id for v in (await client.videos.list()).data] == [video.id]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import errno
 import fcntl
 import json
@@ -345,9 +346,11 @@ class LocalEngine:
         return [self._view(j, self._dir(j["id"])) for j in jobs[:limit]], len(jobs) > limit
 
     def _all_jobs(self) -> list[dict[str, Any]]:
-        if not self.root.exists():
-            return []
-        return [json.loads(p.read_text()) for p in self.root.glob("video_*/job.json")]
+        jobs = []
+        for path in self.root.glob("video_*/job.json"):
+            with contextlib.suppress(FileNotFoundError):  # deleted since it was listed
+                jobs.append(json.loads(path.read_text()))
+        return jobs
 
     async def delete(self, job_id: str) -> bool:
         try:
