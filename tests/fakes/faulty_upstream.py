@@ -174,7 +174,7 @@ class FaultyUpstream:
                 return fault
         job.update(status="completed", progress=100, completed_at=int(time.time()))
         answer = {k: v for k, v in job.items() if k != "behaviour"}
-        if self.behaviour.get(job["model"] or "") == "truncate":
+        if behaviour == "truncate":
             return await _cut_off(request, json.dumps(answer).encode(), "application/json")
         return web.json_response(answer)
 
