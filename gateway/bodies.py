@@ -577,6 +577,11 @@ async def _read_json(request: web.Request, limits: Limits) -> RequestBody:
     try:
         fields = jsonio.loads(raw)
     except jsonio.JSONDecodeError as exc:
+        try:
+            raw.decode()
+        except UnicodeDecodeError as undecodable:
+            message = f"The JSON body is not UTF-8 text (byte {undecodable.start} is not): send it as UTF-8."
+            raise bad_request(message, code="invalid_json") from None
         raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
     if jsonio.nesting_exceeds(fields, MAX_JSON_DEPTH):
         raise bad_request(f"The JSON body nests deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json")

@@ -880,6 +880,16 @@ async def test_invalid_json_is_400(client: Any, raw: bytes):
     assert await error_of(resp) == (400, "invalid_json")
 
 
+async def test_a_json_body_in_another_encoding_is_told_it_must_be_utf8(client: Any):
+    """A Latin-1 or UTF-16 body: the message names the encoding rule and where it broke, not the
+    parser's inner words ('surrogates not allowed')."""
+    for raw, at in ((b'{"model": "m", "prompt": "caf\xe9"}', 29), ('{"model": "m"}'.encode("utf-16"), 0)):
+        resp = await client.post("/echo", data=raw, headers={"Content-Type": "application/json"})
+        assert resp.status == 400
+        message = (await resp.json())["error"]["message"]
+        assert message == f"The JSON body is not UTF-8 text (byte {at} is not): send it as UTF-8.", message
+
+
 async def test_json_depth_limit_is_exact_and_what_passes_is_forwarded_as_parsed(client: Any):
     def nested(depth: int) -> bytes:
         inner = depth - 1  # the body object is the first level
