@@ -705,10 +705,21 @@ def shielded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
     whole is finished so. One whose client leaves before (waiting for its admission, say) is
     cancelled as before, and so is one whose client leaves mid-upload: its body is cut short on the
     way to the provider, which then starts nothing (and whose health is not blamed for it). A drain
-    waits for these too (``Gateway.left_by_client``)."""
+    waits for these too (``Gateway.left_by_client``).
+
+    A failure that leaves unknown whether the provider acted on the change is answered with
+    ``x-should-retry: false`` (:func:`_unsure`)."""
+
+    async def finish(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except UpstreamError as exc:
+            if context(request).changing and _unsure(exc):
+                exc.headers["x-should-retry"] = "false"
+            raise
 
     async def run(request: web.Request) -> web.StreamResponse:
-        work = asyncio.ensure_future(handler(request))
+        work = asyncio.ensure_future(finish(request))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -726,6 +737,14 @@ def shielded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
             del work  # it holds the handler's error, whose traceback holds this frame: no cycle
 
     return run
+
+
+def _unsure(exc: UpstreamError) -> bool:
+    """Whether the provider may have acted on a request whose answer was lost: the request went out
+    and then timed out or was reset, or an answer came that could not be read (cut off, an HTML page,
+    JSON without the job's id). A create or delete sent again blindly might then start and bill a
+    second job; a read may be tried again, and a clear refusal or 5xx says nothing was done."""
+    return exc.kind == "payload" or (exc.sent and exc.kind in ("timeout", "reset"))
 
 
 def _ended_without_client(request_id: str, path: str, work: asyncio.Task[web.StreamResponse]) -> None:

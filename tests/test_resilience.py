@@ -184,13 +184,15 @@ async def test_no_failover_once_the_upstream_may_have_the_job(
     assert fake.hits_for("secondary") == [] and len(fake.hits_for("primary")) == 1
 
 
-async def test_a_create_whose_answer_broke_off_is_not_retried_by_the_sdk(
-    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+@pytest.mark.parametrize("answer", ["truncate", "made-html", "made-no-id"])
+async def test_a_create_whose_answer_is_lost_is_not_retried_by_the_sdk(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], answer: str
 ) -> None:
-    """The provider made the job, then its answer broke off: a retry would start and bill a second
-    one, so the client is told not to retry (the SDK retries a 502 otherwise, twice by default)."""
+    """The provider made the job, then its answer broke off or could not be read (an HTML page, JSON
+    without an id): a retry would start and bill a second one, so the client is told not to retry
+    (the SDK retries a 502 otherwise, twice by default)."""
     fake, url = faulty
-    fake.behaviour["primary"] = "truncate"
+    fake.behaviour["primary"] = answer
     gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
     sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY, max_retries=2)
     gw.clients.append(sdk)
@@ -199,8 +201,15 @@ async def test_a_create_whose_answer_broke_off_is_not_retried_by_the_sdk(
     assert caught.value.status_code == 502 and caught.value.response.headers["x-should-retry"] == "false"
     assert len(fake.jobs) == 1 and fake.hits_for("secondary") == []
 
-    # A poll whose answer broke off is a read: the client may well try it again
-    fake.behaviour["primary"] = "ok"
+
+async def test_a_poll_whose_answer_broke_off_may_be_tried_again(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A poll is a read: unlike a create's, its lost answer leaves the client free to try again."""
+    fake, url = faulty
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
+    sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY)
+    gw.clients.append(sdk)
     video = await sdk.videos.create(prompt="y", model="resilient")  # type: ignore[arg-type]
     fake.behaviour["primary"] = "truncate"
     status, headers, body = await call(gw, "GET", f"/v1/videos/{video.id}")

@@ -526,11 +526,7 @@ class Adapter:
             sent=sent,
             **_failure_detail(cause),
         )
-        # A create or delete the provider may have acted on (its job made, the answer lost) must not
-        # be sent again blindly; a read may.
-        unknown = sent and kind in ("timeout", "reset", "payload") and call.request[CONTEXT].changing
-        headers = {"x-should-retry": "false"} if unknown else {}
-        return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent, headers=headers)
+        return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent)
 
     def count_error(self, kind: str) -> None:
         metrics.UPSTREAM_ERRORS.labels(self.config.name, kind).inc()

@@ -13,6 +13,8 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
     truncate         send half the content (or the JSON answer) promised by Content-Length,
                      then close
     truncate-chunked send content chunked, then close before the final chunk
+    made-html        make the job, then answer 200 with an HTML page (a proxy's page in front, say)
+    made-no-id       make the job, then answer 200 with JSON that has no ``id``
     large            send 256 MiB of content, as fast as the reader takes it
 
 ``fake.reset_next_upload = True`` makes the next create read 64 KiB of its body, then close the
@@ -144,6 +146,10 @@ class FaultyUpstream:
         answer = {k: v for k, v in self.jobs[job_id].items() if k != "behaviour"}
         if behaviour == "truncate":  # the job is made, but its answer breaks off
             return await _cut_off(request, json.dumps(answer).encode(), "application/json")
+        if behaviour == "made-html":
+            return web.Response(text="<html>accepted</html>", content_type="text/html")
+        if behaviour == "made-no-id":
+            return web.json_response({"task": answer})
         return web.json_response(answer)
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
