@@ -214,6 +214,28 @@ async def test_upstream_refusals_are_passed_on(dialect_gateway: RunningGateway) 
     assert "not JSON" in body["error"]["message"]
 
 
+async def test_an_upstream_refusing_the_gateways_key_is_not_the_clients_bad_key(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """The client's key never goes upstream, so an upstream 401 is about the gateway's own key (one
+    rotated at the provider, say): every route says so, and none answers invalid_api_key, which would
+    send the application's developer after a key that is fine."""
+    gw, (fake, _) = dialect_gateway, upstream
+    video = await gw.sdk().videos.create(prompt="x", model="sora-remote")
+    fake.api_key = "rotated-at-the-provider"
+    for method, path, payload in (
+        ("POST", "/v1/videos", {"prompt": "x", "model": "sora-remote"}),
+        ("GET", f"/v1/videos/{video.id}", None),
+        ("GET", f"/v1/videos/{video.id}/content", None),
+        ("POST", f"/v1/videos/{video.id}/remix", {"prompt": "y"}),
+        ("DELETE", f"/v1/videos/{video.id}", None),
+    ):
+        status, headers, body = await request(gw, method, path, json=payload)
+        assert status == 401, (path, body)
+        assert_envelope(body, headers, code="upstream_auth_failed")
+        assert body["error"]["message"].startswith("The provider rejected the gateway's API key."), body
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -175,6 +175,11 @@ async def test_content_and_delete(
     await poll_until_done(gw, video["id"])
     status, headers, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
     assert status == 200 and body == media["video"].read_bytes() and headers["Content-Type"] == "video/mp4"
+    fake.api_key, key = "rotated-at-azure", fake.api_key
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 401 and body["error"]["code"] == "upstream_auth_failed", body
+    assert body["error"]["message"].startswith("Azure rejected the gateway's API key.")
+    fake.api_key = key
     status, _, body = await request(gw, "DELETE", f"/v1/videos/{video['id']}")
     assert status == 200 and body["deleted"] is True and fake.videos == {}
     assert_azure_auth(fake)

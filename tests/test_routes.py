@@ -137,6 +137,10 @@ async def test_redirected_content_is_followed_inside_the_gateway(
     signed = upstream[0].requests("GET", "/signed/")
     assert signed and "Authorization" not in signed[0].headers
 
+    upstream[0].signed_urls_expired = True  # past its time, the signed URL is the provider's lost file
+    status, _, body = await send(dialect_gateway, "GET", f"/v1/videos/{done.id}/content")
+    assert status == 410 and json.loads(body)["error"]["code"] == "video_expired", body
+
 
 async def test_edits_extensions_and_characters_reach_the_owning_upstream(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]

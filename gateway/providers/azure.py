@@ -23,14 +23,13 @@ from collections.abc import Mapping
 from urllib.parse import quote
 
 from gateway.errors import ApiError
-from gateway.providers.base import error_from_upstream
-from gateway.providers.native import auth_rejected
 from gateway.providers.openai import OpenAIAdapter
 
 
 class AzureAdapter(OpenAIAdapter):
     kind = "azure"
     required_fields = ("base_url", "api_key")
+    provider_name = "Azure"
     options_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -53,9 +52,7 @@ class AzureAdapter(OpenAIAdapter):
         return f"{url}{'&' if '?' in url else '?'}api-version={quote(str(version), safe='')}"
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
-        error = error_from_upstream(status, headers, raw)
-        if status == 401:
-            return auth_rejected("Azure", error.message, upstream_status=status)
+        error = super().provider_error(status, headers, raw)
         if error.code is not None and error.code.isdigit():
             error.code = "rate_limited" if status == 429 else None
         return error

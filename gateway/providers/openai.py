@@ -7,6 +7,7 @@ the model name and, for edits and extensions, the referenced video's ID.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from functools import cached_property, partial
 from typing import Any
 from urllib.parse import quote
@@ -14,7 +15,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.bodies import RequestBody
-from gateway.errors import UpstreamError
+from gateway.errors import ApiError, UpstreamError, expired_result
 from gateway.headers import CONDITIONAL_REQUEST_HEADERS, media_type
 from gateway.http1 import FixedHeaders
 from gateway.providers.base import (
@@ -29,12 +30,20 @@ from gateway.providers.base import (
     read_limited,
     redirect_target,
 )
+from gateway.providers.native import auth_rejected
 from gateway.store import Task
 
 
 class OpenAIAdapter(Adapter):
     kind = "openai"
     required_fields = ("base_url",)
+    provider_name = "The provider"
+
+    def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
+        error = error_from_upstream(status, headers, raw)
+        if status == 401:  # the client's key never goes upstream: the refused key is the gateway's
+            return auth_rejected(self.provider_name, error.message, upstream_status=status)
+        return error
 
     @cached_property
     def _videos_url(self) -> str:
@@ -102,7 +111,7 @@ class OpenAIAdapter(Adapter):
             if response.status in REDIRECTS and "Location" in response.headers:
                 return await self._follow(call, redirect_target(response), asked)
             if response.status >= 400:
-                raise error_from_upstream(
+                raise self.provider_error(
                     response.status, response.headers, await read_limited(response, 65536)
                 )
             return await self.relay(call, response)
@@ -121,6 +130,8 @@ class OpenAIAdapter(Adapter):
                 raise UpstreamError(
                     502, "Upstream error: the provider's result URL redirected again.", kind="payload"
                 )
+            if response.status in (403, 404, 410):  # a signed URL past its time, or its file gone
+                raise expired_result()
             if response.status >= 400:
                 raise error_from_upstream(
                     response.status, response.headers, await read_limited(response, 65536)

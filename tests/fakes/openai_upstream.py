@@ -9,7 +9,8 @@ Shapes follow the reference ``shared/reference/openai-videos-api.md``:
 - ``stream`` on create: §7 (apifree's optional flag), answered as ``text/event-stream``.
 
 Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
-``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``),
+``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``, which answers
+403 as an object store does once such a URL is past its time when ``signed_urls_expired`` is set),
 ``[odd events]`` (a streamed create starts with events whose data is no JSON), ``[cut stream]``
 (a streamed create's connection drops after its first event), ``[slow]`` (the
 job is made at once, as a provider makes it on reading the request, but the create's answer (a stream
@@ -51,6 +52,7 @@ class FakeOpenAIUpstream:
     received: list[Received] = field(default_factory=list)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     characters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    signed_urls_expired: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def requests(self, method: str, path_prefix: str = "") -> list[Received]:
@@ -217,6 +219,12 @@ class FakeOpenAIUpstream:
         return self._media(variant)
 
     async def signed(self, request: web.Request) -> web.StreamResponse:
+        if self.signed_urls_expired:  # S3's and GCS's answer to an expired presigned URL
+            return web.Response(
+                status=403,
+                text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+                content_type="application/xml",
+            )
         return self._media(request.query.get("variant", "video"))
 
     def _media(self, variant: str) -> web.StreamResponse:
