@@ -142,6 +142,29 @@ async def test_redirected_content_is_followed_inside_the_gateway(
     assert status == 410 and json.loads(body)["error"]["code"] == "video_expired", body
 
 
+async def test_seconds_as_a_json_number_reaches_an_openai_dialect_upstream_as_text(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """The gateway takes ``"seconds": 8`` (openai-videos-api §8.2); the dialect's ``seconds`` is a
+    string enum, which OpenAI and Azure refuse a number for, so it goes on as ``"8"``."""
+    fake, _ = upstream
+    status, _, raw = await send(
+        dialect_gateway, "POST", "/v1/videos", json={"prompt": "x", "model": "sora-remote", "seconds": 8}
+    )
+    assert status == 200, raw
+    assert json.loads(raw)["seconds"] == "8"
+    assert json.loads(fake.requests("POST", "/v1/videos")[-1].body)["seconds"] == "8"
+    source = json.loads(raw)["id"]
+    status, _, raw = await send(
+        dialect_gateway,
+        "POST",
+        "/v1/videos/extensions",
+        json={"prompt": "more", "video": {"id": source}, "seconds": 4},
+    )
+    assert status == 200, raw
+    assert json.loads(fake.requests("POST", "/v1/videos/extensions")[-1].body)["seconds"] == "4"
+
+
 async def test_edits_extensions_and_characters_reach_the_owning_upstream(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:

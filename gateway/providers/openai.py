@@ -54,7 +54,12 @@ class OpenAIAdapter(Adapter):
         return "/".join([self._videos_url, *[path_segment(p) for p in parts]])
 
     async def _post(self, call: Call, url: str, body: RequestBody, replace: dict[str, str]) -> Any:
-        """POST a client body on; the parsed JSON answer, or the open event stream."""
+        """POST a client body on; the parsed JSON answer, or the open event stream.
+
+        A JSON ``seconds`` number, which the gateway takes, goes on as the dialect's string."""
+        seconds = body.fields.get("seconds") if body.kind == "json" else None
+        if type(seconds) is int:
+            replace = {**replace, "seconds": str(seconds)}
         data, length = body.upstream_body(replace)
         headers = self.upstream_headers(call)
         headers["Accept-Encoding"] = "identity"

@@ -152,7 +152,7 @@ class FakeOpenAIUpstream:
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         fields = await self._fields(request)
-        trouble = await self._misbehave(str(fields.get("prompt", "")))
+        trouble = _wrong_type(fields) or await self._misbehave(str(fields.get("prompt", "")))
         if trouble is not None:
             return trouble
         job = self._new_job(fields)
@@ -243,6 +243,8 @@ class FakeOpenAIUpstream:
 
     async def edit(self, request: web.Request) -> web.Response:
         fields = await self._fields(request)
+        if trouble := _wrong_type(fields):
+            return trouble
         ref = fields.get("video") if isinstance(fields.get("video"), dict) else None
         source_id = (ref or {}).get("id") or fields.get("video[id]")
         if isinstance(source_id, str) and source_id not in self.jobs:
@@ -278,3 +280,18 @@ def _error(
 
 class _NotFound(Exception):
     pass
+
+
+def _wrong_type(fields: dict[str, Any]) -> web.Response | None:
+    """``seconds`` is a string enum (§2.1: "4" | "8" | "12"); a JSON number is refused as OpenAI
+    refuses a value of the wrong type."""
+    seconds = fields.get("seconds")
+    if seconds is None or isinstance(seconds, str):
+        return None
+    return _error(
+        400,
+        f"Invalid type for 'seconds': expected a string, but got {type(seconds).__name__} instead.",
+        "invalid_request_error",
+        "seconds",
+        "invalid_type",
+    )
