@@ -9,6 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.config import ProviderConfig
+from gateway.providers import ADAPTERS
+from gateway.providers.base import AdapterEnv
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.dashscope import CREATE, FakeDashScope
 from tests.provider_contract import (
@@ -283,3 +286,32 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
 
 async def test_a_task_id_is_used_whole(gw: RunningGateway, dashscope: tuple[FakeDashScope, str]) -> None:
     await assert_task_id_kept_whole(gw, dashscope[0], "wan-t2v")
+
+
+# Alibaba Model Studio's own list of the OSS hosts results are served from, for firewalls' allow-lists
+# ("OSS域名列表" in its Wan and image API references); the first is where Beijing's Wan videos are.
+ALIBABA_RESULT_HOSTS = (
+    "dashscope-result-wlcb-acdr-1.oss-cn-wulanchabu-acdr-1.aliyuncs.com",
+    "dashscope-result-bj.oss-cn-beijing.aliyuncs.com",
+    "dashscope-result-hz.oss-cn-hangzhou.aliyuncs.com",
+    "dashscope-result-sh.oss-cn-shanghai.aliyuncs.com",
+    "dashscope-result-wlcb.oss-cn-wulanchabu.aliyuncs.com",
+    "dashscope-result-zjk.oss-cn-zhangjiakou.aliyuncs.com",
+    "dashscope-result-sz.oss-cn-shenzhen.aliyuncs.com",
+    "dashscope-result-hy.oss-cn-heyuan.aliyuncs.com",
+    "dashscope-result-cd.oss-cn-chengdu.aliyuncs.com",
+    "dashscope-result-gz.oss-cn-guangzhou.aliyuncs.com",
+)
+
+
+def test_every_result_host_alibaba_lists_is_followed_and_no_other(tmp_path: Path) -> None:
+    """A Wan video from any of them downloads with the default config; the fakes serve results from
+    their own host, so this is the test of the built-in list."""
+    config = ProviderConfig(
+        name="wan", kind="dashscope", base_url="https://dashscope.aliyuncs.com", api_key="k"
+    )
+    adapter = ADAPTERS["dashscope"](config, AdapterEnv(data_dir=tmp_path, hosted=None))
+    for host in ALIBABA_RESULT_HOSTS:
+        assert adapter.result_host_allowed(f"https://{host}/1d/31/v.mp4?Expires=1&Signature=x"), host
+    for host in ("oss-cn-beijing.aliyuncs.com.example.com", "example.com", "aliyuncs.com"):
+        assert not adapter.result_host_allowed(f"https://{host}/v.mp4"), host

@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+from gateway.config import ProviderConfig
+from gateway.providers import ADAPTERS
+from gateway.providers.base import AdapterEnv
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.seedance import FakeArk
 from tests.provider_contract import (
@@ -367,3 +370,17 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
 
 async def test_a_task_id_is_used_whole(gw: RunningGateway, ark: tuple[FakeArk, str]) -> None:
     await assert_task_id_kept_whole(gw, ark[0], "seedance-pro")
+
+
+def test_the_result_hosts_of_volcengine_and_byteplus_are_followed(tmp_path: Path) -> None:
+    """The fake serves results from its own host, so this is the test of the built-in list: Ark's
+    result buckets on Volcengine (Beijing) and BytePlus (Johor), on both of BytePlus's domains."""
+    config = ProviderConfig(name="ark", kind="seedance", api_key="k")
+    adapter = ADAPTERS["seedance"](config, AdapterEnv(data_dir=tmp_path, hosted=None))
+    for host in (
+        "ark-content-generation-cn-beijing.tos-cn-beijing.volces.com",
+        "ark-content-generation-ap-southeast-1.tos-ap-southeast-1.volces.com",
+        "ark-content-generation-v2-ap-southeast-1.tos-ap-southeast-1.bytepluses.com",
+    ):
+        assert adapter.result_host_allowed(f"https://{host}/doubao-seedance/v.mp4?X-Tos-Expires=86400"), host
+    assert not adapter.result_host_allowed("https://tos-ap-southeast-1.bytepluses.com.example.com/v.mp4")

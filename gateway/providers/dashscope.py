@@ -152,15 +152,23 @@ class DashScopeAdapter(NativeAdapter):
     kind = "dashscope"
     default_base_url = "https://dashscope-intl.aliyuncs.com"
     required_fields = ("api_key",)
-    # video_url points at DashScope's result buckets, e.g. dashscope-result-sh.oss-accelerate.aliyuncs.com,
-    # dashscope-result.oss-cn-beijing.aliyuncs.com, dashscope-result-wlcb.oss-cn-wulanchabu.aliyuncs.com;
-    # the Singapore and Virginia buckets are assumed to sit on their regions' OSS endpoints.
+    # video_url points at DashScope's result buckets: the regions of Alibaba's own list of them (for
+    # firewalls, "OSS域名列表" in the Model Studio API references; Beijing's Wan videos come from
+    # dashscope-result-wlcb-acdr-1.oss-cn-wulanchabu-acdr-1), its accelerated endpoints, and the
+    # Singapore and Virginia regions, assumed to serve theirs the same way.
     default_result_hosts = (
         ".oss-accelerate.aliyuncs.com",
         ".oss-accelerate-overseas.aliyuncs.com",
         ".oss-cn-beijing.aliyuncs.com",
+        ".oss-cn-hangzhou.aliyuncs.com",
         ".oss-cn-shanghai.aliyuncs.com",
         ".oss-cn-wulanchabu.aliyuncs.com",
+        ".oss-cn-wulanchabu-acdr-1.aliyuncs.com",
+        ".oss-cn-zhangjiakou.aliyuncs.com",
+        ".oss-cn-shenzhen.aliyuncs.com",
+        ".oss-cn-heyuan.aliyuncs.com",
+        ".oss-cn-chengdu.aliyuncs.com",
+        ".oss-cn-guangzhou.aliyuncs.com",
         ".oss-ap-southeast-1.aliyuncs.com",
         ".oss-us-east-1.aliyuncs.com",
     )

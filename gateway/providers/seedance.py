@@ -214,8 +214,13 @@ class SeedanceAdapter(NativeAdapter):
     default_base_url = "https://ark.cn-beijing.volces.com/api/v3"
     required_fields = ("api_key",)
     # Results are TOS objects: ark-content-generation-*.tos-cn-beijing.volces.com (Volcengine) and
-    # ark-content-generation-ap-southeast-1.tos-ap-southeast-1.volces.com (BytePlus).
-    default_result_hosts = (".tos-cn-beijing.volces.com", ".tos-ap-southeast-1.volces.com")
+    # ark-content-generation-*-ap-southeast-1.tos-ap-southeast-1.volces.com or, in BytePlus
+    # ModelArk's newer answers, the same bucket on tos-ap-southeast-1.bytepluses.com.
+    default_result_hosts = (
+        ".tos-cn-beijing.volces.com",
+        ".tos-ap-southeast-1.volces.com",
+        ".tos-ap-southeast-1.bytepluses.com",
+    )
     models = MODELS
     default_spec = PERMISSIVE
     options_schema = {
