@@ -151,6 +151,82 @@ async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningG
     )
 
 
+async def test_gen45_takes_its_image_ratios_with_an_image_and_two_without(
+    gw: RunningGateway, runway: tuple[FakeRunway, str]
+) -> None:
+    """Reference §c: gen4.5 takes six ratios for image-to-video, only 1280:720 and 720:1280 for
+    text-to-video."""
+    fake, _ = runway
+    for size in ("1104x832", "960x960", "832x1104", "1584x672"):
+        form = {"prompt": "animate", "model": "gen-video", "size": size, "input_reference": png()}
+        status, _, body = await request(gw, "POST", "/v1/videos", data=form)
+        assert status == 200 and body["size"] == size, body
+        assert fake.creates[-1] == ("image_to_video", fake.creates[-1][1])
+        assert fake.creates[-1][1]["ratio"] == size.replace("x", ":")
+    sent = len(fake.creates)
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "gen-video", "size": "960x960"},
+        status=400,
+        param="size",
+        mentions=("needs an input_reference image", "1280x720, 720x1280"),
+    )
+    assert len(fake.creates) == sent
+
+
+async def test_runways_input_limits_are_told_before_it_is_asked(
+    gw: RunningGateway, runway: tuple[FakeRunway, str]
+) -> None:
+    """Runway takes a data URI under 5 MB (a 3.75 MiB image is over it once base64-encoded), image
+    URLs over HTTPS only, and prompts up to 1000 UTF-16 code units (an emoji is two)."""
+    fake, _ = runway
+    big = png() + bytes(int(3.8 * 1024 * 1024))  # a PNG with trailing bytes: still sniffed as one
+    status, _, body = await request(
+        gw, "POST", "/v1/videos", data={"prompt": "x", "model": "turbo", "input_reference": big}
+    )
+    assert status == 413 and body["error"]["param"] == "input_reference", body
+    assert "3.7 MiB" in body["error"]["message"], body
+    ok = png() + bytes(3 * 1024 * 1024)
+    status, _, body = await request(
+        gw, "POST", "/v1/videos", data={"prompt": "x", "model": "turbo", "input_reference": ok}
+    )
+    assert status == 200, body
+    sent = len(fake.creates)
+    plain = {"prompt": "x", "model": "turbo", "input_reference": {"image_url": "http://img.example/a.png"}}
+    await assert_refused(gw, plain, status=400, param="input_reference", mentions=("HTTPS",))
+    await assert_refused(
+        gw,
+        {"prompt": "\U0001f98a" * 501, "model": "gen-video"},
+        status=400,
+        param="prompt",
+        mentions=("1000",),
+    )
+    assert len(fake.creates) == sent
+    status, _, body = await request(
+        gw, "POST", "/v1/videos", json={"prompt": "\U0001f98a" * 500, "model": "gen-video"}
+    )
+    assert status == 200, body
+
+
+async def test_runway_refusing_the_gateways_key_is_not_the_clients_bad_key(
+    start_gateway: StartGateway, tmp_path: Path, runway: tuple[FakeRunway, str]
+) -> None:
+    provider = f"""
+        kind: runway
+        base_url: {runway[1]}
+        api_key: not-the-key
+    """
+    gw = await start_provider_gateway(start_gateway, tmp_path, provider, MODELS)
+    await assert_refused(
+        gw,
+        {"prompt": "x", "model": "gen-video"},
+        status=401,
+        mentions=("Runway rejected the gateway's API key.", "Invalid API key."),
+    )
+    _, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "gen-video"})
+    assert body["error"]["code"] == "upstream_auth_failed"
+
+
 async def test_failed_and_cancelled_tasks(gw: RunningGateway) -> None:
     failed = await create(gw, model="gen-video", prompt="[fail] forbidden")
     final = (await poll_until_done(gw, failed["id"]))[-1]

@@ -11,18 +11,30 @@ Wire format (runwayml/sdk-python, see the provider reference §c):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from gateway.bodies import RequestBody
-from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import Call, UpstreamVideo, path_segment
-from gateway.providers.native import ModelSpec, NativeAdapter, durations, ignore_refusals, not_offered
+from gateway.errors import ApiError, UpstreamError, bad_request
+from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, path_segment
+from gateway.providers.native import (
+    ImageInput,
+    ModelSpec,
+    NativeAdapter,
+    auth_rejected,
+    durations,
+    ignore_refusals,
+    not_offered,
+)
 from gateway.store import Task
 
 API_VERSION = "2024-11-06"
-MAX_DATA_URI_IMAGE = 5 * 1024 * 1024
+# A data URI must be under 5 MB, counted in characters (1024 × 1024 × 5, Runway's input docs):
+# base64 makes that an image of about 3.7 MiB.
+MAX_DATA_URI = 5 * 1024 * 1024
+MAX_PROMPT_UTF16 = 1000  # promptText, in UTF-16 code units (an emoji counts two)
 
 
 def _ratios(*sizes: str) -> dict[str, str]:
@@ -31,17 +43,20 @@ def _ratios(*sizes: str) -> dict[str, str]:
 
 _EXTRAS = frozenset({"seed", "contentModeration"})
 
+_GEN4_SIZES = ("1280x720", "720x1280", "1104x832", "832x1104", "960x960", "1584x672")
+
 MODELS = {
     "gen4.5": ModelSpec(
-        sizes=_ratios("1280x720", "720x1280"),
+        sizes=_ratios(*_GEN4_SIZES),
         seconds=durations(*range(2, 11)),
         default_size="1280x720",
         default_seconds="5",
         extra_params=_EXTRAS,
         expected_seconds=60,
+        image_only_sizes=frozenset(_GEN4_SIZES[2:]),  # text-to-video takes 1280:720 and 720:1280 only
     ),
     "gen4_turbo": ModelSpec(
-        sizes=_ratios("1280x720", "720x1280", "1104x832", "832x1104", "960x960", "1584x672"),
+        sizes=_ratios(*_GEN4_SIZES),
         seconds=durations(5, 10),
         default_size="1280x720",
         default_seconds="5",
@@ -98,6 +113,11 @@ class RunwayAdapter(NativeAdapter):
 
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo:
         request = await self.parse_create(call, body)
+        if len(request.prompt.encode("utf-16-le")) // 2 > MAX_PROMPT_UTF16:
+            raise bad_request(
+                f"Runway takes prompts up to {MAX_PROMPT_UTF16} UTF-16 code units (an emoji counts two).",
+                param="prompt",
+            )
         payload: dict[str, Any] = {
             "model": call.deployment.upstream_model,
             "promptText": request.prompt,
@@ -107,19 +127,18 @@ class RunwayAdapter(NativeAdapter):
         }
         endpoint = "text_to_video"
         if request.image is not None:
-            if request.image.data is not None and len(request.image.data) > MAX_DATA_URI_IMAGE:
-                raise ApiError(
-                    413,
-                    "Runway takes input_reference images up to 5 MiB.",
-                    param="input_reference",
-                    code="request_too_large",
-                )
-            payload["promptImage"] = request.image.data_uri()
+            payload["promptImage"] = _prompt_image(request.image)
             endpoint = "image_to_video"
         answer = await self.call_json(call, "POST", f"{self.base_url}/v1/{endpoint}", json_body=payload)
         if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
             raise UpstreamError(502, "Upstream error: Runway's answer has no task id.", kind="payload")
         return UpstreamVideo(answer["id"], {"status": "queued", "progress": 0, **request.seed()})
+
+    def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
+        error = error_from_upstream(status, headers, raw)
+        if status == 401:
+            return auth_rejected("Runway", error.message, upstream_status=status)
+        return error
 
     async def _task(self, call: Call, task_id: str) -> dict[str, Any]:
         answer = await self.call_json(call, "GET", f"{self.base_url}/v1/tasks/{path_segment(task_id)}")
@@ -155,3 +174,22 @@ class RunwayAdapter(NativeAdapter):
     async def delete(self, call: Call, task: Task) -> None:
         with ignore_refusals(404):
             await self.call_json(call, "DELETE", f"{self.base_url}/v1/tasks/{path_segment(task.upstream_id)}")
+
+
+def _prompt_image(image: ImageInput) -> str:
+    """``promptImage``: an HTTPS URL, or the image as a data URI within Runway's limit."""
+    if image.data is None:
+        if not str(image.url).startswith("https://"):
+            raise bad_request(
+                "Runway takes input_reference image URLs over HTTPS only.", param="input_reference"
+            )
+        return str(image.url)
+    uri = image.data_uri()
+    if len(uri) >= MAX_DATA_URI:
+        raise ApiError(
+            413,
+            "Runway takes input_reference images up to about 3.7 MiB (5 MB once base64-encoded).",
+            param="input_reference",
+            code="request_too_large",
+        )
+    return uri

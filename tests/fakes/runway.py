@@ -2,7 +2,11 @@
 
 - auth: ``Authorization: Bearer <key>`` (401 otherwise) and ``X-Runway-Version: 2024-11-06`` (400 if missing);
 - ``POST /v1/text_to_video`` / ``/v1/image_to_video``: ``{model, promptText, ratio, duration, promptImage}`` →
-  ``{"id": <uuid>}``; a daily-cap refusal is HTTP 429;
+  ``{"id": <uuid>}``; a daily-cap refusal is HTTP 429. Checked as the reference lists them: ``ratio``
+  from the model's enum (gen4.5 and gen4_turbo take six for image-to-video, gen4.5 two for
+  text-to-video; veo3.x four), ``duration`` from the model's, ``promptText`` up to 1000 UTF-16 code
+  units, ``promptImage`` an HTTPS URL or a data URI under 5 MB (1024 × 1024 × 5 characters, by
+  Runway's input docs); anything else is a 400;
 - ``GET /v1/tasks/{id}``: status moves one step per poll ``PENDING → THROTTLED → RUNNING (progress 0.4)
   → SUCCEEDED (output: [url])``; prompts with ``[fail]`` end ``FAILED`` with ``failureCode``,
   ``[cancel]`` ends ``CANCELLED``;
@@ -20,6 +24,26 @@ from typing import Any
 from aiohttp import web
 
 STEPS = ("PENDING", "THROTTLED", "RUNNING", "SUCCEEDED")
+_GEN4 = {"1280:720", "720:1280", "1104:832", "960:960", "832:1104", "1584:672"}
+_VEO = {"1280:720", "720:1280", "1080:1920", "1920:1080"}
+RATIOS = {  # (model, endpoint) → ratios
+    ("gen4.5", "image_to_video"): _GEN4,
+    ("gen4.5", "text_to_video"): {"1280:720", "720:1280"},
+    ("gen4_turbo", "image_to_video"): _GEN4,
+    **{
+        (veo, endpoint): _VEO
+        for veo in ("veo3.1", "veo3.1_fast", "veo3")
+        for endpoint in ("image_to_video", "text_to_video")
+    },
+}
+DURATIONS = {
+    "gen4.5": range(2, 11),
+    "gen4_turbo": (5, 10),
+    "veo3.1": (4, 6, 8),
+    "veo3.1_fast": (4, 6, 8),
+    "veo3": (8,),
+}
+MAX_DATA_URI = 5 * 1024 * 1024
 
 
 @dataclass
@@ -34,7 +58,7 @@ class FakeRunway:
     next_id: str | None = None  # the task ID the next create answers (for odd IDs), then generated again
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[self._auth], client_max_size=16 * 1024 * 1024)
         app.router.add_post("/v1/text_to_video", self.create)
         app.router.add_post("/v1/image_to_video", self.create)
         app.router.add_get("/v1/tasks/{id}", self.get_task)
@@ -63,7 +87,7 @@ class FakeRunway:
                 status=429,
                 headers={"Retry-After": "30"},
             )
-        if not isinstance(body.get("duration"), int) or ":" not in str(body.get("ratio")):
+        if not _valid(endpoint, body):
             return web.json_response({"error": "Validation of body failed"}, status=400)
         task_id = self.next_id if self.next_id is not None else str(uuid.uuid4())
         self.next_id = None
@@ -109,3 +133,19 @@ class FakeRunway:
         if self.redirect_to is not None:
             return web.Response(status=302, headers={"Location": self.redirect_to})
         return web.FileResponse(self.video, headers={"Content-Type": "video/mp4"})
+
+
+def _valid(endpoint: str, body: dict[str, Any]) -> bool:
+    model, prompt, image = body.get("model"), body.get("promptText", ""), body.get("promptImage")
+    if body.get("ratio") not in RATIOS.get((model, endpoint), ()):
+        return False
+    if not isinstance(body.get("duration"), int) or body["duration"] not in DURATIONS.get(model, ()):
+        return False
+    if not isinstance(prompt, str) or len(prompt.encode("utf-16-le")) // 2 > 1000:
+        return False
+    if endpoint == "image_to_video":
+        if not isinstance(image, str) or not image.startswith(("https://", "data:")):
+            return False
+        if image.startswith("data:") and len(image) >= MAX_DATA_URI:
+            return False
+    return True
