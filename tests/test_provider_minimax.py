@@ -82,9 +82,10 @@ async def test_text_to_video_request_and_status_sequence(gw: RunningGateway, min
     assert ALPHA_KEY not in str(minimax.headers)
 
     seen = await poll_until_done(gw, video["id"])
-    assert [v["status"] for v in seen] == ["queued", "in_progress", "in_progress", "completed"]
+    # Preparing, Queueing, Processing, Processing, Success
+    assert [v["status"] for v in seen] == ["queued", "queued", "in_progress", "in_progress", "completed"]
     progress = [v["progress"] for v in seen]
-    assert progress[0] == 0 and 1 <= progress[1] <= progress[2] <= 95 and progress[3] == 100
+    assert progress[:2] == [0, 0] and 1 <= progress[2] <= progress[3] <= 95 and progress[4] == 100
     assert seen[-1]["size"] == "1366x768" and seen[-1]["error"] is None
 
 
@@ -211,6 +212,17 @@ async def test_a_rate_limited_poll_does_not_fail_the_video(gw: RunningGateway) -
     assert status == 429 and headers["Retry-After"] == "10", body
     final = (await poll_until_done(gw, video["id"]))[-1]
     assert final["status"] == "completed"
+
+
+async def test_a_task_minimax_no_longer_knows_is_not_found(gw: RunningGateway, minimax: FakeMiniMax) -> None:
+    """MiniMax answers a query for a task it does not know with 2013 'invalid params' in an HTTP 200;
+    its one parameter is the task_id MiniMax itself gave, so the job is gone: 404 video_not_found, as
+    for any provider's 404 of a known video, not a 400 telling the client its request was wrong."""
+    video = await create(gw, model="hailuo", prompt="forgotten")
+    minimax.tasks.clear()
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}")
+    assert status == 404 and body["error"]["code"] == "video_not_found", body
+    assert video["id"] in body["error"]["message"]
 
 
 async def test_failed_and_content_filtered_tasks(gw: RunningGateway) -> None:

@@ -214,6 +214,10 @@ class MiniMaxAdapter(NativeAdapter):
             text = message if code else "MiniMax could not generate this video."
             error = {"code": "generation_failed", "message": text}
             return UpstreamVideo(task.upstream_id, {"status": "failed", "error": error})
+        if code == INVALID_PARAMS:  # its one parameter is the task_id MiniMax gave: the task is gone
+            raise self.error_in_answer(
+                call, refused(404, f"MiniMax: {message}", code=None, upstream_status=404)
+            )
         if code:
             raise self.error_in_answer(call, refusal(code, message))
         fields: dict[str, Any] = {"status": status}

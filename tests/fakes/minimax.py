@@ -180,8 +180,8 @@ class FakeMiniMax:
         if "[busy]" in task["prompt"] and not task.get("was_busy"):
             task["was_busy"] = True
             return answer(1002, "rate limit exceeded(RPM)", task_id=task_id, status="")
-        task["polls"] += 1
         step = STEPS[min(task["polls"], len(STEPS) - 1)]
+        task["polls"] += 1
         if step == "Success" and "[fail]" in task["prompt"]:
             return answer(task_id=task_id, status="Fail", file_id="")
         if step == "Success" and "[1027]" in task["prompt"]:
