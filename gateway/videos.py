@@ -6,6 +6,7 @@ import secrets
 import time
 from typing import Any
 
+from gateway.logs import log
 from gateway.store import ACTIVE_STATUSES, Task
 
 VIDEO_KEYS = (
@@ -74,12 +75,11 @@ def new_character_id() -> str:
     return "char_" + secrets.token_hex(16)
 
 
-_UNKNOWN_STATUS = ("failed", "unknown_status")
-
-
-def map_status(raw: Any) -> tuple[str, str | None]:
+def map_status(raw: Any) -> tuple[str, str | None] | None:
+    """The OpenAI status of a provider's word (and the error code it implies), None for a word
+    the gateway does not know."""
     known = STATUS_SYNONYMS.get(raw) if type(raw) is str else None  # most providers write it so
-    return known or STATUS_SYNONYMS.get(str(raw).strip().lower(), _UNKNOWN_STATUS)
+    return known or STATUS_SYNONYMS.get(str(raw).strip().lower())
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -110,7 +110,14 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
     """
     last = task.video
     get, last_get = upstream.get, last.get
-    status, failure_code = map_status(get("status", last_get("status", "queued")))
+    word = get("status", last_get("status", "queued"))
+    mapped = map_status(word)
+    if mapped is None:
+        # Never end a job on a guess: a failed video is no longer polled, so one the provider then
+        # finishes (and bills) would be lost. A new stage of a provider's reads as in progress.
+        log.warning("unknown_upstream_status", video_id=task.id, status=str(word)[:100])
+        mapped = ("in_progress", None)
+    status, failure_code = mapped
     progress = _int_or_none(get("progress"))
     if progress is None:
         progress = last_get("progress", 0)

@@ -483,3 +483,26 @@ async def test_any_provider_answer_becomes_a_video_or_the_envelope(
             elif operation == "poll":
                 assert_video(body, created["id"], model)
     assert answers.get(("create", 200), 0) > 30 and answers.get(("poll", 200), 0) > 10, answers
+
+
+async def test_a_status_word_the_gateway_does_not_know_does_not_end_the_job(
+    gateway: tuple[RunningGateway, RandomAnswers], session_log: Path
+) -> None:
+    """A provider that adds a stage ("uploading", say) must not fail every video in production: a
+    failed video is no longer polled, so one the provider then finishes (and bills) would be lost.
+    The word reads as in progress, is logged for the operator, and the job ends when the provider
+    says so."""
+    gw, fake = gateway
+    status, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+    assert status == 200, created
+    fake.next = json.dumps({**JOB, "status": "uploading", "progress": 97}).encode()
+    status, _, polled = await call(gw, "GET", f"/v1/videos/{created['id']}")
+    assert status == 200 and polled["status"] == "in_progress" and polled["error"] is None, polled
+    assert polled["progress"] == 97
+    fake.next = json.dumps({**JOB, "status": "completed", "progress": 100}).encode()
+    status, _, polled = await call(gw, "GET", f"/v1/videos/{created['id']}")
+    assert status == 200 and polled["status"] == "completed", polled
+    logged = [
+        json.loads(line) for line in session_log.read_text().splitlines() if "unknown_upstream_status" in line
+    ]
+    assert any(entry.get("status") == "uploading" for entry in logged), logged

@@ -369,7 +369,7 @@ class ReplicateAdapter(NativeAdapter):
     async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
         answer = await self._prediction(call, task.upstream_id)
         status = str(answer["status"]).lower()
-        fields: dict[str, Any] = {"status": status if status in _STATUSES else "unknown"}
+        fields: dict[str, Any] = {"status": status}
         state: dict[str, Any] = {}
         if status == "processing":
             progress = _logged_progress(answer.get("logs"))
