@@ -13,7 +13,7 @@ from gateway.config import ProviderConfig
 from gateway.providers.base import AdapterEnv
 from gateway.providers.fal import FalAdapter, app_path
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
-from tests.fakes.fal import FakeFal
+from tests.fakes.fal import ENDPOINTS, FakeFal
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
@@ -219,6 +219,36 @@ async def test_unsupported_size_seconds_and_endpoint(gw: RunningGateway, fal: tu
         gw, {"prompt": "x", "model": "mystery"}, status=400, param="model", mentions=(KLING, "fal-ai/veo3.1")
     )
     assert fal[0].submits == []
+
+
+async def test_an_endpoint_fal_retired_is_the_operators_to_fix_and_fails_over(
+    start_gateway: StartGateway, tmp_path: Path, fal: tuple[FakeFal, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fal answers 404 for an endpoint it no longer serves (or one the config mistypes): not the
+    client's 'not found' but a deployment that cannot work, so the create goes to the model's next
+    deployment, and with none left the client hears 502 naming the endpoint and the routing config."""
+    monkeypatch.delitem(ENDPOINTS, KLING)
+    provider = f"""
+        kind: fal
+        base_url: {fal[1]}
+        api_key: ${{UPSTREAM_KEY}}
+    """
+    models = f"""
+        kling:
+          - {{provider: native, model: {KLING}}}
+          - {{provider: native, model: fal-ai/veo3.1, priority: 1}}
+        kling-only:
+          provider: native
+          model: {KLING}
+          name: kling-alone
+    """
+    gw = await start_provider_gateway(start_gateway, tmp_path, provider, models)
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "a fox", "model": "kling"})
+    assert status == 200, body
+    assert [endpoint for endpoint, _ in fal[0].submits] == ["fal-ai/veo3.1"]
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "a fox", "model": "kling-only"})
+    assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
+    assert KLING in body["error"]["message"] and "routing config" in body["error"]["message"]
 
 
 def test_validation_error_names_the_openai_field() -> None:

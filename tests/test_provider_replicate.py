@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
-from tests.fakes.replicate import VERSION_ID, FakeReplicate
+from tests.fakes.replicate import SCHEMAS, VERSION_ID, FakeReplicate
 from tests.provider_contract import (
     assert_refused,
     assert_sdk_roundtrip,
@@ -319,3 +319,13 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
     assert await assert_sdk_roundtrip(gw, "hailuo", prompt="sdk", size="1366x768", seconds="6") == (
         media["video"].read_bytes()
     )
+
+
+async def test_a_model_replicate_no_longer_has_is_the_operators_to_fix(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicate's 404 to a create: the model the routing config names is gone (or mistyped)."""
+    monkeypatch.delitem(SCHEMAS, "minimax/hailuo-02")
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "hailuo"})
+    assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
+    assert "minimax/hailuo-02" in body["error"]["message"] and "routing config" in body["error"]["message"]

@@ -279,8 +279,8 @@ async def test_ark_refusals_become_openai_errors(gw: RunningGateway) -> None:
     assert (status, error["code"], error["param"]) == (400, "invalid_value", "seed")
 
     status, _, error = await refusal(gw, {"prompt": "x", "model": "seedance-gone"})
-    assert (status, error["code"], error["param"]) == (404, "upstream_model_not_found", "model")
-    assert "gateway" in error["message"] and "doubao-seedance-9-9-pro-990101" in error["message"]
+    assert (status, error["code"], error["type"]) == (502, "upstream_model_not_found", "upstream_error")
+    assert "routing config" in error["message"] and "doubao-seedance-9-9-pro-990101" in error["message"]
 
     status, _, error = await refusal(gw, {"prompt": "x", "model": "not-seedance"})
     assert (status, error["code"]) == (400, "unsupported_model")

@@ -205,6 +205,21 @@ async def test_delete_forgets_the_video(gw: RunningGateway, gemini: tuple[FakeVe
     assert status == 404
 
 
+async def test_a_model_google_no_longer_serves_is_the_operators_to_fix(
+    gw: RunningGateway, gemini: tuple[FakeVeoGemini, str]
+) -> None:
+    """Google answers 404 NOT_FOUND to a create for a model it retired: a 502 naming the model and
+    the routing config (and a failover where the model has another deployment), not the client's
+    404, which the SDK reads as its own mistake."""
+    gemini[0].retired.add("veo-3.1-generate-preview")
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "veo"})
+    assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
+    assert (
+        "veo-3.1-generate-preview" in body["error"]["message"]
+        and "routing config" in body["error"]["message"]
+    )
+
+
 async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path]) -> None:
     assert await assert_sdk_roundtrip(gw, "veo", prompt="sdk", size="1280x720", seconds="4") == (
         media["video"].read_bytes()

@@ -61,6 +61,7 @@ from gateway.providers.native import (
     NativeAdapter,
     auth_rejected,
     ignore_refusals,
+    model_must_exist,
     not_offered,
     rate_limited,
     refused,
@@ -339,9 +340,10 @@ class FalAdapter(NativeAdapter):
         }
         if request.image is not None:
             payload[request.spec.image_field or IMAGE_FIELD] = request.image.data_uri()
-        answer = await self.call_json(
-            call, "POST", f"{self.base_url}/{endpoint}", json_body=payload, headers=self._submit_headers()
-        )
+        with model_must_exist("fal", endpoint):
+            answer = await self.call_json(
+                call, "POST", f"{self.base_url}/{endpoint}", json_body=payload, headers=self._submit_headers()
+            )
         request_id = answer.get("request_id") if isinstance(answer, dict) else None
         if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
             raise UpstreamError(502, "Upstream error: fal's answer has no usable request_id.", kind="payload")

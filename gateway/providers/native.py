@@ -408,6 +408,29 @@ def expired_if_gone() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def model_must_exist(provider: str, model: str) -> Iterator[None]:
+    """Within (a create), the provider's 404 means it has no model by the name the routing config
+    gives: :func:`upstream_model_missing`."""
+    try:
+        yield
+    except UpstreamError as exc:
+        if exc.upstream_status != 404:
+            raise
+        raise upstream_model_missing(provider, model, exc.message, upstream_status=404) from None
+
+
+def upstream_model_missing(provider: str, model: str, text: str, *, upstream_status: int) -> UpstreamError:
+    """The provider has no model by the name the routing config gives (retired, or mistyped): the
+    operator's to fix, not the client's "not found"; a 5xx, so the create goes on to the model's next
+    deployment."""
+    return upstream_failed(
+        f"Upstream error: {provider} has no model '{model}'; fix the gateway's routing config. ({text})",
+        upstream_status=upstream_status,
+        code="upstream_model_not_found",
+    )
+
+
+@contextlib.contextmanager
 def ignore_refusals(*statuses: int) -> Iterator[None]:
     """Within, the provider's refusal with one of ``statuses`` is swallowed (a delete of a job
     that is already gone, say)."""

@@ -55,6 +55,7 @@ from gateway.providers.native import (
     expired_if_gone,
     expired_result,
     ignore_refusals,
+    model_must_exist,
     not_offered,
     out_of_quota,
     rate_limited,
@@ -311,21 +312,10 @@ class ReplicateAdapter(NativeAdapter):
         }
         if request.image is not None and spec.image_field is not None:
             model_input[spec.image_field] = await self._image_value(call, request.image)
-        try:
+        with model_must_exist("Replicate", upstream_model):
             answer = await self.call_json(
                 call, "POST", f"{self.base_url}{path}", json_body={**envelope, "input": model_input}
             )
-        except UpstreamError as exc:
-            if exc.upstream_status == 404:
-                raise UpstreamError(
-                    502,
-                    f"Upstream error: Replicate has no model, version or deployment '{upstream_model}' "
-                    f"({exc.message}); fix the gateway's routing config.",
-                    kind="4xx",
-                    upstream_status=404,
-                    code="upstream_error",
-                ) from None
-            raise
         prediction_id = answer.get("id") if isinstance(answer, dict) else None
         if not isinstance(prediction_id, str) or not _PREDICTION_ID.fullmatch(prediction_id):
             raise UpstreamError(

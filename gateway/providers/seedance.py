@@ -24,9 +24,9 @@ query, 1521675 cancel/delete, 1299023 error codes; new-api ``task/doubao``):
   false) ``content.last_frame_url`` is the last frame as an image, served as ``variant=thumbnail``;
 - errors are ``{"error": {code, message, param, type}}``: 429 ``RateLimitExceeded.*`` and friends →
   429 with Retry-After, ``AuthenticationError`` → 401, ``AccountOverdueError`` → 402,
-  ``InvalidParameter*`` → 400 with ``param`` in OpenAI terms, ``InvalidEndpointOrModel.NotFound`` →
-  404 naming the gateway's configured upstream model, ``*SensitiveContentDetected*`` →
-  ``content_filter`` (at create and as a task failure).
+  ``InvalidParameter*`` → 400 with ``param`` in OpenAI terms, ``InvalidEndpointOrModel.NotFound`` to
+  a create → 502 ``upstream_model_not_found`` naming the configured upstream model (a failover),
+  ``*SensitiveContentDetected*`` → ``content_filter`` (at create and as a task failure).
 
 ``size`` picks ``resolution`` and ``ratio`` from the pixel sizes Ark documents per model family
 (Seedance 1.0: 1248x704 for 720p 16:9; Seedance 1.5 pro: 1280x720), plus the usual 16:9 / 9:16
@@ -70,6 +70,7 @@ from gateway.providers.native import (
     expired_result,
     field_int,
     ignore_refusals,
+    model_must_exist,
     not_offered,
     out_of_quota,
     rate_limited,
@@ -275,7 +276,8 @@ class SeedanceAdapter(NativeAdapter):
             )
         adaptive = request.image is not None and not body.get("size")
         payload = self._payload(call.deployment.upstream_model, request, adaptive)
-        answer = await self.call_json(call, "POST", self.base_url + TASKS, json_body=payload)
+        with model_must_exist("Ark", call.deployment.upstream_model):
+            answer = await self.call_json(call, "POST", self.base_url + TASKS, json_body=payload)
         if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
             raise UpstreamError(502, "Upstream error: Ark's answer has no task id.", kind="payload")
         state: dict[str, Any] = {"last_frame": bool(payload.get("return_last_frame"))}
@@ -431,15 +433,8 @@ class SeedanceAdapter(NativeAdapter):
             return auth_rejected("Ark", text, upstream_status=status)
         if code in ("AccountOverdueError", "OperationDenied.ServiceOverdue"):
             return out_of_quota(text, upstream_status=status)
-        if code.startswith(("InvalidEndpointOrModel", "ModelNotOpen")):
-            return refused(
-                404,
-                "The upstream model the gateway's config names for this model is not available at "
-                f"Ark; fix the gateway's routing config. {text}",
-                code="upstream_model_not_found",
-                upstream_status=status,
-                param="model",
-            )
+        if code.startswith(("InvalidEndpointOrModel", "ModelNotOpen")):  # Ark has no such model: a create
+            return refused(404, text, code=None, upstream_status=404)  # makes it model_must_exist's
         if "SensitiveContentDetected" in code:
             return refused(400, text, code="content_filter", upstream_status=status)
         if code.startswith(("InvalidParameter", "MissingParameter")):

@@ -49,6 +49,7 @@ from gateway.providers.native import (
     durations,
     expired_if_gone,
     expired_result,
+    model_must_exist,
     not_offered,
     rate_limited,
     refused,
@@ -170,13 +171,8 @@ def google_error(status: int, headers: Mapping[str, str], raw: bytes, product: s
         return auth_rejected(product, text, upstream_status=status, credential="credential")
     if status == 403 or rpc == "PERMISSION_DENIED":
         return refused(403, text, code="upstream_permission_denied", upstream_status=status)
-    if status == 404:
-        return refused(
-            404,
-            f"{text}. Check the upstream model the gateway's routing config names.",
-            code="upstream_not_found",
-            upstream_status=status,
-        )
+    if status == 404:  # a job gone (404 video_not_found) or, to a create, a model (model_must_exist)
+        return refused(404, text, code=None, upstream_status=status)
     return refused(status, text, code=rpc.lower() or "invalid_value", upstream_status=status)
 
 
@@ -293,12 +289,13 @@ class VeoGeminiAdapter(VeoBase):
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo:
         request = await self.parse_veo(call, body)
         model = call.deployment.upstream_model
-        answer = await self.call_json(
-            call,
-            "POST",
-            f"{self.base_url}/v1beta/models/{model}:predictLongRunning",
-            json_body=self.payload(request),
-        )
+        with model_must_exist("The Gemini API", model):
+            answer = await self.call_json(
+                call,
+                "POST",
+                f"{self.base_url}/v1beta/models/{model}:predictLongRunning",
+                json_body=self.payload(request),
+            )
         name = answer.get("name") if isinstance(answer, dict) else None
         if not isinstance(name, str) or not _GEMINI_OPERATION.match(name):
             raise UpstreamError(

@@ -45,7 +45,7 @@ from gateway.bodies import RequestBody
 from gateway.config import ConfigError
 from gateway.errors import ApiError, UpstreamError, expired_result, storage_failed
 from gateway.providers.base import Call, FileAnswer, UpstreamVideo, json_or_none, read_limited
-from gateway.providers.native import durations, expired_if_gone, not_offered
+from gateway.providers.native import durations, expired_if_gone, model_must_exist, not_offered
 from gateway.providers.veo_gemini import VEO_2, VEO_3, VeoBase, veo_spec
 from gateway.store import Task
 
@@ -265,7 +265,8 @@ class VeoVertexAdapter(VeoBase):
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo:
         request = await self.parse_veo(call, body)
         url = f"{self.model_url(call.deployment.upstream_model)}:predictLongRunning"
-        answer = await self.call_json(call, "POST", url, json_body=self.payload(request))
+        with model_must_exist("Vertex AI", call.deployment.upstream_model):
+            answer = await self.call_json(call, "POST", url, json_body=self.payload(request))
         name = answer.get("name") if isinstance(answer, dict) else None
         if not isinstance(name, str) or not _OPERATION.match(name):
             raise UpstreamError(

@@ -105,6 +105,7 @@ class FakeVeoGemini:
     creates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     downloads: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    retired: set[str] = field(default_factory=set)  # models Google no longer serves: 404 NOT_FOUND
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -131,6 +132,13 @@ class FakeVeoGemini:
 
     async def create(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
+        if model in self.retired:
+            return rpc_error(
+                404,
+                "NOT_FOUND",
+                f"models/{model} is not found for API version v1beta, or is not supported for "
+                "predictLongRunning. Call ListModels to see the list of available models.",
+            )
         try:
             body = await request.json()
         except ValueError:
