@@ -113,7 +113,7 @@ def _from_video(form: bool, *extra: str) -> dict[str, Any]:
     """An edit's (or, with ``seconds``, an extension's) body: a prompt and the source video, an
     upload or ``{id}`` of a video the gateway made (a form sends the ID as ``video[id]``)."""
     fields: dict[str, Any] = {"prompt": _PROMPT, "video": _FILE if form else _VIDEO_REFERENCE}
-    fields.update({name: {"type": "string"} for name in extra})
+    fields.update({name: {"type": "string" if form else ["string", "integer"]} for name in extra})
     return {"type": "object", "required": list(fields), "properties": fields}
 
 
@@ -168,18 +168,8 @@ def _videos(prefix: str) -> dict[str, Any]:
             "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CreateVideoForm"}},
         },
     }
-    prompt_body = {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["prompt"],
-                    "properties": {"prompt": {"type": "string"}},
-                }
-            }
-        },
-    }
+    prompt = {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}
+    prompt_body = _body(prompt, prompt)
     return {
         f"{prefix}/videos": {
             "post": {

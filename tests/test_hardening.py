@@ -561,6 +561,18 @@ async def test_the_openapi_document_describes_every_route(
         assert {("GET", "/files/{name}"), ("GET", "/internal/metrics")} <= served
 
 
+async def test_the_openapi_document_takes_the_bodies_the_gateway_takes(local_gateway: RunningGateway) -> None:
+    """A remix as JSON or a form (openai-videos-api §8.10), an extension's ``seconds`` as text or a
+    JSON number (§8.2), as the handlers take them: the fuzzers then try them too."""
+    status, _, document = await call(local_gateway, "GET", "/openapi.json")
+    assert status == 200
+    remix = document["paths"]["/v1/videos/{video_id}/remix"]["post"]["requestBody"]["content"]
+    assert set(remix) == {"application/json", "multipart/form-data"}
+    extension = document["paths"]["/v1/videos/extensions"]["post"]["requestBody"]["content"]
+    assert extension["application/json"]["schema"]["properties"]["seconds"]["type"] == ["string", "integer"]
+    assert extension["multipart/form-data"]["schema"]["properties"]["seconds"]["type"] == "string"
+
+
 @pytest.mark.skipif(
     shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None and not os.environ.get("CI"),
     reason="schemathesis not installed",
