@@ -220,7 +220,7 @@ async def test_unsupported_size_seconds_and_extras(gw: RunningGateway, kling: Fa
     await create(gw, model="kling-master", prompt="v2", cfg_scale=0.5, sound="on")
     await create(gw, model="kling-26", prompt="v2.6", sound="on", size="1280x720")
     assert [body for _, body in kling.creates] == [
-        {"model_name": "kling-v2-1-master", "prompt": "v2", "duration": "5", "aspect_ratio": "16:9"},
+        {"model_name": "kling-v2-1-master", "prompt": "v2", "duration": "5", "aspect_ratio": "9:16"},
         {
             "model_name": "kling-v2-6",
             "prompt": "v2.6",

@@ -220,6 +220,25 @@ async def test_a_model_google_no_longer_serves_is_the_operators_to_fix(
     )
 
 
+async def test_a_create_naming_no_size_or_seconds_gets_openais_defaults(
+    gw: RunningGateway, gemini: tuple[FakeVeoGemini, str]
+) -> None:
+    """OpenAI makes 720x1280, 4 s when a create names neither (openai-videos-api §2.1); Veo makes
+    both, so an application moved from OpenAI gets the same video here, not a landscape 8 s one."""
+    fake, _ = gemini
+    video = await create(gw, model="veo", prompt="defaults")
+    assert (video["size"], video["seconds"]) == ("720x1280", "4")
+    assert fake.creates[-1][1]["parameters"] == {
+        "aspectRatio": "9:16",
+        "resolution": "720p",
+        "durationSeconds": 4,
+    }
+    video = await create(gw, model="veo", prompt="only the length", seconds="8")
+    assert (video["size"], video["seconds"]) == ("720x1280", "8")
+    video = await create(gw, model="veo", prompt="only the size", size="1920x1080")
+    assert (video["size"], video["seconds"]) == ("1920x1080", "8"), "1080p is made at 8 s only"
+
+
 async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path]) -> None:
     assert await assert_sdk_roundtrip(gw, "veo", prompt="sdk", size="1280x720", seconds="4") == (
         media["video"].read_bytes()

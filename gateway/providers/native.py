@@ -43,6 +43,7 @@ from gateway.providers.base import (
     split_url,
 )
 from gateway.providers.local import validate_prompt
+from gateway.videos import DEFAULT_SECONDS, DEFAULT_SIZE
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class ModelSpec:
 
     sizes            OpenAI ``size`` → the native value(s) (e.g. ``{"aspectRatio": "16:9", ...}``)
     seconds          OpenAI ``seconds`` → the native duration value
+    default_size, default_seconds
+                     what a create that names none gets when the model does not make OpenAI's
+                     defaults (720x1280, 4 s): :meth:`size_when_unnamed`
     image_input      accepts ``input_reference``
     text_input       accepts a create without an image (False: image-to-video only)
     extra_params     extra request fields (``extra_body``) passed through unchanged
@@ -82,6 +86,22 @@ class ModelSpec:
     image_field: str | None = None
     tiers: tuple[Tier, ...] = ()
     image_only_sizes: frozenset[str] = frozenset()
+
+    def size_when_unnamed(self, seconds: str | None, *, image: bool) -> str:
+        """The ``size`` of a create that names none: OpenAI's default (``720x1280``) where the model
+        makes it, so that an application moved from OpenAI gets what it got there; else the model's
+        own default."""
+        made = DEFAULT_SIZE in self.sizes and (image or DEFAULT_SIZE not in self.image_only_sizes)
+        if made and (seconds is None or self.takes(DEFAULT_SIZE, seconds, image=image)):
+            return DEFAULT_SIZE
+        return self.default_size
+
+    def seconds_when_unnamed(self, size: str, *, image: bool) -> str:
+        """The ``seconds`` of a create that names none: OpenAI's default (``4``) where the model makes
+        it at ``size``, else the model's own default."""
+        if DEFAULT_SECONDS in self.seconds and self.takes(size, DEFAULT_SECONDS, image=image):
+            return DEFAULT_SECONDS
+        return self.default_seconds
 
     def tier(self, size: str) -> Tier | None:
         return next((tier for tier in self.tiers if size in tier.sizes), None)
@@ -233,7 +253,12 @@ class NativeAdapter(Adapter):
     async def parse_create(self, call: Call, body: RequestBody) -> CreateRequest:
         await body.read_rest()
         spec = self.spec(call.deployment.upstream_model)
-        size = str(body.get("size") or spec.default_size)
+        has_image = "input_reference" in body.files or bool(body.get("input_reference"))
+        asked_seconds = body.get("seconds")
+        size = str(
+            body.get("size")
+            or spec.size_when_unnamed(None if asked_seconds is None else str(asked_seconds), image=has_image)
+        )
         if size not in spec.sizes:
             raise bad_request(
                 f"size '{size}' is not supported by model '{call.deployment.model}'; "
@@ -241,7 +266,7 @@ class NativeAdapter(Adapter):
                 param="size",
                 code="unsupported_value",
             )
-        seconds = str(body.get("seconds") or spec.default_seconds)
+        seconds = str(asked_seconds or spec.seconds_when_unnamed(size, image=has_image))
         if seconds not in spec.seconds:
             raise bad_request(
                 f"seconds '{seconds}' is not supported by model '{call.deployment.model}'; "
