@@ -12,6 +12,7 @@ gateway checked (:data:`SINGLE_FIELDS`) is refused before the upstream has the w
 from __future__ import annotations
 
 import asyncio
+import re
 import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -263,9 +264,40 @@ class MultipartParser:
         name = message.get_param("name", header="content-disposition")
         if not isinstance(name, str) or message.get_content_disposition() != "form-data":
             raise MultipartError("every multipart part needs Content-Disposition: form-data with a name")
+        _check_plain_name(message.get("content-disposition", ""))
         filename = message.get_filename()
         content_type = message.get("content-type", "application/octet-stream" if filename else "text/plain")
         return PartInfo(name, filename, content_type, value_start)
+
+
+# One parameter of a Content-Disposition value: a token, "=", then a token or a quoted string.
+_DISPOSITION_PARAM = re.compile(r';[ \t]*([^\s=;"]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^\s;"]*)[ \t]*')
+
+
+def _check_plain_name(disposition: str) -> None:
+    """Refuse a part whose name another parser could read otherwise: a name given twice (parsers
+    differ on which one counts), an RFC 2231 ``name*``, or a backslash escape (``"mo\\del"``, which
+    some read as ``model``). The gateway rewrites fields by name (``model``, ``video[id]``) and
+    passes the rest through byte for byte, so the provider must see the very names the gateway saw;
+    else a client could smuggle a ``model`` the gateway never checked."""
+    _, semicolon, rest = disposition.partition(";")
+    rest, at, names = semicolon + rest, 0, []
+    for param in _DISPOSITION_PARAM.finditer(rest):
+        if param.start() != at:
+            break
+        at = param.end()
+        names.append(param.group(1).lower())
+        if names[-1] == "name" and "\\" in param.group(2):
+            raise MultipartError("a multipart part name must not contain a backslash")
+    if (
+        rest[at:].strip(" \t;")
+        or names.count("name") != 1
+        or "name*" in names
+        or len(set(names)) != len(names)
+    ):
+        raise MultipartError(
+            "a multipart part's Content-Disposition must give one plain name and each parameter once"
+        )
 
 
 @dataclass

@@ -834,6 +834,11 @@ MALFORMED_HTTP = {
     "truncated": multipart([Part("prompt", b"p"), Part("model", b"m")])[:-30],
     "no-boundary-in-body": b"just some text, no parts at all",
     "junk-after-boundary": MALFORMED["junk-after-boundary"],
+    # Part names another parser reads otherwise: the gateway must see the name the provider will see
+    "escaped-name": multipart([Part("prompt", b"p"), Part("mo\\del", b"sora-2-pro")]),
+    "two-names": multipart([Part("prompt", b"p"), Part('x"; name="model', b"sora-2-pro")]),
+    "extended-name": multipart([Part("prompt", b"p"), Part("x\"; name*=\"UTF-8''model", b"sora-2-pro")]),
+    "unquoted-and-quoted": multipart([Part("prompt", b"p"), Part('x"; NAME="model', b"sora-2-pro")]),
 }
 
 
@@ -841,6 +846,14 @@ MALFORMED_HTTP = {
 async def test_malformed_multipart_is_400(client: Any, raw: bytes):
     resp = await client.post("/echo", data=raw, headers={"Content-Type": content_type()})
     assert await error_of(resp) == (400, "invalid_multipart")
+
+
+async def test_a_windows_path_in_a_filename_is_no_malformed_part(client: Any):
+    """Backslashes are refused in part names, which decide what a field is, not in filenames, where
+    old browsers send a whole Windows path."""
+    raw = multipart([Part("prompt", b"p"), Part("input_reference", b"img", filename="C:\\fakepath\\a.png")])
+    resp = await client.post("/echo", data=raw, headers={"Content-Type": content_type()})
+    assert resp.status == 200, await resp.text()
 
 
 async def test_text_field_that_is_not_utf8_is_400(client: Any):

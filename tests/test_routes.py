@@ -165,6 +165,30 @@ async def test_seconds_as_a_json_number_reaches_an_openai_dialect_upstream_as_te
     assert json.loads(fake.requests("POST", "/v1/videos/extensions")[-1].body)["seconds"] == "4"
 
 
+async def test_a_model_smuggled_under_an_escaped_part_name_never_reaches_the_upstream(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A remix passes the client's form on byte for byte, the gateway rewriting ``model`` only where
+    it saw that field. A part named ``"mo\\del"`` is no ``model`` to the gateway, but aiohttp (and
+    other servers) unescape it to ``model``: the upstream would bill a model the client's key may not
+    use. Such a part is refused, before anything is sent."""
+    fake, _ = upstream
+    source = await dialect_gateway.sdk().videos.create(prompt="source", model="sora-remote")
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nagain\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="mo\\del"\r\n\r\nsora-2-pro-expensive\r\n--b--\r\n'
+    )
+    status, _, raw = await send(
+        dialect_gateway,
+        "POST",
+        f"/v1/videos/{source.id}/remix",
+        data=body,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert status == 400 and json.loads(raw)["error"]["code"] == "invalid_multipart", raw
+    assert fake.requests("POST", f"/v1/videos/{next(iter(fake.jobs))}/remix") == []
+
+
 async def test_edits_extensions_and_characters_reach_the_owning_upstream(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:
