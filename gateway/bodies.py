@@ -264,7 +264,10 @@ class MultipartParser:
         name = message.get_param("name", header="content-disposition")
         if not isinstance(name, str) or message.get_content_disposition() != "form-data":
             raise MultipartError("every multipart part needs Content-Disposition: form-data with a name")
-        _check_plain_name(message.get("content-disposition", ""))
+        dispositions = message.get_all("content-disposition", [])
+        if len(dispositions) != 1:  # parsers differ on which one counts, as for two names
+            raise MultipartError("a multipart part must have one Content-Disposition")
+        _check_plain_name(dispositions[0])
         filename = message.get_filename()
         content_type = message.get("content-type", "application/octet-stream" if filename else "text/plain")
         return PartInfo(name, filename, content_type, value_start)

@@ -839,6 +839,9 @@ MALFORMED_HTTP = {
     "two-names": multipart([Part("prompt", b"p"), Part('x"; name="model', b"sora-2-pro")]),
     "extended-name": multipart([Part("prompt", b"p"), Part("x\"; name*=\"UTF-8''model", b"sora-2-pro")]),
     "unquoted-and-quoted": multipart([Part("prompt", b"p"), Part('x"; NAME="model', b"sora-2-pro")]),
+    "two-dispositions": multipart(
+        [Part("prompt", b"p"), Part('x"\r\nContent-Disposition: form-data; name="model', b"z")]
+    ),
 }
 
 
