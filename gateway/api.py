@@ -29,7 +29,7 @@ from gateway.errors import (
     store_unavailable,
     video_not_found,
 )
-from gateway.logs import log
+from gateway.logs import log, scrub
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
 from gateway.routing import RoutingTable
 from gateway.state import Gateway, gateway
@@ -451,9 +451,9 @@ async def _translate_event(
     try:
         payload = jsonio.loads_shallow(data) if data else None
     except jsonio.JSONDecodeError:
-        return event
+        return _passed_on(lines) + b"\n"
     if not isinstance(payload, dict) or not isinstance(payload.get("id"), str) or "status" not in payload:
-        return event
+        return _passed_on(lines) + b"\n"
     upstream_id = payload["id"]
     task = tasks.get(upstream_id)
     if task is None:
@@ -464,8 +464,15 @@ async def _translate_event(
         task.video = build_video(task, payload)
         task.status = task.video["status"]
         await _save(gateway(request), task)
-    other = b"".join(line + b"\n" for line in lines if not line.startswith(b"data:"))
+    other = _passed_on([line for line in lines if not line.startswith(b"data:")])
     return other + b"data: " + json.dumps(task.video).encode() + b"\n\n"
+
+
+def _passed_on(lines: list[bytes]) -> bytes:
+    """A provider's event lines as the client gets them: credentials it quoted masked, and without
+    its event IDs (they name its own jobs, and the gateway could not resume a stream from one)."""
+    kept = b"".join(line + b"\n" for line in lines if not line.startswith(b"id:"))
+    return scrub(kept.decode("utf-8", "replace")).encode()
 
 
 async def retrieve_video(request: web.Request) -> web.Response:

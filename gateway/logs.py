@@ -1,9 +1,10 @@
 """Structured logs: JSON lines in production, readable console lines in development.
 
 Every event passes a redaction processor: values under credential-like keys are masked and any
-bearer token or configured secret that ended up in a message is replaced. Control characters from
-client input are escaped so one event is always one line. What aiohttp, asyncio and other libraries
-log through the standard library's logging, at warning and above, goes the same way.
+configured secret or credential-shaped string (:func:`scrub`) that ended up in a message is
+replaced. Control characters from client input are escaped so one event is always one line. What
+aiohttp, asyncio and other libraries log through the standard library's logging, at warning and
+above, goes the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,21 @@ from typing import Any, TextIO
 import structlog
 
 _SECRET_KEYS = re.compile(r"(authorization|api[-_]?key|secret|token|password|cookie|credential)", re.I)
-_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
+# Credentials by their shape, wherever they show up: a token after an auth scheme (Bearer; Basic
+# and fal's Key when long enough to be one), Google API keys and OAuth tokens, JWTs (Kling's), and
+# the secret parameters of signed URLs and keyed queries (S3/TOS/GCS/OSS signatures, Runway's _jwt).
+_CREDENTIAL = re.compile(
+    r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=:-]+|\b((?:basic|key)\s+)[A-Za-z0-9._~+/=:-]{12,}"
+    r"|\bAIza[0-9A-Za-z_-]{30,}|\bya29\.[0-9A-Za-z_-]+|\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+    r"|([?&](?:key|api[-_]?key|token|access_token|signature|sig|ossaccesskeyid|_jwt"
+    r"|x-(?:amz|goog|tos)-(?:signature|credential|security-token))=)[^&#\s\"'<>]+"
+)
+
+
+def _masked(match: re.Match[str]) -> str:
+    return f"{match.group(1) or match.group(2) or match.group(3) or ''}[REDACTED]"
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _secrets: set[str] = set()
@@ -29,12 +44,13 @@ def register_secrets(values: Iterable[str | None]) -> None:
 
 
 def scrub(text: str) -> str:
-    """``text`` with every configured secret and bearer token in it replaced by ``[REDACTED]``:
-    for log lines, and for messages passed on to clients (a provider may echo its key in one)."""
+    """``text`` with every configured secret and credential-shaped string in it (:data:`_CREDENTIAL`)
+    replaced by ``[REDACTED]``: for log lines, and for a provider's words passed on to clients (a
+    provider may echo its key, or a signed URL, in one)."""
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "[REDACTED]")
-    return _BEARER.sub(r"\1 [REDACTED]", text)
+    return _CREDENTIAL.sub(_masked, text)
 
 
 def _clean(value: Any) -> Any:

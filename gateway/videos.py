@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from gateway.logs import log
+from gateway.logs import log, scrub
 from gateway.store import ACTIVE_STATUSES, Task
 
 VIDEO_KEYS = (
@@ -132,9 +132,9 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
         reported = get("error")
         if not isinstance(reported, dict):
             reported = {}
-        error = {
-            "code": str(reported.get("code") or failure_code or "generation_failed"),
-            "message": str(reported.get("message") or f"The video generation ended as '{get('status')}'."),
+        error = {  # the provider's words, which may quote the key it was sent or a signed URL
+            "code": scrub(str(reported.get("code") or failure_code or "generation_failed")),
+            "message": scrub(str(reported.get("message") or f"The video generation ended as '{word}'.")),
         }
 
     completed_at = None

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import logs, metrics
-from gateway.logs import configure, log, register_secrets
+from gateway.logs import configure, log, register_secrets, scrub
 from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml
 
 
@@ -268,6 +268,38 @@ def test_redaction_and_one_line_per_event(fresh_log: io.StringIO) -> None:
     assert "sk-provider-very-secret" not in lines[0] and "abcdef123456" not in lines[0]
     assert "tok_123456789" not in lines[0] and entry["api_key"] == "[REDACTED]"
     assert "\r" not in entry["event"] and "\n" not in entry["event"]
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "gone"),
+    [
+        ("Authorization: Key 0a1b2c3d-4e5f-6789:abcdef0123456789", "Key [REDACTED]", "abcdef0123456789"),
+        ("Basic dXNlcjpwYXNzd29yZDEyMw==", "Basic [REDACTED]", "dXNlcjpw"),
+        ("API key AIzaSyA1234567890abcdefghijklmnopqrstuv not valid", "not valid", "AIzaSyA123"),
+        ("token ya29.a0AfH6SMBx-secret was revoked", "was revoked", "a0AfH6SMBx"),
+        ("kling jwt eyJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJhayJ9.c2lnbmF0dXJl refused", "refused", "c2lnbmF0dXJl"),
+        (
+            "https://b.oss-cn-beijing.aliyuncs.com/v.mp4?Expires=1&OSSAccessKeyId=LTAI5t&Signature=a%2Bb",
+            "Expires=1",
+            "LTAI5t",
+        ),
+        (
+            "https://s3.example/v.mp4?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=5f0c",
+            "X-Amz-Signature=[REDACTED]",
+            "AKIA",
+        ),
+        ("https://dnznrvs05pmza.cloudfront.net/v.mp4?_jwt=eyJz.eyJ0.c2ln", "v.mp4?_jwt=[REDACTED]", "c2ln"),
+        ("https://files.example/f?key=AIzaXYZ123&alt=media", "alt=media", "AIzaXYZ123"),
+    ],
+)
+def test_credentials_are_masked_by_their_shape(text: str, kept: str, gone: str) -> None:
+    """What providers put in messages and URLs besides the configured keys: minted tokens (Kling's
+    JWTs, Vertex's OAuth tokens), fal's Key scheme, and the secret parameters of signed URLs."""
+    masked = scrub(text)
+    assert kept in masked and gone not in masked, masked
+    assert scrub("the key expired; see req_5c6f0a1b for /v1/videos/{video_id}") == (
+        "the key expired; see req_5c6f0a1b for /v1/videos/{video_id}"
+    )
 
 
 def test_library_records_take_the_same_way(fresh_log: io.StringIO) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway, gateway_yaml
+from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_sdk_e2e import VIDEO_KEYS, png_bytes
 
@@ -309,6 +309,25 @@ async def test_stream_events_that_are_no_json_pass_as_they_are(dialect_gateway: 
     assert events[2].startswith('data: {"id": "up_') and events[2].endswith("]" * 1000 + "}")
     assert events[-2].startswith("event: video.completed\ndata: {") and events[-1] == "data: [DONE]"
     assert json.loads(events[-2].partition("data: ")[2])["id"].startswith("video_")
+
+
+async def test_a_providers_words_reach_the_client_without_its_credentials(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A provider may quote the key it was sent in a failure message or an event it streams, or a
+    signed URL: what the gateway passes on has them masked, and no event ID of the provider's."""
+    failed = await dialect_gateway.sdk().videos.create_and_poll(
+        prompt="[fail leaky]", model="sora-remote", poll_interval_ms=10
+    )
+    assert failed.status == "failed" and failed.error is not None
+    assert UPSTREAM_KEY not in failed.error.message and "[REDACTED]" in failed.error.message
+    body = {"prompt": "[leaky events]", "model": "sora-remote", "stream": True}
+    status, _, raw = await send(dialect_gateway, "POST", "/v1/videos", json=body)
+    assert status == 200
+    text = raw.decode()
+    assert "auth failed for Bearer [REDACTED]" in text and "X-Amz-Signature=[REDACTED]" in text, text[:400]
+    assert UPSTREAM_KEY not in text and "5f0c0ffee" not in text and "up_evt_1" not in text
+    assert "event: video.completed" in text
 
 
 async def test_models_list_and_single(local_gateway: RunningGateway) -> None:

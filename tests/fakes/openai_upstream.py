@@ -11,7 +11,9 @@ Shapes follow the reference ``shared/reference/openai-videos-api.md``:
 Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
 ``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``, which answers
 403 as an object store does once such a URL is past its time when ``signed_urls_expired`` is set),
-``[odd events]`` (a streamed create starts with events whose data is no JSON), ``[cut stream]``
+``[odd events]`` (a streamed create starts with events whose data is no JSON), ``[leaky events]``
+(it starts with an error event quoting the provider's key and a signed URL), ``[fail leaky]`` (the
+job fails with a message quoting the key), ``[cut stream]``
 (a streamed create's connection drops after its first event), ``[slow]`` (the
 job is made at once, as a provider makes it on reading the request, but the create's answer (a stream
 too) and a delete's come :data:`SLOW_SECONDS` later).
@@ -169,6 +171,12 @@ class FakeOpenAIUpstream:
         await self._slow(job)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if "[leaky events]" in (job["prompt"] or ""):  # a provider's error event quoting what it must not
+            await response.write(
+                b'event: error\nid: up_evt_1\ndata: {"message": "auth failed for Bearer '
+                + self.api_key.encode()
+                + b'; see https://cdn.example/v.mp4?X-Amz-Signature=5f0c0ffee&X-Amz-Expires=60"}\n\n'
+            )
         if "[odd events]" in (job["prompt"] or ""):  # events that are no JSON a parser could take
             await response.write(b"event: progress\ndata: " + b"[" * 100_000 + b"\n\ndata: NaN\n\n")
             deep = b'{"id": "%s", "status": ' % job["id"].encode() + b"[" * 1000 + b"]" * 1000 + b"}"
@@ -195,13 +203,16 @@ class FakeOpenAIUpstream:
         if job["status"] == "queued":
             job.update(status="in_progress", progress=40)
         elif job["status"] == "in_progress":
-            failed = "[fail]" in (job["prompt"] or "")
+            failed = "[fail" in (job["prompt"] or "")
+            message = "Blocked."
+            if "[fail leaky]" in (job["prompt"] or ""):  # a provider that quotes the key it was sent
+                message = f"Storage write failed for key {self.api_key} (api_key={self.api_key})."
             job.update(
                 status="failed" if failed else "completed",
                 progress=100,
                 completed_at=int(time.time()),
                 expires_at=int(time.time()) + 3600,
-                error={"code": "moderation_blocked", "message": "Blocked."} if failed else None,
+                error={"code": "moderation_blocked", "message": message} if failed else None,
             )
         return web.json_response(job)
 
