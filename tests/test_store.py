@@ -219,3 +219,27 @@ async def test_counting_a_keys_unfinished_videos_does_not_grow_with_its_history(
         assert steps * 100 < 20_000, f"{steps * 100} VM steps for one unfinished video among 20 000"
     finally:
         await store.close()
+
+
+async def test_another_tenants_video_is_looked_up_as_an_unknown_one_is(
+    pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 404 for another key's video must not come faster than one for an ID that does not exist:
+    answered from the cache at once, it would tell a prober (by timing alone; the bodies are one)
+    that the ID is someone's. Both take the same path, a read of the store."""
+    a, _ = pair
+    await a.add(task("video_mine", owner="alpha"))
+    assert await a.get("video_mine", "alpha") is not None  # cached
+    reads: list[str] = []
+    real = a._read
+
+    async def counted(sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        reads.append(sql)
+        return await real(sql, params)
+
+    monkeypatch.setattr(a, "_read", counted)
+    assert await a.get("video_nobodys", "beta") is None
+    assert await a.get("video_mine", "beta") is None
+    assert await a.get("video_mine", "alpha", kind="character") is None
+    assert len(reads) == 3 and len(set(reads)) == 1
+    assert await a.get("video_mine", "alpha") is not None and len(reads) == 3, "the owner's stays cached"
