@@ -64,7 +64,7 @@ def _call(request: web.Request, deployment: Deployment) -> Call:
     """The context of one upstream operation; its outcomes feed the health of the request's table."""
     ctx = context(request)
     recorder = ctx.table.outcome_recorder(deployment)
-    call = ctx.call = Call(request, ctx.request_id, deployment, on_outcome=recorder)
+    call = ctx.call = Call(request, ctx.request_id, deployment, ctx.upstream, on_outcome=recorder)
     return call
 
 

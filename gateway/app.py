@@ -171,7 +171,7 @@ def _observe(
 ) -> None:
     """Metrics and the access log line of one finished request."""
     call = ctx.call
-    upstream_seconds = call.upstream_seconds if call is not None else 0.0
+    upstream_seconds = ctx.upstream.seconds
     bytes_in = request.content.total_bytes
     bytes_out = _body_bytes(ctx, response)
     series.record(response.status, seconds, max(0.0, seconds - upstream_seconds), bytes_in, bytes_out)

@@ -10,7 +10,7 @@ import itertools
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -24,6 +24,31 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True, eq=False)
+class UpstreamClock:
+    """The time a request spent waiting on providers: wall time with at least one upstream call
+    open, whether it ended in an answer or a failure. Retries, failovers and a list's parallel
+    refreshes all count, each moment once; what is left of the request's time is the gateway's own."""
+
+    seconds: float = 0.0
+    _open: int = 0
+    _since: float = 0.0
+
+    def start(self) -> None:
+        if self._open == 0:
+            self._since = time.perf_counter()
+        self._open += 1
+
+    def stop(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self.seconds += time.perf_counter() - self._since
+
+    def total(self) -> float:
+        """:attr:`seconds`, with a wait still open (an answer being relayed) counted up to now."""
+        return self.seconds + (time.perf_counter() - self._since if self._open else 0.0)
+
+
+@dataclass(slots=True, eq=False)
 class RequestContext:
     gateway: Gateway
     table: RoutingTable  # the config generation pinned at entry: a reload mid-request changes nothing
@@ -31,7 +56,8 @@ class RequestContext:
     started: float
     client_key: ClientKey | None = None  # set by the envelope on API routes
     model: str | None = None  # the public model, once known (logs and metrics)
-    call: Call | None = None  # the latest upstream call (status, error, time spent waiting on it)
+    call: Call | None = None  # the latest upstream call (its status and error)
+    upstream: UpstreamClock = field(default_factory=UpstreamClock)  # time spent waiting on providers
     bytes_out: int = 0  # body bytes a streamed answer has sent so far
     admission: Admission | None = None  # the per-key limits a create was admitted under
     changing: bool = False  # a create or delete was sent upstream: see api.shielded
@@ -71,8 +97,7 @@ def stamp(ctx: RequestContext, response: web.StreamResponse) -> None:
     response.headers["x-request-id"] = ctx.request_id
     if ctx.gateway.draining:
         response.force_close()
-    call = ctx.call
-    own = time.perf_counter() - ctx.started - (call.upstream_seconds if call is not None else 0.0)
+    own = time.perf_counter() - ctx.started - ctx.upstream.total()
     response.headers["x-gateway-overhead-ms"] = f"{max(0.0, own) * 1000:.3f}"
 
 

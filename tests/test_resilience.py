@@ -440,3 +440,32 @@ def test_which_refusals_fail_over() -> None:
     assert not _may_fail_over(refusal(401, "4xx"))
     assert not _may_fail_over(refusal(504, "timeout", sent=True))
     assert not _may_fail_over(ApiError(400, "bad", code="invalid_value"))
+
+
+async def test_the_overhead_header_counts_no_time_spent_waiting_on_providers(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """``x-gateway-overhead-ms`` is the gateway's own time: waiting on a slow provider, on one that
+    never answers (until the read timeout), or on a first deployment before failing over to the next
+    is the provider's, whether its call ended in an answer or a failure."""
+    fake, url = faulty
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
+
+    def overhead(headers: dict[str, str]) -> float:
+        return float(headers["x-gateway-overhead-ms"])
+
+    fake.behaviour["primary"] = "ok"
+    status, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert status == 200, video
+    fake.behaviour["primary"] = "delay:0.6"
+    status, headers, _ = await call(gw, "GET", f"/v1/videos/{video['id']}")
+    assert status == 200 and overhead(headers) < 300, headers
+
+    fake.behaviour["primary"] = "hang"  # the read timeout (1 s) passes, then a 504
+    status, headers, _ = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert status == 504 and overhead(headers) < 300, headers
+
+    fake.behaviour["primary"] = "delay:0.6+status:503"  # refused after a while: the next one takes it
+    status, headers, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert status == 200 and len(fake.hits_for("secondary")) == 1, body
+    assert overhead(headers) < 300, headers

@@ -30,7 +30,7 @@ from yarl import URL
 from gateway import jsonio, metrics
 from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
-from gateway.context import CONTEXT, cut_answer, start_answer
+from gateway.context import CONTEXT, UpstreamClock, cut_answer, start_answer
 from gateway.errors import ApiError, UpstreamError, unsupported
 from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.http1 import Answer, ExchangeError, FixedHeaders, Http1Client, Limits
@@ -48,12 +48,12 @@ CHUNK = 256 * 1024
 
 @dataclass
 class Call:
-    """One client request as an adapter sees it; accumulates the time spent waiting on upstream."""
+    """One client request as an adapter sees it, for one deployment."""
 
     request: web.Request
     request_id: str
     deployment: Deployment
-    upstream_seconds: float = 0.0
+    clock: UpstreamClock = field(default_factory=UpstreamClock)  # the request's, shared by its calls
     upstream_status: int | None = None
     upstream_error: str | None = None
     on_outcome: Callable[[str | None], None] | None = None
@@ -416,6 +416,7 @@ class Adapter:
         series = self._sending(call)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
+        call.clock.start()
         try:
             requesting = self.session.request(
                 method,
@@ -430,7 +431,6 @@ class Adapter:
                 answer = await requesting
             async with answer as response:
                 self._answered(call, series, response.status, time.perf_counter() - started)
-                started = time.perf_counter()
                 yield response
         except ApiError:
             raise
@@ -441,10 +441,9 @@ class Adapter:
             status, message, kind, sent = _transport_failure(exc, answered=response is not None, data=data)
             raise self._fail(call, status, message, kind, sent=sent, cause=exc) from None
         finally:
+            call.clock.stop()
             series.in_flight.dec()
             self.in_flight -= 1
-            if response is not None:
-                call.upstream_seconds += time.perf_counter() - started
 
     async def exchange(
         self,
@@ -464,18 +463,19 @@ class Adapter:
         """
         series = self._sending(call)
         started = time.perf_counter()
+        call.clock.start()
         try:
             answer = await self.http1.request(
                 method, self.upstream_url(url), headers, data, self._limits, fixed, call.answer_by
             )
         except ExchangeError as exc:
-            call.upstream_seconds += time.perf_counter() - started
             sent = exc.kind in ("reset", "payload") or (
                 exc.kind == "timeout" and not exc.connecting and (exc.answered or data is not None)
             )
             status = 504 if exc.kind == "timeout" else 502
             raise self._fail(call, status, str(exc), exc.kind, sent=sent, cause=exc) from None
         finally:
+            call.clock.stop()
             series.in_flight.dec()
             self.in_flight -= 1
         self._answered(call, series, answer.status, time.perf_counter() - started)
@@ -495,7 +495,6 @@ class Adapter:
     def _answered(self, call: Call, series: metrics.UpstreamSeries, status: int, waited: float) -> None:
         """The provider's answer headers arrived: time, status and health of the call."""
         call.upstream_status = status
-        call.upstream_seconds += waited
         series.duration.observe(waited)
         if status >= 400:
             call.upstream_error = "5xx" if status >= 500 else "4xx"

@@ -16,6 +16,7 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
     made-html        make the job, then answer 200 with an HTML page (a proxy's page in front, say)
     made-no-id       make the job, then answer 200 with JSON that has no ``id``
     large            send 256 MiB of content, as fast as the reader takes it
+    A+B              A, then B (``delay:0.5+status:503``: a refusal after half a second)
 
 ``fake.reset_next_upload = True`` makes the next create read 64 KiB of its body, then close the
 connection, and ``fake.stall_next_upload = True`` makes it read 64 KiB, then read no more and not
@@ -86,6 +87,11 @@ class FaultyUpstream:
         return None
 
     async def _fault(self, request: web.Request, behaviour: str) -> web.StreamResponse | None:
+        if "+" in behaviour:  # one after the other: "delay:0.5+status:503"
+            for part in behaviour.split("+"):
+                if (fault := await self._fault(request, part)) is not None:
+                    return fault
+            return None
         kind, _, arg = behaviour.partition(":")
         if kind == "status":
             status = int(arg)
