@@ -499,6 +499,14 @@ def _check_references(raw: Any, problem: Any) -> None:
                 known = ", ".join(sorted(map(str, providers)))
                 problem((*path, "provider"), f'unknown provider "{d["provider"]}" (known: {known})')
                 continue
+            entry = providers[d["provider"]] if isinstance(providers[d["provider"]], dict) else {}
+            kind, options = entry.get("kind"), entry.get("options")
+            adapter = ADAPTERS.get(kind) if isinstance(kind, str) else None
+            upstream_model = d.get("model", model)
+            if adapter is not None and isinstance(upstream_model, str):
+                wrong = adapter.model_problem(upstream_model, options if isinstance(options, dict) else {})
+                if wrong is not None:
+                    problem((*path, "model") if "model" in d else path, wrong)
             name = d.get("name", f"{d['provider']}/{d.get('model', model)}")
             if not isinstance(name, str):
                 continue

@@ -260,6 +260,45 @@ def test_unknown_key_inside_a_deployment_is_reported_at_that_key():
     assert len(problems) == 2, problems
 
 
+def test_an_upstream_model_the_provider_does_not_know_is_refused_at_its_line():
+    """A mistyped upstream model used to load and then fail every create with a 400 that no client
+    can act on (and no failover follows): the file is refused, naming the line and the known models.
+    Upstreams that take any name (OpenAI dialect), Ark endpoint IDs, and a Replicate model given its
+    input schema in options pass."""
+    text = f"""\
+keys:
+  - name: ci
+    key: {KEY}
+providers:
+  runway: {{kind: runway, api_key: k}}
+  fal: {{kind: fal, api_key: k}}
+  ark: {{kind: seedance, api_key: k}}
+  replicate:
+    kind: replicate
+    api_key: k
+    options: {{input_schemas: {{deployments/acme/hailuo: minimax/hailuo-02}}}}
+  dialect: {{kind: openai, base_url: "http://127.0.0.1:9/v1"}}
+models:
+  gen:
+    - {{provider: runway, model: gen4.5-typo}}
+    - {{provider: runway, model: gen4.5, priority: 1}}
+  kling: {{provider: fal, model: fal-ai/kling-video/v9/text-to-video}}
+  chat: {{provider: ark, model: some-chat-model}}
+  endpoint: {{provider: ark, model: ep-20260101-abc}}
+  hailuo: {{provider: replicate, model: deployments/acme/hailuo}}
+  unmapped: {{provider: replicate, model: deployments/acme/unmapped}}
+  anything: {{provider: dialect, model: whatever-they-serve}}
+"""
+    problems = problems_of(text)
+    typo = problem_at(problems, line_of(text, "gen4.5-typo"), "models.gen[0].model")
+    assert "'gen4.5-typo'" in typo and "gen4.5, gen4_turbo" in typo, typo
+    assert "v9" in problem_at(problems, line_of(text, "kling-video/v9"), "models.kling.model")
+    assert "ep-" in problem_at(problems, line_of(text, "some-chat-model"), "models.chat.model")
+    unmapped = problem_at(problems, line_of(text, "acme/unmapped"), "models.unmapped.model")
+    assert "options.input_schemas" in unmapped
+    assert len(problems) == 4, problems
+
+
 def test_key_may_only_name_known_models():
     text = BASE.replace(f"    key: {KEY}\n", f"    key: {KEY}\n    models: [sora-2, sora-9]\n")
     problems = problems_of(text)

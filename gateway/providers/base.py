@@ -293,6 +293,13 @@ class Adapter:
         (path inside the entry, message) pairs."""
         return []
 
+    @classmethod
+    def model_problem(cls, upstream_model: str, options: Mapping[str, Any]) -> str | None:
+        """What is wrong with routing a model to ``upstream_model`` here (``options`` being the
+        provider's), checked when the config loads; None when nothing is, as for upstreams that
+        take any model name."""
+        return None
+
     def __init__(self, config: ProviderConfig, env: AdapterEnv) -> None:
         self.config = config
         self.env = env

@@ -238,13 +238,29 @@ class NativeAdapter(Adapter):
     default_spec: ClassVar[ModelSpec | None] = None
     default_result_hosts: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def known_spec(cls, upstream_model: str, options: Mapping[str, Any]) -> ModelSpec | None:
+        """The spec of an upstream model (``options`` being the provider's), None for one this
+        adapter does not know."""
+        return cls.models.get(upstream_model, cls.default_spec)
+
+    @classmethod
+    def unknown_model(cls, upstream_model: str) -> str:
+        known = ", ".join(sorted(cls.models))
+        return f"the {cls.kind} provider does not know the model '{upstream_model}' (known: {known})"
+
+    @classmethod
+    def model_problem(cls, upstream_model: str, options: Mapping[str, Any]) -> str | None:
+        if cls.known_spec(upstream_model, options) is None:
+            return cls.unknown_model(upstream_model)
+        return None
+
     def spec(self, upstream_model: str) -> ModelSpec:
-        spec = self.models.get(upstream_model, self.default_spec)
-        if spec is None:
+        spec = self.known_spec(upstream_model, self.config.options)
+        if spec is None:  # the config's check refuses such a model: only a stored task's can be one
             raise ApiError(
                 400,
-                f"The {self.kind} provider does not know the model '{upstream_model}' "
-                f"(known: {', '.join(sorted(self.models))}); fix the gateway's routing config.",
+                f"{self.unknown_model(upstream_model).capitalize()}; fix the gateway's routing config.",
                 param="model",
                 code="unsupported_model",
             )

@@ -279,19 +279,17 @@ class ReplicateAdapter(NativeAdapter):
         },
     }
 
-    def spec(self, upstream_model: str) -> ModelSpec:
-        schemas = self.config.options.get("input_schemas") or {}
-        name = schemas.get(upstream_model) or upstream_model.split(":", 1)[0]
-        spec = self.models.get(name)
-        if spec is None:
-            raise ApiError(
-                400,
-                f"The replicate provider does not know the input schema of '{upstream_model}' (known: "
-                f"{', '.join(sorted(self.models))}); name one in the provider's options.input_schemas.",
-                param="model",
-                code="unsupported_model",
-            )
-        return spec
+    @classmethod
+    def known_spec(cls, upstream_model: str, options: Mapping[str, Any]) -> ModelSpec | None:
+        schemas = options.get("input_schemas") or {}
+        return cls.models.get(schemas.get(upstream_model) or upstream_model.split(":", 1)[0])
+
+    @classmethod
+    def unknown_model(cls, upstream_model: str) -> str:
+        return (
+            f"the replicate provider does not know the input schema of '{upstream_model}' (known: "
+            f"{', '.join(sorted(cls.models))}); name one in the provider's options.input_schemas"
+        )
 
     def upstream_headers(self, call: Call, *, forward_client: bool = True) -> CIMultiDict[str]:
         """Never ``Prefer: wait``, even from the config's headers: creates must not block."""

@@ -244,19 +244,15 @@ class SeedanceAdapter(NativeAdapter):
         },
     }
 
-    def spec(self, upstream_model: str) -> ModelSpec:
-        if upstream_model not in self.models and not (
-            upstream_model.startswith("ep-") or "seedance" in upstream_model
-        ):
-            raise ApiError(
-                400,
-                f"The seedance provider does not know the model '{upstream_model}' (known: "
-                f"{', '.join(sorted(self.models))}, or an Ark endpoint ID 'ep-…'); fix the gateway's "
-                "routing config.",
-                param="model",
-                code="unsupported_model",
-            )
-        return super().spec(upstream_model)
+    @classmethod
+    def known_spec(cls, upstream_model: str, options: Mapping[str, Any]) -> ModelSpec | None:
+        if upstream_model in cls.models or upstream_model.startswith("ep-") or "seedance" in upstream_model:
+            return super().known_spec(upstream_model, options)
+        return None
+
+    @classmethod
+    def unknown_model(cls, upstream_model: str) -> str:
+        return f"{super().unknown_model(upstream_model)[:-1]}, or an Ark endpoint ID 'ep-…')"
 
     @property
     def _suffix_style(self) -> bool:
