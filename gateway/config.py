@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -181,7 +182,11 @@ def schema() -> dict[str, Any]:
             "if": {"properties": {"kind": {"const": kind}}},
             "then": {
                 "required": list(adapter.required_fields),
-                "properties": {"options": adapter.options_schema},
+                "properties": {
+                    "options": adapter.options_schema,
+                    # an empty value (an unset "${KEY:-}") is as missing as none
+                    **{name: {"pattern": "\\S"} for name in adapter.required_fields if name != "options"},
+                },
             },
         }
         for kind, adapter in sorted(ADAPTERS.items())
@@ -268,7 +273,11 @@ def schema() -> dict[str, Any]:
                 "properties": {
                     "enabled": {"type": "boolean", "default": True},
                     "path": {"type": "string", "pattern": "^/", "default": "/metrics"},
-                    "key": {"type": "string", "description": "Bearer key scrapers must send (optional)."},
+                    "key": {
+                        "type": "string",
+                        "minLength": 8,
+                        "description": "Bearer key scrapers must send (optional).",
+                    },
                 },
             },
             "logging": {
@@ -313,7 +322,7 @@ def schema() -> dict[str, Any]:
                     "required": ["kind"],
                     "properties": {
                         "kind": {"enum": sorted(ADAPTERS)},
-                        "base_url": {"type": "string", "pattern": "^https?://"},
+                        "base_url": {"type": "string", "pattern": "^https?://[^\\s/?#@]+(/[^\\s?#]*)?$"},
                         "api_key": _HEADER_VALUE,
                         "headers": {
                             "type": "object",
@@ -474,6 +483,20 @@ class _Locator:
             self.walk(child, (*path, key), (*ancestors, node))
 
 
+def _base_url_problem(url: str) -> str | None:
+    """What the schema's pattern cannot say about a provider's base URL."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"the port of {url!r} is not a number from 1 to 65535"
+    if parts.path.rstrip("/").endswith("/videos"):
+        return f"{url!r} names the videos endpoint; give the API's root (https://host/v1, say)"
+    return None
+
+
 def _check_references(raw: Any, problem: Any) -> None:
     """Checks the schema cannot express; tolerant of whatever the schema rejected, so that these
     problems are reported together with the schema's."""
@@ -488,6 +511,9 @@ def _check_references(raw: Any, problem: Any) -> None:
         adapter = ADAPTERS.get(kind) if isinstance(kind, str) else None
         for path, message in adapter.config_problems(entry) if adapter is not None else ():
             problem(("providers", name, *path), message)
+        base_url = entry.get("base_url") if isinstance(entry, dict) else None
+        if isinstance(base_url, str) and (wrong := _base_url_problem(base_url)):
+            problem(("providers", name, "base_url"), wrong)
     seen_names: set[str] = set()
     for model, entries in models.items():
         listed = isinstance(entries, list)

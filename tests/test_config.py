@@ -299,6 +299,40 @@ models:
     assert len(problems) == 4, problems
 
 
+@pytest.mark.parametrize(
+    ("entry", "wanted"),
+    [
+        ('{kind: runway, api_key: ""}', "does not match"),  # "${RUNWAY_KEY:-}" with the variable unset
+        ('{kind: runway, api_key: "  "}', "does not match"),
+        ('{kind: openai, base_url: "http://"}', "does not match"),
+        ('{kind: openai, base_url: "http:// space/v1"}', "does not match"),
+        ('{kind: openai, base_url: "http://user:pass@host/v1"}', "does not match"),
+        ('{kind: openai, base_url: "http://host:99999/v1"}', "port"),
+        ('{kind: openai, base_url: "https://api.example.com/v1/videos"}', "videos endpoint"),
+    ],
+)
+def test_a_provider_entry_that_cannot_work_is_refused_at_its_line(entry: str, wanted: str) -> None:
+    """An empty credential, a base URL without a host, with a password in it, a port out of range,
+    or pointing at the videos endpoint (paths are added to it: a POST there answers 405): each
+    loaded before and failed at the first request."""
+    text = BASE.replace("    kind: local\n", "    kind: local\n  broken: " + entry + "\n")
+    problems = problems_of(text)
+    message = problem_at(
+        problems,
+        line_of(text, "broken:"),
+        "providers.broken." + ("api_key" if "api_key" in entry else "base_url"),
+    )
+    assert wanted in message, message
+    assert len(problems) == 1, problems
+
+
+def test_a_metrics_key_must_be_a_key() -> None:
+    """``key: "${METRICS_KEY:-}"`` with the variable unset gave "", which a scraper matched by sending
+    no key at all: /metrics was open to anyone, while the file said it was guarded."""
+    text = BASE + 'metrics: {key: ""}\n'
+    assert "short" in problem_at(problems_of(text), line_of(text, "metrics:"), "metrics.key")
+
+
 def test_key_may_only_name_known_models():
     text = BASE.replace(f"    key: {KEY}\n", f"    key: {KEY}\n    models: [sora-2, sora-9]\n")
     problems = problems_of(text)
