@@ -14,9 +14,17 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway import __version__
-from gateway.config import DEFAULT_CONFIG_PATH, EMBEDDED_CONFIG_PATH, ConfigError, load_config
+from gateway.config import (
+    DEFAULT_CONFIG_PATH,
+    EMBEDDED_CONFIG_PATH,
+    ConfigError,
+    load_config,
+    parse_config,
+    read_config,
+)
 from gateway.logs import configure, log
 from gateway.workers import (
+    WORKER_CONFIG_ENV,
     WORKER_COULD_NOT_START,
     supervise,
     take_signing_key,
@@ -40,8 +48,11 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def serve(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _default_config()
+    # A worker starts from its supervisor's copy of the config the others run (see supervise).
+    copy = os.environ.get(WORKER_CONFIG_ENV) if worker_slot() else None
     try:
-        config = load_config(path)
+        text = read_config(copy or path)
+        config = parse_config(text, str(path), os.environ)
     except ConfigError as exc:
         print(f"video-gateway: {path} is not a valid config:", file=sys.stderr)
         print("\n".join(f"  {p}" for p in exc.problems), file=sys.stderr)
@@ -55,7 +66,7 @@ def serve(args: argparse.Namespace) -> int:
     workers = worker[1] if worker else workers_count(args.workers or config.workers)
     if workers > 1 and worker is None:
         log.info("serving", config=str(path), version=__version__, workers=workers, open_files=open_files)
-        return supervise(path, host, port, workers, log_format)
+        return supervise(path, text, host, port, workers, log_format, watching=config.watch_config)
     if worker is None:
         log.info("serving", config=str(path), version=__version__, open_files=open_files)
     from gateway.server import StartupError

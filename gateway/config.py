@@ -362,14 +362,18 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
     """Read, check and resolve a config file; raise ConfigError listing every problem."""
+    return parse_config(read_config(path), str(path), os.environ if env is None else env)
+
+
+def read_config(path: str | Path) -> str:
+    """A config file's text; ConfigError when it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
-    return parse_config(text, str(path), os.environ if env is None else env)
 
 
 def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfig:

@@ -34,6 +34,7 @@ from gateway.logs import log
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "VIDEO_GATEWAY_WORKER"
 SIGNING_KEY_ENV = "VIDEO_GATEWAY_WORKER_SIGNING_KEY"
+WORKER_CONFIG_ENV = "VIDEO_GATEWAY_WORKER_CONFIG"  # the supervisor's copy a worker starts from
 # A worker's exit status when it logged a start-up failure a restart cannot fix.
 WORKER_COULD_NOT_START = 3
 _QUICK_DEATH_SECONDS = 5.0
@@ -105,14 +106,42 @@ def prepare_metrics() -> Path:
     return path
 
 
-def supervise(config_path: Path, host: str, port: int, count: int, log_format: str) -> int:
+def supervise(
+    config_path: Path, config_text: str, host: str, port: int, count: int, log_format: str, *, watching: bool
+) -> int:
     """Run ``count`` workers until SIGTERM or SIGINT; the exit status of the whole gateway.
 
     Workers are fresh interpreters (``python -m gateway serve`` with the worker variables set), so
     each imports prometheus_client after the multiprocess directory is named.
+
+    A worker starts from the supervisor's copy of the config (``config_text``, checked), as nginx's
+    master hands a new worker the config it holds: a replacement for a worker that died must not
+    read a file someone is half-way through editing (a typo there would stop it, and after a few
+    tries the whole gateway), nor an edit the others have not been told to load. The copy follows
+    the file when a reload is asked for (SIGHUP) and, with ``watching`` (the workers follow the file
+    themselves), whenever a replacement starts; each time only if the file is a valid config.
     """
     metrics_dir = prepare_metrics()
-    env = {**os.environ, SIGNING_KEY_ENV: secrets.token_hex(32)}  # used where the config names none
+    copy = metrics_dir / "config.yaml"  # a private directory (0700): the text may hold keys
+    copy.write_text(config_text, encoding="utf-8")
+    env = {
+        **os.environ,
+        SIGNING_KEY_ENV: secrets.token_hex(32),  # used where the config names none
+        WORKER_CONFIG_ENV: str(copy),
+    }
+
+    def follow_the_file(reason: str) -> None:
+        """The file becomes the workers' copy if it is a valid config; else the copy stays."""
+        from gateway.config import ConfigError, parse_config, read_config
+
+        try:
+            text = read_config(config_path)
+            parse_config(text, str(config_path), os.environ)
+        except ConfigError as exc:
+            log.warning("supervisor_keeps_config", reason=reason, problems=exc.problems)
+            return
+        copy.write_text(text, encoding="utf-8")
+
     argv = [
         sys.executable,
         "-m",
@@ -148,7 +177,12 @@ def supervise(config_path: Path, host: str, port: int, count: int, log_format: s
         forward(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, _: forward(signum))
+
+    def reload(signum: int, _frame: object) -> None:
+        follow_the_file("reload")
+        forward(signum)
+
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     status = 0
     try:
         log.info("supervisor_started", workers=count, url=f"http://{host}:{port}/v1")
@@ -184,6 +218,8 @@ def supervise(config_path: Path, host: str, port: int, count: int, log_format: s
                 continue
             if quick_deaths:
                 time.sleep(min(5.0, 0.2 * 2**quick_deaths))
+            if watching:
+                follow_the_file("replacing a worker")
             spawn(slot)
     finally:
         for sig, handler in previous.items():

@@ -248,6 +248,41 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(start_worker
     assert "worker_died" in workers.log_text()
 
 
+async def test_a_replacement_worker_runs_the_config_the_others_run(start_workers, fresh) -> None:
+    """A worker that dies is replaced from the supervisor's copy of the config, not from the file
+    as it is now: an edit saved but not yet reloaded (watch_config is off here) is not served by the
+    replacement alone, and a typo in the file does not stop it from starting (which, repeated,
+    stopped the whole gateway). A reload moves the copy to the file once the file is valid."""
+    workers = await start_workers()
+    later = f"{workers.url}/v1/models/sora-later"
+    good = workers.config.read_text()
+
+    async def replace_a_worker() -> None:
+        victim = min(await _worker_pids(workers))
+        os.kill(victim, signal.SIGKILL)
+        await _until(
+            lambda: _worker_pids(workers), lambda pids: len(pids) == 2 and victim not in pids, workers
+        )
+
+    async def answers() -> set[int]:
+        return {(await _call(fresh, "GET", later))[0] for _ in range(ROUNDS)}
+
+    workers.config.write_text(good + "  sora-later:\n    provider: local\n")  # saved, not reloaded
+    await replace_a_worker()
+    assert await answers() == {404}, "one generation of the config serves"
+    workers.config.write_text(good + "  sora-later:\n    provider: locl\n")  # a typo
+    for _ in range(2):
+        await replace_a_worker()
+    assert await answers() == {404} and workers.process.poll() is None
+
+    workers.config.write_text(good + "  sora-later:\n    provider: local\n")
+    status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
+    assert status == 200 and answer["reloaded"] is True, answer
+    await _until(answers, lambda statuses: statuses == {200}, workers, seconds=10)
+    await replace_a_worker()
+    assert await answers() == {200}, "the replacement takes the reloaded config"
+
+
 async def test_workers_leave_when_their_supervisor_is_killed(start_workers) -> None:
     workers = await start_workers()
     pids = await _worker_pids(workers)
