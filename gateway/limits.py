@@ -18,7 +18,8 @@ from prometheus_client import Counter
 
 from gateway.config import ClientKey, Deployment
 from gateway.errors import ApiError
-from gateway.store import Admission, TaskStore
+from gateway.logs import log
+from gateway.store import Admission, StoreUnavailable, TaskStore
 
 RATE_LIMITED = Counter("gateway_ratelimit_rejections_total", "Creates refused by a per-key limit.", ["limit"])
 BULKHEAD_REJECTED = Counter(
@@ -78,7 +79,13 @@ async def admit(
     try:
         yield admission
     finally:
-        await store.settle(admission)
+        try:
+            await store.settle(admission)
+        except StoreUnavailable as exc:
+            # The create's own answer must stand: its video, or the 503 that tells the client not
+            # to retry (the job may exist). Unsettled, the admission stops counting after
+            # PENDING_SECONDS (or when this process ends).
+            log.warning("admission_not_settled", key_name=key.name, error=str(exc))
 
 
 class Bulkheads:

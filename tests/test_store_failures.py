@@ -178,3 +178,43 @@ async def test_a_delete_whose_client_left_and_the_store_failed_is_logged_as_the_
         await wait_for_event(session_log, "left-locked-1", "store_unavailable")
     errors = [line["event"] for line in log_lines(session_log, "left-locked-1") if line["level"] == "error"]
     assert errors == ["store_unavailable"]
+
+
+async def test_a_limited_keys_create_the_store_cannot_record_is_not_retried_either(
+    start_gateway: Any, upstream: tuple[FakeOpenAIUpstream, str], tmp_path: Path
+) -> None:
+    """With limits, the create's admission is settled after the handler, a store write too: failing
+    as well, its error replaced the answer that said not to retry (a plain 503), and the SDK's retry
+    started and billed a second job."""
+    from tests.conftest import gateway_yaml
+
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url).replace(
+        "key: ${ALPHA_KEY}",
+        "key: ${ALPHA_KEY}\n    limits: {creates_per_minute: 100, max_in_progress: 10}",
+        1,
+    )
+    assert "creates_per_minute" in text
+    gw = await start_gateway(text)
+    adapter = gw.app[GATEWAY].table.adapter("dialect")
+    accepted = adapter.create
+    locks: list[Any] = []
+
+    async def accepted_then_locked(call: Any, body: Any) -> Any:
+        answer = await accepted(call, body)  # the provider took the job; now the store is stuck
+        locks.append(store_locked(gw, tmp_path))
+        locks[-1].__enter__()
+        return answer
+
+    adapter.create = accepted_then_locked  # type: ignore[method-assign]
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY, max_retries=2)
+    gw.clients.append(client)
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.videos.create(prompt="x", model="sora-remote")
+    finally:
+        for lock in locks:
+            lock.__exit__(None, None, None)
+    response = caught.value.response
+    assert response.status_code == 503 and response.headers.get("x-should-retry") == "false", response.text
+    assert len(fake.requests("POST", "/v1/videos")) == 1, "the SDK did not retry into a second job"
