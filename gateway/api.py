@@ -416,6 +416,7 @@ async def _relay_events(
     tasks: dict[str, Task] = {}
     ctx = context(request)
     ctx.bytes_out = 0
+    listening = False
     try:
         listening = await _sent(start_answer(request, response))
         async for event in stream.events():
@@ -429,6 +430,12 @@ async def _relay_events(
             cut_answer(request, response)
         elif listening:
             await response.write_eof()
+    except ApiError as exc:  # the 200 is out: the client hears it as the stream's last event
+        log.warning("stream_ended_by_error", request_id=ctx.request_id, code=exc.code, error=exc.message)
+        if listening:
+            event = b"event: error\ndata: " + json.dumps(exc.body()).encode() + b"\n\n"
+            if await _sent(response.write(event)):
+                await _sent(response.write_eof())
     finally:
         await stream.aclose()
     return response
@@ -460,10 +467,10 @@ async def _translate_event(
         task = tasks[upstream_id] = await _record(
             request, deployment, UpstreamVideo(upstream_id, payload), seed
         )
-    else:
+    else:  # its news, saved as a poll's is: one the store cannot take now, a later poll saves
         task.video = build_video(task, payload)
         task.status = task.video["status"]
-        await _save(gateway(request), task)
+        await _save_news(request, task)
     other = _passed_on([line for line in lines if not line.startswith(b"data:")])
     return other + b"data: " + json.dumps(task.video).encode() + b"\n\n"
 

@@ -218,3 +218,30 @@ async def test_a_limited_keys_create_the_store_cannot_record_is_not_retried_eith
     response = caught.value.response
     assert response.status_code == 503 and response.headers.get("x-should-retry") == "false", response.text
     assert len(fake.requests("POST", "/v1/videos")) == 1, "the SDK did not retry into a second job"
+
+
+async def test_a_streamed_create_the_store_cannot_record_ends_with_an_error_event(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], tmp_path: Path
+) -> None:
+    """The stream's 200 has gone out when its first video is to be recorded: a store that fails then
+    left the client waiting on an open stream (until its own timeout, then a retry and a second
+    job). It now gets an error event in the OpenAI envelope, and the stream ends."""
+    import aiohttp
+
+    fake, _ = upstream
+    with store_locked(dialect_gateway, tmp_path):
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.post(
+                dialect_gateway.url + "/v1/videos",
+                json={"prompt": "x", "model": "sora-remote", "stream": True},
+                headers={"Authorization": f"Bearer {ALPHA_KEY}"},
+            ) as response,
+        ):
+            assert response.status == 200
+            raw = (await response.read()).decode()
+    event, _, data = raw.strip().partition("\n")
+    assert event == "event: error", raw
+    error = json.loads(data.removeprefix("data: "))["error"]
+    assert error["code"] == "store_unavailable" and "retry" in error["message"]
+    assert len(fake.requests("DELETE")) == 1, "the job was cancelled upstream"
