@@ -214,7 +214,7 @@ class BootLease:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.boot = secrets.token_hex(8)
-        directory.mkdir(exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
         staging = directory / f".{self.boot}"
         self._fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -299,8 +299,12 @@ class SQLiteTaskStore:
     def _open(self) -> None:
         """Open, one process at a time: workers starting together on a new file would otherwise
         race to switch it to WAL, and the loser gets "database is locked" at once (no busy wait)."""
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._path.with_name(self._path.name + "-open-lock"), "ab") as lock:
+        # Prompts, keys' names and hosted images' URLs are the tenants' own: readable by this user
+        # alone (SQLite gives its -wal and -shm files the database file's mode).
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(self._path, os.O_CREAT | os.O_WRONLY, 0o600))
+        lock_path = self._path.with_name(self._path.name + "-open-lock")
+        with open(os.open(lock_path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600), "ab") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
             db.execute("PRAGMA journal_mode=WAL")

@@ -4,7 +4,9 @@ two workers (each has its own connection, cache and thread, as a worker process 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -243,3 +245,21 @@ async def test_another_tenants_video_is_looked_up_as_an_unknown_one_is(
     assert await a.get("video_mine", "alpha", kind="character") is None
     assert len(reads) == 3 and len(set(reads)) == 1
     assert await a.get("video_mine", "alpha") is not None and len(reads) == 3, "the owner's stays cached"
+
+
+async def test_the_store_is_readable_by_the_gateways_user_alone(tmp_path: Path) -> None:
+    """Prompts and the names of keys: other local users must not read them, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        store = SQLiteTaskStore(tmp_path / "data" / "gw.sqlite3")
+        await store.open()
+        await store.add(task())
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+        for path in (tmp_path / "data").iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path.name
+        assert {p.name for p in (tmp_path / "data").iterdir()} >= {"gw.sqlite3", "gw.sqlite3-wal"}
+    finally:
+        await store.close()
