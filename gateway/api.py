@@ -529,9 +529,23 @@ async def delete_video(request: web.Request) -> web.Response:
     gw, table = ctx.gateway, ctx.table
     task = await _owned(request)
     ctx.model = task.model
-    deployment, adapter = _deployment_of(table, task)
-    with gw.bulkheads.enter(deployment, "requests"):
-        await adapter.delete(_changing_call(request, deployment), task)
+    try:
+        deployment, adapter = _deployment_of(table, task)
+    except ApiError as exc:
+        if exc.code != "provider_unavailable":
+            raise
+        # Its provider left the config (and the gateway restarted since): nobody here can ask about
+        # it any more. Forgotten, it no longer holds its key's place; the log names it upstream.
+        log.warning(
+            "deleted_without_provider",
+            request_id=ctx.request_id,
+            video=task.id,
+            provider=task.provider,
+            upstream_id=task.upstream_id,
+        )
+    else:
+        with gw.bulkheads.enter(deployment, "requests"):
+            await adapter.delete(_changing_call(request, deployment), task)
     await gw.store.delete(task.id, task.owner)
     return _json({"id": task.id, "object": "video.deleted", "deleted": True})
 

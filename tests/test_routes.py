@@ -358,6 +358,39 @@ async def test_videos_survive_a_restart(
     assert set(listed) == {local.id, pending.id, remote.id}
 
 
+async def test_a_video_whose_provider_left_the_config_can_still_be_deleted(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
+) -> None:
+    """After a restart without its provider (renamed or removed), a video cannot be asked about any
+    more: polls answer 503 provider_unavailable. A delete forgets it here (logged with its provider's
+    ID, for an operator to cancel it there), so it no longer sits in the list or holds a key at its
+    max_in_progress cap for good."""
+    text = gateway_yaml(tmp_path, upstream_url=upstream[1]).replace(
+        "key: ${ALPHA_KEY}", "key: ${ALPHA_KEY}\n    limits: {max_in_progress: 1}", 1
+    )
+    first = await start_gateway(text)
+    video = await first.sdk().videos.create(prompt="stranded", model="sora-remote")
+    await first.server.close()
+    second = await start_gateway(
+        text.replace("dialect:", "renamed:").replace("provider: dialect", "provider: renamed")
+    )
+    status, _, body = await send(second, "GET", f"/v1/videos/{video.id}")
+    assert status == 503 and json.loads(body)["error"]["code"] == "provider_unavailable"
+    status, _, body = await send(
+        second, "POST", "/v1/videos", json={"prompt": "next", "model": "sora-remote"}
+    )
+    assert status == 429, body
+    status, _, body = await send(second, "DELETE", f"/v1/videos/{video.id}")
+    assert status == 200 and json.loads(body)["deleted"] is True, body
+    assert (await second.sdk().videos.list()).data == []
+    status, _, body = await send(
+        second, "POST", "/v1/videos", json={"prompt": "next", "model": "sora-remote"}
+    )
+    assert status == 200, body
+    logged = [json.loads(line) for line in session_log.read_text().splitlines() if video.id in line]
+    assert any(e["event"] == "deleted_without_provider" and e["upstream_id"] for e in logged), logged
+
+
 async def test_hop_by_hop_and_client_credentials_stay_behind(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:
