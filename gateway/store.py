@@ -426,9 +426,13 @@ class SQLiteTaskStore:
     async def update(self, task: Task) -> bool:
         """As the protocol says; when the task had already finished (another process or poll got
         there first), ``task`` takes what the database holds, so every answer shows the same video.
-        A task deleted while its poll was in flight stays deleted: it is neither written nor cached."""
+        So it does when the database holds news further on: in progress where ``task`` says queued,
+        or more progress. Another worker's copy of a task (each caches its own) may be behind what
+        a sibling wrote; written over it, the video would go backwards. A task deleted while its
+        poll was in flight stays deleted: it is neither written nor cached."""
         task.updated_at = time.time()
         epoch = self._current_epoch()
+        progress = task.video.get("progress")
 
         def run() -> tuple[bool, Task | None]:
             """Whether the write went through, else the task as stored (None once deleted)."""
@@ -436,7 +440,9 @@ class SQLiteTaskStore:
             active = ",".join("?" * len(ACTIVE_STATUSES))
             cursor = self._db.execute(
                 "UPDATE tasks SET status=?, video=?, state=?, updated_at=? "
-                f"WHERE id=? AND deleted_at IS NULL AND status IN ({active})",
+                f"WHERE id=? AND deleted_at IS NULL AND status IN ({active}) "
+                "AND NOT (status='in_progress' AND ?='queued') "
+                "AND NOT (status=? AND COALESCE(json_extract(video, '$.progress'), 0) > ?)",
                 (
                     task.status,
                     json.dumps(task.video),
@@ -444,6 +450,9 @@ class SQLiteTaskStore:
                     task.updated_at,
                     task.id,
                     *ACTIVE_STATUSES,
+                    task.status,
+                    task.status,
+                    progress if type(progress) is int else 0,
                 ),
             )
             if cursor.rowcount == 1:

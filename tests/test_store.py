@@ -73,6 +73,42 @@ async def test_the_update_that_lost_the_race_adopts_the_stored_video(pair) -> No
     assert again is not None and again.video["completed_at"] == 111
 
 
+async def test_a_workers_stale_copy_never_takes_the_video_backwards(pair) -> None:
+    """Each worker caches its own copy of a task; one whose copy is behind what a sibling wrote (a
+    poll of its own saying less: queued, or less progress) takes the stored video and state rather
+    than writing over them, so every answer from then on shows the further one."""
+    a, b = pair
+    await a.add(task(status="queued"))
+    stale = await b.get("video_1", "alpha")  # b's copy: queued, 10 %
+    ahead = await a.get("video_1", "alpha")
+    assert stale is not None and ahead is not None
+    ahead = replace(
+        ahead, status="in_progress", video={**ahead.video, "status": "in_progress", "progress": 60}
+    )
+    ahead.state = {"processing_since": 1000.0}
+    await a.update(ahead)
+    for status, progress in (("queued", 30), ("in_progress", 40)):
+        behind = replace(stale, status=status, video={**stale.video, "status": status, "progress": progress})
+        behind.state = {"processing_since": 2000.0}
+        assert await b.update(behind) is False
+        assert (behind.status, behind.video["progress"], behind.state) == (
+            "in_progress",
+            60,
+            {"processing_since": 1000.0},
+        )
+        assert (await b.get("video_1", "alpha")).video["progress"] == 60  # type: ignore[union-attr]
+    further = replace(
+        stale, status="in_progress", video={**stale.video, "status": "in_progress", "progress": 70}
+    )
+    await b.update(further)  # further on than what is stored: written
+    fresh = SQLiteTaskStore(a._path)
+    await fresh.open()
+    try:
+        assert (await fresh.get("video_1", "alpha")).video["progress"] == 70  # type: ignore[union-attr]
+    finally:
+        await fresh.close()
+
+
 async def test_a_poll_in_flight_during_a_delete_does_not_bring_the_video_back(pair) -> None:
     """The poll read the task, the client deleted it, then the poll's news arrived and was saved."""
     a, b = pair
