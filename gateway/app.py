@@ -173,7 +173,7 @@ def _observe(
     call = ctx.call
     upstream_seconds = ctx.upstream.seconds
     bytes_in = request.content.total_bytes
-    bytes_out = _body_bytes(ctx, response)
+    bytes_out = _body_bytes(ctx, response) if request.method != "HEAD" else 0
     series.record(response.status, seconds, max(0.0, seconds - upstream_seconds), bytes_in, bytes_out)
     if not logs.enabled("info"):
         return

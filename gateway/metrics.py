@@ -59,8 +59,28 @@ class _Flush(Collector):
 _FLUSH = _Flush()
 REGISTRY.register(_FLUSH)
 
-# Uploads and downloads of large videos can take minutes: buckets reach 10 minutes.
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Up to an hour: a 2 GiB upload (the default cap) or download by a slow client takes well over ten
+# minutes, which a top bucket of 600 s would report as exactly 600.
+DURATION_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 HTTP_REQUESTS = Counter(

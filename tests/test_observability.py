@@ -222,6 +222,26 @@ async def test_promtool_accepts_a_real_scrape(dialect_gateway: RunningGateway, t
     )
 
 
+async def test_a_head_request_counts_no_body_bytes(local_gateway: RunningGateway) -> None:
+    """``curl -I`` on a download sends headers only: the bytes counter must not add the file's size."""
+    done = await local_gateway.sdk().videos.create_and_poll(prompt="head", size="320x240", seconds="1")
+    before = samples(await scrape(local_gateway))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.head(
+            f"{local_gateway.url}/v1/videos/{done.id}/content",
+            headers={"Authorization": f"Bearer {ALPHA_KEY}"},
+        ) as response,
+    ):
+        assert response.status == 200 and int(response.headers["Content-Length"]) > 1000
+    after = samples(await scrape(local_gateway))
+    route = {"route": "/v1/videos/{video_id}/content"}
+    assert value(after, "gateway_response_body_bytes_total", **route) == value(
+        before, "gateway_response_body_bytes_total", **route
+    )
+    assert value(after, "gateway_http_requests_total", **route, method="HEAD", code="200") == 1
+
+
 async def test_access_log_line_has_what_on_call_needs(
     dialect_gateway: RunningGateway, session_log: Path
 ) -> None:
