@@ -102,6 +102,7 @@ class Resilience:
 
     consecutive_failures   failures in a row that eject a deployment
     base_ejection_seconds  ejection lasts this times the number of times it was ejected
+    max_ejection_seconds   ... but never longer than this (Envoy's max_ejection_time)
     read_attempts          tries of a retrieve, list refresh or download on connect errors, 502/503/504
     read_deadline_seconds  all tries of one read together, by when the provider must begin to answer
     backoff_seconds        base of the jittered exponential backoff between tries
@@ -109,6 +110,7 @@ class Resilience:
 
     consecutive_failures: int = 5
     base_ejection_seconds: float = 30.0
+    max_ejection_seconds: float = 300.0
     read_attempts: int = 3
     read_deadline_seconds: float = 10.0
     backoff_seconds: float = 0.1
@@ -245,6 +247,7 @@ def schema() -> dict[str, Any]:
                 "properties": {
                     "consecutive_failures": {"type": "integer", "minimum": 1},
                     "base_ejection_seconds": {"type": "number", "exclusiveMinimum": 0},
+                    "max_ejection_seconds": {"type": "number", "exclusiveMinimum": 0},
                     "read_attempts": {"type": "integer", "minimum": 1},
                     "read_deadline_seconds": {"type": "number", "exclusiveMinimum": 0},
                     "backoff_seconds": {"type": "number", "minimum": 0},

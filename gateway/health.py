@@ -1,16 +1,19 @@
 """Outlier ejection: deployments that keep failing are taken out of rotation for a while.
 
 After ``consecutive_failures`` failures in a row (connect errors, timeouts, resets, 5xx), a
-deployment is ejected for ``base_ejection_seconds`` times the number of times it has been ejected.
-When that time is up, exactly one request probes it: success puts it back, failure ejects it again
-for longer. A model's last available deployment is never ejected (Envoy's max ejection percentage,
-taken to its safe end). The board outlives config reloads: it is keyed by deployment name.
+deployment is ejected for ``base_ejection_seconds`` times the number of times it has been ejected,
+up to ``max_ejection_seconds``. When that time is up, exactly one request probes it: success puts it
+back, failure ejects it again for longer. A model's last available deployment is never ejected
+(Envoy's max ejection percentage, taken to its safe end). The board outlives config reloads: it is
+keyed by deployment name; a reload that changes a deployment's provider starts it afresh.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,11 +95,14 @@ class HealthBoard:
 
     def _eject(self, deployment: str, state: DeploymentHealth) -> None:
         state.ejections += 1
-        seconds = self.policy.base_ejection_seconds * state.ejections
-        state.ejected_until = self._clock() + seconds
+        seconds = min(self.policy.base_ejection_seconds * state.ejections, self.policy.max_ejection_seconds)
+        state.ejected_until = until = self._clock() + seconds
         state.probing = False
         EJECTIONS.labels(deployment).inc()
         EJECTED.labels(deployment).set(1)
+        # The gauge falls when the ejection ends, whether or not a create comes to probe it.
+        with contextlib.suppress(RuntimeError):  # no event loop: a board driven by hand
+            asyncio.get_running_loop().call_later(seconds, self._ejection_over, deployment, until)
         log.warning(
             "deployment_ejected",
             deployment=deployment,
@@ -105,6 +111,17 @@ class HealthBoard:
             failure=state.last_failure,
             consecutive_failures=state.consecutive_failures,
         )
+
+    def _ejection_over(self, deployment: str, until: float) -> None:
+        state = self._states.get(deployment)
+        if state is not None and state.ejected_until == until and not state.probing:
+            EJECTED.labels(deployment).set(0)
+
+    def forget(self, deployments: Iterable[str]) -> None:
+        """Start these deployments afresh (their provider's settings changed: what failed may not)."""
+        for deployment in deployments:
+            if self._states.pop(deployment, None) is not None:
+                EJECTED.labels(deployment).set(0)
 
     def snapshot(self, deployments: Sequence[str]) -> list[dict[str, Any]]:
         now = self._clock()

@@ -63,6 +63,8 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
     for name, adapter in old.items():
         if adapters.get(name) is not adapter:
             asyncio.get_running_loop().create_task(adapter.close_when_idle())
+    changed = {name for name, adapter in adapters.items() if name in old and old[name] is not adapter}
+    gw.health.forget(d.name for ds in config.models.values() for d in ds if d.provider in changed)
     retired = {name: adapter for name, adapter in old.items() if name not in adapters}
     _prime_resilience(config)
     metrics.prime(

@@ -14,7 +14,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway, call
+from tests.conftest import ALPHA_KEY, BETA_KEY, ENV, RunningGateway, StartGateway, call, load
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.test_errors import closed_port
 
@@ -469,3 +469,72 @@ async def test_the_overhead_header_counts_no_time_spent_waiting_on_providers(
     status, headers, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
     assert status == 200 and len(fake.hits_for("secondary")) == 1, body
     assert overhead(headers) < 300, headers
+
+
+def test_an_ejection_lasts_at_most_max_ejection_seconds() -> None:
+    """Each ejection of a deployment lasts longer (30 s × n), up to a cap (Envoy's max_ejection_time,
+    300 s by default): without one, a deployment that failed for a day would stay out for hours
+    after it recovered."""
+    from gateway.config import Resilience
+    from gateway.health import HealthBoard
+
+    now = [0.0]
+    board = HealthBoard(
+        Resilience(consecutive_failures=1, base_ejection_seconds=30, max_ejection_seconds=300),
+        clock=lambda: now[0],
+    )
+    lengths = []
+    for _ in range(20):
+        board.record("flaky", "5xx", siblings=("flaky", "steady"))
+        lengths.append(board.state("flaky").ejected_until - now[0])
+        now[0] = board.state("flaky").ejected_until
+        assert board.claim("flaky")  # the probe, which fails again
+    assert lengths[:3] == [30, 60, 90] and max(lengths) == 300
+
+
+async def test_the_ejected_gauge_falls_when_the_ejection_ends_and_a_fixed_provider_starts_afresh(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    faulty: tuple[FaultyUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gateway_deployment_ejected said 1 until a later call succeeded: a deployment no create was
+    sent to after its ejection ended (or one removed from the config) kept an alert firing for
+    good. It falls when the ejection ends. And a reload that changes a deployment's provider (its
+    URL fixed, say) clears its record: it is not left ejected for what the old settings did."""
+    fake, url = faulty
+    fake.behaviour["primary"] = "status:500"
+    text = config(
+        tmp_path, url, TWO_TIERS, extra="resilience: {consecutive_failures: 2, base_ejection_seconds: 0.5}"
+    )
+    for name, value in ENV.items():  # a reload reads ${ENV} from the real environment
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = await start_gateway(load(text), config_path=path)
+
+    async def ejected() -> float:
+        async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
+            scraped = await response.text()
+        line = next(
+            x
+            for x in scraped.splitlines()
+            if x.startswith('gateway_deployment_ejected{deployment="up/primary"}')
+        )
+        return float(line.rpartition(" ")[2])
+
+    for _ in range(2):
+        await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert await ejected() == 1
+    await asyncio.sleep(0.7)
+    assert await ejected() == 0, "the ejection ended, with no create sent since"
+
+    for _ in range(2):  # the probe fails: ejected again, now for 1 s
+        await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert await ejected() == 1
+    path.write_text(text.replace("poll_after_ms: 100", "poll_after_ms: 200", 1))  # provider "up" changed
+    status, _, answer = await post(gw, "/admin/reload", headers=ADMIN)
+    assert status == 200 and answer["reloaded"] is True, answer
+    assert await ejected() == 0
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    assert {r["deployment"]: r for r in state["deployments"]}["up/primary"]["state"] == "healthy"
