@@ -147,6 +147,10 @@ def simulate(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
+    if (args.path is None) == (args.config is None):
+        print("video-gateway check-config: give the config file, as PATH or --config PATH", file=sys.stderr)
+        return 2
+    args.path = args.path or args.config
     try:
         config = load_config(args.path)
     except ConfigError as exc:
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=simulate)
 
     p = commands.add_parser("check-config", help="validate a config file; exit 1 if it has problems")
-    p.add_argument("path")
+    p.add_argument("path", nargs="?", help="the config file")
+    p.add_argument("--config", help="the same, spelt as serve spells it")
     p.set_defaults(run=check_config)
 
     args = parser.parse_args(argv)

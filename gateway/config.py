@@ -490,6 +490,10 @@ class _Locator:
             self.walk(child, (*path, key), (*ancestors, node))
 
 
+# Paths the gateway's own routes take (app.build_app): /metrics must not shadow one or hide behind it.
+_OWN_PATHS = re.compile(r"^/(?:v1(?:/.*)?|healthz|readyz|openapi\.json|admin(?:/.*)?|files(?:/.*)?)/?$")
+
+
 def _base_url_problem(url: str) -> str | None:
     """What the schema's pattern cannot say about a provider's base URL."""
     parts = urlsplit(url)
@@ -560,6 +564,10 @@ def _check_references(raw: Any, problem: Any) -> None:
         for j, m in enumerate(allowed if isinstance(allowed, list) else ()):
             if isinstance(m, str) and m not in models:
                 problem(("keys", i, "models", j), f'unknown model "{m}"')
+
+    metrics_path = raw.get("metrics", {}).get("path") if isinstance(raw.get("metrics"), dict) else None
+    if isinstance(metrics_path, str) and _OWN_PATHS.match(metrics_path):
+        problem(("metrics", "path"), f"{metrics_path!r} is a path the gateway serves itself; pick another")
 
     default_model = raw.get("default_model")
     if isinstance(default_model, str) and default_model not in models:

@@ -186,9 +186,10 @@ async def test_gateway_in_front_of_the_simulator(
 
 
 def test_check_config_on_the_shipped_files() -> None:
-    for path in ("config/gateway.yaml", "gateway/default.yaml"):
+    """The file as an argument, or as serve takes it (--config): one command line checks and runs."""
+    for args in (["config/gateway.yaml"], ["gateway/default.yaml"], ["--config", "config/gateway.yaml"]):
         result = subprocess.run(
-            [sys.executable, "-m", "gateway", "check-config", path],
+            [sys.executable, "-m", "gateway", "check-config", *args],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -196,6 +197,14 @@ def test_check_config_on_the_shipped_files() -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "OK" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "--config" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -333,6 +333,16 @@ def test_a_metrics_key_must_be_a_key() -> None:
     assert "short" in problem_at(problems_of(text), line_of(text, "metrics:"), "metrics.key")
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/videos", "/v1", "/healthz", "/readyz", "/openapi.json", "/admin/x", "/files/a"]
+)
+def test_metrics_may_not_take_a_path_the_gateway_serves(path: str) -> None:
+    """/v1/videos as the metrics path answered the SDK's list with Prometheus text; /healthz hid the
+    metrics behind the health check."""
+    text = BASE + f"metrics: {{path: {path}}}\n"
+    assert "serves itself" in problem_at(problems_of(text), line_of(text, "metrics:"), "metrics.path")
+
+
 def test_key_may_only_name_known_models():
     text = BASE.replace(f"    key: {KEY}\n", f"    key: {KEY}\n    models: [sora-2, sora-9]\n")
     problems = problems_of(text)
