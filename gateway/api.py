@@ -29,6 +29,7 @@ from gateway.errors import (
     store_unavailable,
     video_not_found,
 )
+from gateway.headers import CONTENT_CACHE_CONTROL
 from gateway.logs import log, scrub
 from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
 from gateway.routing import RoutingTable
@@ -563,7 +564,10 @@ async def video_content(request: web.Request) -> web.StreamResponse:
             code="video_not_ready",
             headers={"x-should-retry": "false"},
         )
-    return await _read(request, task, lambda adapter, call: adapter.content(call, task, variant))
+    response = await _read(request, task, lambda adapter, call: adapter.content(call, task, variant))
+    if not response.prepared:  # a file the gateway serves itself (a relay sets it as it starts)
+        response.headers["Cache-Control"] = CONTENT_CACHE_CONTROL
+    return response
 
 
 async def remix_video(request: web.Request) -> web.Response:

@@ -13,6 +13,9 @@ from multidict import CIMultiDict
 # connection to us (Forwarded, X-Forwarded-*, X-Real-IP, Origin).
 _TO_UPSTREAM = frozenset({"content-type", "accept", "user-agent", "openai-beta", "idempotency-key"})
 
+# What a download passes on from the provider's answer. Not its Cache-Control, which a CDN may set
+# to public: a download is one tenant's (CONTENT_CACHE_CONTROL), nor its Content-Disposition, whose
+# file name may carry the provider's job ID.
 CONTENT_RESPONSE_HEADERS = (
     "Content-Type",
     "Content-Range",
@@ -20,9 +23,8 @@ CONTENT_RESPONSE_HEADERS = (
     "ETag",
     "Last-Modified",
     "Content-Encoding",
-    "Content-Disposition",
-    "Cache-Control",
 )
+CONTENT_CACHE_CONTROL = "private"  # the client's own cache may keep it; no shared one
 
 # Passed on with a content download; Range and If-Range go through base.range_headers().
 CONDITIONAL_REQUEST_HEADERS = ("If-None-Match", "If-Modified-Since")

@@ -91,6 +91,21 @@ async def test_a_result_host_gets_none_of_the_providers_headers(
         assert name not in signed.headers, name
 
 
+async def test_a_download_is_marked_for_its_client_alone(
+    dialect_gateway: RunningGateway, local_gateway: RunningGateway
+) -> None:
+    """A provider's CDN marks its file public for a day: relayed as it was, a shared cache in front
+    of the gateway could keep one tenant's video and hand it to whoever asks the same URL with
+    another key. Every download is Cache-Control: private, and the provider's own file name (which
+    may carry its job's ID) stays behind."""
+    for gw, model in ((dialect_gateway, "sora-remote"), (local_gateway, "sora-2")):
+        client = gw.sdk()
+        done = await client.videos.create_and_poll(prompt="mine", model=model, size="320x240", seconds="1")
+        content = await client.videos.with_raw_response.download_content(done.id)
+        assert content.status_code == 200 and content.headers["Cache-Control"] == "private", model
+        assert "up_render" not in content.headers.get("Content-Disposition", ""), model
+
+
 def test_result_redirects_never_downgrade_to_plain_http(tmp_path: Path) -> None:
     config = load(gateway_yaml(tmp_path, upstream_url="https://videos.example"))
     adapter = ADAPTERS["openai"](config.providers["dialect"], AdapterEnv(data_dir=tmp_path, hosted=None))

@@ -32,7 +32,7 @@ from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
 from gateway.context import CONTEXT, UpstreamClock, cut_answer, start_answer
 from gateway.errors import ApiError, UpstreamError, unsupported
-from gateway.headers import CONTENT_RESPONSE_HEADERS, forwardable_request_headers
+from gateway.headers import CONTENT_CACHE_CONTROL, CONTENT_RESPONSE_HEADERS, forwardable_request_headers
 from gateway.http1 import Answer, ExchangeError, FixedHeaders, Http1Client, Limits
 from gateway.logs import log
 from gateway.sockets import stall_limited_socket
@@ -592,6 +592,7 @@ class Adapter:
         for name in CONTENT_RESPONSE_HEADERS:
             if name in upstream.headers:
                 response.headers[name] = upstream.headers[name]
+        response.headers["Cache-Control"] = CONTENT_CACHE_CONTROL
         generic = upstream.headers.get("Content-Type", "application/octet-stream").startswith(
             "application/octet"
         )

@@ -244,7 +244,12 @@ class FakeOpenAIUpstream:
                 404, f"No {variant} for this video.", "invalid_request_error", "variant", "not_found"
             )
         content_type = {"video": "video/mp4", "thumbnail": "image/webp", "spritesheet": "image/jpeg"}[variant]
-        return web.FileResponse(self.media[variant], headers={"Content-Type": content_type})
+        headers = {  # what a CDN in front of a provider adds: its caching, its file's name
+            "Content-Type": content_type,
+            "Cache-Control": "public, max-age=86400",
+            "Content-Disposition": f'attachment; filename="up_render_{variant}.bin"',
+        }
+        return web.FileResponse(self.media[variant], headers=headers)
 
     async def remix(self, request: web.Request) -> web.Response:
         source = self._job(request)
