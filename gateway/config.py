@@ -552,14 +552,20 @@ def _check_references(raw: Any, problem: Any) -> None:
             seen_names.add(name)
 
     keys = raw.get("keys") if isinstance(raw.get("keys"), list) else []
-    key_names: set[str] = set()
+    # The name is the tenant: its videos are the name's. Entries of one name are that tenant's keys
+    # (an old and a new one while a key is rotated), so they must grant the same.
+    grants: dict[str, tuple[Any, Any]] = {}
     for i, k in enumerate(keys):
         if not isinstance(k, dict):
             continue
         if isinstance(k.get("name"), str):
-            if k["name"] in key_names:
-                problem(("keys", i, "name"), f'key name "{k["name"]}" is used twice')
-            key_names.add(k["name"])
+            grant = (k.get("models"), k.get("limits"))
+            if grants.setdefault(k["name"], grant) != grant:
+                problem(
+                    ("keys", i, "name"),
+                    f'key name "{k["name"]}" is used twice with other models or limits: entries of one '
+                    "name are one tenant's keys (say, the old and the new while rotating) and grant the same",
+                )
         allowed = k.get("models")
         for j, m in enumerate(allowed if isinstance(allowed, list) else ()):
             if isinstance(m, str) and m not in models:

@@ -343,6 +343,18 @@ def test_metrics_may_not_take_a_path_the_gateway_serves(path: str) -> None:
     assert "serves itself" in problem_at(problems_of(text), line_of(text, "metrics:"), "metrics.path")
 
 
+def test_entries_of_one_key_name_are_one_tenant_and_grant_the_same():
+    """Two values of one name (a rotation) load; two that grant different models or limits would
+    make one tenant's rights depend on which of its keys it sends, and are refused."""
+    rotating = BASE.replace(f"    key: {KEY}\n", f"    key: {KEY}\n  - name: ci\n    key: {KEY}-new\n")
+    assert [k.name for k in parse_config(rotating, SRC, {}).keys] == ["ci", "ci"]
+    text = rotating.replace(
+        f"    key: {KEY}-new\n", f"    key: {KEY}-new\n    limits: {{max_in_progress: 2}}\n"
+    )
+    second = [n for n, line in enumerate(text.splitlines(), start=1) if line == "  - name: ci"][1]
+    assert "one tenant's keys" in problem_at(problems_of(text), second, "keys[1].name")
+
+
 def test_key_may_only_name_known_models():
     text = BASE.replace(f"    key: {KEY}\n", f"    key: {KEY}\n    models: [sora-2, sora-9]\n")
     problems = problems_of(text)

@@ -128,3 +128,21 @@ async def test_keys_and_model_permissions(start_gateway: StartGateway, tmp_path:
                 error = (await response.json())["error"]
                 assert response.status == 401 and error["type"] == "invalid_request_error", headers
                 assert ALPHA_KEY not in json.dumps(error)
+
+
+async def test_a_rotated_key_sees_its_tenants_videos(start_gateway: StartGateway, tmp_path: Any) -> None:
+    """A tenant is its key's name: while a key is rotated, the old and the new value are two entries
+    of one name, both in force, and both see the same videos; the other tenant still sees none."""
+    new_key = "sk-alpha-rotated-" + secrets.token_hex(8)
+    text = gateway_yaml(tmp_path).replace(
+        "  - name: beta", f"  - name: alpha\n    key: {new_key}\n  - name: beta", 1
+    )
+    assert new_key in text
+    gw = await start_gateway(text)
+    status, _, video = await call(gw, "POST", "/v1/videos", json={"prompt": "mine", "size": "320x240"})
+    assert status == 200
+    status, _, body = await call(gw, "GET", f"/v1/videos/{video['id']}", key=new_key)
+    assert status == 200 and body["id"] == video["id"]
+    status, _, listed = await call(gw, "GET", "/v1/videos", key=new_key)
+    assert [v["id"] for v in listed["data"]] == [video["id"]]
+    assert (await call(gw, "GET", f"/v1/videos/{video['id']}", key=BETA_KEY))[0] == 404
