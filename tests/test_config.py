@@ -465,8 +465,8 @@ def test_malformed_sha256_and_short_key_are_errors():
     assert "short" in problem_at(problems_of(text), line_of(text, "key: short"), "keys[0].key")
 
 
-def test_duplicate_key_name_is_an_error():
-    text = BASE.replace("providers:", f"  - name: ci\n    key: {KEY}-2\nproviders:")
+def test_duplicate_key_name_granting_other_models_is_an_error():
+    text = BASE.replace("providers:", f"  - name: ci\n    key: {KEY}-2\n    models: [sora-2]\nproviders:")
     second = [n for n, line in enumerate(text.splitlines(), 1) if "- name: ci" in line][1]
     msg = problem_at(problems_of(text), second, "keys[1].name")
     assert '"ci"' in msg
