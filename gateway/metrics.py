@@ -28,7 +28,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    GCCollector,
     Histogram,
     Metric,
     PlatformCollector,
@@ -344,7 +343,12 @@ def multiprocess_dir() -> Path | None:
 
 class GatewayProcesses(Collector):
     """``process_*`` of the whole gateway when it runs as several workers: the supervisor and every
-    live worker (those with live gauge files), summed; limits and start time taken as max and min."""
+    live worker (those with live gauge files), summed; limits and start time taken as max and min.
+
+    ``process_cpu_seconds_total`` also counts the workers that have died: their time is in the
+    supervisor's ``cutime`` and ``cstime`` once it has reaped them. Summed over live processes only,
+    the counter fell whenever a worker was replaced, which ``rate()`` reads as a reset and turns into
+    a spike of every survivor's lifetime CPU."""
 
     _PICK: ClassVar[dict[str, Callable[[list[float]], float]]] = {
         "process_max_fds": max,
@@ -369,11 +373,23 @@ class GatewayProcesses(Collector):
             for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
                 families.setdefault(family.name, family)
                 values.setdefault(family.name, []).extend(sample.value for sample in family.samples)
+        if "process_cpu_seconds_total" in values:
+            values["process_cpu_seconds_total"].append(_reaped_children_cpu(os.getppid()))
         for name, family in families.items():
             pick = self._PICK.get(name, sum)
             out = Metric(family.name, family.documentation, family.type)
             out.add_sample(family.samples[0].name, {}, pick(values[name]))
             yield out
+
+
+def _reaped_children_cpu(pid: int) -> float:
+    """CPU seconds of ``pid``'s children that it has waited for (``cutime`` + ``cstime``)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def metrics_registry() -> CollectorRegistry:
@@ -385,8 +401,8 @@ def metrics_registry() -> CollectorRegistry:
     registry.register(_FLUSH)
     multiprocess.MultiProcessCollector(registry, path=str(directory))
     registry.register(GatewayProcesses(directory))
+    # Not the GC collector: its counters would be those of whichever worker answers the scrape.
     PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
     return registry
 
 

@@ -283,6 +283,41 @@ async def test_a_replacement_worker_runs_the_config_the_others_run(start_workers
     assert await answers() == {200}, "the replacement takes the reloaded config"
 
 
+async def test_the_gateways_cpu_counter_never_falls_when_a_worker_is_replaced(start_workers, fresh) -> None:
+    """process_cpu_seconds_total sums the gateway's processes; a replaced worker's time must stay in
+    it (else rate() sees a counter reset: a spike of every survivor's lifetime CPU). Counters that
+    are one worker's alone (the GC's) are not exported as the gateway's."""
+    workers = await start_workers()
+
+    async def cpu() -> float:
+        async with fresh.get(f"{workers.url}/metrics") as response:
+            text = await response.text()
+        assert "python_gc_collections_total" not in text
+        return next(
+            float(x.split()[1]) for x in text.splitlines() if x.startswith("process_cpu_seconds_total ")
+        )
+
+    for _ in range(ROUNDS):  # some work for every worker, so each has CPU time to lose
+        await _call(fresh, "GET", f"{workers.url}/v1/models")
+    before = await cpu()
+    victim = min(await _worker_pids(workers))
+    os.kill(victim, signal.SIGKILL)
+    await _until(lambda: _worker_pids(workers), lambda pids: len(pids) == 2 and victim not in pids, workers)
+    readings = [await cpu() for _ in range(ROUNDS)]  # each worker answers some of these
+    assert min(readings) >= before, (before, readings)
+
+
+def test_a_reaped_workers_cpu_time_stays_counted() -> None:
+    """What keeps the counter from falling: a child's CPU time, once its parent has reaped it, is in
+    the parent's cutime and cstime, which the gateway's counter adds to the live processes' own."""
+    from gateway.metrics import _reaped_children_cpu
+
+    before = _reaped_children_cpu(os.getpid())
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True, timeout=30)  # run and reaped
+    assert _reaped_children_cpu(os.getpid()) - before >= 0.35
+
+
 async def test_workers_leave_when_their_supervisor_is_killed(start_workers) -> None:
     workers = await start_workers()
     pids = await _worker_pids(workers)
