@@ -18,7 +18,7 @@ from gateway.auth import bearer_token, same_key
 from gateway.bodies import too_large
 from gateway.config import GatewayConfig
 from gateway.context import CONTEXT, RequestContext, request_id, stamp
-from gateway.errors import ApiError, internal_error, store_unavailable
+from gateway.errors import ApiError, UpstreamError, internal_error, store_unavailable
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads
@@ -53,6 +53,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
                     ctx.client_key = ctx.table.keys.authenticate(request.headers.get("Authorization"))
                 response = await handler(request)
             except ApiError as exc:
+                _count_unusable_answer(ctx, exc)
                 response = exc.response()
             except web.HTTPException as exc:
                 response = _http_exception(exc).response()
@@ -148,6 +149,17 @@ def _body_bytes(ctx: RequestContext, response: web.StreamResponse) -> int:
     if isinstance(response, web.FileResponse):
         return response.content_length or 0
     return ctx.bytes_out
+
+
+def _count_unusable_answer(ctx: RequestContext, exc: ApiError) -> None:
+    """A provider's answer its adapter could not use (no job ID, not an object...) is an upstream
+    error like a 5xx. Adapters raise these in many places; they are counted here, once, unless the
+    exchange already counted the answer (one cut off, say)."""
+    call = ctx.call
+    unusable = isinstance(exc, UpstreamError) and exc.kind == "payload"
+    if unusable and call is not None and call.upstream_error != "payload":
+        call.upstream_error = "payload"
+        metrics.UPSTREAM_ERRORS.labels(call.deployment.provider, "payload").inc()
 
 
 def _http_exception(exc: web.HTTPException) -> ApiError:

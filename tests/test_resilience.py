@@ -538,3 +538,32 @@ async def test_the_ejected_gauge_falls_when_the_ejection_ends_and_a_fixed_provid
     assert await ejected() == 0
     _, state = await get(gw, "/admin/deployments", ADMIN)
     assert {r["deployment"]: r for r in state["deployments"]}["up/primary"]["state"] == "healthy"
+
+
+async def test_an_answer_the_gateway_cannot_use_counts_as_an_upstream_error(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A 200 without the job's ID is as much the provider's failure as a 500: the client gets a 502,
+    and gateway_upstream_errors_total{kind="payload"} says so (once), as the access log does."""
+    fake, url = faulty
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
+
+    async def payload_errors() -> float:
+        async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
+            text = await response.text()
+        line = next(
+            (
+                x
+                for x in text.splitlines()
+                if x.startswith('gateway_upstream_errors_total{kind="payload",provider="up"}')
+            ),
+            None,
+        )
+        return float(line.rpartition(" ")[2]) if line else 0.0
+
+    before = await payload_errors()
+    for behaviour in ("made-no-id", "made-html"):
+        fake.behaviour["primary"] = behaviour
+        status, _, _ = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+        assert status == 502
+    assert await payload_errors() - before == 2

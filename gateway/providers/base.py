@@ -574,8 +574,7 @@ class Adapter:
                 if len(raw) > PARSE_OFF_LOOP
                 else jsonio.loads_shallow(raw)
             )
-        except jsonio.JSONDecodeError:
-            self.count_error("payload")
+        except jsonio.JSONDecodeError:  # counted with the other unusable answers (app.py)
             raise UpstreamError(
                 502, "Upstream error: the provider answered with something that is not JSON.", kind="payload"
             ) from None

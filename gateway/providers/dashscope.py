@@ -299,7 +299,6 @@ class DashScopeAdapter(NativeAdapter):
         """An HTTP-200 answer without what it should carry: its ``code`` if it has one, else a 502."""
         if isinstance(answer, dict) and answer.get("code"):
             return self.error_in_answer(call, self._refusal(400, {}, answer))
-        self.count_error("payload")
         return UpstreamError(502, f"Upstream error: {missing}", kind="payload")
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:

@@ -430,7 +430,6 @@ class FalAdapter(NativeAdapter):
             try:
                 return jsonio.loads_shallow(answer.body)
             except jsonio.JSONDecodeError:
-                self.count_error("payload")
                 raise UpstreamError(
                     502, "Upstream error: fal's result is not JSON.", kind="payload"
                 ) from None

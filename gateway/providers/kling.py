@@ -240,7 +240,6 @@ class KlingAdapter(NativeAdapter):
         data = await self._api(call, "POST", f"/v1/videos/{endpoint}", json_body=payload)
         task_id = data.get("task_id")
         if isinstance(task_id, bool) or not isinstance(task_id, str | int) or not str(task_id):
-            self.count_error("payload")
             raise UpstreamError(502, "Upstream error: Kling's answer has no task_id.", kind="payload")
         fields = {"status": str(data.get("task_status") or "submitted").lower(), "progress": 0}
         return UpstreamVideo(str(task_id), {**fields, **request.seed()}, {"endpoint": endpoint})
@@ -329,7 +328,6 @@ class KlingAdapter(NativeAdapter):
         """One Kling call: ``data`` of a ``code: 0`` answer; any other code raised as its error."""
         answer = await self.call_json(call, method, f"{self.base_url}{path}", json_body=json_body)
         if not isinstance(answer, dict):
-            self.count_error("payload")
             raise UpstreamError(502, "Upstream error: Kling's answer is not a JSON object.", kind="payload")
         code = field_int(answer.get("code"))
         if code:
@@ -340,7 +338,6 @@ class KlingAdapter(NativeAdapter):
             raise self.error_in_answer(call, error)
         data = answer.get("data")
         if not isinstance(data, dict):
-            self.count_error("payload")
             raise UpstreamError(502, "Upstream error: Kling's answer has no data.", kind="payload")
         return data
 

@@ -295,7 +295,6 @@ class MiniMaxAdapter(NativeAdapter):
             call, method, f"{self.base_url}{path}", json_body=json_body, params=params
         )
         if not isinstance(answer, dict):
-            self.count_error("payload")
             raise UpstreamError(502, "Upstream error: MiniMax's answer is not a JSON object.", kind="payload")
         code, message = _base_resp(answer)
         if code in RATE_LIMITED or code in BAD_KEY or code == NO_BALANCE:

@@ -404,7 +404,6 @@ class SeedanceAdapter(NativeAdapter):
         if default_content_type is not None and default_content_type.startswith("image/"):
             served = upstream.headers.get("Content-Type", "")
             if served and not served.startswith(("image/", "application/octet-stream")):
-                self.count_error("payload")
                 raise UpstreamError(
                     502, f"Upstream error: Ark's last frame is '{served}', not an image.", kind="payload"
                 )

@@ -345,7 +345,6 @@ class VeoGeminiAdapter(VeoBase):
         """The file URL, if it is on the API's own origin: the API key is sent nowhere else."""
         url = urljoin(self.base_url + "/", uri)
         if not same_origin(url, self.base_url):
-            self.count_error("payload")
             raise UpstreamError(
                 502,
                 "Upstream error: the Gemini API named a video file outside its own origin; the "

@@ -320,7 +320,6 @@ class VeoVertexAdapter(VeoBase):
         try:
             await asyncio.to_thread(write_video, path, encoded)
         except (binascii.Error, ValueError):
-            self.count_error("payload")
             raise UpstreamError(
                 502, "Upstream error: Vertex AI's inline video is not valid base64.", kind="payload"
             ) from None
