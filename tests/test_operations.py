@@ -555,3 +555,38 @@ async def test_a_create_abandoned_while_the_store_is_busy_does_not_count_as_in_p
     fake.behaviour["primary"] = "status:503"  # polls fail, so the new video stays in progress
     status, body = await create_status(url)
     assert status == 429 and body["error"]["code"] == "too_many_in_progress", "the cap still holds"
+
+
+async def test_videos_of_a_local_provider_a_reload_removed_still_finish(
+    start_gateway: StartGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removed provider's videos stay reachable (README): for the built-in renderer that means
+    they still render. Its engine was closed once idle, cancelling the renders still queued, and
+    its videos stayed in progress at 99 % for good."""
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    text = f"""
+data_dir: {tmp_path}
+admin: {{key: admin-key-0123}}
+keys:
+  - name: alpha
+    key: ${{ALPHA_KEY}}
+providers:
+  local: {{kind: local, poll_after_ms: 100, options: {{queue_seconds: 0.1, run_seconds: 0.3}}}}
+  second: {{kind: local, poll_after_ms: 100, options: {{queue_seconds: 0.1, run_seconds: 0.3}}}}
+models:
+  sora-2: {{provider: local}}
+  sora-b: {{provider: second}}
+"""
+    gw, path = await start_from_file(start_gateway, tmp_path, text)
+    client = gw.sdk()
+    videos = [
+        await client.videos.create(prompt=f"b{i}", model="sora-b", size="320x240", seconds="1")
+        for i in range(3)
+    ]
+    await reload_to(
+        gw, path, text.replace("  second: ", "  # second: ").replace("  sora-b: ", "  # sora-b: ")
+    )
+    for video in videos:
+        done = await asyncio.wait_for(client.videos.poll(video.id, poll_interval_ms=100), 30)
+        assert done.status == "completed", done

@@ -168,8 +168,9 @@ class LocalEngine:
     def __post_init__(self) -> None:
         self._renders: dict[str, asyncio.Task[None]] = {}
         # Rendering is CPU-bound: one render at a time in its own thread leaves the event loop its
-        # CPU and the shared thread pool free for the job files that every request reads.
-        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-render")
+        # CPU and the shared thread pool free for the job files that every request reads. Made on
+        # first use, and again after an idle close (a provider a reload replaced or removed).
+        self._renderer: ThreadPoolExecutor | None = None
         self._closed = False
 
     def _dir(self, job_id: str) -> Path:
@@ -224,6 +225,8 @@ class LocalEngine:
 
     async def _render(self, job_id: str, job: dict[str, Any]) -> None:
         folder = self._dir(job_id)
+        if self._renderer is None:
+            self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-render")
         try:
             await asyncio.get_running_loop().run_in_executor(self._renderer, self._render_once, folder, job)
         except Exception as exc:  # a failed render is the job's outcome, not the server's problem
@@ -409,10 +412,20 @@ class LocalEngine:
         """Finish the render under way; those still waiting are drawn by the next process, when a
         poll finds them unrendered."""
         self._closed = True
-        self._renderer.shutdown(wait=False, cancel_futures=True)
+        if self._renderer is not None:
+            self._renderer.shutdown(wait=False, cancel_futures=True)
         renders = list(self._renders.values())
         if renders:
             await asyncio.wait(renders)
+
+    async def close_when_idle(self, poll_seconds: float = 1.0) -> None:
+        """Let the render thread go once no render is waiting; unlike :meth:`close`, a later poll of
+        one of its videos (a provider a reload removed keeps its videos) still renders it."""
+        while self._renders:
+            await asyncio.sleep(poll_seconds)
+        if self._renderer is not None and not self._renders:
+            self._renderer.shutdown(wait=False)
+            self._renderer = None
 
 
 async def reference_image(body: RequestBody) -> bytes | None:
@@ -599,6 +612,11 @@ class LocalAdapter(Adapter):
 
     async def close(self) -> None:
         await self.engine.close()
+
+    async def close_when_idle(self, poll_seconds: float = 1.0) -> None:
+        """No connection pools to close; the engine only lets its render thread go (not
+        :meth:`close`, after which none of its videos would render again)."""
+        await self.engine.close_when_idle(poll_seconds)
 
     async def _new(
         self, call: Call, fields: dict[str, Any], reference: bytes | None, remixed_from: str | None = None
