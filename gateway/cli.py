@@ -151,8 +151,17 @@ def check_config(args: argparse.Namespace) -> int:
         print("video-gateway check-config: give the config file, as PATH or --config PATH", file=sys.stderr)
         return 2
     args.path = args.path or args.config
+    from gateway.providers import ADAPTERS
+
     try:
         config = load_config(args.path)
+        problems = [  # what serve would meet starting the adapters
+            f"{args.path}: providers.{name}: {problem}"
+            for name, provider in config.providers.items()
+            for problem in ADAPTERS[provider.kind].startup_problems(provider)
+        ]
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         print(f"{args.path}: {len(exc.problems)} problem(s)", file=sys.stderr)

@@ -207,6 +207,28 @@ def test_check_config_on_the_shipped_files() -> None:
     assert result.returncode == 2 and "--config" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_check_config_meets_what_serve_would_meet_starting(tmp_path: Path) -> None:
+    """A Vertex provider naming a service account file that is not there: serve refuses to start,
+    so check-config must not say OK."""
+    missing = tmp_path / "no-such-account.json"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "keys: [{name: ci, key: sk-test-0123456789}]\n"
+        "providers:\n"
+        f"  vertex: {{kind: vertex_veo, options: {{project: demo, service_account_file: '{missing}'}}}}\n"
+        "models:\n  veo: {provider: vertex, model: veo-3.0-generate-001}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stdout
+    assert f"providers.vertex: options.service_account_file {missing}" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [

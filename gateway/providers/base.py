@@ -294,6 +294,12 @@ class Adapter:
         return []
 
     @classmethod
+    def startup_problems(cls, config: ProviderConfig) -> list[str]:
+        """What would stop :meth:`start` (a credential file that cannot be read), checked without
+        starting: for ``check-config``."""
+        return []
+
+    @classmethod
     def model_problem(cls, upstream_model: str, options: Mapping[str, Any]) -> str | None:
         """What is wrong with routing a model to ``upstream_model`` here (``options`` being the
         provider's), checked when the config loads; None when nothing is, as for upstreams that

@@ -42,7 +42,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from gateway.bodies import RequestBody
-from gateway.config import ConfigError
+from gateway.config import ConfigError, ProviderConfig
 from gateway.errors import ApiError, UpstreamError, expired_result, storage_failed
 from gateway.providers.base import Call, FileAnswer, UpstreamVideo, json_or_none, read_limited
 from gateway.providers.native import durations, expired_if_gone, model_must_exist, not_offered
@@ -165,12 +165,15 @@ class VeoVertexAdapter(VeoBase):
         """Read the service account now, so that an unusable file stops the start or the reload
         that names it, rather than failing the first create."""
         await super().start()
-        path = self.config.options.get("service_account_file")
-        if path and not self.config.api_key:
-            try:
-                self._account = await asyncio.to_thread(load_service_account, str(path))
-            except ApiError as exc:
-                raise ConfigError([f"options.service_account_file {path}: {exc.message}"]) from None
+        self._account = await asyncio.to_thread(_account_of, self.config)
+
+    @classmethod
+    def startup_problems(cls, config: ProviderConfig) -> list[str]:
+        try:
+            _account_of(config)
+        except ConfigError as exc:
+            return exc.problems
+        return []
 
     @property
     def project(self) -> str:
@@ -346,3 +349,14 @@ class VeoVertexAdapter(VeoBase):
     async def delete(self, call: Call, task: Task) -> None:
         """Vertex has no delete for Veo operations: only the local copy goes."""
         await asyncio.to_thread(self.video_path(task).unlink, missing_ok=True)
+
+
+def _account_of(config: ProviderConfig) -> ServiceAccount | None:
+    """The service account the provider names (None when it uses an access token instead)."""
+    path = config.options.get("service_account_file")
+    if not path or config.api_key:
+        return None
+    try:
+        return load_service_account(str(path))
+    except ApiError as exc:
+        raise ConfigError([f"options.service_account_file {path}: {exc.message}"]) from None
