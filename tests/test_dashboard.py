@@ -353,3 +353,18 @@ def test_every_gateway_metric_is_on_the_dashboard() -> None:
         if family.name.startswith("gateway_")
     }
     assert not defined - shown, f"metrics with no panel: {sorted(defined - shown)}"
+
+
+def test_latency_panels_leave_out_what_is_no_request_to_the_api() -> None:
+    """Probes, scrapes, scanners' unknown paths and bytes that were no HTTP (recorded at 0 s) would
+    pull every latency quantile towards nothing: the latency panels leave them out."""
+    latency = [
+        e
+        for e in exprs(load_dashboard()["panels"])
+        if "histogram_quantile" in e and ("duration" in e or "overhead" in e)
+    ]
+    assert latency
+    for expr in latency:
+        if "gateway_upstream" in expr:
+            continue
+        assert 'route!~"/healthz|/readyz|/metrics|unmatched|malformed"' in expr, expr
