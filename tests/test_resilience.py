@@ -73,6 +73,14 @@ async def post(gw: RunningGateway, path: str, **kwargs: Any) -> tuple[int, dict[
         return r.status, dict(r.headers), json.loads(raw) if raw else None
 
 
+async def sample(gw: RunningGateway, series: str) -> float:
+    """The value of one series (``name{labels}`` as exposed) in a scrape of the gateway; 0 if absent."""
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    line = next((x for x in text.splitlines() if x.startswith(series + " ")), None)
+    return float(line.rpartition(" ")[2]) if line else 0.0
+
+
 async def get(gw: RunningGateway, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session, session.get(gw.url + path, headers=headers or AUTH) as r:
         return r.status, await r.json()
@@ -514,14 +522,7 @@ async def test_the_ejected_gauge_falls_when_the_ejection_ends_and_a_fixed_provid
     gw = await start_gateway(load(text), config_path=path)
 
     async def ejected() -> float:
-        async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
-            scraped = await response.text()
-        line = next(
-            x
-            for x in scraped.splitlines()
-            if x.startswith('gateway_deployment_ejected{deployment="up/primary"}')
-        )
-        return float(line.rpartition(" ")[2])
+        return await sample(gw, 'gateway_deployment_ejected{deployment="up/primary"}')
 
     for _ in range(2):
         await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
@@ -549,17 +550,7 @@ async def test_an_answer_the_gateway_cannot_use_counts_as_an_upstream_error(
     gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
 
     async def payload_errors() -> float:
-        async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
-            text = await response.text()
-        line = next(
-            (
-                x
-                for x in text.splitlines()
-                if x.startswith('gateway_upstream_errors_total{kind="payload",provider="up"}')
-            ),
-            None,
-        )
-        return float(line.rpartition(" ")[2]) if line else 0.0
+        return await sample(gw, 'gateway_upstream_errors_total{kind="payload",provider="up"}')
 
     before = await payload_errors()
     for behaviour in ("made-no-id", "made-html"):

@@ -423,7 +423,7 @@ class LocalEngine:
         one of its videos (a provider a reload removed keeps its videos) still renders it."""
         while self._renders:
             await asyncio.sleep(poll_seconds)
-        if self._renderer is not None and not self._renders:
+        if self._renderer is not None:
             self._renderer.shutdown(wait=False)
             self._renderer = None
 
