@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import io
 import math
 import os
 import uuid
@@ -192,6 +193,16 @@ def _wrap(text: str, font: Font, max_width: int) -> list[str]:
     if current:
         lines.append(current)
     return lines
+
+
+def is_image(data: bytes) -> bool:
+    """Whether Pillow can read ``data`` as an image (its headers and structure, not every pixel)."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+    return True
 
 
 def _load_reference(path: Path, max_size: tuple[int, int]) -> Image.Image | None:

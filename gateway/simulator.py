@@ -145,7 +145,7 @@ async def create_character(request: web.Request) -> web.Response:
     body = await read_body(request, _LIMITS, until=())
     try:
         await body.read_rest()
-        return web.json_response(await _engine(request).create_character(character_name(body)))
+        return web.json_response(await _engine(request).create_character(await character_name(body)))
     finally:
         body.close()
 

@@ -396,3 +396,39 @@ async def test_a_character_needs_its_clip(local_gateway: RunningGateway) -> None
     status, _, body = await send(local_gateway, "POST", "/v1/videos/characters", data=form)
     error = json.loads(body)["error"]
     assert status == 400 and error["param"] == "video" and error["code"] == "missing_required_parameter"
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        {"input_reference": ("notes.txt", b"meeting notes, not a picture", "text/plain")},
+        {"input_reference": ("photo.png", os.urandom(3000), "image/png")},
+    ],
+)
+async def test_an_input_reference_that_is_no_image_is_refused(
+    local_gateway: RunningGateway, reference: Any
+) -> None:
+    """The local provider draws its video from the image: a file that is none (whatever its name
+    or type says) was taken and the video made without it, and the client never knew."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await local_gateway.sdk().videos.create(prompt="from my picture", size="320x240", **reference)
+    assert caught.value.param == "input_reference"  # type: ignore[attr-defined]
+    status, _, body = await send(
+        local_gateway,
+        "POST",
+        "/v1/videos",
+        json={
+            "prompt": "x",
+            "size": "320x240",
+            "input_reference": {"image_url": "data:text/plain;base64,aGVsbG8="},
+        },
+    )
+    assert status == 400 and error_of(body)["param"] == "input_reference"
+    assert (await local_gateway.sdk().videos.list()).data == []
+
+
+async def test_a_characters_clip_must_be_a_video(local_gateway: RunningGateway) -> None:
+    """As an edit's upload is checked, so is a character's: junk bytes are a 400 naming 'video'."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await local_gateway.sdk().videos.create_character(name="Ada", video=("ada.mp4", b"junk", "video/mp4"))
+    assert caught.value.param == "video"  # type: ignore[attr-defined]

@@ -119,10 +119,13 @@ async def test_list_parameters_are_checked_like_the_gateways(simulator: TestServ
 
 
 async def test_characters_are_checked_like_the_local_providers(
-    simulator: TestServer, client: openai.AsyncOpenAI
+    simulator: TestServer, client: openai.AsyncOpenAI, media: dict[str, Path]
 ) -> None:
-    character = await client.videos.create_character(name="Ada", video=("clip.mp4", b"\0" * 64, "video/mp4"))
+    clip = ("clip.mp4", media["video"].read_bytes(), "video/mp4")
+    character = await client.videos.create_character(name="Ada", video=clip)
     assert (await client.videos.get_character(character.id)).name == "Ada"
+    with pytest.raises(openai.BadRequestError):  # a clip that is no video
+        await client.videos.create_character(name="Ada", video=("clip.mp4", b"\0" * 64, "video/mp4"))
     for fields, param in (({"name": "Ada"}, "video"), ({"name": "x" * 81}, "name")):
         status, body = await post(
             simulator, "/v1/videos/characters", data=aiohttp.FormData(fields, default_to_multipart=True)

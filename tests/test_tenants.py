@@ -59,9 +59,9 @@ async def test_other_tenant_gets_the_unknown_id_404_on_every_route(local_gateway
     assert len((await alpha.videos.download_content(video.id)).content) > 0
 
 
-async def test_characters_are_private_too(local_gateway: RunningGateway) -> None:
+async def test_characters_are_private_too(local_gateway: RunningGateway, media: dict[str, Any]) -> None:
     character = await local_gateway.sdk(ALPHA_KEY).videos.create_character(
-        name="Ada", video=("clip.mp4", b"\x00" * 64, "video/mp4")
+        name="Ada", video=("clip.mp4", media["video"].read_bytes(), "video/mp4")
     )
     assert character.id.startswith("char_") and character.name == "Ada"
     assert (await local_gateway.sdk(ALPHA_KEY).videos.get_character(character.id)).name == "Ada"

@@ -33,7 +33,7 @@ from aiohttp import web
 from gateway.bodies import RequestBody, UploadedFile
 from gateway.errors import ApiError, bad_request, log_storage_failure, storage_failed
 from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
-from gateway.render import probe_video, render_video
+from gateway.render import is_image, probe_video, render_video
 from gateway.store import Task
 
 VARIANTS = {
@@ -429,11 +429,22 @@ class LocalEngine:
 
 
 async def reference_image(body: RequestBody) -> bytes | None:
-    """The ``input_reference`` image as bytes: an uploaded file, or a base64 data URL.
+    """The ``input_reference`` image as bytes: an uploaded file, or a base64 data URL, which must
+    be an image (the video is drawn from it).
 
     Remote references (an http(s) ``image_url``, a ``file_id``) are accepted but not fetched: the
     local provider works without network. Anything else is a 400.
     """
+    image = await _given_reference(body)
+    if image is not None and not await asyncio.to_thread(is_image, image):
+        raise bad_request(
+            "input_reference is not an image the local provider can read (PNG, JPEG, WebP, GIF...).",
+            param="input_reference",
+        )
+    return image
+
+
+async def _given_reference(body: RequestBody) -> bytes | None:
     if "input_reference" in body.files:
         return await body.files["input_reference"].read()
     ref = body.get_object("input_reference")
@@ -483,9 +494,9 @@ def _image_url(url: Any) -> bytes | None:
     return image
 
 
-def character_name(body: RequestBody) -> str:
-    """The name of a character to create, read to its end; the API requires its clip too, though
-    the local provider draws no character from it."""
+async def character_name(body: RequestBody) -> str:
+    """The name of a character to create, read to its end; the API requires its clip too (a video
+    file, checked as an edit's is), though the local provider draws no character from it."""
     name = body.get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= 80:
         raise bad_request("'name' is required: 1 to 80 characters.", param="name")
@@ -495,6 +506,8 @@ def character_name(body: RequestBody) -> str:
             param="video",
             code="missing_required_parameter",
         )
+    if await _probe_upload(body.files["video"]) is None:
+        raise bad_request("'video' is not a video file the local provider can read.", param="video")
     return name
 
 
@@ -669,7 +682,7 @@ class LocalAdapter(Adapter):
 
     async def create_character(self, call: Call, body: RequestBody) -> dict[str, Any]:
         await body.read_rest()
-        return await self.engine.create_character(character_name(body))
+        return await self.engine.create_character(await character_name(body))
 
     async def get_character(self, call: Call, task: Task) -> dict[str, Any]:
         character = await self.engine.get_character(task.upstream_id)
