@@ -142,6 +142,8 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
         completed_at = _int_or_none(get("completed_at")) or last_get("completed_at")
         if completed_at is None:
             completed_at = int(time.time())
+        # created_at is the gateway's clock, completed_at the provider's: never finished before made
+        completed_at = max(completed_at, task.created_at)
     prompt = get("prompt")
     if type(prompt) is not str or not prompt:  # text or nothing, whatever the provider sent
         prompt = last_get("prompt")

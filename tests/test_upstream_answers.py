@@ -506,3 +506,16 @@ async def test_a_status_word_the_gateway_does_not_know_does_not_end_the_job(
         json.loads(line) for line in session_log.read_text().splitlines() if "unknown_upstream_status" in line
     ]
     assert any(entry.get("status") == "uploading" for entry in logged), logged
+
+
+async def test_a_video_never_finishes_before_it_was_made(
+    gateway: tuple[RunningGateway, RandomAnswers],
+) -> None:
+    """``created_at`` is the gateway's clock, ``completed_at`` the provider's: a provider whose clock
+    is behind (or that sends a small number) must not make a video finish before it began."""
+    gw, fake = gateway
+    status, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+    assert status == 200, created
+    fake.next = json.dumps({**JOB, "status": "completed", "progress": 100, "completed_at": 2}).encode()
+    status, _, polled = await call(gw, "GET", f"/v1/videos/{created['id']}")
+    assert status == 200 and polled["completed_at"] >= polled["created_at"], polled
