@@ -39,6 +39,9 @@ MODELS = """
     t2v-01:
       provider: native
       model: T2V-01
+    i2v-01:
+      provider: native
+      model: I2V-01
 """
 
 
@@ -278,3 +281,16 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
 
 async def test_a_task_id_is_used_whole(gw: RunningGateway, minimax: FakeMiniMax) -> None:
     await assert_task_id_kept_whole(gw, minimax, "hailuo")
+
+
+async def test_an_image_given_as_bracketed_form_fields_counts_for_the_default_size(
+    gw: RunningGateway, minimax: FakeMiniMax
+) -> None:
+    """OpenAI's default, 720x1280, is a size I2V-01 makes only from an image: given as the SDK's
+    bracketed form fields (input_reference[image_url]), the image is there as much as an upload."""
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("prompt", "animate")
+    form.add_field("model", "i2v-01")
+    form.add_field("input_reference[image_url]", "https://images.example/portrait.png")
+    status, _, body = await request(gw, "POST", "/v1/videos", data=form)
+    assert status == 200 and (body["size"], body["seconds"]) == ("720x1280", "6"), body

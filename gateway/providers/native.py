@@ -269,7 +269,11 @@ class NativeAdapter(Adapter):
     async def parse_create(self, call: Call, body: RequestBody) -> CreateRequest:
         await body.read_rest()
         spec = self.spec(call.deployment.upstream_model)
-        has_image = "input_reference" in body.files or bool(body.get("input_reference"))
+        has_image = (
+            "input_reference" in body.files
+            or bool(body.get("input_reference"))
+            or body.get_object("input_reference") is not None  # input_reference[image_url] fields
+        )
         asked_seconds = body.get("seconds")
         size = str(
             body.get("size")
