@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ProviderConfig
+from gateway.errors import ApiError
 from gateway.providers import ADAPTERS
 from gateway.providers.base import AdapterEnv
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
@@ -378,3 +379,15 @@ def test_the_result_hosts_of_volcengine_and_byteplus_are_followed(tmp_path: Path
     ):
         assert adapter.result_host_allowed(f"https://{host}/doubao-seedance/v.mp4?X-Tos-Expires=86400"), host
     assert not adapter.result_host_allowed("https://tos-ap-southeast-1.bytepluses.com.example.com/v.mp4")
+
+
+def test_a_model_unknown_at_request_time_is_named_as_written(tmp_path: Path) -> None:
+    """The config refuses such a model; a task stored under an older config can still name one.
+    The 400 names it as written (Ark's model IDs are case-sensitive), not lower-cased."""
+    adapter = ADAPTERS["seedance"](
+        ProviderConfig(name="ark", kind="seedance", api_key="k"), AdapterEnv(data_dir=tmp_path, hosted=None)
+    )
+    with pytest.raises(ApiError) as caught:
+        adapter.spec("Some-Chat-Model")
+    assert caught.value.message.startswith("The seedance provider does not know the model 'Some-Chat-Model'")
+    assert "Ark endpoint ID" in caught.value.message and caught.value.code == "unsupported_model"

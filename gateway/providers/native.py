@@ -258,9 +258,10 @@ class NativeAdapter(Adapter):
     def spec(self, upstream_model: str) -> ModelSpec:
         spec = self.known_spec(upstream_model, self.config.options)
         if spec is None:  # the config's check refuses such a model: only a stored task's can be one
+            unknown = self.unknown_model(upstream_model)
             raise ApiError(
                 400,
-                f"{self.unknown_model(upstream_model).capitalize()}; fix the gateway's routing config.",
+                f"{unknown[:1].upper()}{unknown[1:]}; fix the gateway's routing config.",
                 param="model",
                 code="unsupported_model",
             )
