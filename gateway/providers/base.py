@@ -283,6 +283,7 @@ class Adapter:
     """Base class of every provider adapter; see the module docstring."""
 
     kind: ClassVar[str]
+    provider_name: ClassVar[str] = "The provider"  # as messages name it ("Runway rejected ...")
     default_base_url: ClassVar[str | None] = None
     required_fields: ClassVar[tuple[str, ...]] = ()
     options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
@@ -559,8 +560,13 @@ class Adapter:
         return error
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
-        """A provider's refusal as our envelope; adapters with their own error format override this."""
-        return error_from_upstream(status, headers, raw)
+        """A provider's refusal as our envelope; adapters with their own error format override this.
+        A client's key never goes upstream, so a 401 refuses the gateway's own: not the client's
+        ``invalid_api_key``."""
+        error = error_from_upstream(status, headers, raw)
+        if status == 401:
+            return auth_rejected(self.provider_name, error.message, upstream_status=status)
+        return error
 
     async def read_json(self, response: aiohttp.ClientResponse) -> Any:
         """The upstream's JSON answer; raise the right error for a refusal or a non-JSON answer."""
@@ -719,6 +725,33 @@ def _text(value: Any) -> str | None:
     if isinstance(value, str):
         return value or None
     return str(value) if type(value) is int else None
+
+
+def refused(
+    status: int,
+    text: str,
+    *,
+    code: str | None,
+    upstream_status: int,
+    param: str | None = None,
+    type: str = "invalid_request_error",
+) -> UpstreamError:
+    """Any other refusal the client can act on (``content_filter``, ``invalid_value``...)."""
+    return UpstreamError(
+        status, text, kind="4xx", upstream_status=upstream_status, type=type, code=code, param=param
+    )
+
+
+def auth_rejected(
+    provider: str, text: str, *, upstream_status: int, credential: str = "API key"
+) -> UpstreamError:
+    """401: the provider refused the gateway's own credential (the operator's problem, not the client's)."""
+    return refused(
+        401,
+        f"{provider} rejected the gateway's {credential}. {text}",
+        code="upstream_auth_failed",
+        upstream_status=upstream_status,
+    )
 
 
 def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamError:

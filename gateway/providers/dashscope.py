@@ -42,6 +42,7 @@ from gateway.errors import ApiError, UpstreamError
 from gateway.providers.base import (
     Call,
     UpstreamVideo,
+    auth_rejected,
     error_from_upstream,
     json_or_none,
     path_segment,
@@ -51,7 +52,6 @@ from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
     NativeAdapter,
-    auth_rejected,
     durations,
     expired_if_gone,
     expired_result,

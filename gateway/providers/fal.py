@@ -52,6 +52,7 @@ from gateway.errors import ApiError, UpstreamError, expired_result
 from gateway.providers.base import (
     Call,
     UpstreamVideo,
+    auth_rejected,
     error_from_upstream,
     is_web_url,
     json_or_none,
@@ -59,7 +60,6 @@ from gateway.providers.base import (
 from gateway.providers.native import (
     ModelSpec,
     NativeAdapter,
-    auth_rejected,
     ignore_refusals,
     model_must_exist,
     not_offered,

@@ -41,12 +41,11 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, json_or_none, path_segment
+from gateway.providers.base import Call, UpstreamVideo, auth_rejected, json_or_none, path_segment
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
     NativeAdapter,
-    auth_rejected,
     expired_result,
     field_int,
     not_offered,

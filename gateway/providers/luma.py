@@ -32,12 +32,18 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none, path_segment
+from gateway.providers.base import (
+    Call,
+    UpstreamVideo,
+    auth_rejected,
+    error_from_upstream,
+    json_or_none,
+    path_segment,
+)
 from gateway.providers.native import (
     ImageInput,
     ModelSpec,
     NativeAdapter,
-    auth_rejected,
     expired_if_gone,
     expired_result,
     ignore_refusals,

@@ -34,12 +34,11 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request, expired_result
-from gateway.providers.base import Call, UpstreamVideo, json_or_none
+from gateway.providers.base import Call, UpstreamVideo, auth_rejected, json_or_none
 from gateway.providers.native import (
     ModelSpec,
     NativeAdapter,
     Tier,
-    auth_rejected,
     durations,
     field_int,
     not_offered,

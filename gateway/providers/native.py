@@ -9,7 +9,8 @@
 - :meth:`NativeAdapter.stream_result`: a provider's result URL streamed to the client, following
   redirects only to the provider's result hosts; a gone result becomes 410, never a 500.
 - :func:`synthetic_progress`: progress for providers that report none, rising with time.
-- :func:`rate_limited`, :func:`auth_rejected`, :func:`out_of_quota`, :func:`refused`,
+- :func:`rate_limited`, :func:`out_of_quota`, :func:`refused` (from ``base``, with
+  :func:`~gateway.providers.base.auth_rejected`),
   :func:`upstream_failed`: a provider's own error codes mapped to the OpenAI envelope.
 """
 
@@ -40,6 +41,7 @@ from gateway.providers.base import (
     range_headers,
     read_limited,
     redirect_target,
+    refused,
     split_url,
 )
 from gateway.providers.local import validate_prompt
@@ -505,37 +507,10 @@ def rate_limited(text: str, *, upstream_status: int, retry_after: str) -> Upstre
     )
 
 
-def auth_rejected(
-    provider: str, text: str, *, upstream_status: int, credential: str = "API key"
-) -> UpstreamError:
-    """401: the provider refused the gateway's own credential (the operator's problem, not the client's)."""
-    return refused(
-        401,
-        f"{provider} rejected the gateway's {credential}. {text}",
-        code="upstream_auth_failed",
-        upstream_status=upstream_status,
-    )
-
-
 def out_of_quota(text: str, *, upstream_status: int) -> UpstreamError:
     """402: the provider account has no balance or quota left."""
     return refused(
         402, text, code="insufficient_quota", upstream_status=upstream_status, type="insufficient_quota"
-    )
-
-
-def refused(
-    status: int,
-    text: str,
-    *,
-    code: str | None,
-    upstream_status: int,
-    param: str | None = None,
-    type: str = "invalid_request_error",
-) -> UpstreamError:
-    """Any other refusal the client can act on (``content_filter``, ``invalid_value``...)."""
-    return UpstreamError(
-        status, text, kind="4xx", upstream_status=upstream_status, type=type, code=code, param=param
     )
 
 

@@ -7,7 +7,6 @@ the model name and, for edits and extensions, the referenced video's ID.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 from functools import cached_property, partial
 from typing import Any
 from urllib.parse import quote
@@ -15,7 +14,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.bodies import RequestBody
-from gateway.errors import ApiError, UpstreamError, expired_result
+from gateway.errors import UpstreamError, expired_result
 from gateway.headers import CONDITIONAL_REQUEST_HEADERS, media_type
 from gateway.http1 import FixedHeaders
 from gateway.providers.base import (
@@ -30,20 +29,12 @@ from gateway.providers.base import (
     read_limited,
     redirect_target,
 )
-from gateway.providers.native import auth_rejected
 from gateway.store import Task
 
 
 class OpenAIAdapter(Adapter):
     kind = "openai"
     required_fields = ("base_url",)
-    provider_name = "The provider"
-
-    def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
-        error = error_from_upstream(status, headers, raw)
-        if status == 401:  # the client's key never goes upstream: the refused key is the gateway's
-            return auth_rejected(self.provider_name, error.message, upstream_status=status)
-        return error
 
     @cached_property
     def _videos_url(self) -> str:

@@ -45,13 +45,19 @@ from multidict import CIMultiDict
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none, path_segment
+from gateway.providers.base import (
+    Call,
+    UpstreamVideo,
+    auth_rejected,
+    error_from_upstream,
+    json_or_none,
+    path_segment,
+)
 from gateway.providers.native import (
     ImageInput,
     ModelSpec,
     NativeAdapter,
     Tier,
-    auth_rejected,
     expired_if_gone,
     expired_result,
     ignore_refusals,

@@ -11,19 +11,17 @@ Wire format (runwayml/sdk-python, see the provider reference §c):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, path_segment
+from gateway.providers.base import Call, UpstreamVideo, path_segment
 from gateway.providers.native import (
     ImageInput,
     ModelSpec,
     NativeAdapter,
-    auth_rejected,
     durations,
     ignore_refusals,
     not_offered,
@@ -93,6 +91,7 @@ MODELS = {
 
 class RunwayAdapter(NativeAdapter):
     kind = "runway"
+    provider_name = "Runway"
     default_base_url = "https://api.dev.runwayml.com"
     required_fields = ("api_key",)
     default_result_hosts = (".cloudfront.net", ".runwayml.com")
@@ -133,12 +132,6 @@ class RunwayAdapter(NativeAdapter):
         if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
             raise UpstreamError(502, "Upstream error: Runway's answer has no task id.", kind="payload")
         return UpstreamVideo(answer["id"], {"status": "queued", "progress": 0, **request.seed()})
-
-    def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
-        error = error_from_upstream(status, headers, raw)
-        if status == 401:
-            return auth_rejected("Runway", error.message, upstream_status=status)
-        return error
 
     async def _task(self, call: Call, task_id: str) -> dict[str, Any]:
         answer = await self.call_json(call, "GET", f"{self.base_url}/v1/tasks/{path_segment(task_id)}")

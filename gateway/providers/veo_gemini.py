@@ -39,13 +39,12 @@ from aiohttp import web
 
 from gateway.bodies import RequestBody
 from gateway.errors import ApiError, UpstreamError, bad_request
-from gateway.providers.base import Call, UpstreamVideo, error_from_upstream, json_or_none
+from gateway.providers.base import Call, UpstreamVideo, auth_rejected, error_from_upstream, json_or_none
 from gateway.providers.native import (
     CreateRequest,
     ModelSpec,
     NativeAdapter,
     Tier,
-    auth_rejected,
     durations,
     expired_if_gone,
     expired_result,
