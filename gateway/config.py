@@ -490,7 +490,8 @@ class _Locator:
             self.walk(child, (*path, key), (*ancestors, node))
 
 
-# Paths the gateway's own routes take (app.build_app): /metrics must not shadow one or hide behind it.
+# Paths the gateway's own routes take (app.build_app; a test checks that every route is here): /metrics
+# must not shadow one or hide behind it.
 _OWN_PATHS = re.compile(r"^/(?:v1(?:/.*)?|healthz|readyz|openapi\.json|admin(?:/.*)?|files(?:/.*)?)/?$")
 
 

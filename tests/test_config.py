@@ -343,6 +343,19 @@ def test_metrics_may_not_take_a_path_the_gateway_serves(path: str) -> None:
     assert "serves itself" in problem_at(problems_of(text), line_of(text, "metrics:"), "metrics.path")
 
 
+def test_every_route_the_app_adds_is_one_the_metrics_path_may_not_take(tmp_path: Path) -> None:
+    """The check keeps its own list of the gateway's paths (the app is not built to load a config):
+    a route added to the app but not to that list would let /metrics shadow it again."""
+    from gateway.app import build_app
+
+    text = BASE + f"data_dir: {tmp_path}\n"
+    app = build_app(parse_config(text, SRC, {}))
+    paths = {re.sub(r"\{[^}]*\}", "x", r.canonical) for r in app.router.resources()}
+    paths -= {"/", "/metrics"}  # the catch-all for unknown paths, and the metrics route itself
+    assert "/v1/videos/x/content" in paths and "/healthz" in paths, paths
+    assert [p for p in sorted(paths) if not cfg._OWN_PATHS.match(p)] == []
+
+
 def test_entries_of_one_key_name_are_one_tenant_and_grant_the_same():
     """Two values of one name (a rotation) load; two that grant different models or limits would
     make one tenant's rights depend on which of its keys it sends, and are refused."""
