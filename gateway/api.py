@@ -131,7 +131,7 @@ def _may_fail_over(exc: ApiError) -> bool:
     return (
         exc.kind == "connect"
         or (exc.kind == "timeout" and not exc.sent)
-        or exc.kind == "5xx"
+        or (exc.kind == "5xx" and exc.upstream_status not in _FRONT_TIMEOUTS)
         or exc.status == 429
     )
 
@@ -771,12 +771,22 @@ def shielded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
     return run
 
 
+# What a provider's front (its load balancer, nginx, Cloudflare's 524) answers when it gave up waiting
+# on the server that had the request: that server may have made the job all the same.
+_FRONT_TIMEOUTS = (504, 524)
+
+
 def _unsure(exc: UpstreamError) -> bool:
     """Whether the provider may have acted on a request whose answer was lost: the request went out
-    and then timed out or was reset, or an answer came that could not be read (cut off, an HTML page,
-    JSON without the job's id). A create or delete sent again blindly might then start and bill a
-    second job; a read may be tried again, and a clear refusal or 5xx says nothing was done."""
-    return exc.kind == "payload" or (exc.sent and exc.kind in ("timeout", "reset"))
+    and then timed out or was reset, its front timed out waiting on it, or an answer came that could
+    not be read (cut off, an HTML page, JSON without the job's id). A create or delete sent again
+    blindly might then start and bill a second job; a read may be tried again, and a clear refusal
+    or another 5xx says nothing was done."""
+    return (
+        exc.kind == "payload"
+        or (exc.sent and exc.kind in ("timeout", "reset"))
+        or exc.upstream_status in _FRONT_TIMEOUTS
+    )
 
 
 def _ended_without_client(request_id: str, path: str, work: asyncio.Task[web.StreamResponse]) -> None:

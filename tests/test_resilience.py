@@ -210,6 +210,25 @@ async def test_a_create_whose_answer_is_lost_is_not_retried_by_the_sdk(
     assert len(fake.jobs) == 1 and fake.hits_for("secondary") == []
 
 
+@pytest.mark.parametrize("status", [504, 524])
+async def test_a_create_the_providers_front_timed_out_on_is_not_made_twice(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], status: int
+) -> None:
+    """A 504 (or Cloudflare's 524) from a provider's front says it gave up waiting on the server that
+    had the request, not that nothing was made: as with the gateway's own timeout once the body was
+    sent, the create neither fails over to the next deployment nor tells the SDK to retry."""
+    fake, url = faulty
+    fake.behaviour["primary"] = f"made-timeout:{status}"
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
+    sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY, max_retries=2)
+    gw.clients.append(sdk)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sdk.videos.create(prompt="x", model="resilient")  # type: ignore[arg-type]
+    assert caught.value.status_code == 502 and caught.value.response.headers["x-should-retry"] == "false"
+    assert f"HTTP {status}" in caught.value.message
+    assert len(fake.jobs) == 1 and fake.hits_for("secondary") == []
+
+
 async def test_a_poll_whose_answer_broke_off_may_be_tried_again(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
@@ -437,8 +456,10 @@ def test_which_refusals_fail_over() -> None:
     from gateway.api import _may_fail_over
     from gateway.errors import ApiError, UpstreamError
 
-    def refusal(status: int, kind: str, code: str | None = None, sent: bool = False) -> UpstreamError:
-        return UpstreamError(status, "no", kind=kind, code=code, sent=sent)
+    def refusal(
+        status: int, kind: str, code: str | None = None, sent: bool = False, answered: int | None = None
+    ) -> UpstreamError:
+        return UpstreamError(status, "no", kind=kind, code=code, sent=sent, upstream_status=answered)
 
     assert _may_fail_over(refusal(402, "4xx", "insufficient_quota"))
     assert _may_fail_over(refusal(401, "4xx", "upstream_auth_failed"))
@@ -447,6 +468,9 @@ def test_which_refusals_fail_over() -> None:
     assert not _may_fail_over(refusal(400, "4xx", "invalid_value"))
     assert not _may_fail_over(refusal(401, "4xx"))
     assert not _may_fail_over(refusal(504, "timeout", sent=True))
+    assert _may_fail_over(refusal(502, "5xx", answered=500))
+    assert _may_fail_over(refusal(502, "5xx", answered=502))
+    assert not _may_fail_over(refusal(502, "5xx", answered=504))  # its front timed out: made, perhaps
     assert not _may_fail_over(ApiError(400, "bad", code="invalid_value"))
 
 

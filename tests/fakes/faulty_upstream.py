@@ -15,6 +15,9 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
     truncate-chunked send content chunked, then close before the final chunk
     made-html        make the job, then answer 200 with an HTML page (a proxy's page in front, say)
     made-no-id       make the job, then answer 200 with JSON that has no ``id``
+    made-timeout:N   make the job, then answer N with an HTML page, as a provider's front answers
+                     when it gave up waiting on the server that took the job (nginx's 504 Gateway
+                     Time-out, Cloudflare's 524 "A timeout occurred")
     large            send 256 MiB of content, as fast as the reader takes it
     A+B              A, then B (``delay:0.5+status:503``: a refusal after half a second)
 
@@ -156,6 +159,10 @@ class FaultyUpstream:
             return web.Response(text="<html>accepted</html>", content_type="text/html")
         if behaviour == "made-no-id":
             return web.json_response({"task": answer})
+        if behaviour.startswith("made-timeout:"):
+            status = int(behaviour.partition(":")[2])
+            page = f"<html>{status} timeout</html>"
+            return web.Response(status=status, text=page, content_type="text/html")
         return web.json_response(answer)
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
