@@ -8,7 +8,7 @@ import json
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
@@ -582,12 +582,25 @@ async def remix_video(request: web.Request) -> web.Response:
         _check_prompt(body)
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
-            with ctx.gateway.bulkheads.enter(deployment, "uploads"):
+            with ctx.gateway.bulkheads.enter(deployment, "uploads"), _source_gone(source, "video_id"):
                 upstream = await adapter.remix(_changing_call(request, deployment), source, body)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
     finally:
         body.close()
+
+
+@contextlib.contextmanager
+def _source_gone(source: Task, param: str) -> Iterator[None]:
+    """A provider's 404 for the video a remix, edit or extension starts from: it purged the job. The
+    client hears the gateway's answer for its own ID, as for any unknown video, not the provider's
+    words (which may quote its job's ID)."""
+    try:
+        yield
+    except UpstreamError as exc:
+        if exc.upstream_status == 404:
+            raise video_not_found(source.id, param=param) from None
+        raise
 
 
 async def _source_video(request: web.Request, body: RequestBody) -> Task | None:
@@ -641,7 +654,7 @@ async def _from_video(
         async with _admit(request):
             if source is not None:
                 deployment, adapter = _deployment_of(table, source)
-                with gw.bulkheads.enter(deployment, "uploads"):
+                with gw.bulkheads.enter(deployment, "uploads"), _source_gone(source, "video"):
                     upstream = await operation(adapter, _changing_call(request, deployment), source, body)
             else:
                 deployment, upstream = await _start(

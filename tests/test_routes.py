@@ -225,6 +225,8 @@ async def test_edits_extensions_and_characters_reach_the_owning_upstream(
     assert character.id.startswith("char_") and character.name == "Mochi"
     (char_request,) = fake.requests("POST", "/v1/videos/characters")
     assert b'name="name"\r\n\r\nMochi' in char_request.body
+    assert b'name="model"\r\n\r\nupstream-sora\r\n' in char_request.body, "the deployment's model"
+    assert b"sora-remote" not in char_request.body
     fetched = await client.videos.get_character(character.id)
     assert fetched.id == character.id and fetched.name == "Mochi"
     assert fake.requests("GET", "/v1/videos/characters/upchar_")
@@ -574,6 +576,22 @@ async def test_a_video_or_character_the_provider_no_longer_has_is_the_gateways_o
     assert status == 404 and json.loads(raw)["error"]["code"] == "character_not_found"
     assert character.id in json.loads(raw)["error"]["message"] and b"upchar_" not in raw
     assert len(fake.requests("GET", "/v1/videos/up_")) == 2, "one poll each: a 404 is not retried"
+
+    # and a remix, edit or extension that starts from it
+    starts = [
+        (f"/v1/videos/{video.id}/remix", {"prompt": "again"}, "video_id"),
+        ("/v1/videos/edits", {"prompt": "again", "video": {"id": video.id}}, "video"),
+        ("/v1/videos/extensions", {"prompt": "on", "seconds": "4", "video": {"id": video.id}}, "video"),
+    ]
+    for path, body, param in starts:
+        status, _, raw = await send(dialect_gateway, "POST", path, json=body)
+        assert status == 404, (path, raw)
+        assert json.loads(raw)["error"] == {
+            "message": f"No video found with id '{video.id}'.",
+            "type": "invalid_request_error",
+            "param": param,
+            "code": "video_not_found",
+        }
 
 
 async def test_content_the_provider_purged_after_its_expiry_is_gone_not_unknown(

@@ -153,7 +153,7 @@ class OpenAIAdapter(Adapter):
         return _video(await self._post(call, self._url("extensions"), body, replace))
 
     async def create_character(self, call: Call, body: RequestBody) -> dict[str, Any]:
-        return _character(await self._post(call, self._url("characters"), body, {}))
+        return _character(await self._post(call, self._url("characters"), body, _model(call, body)))
 
     async def get_character(self, call: Call, task: Task) -> dict[str, Any]:
         return _character(await self._get_json(call, self._url("characters", task.upstream_id)))
