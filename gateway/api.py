@@ -614,13 +614,17 @@ async def _source_video(request: web.Request, body: RequestBody) -> Task | None:
         if source is None:
             raise video_not_found(video_id, param="video")
         return source
-    if not body.has_file("video"):
+    if body.has_file("video"):
+        return None
+    if ref is None and body.get("video") is not None:  # a bare ID, say
         raise bad_request(
-            "'video' is required: an uploaded file or {\"id\": ...}.",
-            param="video",
-            code="missing_required_parameter",
+            "'video' must be an uploaded file or {\"id\": ...}.", param="video", code="invalid_type"
         )
-    return None
+    raise bad_request(
+        "'video' is required: an uploaded file or {\"id\": ...}.",
+        param="video",
+        code="missing_required_parameter",
+    )
 
 
 async def _from_video(

@@ -452,9 +452,14 @@ async def test_edits_and_extensions_need_a_video_they_can_name(
     for path in ("/v1/videos/edits", "/v1/videos/extensions"):
         status, error = await error_of(gw, path, data=form(*remote.items()))
         assert status == 400 and error["param"] == "video", (path, error)
-        for video in ({}, "video_" + "0" * 32, None):
+        for video in ({}, None):
             status, error = await error_of(gw, path, json={**remote, "video": video})
             assert status == 400 and error["param"] == "video", (path, video, error)
+            assert error["code"] == "missing_required_parameter", error
+        for video in ("video_" + "0" * 32, 7, ["video_x"]):  # there, but neither a file nor {"id"}
+            status, error = await error_of(gw, path, json={**remote, "video": video})
+            assert status == 400 and error["param"] == "video", (path, video, error)
+            assert error["code"] == "invalid_type" and '{"id": ...}' in error["message"], error
         for video_id in (None, 7, ["video_x"], {"id": "video_x"}):
             status, error = await error_of(gw, path, json={**remote, "video": {"id": video_id}})
             assert status == 400 and error["param"] == "video" and error["code"] == "invalid_type", error
