@@ -68,7 +68,10 @@ async def retrieve(request: web.Request) -> web.Response:
 
 async def list_jobs(request: web.Request) -> web.Response:
     after, limit, order = list_params(request)
-    jobs, more = await _engine(request).list(after=after, limit=limit, order=order)
+    try:
+        jobs, more = await _engine(request).list(after=after, limit=limit, order=order)
+    except KeyError:
+        raise bad_request(f"'after' names no video: '{after}'.", param="after") from None
     return web.json_response(
         {
             "object": "list",

@@ -118,6 +118,28 @@ async def test_list_parameters_are_checked_like_the_gateways(simulator: TestServ
             assert response.status == 401, "the key must come as a bearer token"
 
 
+async def test_a_page_goes_on_after_its_last_video_is_deleted(
+    simulator: TestServer, client: openai.AsyncOpenAI
+) -> None:
+    """The SDK pages with ``after`` set to the last ID it saw; that video deleted meanwhile, the next
+    page must still start after it (the gateway's list does), not come back empty, which ends the
+    SDK's paging with the rest unseen. An ``after`` that never named a video is a 400, as there."""
+    made = [(await client.videos.create(prompt=f"v{i}", seconds="4")).id for i in range(4)]
+    first = await client.videos.list(limit=2, order="asc")
+    assert len(first.data) == 2 and first.has_more
+    await client.videos.delete(first.data[-1].id)
+    rest = await client.videos.list(limit=2, order="asc", after=first.data[-1].id)
+    seen = [v.id for v in first.data] + [v.id for v in rest.data]
+    assert sorted(seen) == sorted(made) and not rest.has_more, seen
+    newest_first = await client.videos.list(limit=1, order="desc", after=first.data[-1].id)
+    assert [v.id for v in newest_first.data] == [first.data[0].id]
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        url = simulator.make_url(f"/v1/videos?after=video_{'0' * 32}")
+        async with session.get(str(url)) as response:
+            body = await response.json()
+    assert response.status == 400 and body["error"]["param"] == "after", body
+
+
 async def test_characters_are_checked_like_the_local_providers(
     simulator: TestServer, client: openai.AsyncOpenAI, media: dict[str, Path]
 ) -> None:

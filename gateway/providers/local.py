@@ -48,6 +48,13 @@ MAX_TOTAL_SECONDS = 2 * MAX_SECONDS
 _SIZE = re.compile(r"([0-9]{2,4})x([0-9]{2,4})")
 _SECONDS = re.compile(r"[0-9]{1,3}")
 _JOB_ID = re.compile(r"^(video|char)_[0-9a-f]{32}$")
+_DELETED = "deleted"  # a file per deleted job: its ID and created_at, its place in lists
+
+
+def _place(job: dict[str, Any]) -> tuple[Any, str]:
+    return job["created_at"], job["id"]
+
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 Derivation = Literal["remix", "edit", "extension"]
@@ -341,11 +348,17 @@ class LocalEngine:
         return video
 
     async def list(self, *, after: str | None, limit: int, order: str) -> tuple[list[dict[str, Any]], bool]:
+        """A page of jobs; KeyError for an ``after`` that names no job, live or deleted (a deleted
+        one's place is kept, so that a page whose last job was deleted since still goes on)."""
         jobs = await asyncio.to_thread(self._all_jobs)
-        jobs.sort(key=lambda j: (j["created_at"], j["id"]), reverse=order == "desc")
+        desc = order == "desc"
+        jobs.sort(key=_place, reverse=desc)
         if after is not None:
-            ids = [j["id"] for j in jobs]
-            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+            cursor = next((j for j in jobs if j["id"] == after), None)
+            if cursor is None:
+                cursor = await asyncio.to_thread(self._deleted, after)
+            mark = _place(cursor)
+            jobs = [j for j in jobs if (_place(j) < mark if desc else _place(j) > mark)]
         return [self._view(j, self._dir(j["id"])) for j in jobs[:limit]], len(jobs) > limit
 
     def _all_jobs(self) -> list[dict[str, Any]]:
@@ -365,14 +378,26 @@ class LocalEngine:
             render.cancel()  # one still waiting for the renderer is never drawn
         return await asyncio.to_thread(self._remove, folder)
 
-    @staticmethod
-    def _remove(folder: Path) -> bool:
+    def _remove(self, folder: Path) -> bool:
         """Delete a job's folder once no render writes into it: the render lock waits for one under
-        way, in this process or another on the same data dir."""
+        way, in this process or another on the same data dir. Its place in lists is kept."""
         with _job_lock(folder, wait=True) as locked:
             if locked:
+                with contextlib.suppress(OSError, ValueError):
+                    job = json.loads((folder / "job.json").read_text())
+                    place = {"id": job["id"], "created_at": job["created_at"]}
+                    (self.root / _DELETED).mkdir(exist_ok=True)
+                    (self.root / _DELETED / folder.name).write_text(json.dumps(place))
                 shutil.rmtree(folder, ignore_errors=True)
             return locked
+
+    def _deleted(self, job_id: str) -> dict[str, Any]:
+        """Where a deleted job stood in lists; KeyError if there was no such job."""
+        try:
+            self._dir(job_id)
+            return json.loads((self.root / _DELETED / job_id).read_text())
+        except (OSError, ValueError):
+            raise KeyError(job_id) from None
 
     async def asset(self, job_id: str, variant: str) -> tuple[Path, str]:
         """The finished file for a variant; ApiError 404/409 when there is none (yet)."""
