@@ -400,8 +400,11 @@ class RequestBody:
         )
         delta += sum(len(self._part_bytes(n, v)) for n, v in insertions.items())
         length = None
-        if self._request is not None and self._request.content_length is not None:
-            length = self._request.content_length + delta
+        request = self._request
+        # A Content-Length counts the bytes as sent; with a Content-Encoding, aiohttp hands on more
+        # (decoded), and only an unknown length (chunked) promises the upstream no wrong count.
+        if request is not None and request.content_length is not None and not _encoded(request):
+            length = request.content_length + delta
         return self._replay_and_rest(replace), length
 
     def _part_bytes(self, name: str, value: str) -> bytes:
@@ -457,6 +460,10 @@ class RequestBody:
             self._head.close()
         for f in self.files.values():
             f.data.close()
+
+
+def _encoded(request: web.Request) -> bool:
+    return request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
 
 
 class _Collector:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from multidict import CIMultiDict
 
 from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml
@@ -187,6 +191,31 @@ async def test_a_model_smuggled_under_an_escaped_part_name_never_reaches_the_ups
     )
     assert status == 400 and json.loads(raw)["error"]["code"] == "invalid_multipart", raw
     assert fake.requests("POST", f"/v1/videos/{next(iter(fake.jobs))}/remix") == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("image", [b"\x89PNG" + b"\0" * 300_000, b"\x89PNG" + os.urandom(200_000)])
+async def test_a_compressed_upload_reaches_the_upstream_whole(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], encoding: str, image: bytes
+) -> None:
+    """A body sent with Content-Encoding is decoded on the way in; its Content-Length is the encoded
+    size, so the upstream must not be promised that many bytes: a body that compresses well was cut
+    there (the upstream got a broken form, the client a 200), one that does not left the upstream
+    waiting for bytes that never came (a 504)."""
+    fake, _ = upstream
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nsora-remote\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\npacked\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="r.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--b--\r\n"
+    )
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    headers = {"Content-Type": "multipart/form-data; boundary=b", "Content-Encoding": encoding}
+    status, _, raw = await send(dialect_gateway, "POST", "/v1/videos", data=packed, headers=headers)
+    assert status == 200, raw
+    (received,) = fake.requests("POST", "/v1/videos")
+    assert received.body == body.replace(b"sora-remote", b"upstream-sora")
+    assert int(received.headers.get("Content-Length", len(received.body))) == len(received.body)
 
 
 async def test_edits_extensions_and_characters_reach_the_owning_upstream(
