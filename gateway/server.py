@@ -50,6 +50,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app[RELOADER].reload("SIGHUP")))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGHUP,))  # a worker's, held since its start
     watchdog = loop.create_task(_close_slow_headers(runner, lambda: gw.table.config.limits.header_timeout))
     orphan_check = loop.create_task(_stop_when_orphaned(stop)) if workers > 1 else None
     try:

@@ -161,7 +161,10 @@ def supervise(
     quick_deaths = 0
 
     def spawn(slot: int) -> None:
-        pid = os.posix_spawn(sys.executable, argv, {**env, WORKER_ENV: f"{slot}/{count}/{os.getpid()}"})
+        # SIGHUP blocked until the worker can reload (server.serve unblocks it): one sent while it
+        # starts waits for it, rather than ending it as the signal's default action would.
+        environ = {**env, WORKER_ENV: f"{slot}/{count}/{os.getpid()}"}
+        pid = os.posix_spawn(sys.executable, argv, environ, setsigmask=(signal.SIGHUP,))
         children[pid] = (slot, time.monotonic())
 
     def forward(signum: int) -> None:

@@ -205,6 +205,43 @@ async def test_an_admin_reload_reaches_every_worker(start_workers, fresh) -> Non
     assert set(await answers()) == {200}, "a rejected file changes nothing"
 
 
+async def test_reloads_while_workers_start_neither_kill_them_nor_go_missing(tmp_path: Path, fresh) -> None:
+    """A SIGHUP (``systemctl reload``, a config tool) that reached a worker before it had installed
+    its handler ended it (the signal's default action); reloads repeated while workers started or
+    were replaced stopped the whole gateway after five such deaths. A worker now holds the signal
+    until it can act on it, so an edit reloaded while it started is served all the same."""
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(_config(tmp_path, port))
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            cwd=REPO,
+            env={**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    workers = Workers(process, f"http://127.0.0.1:{port}", config, log)
+    try:
+        while "supervisor_started" not in workers.log_text():
+            assert process.poll() is None, workers.log_text()
+            await asyncio.sleep(0.01)
+        config.write_text(config.read_text() + "  sora-later:\n    provider: local\n")
+        for _ in range(20):  # over the workers' start, before either could serve
+            process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.02)
+        await _until(lambda: _worker_pids(workers), lambda pids: len(pids) == 2, workers)
+        statuses = [
+            (await _call(fresh, "GET", f"{workers.url}/v1/models/sora-later"))[0] for _ in range(ROUNDS)
+        ]
+        assert set(statuses) == {200}, workers.log_text()
+        assert "worker_died" not in workers.log_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+
+
 async def test_an_admin_reload_refuses_a_provider_that_cannot_start(
     start_workers, fresh, tmp_path: Path
 ) -> None:
