@@ -161,6 +161,8 @@ async def _start(
     for attempt, deployment in enumerate(candidates, 1):
         if not table.health.claim(deployment.name):
             continue
+        probe = table.health.probing(deployment.name)  # this create probes it, back from an ejection
+        call: Call | None = None
         try:
             with gw.bulkheads.enter(deployment, "uploads"), gw.bulkheads.enter(deployment, "requests"):
                 call = _changing_call(request, deployment)
@@ -182,6 +184,9 @@ async def _start(
             FAILOVERS.labels(model).inc()
             last = exc
             continue
+        finally:
+            if probe and (call is None or not call.reported):
+                table.health.abandon_probe(deployment.name)
         log.info(
             "create_routed",
             request_id=ctx.request_id,

@@ -71,6 +71,18 @@ class HealthBoard:
             log.info("deployment_probe", deployment=deployment)
         return True
 
+    def probing(self, deployment: str) -> bool:
+        state = self._states.get(deployment)
+        return state is not None and state.probing
+
+    def abandon_probe(self, deployment: str) -> None:
+        """A probe's create ended with no word from the provider (its client left mid-upload, its
+        body was refused, a bulkhead was full): no verdict, so the next create probes instead."""
+        state = self._states.get(deployment)
+        if state is not None and state.probing:
+            state.probing = False
+            log.info("deployment_probe_abandoned", deployment=deployment)
+
     def record(self, deployment: str, failure: str | None, siblings: Sequence[str]) -> None:
         """The outcome of one upstream call: ``failure`` is its kind, or None for a success."""
         state = self._states.get(deployment)

@@ -292,6 +292,54 @@ async def test_ejection_then_probe_and_recovery(
     assert (await get(gw, "/admin/deployments", {"Authorization": "bearer admin-key-0123"}))[0] == 200
 
 
+async def test_a_probe_whose_client_left_mid_upload_does_not_keep_the_deployment_out(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """The first create after an ejection probes the deployment; until the provider answers it, no
+    other create is sent there. A probe whose client left mid-upload never reached an answer, and
+    the deployment stayed out of rotation for good (healthy or not). Such a probe ends with no
+    verdict: the next create probes it instead."""
+    fake, url = faulty
+    fake.behaviour.update(primary="status:503", secondary="ok")
+    extra = "resilience: {consecutive_failures: 1, base_ejection_seconds: 0.4, read_attempts: 1}"
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS, extra=extra))
+
+    async def states() -> dict[str, str]:
+        _, board = await get(gw, "/admin/deployments", ADMIN)
+        return {row["deployment"]: row["state"] for row in board["deployments"]}
+
+    status, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert status == 200 and (await states())["up/primary"] == "ejected"
+    await asyncio.sleep(0.5)  # primary's ejection is over: its next create probes it
+    fake.behaviour.update(primary="ok", secondary="status:500")
+    assert (await call(gw, "GET", f"/v1/videos/{video['id']}"))[0] == 502  # secondary ejected
+    host, port = gw.server.host, gw.server.port
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nresilient\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="r.png"\r\n\r\n'
+    )
+    _reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+        + ALPHA_KEY.encode()
+        + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 2000000\r\n\r\n"
+        + head
+        + b"\0" * 300_000
+    )
+    await writer.drain()
+    for _ in range(50):  # until the probe is under way
+        if (await states())["up/primary"] == "probing":
+            break
+        await asyncio.sleep(0.02)
+    writer.transport.abort()  # the client leaves mid-upload
+    await asyncio.sleep(0.6)  # secondary's ejection is over too
+    fake.behaviour["secondary"] = "ok"
+    status, _, made = await post(gw, "/v1/videos", json={"prompt": "y", "model": "resilient"})
+    assert status == 200 and made["id"], made
+    assert (await states())["up/primary"] == "healthy", "the next create probed it, and it answered"
+    assert [hit.body for hit in fake.hits_for("primary")][-1].startswith(b"{"), "the JSON create"
+
+
 async def test_reads_retry_the_same_deployment(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

@@ -60,9 +60,11 @@ class Call:
     # The event loop's time by which the provider must begin answering a JSON call, besides its
     # own timeouts: a read's tries share one deadline (``resilience.read_deadline_seconds``).
     answer_by: float | None = None
+    reported: bool = False  # whether an outcome was reported
 
     def outcome(self, failure: str | None) -> None:
         """Report a call's health: a failure kind, or None when the provider answered properly."""
+        self.reported = True
         if self.on_outcome is not None:
             self.on_outcome(failure)
 
