@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge
 
@@ -28,6 +30,8 @@ from gateway.providers import ADAPTERS, Adapter
 from gateway.providers.base import AdapterEnv
 from gateway.routing import RoutingTable
 from gateway.state import Gateway
+
+T = TypeVar("T")
 
 RELOADS = Counter(
     "gateway_config_reloads_total",
@@ -125,6 +129,7 @@ class Reloader:
         self._gw = gw
         self._path = path
         self._lock = asyncio.Lock()
+        self._running: set[asyncio.Future[Any]] = set()
         self._fingerprint = self._read_fingerprint()
         self._watching = False
         LAST_SUCCESS.set(time.time())
@@ -139,7 +144,13 @@ class Reloader:
 
     async def check(self) -> list[str]:
         """The problems a reload of the file would meet, without applying it: the file's own, and
-        those of a changed provider whose adapter cannot start (started here, then closed)."""
+        those of a changed provider whose adapter cannot start (started here, then closed).
+
+        Like :meth:`reload`, it runs to its end even when its caller is cancelled (adapters it
+        started must be closed)."""
+        return await self._to_the_end(self._check())
+
+    async def _check(self) -> list[str]:
         if self._path is None:
             return ["the gateway was started without a config file"]
         try:
@@ -152,7 +163,20 @@ class Reloader:
         return []
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
-        """Load the file again; True and no problems when the new table took effect."""
+        """Load the file again; True and no problems when the new table took effect.
+
+        It runs to its end even when its caller is cancelled (an admin request whose client left):
+        half a reload would apply nothing, log nothing, and leave the file marked as loaded."""
+        return await self._to_the_end(self._reload(reason))
+
+    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work``, shielded from its caller's cancellation (and kept referenced till it ends)."""
+        task = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return await asyncio.shield(task)
+
+    async def _reload(self, reason: str) -> tuple[bool, list[str]]:
         if self._path is None:
             return False, ["the gateway was started without a config file"]
         async with self._lock:

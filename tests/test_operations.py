@@ -124,6 +124,38 @@ async def test_invalid_reload_keeps_the_old_table(
     assert len(fake.hits_for("primary")) == 1
 
 
+async def test_an_admin_reload_whose_client_left_still_takes_effect(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    faulty: tuple[FaultyUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that gave up on ``POST /admin/reload`` while the file was being read (a large
+    config, a slow disk) cancelled the reload half-way: nothing applied, nothing logged, and the
+    file marked as loaded, so the file watcher never applied it either. It now runs to its end."""
+    from gateway import reload as reloading
+
+    fake, url = faulty
+    before, after = two_generations(tmp_path, url)
+    gw, path = await start_from_file(start_gateway, tmp_path, before)
+    real_load = reloading.load_config
+
+    def slow_load(config_path: Path) -> Any:
+        time.sleep(0.3)
+        return real_load(config_path)
+
+    monkeypatch.setattr(reloading, "load_config", slow_load)
+    path.write_text(after)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await session.post(
+                gw.url + "/admin/reload", headers=ADMIN, timeout=aiohttp.ClientTimeout(total=0.1)
+            )
+    await asyncio.sleep(0.5)
+    assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"}))[0] == 200
+    assert fake.hits_for("secondary") and not fake.hits_for("primary"), "the new table serves"
+
+
 async def test_file_change_is_picked_up(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
