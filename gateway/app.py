@@ -67,6 +67,8 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
             return response
         finally:
             gw.in_flight -= 1
+            if ctx.client_gone:  # recorded as such; aiohttp still gets the answer it was writing
+                response = _CLIENT_GONE
             if response is _CLIENT_GONE and gw.stopping:
                 response = _ABANDONED
             _observe(request, ctx, response, route, series, time.perf_counter() - ctx.started)
@@ -135,6 +137,7 @@ async def _send(request: web.Request, ctx: RequestContext, response: web.StreamR
         await response.prepare(request)
         await response.write_eof()
     except (ConnectionResetError, ClientConnectionResetError):
+        ctx.client_gone = True
         response.force_close()
 
 
@@ -142,7 +145,10 @@ def _body_bytes(ctx: RequestContext, response: web.StreamResponse) -> int:
     """Body bytes of an answer: known for whole bodies and files; streams count their own.
 
     The exact type is tried first: ``isinstance`` against aiohttp's answers, which are abstract base
-    classes, costs more than all the rest of this."""
+    classes, costs more than all the rest of this. An answer cut short by its client counts what a
+    stream sent until then (a file the kernel was sending: none known)."""
+    if response is _CLIENT_GONE or response is _ABANDONED:
+        return ctx.bytes_out
     if type(response) is web.Response or isinstance(response, web.Response):
         body = response.body
         return len(body) if isinstance(body, bytes) else 0

@@ -61,6 +61,7 @@ class RequestContext:
     bytes_out: int = 0  # body bytes a streamed answer has sent so far
     admission: Admission | None = None  # the per-key limits a create was admitted under
     changing: bool = False  # a create or delete was sent upstream: see api.shielded
+    client_gone: bool = False  # the client's connection broke while its answer was being written
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context")

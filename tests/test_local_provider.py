@@ -432,3 +432,31 @@ async def test_a_characters_clip_must_be_a_video(local_gateway: RunningGateway) 
     with pytest.raises(openai.BadRequestError) as caught:
         await local_gateway.sdk().videos.create_character(name="Ada", video=("ada.mp4", b"junk", "video/mp4"))
     assert caught.value.param == "video"  # type: ignore[attr-defined]
+
+
+async def test_a_download_its_client_drops_is_logged_as_dropped(
+    local_gateway: RunningGateway, tmp_path: Path, session_log: Path
+) -> None:
+    """A file the gateway serves itself, hung up on half-way, was logged and counted as a 200 with
+    every byte of the file sent."""
+    from tests.test_upstream_failures import wait_for_event
+
+    client = local_gateway.sdk()
+    video = await client.videos.poll(
+        (await client.videos.create(prompt="long", size="320x240", seconds="1")).id, poll_interval_ms=50
+    )
+    assert video.status == "completed"
+    (rendered,) = tmp_path.rglob("video.mp4")
+    rendered.write_bytes(bytes(64 * 1024 * 1024))  # a long video: more than the socket buffers hold
+    reader, writer = await asyncio.open_connection(local_gateway.server.host, local_gateway.server.port)
+    writer.write(
+        f"GET /v1/videos/{video.id}/content HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"
+        "X-Request-ID: drops-file-1\r\n\r\n".encode()
+    )
+    received = 0
+    while received < 1_000_000:
+        received += len(await reader.read(65536))
+    writer.transport.abort()
+    access = await wait_for_event(session_log, "drops-file-1", "request")
+    assert access["status"] == 499, access
+    assert access["bytes_out"] < 64 * 1024 * 1024, access

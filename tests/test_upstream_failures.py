@@ -314,6 +314,36 @@ async def test_a_client_that_hangs_up_mid_upload_is_not_the_providers_failure(
     assert faulty[0].hits_for("primary") == []
 
 
+async def test_a_client_that_drops_a_download_is_not_the_providers_failure(
+    gw: RunningGateway, faulty: tuple[FaultyUpstream, str], session_log: Path
+) -> None:
+    """Players seek and users cancel: a download whose client hangs up mid-stream is the client's
+    doing (499, with the bytes it was sent), not a provider reset, which counted as an upstream
+    error, a 502 on the dashboard and a failure towards the deployment's ejection."""
+    fake = faulty[0]
+    status, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 200
+    fake.behaviour["primary"] = "large"
+    before = upstream_errors("up")
+    for attempt in range(3):
+        request_id = f"drops-download-{attempt}"
+        reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+        writer.write(
+            f"GET /v1/videos/{video['id']}/content HTTP/1.1\r\nHost: gw\r\n"
+            f"Authorization: Bearer {ALPHA_KEY}\r\nX-Request-ID: {request_id}\r\n\r\n".encode()
+        )
+        received = 0
+        while received < 1_000_000:
+            received += len(await reader.read(65536))
+        writer.transport.abort()  # unread bytes in its buffer: the kernel answers with a reset
+        access = await wait_for_event(session_log, request_id, "request")
+        assert access["status"] == 499 and access["upstream_error"] is None, access
+        assert access["bytes_out"] >= received - 65536 * 4, (access["bytes_out"], received)
+    assert upstream_errors("up") == before
+    (board,) = [row for row in gw.app[GATEWAY].health.snapshot(["up/primary"])]
+    assert board["consecutive_failures"] == 0, board
+
+
 async def wait_for_event(session_log: Path, request_id: str, event: str) -> dict[str, Any]:
     for _ in range(100):
         found = [line for line in log_lines(session_log, request_id) if line.get("event") == event]

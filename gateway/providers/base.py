@@ -618,11 +618,17 @@ class Adapter:
             await response.write_eof()
             return response
         sent = 0
+        ctx = call.request[CONTEXT]
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
-                await response.write(chunk)
+                try:
+                    await response.write(chunk)
+                except ConnectionError:  # the client hung up (a player seeking, say): not the provider
+                    ctx.client_gone = True
+                    response.force_close()
+                    return response
                 sent += len(chunk)
-                call.request[CONTEXT].bytes_out = sent
+                ctx.bytes_out = sent
         except UPSTREAM_STREAM_FAILURES:
             cut_answer(call.request, response)
             self.stream_cut_off(call)

@@ -228,6 +228,8 @@ class FaultyUpstream:
             for _ in range(256):
                 await response.write(chunk)
             await response.write_eof()
+        except ConnectionError:  # the reader let go (the gateway, its client gone): as a CDN would
+            response.force_close()
         finally:
             self.streaming -= 1
         return response
