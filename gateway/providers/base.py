@@ -106,7 +106,9 @@ class FileAnswer(web.FileResponse):
     ) -> AbstractStreamWriter | None:
         # aiohttp's hook between the conditional checks (304, 412) and its own Range handling
         header = request.headers.get(hdrs.RANGE)
-        if header is not None and (request.if_range is None or st.st_mtime <= request.if_range.timestamp()):
+        if header is not None and not _if_range_holds(request, st):
+            request = _with_range(request, None)  # the client's copy is of another file: all of it
+        elif header is not None:
             wanted = byte_range(header)
             if wanted is not None and not wanted.satisfiable(st.st_size):
                 return await self._range_not_satisfiable(request, st.st_size)
@@ -231,6 +233,20 @@ def _position(digits: str) -> int | None:
     if not digits:
         return None
     return _HUGE if len(digits) > 18 else int(digits)
+
+
+def _if_range_holds(request: web.BaseRequest, st: os.stat_result) -> bool:
+    """RFC 9110 §13.1.5: a Range counts only while its If-Range, if any, names this very file: its
+    entity tag, compared strongly (aiohttp's, from the file's change time and size), or a date no
+    earlier than its last change. aiohttp's own check reads dates only, and takes a tag for none."""
+    validator = request.headers.get(hdrs.IF_RANGE)
+    if validator is None:
+        return True
+    validator = validator.strip()
+    if validator.startswith(('"', 'W/"')):
+        return validator == f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    date = request.if_range
+    return date is not None and int(st.st_mtime) <= date.timestamp()  # HTTP dates are whole seconds
 
 
 def _with_range(request: web.BaseRequest, header: str | None) -> web.BaseRequest:
