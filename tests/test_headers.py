@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.providers import ADAPTERS
 from gateway.providers.base import AdapterEnv
-from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml, load
+from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml, load
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 
 # Credentials of other schemes and clouds, and headers about the client's connection.
@@ -89,6 +89,22 @@ async def test_a_result_host_gets_none_of_the_providers_headers(
     assert signed.headers["Range"] == "bytes=0-9"
     for name in ("Authorization", "X-Team-Secret", "X-Request-ID"):
         assert name not in signed.headers, name
+
+
+async def test_no_cookie_a_provider_sets_goes_back_to_it(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A proxy keeps no cookies (nginx passes them to its client and forgets them): a cookie a
+    provider set in its answer to one tenant's call was sent back with every later call, whoever's,
+    and the gateway's cookie jar grew with each. (Host by name: a jar refuses cookies for an IP.)"""
+    fake, url = upstream
+    gw = await start_gateway(gateway_yaml(tmp_path, upstream_url=url.replace("127.0.0.1", "localhost")))
+    first = await gw.sdk().videos.create(prompt="[cookie] alpha's", model="sora-remote")
+    await gw.sdk(BETA_KEY).videos.create(prompt="beta's", model="sora-remote")
+    await gw.sdk().videos.retrieve(first.id)
+    calls = fake.requests("POST", "/v1/videos") + fake.requests("GET", "/v1/videos/")
+    assert len(calls) == 3
+    assert [c for c in calls if "Cookie" in c.headers] == []
 
 
 async def test_a_download_is_marked_for_its_client_alone(

@@ -403,7 +403,11 @@ class Adapter:
                 # an upload the provider stopped reading ends as a read it stopped answering would
                 socket_factory=stall_limited_socket(self.config.timeouts.read),
             )
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            # no cookie jar: a cookie a provider sets answering one tenant's call must not go back
+            # with the next one, whoever's (a proxy keeps none, as nginx keeps none)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
         return self._session
 
     def timeout(self, *, streaming: bool) -> aiohttp.ClientTimeout:

@@ -161,7 +161,10 @@ class FakeOpenAIUpstream:
         if str(fields.get("stream", "")).lower() == "true" or fields.get("stream") is True:
             return await self._stream(request, job)
         await self._slow(job)
-        return web.json_response(job)
+        response = web.json_response(job)
+        if "[cookie]" in (job["prompt"] or ""):  # a load balancer's affinity cookie, say
+            response.set_cookie("affinity", job["id"], path="/")
+        return response
 
     async def _slow(self, job: dict[str, Any]) -> None:
         if "[slow]" in (job["prompt"] or ""):
