@@ -15,7 +15,7 @@ from aiohttp.http import HttpVersion11
 
 from gateway import api, logs, metrics, openapi
 from gateway.auth import bearer_token, same_key
-from gateway.bodies import too_large
+from gateway.bodies import size_limit, too_large
 from gateway.config import GatewayConfig
 from gateway.context import CONTEXT, RequestContext, request_id, stamp
 from gateway.errors import ApiError, UpstreamError, internal_error, store_unavailable
@@ -253,7 +253,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         if request.headers.get("Expect", "").lower() != "100-continue":
             raise ApiError(417, "Only 'Expect: 100-continue' is supported.", code="expectation_failed")
         table.keys.authenticate(request.headers.get("Authorization"))
-        limit = table.config.limits.max_upload_bytes
+        limit = size_limit(request, table.config.limits)
         if request.content_length is not None and request.content_length > limit:
             raise too_large(limit)
     except ApiError as exc:

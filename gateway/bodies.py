@@ -584,6 +584,17 @@ JSON_TYPES = ("application/json",)
 MULTIPART_TYPE = "multipart/form-data"
 
 
+def _is_json(content_type: str) -> bool:
+    return content_type in JSON_TYPES or content_type.endswith("+json")
+
+
+def size_limit(request: web.BaseRequest, limits: Limits) -> int:
+    """The most bytes the request's body may have, by its Content-Type: a JSON body's limit, or an
+    upload's."""
+    json_body = _is_json(media_type(request.headers.get("Content-Type")))
+    return limits.max_json_bytes if json_body else limits.max_upload_bytes
+
+
 async def read_body(request: web.Request, limits: Limits, until: Iterable[str] = ("model",)) -> RequestBody:
     """Read a JSON or multipart body; for multipart, stop once every field in ``until`` was seen.
 
@@ -594,7 +605,7 @@ async def read_body(request: web.Request, limits: Limits, until: Iterable[str] =
     content_type = media_type(request.headers.get("Content-Type"))
     if not request.body_exists:
         return RequestBody("none", {})
-    if content_type in JSON_TYPES or content_type.endswith("+json"):
+    if _is_json(content_type):
         return await _read_json(request, limits)
     if content_type == MULTIPART_TYPE:
         return await _read_multipart_head(request, limits, set(until))

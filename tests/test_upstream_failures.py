@@ -245,6 +245,10 @@ async def test_an_unsatisfiable_range_is_416_in_the_error_envelope(
             {"Expect": "100-continue", "Authorization": f"Bearer {ALPHA_KEY}", "Content-Length": str(10**12)},
             413,
         ),
+        (  # a JSON body over the JSON limit (32 MiB), though not over an upload's: not invited either
+            {"Expect": "100-continue", "Authorization": f"Bearer {ALPHA_KEY}", "Content-Length": "41943040"},
+            413,
+        ),
         ({"Expect": "something-else", "Authorization": f"Bearer {ALPHA_KEY}"}, 417),
     ],
 )
