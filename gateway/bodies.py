@@ -589,10 +589,11 @@ def _is_json(content_type: str) -> bool:
 
 
 def size_limit(request: web.BaseRequest, limits: Limits) -> int:
-    """The most bytes the request's body may have, by its Content-Type: a JSON body's limit, or an
-    upload's."""
-    json_body = _is_json(media_type(request.headers.get("Content-Type")))
-    return limits.max_json_bytes if json_body else limits.max_upload_bytes
+    """The most bytes the request's body may have, by its Content-Type: an upload's limit, and a
+    JSON body's too (:func:`read_body` applies both)."""
+    if _is_json(media_type(request.headers.get("Content-Type"))):
+        return min(limits.max_json_bytes, limits.max_upload_bytes)
+    return limits.max_upload_bytes
 
 
 async def read_body(request: web.Request, limits: Limits, until: Iterable[str] = ("model",)) -> RequestBody:
