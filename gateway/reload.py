@@ -65,7 +65,9 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
     old = previous.all_adapters() if previous is not None else {}
     adapters, _ = await _start_adapters(config, gw, old)
     for name, adapter in old.items():
-        if adapters.get(name) is not adapter:
+        if name in adapters and adapters[name] is not adapter:
+            asyncio.get_running_loop().create_task(adapter.superseded())
+        elif name not in adapters:  # its videos still reach it through the new table (retired)
             asyncio.get_running_loop().create_task(adapter.close_when_idle())
     changed = {name for name, adapter in adapters.items() if name in old and old[name] is not adapter}
     gw.health.forget(d.name for ds in config.models.values() for d in ds if d.provider in changed)

@@ -156,6 +156,38 @@ async def test_an_admin_reload_whose_client_left_still_takes_effect(
     assert fake.hits_for("secondary") and not fake.hits_for("primary"), "the new table serves"
 
 
+async def test_a_provider_replaced_while_a_create_reads_its_body_leaves_no_pool_open(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A create keeps the table it started with, so a reload that replaces its provider leaves it
+    the old adapter, closed once no call was open. The create, still reading its body then, opened
+    a new pool on that adapter which nobody closed (a socket to the provider, and an "Unclosed client
+    session" error at garbage collection). A replaced adapter now closes again after each use."""
+    from gateway.state import GATEWAY
+
+    fake, url = faulty
+    before, _ = two_generations(tmp_path, url)
+    gw, path = await start_from_file(start_gateway, tmp_path, before)
+    old = gw.app[GATEWAY].table.adapters["up"]
+    body = json.dumps({"model": "m", "prompt": "pinned"}).encode()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield body[:10]
+        await asyncio.sleep(1.0)
+        yield body[10:]
+
+    async with aiohttp.ClientSession() as session:
+        headers = {**AUTH, "Content-Type": "application/json", "Content-Length": str(len(body))}
+        creating = asyncio.ensure_future(session.post(gw.url + "/v1/videos", data=slowly(), headers=headers))
+        await asyncio.sleep(0.3)
+        await reload_to(gw, path, before.replace("read: 1, request: 2", "read: 2, request: 3"))
+        assert gw.app[GATEWAY].table.adapters["up"] is not old, "the provider was replaced"
+        async with await creating as response:
+            assert response.status == 200, await response.text()
+    await asyncio.sleep(0.2)
+    assert fake.hits_for("primary") and old._session is None, "the old adapter's pool is closed"
+
+
 async def test_file_change_is_picked_up(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

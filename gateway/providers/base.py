@@ -333,6 +333,8 @@ class Adapter:
         t = config.timeouts
         self._limits = Limits(connect=t.connect, read=t.read, total=t.request, max_answer=MAX_JSON_ANSWER)
         self.in_flight = 0
+        self._superseded = False
+        self._closing: asyncio.Task[None] | None = None
 
     @property
     def base_url(self) -> str:
@@ -358,6 +360,18 @@ class Adapter:
         while self.in_flight:
             await asyncio.sleep(poll_seconds)
         await self.close()
+
+    async def superseded(self) -> None:
+        """A reload replaced this adapter: close its pools once no call is open, and again after
+        every later call (a request that began under the old config, reading its body when the
+        reload came, still makes its calls here, and nothing else would close what they open)."""
+        self._superseded = True
+        await self.close_when_idle()
+
+    def _call_ended(self) -> None:
+        self.in_flight -= 1
+        if self._superseded and not self.in_flight:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
 
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo | EventStream:
         raise NotImplementedError
@@ -479,7 +493,7 @@ class Adapter:
         finally:
             call.clock.stop()
             series.in_flight.dec()
-            self.in_flight -= 1
+            self._call_ended()
 
     async def exchange(
         self,
@@ -513,7 +527,7 @@ class Adapter:
         finally:
             call.clock.stop()
             series.in_flight.dec()
-            self.in_flight -= 1
+            self._call_ended()
         self._answered(call, series, answer.status, time.perf_counter() - started)
         return answer
 
