@@ -123,7 +123,14 @@ def supervise(
     """
     metrics_dir = prepare_metrics()
     copy = metrics_dir / "config.yaml"  # a private directory (0700): the text may hold keys
-    copy.write_text(config_text, encoding="utf-8")
+
+    def keep(text: str) -> None:
+        """Write the copy whole or not at all: a worker starting meanwhile must never read half."""
+        partial = copy.with_suffix(".yaml.partial")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, copy)
+
+    keep(config_text)
     env = {
         **os.environ,
         SIGNING_KEY_ENV: secrets.token_hex(32),  # used where the config names none
@@ -140,7 +147,7 @@ def supervise(
         except ConfigError as exc:
             log.warning("supervisor_keeps_config", reason=reason, problems=exc.problems)
             return
-        copy.write_text(text, encoding="utf-8")
+        keep(text)
 
     argv = [
         sys.executable,

@@ -236,7 +236,7 @@ async def test_reloads_while_workers_start_neither_kill_them_nor_go_missing(tmp_
             (await _call(fresh, "GET", f"{workers.url}/v1/models/sora-later"))[0] for _ in range(ROUNDS)
         ]
         assert set(statuses) == {200}, workers.log_text()
-        assert "worker_died" not in workers.log_text()
+        assert "worker_died" not in workers.log_text(), workers.log_text()
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=15)
