@@ -77,10 +77,17 @@ def _changing_call(request: web.Request, deployment: Deployment) -> Call:
 
 
 def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter]:
-    """The exact deployment that created a task: follow-ups are never re-balanced."""
-    deployment = table.deployments.get(task.deployment) or Deployment(
-        task.deployment, task.model, task.provider, task.state.get("upstream_model", task.model)
-    )
+    """The exact deployment that created a task: follow-ups are never re-balanced. A deployment of
+    that name that a reload removed, or pointed at another provider or upstream model, is the task's
+    as it was (a provider must not be sent another's model)."""
+    upstream_model = task.state.get("upstream_model", task.model)
+    deployment = table.deployments.get(task.deployment)
+    if (
+        deployment is None
+        or deployment.provider != task.provider
+        or deployment.upstream_model != upstream_model
+    ):
+        deployment = Deployment(task.deployment, task.model, task.provider, upstream_model)
     return deployment, table.adapter(task.provider)
 
 

@@ -19,8 +19,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway import logs
-from tests.conftest import ALPHA_KEY, BETA_KEY, ENV, RunningGateway, StartGateway, load
+from tests.conftest import ALPHA_KEY, BETA_KEY, ENV, RunningGateway, StartGateway, gateway_yaml, load
 from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_cli import free_port, wait_healthy
 from tests.test_resilience import ADMIN, AUTH, TWO_TIERS, config, get, post
 
@@ -186,6 +187,45 @@ async def test_a_provider_replaced_while_a_create_reads_its_body_leaves_no_pool_
             assert response.status == 200, await response.text()
     await asyncio.sleep(0.2)
     assert fake.hits_for("primary") and old._session is None, "the old adapter's pool is closed"
+
+
+async def test_a_named_deployment_repointed_by_a_reload_keeps_its_old_videos_where_they_are(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A deployment's ``name`` can outlive what it names: a reload may point "main" at another
+    provider or upstream model. Its videos stay with the provider and model that made them, and
+    a remix of one must not send that provider the new deployment's model."""
+    from gateway.app import RELOADER
+
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url).replace(
+        "sora-remote:\n    provider: dialect\n    model: upstream-sora",
+        "sora-remote:\n  - {provider: dialect, model: upstream-sora, name: main}",
+    )
+    assert "name: main" in text
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw = await start_gateway(load(text), config_path=path)
+    client = gw.sdk()
+    video = await client.videos.create(prompt="first", model="sora-remote")
+    repointed = text.replace(
+        "{provider: dialect, model: upstream-sora, name: main}",
+        "{provider: elsewhere, model: upstream-next, name: main}",
+    ).replace(
+        "providers:\n",
+        f"providers:\n  elsewhere:\n    kind: openai\n    base_url: {url}/v1\n"
+        "    api_key: ${UPSTREAM_KEY}\n",
+        1,
+    )
+    path.write_text(repointed)
+    assert await gw.app[RELOADER].reload("test") == (True, [])
+
+    remix_body = {"prompt": "again", "model": "sora-remote"}
+    status, _, answer = await post(gw, f"/v1/videos/{video.id}/remix", json=remix_body)
+    assert status == 200, answer
+    (remix,) = fake.requests("POST", "/v1/videos/up_")
+    assert json.loads(remix.body)["model"] == "upstream-sora", "the model that made the video"
+    assert (await client.videos.retrieve(video.id)).model == "sora-remote"
 
 
 async def test_file_change_is_picked_up(
