@@ -609,8 +609,8 @@ def _source_gone(source: Task, param: str) -> Iterator[None]:
     words (which may quote its job's ID)."""
     try:
         yield
-    except UpstreamError as exc:
-        if exc.upstream_status == 404:
+    except ApiError as exc:
+        if exc.status == 404:
             raise video_not_found(source.id, param=param) from None
         raise
 

@@ -460,3 +460,26 @@ async def test_a_download_its_client_drops_is_logged_as_dropped(
     access = await wait_for_event(session_log, "drops-file-1", "request")
     assert access["status"] == 499, access
     assert access["bytes_out"] < 64 * 1024 * 1024, access
+
+
+async def test_a_remix_of_a_video_whose_render_is_gone_names_the_gateways_id(
+    local_gateway: RunningGateway, tmp_path: Path
+) -> None:
+    """The local provider's files lost (a wiped volume): a remix, edit or extension of such a video
+    is the gateway's 404 for its own ID, not one quoting the provider's job ID."""
+    import shutil
+
+    client = local_gateway.sdk()
+    video = await client.videos.poll(
+        (await client.videos.create(prompt="gone", size="320x240", seconds="1")).id, poll_interval_ms=50
+    )
+    (rendered,) = tmp_path.rglob("video.mp4")
+    shutil.rmtree(rendered.parent)
+    for path, body, param in (
+        (f"/v1/videos/{video.id}/remix", {"prompt": "again"}, "video_id"),
+        ("/v1/videos/edits", {"prompt": "again", "video": {"id": video.id}}, "video"),
+    ):
+        status, _, raw = await send(local_gateway, "POST", path, json=body)
+        error = json.loads(raw)["error"]
+        assert status == 404 and error["code"] == "video_not_found" and error["param"] == param, error
+        assert error["message"] == f"No video found with id '{video.id}'.", error
