@@ -98,6 +98,8 @@ class HealthBoard:
             state = self.state(deployment)
         state.consecutive_failures += 1
         state.last_failure = failure
+        if state.ejected_until > self._clock() and not state.probing:
+            return  # already out (its videos' polls fail too): ejected again only if its probe fails
         if state.probing or state.consecutive_failures >= self.policy.consecutive_failures:
             others_available = any(s != deployment and not self.is_ejected(s) for s in siblings)
             if others_available:

@@ -572,6 +572,31 @@ def test_an_ejection_lasts_at_most_max_ejection_seconds() -> None:
     assert lengths[:3] == [30, 60, 90] and max(lengths) == 300
 
 
+def test_failures_while_ejected_do_not_eject_again() -> None:
+    """Polls and downloads of a deployment's videos go on while it is ejected (only creates avoid
+    it), and during an outage they fail too. Each such failure ejected it again: 30 s, 60 s, ...
+    300 s within a second, and the ejection count left the next outage starting at 300 s. As in
+    Envoy, a host already ejected is not ejected again; its next ejection is its probe's failure."""
+    from gateway.config import Resilience
+    from gateway.health import HealthBoard
+
+    now = [0.0]
+    board = HealthBoard(
+        Resilience(consecutive_failures=2, base_ejection_seconds=30, max_ejection_seconds=300),
+        clock=lambda: now[0],
+    )
+    siblings = ("flaky", "steady")
+    for _ in range(10):  # creates, then the polls and downloads that go on during the ejection
+        board.record("flaky", "connect", siblings=siblings)
+        now[0] += 0.1
+    assert board.state("flaky").ejections == 1
+    assert board.state("flaky").ejected_until == 0.1 + 30
+    now[0] = 31.0
+    assert board.claim("flaky")  # the probe fails: the second ejection, twice as long
+    board.record("flaky", "connect", siblings=siblings)
+    assert board.state("flaky").ejections == 2 and board.state("flaky").ejected_until == 31.0 + 60
+
+
 async def test_the_ejected_gauge_falls_when_the_ejection_ends_and_a_fixed_provider_starts_afresh(
     start_gateway: StartGateway,
     tmp_path: Path,
