@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -399,7 +400,15 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
         expanded.add(path)
         problems.append(at(path, message))
 
-    raw = _expand_env(raw, (), env, env_problem)
+    from_env: dict[tuple[Any, ...], list[str]] = {}
+    raw = _expand_env(raw, (), env, env_problem, from_env)
+
+    def about_value(path: tuple[Any, ...], message: str) -> str:
+        """A problem with a value, naming the variables it came from (the file does not show it)."""
+        names = from_env.get(path)
+        if names:
+            message += " (the value of " + ", ".join(f"${{{name}}}" for name in names) + ")"
+        return at(path, message)
 
     validator = _Validator(schema())
     errors = [e for top in validator.iter_errors(raw) for e in _written_errors(top)]
@@ -420,11 +429,17 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
             )
             problems.append(_at(source, line, path, f"name {error.instance!r} {wrong}"))
             continue
-        problems.append(at(path, _schema_message(error)))
-    _check_references(raw, lambda p, m: problems.append(at(p, m)))
+        problems.append(about_value(path, _schema_message(error)))
+    _check_references(raw, lambda p, m: problems.append(about_value(p, m)))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(sorted(problems, key=partial(_line_number, source)))
     return _resolve(raw, source)
+
+
+def _line_number(source: str, problem: str) -> int:
+    """Where a problem is (``file:line: ...``), to list them in the file's order; 0 for none."""
+    line, _, _ = problem[len(source) + 1 :].partition(":")
+    return int(line) if problem.startswith(source + ":") and line.isdigit() else 0
 
 
 def _at(source: str, line: int | None, path: tuple[Any, ...], message: str) -> str:
@@ -670,15 +685,25 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
     )
 
 
-def _expand_env(value: Any, path: tuple[Any, ...], env: Mapping[str, str], problem: Any) -> Any:
+def _expand_env(
+    value: Any,
+    path: tuple[Any, ...],
+    env: Mapping[str, str],
+    problem: Any,
+    used: dict[tuple[Any, ...], list[str]],
+) -> Any:
+    """``value`` with its ${NAME} references replaced; ``used`` gets the names each path read.
+
+    ``${NAME:-default}`` falls back when NAME is unset or empty, as in a shell and in Compose."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
+            used.setdefault(path, []).append(name)
+            if default is not None:
+                return env.get(name) or default
             if name in env:
                 return env[name]
-            if default is not None:
-                return default
             problem(path, f"environment variable {name} is not set")
             return ""
 
@@ -686,12 +711,18 @@ def _expand_env(value: Any, path: tuple[Any, ...], env: Mapping[str, str], probl
         if any("${" in literal for literal in _ENV_REF.split(value)[::3]):
             problem(path, _MALFORMED_REF)
             return value
+        if _BARE_REF.fullmatch(value):  # $NAME would be taken as the value itself: a key, say
+            problem(path, f"{value!r} is read as it is written; write ${{{value[1:]}}} for the variable")
+            return value
         return _ENV_REF.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: _expand_env(v, (*path, k), env, problem) for k, v in value.items()}
+        return {k: _expand_env(v, (*path, k), env, problem, used) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, (*path, i), env, problem) for i, v in enumerate(value)]
+        return [_expand_env(v, (*path, i), env, problem, used) for i, v in enumerate(value)]
     return value
+
+
+_BARE_REF = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
 
 
 _MALFORMED_REF = (

@@ -133,10 +133,32 @@ def test_env_references_are_expanded():
     assert config.data_dir == Path("/srv/gw")
 
 
-def test_env_default_may_be_empty_and_set_empty_value_wins():
+def test_env_default_may_be_empty_and_serves_a_variable_set_empty_too():
+    """As in a shell and in Compose, ``${NAME:-default}`` falls back when NAME is unset or empty:
+    ``VIDEO_GATEWAY_DATA_DIR=`` must not put the store in the working directory."""
     text = BASE.replace("    kind: local\n", "    kind: local\n    headers:\n      X-A: a${EMPTY:-}b\n")
     assert dict(parse_config(text, SRC, {}).providers["local"].headers) == {"X-A": "ab"}
     assert dict(parse_config(text, SRC, {"EMPTY": "-"}).providers["local"].headers) == {"X-A": "a-b"}
+    text += "data_dir: ${DATA_DIR:-/var/lib/gw}\n"
+    assert parse_config(text, SRC, {"DATA_DIR": ""}).data_dir == Path("/var/lib/gw")
+
+
+def test_a_variable_written_without_braces_is_refused():
+    """``key: $WEB_APP_KEY`` loaded as the key "$WEB_APP_KEY", which anyone reading the file could
+    then use; a provider's ``api_key`` so written went upstream as it stood."""
+    text = BASE.replace(f"    key: {KEY}\n", "    key: $WEB_APP_KEY\n")
+    message = problem_at(
+        problems_of(text, {"WEB_APP_KEY": KEY}), line_of(text, "$WEB_APP_KEY"), "keys[0].key"
+    )
+    assert "${WEB_APP_KEY}" in message
+
+
+def test_a_value_from_the_environment_names_its_variable_when_it_is_wrong():
+    """The file shows ${VIDEO_GATEWAY_API_KEY}, not the 6 characters it held."""
+    text = BASE.replace(f"    key: {KEY}\n", "    key: ${VIDEO_GATEWAY_API_KEY:-sk-local-dev-key}\n")
+    problems = problems_of(text, {"VIDEO_GATEWAY_API_KEY": "secret"})
+    message = problem_at(problems, line_of(text, "VIDEO_GATEWAY_API_KEY"), "keys[0].key")
+    assert "too short" in message and "${VIDEO_GATEWAY_API_KEY}" in message, message
 
 
 def test_unset_env_without_default_names_the_variable_and_its_line():
@@ -228,8 +250,10 @@ def test_every_problem_is_reported_at_once_with_line_and_path():
     msg = problem_at(problems, line_of(text, "default_model:"), "default_model")
     assert '"sora-3"' in msg and "sora-2" in msg
 
-    # nothing else: each mistake is reported once
+    # nothing else: each mistake is reported once, in the file's order
     assert len(problems) == 7, "\n".join(problems)
+    lines = [int(p.split(":")[1]) for p in problems]
+    assert lines == sorted(lines), problems
 
 
 def test_fixing_every_reported_problem_gives_a_valid_config():
