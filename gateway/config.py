@@ -174,6 +174,23 @@ _STRING_NAMES = {"type": "string"}
 _LINE_BREAK = {"type": "string", "pattern": "[\r\n]"}
 _HEADER_VALUE = {"type": "string", "not": _LINE_BREAK}
 _HEADER_NAME = {"type": "string", "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}
+_BASE_URL_PATTERN = "^https?://[^\\s/?#@]+(/[^\\s?#]*)?$"
+# a host name, or a suffix of host names written with its leading dot; not a URL
+_RESULT_HOST = {
+    "type": "string",
+    "pattern": "^\\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$",
+}
+# What a value that does not match a pattern must be, in words.
+_PATTERN_WORDS = {
+    "\\S": "must not be empty",
+    "^/": "must start with /",
+    "^https?://": "must start with http:// or https://",
+    _BASE_URL_PATTERN: "must be an http(s) URL with a host, such as https://api.example.com/v1",
+    _RESULT_HOST[
+        "pattern"
+    ]: "must be a host name (cdn.example.com) or a suffix of them (.example.com), not a URL",
+    "^[0-9a-fA-F]{64}$": "must be 64 hexadecimal digits (a SHA-256 digest)",
+}
 
 
 def schema() -> dict[str, Any]:
@@ -182,7 +199,7 @@ def schema() -> dict[str, Any]:
 
     kind_rules = [
         {
-            "if": {"properties": {"kind": {"const": kind}}},
+            "if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
             "then": {
                 "required": list(adapter.required_fields),
                 "properties": {
@@ -326,7 +343,7 @@ def schema() -> dict[str, Any]:
                     "required": ["kind"],
                     "properties": {
                         "kind": {"enum": sorted(ADAPTERS)},
-                        "base_url": {"type": "string", "pattern": "^https?://[^\\s/?#@]+(/[^\\s?#]*)?$"},
+                        "base_url": {"type": "string", "pattern": _BASE_URL_PATTERN},
                         "api_key": _HEADER_VALUE,
                         "headers": {
                             "type": "object",
@@ -340,7 +357,7 @@ def schema() -> dict[str, Any]:
                             "minimum": 100,
                             "description": "openai-poll-after-ms sent while a video is unfinished.",
                         },
-                        "result_hosts": {"type": "array", "items": {"type": "string"}},
+                        "result_hosts": {"type": "array", "items": _RESULT_HOST},
                         "options": {"type": "object"},
                     },
                     "allOf": kind_rules,
@@ -617,7 +634,7 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
             timeouts=Timeouts(**p.get("timeouts", {})),
             max_connections=p.get("max_connections", 100),
             poll_after_ms=p.get("poll_after_ms", 1000),
-            result_hosts=tuple(p.get("result_hosts", ())),
+            result_hosts=tuple(host.lower() for host in p.get("result_hosts", ())),
             options=dict(p.get("options", {})),
         )
 
@@ -800,6 +817,12 @@ def _schema_message(error: jsonschema.ValidationError, extra: list[Any] | None =
         return _without_value(error)
     if error.validator == "enum":
         return f"{error.instance!r} is not one of: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "pattern" and error.validator_value in _PATTERN_WORDS:
+        return _PATTERN_WORDS[error.validator_value]  # the value not quoted: a URL may hold a password
+    if error.validator in _BOUND_WORDS:
+        return f"{error.instance!r} {_BOUND_WORDS[error.validator]} {error.validator_value}"
+    if error.validator == "type" and error.validator_value == "object" and error.instance is None:
+        return "has no settings (are the lines meant to be under it indented further?)"
     if error.validator == "oneOf":
         best = jsonschema.exceptions.best_match(error.context or [])
         return _schema_message(best) if best is not None else error.message
@@ -852,6 +875,14 @@ def _kind_of(value: Any) -> str:
     return "empty" if value is None else type(value).__name__
 
 
+_BOUND_WORDS = {
+    "minimum": "must be at least",
+    "exclusiveMinimum": "must be greater than",
+    "maximum": "must be at most",
+    "exclusiveMaximum": "must be less than",
+}
+
+
 def _without_value(error: jsonschema.ValidationError) -> str:
     """What is wrong, in words that do not include the value (which may be a secret)."""
     rule = error.validator_value
@@ -864,7 +895,7 @@ def _without_value(error: jsonschema.ValidationError) -> str:
     if error.validator == "maxLength":
         return f"is too long (at most {rule} characters)"
     if error.validator == "pattern":
-        return f"does not match {rule!r}"
+        return _PATTERN_WORDS.get(rule, f"does not match {rule!r}")
     if error.validator == "not" and rule == _LINE_BREAK:
         return "must be one line: it holds a line break (a key read from a file with its newline?)"
     if error.validator in ("minItems", "minProperties"):

@@ -326,11 +326,11 @@ models:
 @pytest.mark.parametrize(
     ("entry", "wanted"),
     [
-        ('{kind: runway, api_key: ""}', "does not match"),  # "${RUNWAY_KEY:-}" with the variable unset
-        ('{kind: runway, api_key: "  "}', "does not match"),
-        ('{kind: openai, base_url: "http://"}', "does not match"),
-        ('{kind: openai, base_url: "http:// space/v1"}', "does not match"),
-        ('{kind: openai, base_url: "http://user:pass@host/v1"}', "does not match"),
+        ('{kind: runway, api_key: ""}', "must not be empty"),  # "${RUNWAY_KEY:-}", the variable unset
+        ('{kind: runway, api_key: "  "}', "must not be empty"),
+        ('{kind: openai, base_url: "http://"}', "must be an http(s) URL with a host"),
+        ('{kind: openai, base_url: "http:// space/v1"}', "must be an http(s) URL with a host"),
+        ('{kind: openai, base_url: "http://user:pass@host/v1"}', "must be an http(s) URL with a host"),
         ('{kind: openai, base_url: "http://host:99999/v1"}', "port"),
         ('{kind: openai, base_url: "https://api.example.com/v1/videos"}', "videos endpoint"),
     ],
@@ -390,6 +390,14 @@ def test_entries_of_one_key_name_are_one_tenant_and_grant_the_same():
     )
     second = [n for n, line in enumerate(text.splitlines(), start=1) if line == "  - name: ci"][1]
     assert "one tenant's keys" in problem_at(problems_of(text), second, "keys[1].name")
+
+
+def test_a_provider_without_a_kind_is_told_so_alone():
+    """Each kind's rules applied to a provider with no kind at all (an absent kind matched every
+    "kind is X" condition), adding "'options' is required" twice to the one real problem."""
+    text = BASE.replace("    kind: local\n", "    base_url: http://127.0.0.1:9/v1\n")
+    (problem,) = problems_of(text)
+    assert "'kind' is required" in problem_at([problem], line_of(text, "  local:"), "providers.local")
 
 
 def test_key_may_only_name_known_models():
@@ -557,13 +565,36 @@ def test_every_problem_of_a_deployment_is_reported():
     text = BASE + "  sora-3:\n    provider: local\n    max_concurrent_uploads: 0\n    prority: 1\n"
     text += "  sora-4:\n    - {provider: local, weight: 0, max_concurrent_requests: 0}\n"
     problems = problems_of(text)
-    assert "minimum" in problem_at(
-        problems, line_of(text, "max_concurrent_uploads"), "models.sora-3.max_concurrent_uploads"
+    assert (
+        problem_at(problems, line_of(text, "max_concurrent_uploads"), "models.sora-3.max_concurrent_uploads")
+        == "0 must be at least 1"
     )
     assert "prority" in problem_at(problems, line_of(text, "prority"), "models.sora-3.prority")
-    assert problem_at(problems, line_of(text, "weight: 0"), "models.sora-4[0].weight")
+    assert (
+        problem_at(problems, line_of(text, "weight: 0"), "models.sora-4[0].weight")
+        == "0 must be greater than 0"
+    )
     assert problem_at(problems, line_of(text, "weight: 0"), "models.sora-4[0].max_concurrent_requests")
     assert len(problems) == 4, problems
+
+
+def test_a_model_left_without_settings_and_a_result_host_written_as_a_url_are_told_plainly():
+    """An indentation slip leaves a model empty ("None is not of type 'object'" before); a result
+    host written as a URL (or in capitals) loaded and never matched a redirect."""
+    text = BASE + "  sora-3:\n  provider: local\n"
+    empty = problem_at(problems_of(text), line_of(text, "sora-3:"), "models.sora-3")
+    assert "has no settings" in empty and "indented" in empty, empty
+    hosts = BASE.replace(
+        "    kind: local\n",
+        "    kind: local\n  up:\n    kind: openai\n"
+        "    base_url: https://api.example.com/v1\n"
+        "    result_hosts: [https://cdn.example.com/, CDN.Example.NET]\n",
+    )
+    (problem,) = problems_of(hosts)
+    message = problem_at([problem], line_of(hosts, "result_hosts"), "providers.up.result_hosts[0]")
+    assert "host name" in message and "not a URL" in message, message
+    fixed = hosts.replace("https://cdn.example.com/, ", "")
+    assert parse_config(fixed, SRC, {}).providers["up"].result_hosts == ("cdn.example.net",)
 
 
 def test_workers_error_says_what_is_allowed():
