@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
+import pytest
 from aiohttp import web
 
 from gateway.providers import ADAPTERS
@@ -89,6 +91,21 @@ async def test_a_result_host_gets_none_of_the_providers_headers(
     assert signed.headers["Range"] == "bytes=0-9"
     for name in ("Authorization", "X-Team-Secret", "X-Request-ID"):
         assert name not in signed.headers, name
+
+
+async def test_a_download_redirected_to_a_host_the_provider_never_named_is_not_followed(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A redirect is followed only to the provider's own host or its declared result hosts: any
+    other host (an open redirect, a compromised answer) would get the client's Range and learn which
+    videos it fetches. Here it is "localhost" where the provider is 127.0.0.1."""
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    done = await client.videos.create_and_poll(prompt="[redirect elsewhere]", model="sora-remote")
+    with pytest.raises(openai.InternalServerError) as refused:
+        await client.videos.download_content(done.id)
+    assert refused.value.status_code == 502 and "unknown host" in refused.value.message
+    assert fake.requests("GET", "/signed/") == []
 
 
 async def test_no_cookie_a_provider_sets_goes_back_to_it(

@@ -118,7 +118,7 @@ async def test_weighted_split_within_a_tier(
     assert all(status == 200 for status, _, _ in results)
     counts = Counter(hit.model for hit in fake.hits if hit.method == "POST")
     assert counts["backup"] == 0
-    assert 0.68 <= counts["heavy"] / 400 <= 0.82, counts
+    assert 0.66 <= counts["heavy"] / 400 <= 0.84, counts  # 3 : 1 within 4 sigma (0.022 a sigma)
 
 
 async def test_failover_sends_the_same_bytes_to_the_next_deployment(
@@ -192,7 +192,7 @@ async def test_no_failover_once_the_upstream_may_have_the_job(
     assert fake.hits_for("secondary") == [] and len(fake.hits_for("primary")) == 1
 
 
-@pytest.mark.parametrize("answer", ["truncate", "made-html", "made-no-id"])
+@pytest.mark.parametrize("answer", ["truncate", "made-html", "made-no-id", "reset"])
 async def test_a_create_whose_answer_is_lost_is_not_retried_by_the_sdk(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], answer: str
 ) -> None:
@@ -207,7 +207,9 @@ async def test_a_create_whose_answer_is_lost_is_not_retried_by_the_sdk(
     with pytest.raises(openai.APIStatusError) as caught:
         await sdk.videos.create(prompt="x", model="resilient")  # type: ignore[arg-type]
     assert caught.value.status_code == 502 and caught.value.response.headers["x-should-retry"] == "false"
-    assert len(fake.jobs) == 1 and fake.hits_for("secondary") == []
+    assert len(fake.hits_for("primary")) == 1 and fake.hits_for("secondary") == []
+    # a reset after the body went out: whether the job was made cannot be known (here it was not)
+    assert len(fake.jobs) == (0 if answer == "reset" else 1)
 
 
 @pytest.mark.parametrize("status", [504, 524])

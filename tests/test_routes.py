@@ -660,3 +660,17 @@ async def test_numbers_a_provider_writes_as_infinite_text_are_left_out_not_a_500
     assert status == 200, raw
     polled = json.loads(raw)
     assert polled["status"] == "in_progress" and polled["progress"] == 40 and polled["expires_at"] is None
+
+
+async def test_a_list_without_parameters_is_the_newest_twenty(local_gateway: RunningGateway) -> None:
+    """OpenAI's defaults, which apps paging by hand rely on: 20 a page, newest first."""
+    client = local_gateway.sdk()
+    made = []
+    for i in range(21):
+        made.append((await client.videos.create(prompt=f"v{i}", size="320x240", seconds="1")).id)
+    status, _, raw = await send(local_gateway, "GET", "/v1/videos")
+    page = json.loads(raw)
+    assert status == 200 and len(page["data"]) == 20 and page["has_more"] is True
+    assert [v["id"] for v in page["data"]] == made[::-1][:20]
+    rest = (await client.videos.list(after=page["last_id"])).data
+    assert [v.id for v in rest] == made[:1]

@@ -260,7 +260,8 @@ def character_document(rng: random.Random) -> bytes:
 
 def assert_character(character: dict[str, Any], character_id: str | None = None) -> None:
     assert list(character) == ["id", "name", "created_at"], character
-    assert character["id"].startswith("char_") and character["id"] == (character_id or character["id"])
+    assert character["id"].startswith("char_"), character
+    assert character_id is None or character["id"] == character_id, character
     assert character["name"] is None or type(character["name"]) is str, character
     assert type(character["created_at"]) is int, character
 

@@ -11,6 +11,7 @@ Shapes follow the reference ``shared/reference/openai-videos-api.md``:
 Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
 ``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``, which answers
 403 as an object store does once such a URL is past its time when ``signed_urls_expired`` is set),
+``[redirect elsewhere]`` (the same 302, to a host name the provider never named),
 ``[odd events]`` (a streamed create starts with events whose data is no JSON), ``[leaky events]``
 (it starts with an error event quoting the provider's key and a signed URL), ``[fail leaky]`` (the
 job fails with a message quoting the key), ``[cut stream]``
@@ -230,6 +231,9 @@ class FakeOpenAIUpstream:
         variant = request.query.get("variant", "video")
         if "[redirect]" in (job["prompt"] or ""):
             raise web.HTTPFound(f"/signed/{job['id']}?variant={variant}")
+        if "[redirect elsewhere]" in (job["prompt"] or ""):  # a host the provider never named
+            port = request.url.port
+            raise web.HTTPFound(f"http://localhost:{port}/signed/{job['id']}?variant={variant}")
         return self._media(variant)
 
     async def signed(self, request: web.Request) -> web.StreamResponse:
