@@ -272,6 +272,7 @@ class SQLiteTaskStore:
         self._epoch: DeleteEpoch | None = None
         self._seen = 0
         self._lease: BootLease | None = None
+        self._file: tuple[int, int] | None = None  # the database file opened: (device, inode)
 
     def _current_epoch(self) -> int:
         """The delete epoch; the cache is emptied when another process deleted since last look."""
@@ -314,6 +315,7 @@ class SQLiteTaskStore:
                 db.execute("ALTER TABLE admissions ADD COLUMN boot TEXT NOT NULL DEFAULT ''")
                 db.execute("UPDATE admissions SET pending=0")  # made before boot IDs: nobody to ask
             self._db = db
+            self._file = _identity(self._path)
             self._read_db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             self._lease = BootLease(self._path.with_name(self._path.name + "-boots"))
             self._settle_dead()
@@ -328,13 +330,24 @@ class SQLiteTaskStore:
         return settled
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` on the writing thread, timed for :meth:`health`."""
+        """``fn(*args)`` on the writing thread, timed for :meth:`health`, once the file is checked."""
         token = object()
         self._writes[token] = time.monotonic()
         try:
-            return await self._on(self._executor, fn, *args)
+            return await self._on(self._executor, self._checked, fn, *args)
         finally:
             del self._writes[token]
+
+    def _checked(self, fn: Any, *args: Any) -> Any:
+        self._check_file()
+        return fn(*args)
+
+    def _check_file(self) -> None:
+        """Refuse to go on when the database file is no longer the one open: SQLite would write on
+        into a file removed from its directory (a data directory wiped, a volume remounted), and
+        what it took would be gone at the next start. A stat a write: microseconds."""
+        if self._file is not None and _identity(self._path) != self._file:
+            raise sqlite3.OperationalError(f"the database file {self._path} was removed or replaced")
 
     @staticmethod
     async def _on(executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
@@ -351,6 +364,7 @@ class SQLiteTaskStore:
             if waited > self.stuck_write_seconds:
                 return f"a write has waited {waited:.1f} s"
         try:
+            await asyncio.wait_for(self._on(self._reader, self._check_file), 2.0)
             await asyncio.wait_for(self._read("SELECT 1 FROM tasks LIMIT 1"), 2.0)
         except StoreUnavailable as exc:
             return str(exc)
@@ -593,7 +607,7 @@ class SQLiteTaskStore:
             await self._on(self._reader, self._read_db.close)
             self._read_db = None
         if self._db is not None:
-            await self._run(self._close)
+            await self._on(self._executor, self._close)  # whatever became of the file
         if self._epoch is not None:
             self._epoch.close()
             self._epoch = None
@@ -617,3 +631,12 @@ def _copy(task: Task) -> Task:
     copy.__dict__.update(task.__dict__)
     copy.video, copy.state = dict(task.video), dict(task.state)
     return copy
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

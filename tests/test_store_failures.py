@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -245,3 +246,23 @@ async def test_a_streamed_create_the_store_cannot_record_ends_with_an_error_even
     error = json.loads(data.removeprefix("data: "))["error"]
     assert error["code"] == "store_unavailable" and "retry" in error["message"]
     assert len(fake.requests("DELETE")) == 1, "the job was cancelled upstream"
+
+
+async def test_a_store_file_removed_under_the_gateway_takes_no_more_creates(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], tmp_path: Path
+) -> None:
+    """The data directory wiped (or a volume remounted) under a running gateway: SQLite writes on
+    into the open, unlinked file, so creates answered 200 with IDs that the next restart no longer
+    knew. The store now sees its file gone: creates are refused (the job cancelled upstream) and
+    /readyz takes the replica out of rotation."""
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    await client.videos.create(prompt="before", model="sora-remote")
+    for path in tmp_path.glob("gateway.sqlite3*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.videos.create(prompt="after", model="sora-remote")
+    assert_store_unavailable(caught.value.status_code, caught.value.response.json())
+    assert len(fake.jobs) == 1, "the second job was cancelled upstream"
+    status, _, body = await call(dialect_gateway, "GET", "/readyz")
+    assert status == 503 and body["status"] == "store_unavailable", body
