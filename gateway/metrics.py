@@ -32,6 +32,7 @@ from prometheus_client import (
     Metric,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     multiprocess,
 )
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -42,6 +43,10 @@ from gateway.auth import bearer_token, same_key
 from gateway.context import CONTEXT
 
 FLUSH_SECONDS = 1.0
+
+# The merged series of several workers (multiprocess mode) have no ``_created`` samples; one process's
+# would. Off in both, so that a scrape has the same series whatever ``server.workers`` says.
+disable_created_metrics()
 
 
 class _Flush(Collector):

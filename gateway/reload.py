@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 RELOADS = Counter(
     "gateway_config_reloads_total",
-    "Config loads by result: success or failure. Each worker process counts the loads it made.",
+    "Config reloads after start, by result: success or failure. Each worker process counts its own.",
     ["result"],
 )
 LAST_SUCCESS = Gauge(

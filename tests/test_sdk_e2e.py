@@ -214,3 +214,25 @@ async def test_both_prefixes_behave_the_same(local_gateway: RunningGateway, tmp_
     content = await aliased.videos.download_content(b.id)
     assert decode_mp4(content.content)[0] == "h264"
     assert (await aliased.videos.delete(a.id)).deleted
+
+
+async def test_edits_and_extensions_by_id_as_the_readme_shows(backend: tuple[RunningGateway, str]) -> None:
+    """The SDK cannot send ``video={"id": ...}`` itself (it raises before sending: it takes any
+    dict there for a file); the README's form, the ID in ``extra_body``, reaches the owning
+    deployment as ``video[id]`` and makes a new video of the same model."""
+    gw, model = backend
+    client = gw.sdk()
+    source = await client.videos.create_and_poll(
+        prompt="source", model=model, size="1280x720", seconds="4", poll_interval_ms=100
+    )
+    edited = await client.videos.edit(
+        prompt="edited", video=openai.NOT_GIVEN, extra_body={"video": {"id": source.id}}
+    )
+    extended = await client.videos.extend(
+        prompt="more", seconds="4", video=openai.NOT_GIVEN, extra_body={"video": {"id": source.id}}
+    )
+    for made in (edited, extended):
+        assert (
+            made.id not in (source.id,) and made.model == model and made.status in ("queued", "in_progress")
+        )
+    assert (await client.videos.retrieve(extended.id)).id == extended.id
