@@ -400,6 +400,29 @@ def test_a_provider_without_a_kind_is_told_so_alone():
     assert "'kind' is required" in problem_at([problem], line_of(text, "  local:"), "providers.local")
 
 
+def test_settings_that_would_do_nothing_are_refused():
+    """A base_url or api_key on a local provider, and a credential header that api_key overrides
+    (Authorization here, api-key on Azure), loaded without a word and were never used."""
+    text = BASE.replace("    kind: local\n", "    kind: local\n    api_key: sk-unused-key\n")
+    assert "does nothing" in problem_at(
+        problems_of(text), line_of(text, "api_key"), "providers.local.api_key"
+    )
+    for kind, extra, header in (
+        ("openai", "    base_url: https://api.example.com/v1\n", "Authorization"),
+        ("azure", "    base_url: https://r.openai.azure.com/openai/v1\n", "api-key"),
+    ):
+        text = BASE.replace(
+            "    kind: local\n",
+            f"    kind: local\n  up:\n    kind: {kind}\n{extra}    api_key: sk-upstream-1\n"
+            f"    headers: {{{header}: Bearer other, X-Team: video}}\n",
+        )
+        message = problem_at(problems_of(text), line_of(text, "headers:"), f"providers.up.headers.{header}")
+        assert "overrides" in message and "Bearer other" not in message, message
+        without_key = text.replace("    api_key: sk-upstream-1\n", "")
+        if kind == "openai":  # no api_key: the header is the credential (a proxy's, say)
+            assert dict(parse_config(without_key, SRC, {}).providers["up"].headers)[header] == "Bearer other"
+
+
 def test_key_may_only_name_known_models():
     text = BASE.replace(f"    key: {KEY}\n", f"    key: {KEY}\n    models: [sora-2, sora-9]\n")
     problems = problems_of(text)

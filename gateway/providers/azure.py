@@ -29,6 +29,7 @@ from gateway.providers.openai import OpenAIAdapter
 class AzureAdapter(OpenAIAdapter):
     kind = "azure"
     required_fields = ("base_url", "api_key")
+    credential_header = "api-key"
     provider_name = "Azure"
     options_schema = {
         "type": "object",

@@ -305,12 +305,22 @@ class Adapter:
     default_base_url: ClassVar[str | None] = None
     required_fields: ClassVar[tuple[str, ...]] = ()
     options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
+    # The header :meth:`auth_headers` makes of ``api_key``: a configured header of that name is
+    # overridden by it whenever an api_key is set.
+    credential_header: ClassVar[str | None] = "Authorization"
 
     @classmethod
     def config_problems(cls, raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         """Rules on a provider's config entry (as written) that a JSON Schema cannot say clearly:
-        (path inside the entry, message) pairs."""
-        return []
+        (path inside the entry, message) pairs. Adapters with rules of their own add to these."""
+        headers = raw.get("headers")
+        if not raw.get("api_key") or not isinstance(headers, dict) or cls.credential_header is None:
+            return []
+        return [
+            (("headers", name), "is made from api_key, which overrides this value: remove one of the two")
+            for name in headers
+            if isinstance(name, str) and name.lower() == cls.credential_header.lower()
+        ]
 
     @classmethod
     def startup_problems(cls, config: ProviderConfig) -> list[str]:

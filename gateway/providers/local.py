@@ -631,6 +631,7 @@ class LocalAdapter(Adapter):
     """The local engine as a provider of the gateway."""
 
     kind = "local"
+    credential_header = None
     options_schema = {
         "type": "object",
         "additionalProperties": False,
@@ -639,6 +640,14 @@ class LocalAdapter(Adapter):
             "run_seconds": {"type": "number", "minimum": 0, "description": "Time a job stays in progress."},
         },
     }
+
+    @classmethod
+    def config_problems(cls, raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+        return [
+            ((name,), "does nothing for a local provider, which renders videos itself and calls no one")
+            for name in ("base_url", "api_key")
+            if name in raw
+        ]
 
     async def start(self) -> None:
         opts = self.config.options

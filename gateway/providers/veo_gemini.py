@@ -278,6 +278,7 @@ class VeoGeminiAdapter(VeoBase):
     product = "Gemini API"
     default_base_url = "https://generativelanguage.googleapis.com"
     required_fields = ("api_key",)
+    credential_header = "x-goog-api-key"
     # The file download answers with a redirect to Google's media hosts (followed without the key).
     default_result_hosts = (".googleusercontent.com", "storage.googleapis.com")
     models = MODELS

@@ -151,7 +151,7 @@ class VeoVertexAdapter(VeoBase):
     def config_problems(cls, raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         options = raw.get("options")
         if raw.get("api_key") or (isinstance(options, dict) and options.get("service_account_file")):
-            return []
+            return super().config_problems(raw)
         return [((), "needs a credential: `api_key` (an access token) or `options.service_account_file`")]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
