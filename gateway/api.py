@@ -325,13 +325,47 @@ async def _refresh(request: web.Request, task: Task, deadline: float | None = No
     """Ask the provider for news about an unfinished video and remember what it said."""
     if is_terminal(task.status):
         return task
-    upstream = await _read(request, task, lambda adapter, call: adapter.retrieve(call, task), deadline)
+    try:
+        upstream = await _read(request, task, lambda adapter, call: adapter.retrieve(call, task), deadline)
+    except ApiError as exc:
+        if exc.status == 404 and (lost := await _lost(request, task)) is not None:
+            return lost
+        raise
     video = build_video(task, upstream.fields)
     state = {**task.state, **upstream.state} if upstream.state else task.state
+    if _MISSING_SINCE in state:  # the provider knows the job again: a 404 of a moment
+        state = {name: value for name, value in state.items() if name != _MISSING_SINCE}
     if video != task.video or state != task.state:
         task = replace(task, video=video, status=video["status"], state=state)
         await _save_news(request, task)
     return task
+
+
+# How long a provider may answer 404 for an unfinished video before the gateway takes the job for
+# lost (a provider that restarted, or purged it): failed, no longer polled, no longer counted in its
+# key's max_in_progress. A 404 of a moment (a job not yet readable just after its create) is not that.
+LOST_AFTER_SECONDS = 120.0
+_MISSING_SINCE = "missing_since"
+
+
+async def _lost(request: web.Request, task: Task) -> Task | None:
+    """The video failed as lost once its provider has not known it for :data:`LOST_AFTER_SECONDS`;
+    None before then (the first 404 is noted, and the client gets the 404)."""
+    since = task.state.get(_MISSING_SINCE)
+    now = time.time()
+    if not isinstance(since, int | float):
+        await _save_news(request, replace(task, state={**task.state, _MISSING_SINCE: now}))
+        return None
+    if now - since < LOST_AFTER_SECONDS:
+        return None
+    lost = {"code": "video_not_found", "message": "The provider no longer has this video's job."}
+    video = build_video(task, {"status": "failed", "error": lost})
+    failed = replace(task, video=video, status=video["status"])
+    await _save_news(request, failed)
+    log.warning(
+        "video_lost_upstream", video=task.id, provider=task.provider, missing_seconds=round(now - since)
+    )
+    return failed
 
 
 async def _save_news(request: web.Request, task: Task) -> None:

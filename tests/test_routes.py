@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -674,3 +675,33 @@ async def test_a_list_without_parameters_is_the_newest_twenty(local_gateway: Run
     assert [v["id"] for v in page["data"]] == made[::-1][:20]
     rest = (await client.videos.list(after=page["last_id"])).data
     assert [v.id for v in rest] == made[:1]
+
+
+async def test_an_unfinished_video_its_provider_lost_ends_as_failed(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that restarted (or purged a job) answers 404 for a video still in progress. It was
+    404 to the client and in_progress in its list for good, counted against its key's
+    max_in_progress. A 404 of a moment is no loss; one that lasts is: the video ends failed."""
+    from gateway import api
+
+    monkeypatch.setattr(api, "LOST_AFTER_SECONDS", 0.3)
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    video = await client.videos.create(prompt="lost upstream", model="sora-remote")
+    job = dict(fake.jobs)
+    fake.jobs.clear()
+    status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}")
+    assert status == 404 and json.loads(raw)["error"]["code"] == "video_not_found"
+    fake.jobs.update(job)  # back again at once: nothing lost
+    assert (await client.videos.retrieve(video.id)).status in ("queued", "in_progress")
+    fake.jobs.clear()
+    status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}")
+    assert status == 404, "a new 404: the wait starts again"
+    await asyncio.sleep(0.4)
+    failed = await client.videos.retrieve(video.id)
+    assert failed.status == "failed" and failed.error is not None and failed.error.code == "video_not_found"
+    assert [(v.id, v.status) for v in (await client.videos.list()).data] == [(video.id, "failed")]
+    polls = len(fake.requests("GET", "/v1/videos/up_"))
+    assert (await client.videos.retrieve(video.id)).status == "failed"
+    assert len(fake.requests("GET", "/v1/videos/up_")) == polls, "a failed video is not polled again"
