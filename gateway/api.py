@@ -274,7 +274,7 @@ async def _record(
         created_at=int(time.time()),
         status="queued",
         video=seed,
-        state={**upstream.state, "upstream_model": deployment.upstream_model, **_made_at(upstream.fields)},
+        state={**upstream.state, "upstream_model": deployment.upstream_model},
     )
     if remixed_from is None:
         remixed_from = await _map_remixed_from(gw, owner, deployment.name, upstream.fields)
@@ -327,8 +327,6 @@ async def _refresh(request: web.Request, task: Task, deadline: float | None = No
         return task
     try:
         upstream = await _read(request, task, lambda adapter, call: adapter.retrieve(call, task), deadline)
-        if _another_job(task, upstream.fields):
-            raise _not_found(task.id, task.kind)
     except ApiError as exc:
         if exc.status == 404 and (lost := await _lost(request, task)) is not None:
             return lost
@@ -343,22 +341,6 @@ async def _refresh(request: web.Request, task: Task, deadline: float | None = No
     return task
 
 
-def _made_at(fields: dict[str, Any]) -> dict[str, int]:
-    """When the provider says it made a job, where it says so (the OpenAI dialect does), for
-    :func:`_another_job`."""
-    made = fields.get("created_at")
-    return {_UPSTREAM_CREATED_AT: made} if type(made) is int else {}
-
-
-def _another_job(task: Task, fields: dict[str, Any]) -> bool:
-    """Whether the provider's answer for the task's job ID is about another job: a server that
-    restarted and counts its IDs from 1 again gives the old IDs to new jobs, perhaps another key's,
-    whose prompt and video must not reach this task's owner. Its job is then as good as lost."""
-    made, said = task.state.get(_UPSTREAM_CREATED_AT), fields.get("created_at")
-    return type(made) is int and type(said) is int and made != said
-
-
-_UPSTREAM_CREATED_AT = "upstream_created_at"
 # How long a provider may answer 404 for an unfinished video before the gateway takes the job for
 # lost (a provider that restarted, or purged it): failed, no longer polled, no longer counted in its
 # key's max_in_progress. A 404 of a moment (a job not yet readable just after its create) is not that.
