@@ -343,8 +343,10 @@ async def _refresh(request: web.Request, task: Task, deadline: float | None = No
 
 # How long a provider may answer 404 for an unfinished video before the gateway takes the job for
 # lost (a provider that restarted, or purged it): failed, no longer polled, no longer counted in its
-# key's max_in_progress. A 404 of a moment (a job not yet readable just after its create) is not that.
-LOST_AFTER_SECONDS = 120.0
+# key's max_in_progress. Not a 404 of a moment (a job not yet readable just after its create), nor
+# an outage's (a provider's front answering 404 for everything while it is redeployed): a job ended
+# on a guess that the provider then finishes is a billed video lost, so the wait is long.
+LOST_AFTER_SECONDS = 3600.0
 _MISSING_SINCE = "missing_since"
 
 
