@@ -136,6 +136,14 @@ async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningG
         mentions=("5, 6, 8",),
     )
     await assert_refused(gw, {"prompt": "x", "model": "veo-2", "size": "1920x1080"}, status=400, param="size")
+    for seconds in ("5", "7"):  # between Veo 3's lengths: no fast model takes them either
+        await assert_refused(
+            gw,
+            {"prompt": "x", "model": "veo-fast", "seconds": seconds},
+            status=400,
+            param="seconds",
+            mentions=("4, 6, 8",),
+        )
     await assert_refused(
         gw,
         {"prompt": "x", "model": "veo-fast", "size": "1920x1080", "seconds": "4"},

@@ -6,7 +6,10 @@ Shapes follow the reference ``shared/reference/openai-videos-api.md``:
 - the Video object: §3.1 (13 keys, ``seconds`` a string, unix-second timestamps);
 - delete answer: §3.2 ``{"id", "object": "video.deleted", "deleted": true}``;
 - error envelope: §3.3 ``{"error": {"message", "type", "param", "code"}}``, 429 with ``Retry-After``;
-- ``stream`` on create: §7 (apifree's optional flag), answered as ``text/event-stream``.
+- ``stream`` on create: §7 (apifree's optional flag), answered as ``text/event-stream``. No source
+  documents the events of a streamed video create (§1: no SSE for videos in any source), so their
+  shape here is assumed, UNVERIFIED: ``event: video.<status>`` lines, a Video object per ``data:``
+  line, ``data: [DONE]`` at the end; the gateway's relay must not depend on more than that.
 
 Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[500]``, ``[nonjson]``,
 ``[hang]`` (never answers), ``[redirect]`` (content is a 302 to a signed URL on ``/signed/...``, which answers

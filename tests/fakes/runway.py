@@ -82,11 +82,8 @@ class FakeRunway:
         endpoint = request.path.rsplit("/", 1)[-1]
         self.creates.append((endpoint, body))
         if "[429]" in body.get("promptText", ""):
-            return web.json_response(
-                {"error": "You have exceeded your daily generation limit."},
-                status=429,
-                headers={"Retry-After": "30"},
-            )
+            # reference §c: the daily cap is a 429 on create; no Retry-After is documented
+            return web.json_response({"error": "You have exceeded your daily generation limit."}, status=429)
         if not _valid(endpoint, body):
             return web.json_response({"error": "Validation of body failed"}, status=400)
         task_id = self.next_id if self.next_id is not None else str(uuid.uuid4())

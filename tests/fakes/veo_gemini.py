@@ -68,7 +68,13 @@ def check_image(image: Any, *, gcs: bool) -> str | None:
     return None
 
 
-def check_body(body: Any, allowed: set[str], *, gcs: bool = False) -> str | None:
+def durations_of(model: str) -> tuple[int, ...]:
+    """``durationSeconds`` a model takes: 4, 6 or 8 (reference §a1); Veo 2, which the reference does
+    not cover, 5 to 8 (Google's Veo 2 model page)."""
+    return (5, 6, 7, 8) if model.startswith("veo-2") else (4, 6, 8)
+
+
+def check_body(body: Any, allowed: set[str], *, durations: tuple[int, ...], gcs: bool = False) -> str | None:
     """The checks Veo makes on a predictLongRunning body (both APIs); a message when it is wrong."""
     if not isinstance(body, dict) or set(body) - {"instances", "parameters"}:
         return "Invalid JSON payload received."
@@ -91,8 +97,8 @@ def check_body(body: Any, allowed: set[str], *, gcs: bool = False) -> str | None
     if parameters.get("resolution", "720p") not in ("720p", "1080p"):
         return "resolution must be 720p or 1080p."
     seconds = parameters.get("durationSeconds")
-    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 4 <= seconds <= 8:
-        return "durationSeconds must be an integer from 4 to 8."
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds not in durations:
+        return f"durationSeconds must be one of {', '.join(map(str, durations))} for this model."
     return None
 
 
@@ -144,7 +150,7 @@ class FakeVeoGemini:
         except ValueError:
             return invalid("Invalid JSON payload received.")
         self.creates.append((model, body))
-        problem = check_body(body, ALLOWED_PARAMETERS)
+        problem = check_body(body, ALLOWED_PARAMETERS, durations=durations_of(model))
         if problem:
             return invalid(problem)
         prompt = body["instances"][0]["prompt"]

@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from tests.fakes.veo_gemini import check_body, invalid, rpc_error
+from tests.fakes.veo_gemini import check_body, durations_of, invalid, rpc_error
 
 ALLOWED_PARAMETERS = {
     "aspectRatio",
@@ -138,7 +138,9 @@ class FakeVertexVeo:
         except ValueError:
             return invalid("Invalid JSON payload received.")
         self.creates.append((request.path, body))
-        problem = check_body(body, ALLOWED_PARAMETERS, gcs=True)
+        problem = check_body(
+            body, ALLOWED_PARAMETERS, durations=durations_of(request.match_info["model"]), gcs=True
+        )
         if problem:
             return invalid(problem)
         prompt = body["instances"][0]["prompt"]
