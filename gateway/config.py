@@ -475,14 +475,29 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any, Callable
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
-        hint = ' (inside {...}, quote ${ENV} references: "${ENV}")' if "${" in line and "{" in line else ""
-        raise ConfigError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}{hint}"]) from None
+        problem = str(getattr(exc, "problem", exc))
+        hint = ""
+        if _UNQUOTED_REF_IN_FLOW.search(line):
+            hint = ' (inside {...}, quote ${ENV} references: "${ENV}")'
+        elif "mapping values are not allowed" in problem:
+            hint = " (quote a value that holds ': '; else check the indentation here and above)"
+        elif any(words in problem for words in _INDENTATION_PROBLEMS):
+            hint = " (check the indentation of this line and of the lines above it)"
+        raise ConfigError([f"{where}: not valid YAML: {problem}{hint}"]) from None
     finally:
         loader.dispose()
     return node, raw, loader.construct_object
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# A flow mapping's "{" (not the one of "${"), then an unquoted ${...} in it: YAML reads that "{" as
+# another mapping.
+_UNQUOTED_REF_IN_FLOW = re.compile(r"(?<!\$)\{[^\"']*\$\{")
+# PyYAML's words for a block that does not line up, most often a line indented too far or not enough.
+_INDENTATION_PROBLEMS = (
+    "expected <block end>",
+    "did not find expected key",
+)
 
 
 class _Locator:

@@ -721,7 +721,15 @@ def test_invalid_yaml_is_a_config_error_with_its_line():
     text = "server:\n  host: 127.0.0.1\n  port: 8080: 9090\nkeys: []\n"
     (problem,) = problems_of(text)
     assert problem.startswith(f"{SRC}:{line_of(text, '8080: 9090')}: ")
-    assert "not valid YAML" in problem
+    assert "not valid YAML" in problem and "quote a value that holds ': '" in problem
+
+
+def test_a_line_out_of_line_gets_an_indentation_hint_not_one_about_env_references():
+    """PyYAML's words ("expected <block end>, but found '<block mapping start>'") say nothing of
+    indentation; and the hint about ${ENV} in flow mappings came for any line with a ${...}."""
+    text = BASE.replace(f"    key: {KEY}\n", f"    key: ${{KEY:-{KEY}}}\n   models: [x]\n")
+    (problem,) = problems_of(text)
+    assert "check the indentation" in problem and "quote ${ENV}" not in problem, problem
 
 
 def test_empty_and_non_mapping_documents_are_config_errors():
