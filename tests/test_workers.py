@@ -51,27 +51,32 @@ def _config(tmp_path: Path, port: int) -> str:
     )
 
 
+def _spawn(tmp_path: Path, beta_limits: str | None = None) -> Workers:
+    """``video-gateway serve`` with two workers on a free port, its output in a log file."""
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    text = _config(tmp_path, port)
+    if beta_limits is not None:
+        text = text.replace("key: ${BETA_KEY}", "key: ${BETA_KEY}\n    limits: " + beta_limits)
+    config.write_text(text)
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            cwd=REPO,
+            env={**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return Workers(process, f"http://127.0.0.1:{port}", config, log)
+
+
 @pytest.fixture
 def start_workers(tmp_path: Path) -> Iterator[Any]:
     started: list[Workers] = []
 
     async def start(beta_limits: str | None = None) -> Workers:
-        port = free_port()
-        config = tmp_path / "gateway.yaml"
-        text = _config(tmp_path, port)
-        if beta_limits is not None:
-            text = text.replace("key: ${BETA_KEY}", "key: ${BETA_KEY}\n    limits: " + beta_limits)
-        config.write_text(text)
-        log = tmp_path / "gateway.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                cwd=REPO,
-                env={**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        workers = Workers(process, f"http://127.0.0.1:{port}", config, log)
+        workers = _spawn(tmp_path, beta_limits)
         started.append(workers)
         await _until(lambda: _worker_pids(workers), lambda pids: len(pids) == 2, workers)
         return workers
@@ -210,19 +215,8 @@ async def test_reloads_while_workers_start_neither_kill_them_nor_go_missing(tmp_
     its handler ended it (the signal's default action); reloads repeated while workers started or
     were replaced stopped the whole gateway after five such deaths. A worker now holds the signal
     until it can act on it, so an edit reloaded while it started is served all the same."""
-    port = free_port()
-    config = tmp_path / "gateway.yaml"
-    config.write_text(_config(tmp_path, port))
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            cwd=REPO,
-            env={**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    workers = Workers(process, f"http://127.0.0.1:{port}", config, log)
+    workers = _spawn(tmp_path)
+    process, config = workers.process, workers.config
     try:
         while "supervisor_started" not in workers.log_text():
             assert process.poll() is None, workers.log_text()
