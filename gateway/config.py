@@ -176,19 +176,16 @@ _HEADER_VALUE = {"type": "string", "not": _LINE_BREAK}
 _HEADER_NAME = {"type": "string", "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}
 _BASE_URL_PATTERN = "^https?://[^\\s/?#@]+(/[^\\s?#]*)?$"
 # a host name, or a suffix of host names written with its leading dot; not a URL
-_RESULT_HOST = {
-    "type": "string",
-    "pattern": "^\\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$",
-}
+_RESULT_HOST_PATTERN = (
+    "^\\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+)
 # What a value that does not match a pattern must be, in words.
 _PATTERN_WORDS = {
     "\\S": "must not be empty",
     "^/": "must start with /",
     "^https?://": "must start with http:// or https://",
     _BASE_URL_PATTERN: "must be an http(s) URL with a host, such as https://api.example.com/v1",
-    _RESULT_HOST[
-        "pattern"
-    ]: "must be a host name (cdn.example.com) or a suffix of them (.example.com), not a URL",
+    _RESULT_HOST_PATTERN: "must be a host name (cdn.example.com) or a suffix (.example.com), not a URL",
     "^[0-9a-fA-F]{64}$": "must be 64 hexadecimal digits (a SHA-256 digest)",
 }
 
@@ -357,7 +354,10 @@ def schema() -> dict[str, Any]:
                             "minimum": 100,
                             "description": "openai-poll-after-ms sent while a video is unfinished.",
                         },
-                        "result_hosts": {"type": "array", "items": _RESULT_HOST},
+                        "result_hosts": {
+                            "type": "array",
+                            "items": {"type": "string", "pattern": _RESULT_HOST_PATTERN},
+                        },
                         "options": {"type": "object"},
                     },
                     "allOf": kind_rules,

@@ -49,12 +49,6 @@ _SIZE = re.compile(r"([0-9]{2,4})x([0-9]{2,4})")
 _SECONDS = re.compile(r"[0-9]{1,3}")
 _JOB_ID = re.compile(r"^(video|char)_[0-9a-f]{32}$")
 _DELETED = "deleted"  # a file per deleted job: its ID and created_at, its place in lists
-
-
-def _place(job: dict[str, Any]) -> tuple[Any, str]:
-    return job["created_at"], job["id"]
-
-
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 Derivation = Literal["remix", "edit", "extension"]
@@ -162,6 +156,11 @@ def _job_lock(folder: Path, *, wait: bool) -> Iterator[bool]:
             yield False
             return
         yield (folder / "job.json").exists()
+
+
+def _place(job: dict[str, Any]) -> tuple[Any, str]:
+    """Where a job stands in lists: by creation, then ID."""
+    return job["created_at"], job["id"]
 
 
 @dataclass
