@@ -412,8 +412,25 @@ async def _refresh_all(request: web.Request, tasks: list[Task]) -> list[Task]:
 
 
 async def _save(gw: Gateway, task: Task) -> None:
-    if await gw.store.update(task):
-        metrics.VIDEOS_FINISHED.labels(task.model, task.provider, task.status).inc()
+    """Save a video's news, its saves queued no deeper than one: the store writes one thing at a
+    time, and stuck (another process holding its lock) it would gather a write for every poll, each
+    to wait out the lock in turn, ahead of a create's. News that comes while a save of the video is
+    under way replaces the one waiting, and is written next; a failed save leaves what waits to the
+    next poll, which learns the same."""
+    waiting = gw.news_waiting
+    if task.id in waiting:
+        waiting[task.id] = task
+        return
+    waiting[task.id] = task
+    try:
+        while True:
+            news = waiting[task.id]
+            if await gw.store.update(news):
+                metrics.VIDEOS_FINISHED.labels(news.model, news.provider, news.status).inc()
+            if waiting[task.id] is news:
+                return
+    finally:
+        del waiting[task.id]
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads
 from gateway.routing import RoutingTable
-from gateway.store import TaskStore
+from gateway.store import Task, TaskStore
 
 
 @dataclass
@@ -29,6 +29,8 @@ class Gateway:
     in_flight: int = 0
     # Creates and deletes whose client left, still recording what their provider did (api.shielded)
     left_by_client: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
+    # Each video's news waiting to be saved behind a save of it under way (api._save)
+    news_waiting: dict[str, Task] = field(default_factory=dict)
     table: RoutingTable = field(init=False)
     store: TaskStore = field(init=False)
 

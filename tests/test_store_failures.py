@@ -21,8 +21,9 @@ import pytest
 
 from gateway import api
 from gateway.state import GATEWAY
-from tests.conftest import ALPHA_KEY, RunningGateway, call
+from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, call
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
+from tests.test_upstream_answers import JOB, RandomAnswers, one_key_config
 from tests.test_upstream_failures import log_lines, wait_for_event
 
 
@@ -266,3 +267,46 @@ async def test_a_store_file_removed_under_the_gateway_takes_no_more_creates(
     assert len(fake.jobs) == 1, "the second job was cancelled upstream"
     status, _, body = await call(dialect_gateway, "GET", "/readyz")
     assert status == 503 and body["status"] == "store_unavailable", body
+
+
+async def test_polls_while_the_store_is_stuck_queue_one_save_per_video(
+    start_gateway: StartGateway, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The store writes one thing at a time. Stuck (another process holding its lock), it gathered
+    a save for every poll that learnt something, each to wait out the lock in turn, and a create's
+    insert waited behind them all (72 s in the review, for a lock held 75 s). A video's saves now
+    queue no deeper than one: news that comes meanwhile replaces the save waiting, and the latest
+    is what gets written."""
+    fake = RandomAnswers()
+    server = await aiohttp_server(fake.app())
+    url = str(server.make_url("")).rstrip("/")
+    providers = {"up": {"kind": "openai", "base_url": f"{url}/v1"}}
+    gw = await start_gateway(one_key_config(tmp_path, providers, {"remote": {"provider": "up"}}))
+    status, _, video = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+    assert status == 200
+    store = gw.app[GATEWAY].store
+    writes: list[int] = []
+    real_update = store.update
+
+    async def counted(task: Any) -> bool:
+        writes.append(task.video["progress"])
+        return await real_update(task)
+
+    store.update = counted  # type: ignore[method-assign]
+
+    def news(progress: int) -> bytes:
+        return json.dumps({**JOB, "status": "in_progress", "progress": progress}).encode()
+
+    with store_locked(gw, tmp_path):
+        polls = []
+        for progress in range(1, 21):
+            fake.next = news(progress)
+            polls.append(asyncio.ensure_future(call(gw, "GET", f"/v1/videos/{video['id']}")))
+            await asyncio.sleep(0.01)
+        answers = await asyncio.gather(*polls)
+    assert [a[2]["progress"] for a in answers] == list(range(1, 21)), "each poll answers its news"
+    assert len(writes) <= 3, writes
+    fake.next = news(21)
+    assert (await call(gw, "GET", f"/v1/videos/{video['id']}"))[2]["progress"] == 21
+    saved = await store.get(video["id"], "alpha")
+    assert saved is not None and saved.video["progress"] == 21
