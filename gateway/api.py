@@ -80,14 +80,14 @@ def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter
     """The exact deployment that created a task: follow-ups are never re-balanced. A deployment of
     that name that a reload removed, or pointed at another provider or upstream model, is the task's
     as it was (a provider must not be sent another's model)."""
-    upstream_model = task.state.get("upstream_model", task.model)
+    upstream_model = task.state.get("upstream_model")  # characters keep none
     deployment = table.deployments.get(task.deployment)
     if (
         deployment is None
         or deployment.provider != task.provider
-        or deployment.upstream_model != upstream_model
+        or (upstream_model is not None and deployment.upstream_model != upstream_model)
     ):
-        deployment = Deployment(task.deployment, task.model, task.provider, upstream_model)
+        deployment = Deployment(task.deployment, task.model, task.provider, upstream_model or task.model)
     return deployment, table.adapter(task.provider)
 
 

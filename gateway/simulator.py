@@ -177,7 +177,7 @@ def build_simulator(
             return ApiError(exc.status, exc.reason).response()
 
     app = web.Application(middlewares=[errors])
-    engine = LocalEngine(root, queue_seconds=queue_seconds, run_seconds=run_seconds)
+    engine = LocalEngine(root, queue_seconds=queue_seconds, run_seconds=run_seconds, keep_places=True)
     app[ENGINE] = engine
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:

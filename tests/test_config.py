@@ -421,6 +421,18 @@ def test_settings_that_would_do_nothing_are_refused():
         without_key = text.replace("    api_key: sk-upstream-1\n", "")
         if kind == "openai":  # no api_key: the header is the credential (a proxy's, say)
             assert dict(parse_config(without_key, SRC, {}).providers["up"].headers)[header] == "Bearer other"
+    vertex = BASE.replace(  # its token comes from a service account: no api_key, and still set
+        "    kind: local\n",
+        "    kind: local\n  vx:\n    kind: vertex_veo\n"
+        "    options: {project: demo, service_account_file: /etc/gw/sa.json}\n"
+        "    headers: {Authorization: Bearer mine, x-goog-user-project: other, X-Team: video}\n",
+    )
+    problems = problems_of(vertex)
+    for header in ("Authorization", "x-goog-user-project"):
+        assert "set by the gateway" in problem_at(
+            problems, line_of(vertex, "headers:"), f"providers.vx.headers.{header}"
+        )
+    assert len(problems) == 2, problems
 
 
 def test_key_may_only_name_known_models():

@@ -694,3 +694,38 @@ models:
     for video in videos:
         done = await asyncio.wait_for(client.videos.poll(video.id, poll_interval_ms=100), 30)
         assert done.status == "completed", done
+
+
+async def test_a_superseded_adapter_leaves_open_a_pool_its_next_call_uses(
+    faulty: tuple[FaultyUpstream, str], tmp_path: Path
+) -> None:
+    """A request under the old config may make calls back to back (a poll, then the download it
+    names). Closing the pool as the first ended closed it under the second, a 502 counted against
+    the provider; it closes only if still idle when the close runs."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.config import Deployment, ProviderConfig
+    from gateway.providers.base import AdapterEnv, Call
+    from gateway.providers.openai import OpenAIAdapter
+
+    fake, url = faulty
+    fake.jobs["job_1"] = {"id": "job_1", "object": "video", "model": "primary", "status": "completed"}
+    fake.behaviour["primary"] = "delay:0.2"
+    config = ProviderConfig(name="up", kind="openai", base_url=f"{url}/v1", api_key="sk-upstream-0000")
+    adapter = OpenAIAdapter(config, AdapterEnv(data_dir=tmp_path))
+    call = Call(make_mocked_request("GET", "/"), "req-1", Deployment("up/primary", "m", "up", "primary"))
+    try:
+        async with adapter.send(
+            call, "GET", f"{url}/v1/videos/job_1/content", headers={}, streaming=True
+        ) as r:
+            await r.read()  # the pool is open
+        await adapter.superseded()
+        await adapter.exchange(call, "GET", f"{url}/v1/videos/job_1", headers={})  # its last open call ends
+        async with adapter.send(
+            call, "GET", f"{url}/v1/videos/job_1/content", headers={}, streaming=True
+        ) as r:
+            assert r.status == 200 and len(await r.read()) > 0
+        await asyncio.sleep(0)
+        assert adapter._session is None, "closed once the second call ended too"
+    finally:
+        await adapter.close()

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from gateway.state import GATEWAY
 from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_sdk_e2e import VIDEO_KEYS, png_bytes
@@ -693,11 +694,12 @@ async def test_an_unfinished_video_its_provider_lost_ends_as_failed(
     fake.jobs.clear()
     status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}")
     assert status == 404 and json.loads(raw)["error"]["code"] == "video_not_found"
-    fake.jobs.update(job)  # back again at once: nothing lost
+    await asyncio.sleep(0.4)
+    fake.jobs.update(job)  # back again before another 404: it was a moment's, nothing lost
     assert (await client.videos.retrieve(video.id)).status in ("queued", "in_progress")
     fake.jobs.clear()
     status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}")
-    assert status == 404, "a new 404: the wait starts again"
+    assert status == 404, "a new 404: the wait starts again, not from the first one"
     await asyncio.sleep(0.4)
     failed = await client.videos.retrieve(video.id)
     assert failed.status == "failed" and failed.error is not None and failed.error.code == "video_not_found"
@@ -705,3 +707,22 @@ async def test_an_unfinished_video_its_provider_lost_ends_as_failed(
     polls = len(fake.requests("GET", "/v1/videos/up_"))
     assert (await client.videos.retrieve(video.id)).status == "failed"
     assert len(fake.requests("GET", "/v1/videos/up_")) == polls, "a failed video is not polled again"
+
+
+async def test_a_characters_follow_ups_go_through_its_deployment_as_configured(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A character keeps no upstream model of its own: taking that for a deployment pointed
+    elsewhere, every lookup was given a deployment rebuilt from the task, without the configured
+    one's limits (max_concurrent_requests) whenever its upstream model is not its public name."""
+    from gateway import api
+
+    character = await dialect_gateway.sdk().videos.create_character(
+        name="Mochi", video=("c.mp4", b"\x00" * 32, "video/mp4"), extra_body={"model": "sora-remote"}
+    )
+    gw = dialect_gateway.app[GATEWAY]
+    task = await gw.store.get(character.id, "alpha", "character")
+    assert task is not None
+    deployment, _ = api._deployment_of(gw.table, task)
+    assert deployment is gw.table.deployments[task.deployment]
+    assert deployment.upstream_model == "upstream-sora"

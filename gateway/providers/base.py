@@ -381,7 +381,13 @@ class Adapter:
     def _call_ended(self) -> None:
         self.in_flight -= 1
         if self._superseded and not self.in_flight:
-            self._closing = asyncio.get_running_loop().create_task(self.close())
+            self._closing = asyncio.get_running_loop().create_task(self._close_if_idle())
+
+    async def _close_if_idle(self) -> None:
+        """Closed only if still idle when this runs: a request's next call (a download after its
+        poll) may have started on the pool meanwhile. ``close`` lets the pool go before it awaits."""
+        if not self.in_flight:
+            await self.close()
 
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo | EventStream:
         raise NotImplementedError

@@ -170,6 +170,9 @@ class LocalEngine:
     root: Path
     queue_seconds: float = 1.0
     run_seconds: float = 3.0
+    # Keep a deleted job's place for :meth:`list` (the simulator's lists; the gateway lists from its
+    # own store, so its local providers keep none).
+    keep_places: bool = False
 
     def __post_init__(self) -> None:
         self._renders: dict[str, asyncio.Task[None]] = {}
@@ -381,12 +384,13 @@ class LocalEngine:
         """Delete a job's folder once no render writes into it: the render lock waits for one under
         way, in this process or another on the same data dir. Its place in lists is kept."""
         with _job_lock(folder, wait=True) as locked:
-            if locked:
+            if locked and self.keep_places:
                 with contextlib.suppress(OSError, ValueError):
                     job = json.loads((folder / "job.json").read_text())
                     place = {"id": job["id"], "created_at": job["created_at"]}
                     (self.root / _DELETED).mkdir(exist_ok=True)
                     (self.root / _DELETED / folder.name).write_text(json.dumps(place))
+            if locked:
                 shutil.rmtree(folder, ignore_errors=True)
             return locked
 

@@ -150,9 +150,14 @@ class VeoVertexAdapter(VeoBase):
     @classmethod
     def config_problems(cls, raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         options = raw.get("options")
-        if raw.get("api_key") or (isinstance(options, dict) and options.get("service_account_file")):
-            return super().config_problems(raw)
-        return [((), "needs a credential: `api_key` (an access token) or `options.service_account_file`")]
+        if not raw.get("api_key") and not (isinstance(options, dict) and options.get("service_account_file")):
+            return [((), "needs a credential: `api_key` (an access token) or `options.service_account_file`")]
+        headers = raw.get("headers")
+        return [  # the token (from either credential) and the project the adapter sets itself
+            (("headers", name), "is set by the gateway (the access token, the project): remove it")
+            for name in (headers if isinstance(headers, dict) else ())
+            if isinstance(name, str) and name.lower() in ("authorization", "x-goog-user-project")
+        ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
