@@ -415,8 +415,9 @@ async def _save(gw: Gateway, task: Task) -> None:
     """Save a video's news, its saves queued no deeper than one: the store writes one thing at a
     time, and stuck (another process holding its lock) it would gather a write for every poll, each
     to wait out the lock in turn, ahead of a create's. News that comes while a save of the video is
-    under way replaces the one waiting, and is written next; a failed save leaves what waits to the
-    next poll, which learns the same."""
+    under way replaces the one waiting, and is written next, even when the save under way failed
+    (the store may be back by then); a failed save with nothing newer waiting is left to the next
+    poll, which learns the same."""
     waiting = gw.news_waiting
     if task.id in waiting:
         waiting[task.id] = task
@@ -425,8 +426,13 @@ async def _save(gw: Gateway, task: Task) -> None:
     try:
         while True:
             news = waiting[task.id]
-            if await gw.store.update(news):
-                metrics.VIDEOS_FINISHED.labels(news.model, news.provider, news.status).inc()
+            try:
+                if await gw.store.update(news):
+                    metrics.VIDEOS_FINISHED.labels(news.model, news.provider, news.status).inc()
+            except StoreUnavailable:
+                if waiting[task.id] is news:
+                    raise
+                continue
             if waiting[task.id] is news:
                 return
     finally:

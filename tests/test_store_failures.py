@@ -298,6 +298,7 @@ async def test_polls_while_the_store_is_stuck_queue_one_save_per_video(
         return json.dumps({**JOB, "status": "in_progress", "progress": progress}).encode()
 
     with store_locked(gw, tmp_path):
+        store._db.execute("PRAGMA busy_timeout=1000")  # each try waits out 1 s: the polls fit in one
         polls = []
         for progress in range(1, 21):
             fake.next = news(progress)
@@ -306,7 +307,12 @@ async def test_polls_while_the_store_is_stuck_queue_one_save_per_video(
         answers = await asyncio.gather(*polls)
     assert [a[2]["progress"] for a in answers] == list(range(1, 21)), "each poll answers its news"
     assert len(writes) <= 3, writes
-    fake.next = news(21)
+    fake.next = news(21)  # the store is free again: the latest news is saved, the wait behind or not
     assert (await call(gw, "GET", f"/v1/videos/{video['id']}"))[2]["progress"] == 21
-    saved = await store.get(video["id"], "alpha")
-    assert saved is not None and saved.video["progress"] == 21
+    for _ in range(100):
+        saved = await store.get(video["id"], "alpha")
+        if saved is not None and saved.video["progress"] == 21:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"the latest news was not saved: {writes}")
