@@ -290,7 +290,7 @@ async def test_a_probe_whose_client_left_mid_upload_does_not_keep_the_deployment
     verdict: the next create probes it instead."""
     fake, url = faulty
     fake.behaviour.update(primary="status:503", secondary="ok")
-    extra = "resilience: {consecutive_failures: 1, base_ejection_seconds: 0.4, read_attempts: 1}"
+    extra = "resilience: {consecutive_failures: 1, base_ejection_seconds: 1.0, read_attempts: 1}"
     gw = await start_gateway(config(tmp_path, url, TWO_TIERS, extra=extra))
 
     async def states() -> dict[str, str]:
@@ -299,7 +299,7 @@ async def test_a_probe_whose_client_left_mid_upload_does_not_keep_the_deployment
 
     status, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
     assert status == 200 and (await states())["up/primary"] == "ejected"
-    await asyncio.sleep(0.5)  # primary's ejection is over: its next create probes it
+    await asyncio.sleep(1.1)  # primary's ejection is over: its next create probes it
     fake.behaviour.update(primary="ok", secondary="status:500")
     assert (await call(gw, "GET", f"/v1/videos/{video['id']}"))[0] == 502  # secondary ejected
     host, port = gw.server.host, gw.server.port
@@ -316,12 +316,14 @@ async def test_a_probe_whose_client_left_mid_upload_does_not_keep_the_deployment
         + b"\0" * 300_000
     )
     await writer.drain()
-    for _ in range(50):  # until the probe is under way
+    for _ in range(40):  # until the probe is under way (secondary, ejected for 1 s, is no candidate)
         if (await states())["up/primary"] == "probing":
             break
         await asyncio.sleep(0.02)
+    else:
+        raise AssertionError(f"the upload never became the probe: {await states()}")
     writer.transport.abort()  # the client leaves mid-upload
-    await asyncio.sleep(0.6)  # secondary's ejection is over too
+    await asyncio.sleep(1.1)  # secondary's ejection is over too
     fake.behaviour["secondary"] = "ok"
     status, _, made = await post(gw, "/v1/videos", json={"prompt": "y", "model": "resilient"})
     assert status == 200 and made["id"], made
