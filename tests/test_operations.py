@@ -152,7 +152,11 @@ async def test_an_admin_reload_whose_client_left_still_takes_effect(
             await session.post(
                 gw.url + "/admin/reload", headers=ADMIN, timeout=aiohttp.ClientTimeout(total=0.1)
             )
-    await asyncio.sleep(0.5)
+    from gateway.state import GATEWAY
+
+    deadline = time.monotonic() + 5
+    while "up2" not in gw.app[GATEWAY].table.adapters and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"}))[0] == 200
     assert fake.hits_for("secondary") and not fake.hits_for("primary"), "the new table serves"
 
