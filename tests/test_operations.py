@@ -230,6 +230,16 @@ async def test_a_named_deployment_repointed_by_a_reload_keeps_its_old_videos_whe
     (remix,) = fake.requests("POST", "/v1/videos/up_")
     assert json.loads(remix.body)["model"] == "upstream-sora", "the model that made the video"
     assert (await client.videos.retrieve(video.id)).model == "sora-remote"
+    # and its calls are counted under a name of their own (health, metrics and logs are by name):
+    # "main" names the new deployment now
+    from gateway import api
+    from gateway.state import GATEWAY
+
+    table = gw.app[GATEWAY].table
+    task = await gw.app[GATEWAY].store.get(video.id, "alpha")
+    assert task is not None
+    old, _ = api._deployment_of(table, task)
+    assert old.name == "main@dialect" and table.deployments["main"].provider == "elsewhere"
 
 
 async def test_file_change_is_picked_up(
