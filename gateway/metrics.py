@@ -383,8 +383,20 @@ class GatewayProcesses(Collector):
         for name, family in families.items():
             pick = self._PICK.get(name, sum)
             out = Metric(family.name, family.documentation, family.type)
-            out.add_sample(family.samples[0].name, {}, pick(values[name]))
+            value = pick(values[name])
+            if name == "process_cpu_seconds_total":
+                value = _whole_ticks(value)
+            out.add_sample(family.samples[0].name, {}, value)
             yield out
+
+
+def _whole_ticks(seconds: float) -> float:
+    """CPU seconds as a whole number of clock ticks. The sum of the same ticks in another order, or
+    split over other processes (a worker's own, then the supervisor's reaped), differs in its last
+    bits: one scrape a hair below the one before reads to ``rate()`` as a counter reset, a spike of
+    the whole gateway's lifetime CPU."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    return round(seconds * ticks) / ticks
 
 
 def _reaped_children_cpu(pid: int) -> float:
