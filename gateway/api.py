@@ -82,12 +82,13 @@ def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter
     as it was (a provider must not be sent another's model)."""
     upstream_model = task.state.get("upstream_model")  # characters keep none
     deployment = table.deployments.get(task.deployment)
-    if deployment is None:
-        deployment = Deployment(task.deployment, task.model, task.provider, upstream_model or task.model)
-    elif deployment.provider != task.provider or (
-        upstream_model is not None and deployment.upstream_model != upstream_model
-    ):  # its own name for logs, metrics and health: its provider's failures are not the new one's
-        name = f"{task.deployment}@{task.provider}"
+    moved = deployment is not None and (
+        deployment.provider != task.provider
+        or (upstream_model is not None and deployment.upstream_model != upstream_model)
+    )
+    if deployment is None or moved:
+        # re-pointed: a name of its own for logs, metrics and health (its failures are not the new one's)
+        name = f"{task.deployment}@{task.provider}" if moved else task.deployment
         deployment = Deployment(name, task.model, task.provider, upstream_model or task.model)
     return deployment, table.adapter(task.provider)
 
