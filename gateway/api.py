@@ -61,19 +61,20 @@ def _json(data: Any, *, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=jsonio.dumps(data), content_type="application/json", headers=headers)
 
 
-def _call(request: web.Request, deployment: Deployment) -> Call:
-    """The context of one upstream operation; its outcomes feed the health of the request's table."""
+def _call(request: web.Request, deployment: Deployment, operation: str) -> Call:
+    """The context of one upstream operation (``create``, ``retrieve``, ...: what its provider calls
+    are timed as); its outcomes feed the health of the request's table."""
     ctx = context(request)
     recorder = ctx.table.outcome_recorder(deployment)
-    call = ctx.call = Call(request, ctx.request_id, deployment, ctx.upstream, on_outcome=recorder)
+    call = ctx.call = Call(request, ctx.request_id, deployment, operation, ctx.upstream, on_outcome=recorder)
     return call
 
 
-def _changing_call(request: web.Request, deployment: Deployment) -> Call:
+def _changing_call(request: web.Request, deployment: Deployment, operation: str) -> Call:
     """The context of an upstream operation that changes the provider's state (a create, a delete):
     from here on the request runs to its end even if its client leaves (:func:`shielded`)."""
     context(request).changing = True
-    return _call(request, deployment)
+    return _call(request, deployment, operation)
 
 
 def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter]:
@@ -153,6 +154,7 @@ def _retryable_read(exc: ApiError) -> bool:
 
 async def _start(
     request: web.Request,
+    name: str,
     model: str,
     body: RequestBody,
     operation: Callable[[Adapter, Call], Awaitable[T]],
@@ -174,7 +176,7 @@ async def _start(
         call: Call | None = None
         try:
             with gw.bulkheads.enter(deployment, "uploads"), gw.bulkheads.enter(deployment, "requests"):
-                call = _changing_call(request, deployment)
+                call = _changing_call(request, deployment, name)
                 result = await operation(table.adapter(deployment.provider), call)
         except ApiError as exc:
             more = attempt < len(candidates) and body.replayable
@@ -216,6 +218,7 @@ async def _start(
 async def _read(
     request: web.Request,
     task: Task,
+    name: str,
     operation: Callable[[Adapter, Call], Awaitable[T]],
     deadline: float | None = None,
 ) -> T:
@@ -232,7 +235,7 @@ async def _read(
     for attempt in range(1, policy.read_attempts + 1):
         try:
             with gw.bulkheads.enter(deployment, "requests"):
-                call = _call(request, deployment)
+                call = _call(request, deployment, name)
                 call.answer_by = deadline
                 return await operation(adapter, call)
         except ApiError as exc:
@@ -307,7 +310,7 @@ async def _add_started(request: web.Request, deployment: Deployment, task: Task)
         if task.kind == "video":
             with contextlib.suppress(ApiError):
                 adapter = context(request).table.adapter(deployment.provider)
-                await adapter.delete(_call(request, deployment), task)
+                await adapter.delete(_call(request, deployment, "delete"), task)
         raise store_unavailable(
             "The provider started this job, but the gateway could not record it: its task store is "
             "unavailable. The job was cancelled where the provider allows it; retry shortly.",
@@ -328,7 +331,9 @@ async def _refresh(request: web.Request, task: Task, deadline: float | None = No
     if is_terminal(task.status):
         return task
     try:
-        upstream = await _read(request, task, lambda adapter, call: adapter.retrieve(call, task), deadline)
+        upstream = await _read(
+            request, task, "retrieve", lambda adapter, call: adapter.retrieve(call, task), deadline
+        )
     except ApiError as exc:
         if exc.status == 404 and (lost := await _lost(request, task)) is not None:
             return lost
@@ -469,7 +474,7 @@ async def create_video(request: web.Request) -> web.StreamResponse:
         check_model_access(client_key(request), model)
         ctx.model = model
         async with _admit(request):
-            deployment, result = await _start(request, model, body, lambda a, c: a.create(c, body))
+            deployment, result = await _start(request, "create", model, body, lambda a, c: a.create(c, body))
             if isinstance(result, EventStream):
                 return await _relay_events(request, deployment, result, _seed(body))
             return _answer(request, await _record(request, deployment, result, _seed(body)))
@@ -619,7 +624,7 @@ async def delete_video(request: web.Request) -> web.Response:
         )
     else:
         with gw.bulkheads.enter(deployment, "requests"):
-            await adapter.delete(_changing_call(request, deployment), task)
+            await adapter.delete(_changing_call(request, deployment, "delete"), task)
     await gw.store.delete(task.id, task.owner)
     return _json({"id": task.id, "object": "video.deleted", "deleted": True})
 
@@ -637,7 +642,9 @@ async def video_content(request: web.Request) -> web.StreamResponse:
             code="video_not_ready",
             headers={"x-should-retry": "false"},
         )
-    response = await _read(request, task, lambda adapter, call: adapter.content(call, task, variant))
+    response = await _read(
+        request, task, "content", lambda adapter, call: adapter.content(call, task, variant)
+    )
     if not response.prepared:  # a file the gateway serves itself (a relay sets it as it starts)
         response.headers["Cache-Control"] = CONTENT_CACHE_CONTROL
     return response
@@ -656,7 +663,7 @@ async def remix_video(request: web.Request) -> web.Response:
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
             with ctx.gateway.bulkheads.enter(deployment, "uploads"), _source_gone(source, "video_id"):
-                upstream = await adapter.remix(_changing_call(request, deployment), source, body)
+                upstream = await adapter.remix(_changing_call(request, deployment, "remix"), source, body)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
     finally:
@@ -702,6 +709,7 @@ async def _source_video(request: web.Request, body: RequestBody) -> Task | None:
 
 async def _from_video(
     request: web.Request,
+    name: str,
     operation: Callable[[Adapter, Call, Task | None, RequestBody], Awaitable[UpstreamVideo]],
     *,
     extension: bool = False,
@@ -732,10 +740,12 @@ async def _from_video(
             if source is not None:
                 deployment, adapter = _deployment_of(table, source)
                 with gw.bulkheads.enter(deployment, "uploads"), _source_gone(source, "video"):
-                    upstream = await operation(adapter, _changing_call(request, deployment), source, body)
+                    upstream = await operation(
+                        adapter, _changing_call(request, deployment, name), source, body
+                    )
             else:
                 deployment, upstream = await _start(
-                    request, model, body, lambda a, c: operation(a, c, None, body)
+                    request, name, model, body, lambda a, c: operation(a, c, None, body)
                 )
         seed = {"size": source.video.get("size")} if source else {}
         return _answer(request, await _record(request, deployment, upstream, {**seed, **_seed(body)}))
@@ -744,11 +754,11 @@ async def _from_video(
 
 
 async def edit_video(request: web.Request) -> web.Response:
-    return await _from_video(request, lambda a, c, t, b: a.edit(c, t, b))
+    return await _from_video(request, "edit", lambda a, c, t, b: a.edit(c, t, b))
 
 
 async def extend_video(request: web.Request) -> web.Response:
-    return await _from_video(request, lambda a, c, t, b: a.extend(c, t, b), extension=True)
+    return await _from_video(request, "extend", lambda a, c, t, b: a.extend(c, t, b), extension=True)
 
 
 async def create_character(request: web.Request) -> web.Response:
@@ -759,7 +769,9 @@ async def create_character(request: web.Request) -> web.Response:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
         ctx.model = model
-        deployment, answer = await _start(request, model, body, lambda a, c: a.create_character(c, body))
+        deployment, answer = await _start(
+            request, "create_character", model, body, lambda a, c: a.create_character(c, body)
+        )
         created_at = answer.get("created_at")
         task = Task(
             id=new_character_id(),
@@ -781,7 +793,9 @@ async def create_character(request: web.Request) -> web.Response:
 
 async def get_character(request: web.Request) -> web.Response:
     task = await _owned(request, "character_id", kind="character")
-    answer = await _read(request, task, lambda adapter, call: adapter.get_character(call, task))
+    answer = await _read(
+        request, task, "retrieve_character", lambda adapter, call: adapter.get_character(call, task)
+    )
     return _json(
         {
             "id": task.id,

@@ -121,8 +121,8 @@ UPSTREAM_REQUESTS = Counter(
 )
 UPSTREAM_DURATION = Histogram(
     "gateway_upstream_request_duration_seconds",
-    "Time from sending to a provider until its answer headers.",
-    ["provider", "model"],
+    "Time from sending to a provider until its answer headers, by the operation the call served.",
+    ["provider", "model", "operation"],
     buckets=DURATION_BUCKETS,
 )
 UPSTREAM_ERRORS = Counter(
@@ -156,6 +156,22 @@ BUILD = Gauge(
 BUILD.labels(__version__, platform.python_version()).set(1)
 
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "4xx", "5xx", "payload")
+# What a provider call served: the ``operation`` of gateway_upstream_request_duration_seconds. A
+# list's refresh of each video is a ``retrieve``; the calls a native adapter makes for one operation
+# (an image upload before its create, a status read before its download) count as that operation.
+UPSTREAM_OPERATIONS = (
+    "create",
+    "remix",
+    "edit",
+    "extend",
+    "retrieve",
+    "content",
+    "delete",
+    "create_character",
+    "retrieve_character",
+)
+# Exported at zero from the start: the two every video model serves.
+PRIMED_OPERATIONS = ("create", "retrieve")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -268,10 +284,10 @@ class UpstreamSeries:
 
     __slots__ = ("duration", "in_flight", "requests")
 
-    def __init__(self, provider: str, deployment: str, model: str) -> None:
+    def __init__(self, provider: str, deployment: str, model: str, operation: str) -> None:
         self.requests = _Sum(UPSTREAM_REQUESTS.labels(provider, deployment))
         self.in_flight = _Sum(UPSTREAM_IN_FLIGHT.labels(provider))
-        self.duration = _Observations(UPSTREAM_DURATION.labels(provider, model))
+        self.duration = _Observations(UPSTREAM_DURATION.labels(provider, model, operation))
 
     def sent(self) -> None:
         """A request left for the provider, and is in flight until ``in_flight.dec()``."""
@@ -285,7 +301,7 @@ class UpstreamSeries:
 
 
 _ROUTE_SERIES: dict[tuple[str, str], RouteSeries] = {}
-_UPSTREAM_SERIES: dict[tuple[str, str, str], UpstreamSeries] = {}
+_UPSTREAM_SERIES: dict[tuple[str, str, str, str], UpstreamSeries] = {}
 
 
 def route_series(route: str, method: str) -> RouteSeries:
@@ -297,11 +313,13 @@ def route_series(route: str, method: str) -> RouteSeries:
     return series
 
 
-def upstream_series(provider: str, deployment: str, model: str) -> UpstreamSeries:
-    key = (provider, deployment, model)
+def upstream_series(provider: str, deployment: str, model: str, operation: str) -> UpstreamSeries:
+    """Series for one deployment's calls serving one operation (a client's ``create``, ``retrieve``,
+    ``content``...: :data:`UPSTREAM_OPERATIONS`), so that a poll's time is not averaged with an upload's."""
+    key = (provider, deployment, model, operation)
     series = _UPSTREAM_SERIES.get(key)
     if series is None:
-        series = _UPSTREAM_SERIES[key] = UpstreamSeries(provider, deployment, model)
+        series = _UPSTREAM_SERIES[key] = UpstreamSeries(*key)
     return series
 
 
@@ -334,7 +352,8 @@ def prime(providers: dict[str, list[tuple[str, str]]]) -> None:
         UPSTREAM_IN_FLIGHT.labels(provider)
         for deployment, model in deployments:
             UPSTREAM_REQUESTS.labels(provider, deployment)
-            UPSTREAM_DURATION.labels(provider, model)
+            for operation in PRIMED_OPERATIONS:
+                UPSTREAM_DURATION.labels(provider, model, operation)
             VIDEOS_CREATED.labels(model, provider)
             for status in ("completed", "failed"):
                 VIDEOS_FINISHED.labels(model, provider, status)

@@ -182,10 +182,47 @@ async def test_configured_series_exist_before_traffic(dialect_gateway: RunningGa
     ) in snapshot
 
 
+async def test_upstream_latency_is_timed_per_operation(dialect_gateway: RunningGateway) -> None:
+    """A poll's few milliseconds and an upload's seconds are not one distribution: each provider call
+    is timed under the operation it served, so a dashboard can show poll latency on its own."""
+    before = samples(await scrape(dialect_gateway))
+    client = dialect_gateway.sdk()
+    video = await client.videos.create(prompt="timed", model="sora-remote")
+    while video.status not in ("completed", "failed"):
+        video = await client.videos.retrieve(video.id)
+    assert video.status == "completed"
+    await client.videos.download_content(video.id)
+    await client.videos.delete(video.id)
+    after = samples(await scrape(dialect_gateway))
+
+    def timed(operation: str) -> float:
+        name = "gateway_upstream_request_duration_seconds_count"
+        labels = {"provider": "dialect", "model": "sora-remote", "operation": operation}
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert timed("create") == 1
+    assert timed("retrieve") >= 2  # queued -> in_progress -> completed
+    assert timed("content") == 1  # the download itself (its video was known to be completed)
+    assert timed("delete") == 1
+    assert timed("remix") == 0
+    assert value(
+        after,
+        "gateway_upstream_requests_total",
+        provider="dialect",
+        deployment="dialect/upstream-sora",
+    ) - value(
+        before,
+        "gateway_upstream_requests_total",
+        provider="dialect",
+        deployment="dialect/upstream-sora",
+    ) == timed("create") + timed("retrieve") + timed("content") + timed("delete")
+
+
 async def test_upstream_latency_series_exist_before_traffic(
     start_gateway: StartGateway, tmp_path: Path
 ) -> None:
-    """With the label set it is observed with: the provider and the public model."""
+    """With the label set it is observed with: the provider, the public model and the operation, for
+    the two operations every video model serves."""
     text = (
         gateway_yaml(tmp_path)
         .replace("providers:\n", "providers:\n  primed: {kind: openai, base_url: 'http://127.0.0.1:9/v1'}\n")
@@ -193,13 +230,14 @@ async def test_upstream_latency_series_exist_before_traffic(
     )
     gw = await start_gateway(text)
     snapshot = samples(await scrape(gw))
-    labels = {"provider": "primed", "model": "primed-model"}
-    assert value(snapshot, "gateway_upstream_request_duration_seconds_count", **labels) == 0
-    assert ("gateway_upstream_request_duration_seconds_count", frozenset(labels.items())) in snapshot
-    assert (
-        "gateway_upstream_request_duration_seconds_bucket",
-        frozenset({**labels, "le": "+Inf"}.items()),
-    ) in snapshot
+    for operation in ("create", "retrieve"):
+        labels = {"provider": "primed", "model": "primed-model", "operation": operation}
+        assert value(snapshot, "gateway_upstream_request_duration_seconds_count", **labels) == 0
+        assert ("gateway_upstream_request_duration_seconds_count", frozenset(labels.items())) in snapshot
+        assert (
+            "gateway_upstream_request_duration_seconds_bucket",
+            frozenset({**labels, "le": "+Inf"}.items()),
+        ) in snapshot
 
 
 async def test_metrics_key_and_path_are_configurable(start_gateway: StartGateway, tmp_path: Path) -> None:

@@ -727,7 +727,9 @@ async def test_a_superseded_adapter_leaves_open_a_pool_its_next_call_uses(
     fake.behaviour["primary"] = "delay:0.2"
     config = ProviderConfig(name="up", kind="openai", base_url=f"{url}/v1", api_key="sk-upstream-0000")
     adapter = OpenAIAdapter(config, AdapterEnv(data_dir=tmp_path))
-    call = Call(make_mocked_request("GET", "/"), "req-1", Deployment("up/primary", "m", "up", "primary"))
+    call = Call(
+        make_mocked_request("GET", "/"), "req-1", Deployment("up/primary", "m", "up", "primary"), "content"
+    )
     try:
         async with adapter.send(
             call, "GET", f"{url}/v1/videos/job_1/content", headers={}, streaming=True

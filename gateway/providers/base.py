@@ -53,6 +53,7 @@ class Call:
     request: web.Request
     request_id: str
     deployment: Deployment
+    operation: str  # what the client asked for, as metrics.UPSTREAM_OPERATIONS names it
     clock: UpstreamClock = field(default_factory=UpstreamClock)  # the request's, shared by its calls
     upstream_status: int | None = None
     upstream_error: str | None = None
@@ -553,7 +554,9 @@ class Adapter:
 
     def _sending(self, call: Call) -> metrics.UpstreamSeries:
         """A call is leaving: counted, and in flight until the caller decrements the series."""
-        series = metrics.upstream_series(self.config.name, call.deployment.name, call.deployment.model)
+        series = metrics.upstream_series(
+            self.config.name, call.deployment.name, call.deployment.model, call.operation
+        )
         series.sent()
         self.in_flight += 1
         return series
