@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
+import gateway.api
 import gateway.app
 import gateway.metrics  # the core metrics; gateway.app imports the feature modules with theirs
 
@@ -124,3 +125,32 @@ def test_section_tells_how_to_open_the_dashboard() -> None:
         assert needed in section, f"the Observability section should mention {needed!r}"
     assert "grafana/dashboards/video-gateway.json" in section
     assert (ROOT / "grafana" / "dashboards" / "video-gateway.json").is_file()
+
+
+def operations_passed_by_the_api() -> set[str]:
+    """The operation names gateway/api.py gives its upstream calls: the string passed to each
+    ``_call``, ``_changing_call``, ``_start``, ``_read`` and ``_from_video`` in its place."""
+    places = {"_call": 2, "_changing_call": 2, "_start": 1, "_read": 2, "_from_video": 1}
+    tree = ast.parse(Path(gateway.api.__file__).read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in places:
+            argument = node.args[places[node.func.id]]
+            if isinstance(argument, ast.Constant):
+                names.add(argument.value)
+            else:  # passed through from the caller's own parameter
+                assert isinstance(argument, ast.Name), ast.unparse(node)
+                assert argument.id in ("name", "operation"), ast.unparse(node)
+    return names
+
+
+def test_upstream_operations_are_the_documented_ones() -> None:
+    """The ``operation`` label takes only the values README lists for it, and all of them occur."""
+    (row,) = [
+        cells
+        for cells in table(observability_section(), "Metric")
+        if code_spans(cells[0]) == ["gateway_upstream_request_duration_seconds"]
+    ]
+    documented = code_spans(row[3].partition("`operation` is what the call served:")[2].partition(";")[0])
+    assert documented == list(gateway.metrics.UPSTREAM_OPERATIONS)
+    assert operations_passed_by_the_api() == set(gateway.metrics.UPSTREAM_OPERATIONS)
