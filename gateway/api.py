@@ -362,6 +362,12 @@ async def _lost(request: web.Request, task: Task) -> Task | None:
     None before then (the first 404 is noted, and the client gets the 404)."""
     since = task.state.get(_MISSING_SINCE)
     now = time.time()
+    if isinstance(since, int | float) and now - since >= LOST_AFTER_SECONDS:
+        # Not on this process's copy alone: another worker may have heard from the provider since.
+        stored = await gateway(request).store.get(task.id, task.owner, task.kind, cached=False)
+        if stored is None or is_terminal(stored.status):
+            return stored
+        task, since = stored, stored.state.get(_MISSING_SINCE)
     if not isinstance(since, int | float):
         await _save_news(request, replace(task, state={**task.state, _MISSING_SINCE: now}))
         return None

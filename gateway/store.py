@@ -67,12 +67,13 @@ class Task:
 class TaskStore(Protocol):
     async def add(self, task: Task) -> None: ...
 
-    async def get(self, task_id: str, owner: str, kind: str = "video") -> Task | None:
+    async def get(self, task_id: str, owner: str, kind: str = "video", *, cached: bool = True) -> Task | None:
         """The owner's live task, or None (unknown, foreign and deleted IDs alike).
 
         It may be the store's cached copy, shared by every request: change it with
         ``dataclasses.replace``, never in place (a poll whose news is not saved yet must not be
-        taken for saved by the next one).
+        taken for saved by the next one). ``cached=False`` reads what the store holds, for a
+        decision that must not rest on this process's copy (another process may have saved since).
         """
 
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None: ...
@@ -412,11 +413,11 @@ class SQLiteTaskStore:
         )
         self._remember(task, epoch)
 
-    async def get(self, task_id: str, owner: str, kind: str = "video") -> Task | None:
+    async def get(self, task_id: str, owner: str, kind: str = "video", *, cached: bool = True) -> Task | None:
         epoch = self._current_epoch()
-        cached = self._cache.get(task_id)
-        if cached is not None and cached.owner == owner and cached.kind == kind:
-            return cached
+        copy = self._cache.get(task_id) if cached else None
+        if copy is not None and copy.owner == owner and copy.kind == kind:
+            return copy
         # Another key's (or kind's) is looked up as an unknown ID is: answered from the cache at once,
         # its 404 would come faster, telling a prober by timing alone that the ID is someone's.
         rows = await self._read(

@@ -709,6 +709,37 @@ async def test_an_unfinished_video_its_provider_lost_ends_as_failed(
     assert len(fake.requests("GET", "/v1/videos/up_")) == polls, "a failed video is not polled again"
 
 
+async def test_a_lost_video_is_not_failed_on_a_workers_stale_copy(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    upstream: tuple[FakeOpenAIUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers on one store, each with its own cache. A 404 noted by one, then cleared by the
+    other when the provider knew the job again, was still in the first one's copy: its next 404,
+    however brief, failed a video the provider was still making (a billed video never delivered)."""
+    from gateway import api
+
+    monkeypatch.setattr(api, "LOST_AFTER_SECONDS", 0.3)
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url)
+    first, second = await start_gateway(text), await start_gateway(text)
+    video = await first.sdk().videos.create(prompt="two workers", model="sora-remote")
+    job = dict(fake.jobs)
+    fake.jobs.clear()
+    status, _, _ = await send(first, "GET", f"/v1/videos/{video.id}")
+    assert status == 404  # noted by the first worker
+    fake.jobs.update(job)
+    assert (await second.sdk().videos.retrieve(video.id)).status in ("queued", "in_progress")
+    await asyncio.sleep(0.4)
+    fake.jobs.clear()  # a 404 of a moment, long after the first one
+    status, _, raw = await send(first, "GET", f"/v1/videos/{video.id}")
+    assert status == 404, raw
+    fake.jobs.update(job)
+    assert (await first.sdk().videos.retrieve(video.id)).status in ("in_progress", "completed")
+    assert (await second.sdk().videos.retrieve(video.id)).status in ("in_progress", "completed")
+
+
 async def test_a_characters_follow_ups_go_through_its_deployment_as_configured(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:
