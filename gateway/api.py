@@ -8,7 +8,7 @@ import json
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
@@ -668,25 +668,44 @@ async def remix_video(request: web.Request) -> web.Response:
         _check_prompt(body)
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
-            with ctx.gateway.bulkheads.enter(deployment, "uploads"), _source_gone(source, "video_id"):
-                upstream = await adapter.remix(_changing_call(request, deployment, "remix"), source, body)
+            with ctx.gateway.bulkheads.enter(deployment, "uploads"):
+                async with _source_gone(request, source, "video_id"):
+                    call = _changing_call(request, deployment, "remix")
+                    upstream = await adapter.remix(call, source, body)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
     finally:
         body.close()
 
 
-@contextlib.contextmanager
-def _source_gone(source: Task, param: str) -> Iterator[None]:
-    """A provider's 404 for the video a remix, edit or extension starts from: it purged the job. The
-    client hears the gateway's answer for its own ID, as for any unknown video, not the provider's
-    words (which may quote its job's ID)."""
+@contextlib.asynccontextmanager
+async def _source_gone(request: web.Request, source: Task, param: str) -> AsyncIterator[None]:
+    """A provider's 404 for a remix, edit or extension of ``source``. If the provider no longer has
+    the video (it purged the job), the client hears the gateway's answer for its own ID, as for any
+    unknown video, not the provider's words (which may quote its job's ID). If it still has it, the
+    404 was the operation's (a server without that route), and the provider's answer stands."""
     try:
         yield
     except ApiError as exc:
-        if exc.status == 404:
+        if exc.status != 404:
+            raise
+        ctx = context(request)
+        refused = ctx.call  # the request's log shows the operation's answer, not the check's
+        try:
+            await _read(request, source, "retrieve", lambda adapter, call: adapter.retrieve(call, source))
+        except ApiError:
             raise video_not_found(source.id, param=param) from None
-        raise
+        finally:
+            ctx.call = refused
+        raise ApiError(
+            404,
+            "The provider serving this video still has it, but answered 404 to this request: it may "
+            f"not offer this operation. It said: {exc.message}",
+            type=exc.type,
+            param=exc.param,
+            code=exc.code,
+            headers=exc.headers,
+        ) from None
 
 
 async def _source_video(request: web.Request, body: RequestBody) -> Task | None:
@@ -745,10 +764,10 @@ async def _from_video(
         async with _admit(request):
             if source is not None:
                 deployment, adapter = _deployment_of(table, source)
-                with gw.bulkheads.enter(deployment, "uploads"), _source_gone(source, "video"):
-                    upstream = await operation(
-                        adapter, _changing_call(request, deployment, name), source, body
-                    )
+                with gw.bulkheads.enter(deployment, "uploads"):
+                    async with _source_gone(request, source, "video"):
+                        call = _changing_call(request, deployment, name)
+                        upstream = await operation(adapter, call, source, body)
             else:
                 deployment, upstream = await _start(
                     request, name, model, body, lambda a, c: operation(a, c, None, body)

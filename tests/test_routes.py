@@ -630,6 +630,37 @@ async def test_a_video_or_character_the_provider_no_longer_has_is_the_gateways_o
         }
 
 
+async def test_a_route_the_provider_lacks_is_not_taken_for_a_purged_video(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
+) -> None:
+    """A self-hosted OpenAI-dialect server without remix, edits or extensions answers those 404 too,
+    while it still has the video: the client was told its video was not found, though it could
+    retrieve it the moment after. It is now told what the provider answered, and that the video is
+    still there."""
+    fake, _ = upstream
+    fake.without.update({"remix", "edits", "extensions"})
+    client = dialect_gateway.sdk()
+    video = await client.videos.create(prompt="no remix here", model="sora-remote")
+    starts = [
+        (f"/v1/videos/{video.id}/remix", {"prompt": "again"}),
+        ("/v1/videos/edits", {"prompt": "again", "video": {"id": video.id}}),
+        ("/v1/videos/extensions", {"prompt": "on", "seconds": "4", "video": {"id": video.id}}),
+    ]
+    for path, body in starts:
+        status, headers, raw = await send(dialect_gateway, "POST", path, json=body)
+        error = json.loads(raw)["error"]
+        assert status == 404 and error["code"] != "video_not_found", (path, raw)
+        assert "still has it" in error["message"] and "404" in error["message"], (path, raw)
+        await asyncio.sleep(0.05)
+        (entry,) = [
+            line
+            for line in map(json.loads, session_log.read_text().splitlines())
+            if line.get("event") == "request" and line.get("request_id") == headers["x-request-id"]
+        ]
+        assert entry["upstream_status"] == 404, "the log shows the operation's answer, not the check's"
+    assert (await client.videos.retrieve(video.id)).id == video.id
+
+
 async def test_content_the_provider_purged_after_its_expiry_is_gone_not_unknown(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:

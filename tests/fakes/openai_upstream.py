@@ -22,6 +22,10 @@ job fails with a message quoting the key), ``[cut stream]``
 job is made at once, as a provider makes it on reading the request, but the create's answer (a stream
 too) and a delete's come :data:`SLOW_SECONDS` later).
 Jobs move queued → in_progress → completed, one step per retrieve.
+
+``without`` names routes this server lacks (``remix``, ``edits``, ``extensions``), as a self-hosted
+server may implement only create, retrieve and content: each answers what aiohttp answers for a path
+it has no route for, a plain-text ``404: Not Found``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class FakeOpenAIUpstream:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     characters: dict[str, dict[str, Any]] = field(default_factory=dict)
     signed_urls_expired: bool = False
+    without: set[str] = field(default_factory=set)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def requests(self, method: str, path_prefix: str = "") -> list[Received]:
@@ -262,12 +267,16 @@ class FakeOpenAIUpstream:
         return web.FileResponse(self.media[variant], headers=headers)
 
     async def remix(self, request: web.Request) -> web.Response:
+        if "remix" in self.without:
+            raise web.HTTPNotFound()
         source = self._job(request)
         fields = await self._fields(request)
         job = self._new_job({**source, "prompt": fields.get("prompt")}, remixed_from=source["id"])
         return web.json_response(job)
 
     async def edit(self, request: web.Request) -> web.Response:
+        if request.path.rpartition("/")[2] in self.without:
+            raise web.HTTPNotFound()
         fields = await self._fields(request)
         if trouble := _wrong_type(fields):
             return trouble
