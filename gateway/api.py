@@ -342,6 +342,10 @@ async def _refresh(request: web.Request, task: Task, deadline: float | None = No
     state = {**task.state, **upstream.state} if upstream.state else task.state
     if _MISSING_SINCE in state:  # the provider knows the job again: a 404 of a moment
         state = {name: value for name, value in state.items() if name != _MISSING_SINCE}
+    now = time.time()
+    heard = state.get(_HEARD_AT)
+    if not isinstance(heard, int | float) or now - heard >= LOST_AFTER_SECONDS / 4:
+        state = {**state, _HEARD_AT: now}
     if video != task.video or state != task.state:
         task = replace(task, video=video, status=video["status"], state=state)
         await _save_news(request, task)
@@ -355,6 +359,10 @@ async def _refresh(request: web.Request, task: Task, deadline: float | None = No
 # on a guess that the provider then finishes is a billed video lost, so the wait is long.
 LOST_AFTER_SECONDS = 3600.0
 _MISSING_SINCE = "missing_since"
+# When a poll last heard from the provider, saved at least every quarter of LOST_AFTER_SECONDS while
+# the video is polled. Each worker keeps its own copy of a task: a sibling's missing_since, which a
+# worker with nothing new to save would never overwrite, is cleared in the store by this save.
+_HEARD_AT = "heard_at"
 
 
 async def _lost(request: web.Request, task: Task) -> Task | None:
@@ -683,7 +691,8 @@ async def _source_gone(request: web.Request, source: Task, param: str) -> AsyncI
     """A provider's 404 for a remix, edit or extension of ``source``. If the provider no longer has
     the video (it purged the job), the client hears the gateway's answer for its own ID, as for any
     unknown video, not the provider's words (which may quote its job's ID). If it still has it, the
-    404 was the operation's (a server without that route), and the provider's answer stands."""
+    404 was the operation's (a server without that route), and the provider's answer stands, with
+    the video's ID in place of its job's. If it cannot be asked, the client gets why."""
     try:
         yield
     except ApiError as exc:
@@ -693,14 +702,19 @@ async def _source_gone(request: web.Request, source: Task, param: str) -> AsyncI
         refused = ctx.call  # the request's log shows the operation's answer, not the check's
         try:
             await _read(request, source, "retrieve", lambda adapter, call: adapter.retrieve(call, source))
-        except ApiError:
-            raise video_not_found(source.id, param=param) from None
+        except ApiError as check:
+            if check.status in (404, 410):  # gone, or its result expired
+                raise video_not_found(source.id, param=param) from None
+            raise  # the provider could not be asked (busy, down, slow): the client may retry
         finally:
             ctx.call = refused
+        said = exc.message  # with the client's ID for the video, not the provider's for its job
+        if source.upstream_id:
+            said = said.replace(source.upstream_id, source.id)
         raise ApiError(
             404,
             "The provider serving this video still has it, but answered 404 to this request: it may "
-            f"not offer this operation. It said: {exc.message}",
+            f"not offer this operation. It said: {said}",
             type=exc.type,
             param=exc.param,
             code=exc.code,

@@ -646,3 +646,24 @@ async def test_an_answer_the_gateway_cannot_use_counts_as_an_upstream_error(
         status, _, _ = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
         assert status == 502
     assert await payload_errors() - before == 2
+
+
+async def test_a_remix_404_is_not_called_a_lost_video_when_the_provider_cannot_be_asked(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """The fault fake has no remix route: its remix answer is aiohttp's 404. The gateway then asks
+    for the video to tell a purged job from a missing route; when that check itself fails (a 503,
+    a provider too slow), the client was told its video did not exist. It now gets the check's own
+    failure, which it may retry."""
+    fake, url = faulty
+    gw = await start_gateway(config(tmp_path, url, "only:\n  - {provider: up, model: primary}\n"))
+    status, _, video = await post(gw, "/v1/videos", json={"model": "only", "prompt": "p"})
+    assert status == 200, video
+    remix = f"/v1/videos/{video['id']}/remix"
+    fake.behaviour["primary"] = "status:503"
+    status, headers, answer = await post(gw, remix, json={"prompt": "again"})
+    assert status == 503 and answer["error"]["code"] != "video_not_found", answer
+    assert headers.get("x-should-retry") != "false"
+    fake.behaviour["primary"] = "ok"
+    status, _, answer = await post(gw, remix, json={"prompt": "again"})
+    assert status == 404 and "still has it" in answer["error"]["message"], answer

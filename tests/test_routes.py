@@ -660,6 +660,15 @@ async def test_a_route_the_provider_lacks_is_not_taken_for_a_purged_video(
         assert entry["upstream_status"] == 404, "the log shows the operation's answer, not the check's"
     assert (await client.videos.retrieve(video.id)).id == video.id
 
+    # a provider whose refusal quotes its own job's ID: the client reads its video's ID instead
+    fake.without.clear()
+    video = await client.videos.create(prompt="[no remix] a one-off", model="sora-remote")
+    (upstream_id,) = [job["id"] for job in fake.jobs.values() if job["prompt"] == "[no remix] a one-off"]
+    status, _, raw = await send(dialect_gateway, "POST", f"/v1/videos/{video.id}/remix", json={"prompt": "x"})
+    error = json.loads(raw)["error"]
+    assert status == 404 and f"Video '{video.id}' cannot be remixed." in error["message"], raw
+    assert upstream_id.encode() not in raw
+
 
 async def test_content_the_provider_purged_after_its_expiry_is_gone_not_unknown(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
@@ -769,6 +778,48 @@ async def test_a_lost_video_is_not_failed_on_a_workers_stale_copy(
     fake.jobs.update(job)
     assert (await first.sdk().videos.retrieve(video.id)).status in ("in_progress", "completed")
     assert (await second.sdk().videos.retrieve(video.id)).status in ("in_progress", "completed")
+
+
+async def test_a_lost_video_is_not_failed_on_a_404_its_sibling_never_saw(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    upstream: tuple[FakeOpenAIUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but the second worker cached the video before the first one's 404 and then heard
+    nothing new (a job stuck at the same progress): it had nothing to save, so the store kept the
+    first worker's note for good, and a brief 404 much later failed the video. A worker that keeps
+    hearing from the provider says so in the store now and then, which clears such a note."""
+    from gateway import api
+
+    monkeypatch.setattr(api, "LOST_AFTER_SECONDS", 0.4)
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url)
+    first, second = await start_gateway(text), await start_gateway(text)
+    video = await first.sdk().videos.create(prompt="stuck at 40 %", model="sora-remote")
+    (upstream_id,) = fake.jobs
+
+    def stuck() -> None:  # the fake moves a job on at each retrieve: back, so it answers 40 % again
+        fake.jobs[upstream_id].update(status="queued", progress=0)
+
+    for gw in (first, second):
+        assert (await gw.sdk().videos.retrieve(video.id)).progress == 40
+        stuck()
+    job = dict(fake.jobs)
+    fake.jobs.clear()
+    status, _, _ = await send(first, "GET", f"/v1/videos/{video.id}")
+    assert status == 404  # noted by the first worker
+    fake.jobs.update(job)
+    for _ in range(3):  # the second worker hears from the provider throughout
+        await asyncio.sleep(0.15)
+        assert (await second.sdk().videos.retrieve(video.id)).progress == 40
+        stuck()
+    fake.jobs.clear()  # a 404 of a moment, long after the first one
+    status, _, raw = await send(first, "GET", f"/v1/videos/{video.id}")
+    assert status == 404, raw
+    fake.jobs.update(job)
+    assert (await second.sdk().videos.retrieve(video.id)).status == "in_progress"
+    assert (await first.sdk().videos.retrieve(video.id)).status in ("in_progress", "completed")
 
 
 async def test_a_characters_follow_ups_go_through_its_deployment_as_configured(

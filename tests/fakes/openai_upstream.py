@@ -23,6 +23,9 @@ job is made at once, as a provider makes it on reading the request, but the crea
 too) and a delete's come :data:`SLOW_SECONDS` later).
 Jobs move queued → in_progress → completed, one step per retrieve.
 
+A job whose prompt has ``[no remix]`` refuses a remix with a 404 in the error envelope that quotes
+its own job ID, as a server with the route may for a job it will not remix.
+
 ``without`` names routes this server lacks (``remix``, ``edits``, ``extensions``), as a self-hosted
 server may implement only create, retrieve and content: each answers what aiohttp answers for a path
 it has no route for, a plain-text ``404: Not Found``.
@@ -270,6 +273,9 @@ class FakeOpenAIUpstream:
         if "remix" in self.without:
             raise web.HTTPNotFound()
         source = self._job(request)
+        if "[no remix]" in (source.get("prompt") or ""):
+            message = f"Video '{source['id']}' cannot be remixed."
+            return _error(404, message, "invalid_request_error", None, "not_found")
         fields = await self._fields(request)
         job = self._new_job({**source, "prompt": fields.get("prompt")}, remixed_from=source["id"])
         return web.json_response(job)
