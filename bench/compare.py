@@ -7,7 +7,8 @@ use), all routed to the same upstream. It measures each path in the same run, ro
 fresh random order so machine drift hits all alike:
 
 - poll path ``GET /v1/videos/{id}`` (the upstream keeps answering ``in_progress``, so every proxy
-  forwards every poll): saturation throughput (wrk, closed loop), and latency at fixed arrival rates
+  forwards every poll): saturation throughput (wrk, closed loop) with the CPU time each poll cost
+  the process answering wrk (the proxy; for direct, the upstream), and latency at fixed arrival rates
   (an open-loop asyncio driver that schedules each request on the clock and measures from the
   scheduled time, so queueing delay is not hidden); the added latency is the target's minus direct;
 - create with a small multipart body: latency p50/p99 at a fixed rate;
@@ -61,6 +62,7 @@ from upload_memory import (
     RssSampler,
     free_port,
     gateway_command,
+    process_tree,
     spawn,
     stop,
     wait_ready,
@@ -80,6 +82,7 @@ class Target:
     key: str
     process: Child | None = None
     video_id: str | None = None
+    serving: Child | None = None  # whose CPU a poll is charged to: the proxy, or for direct the upstream
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -261,18 +264,35 @@ async def fixed_rate(
     }
 
 
-def saturation(wrk: str | None, url: str, headers: dict[str, str], seconds: float) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time that ``pid`` and its descendants (a gateway's workers) have used."""
+    ticks = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()  # from field 3 on: utime and stime are 14, 15
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def saturation(
+    wrk: str | None, url: str, headers: dict[str, str], seconds: float, serving: Child | None
+) -> dict[str, Any]:
     if wrk is None:
         return {"rps": float("nan"), "note": "wrk missing"}
     argv = [wrk, "-t1", "-c32", f"-d{max(1, int(seconds))}s"]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
+    pid = serving.process.pid if serving else None
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run([*argv, url], capture_output=True, text=True, check=False).stdout
+    cpu = cpu_seconds(pid) - cpu_before if pid else float("nan")
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    done = re.search(r"(\d+) requests in", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     return {
         "rps": float(rps.group(1)) if rps else float("nan"),
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "cpu_us_per_request": cpu / int(done.group(1)) * 1e6 if done and int(done.group(1)) else float("nan"),
     }
 
 
@@ -336,7 +356,9 @@ async def run(args: argparse.Namespace, targets: list[Target], wrk: str | None) 
             for target in order:
                 url = f"{target.base}/v1/videos/{target.video_id}"
                 results[target.name]["saturation"].append(
-                    await asyncio.to_thread(saturation, wrk, url, target.headers, args.seconds)
+                    await asyncio.to_thread(
+                        saturation, wrk, url, target.headers, args.seconds, target.serving
+                    )
                 )
                 for rate in args.rates:
                     results[target.name]["poll"].setdefault(str(rate), []).append(
@@ -371,6 +393,8 @@ def summarise(results: dict[str, Any]) -> dict[str, dict[str, float]]:
         row: dict[str, float] = {}
         sat = [s["rps"] for s in r["saturation"]]
         row["poll saturation req/s"] = statistics.median(sat) if sat else float("nan")
+        cpu = [s.get("cpu_us_per_request", float("nan")) for s in r["saturation"]]
+        row["poll CPU us/req @saturation"] = statistics.median(cpu) if cpu else float("nan")
         bad = sum(s.get("non_2xx", 0) for s in r["saturation"])
         if bad:
             r["problems"].append(f"{bad} non-2xx answers under saturation load")
@@ -463,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             env,
         )
         children.append(upstream)
-        targets = [Target("direct", f"http://127.0.0.1:{up_port}", UPSTREAM_KEY)]
+        targets = [Target("direct", f"http://127.0.0.1:{up_port}", UPSTREAM_KEY, serving=upstream)]
         gw_port = free_port()
         config = write_gateway_config(workdir, up_port, max_upload=2 * size + 64 * MiB)
         gateway = spawn(
@@ -483,18 +507,24 @@ def main(argv: list[str] | None = None) -> int:
             env,
         )
         children.append(gateway)
-        targets.append(Target("gateway", f"http://127.0.0.1:{gw_port}", GATEWAY_KEY, gateway))
+        targets.append(
+            Target("gateway", f"http://127.0.0.1:{gw_port}", GATEWAY_KEY, gateway, serving=gateway)
+        )
         nginx_port = free_port()
         nginx = start_nginx(workdir, up_port, nginx_port, env)
         if nginx is not None:
             children.append(nginx)
-            targets.append(Target("nginx", f"http://127.0.0.1:{nginx_port}", "unused", nginx))
+            targets.append(Target("nginx", f"http://127.0.0.1:{nginx_port}", "unused", nginx, serving=nginx))
         if not args.skip_litellm:
             litellm_port = free_port()
             litellm = start_litellm(workdir, up_port, litellm_port, env)
             if litellm is not None:
                 children.append(litellm)
-                targets.append(Target("litellm", f"http://127.0.0.1:{litellm_port}", LITELLM_KEY, litellm))
+                targets.append(
+                    Target(
+                        "litellm", f"http://127.0.0.1:{litellm_port}", LITELLM_KEY, litellm, serving=litellm
+                    )
+                )
         wrk = ensure_tool("wrk", "wrk")
 
         async def ready() -> None:
