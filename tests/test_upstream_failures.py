@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import errno
 import json
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -480,3 +482,73 @@ async def test_a_create_whose_client_leaves_before_it_is_sent_starts_nothing(
     assert fake.jobs == {}
     assert not [line for line in log_lines(session_log, "left-upload-1") if line["level"] != "info"]
     assert not dialect_gateway.app[GATEWAY].left_by_client
+
+
+@pytest.mark.parametrize("ending", ["reset", "close"])
+async def test_a_download_without_length_that_the_provider_resets_is_cut_off_for_the_client(
+    start_gateway: StartGateway, tmp_path: Path, ending: str
+) -> None:
+    """A body without Content-Length or chunking ends when its connection closes (RFC 9112 §6.3):
+    closed cleanly, it is whole; reset, it was cut short. aiohttp ends such a body at either, so a
+    provider's reset mid-video reached the client as a complete (chunked) video, truncated."""
+    video = json.dumps(
+        {"id": "job_1", "object": "video", "model": "primary", "status": "completed", "progress": 100}
+    ).encode()
+    part = b"\x00\x00\x00\x18ftypmp42" + bytes(64 * 1024)
+
+    async def provider(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """An OpenAI-dialect server as raw bytes: a create and a retrieve that answer a completed
+        job (reference §3.1), then content sent until close, and reset half-way."""
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line[15:])
+                        for line in head.lower().split(b"\r\n")
+                        if line.startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                if b"/content" not in head.split(b"\r\n")[0]:
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(video), video)
+                    )
+                    await writer.drain()
+                    continue
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nConnection: close\r\n\r\n" + part
+                )
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                if ending == "reset":
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()  # RST, not FIN
+                else:
+                    writer.close()
+                return
+
+    server = await asyncio.start_server(provider, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        gw = await start_gateway(config(tmp_path, url, MODELS))
+        status, _, made = await post(gw, "/v1/videos", json={"model": "m", "prompt": "cut short"})
+        assert status == 200 and made["status"] == "completed", made
+        cut_before = upstream_errors("up")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{gw.url}/v1/videos/{made['id']}/content", headers=AUTH) as response,
+        ):
+            assert response.status == 200
+            if ending == "reset":
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+            else:
+                assert await response.read() == part
+        assert upstream_errors("up") - cut_before == (ending == "reset")
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -670,6 +670,7 @@ class Adapter:
         if call.request.method == "HEAD":
             await response.write_eof()
             return response
+        reset = _reset_of(upstream)
         sent = 0
         ctx = call.request[CONTEXT]
         try:
@@ -683,6 +684,10 @@ class Adapter:
                 sent += len(chunk)
                 ctx.bytes_out = sent
         except UPSTREAM_STREAM_FAILURES:
+            cut_answer(call.request, response)
+            self.stream_cut_off(call)
+            return response
+        if reset is not None and reset.done() and reset.exception() is not None:
             cut_answer(call.request, response)
             self.stream_cut_off(call)
             return response
@@ -704,6 +709,20 @@ class Adapter:
     def result_hosts(self) -> tuple[str, ...]:
         """Hosts besides the provider's own that may serve its results (``.suffix`` for a domain)."""
         return tuple(self.config.result_hosts)
+
+
+def _reset_of(upstream: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
+    """For a body that only its connection's close ends (no Content-Length, not chunked: RFC 9112
+    §6.3), a future that fails if that close was a reset, which cut the body short: aiohttp ends
+    such a body at a reset as at a clean close. None for a body framed otherwise."""
+    chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
+    if upstream.content_length is not None or chunked:
+        return None
+    protocol = upstream.connection.protocol if upstream.connection is not None else None
+    closed = protocol.closed if protocol is not None else None
+    if closed is not None:  # read here, or by this callback: a failed future nobody read is logged
+        closed.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return closed
 
 
 def _client_failure(exc: BaseException, body: RequestBody | None) -> ApiError | None:
