@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway import metrics
 from gateway.app import build_app
 from gateway.connections import GatewayRunner
+from gateway.context import start_answer
 from gateway.state import GATEWAY
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, load
 from tests.fakes.faulty_upstream import FaultyUpstream
@@ -484,17 +485,26 @@ async def test_a_create_whose_client_leaves_before_it_is_sent_starts_nothing(
     assert not dialect_gateway.app[GATEWAY].left_by_client
 
 
-@pytest.mark.parametrize("ending", ["reset", "close"])
+@pytest.mark.parametrize("ending", ["reset", "reset at once", "close"])
 async def test_a_download_without_length_that_the_provider_resets_is_cut_off_for_the_client(
-    start_gateway: StartGateway, tmp_path: Path, ending: str
+    start_gateway: StartGateway, tmp_path: Path, ending: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A body without Content-Length or chunking ends when its connection closes (RFC 9112 §6.3):
     closed cleanly, it is whole; reset, it was cut short. aiohttp ends such a body at either, so a
-    provider's reset mid-video reached the client as a complete (chunked) video, truncated."""
+    provider's reset mid-video reached the client as a complete (chunked) video, truncated. Reset at
+    once, right behind the body, the connection may be gone before the gateway starts relaying."""
     video = json.dumps(
         {"id": "job_1", "object": "video", "model": "primary", "status": "completed", "progress": 100}
     ).encode()
-    part = b"\x00\x00\x00\x18ftypmp42" + bytes(64 * 1024)
+    part = b"\x00\x00\x00\x18ftypmp42" + bytes(4096 if ending == "reset at once" else 65536)
+    if ending == "reset at once":  # a gateway busy elsewhere: the reset comes before relaying starts
+        from gateway.providers import base
+
+        async def late_start(request: web.Request, response: web.StreamResponse) -> None:
+            await asyncio.sleep(0.2)
+            await start_answer(request, response)
+
+        monkeypatch.setattr(base, "start_answer", late_start)
 
     async def provider(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """An OpenAI-dialect server as raw bytes: a create and a retrieve that answer a completed
@@ -522,8 +532,9 @@ async def test_a_download_without_length_that_the_provider_resets_is_cut_off_for
                     b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nConnection: close\r\n\r\n" + part
                 )
                 await writer.drain()
-                await asyncio.sleep(0.1)
-                if ending == "reset":
+                if ending != "reset at once":
+                    await asyncio.sleep(0.1)
+                if ending.startswith("reset"):
                     sock = writer.get_extra_info("socket")
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     writer.transport.abort()  # RST, not FIN
@@ -543,12 +554,12 @@ async def test_a_download_without_length_that_the_provider_resets_is_cut_off_for
             session.get(f"{gw.url}/v1/videos/{made['id']}/content", headers=AUTH) as response,
         ):
             assert response.status == 200
-            if ending == "reset":
+            if ending.startswith("reset"):
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await response.read()
             else:
                 assert await response.read() == part
-        assert upstream_errors("up") - cut_before == (ending == "reset")
+        assert upstream_errors("up") - cut_before == ending.startswith("reset")
     finally:
         server.close()
         await server.wait_closed()

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,7 +438,10 @@ class Adapter:
             # no cookie jar: a cookie a provider sets answering one tenant's call must not go back
             # with the next one, whoever's (a proxy keeps none, as nginx keeps none)
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                response_class=WatchedResponse,
             )
         return self._session
 
@@ -711,18 +715,38 @@ class Adapter:
         return tuple(self.config.result_hosts)
 
 
+class WatchedResponse(aiohttp.ClientResponse):
+    """aiohttp's response, holding its connection's close future from before the answer arrives.
+
+    A body that only its connection's close ends (no Content-Length, not chunked: RFC 9112 §6.3)
+    was cut short if that close was a reset; aiohttp ends such a body at either. A short body may be
+    read, and its connection gone, before the relay looks: aiohttp only hands out the future for a
+    close still to come, so it is taken here, before anything of the answer is read.
+    """
+
+    closing: asyncio.Future[None] | None = None
+
+    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        closing = protocol.closed if protocol is not None else None
+        if closing is not None and closing not in _WATCHED:
+            _WATCHED.add(closing)  # one callback per connection, however many answers it carries
+            # a failed future nobody reads is logged when it goes: reset pooled connections too
+            closing.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self.closing = closing
+        return await super().start(connection)
+
+
+_WATCHED: weakref.WeakSet[asyncio.Future[None]] = weakref.WeakSet()
+
+
 def _reset_of(upstream: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
-    """For a body that only its connection's close ends (no Content-Length, not chunked: RFC 9112
-    §6.3), a future that fails if that close was a reset, which cut the body short: aiohttp ends
-    such a body at a reset as at a clean close. None for a body framed otherwise."""
+    """For a body that only its connection's close ends, the future that fails if that close was a
+    reset (see :class:`WatchedResponse`); None for a body framed otherwise."""
     chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
     if upstream.content_length is not None or chunked:
         return None
-    protocol = upstream.connection.protocol if upstream.connection is not None else None
-    closed = protocol.closed if protocol is not None else None
-    if closed is not None:  # read here, or by this callback: a failed future nobody read is logged
-        closed.add_done_callback(lambda done: done.cancelled() or done.exception())
-    return closed
+    return getattr(upstream, "closing", None)
 
 
 def _client_failure(exc: BaseException, body: RequestBody | None) -> ApiError | None:
