@@ -111,6 +111,14 @@ def _not_found(task_id: str, kind: str) -> ApiError:
     return video_not_found(task_id)
 
 
+def _in_our_words(exc: ApiError, task: Task) -> ApiError:
+    """A provider's error about ``task``, with the gateway's ID where the provider quoted its own
+    for the job: the client knows its video by the one and has never seen the other."""
+    if task.upstream_id and task.upstream_id in exc.message:
+        exc.message = exc.message.replace(task.upstream_id, task.id)
+    return exc
+
+
 def _expired(task: Task) -> bool:
     expires_at = task.video.get("expires_at")
     return isinstance(expires_at, int) and time.time() >= expires_at
@@ -245,7 +253,7 @@ async def _read(
                 raise (expired_result() if _expired(task) else _not_found(task.id, task.kind)) from None
             delay = policy.backoff_seconds * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
             if not _retryable_read(exc) or attempt == policy.read_attempts or loop.time() + delay > deadline:
-                raise
+                raise _in_our_words(exc, task) from None
             READ_RETRIES.labels(deployment.provider).inc()
             log.info(
                 "read_retry",
@@ -638,7 +646,10 @@ async def delete_video(request: web.Request) -> web.Response:
         )
     else:
         with gw.bulkheads.enter(deployment, "requests"):
-            await adapter.delete(_changing_call(request, deployment, "delete"), task)
+            try:
+                await adapter.delete(_changing_call(request, deployment, "delete"), task)
+            except ApiError as exc:
+                raise _in_our_words(exc, task) from None
     await gw.store.delete(task.id, task.owner)
     return _json({"id": task.id, "object": "video.deleted", "deleted": True})
 
@@ -708,13 +719,10 @@ async def _source_gone(request: web.Request, source: Task, param: str) -> AsyncI
             raise  # the provider could not be asked (busy, down, slow): the client may retry
         finally:
             ctx.call = refused
-        said = exc.message  # with the client's ID for the video, not the provider's for its job
-        if source.upstream_id:
-            said = said.replace(source.upstream_id, source.id)
         raise ApiError(
             404,
             "The provider serving this video still has it, but answered 404 to this request: it may "
-            f"not offer this operation. It said: {said}",
+            f"not offer this operation. It said: {_in_our_words(exc, source).message}",
             type=exc.type,
             param=exc.param,
             code=exc.code,

@@ -670,6 +670,21 @@ async def test_a_route_the_provider_lacks_is_not_taken_for_a_purged_video(
     assert upstream_id.encode() not in raw
 
 
+async def test_a_providers_error_names_the_video_by_the_gateways_id(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A provider's own error message reaches the client (credentials scrubbed). One that quoted
+    the provider's ID for the job showed the client an ID it has never seen and cannot use; the
+    gateway's ID for the video now stands in its place."""
+    fake, _ = upstream
+    video = await dialect_gateway.sdk().videos.create(prompt="[unreadable] later", model="sora-remote")
+    (upstream_id,) = fake.jobs
+    for method in ("GET", "DELETE"):
+        status, _, raw = await send(dialect_gateway, method, f"/v1/videos/{video.id}")
+        assert status >= 500, raw
+        assert video.id in json.loads(raw)["error"]["message"] and upstream_id.encode() not in raw, raw
+
+
 async def test_content_the_provider_purged_after_its_expiry_is_gone_not_unknown(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:

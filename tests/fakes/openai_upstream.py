@@ -23,6 +23,8 @@ job is made at once, as a provider makes it on reading the request, but the crea
 too) and a delete's come :data:`SLOW_SECONDS` later).
 Jobs move queued → in_progress → completed, one step per retrieve.
 
+A job whose prompt has ``[unreadable]`` answers its retrieves and deletes 500, in the error
+envelope, with a message that quotes its job ID, as a provider's internal error may.
 A job whose prompt has ``[no remix]`` refuses a remix with a 404 in the error envelope that quotes
 its own job ID, as a server with the route may for a job it will not remix.
 
@@ -215,6 +217,8 @@ class FakeOpenAIUpstream:
 
     async def retrieve(self, request: web.Request) -> web.Response:
         job = self._job(request)
+        if "[unreadable]" in (job["prompt"] or ""):
+            return _error(500, f"Could not read job {job['id']}.", "server_error", None, None)
         if job["status"] == "queued":
             job.update(status="in_progress", progress=40)
         elif job["status"] == "in_progress":
@@ -233,6 +237,8 @@ class FakeOpenAIUpstream:
 
     async def delete(self, request: web.Request) -> web.Response:
         job = self._job(request)
+        if "[unreadable]" in (job["prompt"] or ""):
+            return _error(500, f"Could not delete job {job['id']}.", "server_error", None, None)
         del self.jobs[job["id"]]
         await self._slow(job)
         return web.json_response({"id": job["id"], "object": "video.deleted", "deleted": True})
