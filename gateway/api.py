@@ -702,13 +702,14 @@ async def _source_gone(request: web.Request, source: Task, param: str) -> AsyncI
     """A provider's 404 for a remix, edit or extension of ``source``. If the provider no longer has
     the video (it purged the job), the client hears the gateway's answer for its own ID, as for any
     unknown video, not the provider's words (which may quote its job's ID). If it still has it, the
-    404 was the operation's (a server without that route), and the provider's answer stands, with
-    the video's ID in place of its job's. If it cannot be asked, the client gets why."""
+    404 was the operation's (a server without that route), and the provider's answer stands. If it
+    cannot be asked, the client gets why. Any other refusal stands too. The provider's words always
+    name the video by the gateway's ID, not by the provider's for its job."""
     try:
         yield
     except ApiError as exc:
         if exc.status != 404:
-            raise
+            raise _in_our_words(exc, source) from None
         ctx = context(request)
         refused = ctx.call  # the request's log shows the operation's answer, not the check's
         try:

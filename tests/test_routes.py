@@ -668,6 +668,12 @@ async def test_a_route_the_provider_lacks_is_not_taken_for_a_purged_video(
     error = json.loads(raw)["error"]
     assert status == 404 and f"Video '{video.id}' cannot be remixed." in error["message"], raw
     assert upstream_id.encode() not in raw
+    # and so does any other refusal of a remix
+    video = await client.videos.create(prompt="[no remix 400] a one-off", model="sora-remote")
+    (upstream_id,) = [job["id"] for job in fake.jobs.values() if job["prompt"] == "[no remix 400] a one-off"]
+    status, _, raw = await send(dialect_gateway, "POST", f"/v1/videos/{video.id}/remix", json={"prompt": "x"})
+    assert status == 400 and f"Video '{video.id}' cannot be remixed." in json.loads(raw)["error"]["message"]
+    assert upstream_id.encode() not in raw
 
 
 async def test_a_providers_error_names_the_video_by_the_gateways_id(

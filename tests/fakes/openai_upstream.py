@@ -26,7 +26,8 @@ Jobs move queued → in_progress → completed, one step per retrieve.
 A job whose prompt has ``[unreadable]`` answers its retrieves and deletes 500, in the error
 envelope, with a message that quotes its job ID, as a provider's internal error may.
 A job whose prompt has ``[no remix]`` refuses a remix with a 404 in the error envelope that quotes
-its own job ID, as a server with the route may for a job it will not remix.
+its own job ID, as a server with the route may for a job it will not remix; ``[no remix 400]``
+refuses it with a 400, quoting it too.
 
 ``without`` names routes this server lacks (``remix``, ``edits``, ``extensions``), as a self-hosted
 server may implement only create, retrieve and content: each answers what aiohttp answers for a path
@@ -279,9 +280,11 @@ class FakeOpenAIUpstream:
         if "remix" in self.without:
             raise web.HTTPNotFound()
         source = self._job(request)
-        if "[no remix]" in (source.get("prompt") or ""):
+        prompt = source.get("prompt") or ""
+        if "[no remix]" in prompt or "[no remix 400]" in prompt:
+            status = 400 if "[no remix 400]" in prompt else 404
             message = f"Video '{source['id']}' cannot be remixed."
-            return _error(404, message, "invalid_request_error", None, "not_found")
+            return _error(status, message, "invalid_request_error", None, "not_found")
         fields = await self._fields(request)
         job = self._new_job({**source, "prompt": fields.get("prompt")}, remixed_from=source["id"])
         return web.json_response(job)
