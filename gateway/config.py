@@ -14,7 +14,6 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -404,7 +403,7 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
         locator.walk(node)
     lines, problems = locator.lines, locator.problems
 
-    def at(path: tuple[Any, ...], message: str) -> str:
+    def at(path: tuple[Any, ...], message: str) -> _Problem:
         while path not in lines and path:
             path = path[:-1]
         return _at(source, lines.get(path), path, message)
@@ -420,7 +419,7 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
     from_env: dict[tuple[Any, ...], list[str]] = {}
     raw = _expand_env(raw, (), env, env_problem, from_env)
 
-    def about_value(path: tuple[Any, ...], message: str) -> str:
+    def about_value(path: tuple[Any, ...], message: str) -> _Problem:
         """A problem with a value, naming the variables it came from (the file does not show it)."""
         names = from_env.get(path)
         if names:
@@ -449,20 +448,19 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfi
         problems.append(about_value(path, _schema_message(error)))
     _check_references(raw, lambda p, m: problems.append(about_value(p, m)))
     if problems:
-        raise ConfigError(sorted(problems, key=partial(_line_number, source)))
+        raise ConfigError([text for _, text in sorted(problems, key=lambda problem: problem[0])])
     return _resolve(raw, source)
 
 
-def _line_number(source: str, problem: str) -> int:
-    """Where a problem is (``file:line: ...``), to list them in the file's order; 0 for none."""
-    line, _, _ = problem[len(source) + 1 :].partition(":")
-    return int(line) if problem.startswith(source + ":") and line.isdigit() else 0
+# A problem: its line (0 for none), to list problems in the file's order, and its text.
+_Problem = tuple[int, str]
 
 
-def _at(source: str, line: int | None, path: tuple[Any, ...], message: str) -> str:
+def _at(source: str, line: int | None, path: tuple[Any, ...], message: str) -> _Problem:
     """One problem as ``file:line: key.path: message``."""
     prefix = f"{source}:{line}" if line else source
-    return f"{prefix}: {_dotted(path) or '(top level)'}: {message}" if path else f"{prefix}: {message}"
+    text = f"{prefix}: {_dotted(path) or '(top level)'}: {message}" if path else f"{prefix}: {message}"
+    return line or 0, text
 
 
 def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any, Callable[[yaml.Node], Any]]:
@@ -508,7 +506,7 @@ class _Locator:
         self.source = source
         self._key_of = key_of
         self.lines: dict[tuple[Any, ...], int] = {(): 1}
-        self.problems: list[str] = []
+        self.problems: list[_Problem] = []
 
     def walk(
         self, node: yaml.Node, path: tuple[Any, ...] = (), ancestors: tuple[yaml.Node, ...] = ()
@@ -532,7 +530,9 @@ class _Locator:
             first.setdefault(key, line)
             self.lines[(*path, key)] = line
             if any(child is a for a in (*ancestors, node)):
-                loop = _at(self.source, line, (*path, key), "an alias of a value that encloses it (a loop)")
+                _, loop = _at(
+                    self.source, line, (*path, key), "an alias of a value that encloses it (a loop)"
+                )
                 raise ConfigError([loop])
             self.walk(child, (*path, key), (*ancestors, node))
 
