@@ -23,6 +23,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from gateway import cli
 from gateway.config import GatewayConfig, load_config
@@ -32,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+CONSTRAINTS = ROOT / "constraints.txt"
+README = ROOT / "README.md"
 GATEWAY_CONFIG = ROOT / "deploy" / "gateway.yaml"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
@@ -324,6 +329,35 @@ def test_dockerfile_installs_dependencies_in_their_own_layer(tmp_path: Path) -> 
     assert out.splitlines() == PYPROJECT["project"]["dependencies"]
 
 
+def test_every_dependency_is_pinned_within_its_range_and_every_install_uses_the_pins() -> None:
+    """constraints.txt is what CI tests and the image ships: each dependency pyproject.toml names,
+    runtime and test, at one exact version that its range admits, installed through it everywhere."""
+    pins: dict[str, Version] = {}
+    for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line!r}"
+            pins[canonicalize_name(name)] = Version(version)
+    declared = [*PYPROJECT["project"]["dependencies"], *PYPROJECT["project"]["optional-dependencies"]["test"]]
+    for text in declared:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        pinned = pins.get(canonicalize_name(requirement.name))
+        assert pinned is not None, f"{requirement.name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pinned, prereleases=True), f"{requirement.name}=={pinned}"
+
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    readme_commands = README.read_text(encoding="utf-8").split("```bash", 1)[1].split("```", 1)[0]
+    docker = [("Dockerfile", a) for a in instruction("RUN") if "pip install" in a and "--no-deps" not in a]
+    for where, text in (("ci", ci), ("README", readme_commands), *docker):
+        installs = re.findall(r"pip install[^&\n]*", text)
+        assert installs, where
+        for install in installs:
+            if "--upgrade pip" not in install:
+                assert "-c constraints.txt" in install, f"{where}: {install}"
+
+
 def test_dockerfile_copies_what_the_build_needs_and_dockerignore_keeps_the_rest_out() -> None:
     patterns = [
         line.strip()
@@ -334,7 +368,7 @@ def test_dockerfile_copies_what_the_build_needs_and_dockerignore_keeps_the_rest_
     def ignored(path: str) -> bool:
         return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p.removeprefix("**/")) for p in patterns)
 
-    sources = [a.split()[0] for a in instruction("COPY")]
+    sources = [source for a in instruction("COPY") for source in a.split()[:-1]]
     for source in sources:
         assert (ROOT / source).exists(), source
         assert not ignored(source.rstrip("/")), f".dockerignore excludes {source}"
