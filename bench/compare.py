@@ -1,16 +1,19 @@
 """How does the gateway compare with calling the upstream directly, with nginx, and with LiteLLM?
 
-One command starts, on 127.0.0.1, a fast OpenAI-Videos upstream (the one in ``upload_memory.py``),
-the gateway in front of it, nginx as a plain reverse proxy (Debian package, installed if missing),
-and LiteLLM's proxy (``litellm[proxy]`` from PyPI, installed into ``bench/.litellm-venv`` on first
-use), all routed to the same upstream. It measures each path in the same run, rounds interleaved in a
+One command starts, on 127.0.0.1, a fast OpenAI-Videos upstream (the one in ``upload_memory.py``,
+answering at once, or for a job created so, after a fixed latency), the gateway in front of it, nginx
+as a plain reverse proxy (Debian package, installed if missing), and LiteLLM's proxy
+(``litellm[proxy]`` from PyPI, installed into ``bench/.litellm-venv`` on first use), all routed to
+the same upstream. It measures each path in the same run, rounds interleaved in a
 fresh random order so machine drift hits all alike:
 
 - poll path ``GET /v1/videos/{id}`` (the upstream keeps answering ``in_progress``, so every proxy
   forwards every poll): saturation throughput (wrk, closed loop) with the CPU time each poll cost
   the process answering wrk (the proxy; for direct, the upstream), and latency at fixed arrival rates
   (an open-loop asyncio driver that schedules each request on the clock and measures from the
-  scheduled time, so queueing delay is not hidden); the added latency is the target's minus direct;
+  scheduled time, so queueing delay is not hidden); the added latency is the target's minus direct.
+  Measured twice: for a job the upstream answers at once (what the proxy itself costs), and for one
+  it answers after ``--latency-ms`` (a provider's own time, as in production: rows ``poll+N ms``);
 - create with a small multipart body: latency p50/p99 at a fixed rate;
 - a SIZE ``input_reference`` upload and a SIZE content download: throughput and peak RSS growth of
   each proxy process (for the gateway with workers, of the worker that grew most).
@@ -73,6 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "compare.json"
 LITELLM_VENV = ROOT / "bench" / ".litellm-venv"
 LITELLM_KEY = "sk-bench-litellm-master"
+POLL = "poll"  # the label of polls the upstream answers at once; "poll+N ms" for those it takes N ms
 
 
 @dataclass
@@ -81,7 +85,7 @@ class Target:
     base: str
     key: str
     process: Child | None = None
-    video_id: str | None = None
+    video_ids: dict[str, str] = field(default_factory=dict)  # poll label -> a video of that kind
     serving: Child | None = None  # whose CPU a poll is charged to: the proxy, or for direct the upstream
     problems: list[str] = field(default_factory=list)
 
@@ -210,9 +214,9 @@ litellm_settings:
     )
 
 
-async def create_video(session: aiohttp.ClientSession, target: Target) -> str | None:
+async def create_video(session: aiohttp.ClientSession, target: Target, prompt: str = "bench") -> str | None:
     form = aiohttp.FormData(default_to_multipart=True)
-    for name, value in (("prompt", "bench"), ("model", "sora-2"), ("seconds", "4"), ("size", "1280x720")):
+    for name, value in (("prompt", prompt), ("model", "sora-2"), ("seconds", "4"), ("size", "1280x720")):
         form.add_field(name, value)
     try:
         async with session.post(f"{target.base}/v1/videos", data=form, headers=target.headers) as response:
@@ -329,7 +333,7 @@ async def _move(session: aiohttp.ClientSession, target: Target, kind: str, size:
                 await r.read()
                 return r.status == 200
         async with session.get(
-            f"{target.base}/v1/videos/{target.video_id}/content", headers=target.headers
+            f"{target.base}/v1/videos/{target.video_ids[POLL]}/content", headers=target.headers
         ) as r:
             got = 0
             async for chunk in r.content.iter_chunked(256 * 1024):
@@ -344,26 +348,33 @@ async def run(args: argparse.Namespace, targets: list[Target], wrk: str | None) 
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     results: dict[str, Any] = {
-        t.name: {"saturation": [], "poll": {}, "create": [], "problems": t.problems} for t in targets
+        t.name: {"saturation": {}, "poll": {}, "create": [], "problems": t.problems} for t in targets
     }
+    kinds = {POLL: "bench"}  # poll label -> the prompt that makes such a job upstream
+    if args.latency_ms:
+        kinds[f"{POLL}+{args.latency_ms} ms"] = f"latency {args.latency_ms} ms"
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         for target in targets:
-            target.video_id = await create_video(session, target)
-        live = [t for t in targets if t.video_id]
+            for label, prompt in kinds.items():
+                video_id = await create_video(session, target, prompt)
+                if video_id is not None:
+                    target.video_ids[label] = video_id
+        live = [t for t in targets if len(t.video_ids) == len(kinds)]
         for round_no in range(args.rounds):
             order = random.sample(live, len(live))
             print(f"round {round_no + 1}/{args.rounds}: {', '.join(t.name for t in order)}", flush=True)
             for target in order:
-                url = f"{target.base}/v1/videos/{target.video_id}"
-                results[target.name]["saturation"].append(
-                    await asyncio.to_thread(
-                        saturation, wrk, url, target.headers, args.seconds, target.serving
+                for label, video_id in target.video_ids.items():
+                    url = f"{target.base}/v1/videos/{video_id}"
+                    results[target.name]["saturation"].setdefault(label, []).append(
+                        await asyncio.to_thread(
+                            saturation, wrk, url, target.headers, args.seconds, target.serving
+                        )
                     )
-                )
-                for rate in args.rates:
-                    results[target.name]["poll"].setdefault(str(rate), []).append(
-                        await fixed_rate(session, "GET", url, target.headers, rate, args.seconds)
-                    )
+                    for rate in args.rates:
+                        results[target.name]["poll"].setdefault(label, {}).setdefault(str(rate), []).append(
+                            await fixed_rate(session, "GET", url, target.headers, rate, args.seconds)
+                        )
                 form = MultipartBody(1024)
                 results[target.name]["create"].append(
                     await fixed_rate(
@@ -391,16 +402,17 @@ def summarise(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     for name, r in results.items():
         row: dict[str, float] = {}
-        sat = [s["rps"] for s in r["saturation"]]
-        row["poll saturation req/s"] = statistics.median(sat) if sat else float("nan")
-        cpu = [s.get("cpu_us_per_request", float("nan")) for s in r["saturation"]]
-        row["poll CPU us/req @saturation"] = statistics.median(cpu) if cpu else float("nan")
-        bad = sum(s.get("non_2xx", 0) for s in r["saturation"])
-        if bad:
-            r["problems"].append(f"{bad} non-2xx answers under saturation load")
-        for rate, rounds in r["poll"].items():
-            row[f"poll p50 ms @{rate}/s"] = statistics.median([x["p50_ms"] for x in rounds])
-            row[f"poll p99 ms @{rate}/s"] = statistics.median([x["p99_ms"] for x in rounds])
+        for label, rounds in r["saturation"].items():
+            row[f"{label} saturation req/s"] = statistics.median([x["rps"] for x in rounds])
+            cpu = [x.get("cpu_us_per_request", float("nan")) for x in rounds]
+            row[f"{label} CPU us/req @saturation"] = statistics.median(cpu)
+            bad = sum(x.get("non_2xx", 0) for x in rounds)
+            if bad:
+                r["problems"].append(f"{label}: {bad} non-2xx answers under saturation load")
+        for label, by_rate in r["poll"].items():
+            for rate, rounds in by_rate.items():
+                row[f"{label} p50 ms @{rate}/s"] = statistics.median([x["p50_ms"] for x in rounds])
+                row[f"{label} p99 ms @{rate}/s"] = statistics.median([x["p99_ms"] for x in rounds])
         if r["create"]:
             row["create p50 ms @20/s"] = statistics.median([x["p50_ms"] for x in r["create"]])
             row["create p99 ms @20/s"] = statistics.median([x["p99_ms"] for x in r["create"]])
@@ -415,7 +427,7 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     names = ["direct", "gateway", "nginx", "litellm"]
     metrics = list(dict.fromkeys(k for row in rows.values() for k in row))
     head = (
-        f"{'figure':28}"
+        f"{'figure':36}"
         + "".join(f"{n:>11}" for n in names)
         + f"{'gw/direct':>11}{'gw/nginx':>10}{'gw/litellm':>11}"
     )
@@ -434,7 +446,7 @@ def table(rows: dict[str, dict[str, float]]) -> str:
                 (cell("litellm", metric), 11),
             )
         )
-        lines.append(f"{metric:28}{values}{ratios}")
+        lines.append(f"{metric:36}{values}{ratios}")
     return "\n".join(lines)
 
 
@@ -447,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rates", type=float, nargs="+", default=[100, 300], help="fixed arrival rates (req/s)"
     )
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="the upstream's own latency")
+    parser.add_argument(
+        "--latency-ms",
+        type=int,
+        default=20,
+        help="the upstream's own time to answer a poll, for the second set of poll figures (0: none)",
+    )
     parser.add_argument("--size-mib", type=int, default=1024, help="upload and download size")
     parser.add_argument(
         "--workers",
@@ -479,8 +496,6 @@ def main(argv: list[str] | None = None) -> int:
                 str(size),
                 "--retrieve-status",
                 "in_progress",
-                "--latency-ms",
-                str(args.latency_ms),
             ],
             up_port,
             workdir,
@@ -546,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"gateway workers {args.workers}, "
-            f"upstream latency {args.latency_ms} ms, {args.rounds} rounds of {args.seconds} s, "
+            f"poll latency 0 and {args.latency_ms} ms, {args.rounds} rounds of {args.seconds} s, "
             f"{args.size_mib} MiB transfers\n"
         )
         print(table(rows))

@@ -65,6 +65,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _PATTERN = bytes(range(256)) * (CHUNK // 256)
 _MODEL_FIELD = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*?\r\n([^\r\n]*)\r\n')
+_PROMPT_FIELD = re.compile(rb'name="prompt"\r\n(?:[^\r\n]+\r\n)*?\r\n([^\r\n]*)\r\n')
+# A create whose prompt is "latency N ms" makes a job whose polls each take N ms: the job's ID carries
+# the figure (``video_x7_20ms``), so any proxy in front, which passes the ID on, reaches the same delay.
+LATENCY_PROMPT = re.compile(rb"latency (\d{1,5}) ms")
+_ID_LATENCY = re.compile(r"_(\d{1,5})ms$")
 LAST = web.AppKey("last", dict)
 COUNTER = web.AppKey("counter", list)
 STATUS = web.AppKey("status", list)
@@ -91,7 +96,8 @@ def build_upstream(
     """POST /v1/videos hashes the raw body as it streams; GET .../content streams ``content_bytes``.
 
     Retrieve answers ``retrieve_status`` (``in_progress`` keeps a gateway forwarding every poll);
-    every answer waits ``latency_ms`` first, to model a provider's own time.
+    every answer waits ``latency_ms`` first, to model a provider's own time, or for a poll, the
+    latency its job was created with (:data:`LATENCY_PROMPT`).
     """
 
     async def create(request: web.Request) -> web.Response:
@@ -107,6 +113,9 @@ def build_upstream(
         counter = request.app[COUNTER]
         counter[0] += 1
         video_id = f"video_x{counter[0]}"
+        prompt = _PROMPT_FIELD.search(head)
+        if prompt and (asked := LATENCY_PROMPT.fullmatch(prompt.group(1))):
+            video_id += f"_{int(asked.group(1))}ms"
         request.app[LAST].clear()
         request.app[LAST].update(
             id=video_id,
@@ -120,9 +129,12 @@ def build_upstream(
         return web.json_response(_video(video_id, "queued"))
 
     async def retrieve(request: web.Request) -> web.Response:
-        if latency_ms:
-            await asyncio.sleep(latency_ms / 1000)
-        return web.json_response(_video(request.match_info["video_id"], request.app[STATUS][0]))
+        video_id = request.match_info["video_id"]
+        own = _ID_LATENCY.search(video_id)
+        delay = int(own.group(1)) if own else latency_ms
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        return web.json_response(_video(video_id, request.app[STATUS][0]))
 
     async def content(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
