@@ -26,6 +26,7 @@ from aiohttp import web
 from gateway.providers import ADAPTERS
 from gateway.videos import STATUS_SYNONYMS, STATUSES, VIDEO_KEYS
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, call
+from tests.test_resilience import sample
 
 JOB = {"id": "job_1", "object": "video", "status": "queued", "progress": 0, "created_at": 1_700_000_000}
 ACTIVE = ("queued", "in_progress")
@@ -43,6 +44,7 @@ class RandomAnswers:
         self.creates = 0
         self.polled: list[str] = []  # each retrieve's request target, as sent
         self.content_location = ""  # where content redirects to (§2.3: a 302 to a signed URL)
+        self.content_status = 302  # how: without a location, any status
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -54,7 +56,8 @@ class RandomAnswers:
         return app
 
     async def content(self, request: web.Request) -> web.Response:
-        return web.Response(status=302, headers={"Location": self.content_location})
+        headers = {"Location": self.content_location} if self.content_location else {}
+        return web.Response(status=self.content_status, headers=headers, body=b"<html>moved</html>")
 
     async def character(self, request: web.Request) -> web.Response:
         await request.read()
@@ -245,6 +248,43 @@ async def test_a_redirect_to_no_url_is_a_502(
     status, headers, body = await call(gw, "GET", f"/v1/videos/{created['id']}/content")
     assert status == 502, (status, headers, body)
     assert_envelope(body, location)
+
+
+@pytest.mark.parametrize("status", [302, 307, 300, 204, 201])
+async def test_a_download_answer_that_carries_no_file_is_a_502(
+    gateway: tuple[RunningGateway, RandomAnswers], status: int
+) -> None:
+    """A download answered under 400 but with no file to relay (a redirect that names no place, a
+    204): the client gets a 502 in the envelope, not the provider's status with a body of nothing."""
+    gw, fake = gateway
+    fake.next_create = json.dumps({**JOB, "status": "completed", "progress": 100}).encode()
+    status_, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+    assert status_ == 200, created
+    fake.content_status = status
+    errors = 'gateway_upstream_errors_total{kind="payload",provider="up"}'
+    before = await sample(gw, errors)
+    got, headers, body = await call(gw, "GET", f"/v1/videos/{created['id']}/content")
+    assert got == 502, (got, headers, body)
+    assert body["error"]["type"] == "upstream_error" and str(status) in body["error"]["message"], body
+    assert await sample(gw, errors) == before + 1  # an unusable answer, counted once
+
+
+async def test_not_modified_reaches_the_client_that_asked_for_it(
+    gateway: tuple[RunningGateway, RandomAnswers],
+) -> None:
+    """A 304 to a conditional download is an answer the client can take: relayed, no body."""
+    gw, fake = gateway
+    fake.next_create = json.dumps({**JOB, "status": "completed", "progress": 100}).encode()
+    _, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
+    fake.content_status = 304
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{gw.url}/v1/videos/{created['id']}/content",
+            headers={"Authorization": f"Bearer {ALPHA_KEY}", "If-None-Match": '"v1"'},
+        ) as response,
+    ):
+        assert response.status == 304 and await response.read() == b""
 
 
 def character_document(rng: random.Random) -> bytes:

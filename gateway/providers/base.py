@@ -205,6 +205,10 @@ def is_web_url(url: str) -> bool:
 
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# The answers to a download that a client can take as they are: the file, a part of it, a proxy's
+# copy of it, or "not modified" to its conditional request. Anything else under 400 (a redirect
+# without Location, a 204) carries no video.
+MEDIA_STATUSES = frozenset({200, 203, 206, 304})
 
 
 def redirect_target(response: aiohttp.ClientResponse) -> str:
@@ -658,6 +662,13 @@ class Adapter:
         Once the first byte went out, an upstream failure can only cut the client's connection. A
         HEAD gets the status and headers alone (aiohttp leaves a streamed body to its writer).
         """
+        if upstream.status not in MEDIA_STATUSES:
+            raise UpstreamError(
+                502,
+                f"Upstream error: the provider answered the download with status {upstream.status}, "
+                "which carries no file.",
+                kind="payload",
+            )
         response = web.StreamResponse(status=upstream.status)
         for name in CONTENT_RESPONSE_HEADERS:
             if name in upstream.headers:
