@@ -45,6 +45,7 @@ class RandomAnswers:
         self.polled: list[str] = []  # each retrieve's request target, as sent
         self.content_location = ""  # where content redirects to (§2.3: a 302 to a signed URL)
         self.content_status = 302  # how: without a location, any status
+        self.content_asked: list[str | None] = []  # the If-None-Match of each download, as it came
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -56,7 +57,8 @@ class RandomAnswers:
         return app
 
     async def content(self, request: web.Request) -> web.Response:
-        headers = {"Location": self.content_location} if self.content_location else {}
+        self.content_asked.append(request.headers.get("If-None-Match"))
+        headers = {"ETag": '"v1"', **({"Location": self.content_location} if self.content_location else {})}
         return web.Response(status=self.content_status, headers=headers, body=b"<html>moved</html>")
 
     async def character(self, request: web.Request) -> web.Response:
@@ -250,12 +252,13 @@ async def test_a_redirect_to_no_url_is_a_502(
     assert_envelope(body, location)
 
 
-@pytest.mark.parametrize("status", [302, 307, 300, 204, 201])
+@pytest.mark.parametrize("status", [302, 307, 300, 204, 201, 304])
 async def test_a_download_answer_that_carries_no_file_is_a_502(
     gateway: tuple[RunningGateway, RandomAnswers], status: int
 ) -> None:
     """A download answered under 400 but with no file to relay (a redirect that names no place, a
-    204): the client gets a 502 in the envelope, not the provider's status with a body of nothing."""
+    204, a 304 to a request that asked nothing of the kind): the client gets a 502 in the envelope,
+    not the provider's status with a body of nothing."""
     gw, fake = gateway
     fake.next_create = json.dumps({**JOB, "status": "completed", "progress": 100}).encode()
     status_, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
@@ -272,7 +275,8 @@ async def test_a_download_answer_that_carries_no_file_is_a_502(
 async def test_not_modified_reaches_the_client_that_asked_for_it(
     gateway: tuple[RunningGateway, RandomAnswers],
 ) -> None:
-    """A 304 to a conditional download is an answer the client can take: relayed, no body."""
+    """A conditional download goes upstream conditional, and the provider's 304 is an answer the
+    client can take: relayed with its ETag, no body."""
     gw, fake = gateway
     fake.next_create = json.dumps({**JOB, "status": "completed", "progress": 100}).encode()
     _, _, created = await call(gw, "POST", "/v1/videos", json={"prompt": "p", "model": "remote"})
@@ -285,6 +289,8 @@ async def test_not_modified_reaches_the_client_that_asked_for_it(
         ) as response,
     ):
         assert response.status == 304 and await response.read() == b""
+        assert response.headers["ETag"] == '"v1"'
+    assert fake.content_asked == ['"v1"']
 
 
 def character_document(rng: random.Random) -> bytes:

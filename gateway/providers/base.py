@@ -33,7 +33,12 @@ from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
 from gateway.context import CONTEXT, UpstreamClock, cut_answer, start_answer
 from gateway.errors import ApiError, UpstreamError, unsupported
-from gateway.headers import CONTENT_CACHE_CONTROL, CONTENT_RESPONSE_HEADERS, forwardable_request_headers
+from gateway.headers import (
+    CONDITIONAL_REQUEST_HEADERS,
+    CONTENT_CACHE_CONTROL,
+    CONTENT_RESPONSE_HEADERS,
+    forwardable_request_headers,
+)
 from gateway.http1 import Answer, ExchangeError, FixedHeaders, Http1Client, Limits
 from gateway.logs import log
 from gateway.sockets import stall_limited_socket
@@ -206,9 +211,9 @@ def is_web_url(url: str) -> bool:
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # The answers to a download that a client can take as they are: the file, a part of it, a proxy's
-# copy of it, or "not modified" to its conditional request. Anything else under 400 (a redirect
-# without Location, a 204) carries no video.
-MEDIA_STATUSES = frozenset({200, 203, 206, 304})
+# copy of it; and a 304 to a request that was sent conditional (:func:`_relayable`). Anything else
+# under 400 (a redirect without Location, a 204) carries no video.
+MEDIA_STATUSES = frozenset({200, 203, 206})
 
 
 def redirect_target(response: aiohttp.ClientResponse) -> str:
@@ -220,6 +225,16 @@ def redirect_target(response: aiohttp.ClientResponse) -> str:
         raise UpstreamError(
             502, "Upstream error: the provider redirected to something that is no URL.", kind="payload"
         ) from None
+
+
+def _relayable(upstream: aiohttp.ClientResponse) -> bool:
+    """Whether a download's answer is one the client can take: a file, or "not modified" when the
+    request that went upstream asked whether it had changed (the client's ``If-None-Match`` or
+    ``If-Modified-Since``, which only some adapters pass on). Unasked, a 304 tells the client nothing."""
+    if upstream.status == 304:
+        sent = upstream.request_info.headers
+        return any(name in sent for name in CONDITIONAL_REQUEST_HEADERS)
+    return upstream.status in MEDIA_STATUSES
 
 
 _PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]+")
@@ -662,7 +677,7 @@ class Adapter:
         Once the first byte went out, an upstream failure can only cut the client's connection. A
         HEAD gets the status and headers alone (aiohttp leaves a streamed body to its writer).
         """
-        if upstream.status not in MEDIA_STATUSES:
+        if not _relayable(upstream):
             raise UpstreamError(
                 502,
                 f"Upstream error: the provider answered the download with status {upstream.status}, "
