@@ -561,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"gateway workers {args.workers}, "
-            f"poll latency 0 and {args.latency_ms} ms, {args.rounds} rounds of {args.seconds} s, "
+            f"poll latency 0{f' and {args.latency_ms}' if args.latency_ms else ''} ms, "
+            f"{args.rounds} rounds of {args.seconds} s, "
             f"{args.size_mib} MiB transfers\n"
         )
         print(table(rows))
