@@ -195,26 +195,24 @@ async def test_upstream_latency_is_timed_per_operation(dialect_gateway: RunningG
     await client.videos.delete(video.id)
     after = samples(await scrape(dialect_gateway))
 
-    def timed(operation: str) -> float:
-        name = "gateway_upstream_request_duration_seconds_count"
-        labels = {"provider": "dialect", "model": "sora-remote", "operation": operation}
+    def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
+
+    def timed(operation: str) -> float:
+        return grew(
+            "gateway_upstream_request_duration_seconds_count",
+            provider="dialect",
+            model="sora-remote",
+            operation=operation,
+        )
 
     assert timed("create") == 1
     assert timed("retrieve") >= 2  # queued -> in_progress -> completed
     assert timed("content") == 1  # the download itself (its video was known to be completed)
     assert timed("delete") == 1
     assert timed("remix") == 0
-    assert value(
-        after,
-        "gateway_upstream_requests_total",
-        provider="dialect",
-        deployment="dialect/upstream-sora",
-    ) - value(
-        before,
-        "gateway_upstream_requests_total",
-        provider="dialect",
-        deployment="dialect/upstream-sora",
+    assert grew(
+        "gateway_upstream_requests_total", provider="dialect", deployment="dialect/upstream-sora"
     ) == timed("create") + timed("retrieve") + timed("content") + timed("delete")
 
 

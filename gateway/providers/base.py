@@ -714,14 +714,14 @@ class Adapter:
                 sent += len(chunk)
                 ctx.bytes_out = sent
         except UPSTREAM_STREAM_FAILURES:
+            broke = True
+        else:  # a body its connection's close ends, ended by a reset, broke off too
+            broke = reset is not None and reset.done() and reset.exception() is not None
+        if broke:
             cut_answer(call.request, response)
             self.stream_cut_off(call)
-            return response
-        if reset is not None and reset.done() and reset.exception() is not None:
-            cut_answer(call.request, response)
-            self.stream_cut_off(call)
-            return response
-        await response.write_eof()
+        else:
+            await response.write_eof()
         return response
 
     def result_host_allowed(self, url: str) -> bool:
