@@ -6,6 +6,7 @@ these with what that provider should show. They talk HTTP to the gateway, as a c
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import textwrap
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from PIL import Image
 
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway
@@ -157,6 +159,35 @@ async def poll_until_done(gw: RunningGateway, video_id: str, max_polls: int = 30
     assert progress == sorted(progress), f"progress went backwards: {progress}"
     assert seen[-1]["status"] in ("completed", "failed"), f"never finished: {[v['status'] for v in seen]}"
     return seen
+
+
+async def assert_a_moments_404_ends_nothing(
+    gw: RunningGateway, jobs: dict[str, Any], monkeypatch: pytest.MonkeyPatch, **fields: Any
+) -> None:
+    """A provider answering 404 for a job it is still running (its front redeployed, a replica that
+    has not heard of it yet) must not end the video, which it would then make and bill, never
+    delivered and never polled again. The client gets a 404 until the job is known again; only a
+    404 that lasts ``LOST_AFTER_SECONDS`` (shortened here) fails the video as lost.
+
+    ``jobs`` is the fake's own record of its jobs, emptied to make the provider forget them."""
+    from gateway import api
+
+    monkeypatch.setattr(api, "LOST_AFTER_SECONDS", 0.3)
+    video_id = (await create(gw, **fields))["id"]
+    known = dict(jobs)
+    jobs.clear()
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video_id}")
+    assert status == 404 and body["error"]["code"] == "video_not_found", body
+    jobs.update(known)
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video_id}")
+    assert status == 200 and body["status"] in ("queued", "in_progress"), body
+    jobs.clear()
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video_id}")
+    assert status == 404, body
+    await asyncio.sleep(0.4)
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video_id}")
+    assert status == 200 and body["status"] == "failed", body
+    assert body["error"]["code"] == "video_not_found", body
 
 
 async def assert_refused(

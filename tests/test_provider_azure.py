@@ -12,6 +12,7 @@ from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.azure import FakeAzure
 from tests.provider_contract import (
     AUTH,
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     create,
@@ -194,3 +195,11 @@ async def test_official_sdk_end_to_end(
     assert fake.bodies[0]["model"] == "my-sora-2"
     assert_azure_auth(fake)
     assert AUTH["Authorization"] not in str([dict(got.headers) for got in fake.received])
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, azure: tuple[FakeAzure, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, azure[0].videos, monkeypatch, model="sora-azure", prompt="a red fox"
+    )

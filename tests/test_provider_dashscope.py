@@ -11,10 +11,12 @@ import pytest
 
 from gateway.config import ProviderConfig
 from gateway.providers import ADAPTERS
+from gateway.providers import dashscope as dashscope_adapter
 from gateway.providers.base import AdapterEnv
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.dashscope import CREATE, FakeDashScope
 from tests.provider_contract import (
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_task_id_kept_whole,
@@ -180,7 +182,12 @@ async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningG
     )
 
 
-async def test_failed_filtered_cancelled_and_expired_tasks(gw: RunningGateway) -> None:
+async def test_failed_filtered_cancelled_and_expired_tasks(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UNKNOWN ends a task as expired once it is as old as DashScope keeps tasks (made 0 here); a
+    younger task's UNKNOWN is a 404 the gateway waits out (test_a_moments_404_ends_nothing)."""
+    monkeypatch.setattr(dashscope_adapter, "TASK_LIFETIME_SECONDS", 0)
     expected = {
         "[fail]": ("InternalError.Algo", "Algorithm process error."),
         "[filter]": ("content_filter", "Output data may contain inappropriate content."),
@@ -315,3 +322,11 @@ def test_every_result_host_alibaba_lists_is_followed_and_no_other(tmp_path: Path
         assert adapter.result_host_allowed(f"https://{host}/1d/31/v.mp4?Expires=1&Signature=x"), host
     for host in ("oss-cn-beijing.aliyuncs.com.example.com", "example.com", "aliyuncs.com"):
         assert not adapter.result_host_allowed(f"https://{host}/v.mp4"), host
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, dashscope: tuple[FakeDashScope, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, dashscope[0].tasks, monkeypatch, model="wan-t2v", prompt="a red fox"
+    )

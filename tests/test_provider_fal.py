@@ -15,6 +15,7 @@ from gateway.providers.fal import FalAdapter, app_path
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.fal import ENDPOINTS, FakeFal
 from tests.provider_contract import (
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_variant_missing,
@@ -312,4 +313,12 @@ async def test_delete_cancels_at_fal(gw: RunningGateway, fal: tuple[FakeFal, str
 async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path]) -> None:
     assert await assert_sdk_roundtrip(gw, "veo", prompt="sdk", size="1280x720", seconds="8") == (
         media["video"].read_bytes()
+    )
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, fal: tuple[FakeFal, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, fal[0].requests, monkeypatch, model="kling", prompt="a red fox"
     )

@@ -16,6 +16,7 @@ from gateway.providers.kling import KlingAdapter
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, load
 from tests.fakes.kling import FakeKling
 from tests.provider_contract import (
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_task_id_kept_whole,
@@ -305,3 +306,9 @@ async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path
 
 async def test_a_task_id_is_used_whole(gw: RunningGateway, kling: FakeKling) -> None:
     await assert_task_id_kept_whole(gw, kling, "kling")
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, kling: FakeKling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(gw, kling.tasks, monkeypatch, model="kling", prompt="a red fox")

@@ -17,6 +17,7 @@ from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, ServeGateway
 from tests.fakes.luma import FakeLuma
 from tests.provider_contract import (
     ODD_TASK_ID,
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_task_id_kept_whole,
@@ -345,3 +346,11 @@ async def test_an_image_swept_by_another_request_meanwhile_is_no_failure(
     form = {"prompt": "animate", "model": "dream", "size": "1280x720", "input_reference": png()}
     status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
     assert status == 200 and len(fake.creates) == 1, body
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, luma: tuple[FakeLuma, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, luma[0].generations, monkeypatch, model="dream", prompt="a red fox"
+    )

@@ -14,6 +14,7 @@ from gateway.providers.minimax import refusal
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.minimax import FakeMiniMax
 from tests.provider_contract import (
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_task_id_kept_whole,
@@ -294,3 +295,11 @@ async def test_an_image_given_as_bracketed_form_fields_counts_for_the_default_si
     form.add_field("input_reference[image_url]", "https://images.example/portrait.png")
     status, _, body = await request(gw, "POST", "/v1/videos", data=form)
     assert status == 200 and (body["size"], body["seconds"]) == ("720x1280", "6"), body
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, minimax: FakeMiniMax, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, minimax.tasks, monkeypatch, model="hailuo", prompt="a red fox"
+    )

@@ -14,6 +14,7 @@ from PIL import Image
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.replicate import SCHEMAS, VERSION_ID, FakeReplicate
 from tests.provider_contract import (
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_variant_missing,
@@ -325,3 +326,11 @@ async def test_a_model_replicate_no_longer_has_is_the_operators_to_fix(
     status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "hailuo"})
     assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
     assert "minimax/hailuo-02" in body["error"]["message"] and "routing config" in body["error"]["message"]
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, replicate: tuple[FakeReplicate, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, replicate[0].predictions, monkeypatch, model="hailuo", prompt="a red fox"
+    )

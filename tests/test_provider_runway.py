@@ -12,6 +12,7 @@ from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.runway import FakeRunway
 from tests.provider_contract import (
     ODD_TASK_ID,
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_task_id_kept_whole,
@@ -273,3 +274,11 @@ async def test_a_task_id_is_used_whole(gw: RunningGateway, runway: tuple[FakeRun
     status, _, deleted = await request(gw, "DELETE", f"/v1/videos/{video_id}")
     assert status == 200 and deleted["deleted"] is True, deleted
     assert ODD_TASK_ID not in runway[0].tasks  # the cancel reached the task's own path
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, runway: tuple[FakeRunway, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, runway[0].tasks, monkeypatch, model="gen-video", prompt="a red fox"
+    )

@@ -15,6 +15,7 @@ from gateway.providers.base import AdapterEnv
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.seedance import FakeArk
 from tests.provider_contract import (
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_task_id_kept_whole,
@@ -391,3 +392,11 @@ def test_a_model_unknown_at_request_time_is_named_as_written(tmp_path: Path) -> 
         adapter.spec("Some-Chat-Model")
     assert caught.value.message.startswith("The seedance provider does not know the model 'Some-Chat-Model'")
     assert "Ark endpoint ID" in caught.value.message and caught.value.code == "unsupported_model"
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, ark: tuple[FakeArk, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, ark[0].tasks, monkeypatch, model="seedance-pro", prompt="a red fox"
+    )

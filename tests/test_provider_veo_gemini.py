@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.veo_gemini import FakeVeoGemini
 from tests.provider_contract import (
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     assert_variant_missing,
@@ -250,4 +251,12 @@ async def test_a_create_naming_no_size_or_seconds_gets_openais_defaults(
 async def test_official_sdk_end_to_end(gw: RunningGateway, media: dict[str, Path]) -> None:
     assert await assert_sdk_roundtrip(gw, "veo", prompt="sdk", size="1280x720", seconds="4") == (
         media["video"].read_bytes()
+    )
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, gemini: tuple[FakeVeoGemini, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, gemini[0].operations, monkeypatch, model="veo", prompt="a red fox"
     )

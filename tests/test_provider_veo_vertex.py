@@ -18,6 +18,7 @@ from gateway.state import GATEWAY
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway
 from tests.fakes.veo_vertex import FakeVertexVeo, ServiceAccountKey
 from tests.provider_contract import (
+    assert_a_moments_404_ends_nothing,
     assert_refused,
     assert_sdk_roundtrip,
     create,
@@ -342,3 +343,11 @@ async def test_a_full_disk_when_the_video_is_kept_is_a_503_until_there_is_room(
     assert (await poll_until_done(gw, video["id"]))[-1]["status"] == "completed"
     status, _, content = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
     assert status == 200 and content == media["video"].read_bytes()
+
+
+async def test_a_moments_404_ends_nothing(
+    gw: RunningGateway, vertex: tuple[FakeVertexVeo, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await assert_a_moments_404_ends_nothing(
+        gw, vertex[0].operations, monkeypatch, model="veo", prompt="a red fox"
+    )

@@ -19,8 +19,9 @@ new-api ``task/ali``):
   ``size`` only picks the tier. ``img_url`` is a public URL or a ``data:`` URI (≤ 10 MB image);
 - ``GET /api/v1/tasks/{task_id}`` → ``{request_id, output: {task_id, task_status: PENDING |
   SUSPENDED | RUNNING | SUCCEEDED | FAILED | CANCELED | UNKNOWN, video_url, code, message,
-  submit_time, end_time}, usage}``. Task ids live 24 h; UNKNOWN means not found or expired. There is
-  no progress, so it is synthesised while running;
+  submit_time, end_time}, usage}``. Task ids live 24 h; UNKNOWN means not found or expired: expired
+  once the task is that old, else taken as the 404 of a task not found (the gateway decides when such
+  a task is lost, not one answer). There is no progress, so it is synthesised while running;
 - ``POST /api/v1/tasks/{task_id}/cancel`` cancels a PENDING task; DashScope refuses it otherwise;
 - ``output.video_url`` is a signed OSS URL (``Expires=<unix time>``, about 24 h); the task is fetched
   again for every download and a gone result is 410;
@@ -31,6 +32,7 @@ new-api ``task/ali``):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -68,6 +70,7 @@ from gateway.store import Task
 CREATE = "/api/v1/services/aigc/video-generation/video-synthesis"
 TASKS = "/api/v1/tasks"
 MAX_IMAGE = 10 * 1024 * 1024
+TASK_LIFETIME_SECONDS = 24 * 3600
 RETRY_AFTER_SECONDS = "5"  # DashScope limits submissions per second and sends no Retry-After
 
 # Pixel sizes per resolution tier, as the text-to-video reference lists them ("W*H").
@@ -244,6 +247,9 @@ class DashScopeAdapter(NativeAdapter):
             expires = _oss_expiry(url) if isinstance(url, str) else None
             if expires is not None:
                 fields["expires_at"] = expires
+        elif status == "unknown" and time.time() - task.created_at < TASK_LIFETIME_SECONDS:
+            text = "DashScope does not know this task (UNKNOWN)."
+            raise self.error_in_answer(call, refused(404, text, code=None, upstream_status=404))
         elif status in ("failed", "canceled", "unknown"):
             fields.update(self._failure(status, output))
         else:

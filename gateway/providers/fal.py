@@ -373,13 +373,9 @@ class FalAdapter(NativeAdapter):
         return f"{self.base_url}/{app}/requests/{task.upstream_id}{suffix}"
 
     async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
-        try:
-            answer = await self.call_json(call, "GET", self._url(task, "status_url", "/status") + "?logs=1")
-        except UpstreamError as exc:
-            if exc.upstream_status != 404:
-                raise
-            gone = _RunFailure("expired", "fal no longer knows this request.")
-            return UpstreamVideo(task.upstream_id, gone.fields())
+        # A 404 here goes up as it is: the gateway decides when a request fal does not know is lost
+        # (api._lost), not this one answer, which may be its front's of a moment.
+        answer = await self.call_json(call, "GET", self._url(task, "status_url", "/status") + "?logs=1")
         if not isinstance(answer, dict) or not isinstance(answer.get("status"), str):
             raise UpstreamError(502, "Upstream error: fal's status answer has no status.", kind="payload")
         word = answer["status"].upper()

@@ -256,16 +256,9 @@ class VeoBase(NativeAdapter):
         """Called once a poll finds the operation done with a video (``found``: its result entries)."""
 
     async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
-        try:
-            operation = await self._operation(call, task)
-        except UpstreamError as exc:
-            if exc.upstream_status != 404:
-                raise
-            fields = {
-                "status": "failed",
-                "error": {"code": "expired", "message": f"{self.product} no longer knows this operation."},
-            }
-            return UpstreamVideo(task.upstream_id, fields)
+        # A 404 goes up as it is: the gateway decides when an operation Google does not know is lost
+        # (api._lost), not this one answer, which may be a moment's.
+        operation = await self._operation(call, task)
         result, found = self._result(operation)
         fields = self.operation_fields(task, operation, result, found)
         if fields["status"] == "completed":
