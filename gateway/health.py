@@ -5,7 +5,8 @@ deployment is ejected for ``base_ejection_seconds`` times the number of times it
 up to ``max_ejection_seconds``. When that time is up, exactly one request probes it: success puts it
 back, failure ejects it again for longer. A model's last available deployment is never ejected
 (Envoy's max ejection percentage, taken to its safe end). The board outlives config reloads: it is
-keyed by deployment name; a reload that changes a deployment's provider starts it afresh.
+keyed by deployment name; a reload that changes a deployment's provider (its settings, or which
+provider or upstream model it names) starts it afresh, and one that removes it forgets it.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class HealthBoard:
             EJECTED.labels(deployment).set(0)
 
     def forget(self, deployments: Iterable[str]) -> None:
-        """Start these deployments afresh (their provider's settings changed: what failed may not)."""
+        """Start these deployments afresh (a reload changed what they reach: what failed may not)."""
         for deployment in deployments:
             if self._states.pop(deployment, None) is not None:
                 EJECTED.labels(deployment).set(0)

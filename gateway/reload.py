@@ -70,7 +70,7 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
         elif name not in adapters:  # its videos still reach it through the new table (retired)
             asyncio.get_running_loop().create_task(adapter.close_when_idle())
     changed = {name for name, adapter in adapters.items() if name in old and old[name] is not adapter}
-    gw.health.forget(d.name for ds in config.models.values() for d in ds if d.provider in changed)
+    gw.health.forget(_fresh_starts(config, previous, changed))
     retired = {name: adapter for name, adapter in old.items() if name not in adapters}
     _prime_resilience(config)
     metrics.prime(
@@ -80,6 +80,21 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
         }
     )
     return RoutingTable(config, adapters, gw.health, retired)
+
+
+def _fresh_starts(config: GatewayConfig, previous: RoutingTable | None, changed: set[str]) -> set[str]:
+    """The deployments whose health record no longer describes them: those on a provider whose
+    settings ``changed``, those a reload points at another provider or upstream model (the record
+    is the old target's; that target's videos poll as ``name@provider``), and those it removes (so
+    that none stays ejected, in the gauge too, for a deployment no create can reach)."""
+    now = {d.name: d for ds in config.models.values() for d in ds}
+    before = previous.deployments if previous is not None else {}
+    moved = {
+        name
+        for name, d in before.items()
+        if name not in now or (now[name].provider, now[name].upstream_model) != (d.provider, d.upstream_model)
+    }
+    return moved | {name for name, d in now.items() if d.provider in changed}
 
 
 async def _start_adapters(

@@ -629,6 +629,66 @@ async def test_the_ejected_gauge_falls_when_the_ejection_ends_and_a_fixed_provid
     assert {r["deployment"]: r for r in state["deployments"]}["up/primary"]["state"] == "healthy"
 
 
+async def test_a_deployment_a_reload_points_elsewhere_or_removes_starts_afresh(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    faulty: tuple[FaultyUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a change to a provider's own settings cleared a deployment's record: "main" pointed from
+    a dead provider to a healthy one (or to another upstream model) kept the old target's ejection,
+    so its creates went elsewhere for up to max_ejection_seconds, and a removed deployment's gauge
+    read 1 until its ejection ran out. The old target's videos poll under "main@down", not "main"."""
+    fake, url = faulty
+    extra = "resilience: {consecutive_failures: 1, base_ejection_seconds: 60}"
+    for name, value in ENV.items():  # a reload reads ${ENV} from the real environment
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "gateway.yaml"
+
+    def routing(main: str) -> str:
+        return config(
+            tmp_path,
+            url,
+            f"resilient:\n  {main}\n  - {{provider: up, model: secondary, priority: 1}}\n",
+            extra=extra,
+        )
+
+    async def reload(main: str) -> None:
+        path.write_text(routing(main))
+        status, _, answer = await post(gw, "/admin/reload", headers=ADMIN)
+        assert status == 200 and answer["reloaded"] is True, answer
+
+    async def ejected() -> float:
+        return await sample(gw, 'gateway_deployment_ejected{deployment="main"}')
+
+    async def create() -> None:
+        status, _, answer = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+        assert status == 200, answer
+
+    path.write_text(routing("- {provider: down, model: primary, name: main}"))
+    gw = await start_gateway(load(path.read_text()), config_path=path)
+    await create()  # refused by "down": main is ejected for 60 s, the create fails over
+    assert await ejected() == 1 and len(fake.hits_for("secondary")) == 1
+
+    await reload("- {provider: up, model: primary, name: main}")  # "up" itself is unchanged
+    assert await ejected() == 0
+    await create()
+    assert len(fake.hits_for("primary")) == 1, "main, now on a healthy provider, takes the create"
+
+    fake.behaviour["primary"] = "status:500"
+    await create()
+    assert await ejected() == 1 and len(fake.hits_for("secondary")) == 2
+    await reload("- {provider: up, model: tertiary, name: main}")  # another upstream model
+    await create()
+    assert len(fake.hits_for("tertiary")) == 1 and await ejected() == 0
+
+    fake.behaviour["tertiary"] = "status:500"
+    await create()
+    assert await ejected() == 1
+    await reload("")  # main removed
+    assert await ejected() == 0, "no deployment of that name is left to be ejected"
+
+
 async def test_an_answer_the_gateway_cannot_use_counts_as_an_upstream_error(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
