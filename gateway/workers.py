@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.logs import log
@@ -168,11 +169,26 @@ def supervise(
     quick_deaths = 0
 
     def spawn(slot: int) -> None:
-        # SIGHUP blocked until the worker can reload (server.serve unblocks it): one sent while it
-        # starts waits for it, rather than ending it as the signal's default action would.
+        """Start a worker in ``slot``, unless a stop was asked for: a worker started after the stop
+        had signalled the others would never hear of it, and the supervisor would wait for it forever.
+
+        The supervisor's signals are held from the check until the worker is in ``children``; one
+        arriving in between is handled as they are let go, and so reaches the new worker too.
+        """
         environ = {**env, WORKER_ENV: f"{slot}/{count}/{os.getpid()}"}
-        pid = os.posix_spawn(sys.executable, argv, environ, setsigmask=(signal.SIGHUP,))
-        children[pid] = (slot, time.monotonic())
+        with _held(signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if stopping:
+                return
+            # SIGHUP blocked until the worker can reload (server.serve unblocks it): one sent while
+            # it starts waits for it, rather than ending it as the signal's default action would.
+            pid = os.posix_spawn(sys.executable, argv, environ, setsigmask=(signal.SIGHUP,))
+            children[pid] = (slot, time.monotonic())
+
+    def back_off(seconds: float) -> None:
+        """Wait before replacing a worker that died at start-up, but no longer than until a stop."""
+        deadline = time.monotonic() + seconds
+        while not stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
 
     def forward(signum: int) -> None:
         for pid in list(children):
@@ -227,8 +243,8 @@ def supervise(
                 forward(signal.SIGTERM)
                 continue
             if quick_deaths:
-                time.sleep(min(5.0, 0.2 * 2**quick_deaths))
-            if watching:
+                back_off(min(5.0, 0.2 * 2**quick_deaths))
+            if watching and not stopping:
                 follow_the_file("replacing a worker")
             spawn(slot)
     finally:
@@ -237,6 +253,16 @@ def supervise(
         shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("supervisor_stopped", status=status)
     return status
+
+
+@contextlib.contextmanager
+def _held(*signals: signal.Signals) -> Iterator[None]:
+    """Block ``signals`` in this thread meanwhile; any that arrive are handled once they are let go."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def worker_slot() -> tuple[int, int] | None:

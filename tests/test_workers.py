@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from gateway import metrics
-from gateway.workers import cgroup_cpu_quota, process_alive, workers_count
+from gateway.workers import WORKER_ENV, cgroup_cpu_quota, process_alive, workers_count
 from tests.conftest import ALPHA_KEY, BETA_KEY, gateway_yaml
 from tests.test_cli import REPO, free_port
 
@@ -51,7 +51,7 @@ def _config(tmp_path: Path, port: int) -> str:
     )
 
 
-def _spawn(tmp_path: Path, beta_limits: str | None = None) -> Workers:
+def _spawn(tmp_path: Path, beta_limits: str | None = None, env: dict[str, str] | None = None) -> Workers:
     """``video-gateway serve`` with two workers on a free port, its output in a log file."""
     port = free_port()
     config = tmp_path / "gateway.yaml"
@@ -64,7 +64,7 @@ def _spawn(tmp_path: Path, beta_limits: str | None = None) -> Workers:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
             cwd=REPO,
-            env={**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY},
+            env={**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": BETA_KEY, **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -277,6 +277,62 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(start_worker
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "worker_died" in workers.log_text()
+
+
+def test_sigterm_while_a_worker_that_died_at_start_up_waits_to_be_replaced_stops_the_gateway(
+    tmp_path: Path,
+) -> None:
+    """A worker that dies at start-up is replaced after a back-off. A SIGTERM during the back-off
+    (``docker stop``, ``systemctl stop``) signalled only the workers there were; the replacement
+    started after it, never heard of the stop and served on, and the supervisor waited for it
+    forever. Worker 0 dies at start (a ``sitecustomize`` the workers inherit through PYTHONPATH)
+    until the crash file goes; the third death's back-off is 1.6 s, the SIGTERM lands in it."""
+    hook, crash = tmp_path / "hook", tmp_path / "crash"
+    hook.mkdir()
+    crash.touch()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        f"if os.environ.get('{WORKER_ENV}', '').startswith('0/') and os.path.exists({str(crash)!r}):\n"
+        "    os._exit(1)\n"
+    )
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+    workers = _spawn(tmp_path, env={"PYTHONPATH": path})
+    process = workers.process
+    try:
+        while workers.log_text().count("worker_died") < 3:
+            assert process.poll() is None, workers.log_text()
+            time.sleep(0.01)
+        crash.unlink()  # a replacement started now would serve, as one that came up well would
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            left = _workers_of(process.pid)
+            pytest.fail(f"the supervisor still runs 10 s after SIGTERM, workers {left}\n{workers.log_text()}")
+        assert code == 0, workers.log_text()
+        assert _workers_of(process.pid) == [], workers.log_text()
+        assert workers.log_text().count("worker_died") == 3, "no worker started after the stop"
+    finally:
+        for pid in _workers_of(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _workers_of(supervisor: int) -> list[int]:
+    """Live workers started by the supervisor with that pid, whether or not it is still their parent."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            slot = _environment(int(entry.name)).get(WORKER_ENV, "")
+        except OSError:
+            continue
+        if slot.rpartition("/")[2] == str(supervisor) and process_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 async def test_a_replacement_worker_runs_the_config_the_others_run(start_workers, fresh) -> None:
