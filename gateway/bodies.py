@@ -173,7 +173,7 @@ class MultipartParser:
     def _skipped(self, data: bytes) -> bool:
         """Pass over a chunk inside a value without copying it, when no data events are wanted and no
         delimiter ends in it: the middle of a large file costs one search."""
-        delimiter, keep = self._body_delimiter, len(self._body_delimiter) - 1
+        delimiter, keep = self._delimiter, len(self._body_delimiter)
         if self.data_events or self._state != "body" or len(data) <= keep or len(self._buffer) > keep:
             return False
         if delimiter in self._buffer + data[:keep] or delimiter in data:
@@ -189,9 +189,7 @@ class MultipartParser:
     def _step(self, events: list[tuple[str, Any]]) -> bool:
         buf = self._buffer
         if self._state == "preamble":
-            i = buf.find(self._delimiter)
-            while i > 0 and buf[i - 2 : i] != b"\r\n":
-                i = buf.find(self._delimiter, i + 1)
+            i = self._line_delimiter(at_start=True)
             # the same limit however the bytes arrive (the preamble is never consumed: offset 0)
             if i > _MAX_PREAMBLE or (i < 0 and len(buf) > _MAX_PREAMBLE + len(self._delimiter) - 1):
                 raise MultipartError("no multipart boundary found in the body")
@@ -215,9 +213,10 @@ class MultipartParser:
             return True
         if self._state == "body":
             assert self._part is not None
-            i = buf.find(self._body_delimiter)
+            i = self._line_delimiter(at_start=False)
+            i = i - 2 if i >= 0 else -1  # where the CRLF before it starts
             if i < 0:
-                keep = len(self._body_delimiter) - 1
+                keep = len(self._body_delimiter)  # with the CRLF: a bare LF is told from one
                 if len(buf) > keep:
                     self._data(events, len(buf) - keep)
                     self._consume(len(buf) - keep)
@@ -234,6 +233,22 @@ class MultipartParser:
             self._part = None
             return self._after_delimiter(i + len(self._body_delimiter), events)
         return False
+
+    def _line_delimiter(self, *, at_start: bool) -> int:
+        """Where in the buffer the next delimiter that begins a line (after CRLF) starts, or -1; at
+        its start when ``at_start`` (the body's first line). Parsers end lines differently: Python's
+        email and werkzeug also at a bare LF or CR, and take a delimiter right after a part's headers
+        for one. They would find parts the gateway did not, so such a delimiter is refused."""
+        buf, delimiter = self._buffer, self._delimiter
+        i = buf.find(delimiter)
+        while i >= 0:
+            before = buf[max(0, i - 2) : i]
+            if before == b"\r\n" or (i == 0 and at_start):
+                return i
+            if i == 0 or before[-1:] in (b"\r", b"\n"):
+                raise MultipartError("a multipart delimiter must follow CRLF")
+            i = buf.find(delimiter, i + 1)
+        return -1
 
     def _data(self, events: list[tuple[str, Any]], n: int) -> None:
         if self.data_events:
@@ -447,7 +462,7 @@ class RequestBody:
         try:
             for kind, value in self._parser.feed(chunk):
                 if kind == "part":
-                    _note_part(self._seen, value.name)
+                    _note_part(self._seen, value)
         except MultipartError as exc:
             self.failure = _malformed(exc)
             raise self.failure from None
@@ -481,7 +496,7 @@ class _Collector:
     async def handle(self, event: tuple[str, Any]) -> None:
         kind, value = event
         if kind == "part":
-            _note_part(self.seen, value.name)
+            _note_part(self.seen, value)
             self.current = value
             self.text.clear()
             self.file = None
@@ -513,11 +528,20 @@ class _Collector:
             self.current = None
 
 
-def _note_part(seen: set[str], name: str) -> None:
-    """Remember a part's name; a second copy of one of :data:`SINGLE_FIELDS` is refused."""
+def _note_part(seen: set[str], part: PartInfo) -> None:
+    """Remember a part's name. A second copy of one of :data:`SINGLE_FIELDS` is refused, and so is
+    one with a filename, however empty: the gateway takes such a part for a file and so never reads
+    it, where aiohttp and Go take a part with an empty filename for a field."""
+    name = part.name
     if name in seen and name in SINGLE_FIELDS:
         raise bad_request(
             f"The field '{name}' is given more than once.", param=name, code="duplicate_parameter"
+        )
+    if part.filename is not None and name in SINGLE_FIELDS:
+        raise bad_request(
+            f"The field '{name}' must be a plain form field, without a filename.",
+            param=name,
+            code="invalid_multipart",
         )
     seen.add(name)
 
@@ -682,8 +706,15 @@ async def _read_multipart_head(request: web.Request, limits: Limits, until: set[
 
 
 def _boundary(request: web.Request) -> str:
+    """The boundary of a multipart body. Content-Type goes on to the upstream as the client sent it,
+    so one that gives a parameter twice is refused: parsers differ on which one counts."""
     message = Message()
     message["content-type"] = request.headers.get("Content-Type", "")
+    names = [name.lower() for name, _ in message.get_params([])[1:]]
+    if len(set(names)) != len(names):
+        raise bad_request(
+            "The Content-Type header gives a parameter more than once.", code="invalid_multipart"
+        )
     boundary = message.get_param("boundary")
     if not isinstance(boundary, str) or not 1 <= len(boundary) <= 200:
         raise bad_request("multipart/form-data needs a boundary parameter.", code="invalid_multipart")

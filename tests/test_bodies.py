@@ -186,6 +186,13 @@ _NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_[]-.", min_size=1
 _BOUNDARY = st.from_regex(r"[A-Za-z0-9'()+_,.-]{1,70}", fullmatch=True)
 
 
+def _delimits(value: bytes, boundary: str) -> bool:
+    """Whether some parser would end a part's value at a delimiter in it: after CRLF (every parser),
+    after a bare LF or CR, or at its very start (Python's email and werkzeug)."""
+    delimiter = f"--{boundary}".encode()
+    return value.startswith(delimiter) or any(end + delimiter in value for end in (b"\r", b"\n"))
+
+
 @st.composite
 def forms(draw: st.DrawFn) -> tuple[str, list[Part], bytes]:
     boundary = draw(_BOUNDARY)
@@ -197,7 +204,7 @@ def forms(draw: st.DrawFn) -> tuple[str, list[Part], bytes]:
             st.builds(
                 Part,
                 name=_NAME,
-                data=data.filter(lambda d: delimiter not in d),
+                data=data.filter(lambda d: not _delimits(d, boundary)),
                 filename=st.none() | _NAME,
                 content_type=st.none() | st.sampled_from(["image/png", "video/mp4", "text/plain"]),
             ),
@@ -235,6 +242,13 @@ MALFORMED = {
     "not-form-data": _head('Content-Disposition: attachment; name="a"'),
     "junk-after-boundary": f"--{BOUNDARY}junk\r\n".encode()
     + _head('Content-Disposition: form-data; name="a"'),
+    # a delimiter other parsers see (after a bare LF or CR, or where a value starts) and this one would not
+    "delimiter-after-a-bare-lf": multipart([Part("a", f"1\n--{BOUNDARY}\r\n".encode())]),
+    "delimiter-after-a-bare-cr": multipart([Part("a", f"1\r--{BOUNDARY}--".encode())]),
+    "delimiter-where-a-value-starts": multipart([Part("a", f"--{BOUNDARY}\r\n".encode())]),
+    "delimiter-after-a-bare-lf-in-the-preamble": multipart(
+        [Part("a", b"1")], preamble=b"x\n--" + BOUNDARY.encode() + b"\r\n"
+    ),
     "junk-after-part-boundary": multipart([Part("a", b"1")]).replace(
         f"--{BOUNDARY}--".encode(), f"--{BOUNDARY}!!".encode()
     ),
@@ -338,6 +352,20 @@ def test_parser_skipping_large_values_keeps_every_offset():
         ended = [(p.name, p.value_start, p.value_end) for kind, p in events if kind == "end"]
         assert ended == [(p.info.name, p.info.value_start, p.info.value_end) for p in expected], size
         assert parser.done and all(kind != "data" for kind, _ in events)
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r"])
+def test_parser_skipping_large_values_still_refuses_a_delimiter_after_a_bare_line_end(line_end: bytes):
+    """The rest of a streamed upload is skipped, not copied; a delimiter after a bare LF or CR deep
+    in it, where another parser would start a part, is refused there too, however the bytes arrive."""
+    hidden = os.urandom(200_000) + line_end + f"--{BOUNDARY}\r\n".encode() + os.urandom(100_000)
+    raw = multipart([Part("video", hidden, filename="v.mp4"), Part("model", b"last")])
+    for size in (len(BOUNDARY) + 1, len(BOUNDARY) + 4, 1000, 65_536, 200_001, len(raw)):
+        parser = MultipartParser(BOUNDARY)
+        parser.data_events = False
+        with pytest.raises(MultipartError):
+            for chunk in split_every(raw, size):
+                parser.feed(chunk)
 
 
 @settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])

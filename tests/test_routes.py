@@ -195,6 +195,93 @@ async def test_a_model_smuggled_under_an_escaped_part_name_never_reaches_the_ups
     assert fake.requests("POST", f"/v1/videos/{next(iter(fake.jobs))}/remix") == []
 
 
+_FORM_TAIL = b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nagain\r\n--b--\r\n'
+_SMUGGLED = b'Content-Disposition: form-data; name="model"\r\n\r\nsora-2-pro-expensive\r\n'
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        pytest.param(  # aiohttp and Go read a part with an empty filename as a field, email as a file
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="model"; filename=""\r\n\r\nsora-2-pro\r\n'
+            + _FORM_TAIL,
+            id="model-with-an-empty-filename",
+        ),
+        pytest.param(  # the gateway read the first boundary, werkzeug reads the last
+            "multipart/form-data; boundary=b; boundary=c",
+            b"--c\r\n" + _SMUGGLED + b"--c--\r\n" + _FORM_TAIL,
+            id="two-boundary-parameters",
+        ),
+        pytest.param(  # email and werkzeug end a value at a delimiter after a bare LF
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhello\n--b\r\n'
+            + _SMUGGLED
+            + b"--b--\r\n",
+            id="delimiter-after-a-bare-lf",
+        ),
+        pytest.param(
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhello\r--b\r\n'
+            + _SMUGGLED
+            + b"--b--\r\n",
+            id="delimiter-after-a-bare-cr",
+        ),
+        pytest.param(  # ... and in the preamble, where a first-wins parser then takes it
+            "multipart/form-data; boundary=b",
+            b"x\n--b\r\n" + _SMUGGLED + _FORM_TAIL,
+            id="delimiter-after-a-bare-lf-in-the-preamble",
+        ),
+    ],
+)
+async def test_a_form_another_parser_reads_otherwise_never_reaches_the_upstream(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], content_type: str, body: bytes
+) -> None:
+    """A remix passes the client's form on byte for byte, rewriting only the fields the gateway saw.
+    Where the provider's parser could find a part the gateway did not (or the gateway's ``model`` in
+    a part it reads as a file), the provider would bill a model the client's key may not use: such a
+    form is refused before anything is sent."""
+    fake, _ = upstream
+    source = await dialect_gateway.sdk().videos.create(prompt="source", model="sora-remote")
+    status, _, raw = await send(
+        dialect_gateway,
+        "POST",
+        f"/v1/videos/{source.id}/remix",
+        data=body,
+        headers={"Content-Type": content_type},
+    )
+    assert status == 400 and json.loads(raw)["error"]["code"] == "invalid_multipart", raw
+    assert fake.requests("POST", f"/v1/videos/{next(iter(fake.jobs))}/remix") == []
+
+
+async def test_an_edits_video_id_given_as_a_file_part_is_refused(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """``video[id]`` with an empty filename was no ID to the gateway, so no ownership check ran, and
+    the edit, routed by ``model`` with its uploaded video, took the part on to the provider, which
+    may read it as the ID of another tenant's job."""
+    fake, _ = upstream
+    await dialect_gateway.sdk().videos.create(prompt="someone's", model="sora-remote")
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nsora-remote\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nmine now\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="video[id]"; filename=""\r\n\r\n'
+        + next(iter(fake.jobs)).encode()
+        + b'\r\n--b\r\nContent-Disposition: form-data; name="video"; filename="v.mp4"\r\n'
+        b"Content-Type: video/mp4\r\n\r\n\0\0\0\x18ftypmp42\r\n--b--\r\n"
+    )
+    status, _, raw = await send(
+        dialect_gateway,
+        "POST",
+        "/v1/videos/edits",
+        data=body,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["code"] == "invalid_multipart" and error["param"] == "video[id]", raw
+    assert fake.requests("POST", "/v1/videos/edits") == []
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 @pytest.mark.parametrize("image", [b"\x89PNG" + b"\0" * 300_000, b"\x89PNG" + os.urandom(200_000)])
 async def test_a_compressed_upload_reaches_the_upstream_whole(
