@@ -274,9 +274,15 @@ async def _record(
     seed: dict[str, Any],
     remixed_from: str | None = None,
 ) -> Task:
-    """Give a new upstream job its gateway ID and commit it before the client hears of it."""
+    """Give a new upstream job its gateway ID and commit it before the client hears of it. A job
+    the caller has already (its provider replayed it for an Idempotency-Key it saw before) is the
+    video the caller knows."""
     gw = gateway(request)
     owner = client_key(request).name
+    if "Idempotency-Key" in request.headers:
+        known = await gw.store.find_upstream(owner, deployment.name, upstream.id)
+        if known is not None:
+            return known
     task = Task(
         id=new_video_id(),
         owner=owner,

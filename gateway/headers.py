@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 from multidict import CIMultiDict
@@ -30,8 +31,20 @@ CONTENT_CACHE_CONTROL = "private"  # the client's own cache may keep it; no shar
 CONDITIONAL_REQUEST_HEADERS = ("If-None-Match", "If-Modified-Since")
 
 
-def forwardable_request_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _TO_UPSTREAM)
+def forwardable_request_headers(headers: Mapping[str, str], tenant: str) -> CIMultiDict[str]:
+    """The client's headers an upstream may have. A provider keeps an ``Idempotency-Key`` per
+    account, and every tenant reaches it on the gateway's: the key goes on prefixed with a tag of
+    the ``tenant``'s own, so that one tenant's key can never have the provider replay another's job."""
+    forwarded = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in _TO_UPSTREAM)
+    key = forwarded.get("Idempotency-Key")
+    if key is not None:
+        forwarded["Idempotency-Key"] = f"{_tenant_tag(tenant)}-{key}"
+    return forwarded
+
+
+def _tenant_tag(tenant: str) -> str:
+    """A fixed-length tag of a tenant's key name that does not show the name to the provider."""
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16]
 
 
 def media_type(content_type: str | None) -> str:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from tests.conftest import ALPHA_KEY, BETA_KEY, RunningGateway, StartGateway, call, gateway_yaml
+from tests.conftest import (
+    ALPHA_KEY,
+    BETA_KEY,
+    UPSTREAM_KEY,
+    RunningGateway,
+    StartGateway,
+    call,
+    gateway_yaml,
+)
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
 
 
 def video_routes(video_id: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -146,3 +157,48 @@ async def test_a_rotated_key_sees_its_tenants_videos(start_gateway: StartGateway
     status, _, listed = await call(gw, "GET", "/v1/videos", key=new_key)
     assert [v["id"] for v in listed["data"]] == [video["id"]]
     assert (await call(gw, "GET", f"/v1/videos/{video['id']}", key=BETA_KEY))[0] == 404
+
+
+class IdempotentUpstream(FakeOpenAIUpstream):
+    """The OpenAI-dialect fake, honouring ``Idempotency-Key`` as idempotent APIs do (Stripe's
+    convention; the OpenAI SDKs can send one): per account, a create with a key seen before gets
+    the job that key made. The gateway's account is every tenant's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.made: dict[str, str] = {}
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("Idempotency-Key")
+        if key in self.made:
+            return web.json_response(self.jobs[self.made[key]])
+        response = await super().create(request)
+        if key is not None:
+            self.made[key] = json.loads(cast(web.Response, response).text)["id"]
+        return response
+
+
+async def test_one_tenants_idempotency_key_never_replays_anothers_job(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any, media: dict[str, Path]
+) -> None:
+    """Every tenant reaches a provider on the gateway's account, where an Idempotency-Key is kept:
+    beta, sending the key alpha used (guessed, or an ``order-42`` of its own), was given alpha's job
+    under a new video ID, and with it alpha's prompt, video and the power to delete it. A tenant's
+    own retry with its key still gets its own video back."""
+    fake = IdempotentUpstream(api_key=UPSTREAM_KEY, media=media)
+    server = await aiohttp_server(fake.app())
+    gw = await start_gateway(gateway_yaml(tmp_path, upstream_url=str(server.make_url("")).rstrip("/")))
+    once = {"Idempotency-Key": "order-42"}
+    alpha = await gw.sdk(ALPHA_KEY).videos.create(
+        prompt="alpha's storyboard", model="sora-remote", extra_headers=once
+    )
+    beta = await gw.sdk(BETA_KEY).videos.create(prompt="beta's own", model="sora-remote", extra_headers=once)
+    assert beta.prompt == "beta's own" and len(fake.jobs) == 2
+    status, _, _ = await call(gw, "GET", f"/v1/videos/{alpha.id}/content", key=BETA_KEY)
+    assert status == 404
+    again = await gw.sdk(ALPHA_KEY).videos.create(
+        prompt="alpha's storyboard", model="sora-remote", extra_headers=once
+    )
+    assert again.id == alpha.id and len(fake.jobs) == 2, "alpha's retry is alpha's video"
+    sent = [r.headers["Idempotency-Key"] for r in fake.requests("POST", "/v1/videos")]
+    assert sent[0] == sent[2] != sent[1] and all(key.endswith("-order-42") for key in sent)

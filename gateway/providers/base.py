@@ -478,7 +478,11 @@ class Adapter:
         return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
 
     def upstream_headers(self, call: Call, *, forward_client: bool = True) -> CIMultiDict[str]:
-        headers = forwardable_request_headers(call.request.headers) if forward_client else CIMultiDict()
+        if forward_client:
+            key = call.request[CONTEXT].client_key
+            headers = forwardable_request_headers(call.request.headers, key.name if key else "")
+        else:
+            headers = CIMultiDict()
         headers.update(self.provider_headers())
         headers["X-Request-ID"] = call.request_id
         return headers
