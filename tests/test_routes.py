@@ -395,14 +395,18 @@ async def test_local_provider_does_edits_and_extensions(local_gateway: RunningGa
     assert status == 400 and json.loads(raw)["error"]["param"] == "video"
 
 
+@pytest.mark.parametrize("prompt", ["streamed", "streamed [crlf events]"])
 async def test_stream_is_relayed_with_gateway_ids(
-    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], prompt: str
 ) -> None:
+    """Events are translated one by one, however their lines end and however they arrive: a CRLF
+    split between two reads glued an event to the next, whose data, no JSON then, went to the
+    client as the provider wrote it, with its job ID and model."""
     status, headers, raw = await send(
         dialect_gateway,
         "POST",
         "/v1/videos",
-        json={"prompt": "streamed", "model": "sora-remote", "stream": True},
+        json={"prompt": prompt, "model": "sora-remote", "stream": True},
     )
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = [e for e in raw.decode().split("\n\n") if e.strip()]

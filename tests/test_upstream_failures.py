@@ -444,6 +444,26 @@ async def test_a_streamed_create_the_provider_cuts_off_is_cut_off_for_the_client
     assert not [line for line in log_lines(session_log, "cut-stream-1") if line["level"] == "error"]
 
 
+async def test_a_streamed_event_that_never_ends_is_cut_off_not_held(
+    dialect_gateway: RunningGateway, session_log: Path
+) -> None:
+    """An event is relayed once it ends; one that grows without end (a provider that never writes
+    the blank line) grew in the gateway's memory for as long as the provider kept writing. Past
+    base.MAX_EVENT_BYTES the stream is the provider's broken one; the video is recorded."""
+    body = {"prompt": "streamed [endless event]", "model": "sora-remote", "stream": True}
+    headers = {**AUTH, "X-Request-ID": "endless-event-1"}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.post(dialect_gateway.url + "/v1/videos", json=body, headers=headers) as response,
+    ):
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert [v.prompt for v in (await dialect_gateway.sdk().videos.list()).data] == [body["prompt"]]
+    access = await wait_for_event(session_log, "endless-event-1", "request")
+    assert access["upstream_error"] == "payload"
+
+
 async def test_a_delete_whose_client_leaves_while_the_provider_deletes_is_done(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], session_log: Path
 ) -> None:

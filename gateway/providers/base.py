@@ -284,6 +284,11 @@ def _with_range(request: web.BaseRequest, header: str | None) -> web.BaseRequest
 UPSTREAM_STREAM_FAILURES = (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError)
 
 
+# The most of one event the gateway holds while it waits for its end (a provider's progress event
+# is a few hundred bytes).
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
 class EventStream:
     """An upstream ``text/event-stream`` answer, relayed event by event."""
 
@@ -299,14 +304,23 @@ class EventStream:
         self.cut_off = False  # the provider's stream broke off (reset, cut, stalled past its read timeout)
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Raw events, each ending in a blank line; they end early when the stream breaks off."""
-        pending = b""
+        """Raw events, their lines ended in LF, each ending in a blank line; they end early when the
+        stream breaks off, or when an event grows past :data:`MAX_EVENT_BYTES` without ending.
+
+        Lines may end in CRLF, LF or CR (the SSE spec); a CR that ends a read is held back until the
+        next, which may begin with its LF."""
+        pending, held = b"", b""
         try:
             async for chunk in self.response.content.iter_any():
-                pending += chunk.replace(b"\r\n", b"\n")
+                chunk = held + chunk
+                held = b"\r" if chunk.endswith(b"\r") else b""
+                chunk = chunk[: len(chunk) - len(held)]
+                pending += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
                 *complete, pending = pending.split(b"\n\n")
                 for event in complete:
                     yield event + b"\n\n"
+                if len(pending) > MAX_EVENT_BYTES:
+                    raise aiohttp.ClientPayloadError("an event grew past the gateway's limit")
         except UPSTREAM_STREAM_FAILURES:
             self.cut_off = True
             self._on_cut_off()

@@ -201,7 +201,20 @@ class FakeOpenAIUpstream:
             await response.write(b"data: " + deep + b"\n\n")
         for status, progress in (("queued", 0), ("in_progress", 50), ("completed", 100)):
             job.update(status=status, progress=progress)
-            await response.write(f"event: video.{status}\ndata: {json.dumps(job)}\n\n".encode())
+            event = f"event: video.{status}\ndata: {json.dumps(job)}\n\n".encode()
+            if "[crlf events]" in (job["prompt"] or ""):
+                # CRLF line ends (the SSE spec allows CRLF, LF or CR), each event reaching the
+                # client in two reads, the last CR in one and its LF in the next
+                event = event.replace(b"\n", b"\r\n")
+                await response.write(event[:-1])
+                await asyncio.sleep(0.02)
+                event = event[-1:]
+            await response.write(event)
+            if "[endless event]" in (job["prompt"] or ""):  # then an event that never ends, written
+                await response.write(b"data: ")  # on and on, never stalling past a read timeout
+                for _ in range(300):
+                    await response.write(b"x" * (256 * 1024))
+                    await asyncio.sleep(0.05)
             if "[cut stream]" in (job["prompt"] or ""):  # the connection drops after the first event
                 assert request.transport is not None
                 request.transport.close()
