@@ -46,8 +46,15 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        message = scrub(self.message)  # a provider's message may quote the credential it was sent
-        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
+        """The envelope; a provider's words in it (any field) may quote the credential it was sent."""
+        return {
+            "error": {
+                "message": scrub(self.message),
+                "type": scrub(self.type),
+                "param": None if self.param is None else scrub(self.param),
+                "code": None if self.code is None else scrub(self.code),
+            }
+        }
 
     def response(self) -> web.Response:
         return web.Response(

@@ -35,12 +35,14 @@ def _masked(match: re.Match[str]) -> str:
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-_secrets: set[str] = set()
+# Longest first: a secret that begins with a shorter one is masked whole, not left with its tail.
+_secrets: list[str] = []
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
     """Values that must never appear in a log line (upstream and client keys from the config)."""
-    _secrets.update(v for v in values if v and len(v) >= 6)
+    known = {*_secrets, *(v for v in values if v and len(v) >= 6)}
+    _secrets[:] = sorted(known, key=len, reverse=True)
 
 
 def scrub(text: str) -> str:

@@ -375,6 +375,15 @@ def test_credentials_are_masked_by_their_shape(text: str, kept: str, gone: str) 
     )
 
 
+def test_a_secret_that_begins_with_another_is_masked_whole() -> None:
+    """Secrets were replaced in no particular order: a key that begins with a shorter one (a
+    deployment's key and a longer one derived from it) could be left with its tail showing."""
+    short, long = "sk-team-7f3a9c", "sk-team-7f3a9c-vertex-2b8d41e6"
+    register_secrets([short])
+    register_secrets([long])
+    assert scrub(f"sent {long} and {short}") == "sent [REDACTED] and [REDACTED]"
+
+
 def test_library_records_take_the_same_way(fresh_log: io.StringIO) -> None:
     """aiohttp's and asyncio's records (standard logging) come out as the gateway's own lines,
     redacted and on one line each; below warning they are chatter and stay out."""

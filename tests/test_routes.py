@@ -452,6 +452,11 @@ async def test_a_providers_words_reach_the_client_without_its_credentials(
     assert "auth failed for Bearer [REDACTED]" in text and "X-Amz-Signature=[REDACTED]" in text, text[:400]
     assert UPSTREAM_KEY not in text and "5f0c0ffee" not in text and "up_evt_1" not in text
     assert "event: video.completed" in text
+    body = {"prompt": "[400 leaky]", "model": "sora-remote"}
+    status, _, raw = await send(dialect_gateway, "POST", "/v1/videos", json=body)
+    error = json.loads(raw)["error"]
+    assert status == 400 and UPSTREAM_KEY not in raw.decode(), error
+    assert all("[REDACTED]" in error[field] for field in ("message", "type", "param", "code")), error
 
 
 async def test_models_list_and_single(local_gateway: RunningGateway) -> None:

@@ -159,6 +159,9 @@ class FakeOpenAIUpstream:
             return _error(
                 400, "Invalid size for this model.", "invalid_request_error", "size", "invalid_value"
             )
+        if "[400 leaky]" in prompt:  # a provider quoting the key it was sent in every field
+            key = f"Bearer {self.api_key}"
+            return _error(400, f"Bad key {key}.", f"invalid {key}", f"header {key}", f"no_{self.api_key}")
         if "[500]" in prompt:
             return _error(500, "The server had an error.", "server_error", None, None)
         if "[nonjson]" in prompt:
