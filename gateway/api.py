@@ -518,6 +518,8 @@ async def _relay_events(
     A client that left (see :func:`shielded`) is written no more, but the stream is read on until
     its video is recorded: the provider started the job, and the client is to find it in its list.
     A stream that breaks off upstream cuts the client's connection, so that it sees the break.
+    Once its video is recorded, the create's admission is settled: the video counts against its
+    key's ``max_in_progress`` from then on, not the create as well while the stream runs.
     """
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     tasks: dict[str, Task] = {}
@@ -527,7 +529,10 @@ async def _relay_events(
     try:
         listening = await _sent(start_answer(request, response))
         async for event in stream.events():
+            recorded = bool(tasks)
             data = await _translate_event(request, deployment, tasks, seed, event)
+            if tasks and not recorded:
+                await limits.settle(ctx.gateway.store, client_key(request), ctx.admission)
             listening = listening and await _sent(response.write(data))
             if listening:
                 ctx.bytes_out += len(data)

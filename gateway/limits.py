@@ -79,13 +79,21 @@ async def admit(
     try:
         yield admission
     finally:
-        try:
-            await store.settle(admission)
-        except StoreUnavailable as exc:
-            # The create's own answer must stand: its video, or the 503 that tells the client not
-            # to retry (the job may exist). Unsettled, the admission stops counting after
-            # PENDING_SECONDS (or when this process ends).
-            log.warning("admission_not_settled", key_name=key.name, error=str(exc))
+        await settle(store, key, admission)
+
+
+async def settle(store: TaskStore, key: ClientKey, admission: Admission | None) -> None:
+    """The admitted create no longer counts as pending: it ended, or its video is in the store
+    (where it counts as the video). Settling again is harmless."""
+    if admission is None:
+        return
+    try:
+        await store.settle(admission)
+    except StoreUnavailable as exc:
+        # The create's own answer must stand: its video, or the 503 that tells the client not to
+        # retry (the job may exist). Unsettled, the admission stops counting after PENDING_SECONDS
+        # (or when this process ends).
+        log.warning("admission_not_settled", key_name=key.name, error=str(exc))
 
 
 class Bulkheads:

@@ -520,6 +520,31 @@ async def test_a_video_whose_provider_left_the_config_can_still_be_deleted(
     assert any(e["event"] == "deleted_without_provider" and e["upstream_id"] for e in logged), logged
 
 
+async def test_a_streamed_create_counts_once_against_max_in_progress(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """While its stream was relayed (usually until the video finished), a streamed create counted
+    twice against its key's cap: as its video, and as the create's admission still open. A key that
+    may have 2 videos at once could have one streamed video, and a second create was a 429."""
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url).replace(
+        "key: ${ALPHA_KEY}", "key: ${ALPHA_KEY}\n    limits: {max_in_progress: 2}", 1
+    )
+    gw = await start_gateway(text)
+    streamed = {"prompt": "[held stream]", "model": "sora-remote", "stream": True}
+    async with (
+        aiohttp.ClientSession(headers=AUTH) as session,
+        session.post(gw.url + "/v1/videos", json=streamed) as stream,
+    ):
+        assert b"video_" in await stream.content.readuntil(b"\n\n")
+        status, _, body = await send(gw, "POST", "/v1/videos", json={"prompt": "b", "model": "sora-remote"})
+        assert status == 200, body
+        status, _, body = await send(gw, "POST", "/v1/videos", json={"prompt": "c", "model": "sora-remote"})
+        assert status == 429 and json.loads(body)["error"]["code"] == "too_many_in_progress", body
+        fake.stream_gate.set()
+        assert b"[DONE]" in await stream.read()
+
+
 async def test_hop_by_hop_and_client_credentials_stay_behind(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:

@@ -69,6 +69,7 @@ class FakeOpenAIUpstream:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     characters: dict[str, dict[str, Any]] = field(default_factory=dict)
     signed_urls_expired: bool = False
+    stream_gate: asyncio.Event = field(default_factory=asyncio.Event)  # "[held stream]" waits for it
     without: set[str] = field(default_factory=set)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -213,6 +214,8 @@ class FakeOpenAIUpstream:
                 await asyncio.sleep(0.02)
                 event = event[-1:]
             await response.write(event)
+            if "[held stream]" in (job["prompt"] or ""):  # the job runs on; its next event comes later
+                await self.stream_gate.wait()
             if "[endless event]" in (job["prompt"] or ""):  # then an event that never ends, written
                 await response.write(b"data: ")  # on and on, never stalling past a read timeout
                 for _ in range(300):
