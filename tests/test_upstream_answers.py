@@ -26,6 +26,7 @@ from aiohttp import web
 from gateway.providers import ADAPTERS
 from gateway.videos import STATUS_SYNONYMS, STATUSES, VIDEO_KEYS
 from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, call
+from tests.provider_contract import start_provider_gateway
 from tests.test_resilience import sample
 
 JOB = {"id": "job_1", "object": "video", "status": "queued", "progress": 0, "created_at": 1_700_000_000}
@@ -566,3 +567,50 @@ async def test_a_video_never_finishes_before_it_was_made(
     fake.next = json.dumps({**JOB, "status": "completed", "progress": 100, "completed_at": 2}).encode()
     status, _, polled = await call(gw, "GET", f"/v1/videos/{created['id']}")
     assert status == 200 and polled["completed_at"] >= polled["created_at"], polled
+
+
+async def _unauthorized_page(request: web.Request) -> web.Response:
+    """A front (a proxy, a WAF) refusing the provider's credential with its own page, in none of
+    the shapes the provider's API documents for its errors."""
+    return web.Response(
+        status=401, text="<html><h1>401 Authorization Required</h1></html>", content_type="text/html"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "model", "path"),
+    [
+        ("luma", "ray-2", "/dream-machine/v1"),
+        ("fal", "fal-ai/kling-video/v2.5-turbo/pro/text-to-video", ""),
+        ("replicate", "minimax/hailuo-02", ""),
+        ("dashscope", "wan2.1-t2v-turbo", ""),
+        ("seedance", "doubao-seedance-1-0-pro-250528", "/api/v3"),
+        ("veo", "veo-3.1-generate-preview", ""),
+        ("runway", "gen4.5", ""),
+        ("minimax", "MiniMax-Hailuo-2.3", ""),
+        ("openai", "sora-2", "/v1"),
+    ],
+)
+async def test_a_401_in_any_shape_is_the_gateways_key_refused(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any, kind: str, model: str, path: str
+) -> None:
+    """A provider's 401 refuses the gateway's own credential (the client's never goes upstream).
+    Where its body was not in the provider's documented error shape, several adapters passed it on
+    as a plain 401 invalid_request_error: to the SDK, the client's own key was wrong."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _unauthorized_page)
+    server = await aiohttp_server(app)
+    provider = f"""
+        kind: {kind}
+        base_url: {str(server.make_url("")).rstrip("/")}{path}
+        api_key: ${{UPSTREAM_KEY}}
+    """
+    models = f"""
+    public:
+      provider: native
+      model: {model}
+    """
+    gw = await start_provider_gateway(start_gateway, tmp_path, provider, models)
+    status, _, body = await call(gw, "POST", "/v1/videos", json={"model": "public", "prompt": "x"})
+    assert status == 401 and body["error"]["code"] == "upstream_auth_failed", body
+    assert "gateway's" in body["error"]["message"], body

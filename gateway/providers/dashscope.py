@@ -45,7 +45,6 @@ from gateway.providers.base import (
     Call,
     UpstreamVideo,
     auth_rejected,
-    error_from_upstream,
     json_or_none,
     path_segment,
     split_url,
@@ -310,7 +309,7 @@ class DashScopeAdapter(NativeAdapter):
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         parsed = json_or_none(raw)
         if not isinstance(parsed, dict) or not parsed.get("code") or status >= 500:
-            return error_from_upstream(status, headers, raw)
+            return super().provider_error(status, headers, raw)
         return self._refusal(status, headers, parsed)
 
     @staticmethod

@@ -53,7 +53,6 @@ from gateway.providers.base import (
     Call,
     UpstreamVideo,
     auth_rejected,
-    error_from_upstream,
     is_web_url,
     json_or_none,
 )
@@ -485,7 +484,7 @@ class FalAdapter(NativeAdapter):
         message, field, kind = _describe(body.get("detail"))
         error_type = headers.get("X-Fal-Error-Type") or body.get("error_type")
         if message is None:
-            return error_from_upstream(status, headers, raw)
+            return super().provider_error(status, headers, raw)
         text = f"fal: {message}" + (f" ({error_type})" if error_type else "")
         if status == 429:
             retry_after = headers.get("Retry-After") or RETRY_AFTER_SECONDS

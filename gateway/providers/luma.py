@@ -36,7 +36,6 @@ from gateway.providers.base import (
     Call,
     UpstreamVideo,
     auth_rejected,
-    error_from_upstream,
     json_or_none,
     path_segment,
 )
@@ -258,7 +257,7 @@ class LumaAdapter(NativeAdapter):
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
         detail, param = _detail(raw)
         if detail is None or status >= 500:
-            return error_from_upstream(status, headers, raw)
+            return super().provider_error(status, headers, raw)
         text = f"Luma: {detail}"
         if status == 429:
             retry_after = headers.get("Retry-After") or RETRY_AFTER_SECONDS

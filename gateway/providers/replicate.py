@@ -49,7 +49,6 @@ from gateway.providers.base import (
     Call,
     UpstreamVideo,
     auth_rejected,
-    error_from_upstream,
     json_or_none,
     path_segment,
 )
@@ -416,7 +415,7 @@ class ReplicateAdapter(NativeAdapter):
             None,
         )
         if detail is None or status >= 500:
-            return error_from_upstream(status, headers, raw)
+            return super().provider_error(status, headers, raw)
         text = f"Replicate: {detail}"
         if status == 429:
             return rate_limited(text, upstream_status=status, retry_after=_retry_after(headers, detail))

@@ -56,7 +56,6 @@ from gateway.providers.base import (
     Call,
     UpstreamVideo,
     auth_rejected,
-    error_from_upstream,
     json_or_none,
     path_segment,
     split_url,
@@ -418,7 +417,7 @@ class SeedanceAdapter(NativeAdapter):
         parsed = json_or_none(raw)
         error = parsed.get("error") if isinstance(parsed, dict) else None
         if not isinstance(error, dict) or status >= 500:
-            return error_from_upstream(status, headers, raw)
+            return super().provider_error(status, headers, raw)
         code = str(error.get("code") or "")
         text = f"Ark: {error.get('message') or f'HTTP {status}'} ({code or status})"
         if status == 429 or code.startswith(("RateLimitExceeded", "TooManyRequests")):

@@ -153,12 +153,13 @@ def retry_after(headers: Mapping[str, str], error: Mapping[str, Any]) -> str:
     return RETRY_AFTER_SECONDS
 
 
-def google_error(status: int, headers: Mapping[str, str], raw: bytes, product: str) -> ApiError:
-    """A Google RPC error answer as our envelope: its message kept, its status made meaningful."""
+def google_error(status: int, headers: Mapping[str, str], raw: bytes, product: str) -> ApiError | None:
+    """A Google RPC error answer as our envelope: its message kept, its status made meaningful;
+    None for an answer in another shape (a front's page, say)."""
     parsed = json_or_none(raw)
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if not isinstance(error, dict):
-        return error_from_upstream(status, headers, raw)
+        return None
     rpc = rpc_status(error) or ""
     text = f"{product}: {error.get('message') or f'HTTP {status}'}" + (f" ({rpc})" if rpc else "")
     reasons = {d["reason"] for d in _details(error) if isinstance(d.get("reason"), str)}
@@ -243,7 +244,8 @@ class VeoBase(NativeAdapter):
         }
 
     def provider_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
-        return google_error(status, headers, raw, self.product)
+        error = google_error(status, headers, raw, self.product)
+        return super().provider_error(status, headers, raw) if error is None else error
 
     async def _operation(self, call: Call, task: Task) -> dict[str, Any]:
         raise NotImplementedError
