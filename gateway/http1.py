@@ -142,7 +142,7 @@ class _Connection(asyncio.Protocol):
         self.received = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # a 101 is none of ours either
             self._fail(ExchangeError("payload", "the provider's answer is not valid HTTP", answered=True))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -158,6 +158,10 @@ class _Connection(asyncio.Protocol):
             self._fail(ExchangeError("reset", "the provider closed the connection"))
 
     # httptools callbacks (and on_header, set in __init__)
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # another answer glued onto the one just read: nobody asked for it
+            self.close()
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -439,6 +443,8 @@ class Http1Client:
         target = url[split:].partition("#")[0]
         if not target.startswith("/"):
             target = "/" + target
+        if not target.isprintable() or " " in target:  # a provider's job name that would end the line
+            raise ValueError(f"request target {target[:200]!r} cannot be sent")
         pool, host = self._pool(url[:split])
         head = _head(method, target, host, headers, body, fixed)
         loop = asyncio.get_running_loop()

@@ -190,6 +190,17 @@ async def assert_a_moments_404_ends_nothing(
     assert body["error"]["code"] == "video_not_found", body
 
 
+async def assert_an_unsendable_job_name_is_refused(gw: RunningGateway, model: str) -> None:
+    """A job name the provider answers that no request line could carry as it is (here one ending in
+    a line break) is no job name: each poll would put it in a request line, and what follows a line
+    break there is a header of a request that carries the gateway's credential. The create is a 502,
+    and no video is kept."""
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"model": model, "prompt": "[odd name] x"})
+    assert status == 502, body
+    status, _, page = await request(gw, "GET", "/v1/videos")
+    assert status == 200 and page["data"] == [], page
+
+
 async def assert_refused(
     gw: RunningGateway,
     fields: dict[str, Any],

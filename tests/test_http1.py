@@ -333,6 +333,52 @@ async def test_header_injection_is_refused(serve, client) -> None:
     assert server.requests == []
 
 
+@pytest.mark.parametrize("target", ["/jobs/abc\n", "/jobs/abc\r\nX-Evil: 1", "/jobs/a b", "/jobs/\x00"])
+async def test_a_request_target_that_would_break_the_request_line_is_refused(
+    serve, client, target: str
+) -> None:
+    """A provider's job name goes into the path of every poll; one with a line break would end the
+    request line there and start headers of its own on a request carrying the gateway's key."""
+    server = await serve(keep_alive(answer()))
+    with pytest.raises(ValueError):
+        await client.request("GET", server.url + target, {}, None, LIMITS)
+    assert server.requests == []
+
+
+async def test_bytes_after_an_answer_in_the_same_read_are_not_kept_for_the_next(serve, client) -> None:
+    """A server that writes more than the answer it owed (the start of another, glued on) left the
+    pooled connection's parser part-way through that one: the next request on it, maybe another
+    tenant's, read the leftovers as its answer's start. Such a connection is not used again."""
+    glued = (
+        answer(b'{"id": "first"}') + b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n" + b'{"id": "not yours'
+    )
+    calls = 0
+
+    async def handler(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        while True:
+            await server.read_request(reader)
+            calls += 1
+            writer.write(glued if calls == 1 else answer(b'{"id": "second"}'))
+            await writer.drain()
+
+    server = await serve(handler)
+    first = await client.request("GET", server.url + "/a", {}, None, LIMITS)
+    second = await client.request("GET", server.url + "/b", {}, None, LIMITS)
+    assert (first.body, second.body) == (b'{"id": "first"}', b'{"id": "second"}')
+    assert server.connections == 2
+
+
+async def test_a_switching_protocols_answer_is_a_clean_failure(serve, client) -> None:
+    """A 101 from a provider: httptools raises its own upgrade signal, which is no parser error and
+    escaped into the event loop ("Fatal error: protocol.data_received() call failed")."""
+    upgrade = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    server = await serve(keep_alive(upgrade))
+    with pytest.raises(ExchangeError) as raised:
+        await client.request("GET", server.url + "/", {}, None, LIMITS)
+    assert raised.value.kind == "payload"
+
+
 def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

@@ -16,6 +16,7 @@ from tests.conftest import ALPHA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway
 from tests.fakes.fal import ENDPOINTS, FakeFal
 from tests.provider_contract import (
     assert_a_moments_404_ends_nothing,
+    assert_an_unsendable_job_name_is_refused,
     assert_refused,
     assert_sdk_roundtrip,
     assert_variant_missing,
@@ -322,3 +323,7 @@ async def test_a_moments_404_ends_nothing(
     await assert_a_moments_404_ends_nothing(
         gw, fal[0].requests, monkeypatch, model="kling", prompt="a red fox"
     )
+
+
+async def test_an_unsendable_job_name_is_refused(gw: RunningGateway) -> None:
+    await assert_an_unsendable_job_name_is_refused(gw, "kling")

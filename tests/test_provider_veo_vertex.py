@@ -19,6 +19,7 @@ from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway
 from tests.fakes.veo_vertex import FakeVertexVeo, ServiceAccountKey
 from tests.provider_contract import (
     assert_a_moments_404_ends_nothing,
+    assert_an_unsendable_job_name_is_refused,
     assert_refused,
     assert_sdk_roundtrip,
     create,
@@ -351,3 +352,7 @@ async def test_a_moments_404_ends_nothing(
     await assert_a_moments_404_ends_nothing(
         gw, vertex[0].operations, monkeypatch, model="veo", prompt="a red fox"
     )
+
+
+async def test_an_unsendable_job_name_is_refused(gw: RunningGateway) -> None:
+    await assert_an_unsendable_job_name_is_refused(gw, "veo")

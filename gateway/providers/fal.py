@@ -74,8 +74,8 @@ from gateway.videos import is_terminal
 APP_NAMESPACES = ("workflows", "comfy")
 RETRY_AFTER_SECONDS = "10"  # when fal's 429 names no Retry-After (none is documented)
 IMAGE_FIELD = "image_url"  # where input_reference goes unless an endpoint's spec names its own field
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_NUMERIC_APP = re.compile(r"^([0-9]+)-([A-Za-z0-9-]+)$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_NUMERIC_APP = re.compile(r"([0-9]+)-([A-Za-z0-9-]+)")
 
 # Native input fields → the OpenAI field the client set (for a refusal's ``param``).
 _PARAMS = {
@@ -224,7 +224,7 @@ MODELS: dict[str, ModelSpec] = {
 def app_path(endpoint_id: str) -> str:
     """The queue's app path of an endpoint: ``[namespace/]owner/alias``, its sub-path dropped."""
     parts = endpoint_id.strip("/").split("/")
-    if len(parts) == 1 and (match := _NUMERIC_APP.match(parts[0])):
+    if len(parts) == 1 and (match := _NUMERIC_APP.fullmatch(parts[0])):
         parts = list(match.groups())
     keep = 3 if parts[0] in APP_NAMESPACES else 2
     if len(parts) < keep or not all(parts[:keep]):
@@ -344,7 +344,7 @@ class FalAdapter(NativeAdapter):
                 call, "POST", f"{self.base_url}/{endpoint}", json_body=payload, headers=self._submit_headers()
             )
         request_id = answer.get("request_id") if isinstance(answer, dict) else None
-        if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+        if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
             raise UpstreamError(502, "Upstream error: fal's answer has no usable request_id.", kind="payload")
         state: dict[str, Any] = {"app": app}
         for name, suffix in (("status_url", "/status"), ("response_url", ""), ("cancel_url", "/cancel")):

@@ -47,7 +47,7 @@ MAX_SECONDS = 20
 MAX_TOTAL_SECONDS = 2 * MAX_SECONDS
 _SIZE = re.compile(r"([0-9]{2,4})x([0-9]{2,4})")
 _SECONDS = re.compile(r"[0-9]{1,3}")
-_JOB_ID = re.compile(r"^(video|char)_[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"(video|char)_[0-9a-f]{32}")
 _DELETED = "deleted"  # a file per deleted job: its ID and created_at, its place in lists
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -183,7 +183,7 @@ class LocalEngine:
         self._closed = False
 
     def _dir(self, job_id: str) -> Path:
-        if not _JOB_ID.match(job_id):
+        if not _JOB_ID.fullmatch(job_id):
             raise KeyError(job_id)
         return self.root / job_id
 
@@ -427,7 +427,7 @@ class LocalEngine:
         return character
 
     async def get_character(self, character_id: str) -> dict[str, Any] | None:
-        if not _JOB_ID.match(character_id):
+        if not _JOB_ID.fullmatch(character_id):
             return None
         try:
             text = await asyncio.to_thread((self.root / "characters" / f"{character_id}.json").read_text)

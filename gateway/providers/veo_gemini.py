@@ -121,7 +121,7 @@ MODELS = {
     "veo-2.0-generate-001": veo_spec(VEO_2, durations(5, 6, 8), GEMINI_EXTRAS, expected=90),
 }
 
-_GEMINI_OPERATION = re.compile(r"^models/[A-Za-z0-9.\-]+/operations/[A-Za-z0-9_\-]+$")
+_GEMINI_OPERATION = re.compile(r"models/[A-Za-z0-9.\-]+/operations/[A-Za-z0-9_\-]+")
 
 
 def rpc_status(error: Mapping[str, Any]) -> str | None:
@@ -292,14 +292,14 @@ class VeoGeminiAdapter(VeoBase):
                 json_body=self.payload(request),
             )
         name = answer.get("name") if isinstance(answer, dict) else None
-        if not isinstance(name, str) or not _GEMINI_OPERATION.match(name):
+        if not isinstance(name, str) or not _GEMINI_OPERATION.fullmatch(name):
             raise UpstreamError(
                 502, "Upstream error: the Gemini API's answer has no operation name.", kind="payload"
             )
         return UpstreamVideo(name, {"status": "queued", "progress": 0, **request.seed()})
 
     async def _operation(self, call: Call, task: Task) -> dict[str, Any]:
-        if not _GEMINI_OPERATION.match(task.upstream_id):
+        if not _GEMINI_OPERATION.fullmatch(task.upstream_id):
             raise UpstreamError(
                 502, "Upstream error: the stored operation name is malformed.", kind="payload"
             )

@@ -70,8 +70,8 @@ MODELS = {
 }
 
 _OPERATION = re.compile(
-    r"^projects/[^/]+/locations/(?P<region>[a-z0-9-]+)/publishers/google/models/[A-Za-z0-9.\-]+"
-    r"/operations/[A-Za-z0-9_\-]+$"
+    r"projects/[A-Za-z0-9.:_\-]+/locations/(?P<region>[a-z0-9-]+)/publishers/google/models/[A-Za-z0-9.\-]+"
+    r"/operations/[A-Za-z0-9_\-]+"
 )
 
 
@@ -276,14 +276,14 @@ class VeoVertexAdapter(VeoBase):
         with model_must_exist("Vertex AI", call.deployment.upstream_model):
             answer = await self.call_json(call, "POST", url, json_body=self.payload(request))
         name = answer.get("name") if isinstance(answer, dict) else None
-        if not isinstance(name, str) or not _OPERATION.match(name):
+        if not isinstance(name, str) or not _OPERATION.fullmatch(name):
             raise UpstreamError(
                 502, "Upstream error: Vertex AI's answer has no operation name.", kind="payload"
             )
         return UpstreamVideo(name, {"status": "queued", "progress": 0, **request.seed()})
 
     async def _operation(self, call: Call, task: Task) -> dict[str, Any]:
-        match = _OPERATION.match(task.upstream_id)
+        match = _OPERATION.fullmatch(task.upstream_id)
         if match is None:
             raise UpstreamError(
                 502, "Upstream error: the stored operation name is malformed.", kind="payload"

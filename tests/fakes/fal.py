@@ -190,6 +190,8 @@ class FakeFal:
         if errors:
             return web.json_response({"detail": errors}, status=422)
         request_id = str(uuid.uuid4())
+        if "[odd name]" in body["prompt"]:  # an ID no client could put in a request line as it is
+            request_id += "\n"
         app = app_of(endpoint)
         self.requests[request_id] = {"app": app, "prompt": body["prompt"], "polls": 0, "cancelled": False}
         urls = self._urls(request, app, request_id, "[elsewhere]" in body["prompt"])

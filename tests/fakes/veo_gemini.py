@@ -160,6 +160,8 @@ class FakeVeoGemini:
                 429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota).", details=[retry]
             )
         name = f"models/{model}/operations/{uuid.uuid4().hex[:12]}"
+        if "[odd name]" in prompt:  # a name no client could put in a request line as it is
+            name += "\n"
         self.operations[name] = {"prompt": prompt, "polls": 0}
         return web.json_response({"name": name})
 

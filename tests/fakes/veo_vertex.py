@@ -152,6 +152,8 @@ class FakeVertexVeo:
             }
             return web.json_response({"error": quota}, status=429, headers={"Retry-After": "45"})
         name = f"{self._model_name(request)}/operations/{uuid.uuid4()}"
+        if "[odd name]" in prompt:  # a name no client could put in a request line as it is
+            name += "\n"
         self.operations[name] = {"prompt": prompt, "polls": 0}
         return web.json_response({"name": name})
 
