@@ -124,11 +124,16 @@ def _expired(task: Task) -> bool:
     return isinstance(expires_at, int) and time.time() >= expires_at
 
 
-def _check_prompt(body: RequestBody) -> None:
-    """A JSON ``prompt`` that is there but not text is the wrong type, not a missing parameter."""
-    prompt = body.get("prompt")
+def _check_types(body: RequestBody) -> None:
+    """JSON fields the gateway reads, there but of the wrong type: a 400 ``invalid_type``, not a
+    missing parameter, nor a value passed on (``"seconds": true`` would show as ``"True"``)."""
+    prompt, size, seconds = body.get("prompt"), body.get("size"), body.get("seconds")
     if prompt is not None and not isinstance(prompt, str):
         raise bad_request("'prompt' must be a string.", param="prompt", code="invalid_type")
+    if size is not None and not isinstance(size, str):
+        raise bad_request("'size' must be a string such as '1280x720'.", param="size", code="invalid_type")
+    if seconds is not None and type(seconds) not in (str, int):  # a bool is no number of seconds
+        raise bad_request("'seconds' must be a string or an integer.", param="seconds", code="invalid_type")
 
 
 def _seed(body: RequestBody) -> dict[str, Any]:
@@ -497,7 +502,7 @@ async def create_video(request: web.Request) -> web.StreamResponse:
     table = ctx.table
     body = await read_body(request, table.config.limits, until=("model",))
     try:
-        _check_prompt(body)
+        _check_types(body)
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
         ctx.model = model
@@ -695,7 +700,7 @@ async def remix_video(request: web.Request) -> web.Response:
     # ``model`` too: a pass-through upstream has it replaced only when the gateway has seen it
     body = await read_body(request, table.config.limits, until=("prompt", "model"))
     try:
-        _check_prompt(body)
+        _check_types(body)
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
             with ctx.gateway.bulkheads.enter(deployment, "uploads"):
@@ -784,7 +789,7 @@ async def _from_video(
     until = ("video[id]", "model", "seconds") if extension else ("video[id]", "model")
     body = await read_body(request, table.config.limits, until=until)
     try:
-        _check_prompt(body)
+        _check_types(body)
         if extension and body.get("seconds") is None:
             raise bad_request(
                 "'seconds' is required: the length of the extension.",

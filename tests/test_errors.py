@@ -433,3 +433,20 @@ async def test_prompt_of_the_wrong_type_is_invalid_type(local_gateway: RunningGa
             status, headers, body = await request(local_gateway, "POST", path, json={"prompt": prompt})
             assert status == 400, (path, prompt)
             assert_envelope(body, headers, code="invalid_type", param="prompt")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seconds", True), ("seconds", 8.5), ("seconds", ["8"]), ("size", 1280), ("size", {"w": 1280})],
+)
+async def test_seconds_and_size_of_the_wrong_type_are_invalid_type(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], field: str, value: Any
+) -> None:
+    """``"seconds": true`` went on to an OpenAI-dialect upstream as it was, and the video showed
+    ``"True"`` until the provider said otherwise; a number for size, a list for seconds likewise."""
+    fake, _ = upstream
+    body = {"prompt": "typed", "model": "sora-remote", field: value}
+    status, headers, answer = await request(dialect_gateway, "POST", "/v1/videos", json=body)
+    assert status == 400, answer
+    assert_envelope(answer, headers, code="invalid_type", param=field)
+    assert fake.requests("POST", "/v1/videos") == []
