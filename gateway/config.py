@@ -60,7 +60,7 @@ class ProviderConfig:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     timeouts: Timeouts = Timeouts()
     max_connections: int = 100
-    poll_after_ms: int = 1000
+    poll_after_ms: int | None = None  # None: the adapter's default_poll_after_ms
     result_hosts: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -351,7 +351,8 @@ def schema() -> dict[str, Any]:
                         "poll_after_ms": {
                             "type": "integer",
                             "minimum": 100,
-                            "description": "openai-poll-after-ms sent while a video is unfinished.",
+                            "description": "openai-poll-after-ms sent while a video is unfinished "
+                            "(default: the provider's own pace, 1000 for most).",
                         },
                         "result_hosts": {
                             "type": "array",
@@ -648,7 +649,7 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
             headers=dict(p.get("headers", {})),
             timeouts=Timeouts(**p.get("timeouts", {})),
             max_connections=p.get("max_connections", 100),
-            poll_after_ms=p.get("poll_after_ms", 1000),
+            poll_after_ms=p.get("poll_after_ms"),
             result_hosts=tuple(host.lower() for host in p.get("result_hosts", ())),
             options=dict(p.get("options", {})),
         )

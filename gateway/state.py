@@ -11,6 +11,7 @@ from gateway.context import CONTEXT
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads
+from gateway.providers.base import Adapter
 from gateway.routing import RoutingTable
 from gateway.store import Task, TaskStore
 
@@ -35,8 +36,13 @@ class Gateway:
     store: TaskStore = field(init=False)
 
     def poll_after_ms(self, provider: str) -> int:
-        config = self.table.config.providers.get(provider)
-        return config.poll_after_ms if config is not None else 1000
+        """openai-poll-after-ms for an unfinished video of ``provider``: its config's, else its
+        adapter's default (a provider of another name since a reload: the common default)."""
+        adapter = self.table.adapters.get(provider)
+        if adapter is None:
+            return Adapter.default_poll_after_ms
+        configured = adapter.config.poll_after_ms
+        return adapter.default_poll_after_ms if configured is None else configured
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -228,6 +228,24 @@ async def test_runway_refusing_the_gateways_key_is_not_the_clients_bad_key(
     assert body["error"]["code"] == "upstream_auth_failed"
 
 
+async def test_clients_are_told_runways_own_pace_unless_the_config_says(
+    start_gateway: StartGateway, tmp_path: Path, runway: tuple[FakeRunway, str], gw: RunningGateway
+) -> None:
+    """Runway asks its clients not to expect news more often than every five seconds; the SDK's
+    create_and_poll waits what openai-poll-after-ms says, which was a second for every provider."""
+    provider = f"""
+        kind: runway
+        base_url: {runway[1]}
+        api_key: ${{UPSTREAM_KEY}}
+    """
+    paced = await start_provider_gateway(start_gateway, tmp_path / "paced", provider, MODELS)
+    for running, pace in ((paced, "5000"), (gw, "100")):  # gw's config says 100
+        video = await create(running, model="gen-video", prompt="paced")
+        status, headers, body = await request(running, "GET", f"/v1/videos/{video['id']}")
+        assert status == 200 and body["status"] in ("queued", "in_progress"), body
+        assert headers["openai-poll-after-ms"] == pace
+
+
 async def test_failed_and_cancelled_tasks(gw: RunningGateway) -> None:
     failed = await create(gw, model="gen-video", prompt="[fail] forbidden")
     final = (await poll_until_done(gw, failed["id"]))[-1]

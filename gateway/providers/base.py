@@ -338,6 +338,8 @@ class Adapter:
     kind: ClassVar[str]
     provider_name: ClassVar[str] = "The provider"  # as messages name it ("Runway rejected ...")
     default_base_url: ClassVar[str | None] = None
+    # How often clients are told to poll (openai-poll-after-ms) unless the config says.
+    default_poll_after_ms: ClassVar[int] = 1000
     required_fields: ClassVar[tuple[str, ...]] = ()
     options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
     # The header :meth:`auth_headers` makes of ``api_key``: a configured header of that name is

@@ -95,6 +95,8 @@ class RunwayAdapter(NativeAdapter):
     default_base_url = "https://api.dev.runwayml.com"
     required_fields = ("api_key",)
     default_result_hosts = (".cloudfront.net", ".runwayml.com")
+    # Runway's API reference: "should not expect updates more frequent than once every five seconds"
+    default_poll_after_ms = 5000
     models = MODELS
     options_schema = {
         "type": "object",
