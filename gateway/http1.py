@@ -444,7 +444,7 @@ class Http1Client:
         if not target.startswith("/"):
             target = "/" + target
         if not target.isprintable() or " " in target:  # a provider's job name that would end the line
-            raise ValueError(f"request target {target[:200]!r} cannot be sent")
+            raise ExchangeError("payload", "the provider's job name cannot be sent in a request line")
         pool, host = self._pool(url[:split])
         head = _head(method, target, host, headers, body, fixed)
         loop = asyncio.get_running_loop()

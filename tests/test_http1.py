@@ -340,9 +340,9 @@ async def test_a_request_target_that_would_break_the_request_line_is_refused(
     """A provider's job name goes into the path of every poll; one with a line break would end the
     request line there and start headers of its own on a request carrying the gateway's key."""
     server = await serve(keep_alive(answer()))
-    with pytest.raises(ValueError):
+    with pytest.raises(ExchangeError) as raised:
         await client.request("GET", server.url + target, {}, None, LIMITS)
-    assert server.requests == []
+    assert raised.value.kind == "payload" and server.requests == []
 
 
 async def test_bytes_after_an_answer_in_the_same_read_are_not_kept_for_the_next(serve, client) -> None:

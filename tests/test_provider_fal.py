@@ -128,6 +128,18 @@ async def test_follow_up_urls_on_another_host_are_not_followed(
     assert len(_status_paths(fake)) == 3
 
 
+async def test_a_follow_up_url_with_a_control_character_is_not_followed(
+    gw: RunningGateway, fal: tuple[FakeFal, str]
+) -> None:
+    """urlsplit drops tabs and line breaks, so such a status_url passed for one under the base URL;
+    every poll then put the tab in its request line. The gateway builds its own URL instead."""
+    fake, _ = fal
+    video = await create(gw, model="veo", prompt="[tab url] a lighthouse")
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}")
+    assert status == 200 and body["status"] in ("queued", "in_progress"), body
+    assert all("\t" not in path for _, _, path in fake.calls)
+
+
 async def test_veo_sizes_seconds_and_extras(gw: RunningGateway, fal: tuple[FakeFal, str]) -> None:
     fake, _ = fal
     await create(
@@ -327,3 +339,21 @@ async def test_a_moments_404_ends_nothing(
 
 async def test_an_unsendable_job_name_is_refused(gw: RunningGateway) -> None:
     await assert_an_unsendable_job_name_is_refused(gw, "kling")
+
+
+async def test_a_moments_404_from_the_result_ends_nothing(
+    gw: RunningGateway, fal: tuple[FakeFal, str]
+) -> None:
+    """A run fal reports COMPLETED is read from its result URL; a 404 there (a replica behind) ended
+    the video as failed (expired) at once, a video fal had made and billed. The client gets that
+    poll's 404, and the next poll finds the result."""
+    fake, _ = fal
+    fake.result_misses = 1
+    video = await create(gw, model="kling", prompt="a red fox")
+    seen: list[Any] = []
+    for _ in range(10):
+        status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}")
+        seen.append(body["status"] if status == 200 else status)
+        if seen[-1] in ("completed", "failed"):
+            break
+    assert 404 in seen and seen[-1] == "completed", seen

@@ -59,6 +59,7 @@ from gateway.providers.base import (
 from gateway.providers.native import (
     ModelSpec,
     NativeAdapter,
+    expired_if_gone,
     ignore_refusals,
     model_must_exist,
     not_offered,
@@ -354,7 +355,8 @@ class FalAdapter(NativeAdapter):
 
     def _ours(self, url: Any, request_id: str, suffix: str) -> bool:
         """A follow-up URL from fal is used only under the configured base URL, for this very request."""
-        if not isinstance(url, str) or not same_origin(url, self.base_url):
+        # urlsplit drops tabs and line breaks, which the request line would keep
+        if not isinstance(url, str) or not url.isprintable() or not same_origin(url, self.base_url):
             return False
         got, base = urlsplit(url), urlsplit(self.base_url)
         return (
@@ -418,7 +420,9 @@ class FalAdapter(NativeAdapter):
         return fields
 
     async def _result(self, call: Call, task: Task) -> Any:
-        """The run's output, or its :class:`_RunFailure` (``expired`` when fal no longer has it)."""
+        """The run's output, or its :class:`_RunFailure` (``expired`` when fal says it is gone). A
+        404 goes up as it is: the caller decides whether it is a moment's (a poll: api._lost) or
+        the result's expiry (a download)."""
         headers = await self.api_headers(call)
         answer = await self.exchange(call, "GET", self._url(task, "response_url", ""), headers=headers)
         if answer.status < 400:
@@ -428,7 +432,9 @@ class FalAdapter(NativeAdapter):
                 raise UpstreamError(
                     502, "Upstream error: fal's result is not JSON.", kind="payload"
                 ) from None
-        if answer.status in (404, 410):
+        if answer.status == 404:
+            raise refused(404, "fal: no result for this request.", code=None, upstream_status=404)
+        if answer.status == 410:
             return _RunFailure("expired", "fal no longer has this request's result.")
         failure = self._run_failure(answer.status, answer.headers, answer.body)
         if failure is None:
@@ -456,7 +462,8 @@ class FalAdapter(NativeAdapter):
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         if variant != "video":
             raise not_offered(variant, self.kind)
-        result = await self._result(call, task)
+        with expired_if_gone():
+            result = await self._result(call, task)
         if isinstance(result, _RunFailure):
             if result.code == "expired":
                 raise expired_result()

@@ -134,6 +134,7 @@ class FakeFal:
     submits: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     calls: list[tuple[str, str, str]] = field(default_factory=list)  # method, host, path?query
+    result_misses: int = 0  # result reads still to answer 404, as a replica behind would
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -195,6 +196,8 @@ class FakeFal:
         app = app_of(endpoint)
         self.requests[request_id] = {"app": app, "prompt": body["prompt"], "polls": 0, "cancelled": False}
         urls = self._urls(request, app, request_id, "[elsewhere]" in body["prompt"])
+        if "[tab url]" in body["prompt"]:  # a tab, which URL parsers drop and a request line keeps
+            urls["status_url"] = urls["status_url"].replace("/requests/", "/req\tuests/")
         return web.json_response({"request_id": request_id, **urls, "queue_position": 0})
 
     def _find(self, request: web.Request) -> dict[str, Any] | None:
@@ -231,6 +234,9 @@ class FakeFal:
             return web.json_response({"detail": "Request not found"}, status=404)
         if not self._finished(job):
             return web.json_response({"detail": "Request is still in progress"}, status=400)
+        if self.result_misses:
+            self.result_misses -= 1
+            return web.json_response({"detail": "Request not found"}, status=404)
         if "[nsfw]" in job["prompt"]:
             detail = [
                 {
