@@ -444,6 +444,23 @@ async def test_a_streamed_create_the_provider_cuts_off_is_cut_off_for_the_client
     assert not [line for line in log_lines(session_log, "cut-stream-1") if line["level"] == "error"]
 
 
+async def test_a_streamed_event_in_cr_line_ends_is_relayed_before_a_cut(
+    dialect_gateway: RunningGateway,
+) -> None:
+    """An event whose lines end in CR ends in a CR too, which was held back as the possible start
+    of a CRLF until the provider wrote again: a stream cut after it lost the event, and the video
+    it started was never recorded."""
+    body = {"prompt": "streamed [cr events] [cut stream]", "model": "sora-remote", "stream": True}
+    async with (
+        aiohttp.ClientSession(headers=AUTH, timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.post(dialect_gateway.url + "/v1/videos", json=body) as response,
+    ):
+        assert response.status == 200
+        first = await response.content.readuntil(b"\n\n")
+        assert b'"id": "video_' in first or b'"id":"video_' in first, first
+    assert [v.prompt for v in (await dialect_gateway.sdk().videos.list()).data] == [body["prompt"]]
+
+
 async def test_a_streamed_event_that_never_ends_is_cut_off_not_held(
     dialect_gateway: RunningGateway, session_log: Path
 ) -> None:

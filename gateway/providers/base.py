@@ -307,14 +307,14 @@ class EventStream:
         """Raw events, their lines ended in LF, each ending in a blank line; they end early when the
         stream breaks off, or when an event grows past :data:`MAX_EVENT_BYTES` without ending.
 
-        Lines may end in CRLF, LF or CR (the SSE spec); a CR that ends a read is held back until the
-        next, which may begin with its LF."""
-        pending, held = b"", b""
+        Lines may end in CRLF, LF or CR (the SSE spec). A CR that ends a read ends its line at once
+        (an event it completes goes on now), and an LF that begins the next read is then its pair."""
+        pending, after_cr = b"", False
         try:
             async for chunk in self.response.content.iter_any():
-                chunk = held + chunk
-                held = b"\r" if chunk.endswith(b"\r") else b""
-                chunk = chunk[: len(chunk) - len(held)]
+                if after_cr and chunk.startswith(b"\n"):
+                    chunk = chunk[1:]
+                after_cr = chunk.endswith(b"\r")
                 pending += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
                 *complete, pending = pending.split(b"\n\n")
                 for event in complete:

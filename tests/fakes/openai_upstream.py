@@ -213,6 +213,8 @@ class FakeOpenAIUpstream:
                 await response.write(event[:-1])
                 await asyncio.sleep(0.02)
                 event = event[-1:]
+            elif "[cr events]" in (job["prompt"] or ""):  # CR line ends, the SSE spec's third kind
+                event = event.replace(b"\n", b"\r")
             await response.write(event)
             if "[held stream]" in (job["prompt"] or ""):  # the job runs on; its next event comes later
                 await self.stream_gate.wait()
