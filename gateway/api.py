@@ -285,7 +285,10 @@ async def _record(
     gw = gateway(request)
     owner = client_key(request).name
     if "Idempotency-Key" in request.headers:
-        known = await gw.store.find_upstream(owner, deployment.name, upstream.id)
+        try:
+            known = await gw.store.find_upstream(owner, deployment.name, upstream.id)
+        except StoreUnavailable:  # the job is started: record it (_add_started answers for a store down)
+            known = None
         if known is not None:
             return known
     task = Task(

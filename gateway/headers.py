@@ -43,7 +43,8 @@ def forwardable_request_headers(headers: Mapping[str, str], tenant: str) -> CIMu
 
 
 def _tenant_tag(tenant: str) -> str:
-    """A fixed-length tag of a tenant's key name that does not show the name to the provider."""
+    """A tag of a tenant's key name: a hash, so of one length whatever the name, and not the name as
+    written (though a guessable name can be guessed from it: it keeps tenants apart, not secret)."""
     return hashlib.sha256(tenant.encode()).hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from gateway import api
 from gateway.state import GATEWAY
+from gateway.store import StoreUnavailable
 from tests.conftest import ALPHA_KEY, RunningGateway, StartGateway, call
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_upstream_answers import JOB, RandomAnswers, one_key_config
@@ -316,3 +317,23 @@ async def test_polls_while_the_store_is_stuck_queue_one_save_per_video(
         await asyncio.sleep(0.05)
     else:
         raise AssertionError(f"the latest news was not saved: {writes}")
+
+
+async def test_a_failed_replay_lookup_does_not_fail_a_started_job(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an Idempotency-Key, the gateway asks the store whether the job the provider answered is
+    one the caller has already. That read failing, once the provider has started the job, was a
+    plain retryable 503: the client, told to try again, would start a second job. The job is
+    recorded as any other (and, were the store down for that too, answered for as such)."""
+    fake, _ = upstream
+
+    async def unreadable(*args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("task store: disk I/O error")
+
+    monkeypatch.setattr(dialect_gateway.app[GATEWAY].store, "find_upstream", unreadable)
+    video = await dialect_gateway.sdk().videos.create(
+        prompt="keyed", model="sora-remote", extra_headers={"Idempotency-Key": "k-1"}
+    )
+    assert len(fake.jobs) == 1
+    assert (await dialect_gateway.sdk().videos.retrieve(video.id)).prompt == "keyed"
