@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.context import CONTEXT
+from gateway.errors import ApiError
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads
@@ -37,9 +38,10 @@ class Gateway:
 
     def poll_after_ms(self, provider: str) -> int:
         """openai-poll-after-ms for an unfinished video of ``provider``: its config's, else its
-        adapter's default (a provider of another name since a reload: the common default)."""
-        adapter = self.table.adapters.get(provider)
-        if adapter is None:
+        adapter's default (a reload that removed the provider keeps its adapter for its videos)."""
+        try:
+            adapter = self.table.adapter(provider)
+        except ApiError:
             return Adapter.default_poll_after_ms
         configured = adapter.config.poll_after_ms
         return adapter.default_poll_after_ms if configured is None else configured

@@ -691,7 +691,7 @@ keys:
     key: ${{ALPHA_KEY}}
 providers:
   local: {{kind: local, poll_after_ms: 100, options: {{queue_seconds: 0.1, run_seconds: 0.3}}}}
-  second: {{kind: local, poll_after_ms: 100, options: {{queue_seconds: 0.1, run_seconds: 0.3}}}}
+  second: {{kind: local, poll_after_ms: 250, options: {{queue_seconds: 0.1, run_seconds: 0.3}}}}
 models:
   sora-2: {{provider: local}}
   sora-b: {{provider: second}}
@@ -705,6 +705,9 @@ models:
     await reload_to(
         gw, path, text.replace("  second: ", "  # second: ").replace("  sora-b: ", "  # sora-b: ")
     )
+    last = await client.videos.with_raw_response.retrieve(videos[-1].id)
+    assert last.parse().status in ("queued", "in_progress")
+    assert last.headers["openai-poll-after-ms"] == "250", "the pace its provider was configured with"
     for video in videos:
         done = await asyncio.wait_for(client.videos.poll(video.id, poll_interval_ms=100), 30)
         assert done.status == "completed", done
