@@ -155,6 +155,9 @@ class MultipartParser:
         self._delimiter = b"--" + boundary.encode("ascii")
         self._body_delimiter = b"\r\n" + self._delimiter
         self._buffer = bytearray()
+        # The (up to) two bytes just before the buffer, consumed already: none at the body's start
+        # and at a value's start (a delimiter there begins the body's first line, or is ambiguous).
+        self._behind = b""
         self._offset = 0
         self._state = "preamble"
         self._part: PartInfo | None = None
@@ -179,17 +182,19 @@ class MultipartParser:
         if delimiter in self._buffer + data[:keep] or delimiter in data:
             return False
         self._offset += len(self._buffer) + len(data) - keep
+        self._behind = (self._behind + bytes(self._buffer) + data[-keep - 2 : -keep])[-2:]
         self._buffer = bytearray(data[-keep:])
         return True
 
     def _consume(self, n: int) -> None:
+        self._behind = (self._behind + bytes(self._buffer[max(0, n - 2) : n]))[-2:]
         del self._buffer[:n]
         self._offset += n
 
     def _step(self, events: list[tuple[str, Any]]) -> bool:
         buf = self._buffer
         if self._state == "preamble":
-            i = self._line_delimiter(at_start=True)
+            i = self._line_delimiter()
             # the same limit however the bytes arrive (the preamble is never consumed: offset 0)
             if i > _MAX_PREAMBLE or (i < 0 and len(buf) > _MAX_PREAMBLE + len(self._delimiter) - 1):
                 raise MultipartError("no multipart boundary found in the body")
@@ -208,12 +213,13 @@ class MultipartParser:
                 return False
             self._part = self._parse_headers(bytes(buf[:i]), self._offset + i + 4)
             self._consume(i + 4)
+            self._behind = b""
             self._state = "body"
             events.append(("part", self._part))
             return True
         if self._state == "body":
             assert self._part is not None
-            i = self._line_delimiter(at_start=False)
+            i = self._line_delimiter()
             i = i - 2 if i >= 0 else -1  # where the CRLF before it starts
             if i < 0:
                 keep = len(self._body_delimiter)  # with the CRLF: a bare LF is told from one
@@ -234,18 +240,18 @@ class MultipartParser:
             return self._after_delimiter(i + len(self._body_delimiter), events)
         return False
 
-    def _line_delimiter(self, *, at_start: bool) -> int:
-        """Where in the buffer the next delimiter that begins a line (after CRLF) starts, or -1; at
-        its start when ``at_start`` (the body's first line). Parsers end lines differently: Python's
-        email and werkzeug also at a bare LF or CR, and take a delimiter right after a part's headers
-        for one. They would find parts the gateway did not, so such a delimiter is refused."""
+    def _line_delimiter(self) -> int:
+        """Where in the buffer the next delimiter that begins a line (after CRLF, or the body's very
+        start) starts, or -1. Parsers end lines differently: Python's email and werkzeug also at a
+        bare LF or CR, and take a delimiter right after a part's headers for one. They would find
+        parts the gateway did not, so such a delimiter is refused."""
         buf, delimiter = self._buffer, self._delimiter
         i = buf.find(delimiter)
         while i >= 0:
-            before = buf[max(0, i - 2) : i]
-            if before == b"\r\n" or (i == 0 and at_start):
+            before = bytes(buf[i - 2 : i]) if i >= 2 else (self._behind + bytes(buf[:i]))[-2:]
+            if before == b"\r\n" or (not before and self._state == "preamble"):
                 return i
-            if i == 0 or before[-1:] in (b"\r", b"\n"):
+            if not before or before[-1:] in (b"\r", b"\n"):
                 raise MultipartError("a multipart delimiter must follow CRLF")
             i = buf.find(delimiter, i + 1)
         return -1

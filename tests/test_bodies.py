@@ -354,6 +354,22 @@ def test_parser_skipping_large_values_keeps_every_offset():
         assert parser.done and all(kind != "data" for kind, _ in events)
 
 
+@pytest.mark.parametrize("data_events", [True, False])
+def test_parser_takes_a_boundary_inside_a_line_for_data_however_the_bytes_arrive(data_events: bool):
+    """``--boundary`` inside a line is no delimiter (RFC 2046). A read that ended just after one left
+    it at the start of the kept bytes, where it was taken for a delimiter after nothing: refused."""
+    value = b"A" * 50 + f"--{BOUNDARY}".encode() + b"ZZ" + b"B" * 50
+    raw = multipart([Part("video", value, filename="v.bin"), Part("model", b"last")])
+    for size in range(1, 120):
+        parser = MultipartParser(BOUNDARY)
+        parser.data_events = data_events
+        events = [event for chunk in split_every(raw, size) for event in parser.feed(chunk)]
+        assert parser.done and [p.name for kind, p in events if kind == "end"] == ["video", "model"], size
+    assert_parsed(
+        raw, BOUNDARY, split_every(raw, 7), [Part("video", value, filename="v.bin"), Part("model", b"last")]
+    )
+
+
 @pytest.mark.parametrize("line_end", [b"\n", b"\r"])
 def test_parser_skipping_large_values_still_refuses_a_delimiter_after_a_bare_line_end(line_end: bytes):
     """The rest of a streamed upload is skipped, not copied; a delimiter after a bare LF or CR deep
