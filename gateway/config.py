@@ -604,6 +604,7 @@ def _check_references(raw: Any, problem: Any) -> None:
     # The name is the tenant: its videos are the name's. Entries of one name are that tenant's keys
     # (an old and a new one while a key is rotated), so they must grant the same.
     grants: dict[str, tuple[Any, Any]] = {}
+    tenants: dict[bytes, str] = {}  # each key's digest → the tenant it belongs to
     for i, k in enumerate(keys):
         if not isinstance(k, dict):
             continue
@@ -614,6 +615,13 @@ def _check_references(raw: Any, problem: Any) -> None:
                     ("keys", i, "name"),
                     f'key name "{k["name"]}" is used twice with other models or limits: entries of one '
                     "name are one tenant's keys (say, the old and the new while rotating) and grant the same",
+                )
+            digest = _digest_of(k)
+            if digest is not None and tenants.setdefault(digest, k["name"]) != k["name"]:
+                problem(
+                    ("keys", i, "sha256" if "sha256" in k else "key"),
+                    f'this key is also tenant "{tenants[digest]}"\'s: a client holding it would be taken '
+                    "for one of the two and see that one's videos; give each tenant keys of its own",
                 )
         allowed = k.get("models")
         for j, m in enumerate(allowed if isinstance(allowed, list) else ()):
@@ -628,6 +636,15 @@ def _check_references(raw: Any, problem: Any) -> None:
     if isinstance(default_model, str) and default_model not in models:
         known = ", ".join(sorted(map(str, models)))
         problem(("default_model",), f'unknown model "{default_model}" (known: {known})')
+
+
+def _digest_of(entry: dict[str, Any]) -> bytes | None:
+    """The SHA-256 of a `keys` entry's key (from `key`, or as `sha256` gives it); None if neither
+    is usable (the schema reports that)."""
+    sha256, key = entry.get("sha256"), entry.get("key")
+    if isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        return bytes.fromhex(sha256)
+    return hashlib.sha256(key.encode()).digest() if isinstance(key, str) else None
 
 
 def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
@@ -677,7 +694,8 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
 
     keys = []
     for k in raw["keys"]:
-        digest = bytes.fromhex(k["sha256"]) if "sha256" in k else hashlib.sha256(k["key"].encode()).digest()
+        digest = _digest_of(k)
+        assert digest is not None  # the schema has every entry give a key or its sha256
         allowed = k.get("models")
         key_limits = k.get("limits", {})
         keys.append(

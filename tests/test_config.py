@@ -392,6 +392,22 @@ def test_entries_of_one_key_name_are_one_tenant_and_grant_the_same():
     assert "one tenant's keys" in problem_at(problems_of(text), second, "keys[1].name")
 
 
+@pytest.mark.parametrize(
+    "second",
+    [f"    key: {KEY}\n", f"    sha256: {sha256_hex(KEY).upper()}\n", "    key: ${SECOND_KEY}\n"],
+    ids=["same-key", "its-sha256", "from-the-environment"],
+)
+def test_one_key_for_two_tenants_is_refused(second: str) -> None:
+    """Two tenants given one key (an entry copied at 3 a.m., its key left as it was) loaded, and
+    the last entry won: a client holding the key was taken for the other tenant and saw its
+    videos, not its own. The message names the other tenant, never the key."""
+    text = BASE.replace("providers:", f"  - name: other\n{second}providers:")
+    problems = problems_of(text, {"SECOND_KEY": KEY})
+    path = "keys[1].sha256" if "sha256" in second else "keys[1].key"
+    message = problem_at(problems, line_of(text, "- name: other") + 1, path)
+    assert 'tenant "ci"' in message and KEY not in message and sha256_hex(KEY) not in message.lower()
+
+
 def test_a_provider_without_a_kind_is_told_so_alone():
     """Each kind's rules applied to a provider with no kind at all (an absent kind matched every
     "kind is X" condition), adding "'options' is required" twice to the one real problem."""
@@ -526,15 +542,15 @@ def test_sha256_key_form_matches_plain_key():
     assert digest == hashlib.sha256(other.encode()).hexdigest()
     text = BASE.replace(
         "providers:",
-        f"  - name: hashed\n    sha256: {digest}\n  - name: upper\n    sha256: {digest.upper()}\nproviders:",
+        f"  - name: hashed\n    sha256: {digest}\n  - name: hashed\n    sha256: {digest.upper()}\nproviders:",
     )
     config = parse_config(text, SRC, {})
-    by_name = {k.name: k for k in config.keys}
-    assert list(by_name) == ["ci", "hashed", "upper"]
-    assert by_name["ci"].digest == bytes.fromhex(sha256_hex(KEY)) == hashlib.sha256(KEY.encode()).digest()
-    assert by_name["hashed"].digest == bytes.fromhex(digest) == hashlib.sha256(other.encode()).digest()
-    assert by_name["upper"].digest == by_name["hashed"].digest
-    assert by_name["ci"].models is None
+    ci, hashed, upper = config.keys
+    assert (ci.name, hashed.name, upper.name) == ("ci", "hashed", "hashed")
+    assert ci.digest == bytes.fromhex(sha256_hex(KEY)) == hashlib.sha256(KEY.encode()).digest()
+    assert hashed.digest == bytes.fromhex(digest) == hashlib.sha256(other.encode()).digest()
+    assert upper.digest == hashed.digest
+    assert ci.models is None
     assert KEY not in repr(config), "the plain key must not be kept in the config"
 
 
