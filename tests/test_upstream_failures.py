@@ -423,13 +423,22 @@ async def test_a_streamed_create_whose_client_leaves_before_the_stream_starts_is
     assert [v.prompt for v in listed] == ["streamed slowly [slow]"]
 
 
-async def test_a_streamed_create_the_provider_cuts_off_is_cut_off_for_the_client_too(
-    dialect_gateway: RunningGateway, session_log: Path
+@pytest.mark.parametrize(
+    "how",
+    [
+        "cut stream",  # the connection drops after the first event
+        "endless event",  # then an event that never ends (a provider that never writes the blank line)
+    ],
+)
+async def test_a_streamed_create_the_provider_breaks_off_is_cut_off_for_the_client_too(
+    dialect_gateway: RunningGateway, session_log: Path, how: str
 ) -> None:
     """Ended normally, the relayed stream would pass for whole, and the client wait for events that
-    never come (it hung until its own timeout). The client sees the break; the video is recorded."""
-    body = {"prompt": "streamed [cut stream]", "model": "sora-remote", "stream": True}
-    headers = {**AUTH, "X-Request-ID": "cut-stream-1"}
+    never come (it hung until its own timeout); an event that never ends grew in the gateway's
+    memory for as long as the provider kept writing (now cut past base.MAX_EVENT_BYTES). The client
+    sees the break; the video is recorded."""
+    body = {"prompt": f"streamed [{how}]", "model": "sora-remote", "stream": True}
+    headers = {**AUTH, "X-Request-ID": "broken-stream-" + how.replace(" ", "-")}
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
         session.post(dialect_gateway.url + "/v1/videos", json=body, headers=headers) as response,
@@ -438,10 +447,10 @@ async def test_a_streamed_create_the_provider_cuts_off_is_cut_off_for_the_client
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     listed = (await dialect_gateway.sdk().videos.list()).data
-    assert [v.prompt for v in listed] == ["streamed [cut stream]"]
-    access = await wait_for_event(session_log, "cut-stream-1", "request")
+    assert [v.prompt for v in listed] == [body["prompt"]]
+    access = await wait_for_event(session_log, headers["X-Request-ID"], "request")
     assert access["upstream_error"] == "payload"
-    assert not [line for line in log_lines(session_log, "cut-stream-1") if line["level"] == "error"]
+    assert not [line for line in log_lines(session_log, headers["X-Request-ID"]) if line["level"] == "error"]
 
 
 async def test_a_streamed_event_in_cr_line_ends_is_relayed_before_a_cut(
@@ -459,26 +468,6 @@ async def test_a_streamed_event_in_cr_line_ends_is_relayed_before_a_cut(
         first = await response.content.readuntil(b"\n\n")
         assert b'"id": "video_' in first or b'"id":"video_' in first, first
     assert [v.prompt for v in (await dialect_gateway.sdk().videos.list()).data] == [body["prompt"]]
-
-
-async def test_a_streamed_event_that_never_ends_is_cut_off_not_held(
-    dialect_gateway: RunningGateway, session_log: Path
-) -> None:
-    """An event is relayed once it ends; one that grows without end (a provider that never writes
-    the blank line) grew in the gateway's memory for as long as the provider kept writing. Past
-    base.MAX_EVENT_BYTES the stream is the provider's broken one; the video is recorded."""
-    body = {"prompt": "streamed [endless event]", "model": "sora-remote", "stream": True}
-    headers = {**AUTH, "X-Request-ID": "endless-event-1"}
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-        session.post(dialect_gateway.url + "/v1/videos", json=body, headers=headers) as response,
-    ):
-        assert response.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await response.read()
-    assert [v.prompt for v in (await dialect_gateway.sdk().videos.list()).data] == [body["prompt"]]
-    access = await wait_for_event(session_log, "endless-event-1", "request")
-    assert access["upstream_error"] == "payload"
 
 
 async def test_a_delete_whose_client_leaves_while_the_provider_deletes_is_done(
