@@ -365,6 +365,10 @@ def multiprocess_dir() -> Path | None:
     return Path(path) if path else None
 
 
+# The CPU counter's family as prometheus_client names it: its sample is process_cpu_seconds_total.
+_CPU = "process_cpu_seconds"
+
+
 class GatewayProcesses(Collector):
     """``process_*`` of the whole gateway when it runs as several workers: the supervisor and every
     live worker (those with live gauge files), summed; limits and start time taken as max and min.
@@ -397,13 +401,13 @@ class GatewayProcesses(Collector):
             for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
                 families.setdefault(family.name, family)
                 values.setdefault(family.name, []).extend(sample.value for sample in family.samples)
-        if "process_cpu_seconds_total" in values:
-            values["process_cpu_seconds_total"].append(_reaped_children_cpu(os.getppid()))
+        if _CPU in values:
+            values[_CPU].append(_reaped_children_cpu(os.getppid()))
         for name, family in families.items():
             pick = self._PICK.get(name, sum)
             out = Metric(family.name, family.documentation, family.type)
             value = pick(values[name])
-            if name == "process_cpu_seconds_total":
+            if name == _CPU:
                 value = _whole_ticks(value)
             out.add_sample(family.samples[0].name, {}, value)
             yield out

@@ -407,6 +407,17 @@ def test_the_cpu_counter_is_the_same_for_the_same_ticks_however_they_are_summed(
     assert {metrics._whole_ticks(sum(order)) for order in itertools.permutations(parts)} == {462 / ticks}
 
 
+def test_the_gateways_cpu_counter_adds_the_reaped_workers_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaped workers' time was never added: the family is named process_cpu_seconds (only its
+    sample has _total), so the check for it never matched. The test above passed all the same while
+    a new worker's start-up CPU made up for an idle one's; a worker with hours of CPU would not."""
+    monkeypatch.setattr(metrics, "_reaped_children_cpu", lambda pid: 3600.0)
+    (cpu,) = [f for f in metrics.GatewayProcesses(tmp_path).collect() if f.name == "process_cpu_seconds"]
+    assert cpu.samples[0].name == "process_cpu_seconds_total" and cpu.samples[0].value >= 3600.0
+
+
 def test_a_reaped_workers_cpu_time_stays_counted() -> None:
     """What keeps the counter from falling: a child's CPU time, once its parent has reaped it, is in
     the parent's cutime and cstime, which the gateway's counter adds to the live processes' own."""
