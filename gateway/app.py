@@ -139,6 +139,11 @@ async def _send(request: web.Request, ctx: RequestContext, response: web.StreamR
     except (ConnectionResetError, ClientConnectionResetError):
         ctx.client_gone = True
         response.force_close()
+    except asyncio.CancelledError:
+        # The answer was cut off while it waited to be written: on uvloop a client's hang-up comes
+        # so, as the handler's cancellation rather than a reset (or the server abandoned it).
+        ctx.client_gone = True
+        raise
 
 
 def _body_bytes(ctx: RequestContext, response: web.StreamResponse) -> int:
@@ -189,7 +194,7 @@ def _observe(
 ) -> None:
     """Metrics and the access log line of one finished request."""
     call = ctx.call
-    upstream_seconds = ctx.upstream.seconds
+    upstream_seconds = ctx.upstream.total()  # a call still open (its client left a create) counts
     bytes_in = request.content.total_bytes
     bytes_out = _body_bytes(ctx, response) if request.method != "HEAD" else 0
     series.record(response.status, seconds, max(0.0, seconds - upstream_seconds), bytes_in, bytes_out)
@@ -257,11 +262,15 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         if request.content_length is not None and request.content_length > limit:
             raise too_large(limit)
     except ApiError as exc:
-        # answered before the envelope runs: stamped here, with a context of its own
+        # answered before the envelope runs: stamped, counted and logged here, with a context of its own
         ctx = request[CONTEXT] = RequestContext(gw, table, request_id(request), time.perf_counter())
         response = exc.response()
         stamp(ctx, response)
         response.force_close()
+        route = getattr(request.match_info.route.handler, "route", "unmatched")
+        series = metrics.route_series(route, request.method)
+        series.started()
+        _observe(request, ctx, response, route, series, time.perf_counter() - ctx.started)
         return response
     if request.version >= HttpVersion11:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

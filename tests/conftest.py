@@ -223,7 +223,8 @@ BOTH_LOOPS = {"test_http1", "test_sdk_e2e"}
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
     module = getattr(item, "module", None)
-    if module is not None and module.__name__.rpartition(".")[2] in BOTH_LOOPS:
+    in_module = module is not None and module.__name__.rpartition(".")[2] in BOTH_LOOPS
+    if in_module or item.get_closest_marker("both_loops") is not None:
         import uvloop
 
         factories["uvloop"] = uvloop.new_event_loop

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import secrets
 import socket
 import struct
 import time
@@ -256,13 +257,15 @@ async def test_an_unsatisfiable_range_is_416_in_the_error_envelope(
     ],
 )
 async def test_expect_continue_refusals_carry_a_request_id(
-    local_gateway: RunningGateway, headers: dict[str, str], status: int
+    local_gateway: RunningGateway, headers: dict[str, str], status: int, session_log: Path
 ) -> None:
+    """Answered before the envelope runs, these refusals also had no access line and no count."""
     host, port = local_gateway.server.host, local_gateway.server.port
     assert port is not None
     lines = [f"{name}: {value}" for name, value in headers.items()]
     head = "\r\n".join(["POST /v1/videos HTTP/1.1", "Host: gw", "Content-Type: application/json", *lines])
-    for request_id, expected in (("client-id-7", "client-id-7"), ("bad id <>", None)):
+    client_id = f"expect-{status}-{secrets.token_hex(4)}"
+    for request_id, expected in ((client_id, client_id), ("bad id <>", None)):
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(f"{head}\r\nX-Request-ID: {request_id}\r\n\r\n".encode())
         raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -271,6 +274,8 @@ async def test_expect_continue_refusals_carry_a_request_id(
         assert lines[0].startswith(f"HTTP/1.1 {status}")
         ids = [line.partition(":")[2].strip() for line in lines if line.lower().startswith("x-request-id:")]
         assert len(ids) == 1 and (ids[0] == expected if expected else ids[0].startswith("req_"))
+    access = await wait_for_event(session_log, client_id, "request")
+    assert (access["status"], access["route"], access["method"]) == (status, "/v1/videos", "POST"), access
 
 
 async def test_requests_abandoned_at_shutdown_are_not_logged_as_the_clients(
@@ -468,6 +473,24 @@ async def test_a_streamed_event_in_cr_line_ends_is_relayed_before_a_cut(
         first = await response.content.readuntil(b"\n\n")
         assert b'"id": "video_' in first or b'"id":"video_' in first, first
     assert [v.prompt for v in (await dialect_gateway.sdk().videos.list()).data] == [body["prompt"]]
+
+
+async def test_a_create_whose_client_left_counts_the_providers_wait_as_upstream(
+    dialect_gateway: RunningGateway, session_log: Path
+) -> None:
+    """A client that leaves while the provider is still answering its create: the access line (and
+    gateway_overhead_seconds) took the whole wait for the gateway's own overhead, the provider's
+    call still open in the work that goes on without the client."""
+    with pytest.raises(openai.APITimeoutError):
+        await dialect_gateway.sdk().videos.create(
+            model="sora-remote",
+            prompt="slow [slow]",
+            extra_headers={"X-Request-ID": "left-create-overhead"},
+            timeout=0.3,
+        )
+    access = await wait_for_event(session_log, "left-create-overhead", "request")
+    assert access["status"] == 499, access
+    assert access["upstream_ms"] >= 0.2 * 1000 and access["overhead_ms"] < 100, access
 
 
 async def test_a_delete_whose_client_leaves_while_the_provider_deletes_is_done(
