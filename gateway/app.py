@@ -87,6 +87,7 @@ class Routes:
         self._router = app.router
 
     def add(self, method: str, path: str, handler: web.Handler, **kwargs: Any) -> None:
+        kwargs.setdefault("expect_handler", expect_plain)
         if method == "GET":  # and HEAD, as aiohttp's add_get does
             self._router.add_get(path, enveloped(handler, path), **kwargs)
         else:
@@ -248,19 +249,29 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
-    """Answer ``Expect: 100-continue`` only after the key and the declared size pass.
-
-    aiohttp's default handler invites any client to send its body before the envelope runs.
+    """For the API's uploads: answer ``Expect: 100-continue`` only after the key and the declared
+    size pass. aiohttp's default handler invites any client to send its body before the envelope runs.
     """
+    return await _expect(request, uploads=True)
+
+
+async def expect_plain(request: web.Request) -> web.StreamResponse | None:
+    """For every other route: 100-continue is the only expectation, another one a 417 in the
+    envelope (aiohttp's default answers it in text/plain, unseen by metrics and logs)."""
+    return await _expect(request, uploads=False)
+
+
+async def _expect(request: web.Request, *, uploads: bool) -> web.StreamResponse | None:
     gw = request.app[GATEWAY]
     table = gw.table
     try:
         if request.headers.get("Expect", "").lower() != "100-continue":
             raise ApiError(417, "Only 'Expect: 100-continue' is supported.", code="expectation_failed")
-        table.keys.authenticate(request.headers.get("Authorization"))
-        limit = size_limit(request, table.config.limits)
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large(limit)
+        if uploads:
+            table.keys.authenticate(request.headers.get("Authorization"))
+            limit = size_limit(request, table.config.limits)
+            if request.content_length is not None and request.content_length > limit:
+                raise too_large(limit)
     except ApiError as exc:
         # answered before the envelope runs: stamped, counted and logged here, with a context of its own
         ctx = request[CONTEXT] = RequestContext(gw, table, request_id(request), time.perf_counter())
@@ -385,7 +396,7 @@ def build_app(
         api.add_routes(routes.add, prefix, expect=expect_continue)
     catch_all = _AnyTarget()  # last
     app.router.register_resource(catch_all)
-    catch_all.add_route("*", enveloped(unmatched, "unmatched"))
+    catch_all.add_route("*", enveloped(unmatched, "unmatched"), expect_handler=expect_plain)
     bare = [route for route in app.router.routes() if not hasattr(route.handler, "route")]
     if bare:  # a route added straight to the router would skip authentication and the envelope
         raise RuntimeError(f"routes outside the envelope: {bare}")

@@ -278,6 +278,26 @@ async def test_expect_continue_refusals_carry_a_request_id(
     assert (access["status"], access["route"], access["method"]) == (status, "/v1/videos", "POST"), access
 
 
+@pytest.mark.parametrize("target", ["GET /healthz", "GET /v1/models", "GET /nowhere", "POST /admin/reload"])
+async def test_an_expectation_other_than_100_continue_is_refused_in_the_envelope_everywhere(
+    local_gateway: RunningGateway, target: str, session_log: Path
+) -> None:
+    """Only the API's creates had an Expect handler of the gateway's; elsewhere aiohttp's own
+    answered 417 in text/plain, without a request ID, an access line or a count."""
+    host, port = local_gateway.server.host, local_gateway.server.port
+    request_id = f"expect-elsewhere-{secrets.token_hex(4)}"
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"{target} HTTP/1.1\r\nHost: gw\r\nExpect: bogus\r\nX-Request-ID: {request_id}\r\n\r\n".encode()
+    )
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode().lower()
+    writer.close()
+    assert head.startswith("http/1.1 417") and "content-type: application/json" in head, head
+    assert f"x-request-id: {request_id}" in head, head
+    access = await wait_for_event(session_log, request_id, "request")
+    assert access["status"] == 417, access
+
+
 async def test_requests_abandoned_at_shutdown_are_not_logged_as_the_clients(
     tmp_path: Path, faulty: tuple[FaultyUpstream, str], unused_tcp_port: int, session_log: Path
 ) -> None:
