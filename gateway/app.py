@@ -325,7 +325,7 @@ async def admin_reload(request: web.Request) -> web.Response:
     gw = _admin(request)
     reloader = request.app[RELOADER]
     if gw.workers > 1:
-        problems = await reloader.check()
+        problems = await reloader.check("admin request")
         ok = not problems and request_reload()
         return web.json_response(
             {"reloaded": ok, "problems": problems, "workers": gw.workers}, status=200 if ok else 422

@@ -159,21 +159,24 @@ class Reloader:
         except OSError:
             return None
 
-    async def check(self) -> list[str]:
+    async def check(self, reason: str) -> list[str]:
         """The problems a reload of the file would meet, without applying it: the file's own, and
-        those of a changed provider whose adapter cannot start (started here, then closed).
+        those of a changed provider whose adapter cannot start (started here, then closed). A reload
+        asked for (``reason``) that they stop is rejected as :meth:`reload` rejects one: logged and
+        counted.
 
         Like :meth:`reload`, it runs to its end even when its caller is cancelled (adapters it
         started must be closed)."""
-        return await self._to_the_end(self._check())
+        return await self._to_the_end(self._check(reason))
 
-    async def _check(self) -> list[str]:
+    async def _check(self, reason: str) -> list[str]:
         if self._path is None:
             return ["the gateway was started without a config file"]
         try:
             config = await asyncio.to_thread(load_config, self._path)
             _, started = await _start_adapters(config, self._gw, self._gw.table.all_adapters())
         except ConfigError as exc:
+            self._rejected(reason, exc.problems)
             return exc.problems
         for adapter in started:
             await adapter.close()
@@ -185,6 +188,10 @@ class Reloader:
         It runs to its end even when its caller is cancelled (an admin request whose client left):
         half a reload would apply nothing, log nothing, and leave the file marked as loaded."""
         return await self._to_the_end(self._reload(reason))
+
+    def _rejected(self, reason: str, problems: list[str]) -> None:
+        RELOADS.labels("failure").inc()
+        log.error("config_reload_rejected", reason=reason, path=str(self._path), problems=problems)
 
     async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
         """``work``, shielded from its caller's cancellation (and kept referenced till it ends)."""
@@ -202,10 +209,7 @@ class Reloader:
                 config = await asyncio.to_thread(load_config, self._path)
                 table = await build_table(config, self._gw, self._gw.table)
             except ConfigError as exc:  # the file, or an adapter that cannot start with it
-                RELOADS.labels("failure").inc()
-                log.error(
-                    "config_reload_rejected", reason=reason, path=str(self._path), problems=exc.problems
-                )
+                self._rejected(reason, exc.problems)
                 return False, exc.problems
             ignored = self._needs_restart(config, self._gw.table.config)
             if ignored:

@@ -208,6 +208,11 @@ async def test_an_admin_reload_reaches_every_worker(start_workers, fresh) -> Non
     status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
     assert status == 422 and any("bogus" in p for p in answer["problems"])
     assert set(await answers()) == {200}, "a rejected file changes nothing"
+    # rejected as a reload is: logged and counted (it was neither with several workers)
+    async with fresh.get(f"{workers.url}/metrics") as response:
+        scraped = await response.text()
+    assert 'gateway_config_reloads_total{result="failure"} 1.0' in scraped, scraped
+    assert "config_reload_rejected" in workers.log_text()
 
 
 async def test_reloads_while_workers_start_neither_kill_them_nor_go_missing(tmp_path: Path, fresh) -> None:
