@@ -17,6 +17,7 @@ from gateway.auth import bearer_token, same_key
 from gateway.bodies import read_body
 from gateway.config import Limits
 from gateway.errors import ApiError, bad_request
+from gateway.providers.base import FileAnswer
 from gateway.providers.local import (
     Derivation,
     LocalEngine,
@@ -94,7 +95,7 @@ async def content(request: web.Request) -> web.StreamResponse:
     if variant not in ("video", "thumbnail", "spritesheet"):
         raise bad_request("variant must be video, thumbnail or spritesheet.", param="variant")
     path, content_type = await _engine(request).asset(request.match_info["video_id"], variant)
-    return web.FileResponse(path, headers={"Content-Type": content_type})
+    return FileAnswer(path, headers={"Content-Type": content_type})  # If-Range by ETag too
 
 
 async def remix(request: web.Request) -> web.Response:

@@ -170,3 +170,20 @@ async def test_a_video_deleted_while_the_list_is_read_is_left_out(
 
     monkeypatch.setattr(Path, "glob", listed_then_gone)
     assert [v.id for v in (await client.videos.list()).data] == [video.id]
+
+
+async def test_a_range_for_another_copy_of_the_file_gets_the_whole_file(
+    simulator: TestServer, client: openai.AsyncOpenAI
+) -> None:
+    """``If-Range`` names the copy a client holds part of; aiohttp's own file answer honoured only
+    the date form, and answered a part of this file to a client holding another one (whose ETag it
+    sent). The simulator answers as the gateway does: that part only for the very file."""
+    video = await client.videos.create_and_poll(prompt="ranged", size="320x240", seconds="1")
+    url = str(simulator.make_url(f"/v1/videos/{video.id}/content"))
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        async with session.get(url) as whole:
+            etag, size = whole.headers["ETag"], len(await whole.read())
+        for if_range, status, length in (('"another-file"', 200, size), (etag, 206, 2)):
+            headers = {"Range": "bytes=0-1", "If-Range": if_range}
+            async with session.get(url, headers=headers) as answer:
+                assert (answer.status, len(await answer.read())) == (status, length), if_range
