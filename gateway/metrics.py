@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from gateway import __version__
 from gateway.auth import bearer_token, same_key
 from gateway.context import CONTEXT
+from gateway.errors import ApiError
 
 FLUSH_SECONDS = 1.0
 
@@ -458,7 +459,7 @@ def metrics_handler() -> web.Handler:
         current = request[CONTEXT].table.config.metrics_key
         presented = bearer_token(request.headers.get("Authorization"))
         if current is not None and not same_key(presented, current):
-            return web.Response(status=401, text="metrics key required\n")
+            raise ApiError(401, "The metrics endpoint needs the metrics key.", code="invalid_metrics_key")
         return await handler(request)
 
     return guarded

@@ -241,7 +241,8 @@ async def test_upstream_latency_series_exist_before_traffic(
 async def test_metrics_key_and_path_are_configurable(start_gateway: StartGateway, tmp_path: Path) -> None:
     gw = await start_gateway(gateway_yaml(tmp_path, extra="metrics: {key: scrape-secret-1}"))
     async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
-        assert response.status == 401
+        refusal = await response.json(content_type=None)  # the envelope, as every error is
+        assert response.status == 401 and refusal["error"]["code"] == "invalid_metrics_key", refusal
     assert "gateway_http_requests_total" in await scrape(gw, {"Authorization": "Bearer scrape-secret-1"})
     for wrong in ("scrape-secret-1", "Basic scrape-secret-1", "Bearer scrape-secret-2"):
         async with (
