@@ -195,20 +195,29 @@ def _wrap(text: str, font: Font, max_width: int) -> list[str]:
     return lines
 
 
-def is_image(data: bytes) -> bool:
-    """Whether Pillow can read ``data`` as an image (its headers and structure, not every pixel)."""
+# The most pixels a reference image may have: a PNG of a few hundred KiB can claim 13000×13000,
+# which takes over a GiB to decode (Pillow only warns below 179 million).
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height of an image Pillow can read (its headers and structure, not every pixel);
+    None for anything else."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            size = opened.size
             opened.verify()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return False
-    return True
+        return None
+    return size
 
 
 def _load_reference(path: Path, max_size: tuple[int, int]) -> Image.Image | None:
-    """Open the reference image, or return None if Pillow cannot read it."""
+    """Open the reference image, or return None if Pillow cannot read it or it is too large to."""
     try:
         with Image.open(path) as opened:
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                return None
             opened.draft("RGB", max_size)
             image = ImageOps.exif_transpose(opened)
             image.thumbnail(max_size, Image.Resampling.LANCZOS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from PIL import Image
 
 from gateway.providers import local as local_module
 from gateway.render import render_video
@@ -387,6 +389,24 @@ async def test_an_image_too_large_to_draw_is_refused_unread(local_gateway: Runni
     status, body, peak = await create_with_a_huge_image(local_gateway, "sora-2", mib=256)
     assert status == 413 and body["error"]["code"] == "request_too_large", body
     assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held for a refused image"
+    assert (await local_gateway.sdk().videos.list()).data == []
+
+
+async def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(
+    local_gateway: RunningGateway,
+) -> None:
+    """A PNG of a few KiB can claim 13000x13000 pixels: drawn from, it took over a GiB to decode
+    (Pillow only warns below 179 million pixels), for each render of it."""
+    picture = io.BytesIO()
+    Image.new("1", (13000, 13000)).save(picture, format="PNG")
+    assert len(picture.getvalue()) < 1024 * 1024
+    with pytest.raises(openai.BadRequestError) as caught:
+        await local_gateway.sdk().videos.create(
+            prompt="from a huge picture",
+            size="320x240",
+            input_reference=("huge.png", picture.getvalue(), "image/png"),
+        )
+    assert caught.value.param == "input_reference" and "13000x13000" in caught.value.message  # type: ignore[attr-defined]
     assert (await local_gateway.sdk().videos.list()).data == []
 
 
