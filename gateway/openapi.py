@@ -21,9 +21,11 @@ _ERROR_STATUSES = {
     "408": "The request body stalled",
     "409": "The video is not finished",
     "410": "The provider's result has expired",
+    "412": "If-Match or If-Unmodified-Since does not hold",
     "413": "Body too large",
     "415": "Unsupported content type",
-    "417": "Unsupported expectation",
+    "416": "The range cannot be satisfied",
+    "417": "Unsupported expectation (any route: only 'Expect: 100-continue' is)",
     "422": "The config did not load; nothing changed",
     "429": "Rate limited (per key or upstream)",
     "500": "Gateway failure",
@@ -148,8 +150,20 @@ def _errors(*statuses: str) -> dict[str, Any]:
     return {s: _json({"$ref": "#/components/schemas/Error"}, _ERROR_STATUSES[s]) for s in statuses}
 
 
-_COMMON = ("400", "401", "404", "405", "429", "500", "502", "503", "504")
-_BODY = ("403", "408", "413", "415", "417")
+def _media(description: str, types: tuple[str, ...]) -> dict[str, Any]:
+    """A file's answers: the whole (200), a part (206, ``Range``), not modified (304), and the
+    refusals of its conditions (412) and ranges (416)."""
+    content = {t: {"schema": _FILE} for t in types}
+    return {
+        "200": {"description": description, "content": content},
+        "206": {"description": f"{description}: the part that Range asked for", "content": content},
+        "304": {"description": "Not modified (If-None-Match, If-Modified-Since)"},
+        **_errors("412", "416"),
+    }
+
+
+_COMMON = ("400", "401", "404", "405", "417", "429", "500", "502", "503", "504")
+_BODY = ("403", "408", "413", "415")
 _VIDEO_ID = {"name": "video_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _CHARACTER_ID = {"name": "character_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -222,13 +236,7 @@ def _videos(prefix: str) -> dict[str, Any]:
                     },
                 ],
                 "responses": {
-                    "200": {
-                        "description": "The media",
-                        "content": {
-                            t: {"schema": {"type": "string", "format": "binary"}}
-                            for t in ("video/mp4", "image/webp", "image/jpeg")
-                        },
-                    },
+                    **_media("The media", ("video/mp4", "image/webp", "image/jpeg")),
                     **_errors(*_COMMON, "409", "410"),
                 },
             }
@@ -299,7 +307,7 @@ def _operations(metrics_path: str | None, hosted: bool) -> dict[str, Any]:
                     "200": _json(
                         {"type": "object", "required": ["config", "draining", "worker", "deployments"]}
                     ),
-                    **_errors("401"),
+                    **_errors("401", "417"),
                 },
             }
         },
@@ -309,7 +317,7 @@ def _operations(metrics_path: str | None, hosted: bool) -> dict[str, Any]:
                 "security": admin,
                 "responses": {
                     "200": _json({"type": "object", "required": ["reloaded", "problems"]}),
-                    **_errors("401"),
+                    **_errors("401", "417"),
                     "422": _json(
                         {"type": "object", "required": ["reloaded", "problems"]}, _ERROR_STATUSES["422"]
                     ),
@@ -328,10 +336,8 @@ def _operations(metrics_path: str | None, hosted: bool) -> dict[str, Any]:
                         "description": "Prometheus exposition",
                         "content": {"text/plain": text, "application/openmetrics-text": text},
                     },
-                    "401": {
-                        "description": "The metrics key is configured and was not sent",
-                        "content": {"text/plain": text},
-                    },
+                    "401": _json({"$ref": "#/components/schemas/Error"}, "The metrics key was not sent"),
+                    **_errors("417"),
                 },
             }
         }
@@ -346,11 +352,11 @@ def _operations(metrics_path: str | None, hosted: bool) -> dict[str, Any]:
                     {"name": "sig", "in": "query", "schema": {"type": "string"}},
                 ],
                 "responses": {
-                    "200": {
-                        "description": "An image uploaded for a provider that fetches images by URL",
-                        "content": {t: {"schema": _FILE} for t in ("image/png", "image/jpeg", "image/webp")},
-                    },
-                    **_errors("404"),
+                    **_media(
+                        "An image uploaded for a provider that fetches images by URL",
+                        ("image/png", "image/jpeg", "image/webp"),
+                    ),
+                    **_errors("404", "417"),
                 },
             }
         }
@@ -368,7 +374,10 @@ def document(metrics_path: str | None = "/metrics", hosted: bool = False) -> dic
         "get": {
             "operationId": "healthz",
             "security": [],
-            "responses": {"200": _json({"type": "object", "properties": {"status": {"type": "string"}}})},
+            "responses": {
+                "200": _json({"type": "object", "properties": {"status": {"type": "string"}}}),
+                **_errors("417"),
+            },
         }
     }
     paths["/openapi.json"] = {
@@ -376,7 +385,8 @@ def document(metrics_path: str | None = "/metrics", hosted: bool = False) -> dic
             "operationId": "openapi",
             "security": [],
             "responses": {
-                "200": _json({"type": "object", "required": ["openapi", "paths"]}, "This document")
+                "200": _json({"type": "object", "required": ["openapi", "paths"]}, "This document"),
+                **_errors("417"),
             },
         }
     }
@@ -387,6 +397,7 @@ def document(metrics_path: str | None = "/metrics", hosted: bool = False) -> dic
             "responses": {
                 "200": _json({"type": "object", "properties": {"status": {"type": "string"}}}),
                 "503": _json({"type": "object", "properties": {"status": {"type": "string"}}}, "Draining"),
+                **_errors("417"),
             },
         }
     }

@@ -561,6 +561,27 @@ async def test_the_openapi_document_describes_every_route(
         assert {("GET", "/files/{name}"), ("GET", "/internal/metrics")} <= served
 
 
+async def test_the_openapi_document_lists_the_answers_every_route_gives(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """Statuses the gateway answers that its document did not list: a 417 on every route (any
+    expectation but 100-continue), a part (206) and a refused range (416) of a file, and the
+    metrics key's refusal, in the envelope now."""
+    extra = "server: {public_base_url: 'http://gw.example'}\n        metrics: {key: scrape-secret-1}"
+    gw = await start_gateway(gateway_yaml(tmp_path, extra=extra))
+    status, _, document = await call(gw, "GET", "/openapi.json")
+    assert status == 200
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            assert "417" in operation["responses"], (method, path)
+    for path in ("/v1/videos/{video_id}/content", "/files/{name}"):
+        assert {"200", "206", "304", "412", "416"} <= set(document["paths"][path]["get"]["responses"]), path
+    refused = document["paths"]["/metrics"]["get"]["responses"]["401"]["content"]
+    assert set(refused) == {"application/json"}
+    status, _, body = await call(gw, "GET", "/healthz", headers={"Expect": "bogus"})
+    assert status == 417 and body["error"]["code"] == "expectation_failed"
+
+
 async def test_the_openapi_document_takes_the_bodies_the_gateway_takes(local_gateway: RunningGateway) -> None:
     """A remix as JSON or a form (openai-videos-api §8.10), an extension's ``seconds`` as text or a
     JSON number (§8.2), as the handlers take them: the fuzzers then try them too."""
