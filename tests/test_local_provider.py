@@ -392,6 +392,7 @@ async def test_an_image_too_large_to_draw_is_refused_unread(local_gateway: Runni
     assert (await local_gateway.sdk().videos.list()).data == []
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # what Pillow says of it
 async def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(
     local_gateway: RunningGateway,
 ) -> None:
