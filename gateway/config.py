@@ -200,12 +200,8 @@ def schema() -> dict[str, Any]:
                 "required": list(adapter.required_fields),
                 "properties": {
                     "options": adapter.options_schema,
-                    # an empty value (an unset "${KEY:-}") is as missing as none (api_key: for every kind)
-                    **{
-                        name: {"pattern": "\\S"}
-                        for name in adapter.required_fields
-                        if name not in ("options", "api_key")
-                    },
+                    # an empty value (an unset "${KEY:-}") is as missing as none
+                    **{name: {"pattern": "\\S"} for name in adapter.required_fields if name != "options"},
                 },
             },
         }
@@ -344,7 +340,7 @@ def schema() -> dict[str, Any]:
                     "properties": {
                         "kind": {"enum": sorted(ADAPTERS)},
                         "base_url": {"type": "string", "pattern": _BASE_URL_PATTERN},
-                        "api_key": {**_HEADER_VALUE, "pattern": "\\S"},  # empty: a secret that did not arrive
+                        "api_key": _HEADER_VALUE,
                         "headers": {
                             "type": "object",
                             "propertyNames": _HEADER_NAME,

@@ -408,27 +408,6 @@ def test_one_key_for_two_tenants_is_refused(second: str) -> None:
     assert 'tenant "ci"' in message and KEY not in message and sha256_hex(KEY) not in message.lower()
 
 
-def test_an_empty_api_key_is_refused_for_every_kind() -> None:
-    """A secret that arrives empty (its variable set to nothing) is a deploy mistake. The kinds that
-    require a key said so; an OpenAI-dialect provider, which may take none, loaded and sent every
-    request without a credential, each refused upstream with a 401."""
-    text = BASE.replace(
-        "providers:\n",
-        "providers:\n  dialect:\n    kind: openai\n    base_url: https://api.openai.com/v1\n"
-        '    api_key: "${OPENAI_API_KEY}"\n',
-    )
-    message = problem_at(
-        problems_of(text, {"OPENAI_API_KEY": ""}), line_of(text, "api_key:"), "providers.dialect.api_key"
-    )
-    assert "must not be empty" in message and "${OPENAI_API_KEY}" in message
-    without = text.replace('    api_key: "${OPENAI_API_KEY}"\n', "")
-    assert parse_config(without, SRC, {}).providers["dialect"].api_key is None, "no key at all: no auth"
-    azure = text.replace("kind: openai", "kind: azure")  # a kind that requires one: said once
-    assert "must not be empty" in problem_at(
-        problems_of(azure, {"OPENAI_API_KEY": ""}), line_of(azure, "api_key:"), "providers.dialect.api_key"
-    )
-
-
 def test_a_provider_without_a_kind_is_told_so_alone():
     """Each kind's rules applied to a provider with no kind at all (an absent kind matched every
     "kind is X" condition), adding "'options' is required" twice to the one real problem."""
