@@ -195,30 +195,42 @@ def _wrap(text: str, font: Font, max_width: int) -> list[str]:
     return lines
 
 
-# The most pixels a reference image may have: a PNG of a few hundred KiB can claim 13000×13000,
-# which takes over a GiB to decode (Pillow only warns below 179 million).
-MAX_IMAGE_PIXELS = 40_000_000
+# The most pixels the renderer decodes of a reference image. A JPEG is decoded at a fraction of its
+# size (draft), so a 108-megapixel photo costs little; a PNG of a few hundred KiB can claim
+# 13000×13000, which takes over a GiB to decode (Pillow only warns below 179 million pixels).
+MAX_DECODED_PIXELS = 40_000_000
+_DRAFT_BOX = (1920, 1920)  # a reference is drawn at most this large (half a video's side, or less)
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height of an image Pillow can read (its headers and structure, not every pixel);
-    None for anything else."""
+def reference_problem(data: bytes) -> str | None:
+    """Why the renderer cannot draw from ``data``, in words for the client; None when it can. Read
+    from the image's headers and structure, not its pixels."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
-            size = opened.size
+            width, height = opened.size
+            opened.draft("RGB", _DRAFT_BOX)
+            decoded = opened.width * opened.height
             opened.verify()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    return size
+    except Image.DecompressionBombError:
+        return "has too many pixels to draw from"
+    except (OSError, ValueError, SyntaxError):
+        return "is not an image the local provider can read (PNG, JPEG, WebP, GIF...)"
+    if decoded > MAX_DECODED_PIXELS:
+        limit = MAX_DECODED_PIXELS // 1_000_000
+        return (
+            f"is {width}x{height} pixels; the local provider draws from images of up to {limit} million "
+            "(a JPEG: any size)"
+        )
+    return None
 
 
 def _load_reference(path: Path, max_size: tuple[int, int]) -> Image.Image | None:
     """Open the reference image, or return None if Pillow cannot read it or it is too large to."""
     try:
         with Image.open(path) as opened:
-            if opened.width * opened.height > MAX_IMAGE_PIXELS:
-                return None
             opened.draft("RGB", max_size)
+            if opened.width * opened.height > MAX_DECODED_PIXELS:
+                return None
             image = ImageOps.exif_transpose(opened)
             image.thumbnail(max_size, Image.Resampling.LANCZOS)
             return image.convert("RGBA")

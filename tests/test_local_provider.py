@@ -393,13 +393,14 @@ async def test_an_image_too_large_to_draw_is_refused_unread(local_gateway: Runni
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # what Pillow says of it
+@pytest.mark.parametrize(("side", "said"), [(13000, "13000x13000 pixels"), (15000, "too many pixels")])
 async def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(
-    local_gateway: RunningGateway,
+    local_gateway: RunningGateway, side: int, said: str
 ) -> None:
     """A PNG of a few KiB can claim 13000x13000 pixels: drawn from, it took over a GiB to decode
-    (Pillow only warns below 179 million pixels), for each render of it."""
+    (Pillow only warns below 179 million pixels, and refuses to open one above)."""
     picture = io.BytesIO()
-    Image.new("1", (13000, 13000)).save(picture, format="PNG")
+    Image.new("1", (side, side)).save(picture, format="PNG")
     assert len(picture.getvalue()) < 1024 * 1024
     with pytest.raises(openai.BadRequestError) as caught:
         await local_gateway.sdk().videos.create(
@@ -407,8 +408,23 @@ async def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(
             size="320x240",
             input_reference=("huge.png", picture.getvalue(), "image/png"),
         )
-    assert caught.value.param == "input_reference" and "13000x13000" in caught.value.message  # type: ignore[attr-defined]
+    assert caught.value.param == "input_reference" and said in caught.value.message  # type: ignore[attr-defined]
     assert (await local_gateway.sdk().videos.list()).data == []
+
+
+async def test_a_full_size_phone_photo_is_drawn_from(local_gateway: RunningGateway) -> None:
+    """A 50-megapixel JPEG (a phone's full-resolution photo) is decoded at an eighth of its size
+    for the render: no reason to refuse it, as a PNG of as many pixels is."""
+    picture = io.BytesIO()
+    Image.new("L", (8160, 6120), 128).save(picture, format="JPEG")
+    client = local_gateway.sdk()
+    video = await client.videos.create(
+        prompt="from my phone",
+        size="320x240",
+        seconds="1",
+        input_reference=("photo.jpg", picture.getvalue(), "image/jpeg"),
+    )
+    assert (await client.videos.poll(video.id, poll_interval_ms=50)).status == "completed"
 
 
 async def test_a_character_needs_its_clip(local_gateway: RunningGateway) -> None:

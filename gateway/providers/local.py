@@ -33,7 +33,7 @@ from aiohttp import web
 from gateway.bodies import RequestBody, UploadedFile
 from gateway.errors import ApiError, bad_request, log_storage_failure, storage_failed
 from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
-from gateway.render import MAX_IMAGE_PIXELS, image_size, probe_video, render_video
+from gateway.render import probe_video, reference_problem, render_video
 from gateway.store import Task
 
 VARIANTS = {
@@ -464,20 +464,9 @@ async def reference_image(body: RequestBody) -> bytes | None:
     local provider works without network. Anything else is a 400.
     """
     image = await _given_reference(body)
-    if image is None:
-        return None
-    size = await asyncio.to_thread(image_size, image)
-    if size is None:
-        raise bad_request(
-            "input_reference is not an image the local provider can read (PNG, JPEG, WebP, GIF...).",
-            param="input_reference",
-        )
-    if size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise bad_request(
-            f"input_reference is {size[0]}x{size[1]} pixels; the local provider draws from images of "
-            f"up to {MAX_IMAGE_PIXELS // 1_000_000} million pixels.",
-            param="input_reference",
-        )
+    problem = None if image is None else await asyncio.to_thread(reference_problem, image)
+    if problem is not None:
+        raise bad_request(f"input_reference {problem}.", param="input_reference")
     return image
 
 
