@@ -257,7 +257,10 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 async def expect_plain(request: web.Request) -> web.StreamResponse | None:
     """For every other route: 100-continue is the only expectation, another one a 417 in the
-    envelope (aiohttp's default answers it in text/plain, unseen by metrics and logs)."""
+    envelope (aiohttp's default answers it in text/plain, unseen by metrics and logs). An HTTP/1.0
+    request's Expect is ignored, as aiohttp's default does (the header is HTTP/1.1's)."""
+    if request.version < HttpVersion11:
+        return None
     return await _expect(request, uploads=False)
 
 

@@ -336,7 +336,7 @@ def _operations(metrics_path: str | None, hosted: bool) -> dict[str, Any]:
                         "description": "Prometheus exposition",
                         "content": {"text/plain": text, "application/openmetrics-text": text},
                     },
-                    "401": _json({"$ref": "#/components/schemas/Error"}, "The metrics key was not sent"),
+                    "401": _json({"$ref": "#/components/schemas/Error"}, "Metrics key missing or wrong"),
                     **_errors("417"),
                 },
             }

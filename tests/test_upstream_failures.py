@@ -296,6 +296,11 @@ async def test_an_expectation_other_than_100_continue_is_refused_in_the_envelope
     assert f"x-request-id: {request_id}" in head, head
     access = await wait_for_event(session_log, request_id, "request")
     assert access["status"] == 417, access
+    reader, writer = await asyncio.open_connection(host, port)  # Expect is HTTP/1.1's: 1.0 ignores it
+    writer.write(f"{target} HTTP/1.0\r\nHost: gw\r\nExpect: bogus\r\n\r\n".encode())
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode().lower()
+    writer.close()
+    assert not head.startswith("http/1.1 417") and not head.startswith("http/1.0 417"), head
 
 
 async def test_requests_abandoned_at_shutdown_are_not_logged_as_the_clients(
