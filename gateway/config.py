@@ -178,6 +178,7 @@ _BASE_URL_PATTERN = "^https?://[^\\s/?#@]+(/[^\\s?#]*)?$"
 _RESULT_HOST_PATTERN = (
     "^\\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
 )
+_SHA256_HEX = "^[0-9a-fA-F]{64}$"  # a client key given as its digest (keys[].sha256)
 # What a value that does not match a pattern must be, in words.
 _PATTERN_WORDS = {
     "\\S": "must not be empty",
@@ -185,7 +186,7 @@ _PATTERN_WORDS = {
     "^https?://": "must start with http:// or https://",
     _BASE_URL_PATTERN: "must be an http(s) URL with a host, such as https://api.example.com/v1",
     _RESULT_HOST_PATTERN: "must be a host name (cdn.example.com) or a suffix (.example.com), not a URL",
-    "^[0-9a-fA-F]{64}$": "must be 64 hexadecimal digits (a SHA-256 digest)",
+    _SHA256_HEX: "must be 64 hexadecimal digits (a SHA-256 digest)",
 }
 
 
@@ -316,7 +317,7 @@ def schema() -> dict[str, Any]:
                     "properties": {
                         "name": {"type": "string", "minLength": 1},
                         "key": {"type": "string", "minLength": 8, "description": "Usually ${ENV}."},
-                        "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                        "sha256": {"type": "string", "pattern": _SHA256_HEX},
                         "models": {"type": "array", "items": {"type": "string"}},
                         "limits": {
                             "type": "object",
@@ -642,7 +643,7 @@ def _digest_of(entry: dict[str, Any]) -> bytes | None:
     """The SHA-256 of a `keys` entry's key (from `key`, or as `sha256` gives it); None if neither
     is usable (the schema reports that)."""
     sha256, key = entry.get("sha256"), entry.get("key")
-    if isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+    if isinstance(sha256, str) and re.fullmatch(_SHA256_HEX, sha256):
         return bytes.fromhex(sha256)
     return hashlib.sha256(key.encode()).digest() if isinstance(key, str) else None
 

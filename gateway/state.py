@@ -37,14 +37,12 @@ class Gateway:
     store: TaskStore = field(init=False)
 
     def poll_after_ms(self, provider: str) -> int:
-        """openai-poll-after-ms for an unfinished video of ``provider``: its config's, else its
-        adapter's default (a reload that removed the provider keeps its adapter for its videos)."""
+        """openai-poll-after-ms for an unfinished video of ``provider`` (a reload that removed the
+        provider keeps its adapter for its videos)."""
         try:
-            adapter = self.table.adapter(provider)
+            return self.table.adapter(provider).poll_after_ms
         except ApiError:
             return Adapter.default_poll_after_ms
-        configured = adapter.config.poll_after_ms
-        return adapter.default_poll_after_ms if configured is None else configured
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -489,6 +489,12 @@ class Adapter:
             sock_read=t.read,
         )
 
+    @property
+    def poll_after_ms(self) -> int:
+        """openai-poll-after-ms for this provider's unfinished videos: its config's, else its pace."""
+        configured = self.config.poll_after_ms
+        return self.default_poll_after_ms if configured is None else configured
+
     def auth_headers(self) -> dict[str, str]:
         """The deployment's credential; adapters with another scheme override this."""
         return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
