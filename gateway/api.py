@@ -154,7 +154,7 @@ def _may_fail_over(exc: ApiError) -> bool:
     return (
         exc.kind == "connect"
         or (exc.kind == "timeout" and not exc.sent)
-        or (exc.kind == "5xx" and exc.upstream_status not in _FRONT_TIMEOUTS)
+        or (exc.kind == "5xx" and exc.upstream_status not in _FRONT_TIMEOUTS and not _said_unsure(exc))
         or exc.status == 429
     )
 
@@ -950,14 +950,22 @@ _FRONT_TIMEOUTS = (504, 524)
 def _unsure(exc: UpstreamError) -> bool:
     """Whether the provider may have acted on a request whose answer was lost: the request went out
     and then timed out or was reset, its front timed out waiting on it, or an answer came that could
-    not be read (cut off, an HTML page, JSON without the job's id). A create or delete sent again
-    blindly might then start and bill a second job; a read may be tried again, and a clear refusal
-    or another 5xx says nothing was done."""
+    not be read (cut off, an HTML page, JSON without the job's id), or its 5xx says so. A create or
+    delete sent again blindly might then start and bill a second job; a read may be tried again, and
+    a clear refusal or another 5xx says nothing was done."""
     return (
         exc.kind == "payload"
         or (exc.sent and exc.kind in ("timeout", "reset"))
         or exc.upstream_status in _FRONT_TIMEOUTS
+        or (exc.kind == "5xx" and _said_unsure(exc))
     )
+
+
+def _said_unsure(exc: UpstreamError) -> bool:
+    """The provider's 5xx says so itself (``x-should-retry: false``, as an OpenAI-dialect server,
+    this gateway among them, answers when a job may exist): neither the client nor a failover may
+    send the create again."""
+    return exc.headers.get("x-should-retry") == "false"
 
 
 def _ended_without_client(request_id: str, path: str, work: asyncio.Task[web.StreamResponse]) -> None:

@@ -218,6 +218,42 @@ async def test_a_create_whose_answer_is_lost_is_not_retried_by_the_sdk(
         assert f"HTTP {answer.partition(':')[2]}" in caught.value.message
 
 
+@pytest.mark.parametrize("status", [500, 503])
+async def test_a_create_the_provider_says_not_to_retry_is_sent_once(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], status: int
+) -> None:
+    """An OpenAI-dialect provider's 5xx with ``x-should-retry: false`` (a job may exist: this gateway
+    answers so itself when it cannot record a job its provider took) keeps its word through the
+    gateway: the SDK does not send the create again, nor does a failover to the next deployment."""
+    fake, url = faulty
+    fake.behaviour["primary"] = f"unsure:{status}"
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
+    sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY, max_retries=2)
+    gw.clients.append(sdk)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sdk.videos.create(prompt="x", model="resilient")  # type: ignore[arg-type]
+    assert caught.value.status_code == (503 if status == 503 else 502)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.hits_for("primary")) == 1 and fake.hits_for("secondary") == []
+
+
+async def test_a_providers_conflict_is_not_retried_by_the_sdk(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """The SDK retries a 409 (OpenAI's lock timeout) unless told otherwise; a provider's 409 is a
+    conflict with a job's state (a source not finished yet) that the same request meets again, as
+    the gateway's own 409s say."""
+    fake, url = faulty
+    fake.behaviour["primary"] = "status:409"
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
+    sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=ALPHA_KEY, max_retries=2)
+    gw.clients.append(sdk)
+    with pytest.raises(openai.ConflictError) as caught:
+        await sdk.videos.create(prompt="x", model="resilient")  # type: ignore[arg-type]
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.hits_for("primary")) == 1 and fake.hits_for("secondary") == []
+
+
 async def test_a_poll_whose_answer_broke_off_may_be_tried_again(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

@@ -927,6 +927,14 @@ def error_from_upstream(status: int, headers: Mapping[str, str], raw: bytes) -> 
     for name in ("Retry-After", "Retry-After-Ms"):
         if name in headers:
             out_headers[name] = headers[name]
+    # The provider's own word on retrying (an OpenAI-dialect server's, §4.4 of the reference): a
+    # create it may have acted on must not be sent again by the client's SDK. A 409 is a conflict
+    # with the job's state (a source not finished yet) that the SDK would retry as a lock timeout.
+    should_retry = headers.get("x-should-retry", "").strip().lower()
+    if should_retry in ("true", "false"):
+        out_headers["x-should-retry"] = should_retry
+    elif status == 409:
+        out_headers["x-should-retry"] = "false"
     if status == 416 and "Content-Range" in headers:  # the content's size, for the client's next Range
         out_headers["Content-Range"] = headers["Content-Range"]
     kind = "4xx" if status < 500 else "5xx"

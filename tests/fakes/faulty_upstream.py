@@ -4,6 +4,8 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
 
     ok               a normal answer (the Video object of the OpenAI dialect, §3.1 of the reference)
     status:N         answer HTTP N with the OpenAI error envelope (§3.3), 429 with Retry-After
+    unsure:N         answer HTTP N as ``status:N`` with ``x-should-retry: false`` (§4.4: the server's
+                     own word that the client must not retry, as when a job may already exist)
     delay:S          wait S seconds before answering
     hang             read the body, then never answer
     reset            close the connection without answering
@@ -96,9 +98,11 @@ class FaultyUpstream:
                     return fault
             return None
         kind, _, arg = behaviour.partition(":")
-        if kind == "status":
+        if kind in ("status", "unsure"):
             status = int(arg)
             headers = {"Retry-After": "2"} if status == 429 else {}
+            if kind == "unsure":
+                headers["x-should-retry"] = "false"
             body = {
                 "error": {
                     "message": f"injected {status}",
