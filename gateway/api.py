@@ -284,7 +284,8 @@ async def _record(
     video the caller knows."""
     gw = gateway(request)
     owner = client_key(request).name
-    if "Idempotency-Key" in request.headers:
+    replayable = "Idempotency-Key" in request.headers
+    if replayable:
         try:
             known = await gw.store.find_upstream(owner, deployment.name, upstream.id)
         except StoreUnavailable:  # the job is started: record it (_add_started answers for a store down)
@@ -307,19 +308,30 @@ async def _record(
         remixed_from = await _map_remixed_from(gw, owner, deployment.name, upstream.fields)
     task.video = build_video(task, upstream.fields, remixed_from=remixed_from)
     task.status = task.video["status"]
-    await _add_started(request, deployment, task)
+    known = await _add_started(request, deployment, task, once=replayable)
+    if known is not None:  # a concurrent create with the same key recorded the job first
+        return known
     metrics.VIDEOS_CREATED.labels(task.model, task.provider).inc()
     if is_terminal(task.status):
         metrics.VIDEOS_FINISHED.labels(task.model, task.provider, task.status).inc()
     return task
 
 
-async def _add_started(request: web.Request, deployment: Deployment, task: Task) -> None:
+async def _add_started(
+    request: web.Request, deployment: Deployment, task: Task, *, once: bool = False
+) -> Task | None:
     """Store a task whose job the provider has just accepted. When the store fails, the job is
     logged for operators and, for a video, cancelled upstream where the provider allows it; the
-    client is told not to retry automatically, since a retry would start another job."""
+    client is told not to retry automatically, since a retry would start another job.
+
+    With ``once`` (the provider may replay a job), the caller's task for the job when it has one
+    already, and nothing is stored."""
+    store = gateway(request).store
     try:
-        await gateway(request).store.add(task)
+        if once:
+            return await store.add_once(task)
+        await store.add(task)
+        return None
     except StoreUnavailable as exc:
         log.error(
             "started_job_not_recorded",

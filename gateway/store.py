@@ -76,6 +76,12 @@ class TaskStore(Protocol):
         decision that must not rest on this process's copy (another process may have saved since).
         """
 
+    async def add_once(self, task: Task) -> Task | None:
+        """Add ``task`` unless its owner has a live task for the same upstream job (deployment and
+        upstream ID): then that task, and nothing is added. One step for every process on the store:
+        a provider that answers concurrent creates with one job (an Idempotency-Key sent twice) gives
+        the owner one video."""
+
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None: ...
 
     async def update(self, task: Task) -> bool:
@@ -393,25 +399,29 @@ class SQLiteTaskStore:
 
     async def add(self, task: Task) -> None:
         epoch = self._current_epoch()
-        await self._run(
-            self._query,
-            f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                task.id,
-                task.owner,
-                task.model,
-                task.deployment,
-                task.provider,
-                task.upstream_id,
-                task.created_at,
-                task.status,
-                task.kind,
-                json.dumps(task.video),
-                json.dumps(task.state),
-                task.updated_at,
-            ),
-        )
+        await self._run(self._query, _INSERT, _row(task))
         self._remember(task, epoch)
+
+    async def add_once(self, task: Task) -> Task | None:
+        epoch = self._current_epoch()
+
+        def run() -> Task | None:
+            assert self._db is not None
+            self._db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+            try:
+                rows = self._query(_FIND_UPSTREAM, (task.deployment, task.upstream_id, task.owner))
+                if not rows:
+                    self._db.execute(_INSERT, _row(task))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return self._task(rows[0]) if rows else None
+
+        known: Task | None = await self._run(run)
+        if known is None:
+            self._remember(task, epoch)
+        return known
 
     async def get(self, task_id: str, owner: str, kind: str = "video", *, cached: bool = True) -> Task | None:
         epoch = self._current_epoch()
@@ -431,11 +441,7 @@ class SQLiteTaskStore:
         return task
 
     async def find_upstream(self, owner: str, deployment: str, upstream_id: str) -> Task | None:
-        rows = await self._read(
-            f"SELECT {_COLUMNS} FROM tasks WHERE deployment=? AND upstream_id=? AND owner=? "
-            "AND deleted_at IS NULL",
-            (deployment, upstream_id, owner),
-        )
+        rows = await self._read(_FIND_UPSTREAM, (deployment, upstream_id, owner))
         return self._task(rows[0]) if rows else None
 
     async def update(self, task: Task) -> bool:
@@ -623,6 +629,30 @@ class SQLiteTaskStore:
         self._db = None
         self._lease.close()
         self._lease = None
+
+
+_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_FIND_UPSTREAM = (
+    f"SELECT {_COLUMNS} FROM tasks WHERE deployment=? AND upstream_id=? AND owner=? AND deleted_at IS NULL"
+)
+
+
+def _row(task: Task) -> tuple[Any, ...]:
+    """``task`` as the values of :data:`_INSERT`."""
+    return (
+        task.id,
+        task.owner,
+        task.model,
+        task.deployment,
+        task.provider,
+        task.upstream_id,
+        task.created_at,
+        task.status,
+        task.kind,
+        json.dumps(task.video),
+        json.dumps(task.state),
+        task.updated_at,
+    )
 
 
 def _copy(task: Task) -> Task:

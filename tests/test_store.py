@@ -55,6 +55,21 @@ async def test_a_delete_elsewhere_empties_every_cache(pair) -> None:
     assert not await b.delete("video_1", "alpha")
 
 
+async def test_one_upstream_job_is_added_once_per_owner_across_processes(pair) -> None:
+    """Two processes recording one provider job at once (concurrent creates under one
+    Idempotency-Key): the second gets the first's task; another owner's, or a deleted one, is no
+    match."""
+    a, b = pair
+    results = await asyncio.gather(a.add_once(task("video_a")), b.add_once(task("video_b")))
+    first, second = ("video_a", "video_b") if results[0] is None else ("video_b", "video_a")
+    known = results[1] if results[0] is None else results[0]
+    assert known is not None and known.id == first, results
+    assert await a.get(first, "alpha") is not None and await a.get(second, "alpha") is None
+    assert await a.add_once(task("video_c", owner="beta")) is None, "another owner's job of that ID"
+    assert await a.delete(first, "alpha")
+    assert await b.add_once(task("video_d")) is None, "a deleted video is no match"
+
+
 async def test_the_update_that_lost_the_race_adopts_the_stored_video(pair) -> None:
     a, b = pair
     await a.add(task())

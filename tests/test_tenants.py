@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from pathlib import Path
@@ -202,3 +203,42 @@ async def test_one_tenants_idempotency_key_never_replays_anothers_job(
     assert again.id == alpha.id and len(fake.jobs) == 2, "alpha's retry is alpha's video"
     sent = [r.headers["Idempotency-Key"] for r in fake.requests("POST", "/v1/videos")]
     assert sent[0] == sent[2] != sent[1] and all(key.endswith("-order-42") for key in sent)
+
+
+class BusyIdempotentUpstream(IdempotentUpstream):
+    """:class:`IdempotentUpstream` on a busy day: it answers no create until ``together`` of them
+    have come, as a provider slow to answer gets a client's retries (the SDK's, after a timeout)
+    while the first try is still under way; the answers then all arrive at once."""
+
+    def __init__(self, *args: Any, together: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.together = together
+        self.arrived = 0
+        self.all_in = asyncio.Event()
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        self.arrived += 1
+        if self.arrived >= self.together:
+            self.all_in.set()
+        await self.all_in.wait()
+        return await super().create(request)
+
+
+async def test_creates_under_one_idempotency_key_at_once_are_one_video(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any, media: dict[str, Path]
+) -> None:
+    """Retries of one create under one Idempotency-Key that overlap get the provider's one job, and
+    from the gateway one video: each used to be recorded as a video of its own (each looked for the
+    job before any had recorded it), all listed and counted, and deleting one deleted the job under
+    the others."""
+    fake = BusyIdempotentUpstream(api_key=UPSTREAM_KEY, media=media, together=4)
+    server = await aiohttp_server(fake.app())
+    gw = await start_gateway(gateway_yaml(tmp_path, upstream_url=str(server.make_url("")).rstrip("/")))
+    once = {"Idempotency-Key": "order-7"}
+    sdk = gw.sdk(ALPHA_KEY)
+    videos = await asyncio.gather(
+        *(sdk.videos.create(prompt="one", model="sora-remote", extra_headers=once) for _ in range(4))
+    )
+    assert len(fake.jobs) == 1 and len({video.id for video in videos}) == 1, [v.id for v in videos]
+    status, _, listed = await call(gw, "GET", "/v1/videos", key=ALPHA_KEY)
+    assert status == 200 and [v["id"] for v in listed["data"]] == [videos[0].id]
