@@ -155,6 +155,7 @@ CREATE TABLE IF NOT EXISTS admissions (
     boot TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS admissions_owner ON admissions (owner, at);
+CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """.replace("__UNFINISHED__", _UNFINISHED)
 
 WINDOW_SECONDS = 60.0
@@ -270,6 +271,8 @@ class SQLiteTaskStore:
     def __init__(self, path: Path, cache_size: int = 10_000) -> None:
         self._path = path
         self._writes: dict[object, float] = {}  # writes submitted and not yet done: when each was
+        self._write_failed: str | None = None  # why the last write failed, until one goes through
+        self._probe: asyncio.Future[Any] | None = None  # the write health() tries meanwhile
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store-reads")
         self._db: sqlite3.Connection | None = None
@@ -341,9 +344,14 @@ class SQLiteTaskStore:
         token = object()
         self._writes[token] = time.monotonic()
         try:
-            return await self._on(self._executor, self._checked, fn, *args)
+            result = await self._on(self._executor, self._checked, fn, *args)
+        except StoreUnavailable as exc:
+            self._write_failed = str(exc)
+            raise
         finally:
             del self._writes[token]
+        self._write_failed = None
+        return result
 
     def _checked(self, fn: Any, *args: Any) -> Any:
         self._check_file()
@@ -366,10 +374,16 @@ class SQLiteTaskStore:
             raise StoreUnavailable(f"task store: {exc}") from exc
 
     async def health(self) -> str | None:
+        """Besides reads: a write stuck, or, after a write failed (a full disk, say, which fails
+        writes at once and reads not at all), a write of its own that fails too."""
         if self._writes:
             waited = time.monotonic() - min(self._writes.values())
             if waited > self.stuck_write_seconds:
                 return f"a write has waited {waited:.1f} s"
+        if self._write_failed is not None:
+            problem = await self._probe_write()
+            if problem is not None:
+                return problem
         try:
             await asyncio.wait_for(self._on(self._reader, self._check_file), 2.0)
             await asyncio.wait_for(self._read("SELECT 1 FROM tasks LIMIT 1"), 2.0)
@@ -377,6 +391,21 @@ class SQLiteTaskStore:
             return str(exc)
         except TimeoutError:
             return "a read did not answer within 2 s"
+        return None
+
+    async def _probe_write(self) -> str | None:
+        """Try a write (one row, one at a time however many ask): None once one goes through, which
+        puts a replica that no longer gets traffic back in rotation."""
+        if self._probe is None or self._probe.done():
+            sql = "INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)"
+            self._probe = asyncio.ensure_future(self._run(self._query, sql, (time.time(),)))
+            self._probe.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probe), 2.0)
+        except StoreUnavailable as exc:
+            return f"writes fail: {exc}"
+        except TimeoutError:
+            return "a write did not answer within 2 s"
         return None
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -270,6 +270,51 @@ async def test_a_store_file_removed_under_the_gateway_takes_no_more_creates(
     assert status == 503 and body["status"] == "store_unavailable", body
 
 
+class FullDisk:
+    """The store's writing connection on a full disk: SQLite fails every write at once ("database
+    or disk is full") while reads, served from pages already written, go on."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.full = True
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if self.full and not sql.lstrip().upper().startswith(("SELECT", "PRAGMA", "ROLLBACK")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+async def test_a_full_disk_takes_the_replica_out_of_rotation_until_writes_go_through(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """Writes that fail at once (a full disk) said nothing to /readyz, which asked only for reads
+    and for a write stuck waiting: a load balancer kept sending creates, each a job started upstream,
+    then cancelled. /readyz now answers 503 after a failed write, until a write of its own goes
+    through: with no traffic to write, the replica comes back once the disk has room."""
+    fake, _ = upstream
+    store = dialect_gateway.app[GATEWAY].store
+    disk = store._db = FullDisk(store._db)
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await dialect_gateway.sdk().videos.create(prompt="x", model="sora-remote")
+        assert_store_unavailable(caught.value.status_code, caught.value.response.json())
+        assert fake.jobs == {}, "the job was cancelled upstream"
+        for _ in range(2):  # and not only at the first look
+            status, _, body = await call(dialect_gateway, "GET", "/readyz")
+            assert status == 503 and body["status"] == "store_unavailable", body
+            assert "disk is full" in body["detail"]
+        disk.full = False
+        status, _, body = await call(dialect_gateway, "GET", "/readyz")
+        assert status == 200 and body == {"status": "ready"}
+        video = await dialect_gateway.sdk().videos.create(prompt="y", model="sora-remote")
+        assert (await dialect_gateway.sdk().videos.retrieve(video.id)).prompt == "y"
+    finally:
+        store._db = disk.db
+
+
 async def test_polls_while_the_store_is_stuck_queue_one_save_per_video(
     start_gateway: StartGateway, aiohttp_server: Any, tmp_path: Path
 ) -> None:
