@@ -581,6 +581,21 @@ async def _read_stream(
                 408, "The request body stalled: no data for too long.", code="request_timeout"
             )
             raise body.failure from None
+        except asyncio.CancelledError:
+            reader = asyncio.current_task()
+            if reader is None or reader.cancelling():
+                raise  # the reader's own cancellation
+            # aiohttp ends a body still arriving when the server stops, at the end of a drain: the
+            # provider gets it cut short and starts nothing, so the client may well send it again.
+            body.failure = ApiError(
+                503,
+                "The gateway is shutting down and cut this upload off before it was whole; nothing "
+                "was created. Retry.",
+                type="server_error",
+                code="shutting_down",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+            raise body.failure from None
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not decode as
             reason = str(exc).rpartition("message:")[2].strip().rstrip(".") or "it is malformed"
             body.failure = ApiError(

@@ -453,7 +453,9 @@ async def test_expect_continue_only_after_key_and_size(
 def gateway_process(tmp_path: Path, faulty: tuple[FaultyUpstream, str]) -> Any:
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(extra: str, beta: str = "", read_timeout: float = 1) -> tuple[subprocess.Popen[bytes], int]:
+    def start(
+        extra: str, beta: str = "", read_timeout: float = 1, drain_seconds: float = 10
+    ) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         text = (
             config(
@@ -468,7 +470,7 @@ def gateway_process(tmp_path: Path, faulty: tuple[FaultyUpstream, str]) -> Any:
             )
             .replace(
                 "admin:",
-                f"server: {{port: {port}, drain_delay_seconds: 1, drain_seconds: 10}}\n"
+                f"server: {{port: {port}, drain_delay_seconds: 1, drain_seconds: {drain_seconds}}}\n"
                 "limits: {header_timeout: 1}\nadmin:",
             )
             .replace("read: 1, request: 2", f"read: {read_timeout}, request: {2 * read_timeout}")
@@ -531,6 +533,51 @@ async def test_sigterm_drains_an_upload_in_flight(gateway_process: Any) -> None:
     assert status == 200, f"the upload in flight completed\n{output}"
     assert code == 0
     assert "draining" in output and "Traceback" not in output
+
+
+async def test_an_upload_the_drain_cuts_off_may_be_sent_again(
+    gateway_process: Any, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """An upload still arriving when the drain's time is up is cut off on its way to the provider,
+    which then starts nothing. Its answer said the provider closed the connection, with
+    ``x-should-retry: false`` as if a job might exist, and blamed the provider; it is the gateway's
+    503, which the client may retry (elsewhere, or after the restart)."""
+    fake, _ = faulty
+    process, port = gateway_process("", drain_seconds=0.5)
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(url + "/healthz", process)
+    sent = asyncio.Event()
+
+    async def endless_body() -> AsyncIterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
+        yield b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nslow'
+        sent.set()
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            yield b" upload"
+        yield b"\r\n--b--\r\n"
+
+    async def upload() -> tuple[int, dict[str, str], Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                url + "/v1/videos",
+                data=endless_body(),
+                headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"},
+            ) as response,
+        ):
+            return response.status, dict(response.headers), await response.json()
+
+    task = asyncio.create_task(upload())
+    await sent.wait()
+    process.send_signal(signal.SIGTERM)
+    status, headers, body = await asyncio.wait_for(task, 15)
+    code = await asyncio.to_thread(process.wait, 15)
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert status == 503 and body["error"]["code"] == "shutting_down", (body, output)
+    assert headers.get("Retry-After") == "1" and "x-should-retry" not in headers
+    assert fake.jobs == {}
+    assert code == 0 and "upstream_failed" not in output and "Traceback" not in output, output
 
 
 async def test_a_drain_waits_for_a_create_whose_client_left(
