@@ -528,7 +528,14 @@ class _Collector:
                 try:
                     self.body.fields[value.name] = self.text.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise bad_request(f"Field '{value.name}' is not valid UTF-8.", param=value.name) from None
+                    message = f"Field '{value.name}' is not valid UTF-8."
+                    if value.content_type and not value.content_type.startswith("text/"):
+                        # a file sent without a filename (httpx sends a file tuple's None so)
+                        message = (
+                            f"Field '{value.name}' has no filename, so it is read as text, and it is "
+                            "not valid UTF-8: send a file with a filename."
+                        )
+                    raise bad_request(message, param=value.name) from None
             elif self.file is not None:
                 self.body.files[value.name] = self.file
             self.current = None

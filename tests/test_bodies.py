@@ -910,6 +910,17 @@ async def test_text_field_that_is_not_utf8_is_400(client: Any):
     assert (await resp.json())["error"]["param"] == "prompt"
 
 
+async def test_a_file_sent_without_a_filename_is_told_so(client: Any):
+    """httpx sends an SDK file tuple whose name is None without a filename: such a part is a field,
+    read as text; an image is no UTF-8, and the answer says what to change."""
+    png = b"\x89PNG\r\n\x1a\n\x00\xff"
+    raw = multipart([Part("model", b"m"), Part("input_reference", png, content_type="image/png")])
+    resp = await client.post("/echo", data=raw, headers={"Content-Type": content_type()})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == "input_reference" and "send a file with a filename" in error["message"]
+
+
 async def test_multipart_without_boundary_parameter_is_400(client: Any):
     raw = multipart([Part("model", b"m")])
     resp = await client.post("/echo", data=raw, headers={"Content-Type": "multipart/form-data"})
