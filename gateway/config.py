@@ -754,6 +754,12 @@ def _expand_env(
             used.setdefault(path, []).append(name)
             if default is not None:
                 return env.get(name) or default
+            if name in env and not env[name] and _is_secret_path(path):
+                # a secret mount that failed, say: the provider would get no credential at all
+                problem(
+                    path, f"environment variable {name} is empty; write ${{{name}:-}} if no value is meant"
+                )
+                return ""
             if name in env:
                 return env[name]
             problem(path, f"environment variable {name} is not set")
@@ -848,6 +854,16 @@ def _schema_message(error: jsonschema.ValidationError, extra: list[Any] | None =
         and _non_finite(error.instance)
     ):
         return f"must be a finite {error.validator_value}, not {error.instance}"
+    if (
+        error.validator == "type"
+        and error.validator_value in ("number", "integer")
+        and _numeric_text(error.instance)
+    ):
+        if _EXPONENT.fullmatch(error.instance.strip()):
+            how = "YAML reads a number such as 1e3 as text: write 1000 or 1.0e+3"
+        else:
+            how = "a quoted value, and a ${VARIABLE}'s, is text: write the number itself in the file"
+        return f"{error.instance!r} is text, not {_KINDS[error.validator_value]} ({how})"
     if _may_hold_secret(tuple(error.absolute_path)):
         return _without_value(error)
     if error.validator == "enum":
@@ -876,6 +892,13 @@ _SECRET_PATHS = (
 )
 
 
+def _is_secret_path(path: tuple[Any, ...]) -> bool:
+    return any(
+        len(path) == len(secret) and all(want in ("*", part) for part, want in zip(path, secret, strict=True))
+        for secret in _SECRET_PATHS
+    )
+
+
 def _may_hold_secret(path: tuple[Any, ...]) -> bool:
     return any(
         len(path) <= len(secret)
@@ -893,6 +916,18 @@ _KINDS = {
     "boolean": "true or false",
     "null": "empty",
 }
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _numeric_text(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def _kind_of(value: Any) -> str:

@@ -143,6 +143,33 @@ def test_env_default_may_be_empty_and_serves_a_variable_set_empty_too():
     assert parse_config(text, SRC, {"DATA_DIR": ""}).data_dir == Path("/var/lib/gw")
 
 
+def test_a_credential_variable_set_empty_is_refused_unless_written_optional():
+    """``api_key: ${VLLM_KEY}`` with the variable set but empty (a secret mount that failed) loaded,
+    and the provider got no credential at all: the operator only saw its 401s. ``${VLLM_KEY:-}``
+    still says that no key is meant."""
+    text = BASE.replace(
+        "    kind: local\n", "    kind: local\n  up:\n    kind: openai\n    base_url: http://u\n"
+    )
+    written = text.replace("    base_url: http://u\n", "    base_url: http://u\n    api_key: ${VLLM_KEY}\n")
+    message = problem_at(
+        problems_of(written, {"VLLM_KEY": ""}), line_of(written, "VLLM_KEY"), "providers.up.api_key"
+    )
+    assert "VLLM_KEY is empty" in message and "${VLLM_KEY:-}" in message, message
+    optional = written.replace("${VLLM_KEY}", "${VLLM_KEY:-}")
+    assert not parse_config(optional, SRC, {"VLLM_KEY": ""}).providers["up"].api_key
+
+
+def test_a_number_written_as_text_is_told_how_to_write_it():
+    """YAML reads ``1e3`` as text, and a ${VARIABLE} is always text: "'1e3' is not of type
+    'number'" said neither."""
+    text = BASE + "  sora-3:\n    - {provider: local, weight: 1e3}\n"
+    message = problem_at(problems_of(text), line_of(text, "weight: 1e3"), "models.sora-3[0].weight")
+    assert "'1e3' is text, not a number" in message and "1.0e+3" in message, message
+    text = BASE + "server:\n  port: ${PORT}\n"
+    message = problem_at(problems_of(text, {"PORT": "8080"}), line_of(text, "PORT"), "server.port")
+    assert "'8080' is text, not an integer" in message and "${PORT}" in message, message
+
+
 def test_a_variable_written_without_braces_is_refused():
     """``key: $WEB_APP_KEY`` loaded as the key "$WEB_APP_KEY", which anyone reading the file could
     then use; a provider's ``api_key`` so written went upstream as it stood."""
