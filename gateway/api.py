@@ -61,20 +61,22 @@ def _json(data: Any, *, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=jsonio.dumps(data), content_type="application/json", headers=headers)
 
 
-def _call(request: web.Request, deployment: Deployment, operation: str) -> Call:
+def _call(request: web.Request, deployment: Deployment, operation: str, *, starts_job: bool = False) -> Call:
     """The context of one upstream operation (``create``, ``retrieve``, ...: what its provider calls
-    are timed as); its outcomes feed the health of the request's table."""
+    are timed as); its outcomes feed the health of the request's table, as a create's when it
+    ``starts_job`` (a create, remix, edit, extension or character), else as a call about a video."""
     ctx = context(request)
-    recorder = ctx.table.outcome_recorder(deployment)
+    recorder = ctx.table.outcome_recorder(deployment, create=starts_job)
     call = ctx.call = Call(request, ctx.request_id, deployment, operation, ctx.upstream, on_outcome=recorder)
     return call
 
 
 def _changing_call(request: web.Request, deployment: Deployment, operation: str) -> Call:
-    """The context of an upstream operation that changes the provider's state (a create, a delete):
-    from here on the request runs to its end even if its client leaves (:func:`shielded`)."""
+    """The context of an upstream operation that changes the provider's state (one that starts a
+    job, or a delete): from here on the request runs to its end even if its client leaves
+    (:func:`shielded`)."""
     context(request).changing = True
-    return _call(request, deployment, operation)
+    return _call(request, deployment, operation, starts_job=operation != "delete")
 
 
 def _deployment_of(table: RoutingTable, task: Task) -> tuple[Deployment, Adapter]:

@@ -1,12 +1,13 @@
 """Outlier ejection: deployments that keep failing are taken out of rotation for a while.
 
-After ``consecutive_failures`` failures in a row (connect errors, timeouts, resets, 5xx), a
-deployment is ejected for ``base_ejection_seconds`` times the number of times it has been ejected,
-up to ``max_ejection_seconds``. When that time is up, exactly one request probes it: success puts it
-back, failure ejects it again for longer. A model's last available deployment is never ejected
-(Envoy's max ejection percentage, taken to its safe end). The board outlives config reloads: it is
-keyed by deployment name; a reload that changes a deployment's provider (its settings, or which
-provider or upstream model it names) starts it afresh, and one that removes it forgets it.
+After ``consecutive_failures`` failures in a row (connect errors, timeouts, resets, 5xx) of its
+creates, or of the calls about its videos, a deployment is ejected for ``base_ejection_seconds``
+times the number of times it has been ejected, up to ``max_ejection_seconds``. When that time is
+up, exactly one create probes it: success puts it back, failure ejects it again for longer. A
+model's last available deployment is never ejected (Envoy's max ejection percentage, taken to its
+safe end). The board outlives config reloads: it is keyed by deployment name; a reload that
+changes a deployment's provider (its settings, or which provider or upstream model it names) starts
+it afresh, and one that removes it forgets it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ EJECTED = Gauge(
 
 @dataclass
 class DeploymentHealth:
-    consecutive_failures: int = 0
+    consecutive_failures: int = 0  # of creates
+    read_failures: int = 0  # in a row, of the calls about videos it has (polls, downloads, deletes)
     ejections: int = 0
     ejected_until: float = 0.0
     probing: bool = False
@@ -84,24 +86,39 @@ class HealthBoard:
             state.probing = False
             log.info("deployment_probe_abandoned", deployment=deployment)
 
-    def record(self, deployment: str, failure: str | None, siblings: Sequence[str]) -> None:
-        """The outcome of one upstream call: ``failure`` is its kind, or None for a success."""
+    def record(
+        self, deployment: str, failure: str | None, siblings: Sequence[str], *, create: bool = True
+    ) -> None:
+        """The outcome of one upstream call: ``failure`` is its kind, or None for a success.
+
+        Creates and the calls about videos a deployment has (``create=False``: polls, downloads,
+        deletes) keep streaks of their own, either of which ejects: a provider whose creates fail
+        while its status API answers was kept in rotation by the polls of its videos, each success
+        of which ended the creates' streak. Only a create (the probe) puts it back."""
         state = self._states.get(deployment)
         if failure is None:
             if state is None:
                 return  # never failed: every poll of a healthy deployment passes here
+            if not create:
+                state.read_failures = 0
+                return
             if state.ejected_until:
                 log.info("deployment_restored", deployment=deployment)
                 EJECTED.labels(deployment).set(0)
-            state.consecutive_failures, state.ejected_until, state.probing = 0, 0.0, False
+            state.consecutive_failures, state.read_failures = 0, 0
+            state.ejected_until, state.probing = 0.0, False
             return
         if state is None:
             state = self.state(deployment)
-        state.consecutive_failures += 1
+        if create:
+            state.consecutive_failures += 1
+        else:
+            state.read_failures += 1
         state.last_failure = failure
         if state.ejected_until > self._clock() and not state.probing:
             return  # already out (its videos' polls fail too): ejected again only if its probe fails
-        if state.probing or state.consecutive_failures >= self.policy.consecutive_failures:
+        streak = max(state.consecutive_failures, state.read_failures)
+        if state.probing or streak >= self.policy.consecutive_failures:
             others_available = any(s != deployment and not self.is_ejected(s) for s in siblings)
             if others_available:
                 self._eject(deployment, state)
@@ -125,6 +142,7 @@ class HealthBoard:
             ejections=state.ejections,
             failure=state.last_failure,
             consecutive_failures=state.consecutive_failures,
+            read_failures=state.read_failures,
         )
 
     def _ejection_over(self, deployment: str, until: float) -> None:
@@ -149,6 +167,7 @@ class HealthBoard:
                     "deployment": name,
                     "state": "ejected" if ejected else ("probing" if state.probing else "healthy"),
                     "consecutive_failures": state.consecutive_failures,
+                    "consecutive_read_failures": state.read_failures,
                     "ejections": state.ejections,
                     "ejected_for_seconds": round(state.ejected_until - now, 1) if ejected else 0,
                     "last_failure": state.last_failure,

@@ -35,7 +35,7 @@ class RoutingTable:
         self.deployments = {d.name: d for ds in config.models.values() for d in ds}
         self._siblings = {model: tuple(d.name for d in ds) for model, ds in config.models.items()}
         self._retired = dict(retired or {})
-        self._recorders: dict[str, Callable[[str | None], None]] = {}
+        self._recorders: dict[tuple[str, bool], Callable[[str | None], None]] = {}
 
     def resolve_model(self, requested: object) -> str:
         """The public model a request asks for (the default when it names none), or a 400/404."""
@@ -66,13 +66,13 @@ class RoutingTable:
                 pool.remove(chosen)
         return ordered
 
-    def outcome_recorder(self, deployment: Deployment) -> Callable[[str | None], None]:
+    def outcome_recorder(self, deployment: Deployment, *, create: bool) -> Callable[[str | None], None]:
         """What reports one call's outcome to the health board: a failure kind, or None."""
-        recorder = self._recorders.get(deployment.name)
+        recorder = self._recorders.get((deployment.name, create))
         if recorder is None:
             siblings = self._siblings.get(deployment.model, ())
-            recorder = self._recorders[deployment.name] = partial(
-                self.health.record, deployment.name, siblings=siblings
+            recorder = self._recorders[deployment.name, create] = partial(
+                self.health.record, deployment.name, siblings=siblings, create=create
             )
         return recorder
 

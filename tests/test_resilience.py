@@ -317,6 +317,58 @@ async def test_ejection_then_probe_and_recovery(
     assert (await get(gw, "/admin/deployments", {"Authorization": "bearer admin-key-0123"}))[0] == 200
 
 
+async def test_a_deployment_whose_creates_fail_is_ejected_though_its_videos_answer(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A provider whose creates fail while the calls about its videos go well (an overloaded
+    generation backend behind a working status API) was never ejected: each download or poll that
+    went well ended the creates' streak, and every create tried it first. Creates and the calls
+    about videos now keep streaks of their own."""
+    fake, url = faulty
+    gw = await start_gateway(
+        config(
+            tmp_path, url, TWO_TIERS, extra="resilience: {consecutive_failures: 2, base_ejection_seconds: 60}"
+        )
+    )
+    status, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert status == 200 and (await get(gw, f"/v1/videos/{video['id']}"))[1]["status"] == "completed"
+    fake.behaviour["primary"] = "status:500"  # creates only: its downloads still answer
+    for _ in range(5):
+        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{gw.url}/v1/videos/{video['id']}/content", headers=AUTH) as response,
+        ):
+            assert response.status == 200 and await response.read()
+    assert len(fake.hits_for("primary")) == 1 + 2, "after two failed creates, no more are sent there"
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    row = {r["deployment"]: r for r in state["deployments"]}["up/primary"]
+    assert row["state"] == "ejected" and row["consecutive_failures"] == 2, row
+    assert row["consecutive_read_failures"] == 0, row
+
+
+def test_failures_of_creates_and_of_reads_keep_streaks_of_their_own() -> None:
+    """A read's success does not end the creates' streak, nor an ejection (only a create, the probe,
+    puts a deployment back); reads that keep failing eject as before."""
+    from gateway.config import Resilience
+    from gateway.health import HealthBoard
+
+    board = HealthBoard(Resilience(consecutive_failures=2, base_ejection_seconds=30), clock=lambda: 0.0)
+    siblings = ("flaky", "steady")
+    board.record("flaky", "5xx", siblings=siblings)
+    board.record("flaky", None, siblings=siblings, create=False)
+    board.record("flaky", "5xx", siblings=siblings)
+    assert board.is_ejected("flaky")
+    board.record("flaky", None, siblings=siblings, create=False)
+    assert board.is_ejected("flaky"), "a poll that went well is no probe"
+    board.record("other", "timeout", siblings=("other", "steady"), create=False)
+    board.record("other", None, siblings=("other", "steady"))
+    board.record("other", "timeout", siblings=("other", "steady"), create=False)
+    assert not board.is_ejected("other"), "a create that went well ends every streak"
+    board.record("other", "timeout", siblings=("other", "steady"), create=False)
+    assert board.is_ejected("other")
+
+
 async def test_a_probe_whose_client_left_mid_upload_does_not_keep_the_deployment_out(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
