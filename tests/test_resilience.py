@@ -254,6 +254,45 @@ async def test_a_providers_conflict_is_not_retried_by_the_sdk(
     assert len(fake.hits_for("primary")) == 1 and fake.hits_for("secondary") == []
 
 
+@pytest.mark.parametrize("form", ["json", "multipart"])
+async def test_a_create_answer_that_trickles_in_ends_at_the_request_timeout(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], form: str
+) -> None:
+    """An answer whose bytes come one by one, each within the read timeout, held a create (sent
+    streaming, for its upload or an event stream) without end: ``timeouts.request`` (2 s here)
+    bounds the reading of a create's answer as it bounds a poll's. The job was made: no retry."""
+    fake, url = faulty
+    fake.behaviour["primary"] = "trickle:0.3"
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS))
+    started = time.monotonic()
+    if form == "json":
+        request = post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    else:
+        boundary = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+        request = post(gw, "/v1/videos", data=multipart_body("resilient", b"\x89PNG"), headers=boundary)
+    status, headers, body = await asyncio.wait_for(request, 10)
+    assert status == 504 and headers["x-should-retry"] == "false", body
+    assert time.monotonic() - started < 4
+    assert len(fake.hits_for("primary")) == 1 and fake.hits_for("secondary") == []
+
+
+async def test_a_json_create_waits_for_its_answer_no_longer_than_the_request_timeout(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A JSON create has no upload to wait for: like a poll, its answer must begin within
+    ``timeouts.request`` (1 s here), not the longer read timeout (5 s)."""
+    fake, url = faulty
+    fake.behaviour["primary"] = "hang"
+    text = config(tmp_path, url, TWO_TIERS).replace(
+        "timeouts: {connect: 1, read: 1, request: 2}", "timeouts: {connect: 1, read: 5, request: 1}", 1
+    )
+    gw = await start_gateway(text)
+    started = time.monotonic()
+    status, headers, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"})
+    assert status == 504 and headers["x-should-retry"] == "false", body
+    assert time.monotonic() - started < 3
+
+
 async def test_a_poll_whose_answer_broke_off_may_be_tried_again(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

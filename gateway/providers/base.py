@@ -673,8 +673,13 @@ class Adapter:
         return error
 
     async def read_json(self, response: aiohttp.ClientResponse) -> Any:
-        """The upstream's JSON answer; raise the right error for a refusal or a non-JSON answer."""
-        raw = await read_limited(response, MAX_JSON_ANSWER)
+        """The upstream's JSON answer; raise the right error for a refusal or a non-JSON answer.
+
+        Read within ``timeouts.request`` of its start, whatever the call: an answer that trickles
+        in, each byte within the read timeout, would otherwise hold a streamed call (an upload's
+        create) without end."""
+        async with asyncio.timeout(self.config.timeouts.request):
+            raw = await read_limited(response, MAX_JSON_ANSWER)
         return await self.json_of(Answer(response.status, response.headers, raw))
 
     async def json_of(self, answer: Answer) -> Any:

@@ -6,6 +6,7 @@ the model name and, for edits and extensions, the referenced video's ID.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from functools import cached_property, partial
 from typing import Any
@@ -58,6 +59,10 @@ class OpenAIAdapter(Adapter):
             headers["Content-Length"] = str(length)
         if body.kind == "json":
             headers["Content-Type"] = "application/json"
+            # no upload to wait for: the answer must begin within the call's timeouts.request, as a
+            # poll's does (sent streaming all the same, for an event stream it may get)
+            due = asyncio.get_running_loop().time() + self.config.timeouts.request
+            call.answer_by = due if call.answer_by is None else min(call.answer_by, due)
         # Entered, not closed in a finally: a failure reading the answer (cut off, say) must reach
         # send(), which maps it, rather than escape as aiohttp's own error.
         async with contextlib.AsyncExitStack() as closer:

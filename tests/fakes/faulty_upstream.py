@@ -17,6 +17,7 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
     truncate-chunked send content chunked, then close before the final chunk
     made-html        make the job, then answer 200 with an HTML page (a proxy's page in front, say)
     made-no-id       make the job, then answer 200 with JSON that has no ``id``
+    trickle:S        make the job, then send its JSON answer one byte every S seconds
     made-timeout:N   make the job, then answer N with an HTML page, as a provider's front answers
                      when it gave up waiting on the server that took the job (nginx's 504 Gateway
                      Time-out, Cloudflare's 524 "A timeout occurred")
@@ -163,6 +164,8 @@ class FaultyUpstream:
             return web.Response(text="<html>accepted</html>", content_type="text/html")
         if behaviour == "made-no-id":
             return web.json_response({"task": answer})
+        if behaviour.startswith("trickle:"):
+            return await _trickle(request, json.dumps(answer).encode(), float(behaviour.partition(":")[2]))
         if behaviour.startswith("made-timeout:"):
             status = int(behaviour.partition(":")[2])
             page = f"<html>{status} timeout</html>"
@@ -237,6 +240,18 @@ class FaultyUpstream:
         finally:
             self.streaming -= 1
         return response
+
+
+async def _trickle(request: web.Request, payload: bytes, seconds: float) -> web.StreamResponse:
+    """An answer whose headers come at once and whose body comes a byte every ``seconds``."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(payload)
+    await response.prepare(request)
+    for at in range(len(payload)):
+        await response.write(payload[at : at + 1])
+        await asyncio.sleep(seconds)
+    await response.write_eof()
+    return response
 
 
 async def _cut_off(
