@@ -30,8 +30,9 @@ ACTIVE_STATUSES = ("queued", "in_progress")
 # refreshed, are found through the partial index tasks_unfinished, whatever the key's history: a scan
 # of its 1 000 000 finished videos took 180 ms, inside the write lock every create takes. SQLite uses
 # a partial index only for a query whose WHERE has the index's own terms, so they are written out,
-# not bound, and the queries name it (INDEXED BY): by itself the planner takes tasks_owner for an
-# ORDER BY seq.
+# not bound, and the queries name it (INDEXED BY): by itself the planner takes tasks_live for an
+# ORDER BY seq. Lists read tasks_live, the index of live rows, so a key's deleted videos (rows kept,
+# marked deleted) are never read past: with a million of them a page took 400 ms, not 0.1 ms.
 _UNFINISHED = "deleted_at IS NULL AND status IN ({})".format(", ".join(f"'{s}'" for s in ACTIVE_STATUSES))
 
 
@@ -144,7 +145,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at REAL NOT NULL,
     deleted_at REAL
 );
-CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (owner, kind, seq);
+CREATE INDEX IF NOT EXISTS tasks_live ON tasks (owner, kind, seq) WHERE deleted_at IS NULL;
+DROP INDEX IF EXISTS tasks_owner;
 CREATE INDEX IF NOT EXISTS tasks_upstream ON tasks (deployment, upstream_id);
 CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (owner, kind, status) WHERE __UNFINISHED__;
 CREATE TABLE IF NOT EXISTS admissions (
@@ -550,7 +552,8 @@ class SQLiteTaskStore:
                 params.append(cursor[0][0])
             direction = "DESC" if order == "desc" else "ASC"
             rows = self._select(
-                f"SELECT {_COLUMNS} FROM tasks WHERE {where} ORDER BY seq {direction} LIMIT ?",
+                f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_live WHERE {where} "
+                f"ORDER BY seq {direction} LIMIT ?",
                 (*params, limit + 1),
             )
             return [self._task(r) for r in rows[:limit]], len(rows) > limit

@@ -70,6 +70,51 @@ async def test_one_upstream_job_is_added_once_per_owner_across_processes(pair) -
     assert await b.add_once(task("video_d")) is None, "a deleted video is no match"
 
 
+async def test_a_keys_deleted_videos_are_not_read_past_by_its_lists(tmp_path: Path) -> None:
+    """Deleted videos keep their rows (marked deleted), and a list read past every one of them to
+    fill a page: 400 ms with a million, on the one thread every read of the process waits for. A
+    list's work (SQLite's own instruction count) no longer grows with the key's deleted videos."""
+    from gateway.store import _INSERT, _row
+
+    store = SQLiteTaskStore(tmp_path / "gw.sqlite3")
+    await store.open()
+    try:
+
+        def seed(first: int, count: int, deleted: bool) -> None:
+            store._db.execute("BEGIN")
+            (before,) = store._db.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()
+            for n in range(first, first + count):
+                row = task(f"video_{n}")
+                row.upstream_id = f"job_{n}"
+                store._db.execute(_INSERT, _row(row))
+            if deleted:
+                store._db.execute("UPDATE tasks SET deleted_at=1 WHERE seq > ?", (before,))
+            store._db.execute("COMMIT")
+
+        async def work_of_a_list() -> int:
+            steps = [0]
+
+            def count() -> int:
+                steps[0] += 1
+                return 0
+
+            store._read_db.set_progress_handler(count, 100)
+            try:
+                page, more = await store.list("alpha", after=None, limit=5, order="desc")
+            finally:
+                store._read_db.set_progress_handler(None, 100)
+            assert len(page) == 5 and not more
+            return steps[0]
+
+        seed(0, 200, deleted=True)
+        seed(1_000_000, 5, deleted=False)
+        few = await work_of_a_list()
+        seed(200, 20_000, deleted=True)
+        assert await work_of_a_list() <= few + 2, "the list read the deleted rows"
+    finally:
+        await store.close()
+
+
 async def test_the_update_that_lost_the_race_adopts_the_stored_video(pair) -> None:
     a, b = pair
     await a.add(task())
