@@ -496,6 +496,13 @@ async def _save(gw: Gateway, task: Task) -> None:
         del waiting[task.id]
 
 
+# A key at its max_in_progress cap has its unfinished videos asked about before a create is refused
+# (some may have finished unseen): a poll each, on the provider account every tenant shares. At
+# most once in this many seconds per key, however many creates it sends meanwhile (its SDK alone
+# retries a 429 twice), each answered at once with the count as last known.
+ACTIVE_REFRESH_SECONDS = 5.0
+
+
 @contextlib.asynccontextmanager
 async def _admit(request: web.Request) -> AsyncIterator[None]:
     """The per-key limits, for requests that start a video."""
@@ -503,6 +510,10 @@ async def _admit(request: web.Request) -> AsyncIterator[None]:
     key = client_key(request)
 
     async def refresh_active() -> None:
+        now = time.monotonic()
+        if now - gw.active_refreshed.get(key.name, -ACTIVE_REFRESH_SECONDS) < ACTIVE_REFRESH_SECONDS:
+            return
+        gw.active_refreshed[key.name] = now
         await _refresh_all(request, await gw.store.active(key.name))
 
     async with limits.admit(key, gw.store, refresh_active) as admission:

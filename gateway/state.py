@@ -33,6 +33,8 @@ class Gateway:
     left_by_client: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
     # Each video's news waiting to be saved behind a save of it under way (api._save)
     news_waiting: dict[str, Task] = field(default_factory=dict)
+    # When each key at its max_in_progress cap last had its unfinished videos refreshed (api._admit)
+    active_refreshed: dict[str, float] = field(default_factory=dict)
     table: RoutingTable = field(init=False)
     store: TaskStore = field(init=False)
 

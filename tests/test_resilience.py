@@ -587,6 +587,45 @@ async def test_per_key_limits_spare_polls(
     )
 
 
+async def test_a_key_at_its_cap_has_its_videos_asked_about_once_in_a_while(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    faulty: tuple[FaultyUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before a create is refused for max_in_progress, the key's unfinished videos are asked about
+    (some may have finished unseen): each refused create polled every one of them, on the provider
+    account all tenants share (2 000 polls a create for a key with 2 000). Once in a while now."""
+    from gateway import api
+
+    monkeypatch.setattr(api, "ACTIVE_REFRESH_SECONDS", 1.0, raising=False)
+    fake, url = faulty
+    text = config(
+        tmp_path, url, "m:\n  - {provider: up, model: primary}\n", beta="limits: {max_in_progress: 2}"
+    )
+    gw = await start_gateway(text)
+    beta = {"Authorization": f"Bearer {BETA_KEY}"}
+    for _ in range(2):
+        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"}, headers=beta))[0] == 200
+    fake.behaviour["primary"] = "status:400"  # the provider keeps them unfinished, as far as we know
+
+    def polls() -> int:
+        return len(fake.hits_for("primary", "GET"))
+
+    async def refused() -> None:
+        status, _, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"}, headers=beta)
+        assert status == 429 and body["error"]["code"] == "too_many_in_progress", body
+
+    await refused()
+    assert polls() == 2, "the first refusal asks about both videos"
+    for _ in range(4):
+        await refused()
+    assert polls() == 2, "the next ones within the second do not"
+    await asyncio.sleep(1.1)
+    await refused()
+    assert polls() == 4
+
+
 async def test_in_progress_cap_survives_a_restart(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
