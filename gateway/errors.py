@@ -112,6 +112,18 @@ def expired_result() -> ApiError:
     )
 
 
+def upstream_busy(what: str) -> ApiError:
+    """503 at once for a deployment at one of its caps (``what``): the client may retry shortly,
+    and a create may go to the model's next deployment. Not the provider's failure."""
+    return ApiError(
+        503,
+        f"The upstream serving this request is at its concurrency limit ({what}); retry shortly.",
+        type="server_error",
+        code="upstream_busy",
+        headers={"Retry-After": "1"},
+    )
+
+
 def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
     """The task store failed. ``retry=False`` once a provider has accepted the job the request
     started: an automatic retry would start another one."""

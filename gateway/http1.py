@@ -352,9 +352,9 @@ class _Pool:
             else:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(slot)
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError):  # every connection busy: the gateway's queue, not the provider
                 raise ExchangeError(
-                    "timeout", "timed out waiting for a free connection to the provider", connecting=True
+                    "busy", "timed out waiting for a free connection to the provider", connecting=True
                 ) from None
             raise
 

@@ -17,14 +17,14 @@ from contextlib import asynccontextmanager
 from prometheus_client import Counter
 
 from gateway.config import ClientKey, Deployment
-from gateway.errors import ApiError
+from gateway.errors import ApiError, upstream_busy
 from gateway.logs import log
 from gateway.store import Admission, StoreUnavailable, TaskStore
 
 RATE_LIMITED = Counter("gateway_ratelimit_rejections_total", "Creates refused by a per-key limit.", ["limit"])
 BULKHEAD_REJECTED = Counter(
     "gateway_bulkhead_rejections_total",
-    "Requests refused because a deployment was at its cap.",
+    "Requests refused because a deployment was at a cap (its own, or its connection pool's).",
     ["deployment", "kind"],
 )
 
@@ -115,13 +115,7 @@ class Bulkheads:
         cap = deployment.max_concurrent_uploads if kind == "uploads" else deployment.max_concurrent_requests
         if cap is not None and held >= math.ceil(cap / self._workers):
             BULKHEAD_REJECTED.labels(deployment.name, kind).inc()
-            raise ApiError(
-                503,
-                f"The upstream serving this request is at its concurrency limit ({kind}); retry shortly.",
-                type="server_error",
-                code="upstream_busy",
-                headers={"Retry-After": "1"},
-            )
+            raise upstream_busy(kind)
         self._open[key] = held + 1
         return _Slot(self._open, key)
 

@@ -291,7 +291,7 @@ async def test_a_full_pool_queues_within_the_connect_timeout(serve) -> None:
         await asyncio.sleep(0.05)
         with pytest.raises(ExchangeError) as failure:
             await http.request("GET", server.url + "/2", {}, None, Limits(0.2, 1, 5, 1 << 20))
-        assert failure.value.kind == "timeout" and failure.value.connecting
+        assert failure.value.kind == "busy" and failure.value.connecting
         waiting = asyncio.create_task(http.request("GET", server.url + "/3", {}, None, LIMITS))
         await asyncio.sleep(0.05)
         release.set()

@@ -308,6 +308,51 @@ async def test_a_poll_whose_answer_broke_off_may_be_tried_again(
     assert "x-should-retry" not in headers
 
 
+@pytest.mark.parametrize("path", ["create", "poll"])
+async def test_no_free_connection_to_the_provider_is_a_busy_503_not_its_failure(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str], path: str
+) -> None:
+    """Every connection to the provider in use (``max_connections``) for the connect timeout: the
+    gateway's own queue was full. It answered 504 "timed out connecting to the provider" and counted
+    a failure against the provider's health, so a burst ejected deployments that never failed. It
+    is the bulkhead's 503 ``upstream_busy`` now, kept out of health and upstream errors."""
+    fake, url = faulty
+    text = config(tmp_path, url, "solo:\n  - {provider: up, model: primary}\n").replace(
+        "timeouts: {connect: 1, read: 1, request: 2}",
+        "max_connections: 1\n    timeouts: {connect: 0.3, read: 5, request: 5}",
+        1,
+    )
+    gw = await start_gateway(text)
+    video = None
+    if path == "poll":
+        status, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "solo"})
+        assert status == 200
+    fake.behaviour["primary"] = "delay:1.5"  # the first call holds the only connection
+    shed = 'gateway_bulkhead_rejections_total{deployment="up/primary",kind="connections"}'
+    timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
+    before = await sample(gw, shed), await sample(gw, timeouts)
+
+    async def one() -> tuple[int, dict[str, str], Any]:
+        if video is None:
+            return await post(gw, "/v1/videos", json={"prompt": "x", "model": "solo"})
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{gw.url}/v1/videos/{video['id']}", headers=AUTH) as response,
+        ):
+            return response.status, dict(response.headers), await response.json()
+
+    first = asyncio.create_task(one())
+    await asyncio.sleep(0.2)
+    status, headers, body = await one()
+    assert status == 503 and body["error"]["code"] == "upstream_busy", body
+    assert headers["Retry-After"] == "1"
+    assert (await first)[0] == 200
+    assert (await sample(gw, shed), await sample(gw, timeouts)) == (before[0] + 1, before[1])
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    row = state["deployments"][0]
+    assert row["consecutive_failures"] == 0 and row["consecutive_read_failures"] == 0, row
+
+
 async def test_ejection_then_probe_and_recovery(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

@@ -32,7 +32,7 @@ from gateway import jsonio, metrics
 from gateway.bodies import RequestBody
 from gateway.config import Deployment, ProviderConfig
 from gateway.context import CONTEXT, UpstreamClock, cut_answer, start_answer
-from gateway.errors import ApiError, UpstreamError, unsupported
+from gateway.errors import ApiError, UpstreamError, unsupported, upstream_busy
 from gateway.headers import (
     CONDITIONAL_REQUEST_HEADERS,
     CONTENT_CACHE_CONTROL,
@@ -40,6 +40,7 @@ from gateway.headers import (
     forwardable_request_headers,
 )
 from gateway.http1 import Answer, ExchangeError, FixedHeaders, Http1Client, Limits
+from gateway.limits import BULKHEAD_REJECTED
 from gateway.logs import log
 from gateway.sockets import stall_limited_socket
 from gateway.store import Task
@@ -380,6 +381,7 @@ class Adapter:
         t = config.timeouts
         self._limits = Limits(connect=t.connect, read=t.read, total=t.request, max_answer=MAX_JSON_ANSWER)
         self.in_flight = 0
+        self._streams = 0  # calls open on the aiohttp session (send): its pool's connections in use
         self._superseded = False
         self._closing: asyncio.Task[None] | None = None
 
@@ -532,6 +534,8 @@ class Adapter:
         series = self._sending(call)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
+        queued = self._streams >= self.config.max_connections  # waits for a connection to come free
+        self._streams += 1
         call.clock.start()
         try:
             requesting = self.session.request(
@@ -554,9 +558,12 @@ class Adapter:
             own = _client_failure(exc, body)
             if own is not None:
                 raise own from None
+            if queued and isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise self._busy(call) from None
             status, message, kind, sent = _transport_failure(exc, answered=response is not None, data=data)
             raise self._fail(call, status, message, kind, sent=sent, cause=exc) from None
         finally:
+            self._streams -= 1
             call.clock.stop()
             series.in_flight.dec()
             self._call_ended()
@@ -585,6 +592,8 @@ class Adapter:
                 method, self.upstream_url(url), headers, data, self._limits, fixed, call.answer_by
             )
         except ExchangeError as exc:
+            if exc.kind == "busy":
+                raise self._busy(call) from None
             sent = exc.kind in ("reset", "payload") or (
                 exc.kind == "timeout" and not exc.connecting and (exc.answered or data is not None)
             )
@@ -644,6 +653,20 @@ class Adapter:
             **_failure_detail(cause),
         )
         return UpstreamError(status, f"Upstream error: {message}.", kind=kind, sent=sent)
+
+    def _busy(self, call: Call) -> ApiError:
+        """Every connection to the provider (``max_connections``) stayed in use for the connect
+        timeout: the gateway's own queue was full, as a bulkhead is, which says nothing of the
+        provider's health (Envoy keeps pool overflow out of outlier detection too)."""
+        BULKHEAD_REJECTED.labels(call.deployment.name, "connections").inc()
+        log.warning(
+            "upstream_pool_full",
+            request_id=call.request_id,
+            provider=self.config.name,
+            deployment=call.deployment.name,
+            max_connections=self.config.max_connections,
+        )
+        return upstream_busy("connections")
 
     def count_error(self, kind: str) -> None:
         metrics.UPSTREAM_ERRORS.labels(self.config.name, kind).inc()
