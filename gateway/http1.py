@@ -79,11 +79,20 @@ class FixedHeaders:
 
 
 class ExchangeError(Exception):
-    def __init__(self, kind: str, message: str, *, answered: bool = False, connecting: bool = False) -> None:
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        answered: bool = False,
+        connecting: bool = False,
+        cut_short: bool = False,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.answered = answered  # the answer's headers had arrived
         self.connecting = connecting  # still opening a connection, or waiting for one
+        self.cut_short = cut_short  # a timeout the caller's answer_by set, not the limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +259,13 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if self._waiter is None:
             return  # idle between exchanges: the next one arms again
-        if self.loop.time() >= self._due():
+        due = self._due()
+        if self.loop.time() >= due:
             error = ExchangeError(
-                "timeout", "the provider did not answer in time", answered=self._headers_done
+                "timeout",
+                "the provider did not answer in time",
+                answered=self._headers_done,
+                cut_short=due == self._answer_by and due < self._last_read + self._read,
             )
             self._fail(error)
         else:

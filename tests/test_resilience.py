@@ -353,6 +353,30 @@ async def test_no_free_connection_to_the_provider_is_a_busy_503_not_its_failure(
     assert row["consecutive_failures"] == 0 and row["consecutive_read_failures"] == 0, row
 
 
+async def test_polls_a_lists_deadline_cuts_short_are_no_failure_of_the_provider(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A list asks about its unfinished videos, 8 at a time, within one deadline; those it has no
+    time left for show as last known. The polls that deadline cut short, started late in it, were
+    counted as the provider's timeouts, so listing many videos of a provider that answers in 0.7 s
+    ejected a deployment that never failed."""
+    fake, url = faulty
+    extra = "resilience: {read_deadline_seconds: 1, consecutive_failures: 2, read_attempts: 1}"
+    gw = await start_gateway(config(tmp_path, url, TWO_TIERS, extra=extra))
+    for _ in range(10):
+        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+    fake.behaviour["primary"] = "delay:0.7"
+    timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
+    before = await sample(gw, timeouts)
+    status, listed = await get(gw, "/v1/videos?limit=20")
+    assert status == 200 and len(listed["data"]) == 10
+    assert sorted(v["status"] for v in listed["data"]) == ["completed"] * 8 + ["queued"] * 2
+    assert await sample(gw, timeouts) == before
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    row = {r["deployment"]: r for r in state["deployments"]}["up/primary"]
+    assert row["state"] == "healthy" and row["consecutive_read_failures"] == 0, row
+
+
 async def test_ejection_then_probe_and_recovery(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

@@ -68,6 +68,9 @@ class Call:
     # The event loop's time by which the provider must begin answering a JSON call, besides its
     # own timeouts: a read's tries share one deadline (``resilience.read_deadline_seconds``).
     answer_by: float | None = None
+    # answer_by is a deadline shared with other calls (a list's refreshes): a call it cuts short,
+    # started late in it, is no failure of the provider's
+    shared_deadline: bool = False
     reported: bool = False  # whether an outcome was reported
 
     def outcome(self, failure: str | None) -> None:
@@ -537,6 +540,7 @@ class Adapter:
         queued = self._streams >= self.config.max_connections  # waits for a connection to come free
         self._streams += 1
         call.clock.start()
+        answer_by = asyncio.timeout_at(call.answer_by)
         try:
             requesting = self.session.request(
                 method,
@@ -547,7 +551,7 @@ class Adapter:
                 timeout=self.timeout(streaming=streaming),
                 compress=None,
             )
-            async with asyncio.timeout_at(call.answer_by):
+            async with answer_by:
                 answer = await requesting
             async with answer as response:
                 self._answered(call, series, response.status, time.perf_counter() - started)
@@ -560,6 +564,8 @@ class Adapter:
                 raise own from None
             if queued and isinstance(exc, aiohttp.ConnectionTimeoutError):
                 raise self._busy(call) from None
+            if call.shared_deadline and answer_by.expired():
+                raise self._cut_short(call) from None
             status, message, kind, sent = _transport_failure(exc, answered=response is not None, data=data)
             raise self._fail(call, status, message, kind, sent=sent, cause=exc) from None
         finally:
@@ -594,6 +600,8 @@ class Adapter:
         except ExchangeError as exc:
             if exc.kind == "busy":
                 raise self._busy(call) from None
+            if exc.cut_short and call.shared_deadline:
+                raise self._cut_short(call) from None
             sent = exc.kind in ("reset", "payload") or (
                 exc.kind == "timeout" and not exc.connecting and (exc.answered or data is not None)
             )
@@ -667,6 +675,17 @@ class Adapter:
             max_connections=self.config.max_connections,
         )
         return upstream_busy("connections")
+
+    def _cut_short(self, call: Call) -> UpstreamError:
+        """A call cut short by a deadline it shared (:attr:`Call.shared_deadline`): the video keeps
+        its last known state, and the provider's health and errors hear nothing of it."""
+        log.info(
+            "upstream_call_cut_short",
+            request_id=call.request_id,
+            provider=self.config.name,
+            deployment=call.deployment.name,
+        )
+        return UpstreamError(504, "Upstream error: the provider did not answer in time.", kind="timeout")
 
     def count_error(self, kind: str) -> None:
         metrics.UPSTREAM_ERRORS.labels(self.config.name, kind).inc()
