@@ -35,7 +35,7 @@ from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
 from gateway.routing import RoutingTable
 from gateway.state import Gateway, gateway
 from gateway.store import StoreUnavailable, Task
-from gateway.videos import build_video, is_terminal, new_character_id, new_video_id
+from gateway.videos import MAX_PROMPT_CHARS, build_video, is_terminal, new_character_id, new_video_id
 
 T = TypeVar("T")
 
@@ -132,6 +132,8 @@ def _check_types(body: RequestBody) -> None:
     prompt, size, seconds = body.get("prompt"), body.get("size"), body.get("seconds")
     if prompt is not None and not isinstance(prompt, str):
         raise bad_request("'prompt' must be a string.", param="prompt", code="invalid_type")
+    if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
+        raise bad_request(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters.", param="prompt")
     if size is not None and not isinstance(size, str):
         raise bad_request("'size' must be a string such as '1280x720'.", param="size", code="invalid_type")
     if seconds is not None and type(seconds) not in (str, int):  # a bool is no number of seconds

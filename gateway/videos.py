@@ -62,6 +62,7 @@ STATUS_SYNONYMS: dict[str, tuple[str, str | None]] = {
 }
 
 DEFAULT_SIZE = "720x1280"
+MAX_PROMPT_CHARS = 32000  # the API's own bound (maxLength)
 DEFAULT_SECONDS = "4"
 _FINISHED = ("completed", "failed")
 
@@ -145,7 +146,9 @@ def build_video(task: Task, upstream: dict[str, Any], *, remixed_from: str | Non
         # created_at is the gateway's clock, completed_at the provider's: never finished before made
         completed_at = max(completed_at, task.created_at)
     prompt = get("prompt")
-    if type(prompt) is not str or not prompt:  # text or nothing, whatever the provider sent
+    # text or nothing, whatever the provider sent, and no longer than a client may send: every
+    # cached copy of the video holds it
+    if type(prompt) is not str or not prompt or len(prompt) > MAX_PROMPT_CHARS:
         prompt = last_get("prompt")
     size = get("size")
     if type(size) is not str or not size:

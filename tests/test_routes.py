@@ -17,7 +17,15 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.state import GATEWAY
-from tests.conftest import ALPHA_KEY, BETA_KEY, UPSTREAM_KEY, RunningGateway, StartGateway, gateway_yaml
+from tests.conftest import (
+    ALPHA_KEY,
+    BETA_KEY,
+    UPSTREAM_KEY,
+    RunningGateway,
+    StartGateway,
+    call,
+    gateway_yaml,
+)
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_sdk_e2e import VIDEO_KEYS, png_bytes
 
@@ -981,3 +989,27 @@ async def test_a_characters_follow_ups_go_through_its_deployment_as_configured(
     deployment, _ = api._deployment_of(gw.table, task)
     assert deployment is gw.table.deployments[task.deployment]
     assert deployment.upstream_model == "upstream-sora"
+
+
+async def test_a_prompt_longer_than_the_api_allows_is_refused_and_never_stored_from_an_echo(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """The API bounds a prompt at 32 000 characters (``maxLength``), which a pass-through provider
+    was left to enforce: a self-hosted one taking 1 MiB prompts and echoing them, each video held a
+    megabyte in every process's cache of 10 000 (RSS 77 MB to 390 MB after 300 creates). Too long
+    is a 400 where the gateway reads the prompt, and a provider's echo of one is not kept."""
+    fake, _ = upstream
+    status, _, body = await call(
+        dialect_gateway, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "x" * 32_001}
+    )
+    assert status == 400 and body["error"]["param"] == "prompt", body
+    assert fake.requests("POST", "/v1/videos") == []
+    # a provider's echo of one (a pass-through form streams on unread) keeps the prompt as last known
+    status, _, video = await call(
+        dialect_gateway, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "short"}
+    )
+    assert status == 200
+    (job,) = fake.jobs.values()
+    job["prompt"] = "y" * 40_000
+    status, _, again = await call(dialect_gateway, "GET", f"/v1/videos/{video['id']}")
+    assert status == 200 and again["prompt"] == "short"

@@ -35,6 +35,7 @@ from gateway.errors import ApiError, bad_request, log_storage_failure, storage_f
 from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
 from gateway.render import probe_video, reference_problem, render_video
 from gateway.store import Task
+from gateway.videos import MAX_PROMPT_CHARS
 
 VARIANTS = {
     "video": ("video.mp4", "video/mp4"),
@@ -99,8 +100,8 @@ def validate_prompt(value: Any) -> str:
             param="prompt",
             code="missing_required_parameter",
         )
-    if len(value) > 32000:
-        raise bad_request("'prompt' is longer than 32000 characters.", param="prompt")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise bad_request(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters.", param="prompt")
     return value
 
 
