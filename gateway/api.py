@@ -940,7 +940,9 @@ def shielded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
     waits for these too (``Gateway.left_by_client``).
 
     A failure that leaves unknown whether the provider acted on the change is answered with
-    ``x-should-retry: false`` (:func:`_unsure`)."""
+    ``x-should-retry: false`` (:func:`_unsure`). So is a change still waiting on its provider when a
+    drain's time is up (a 504), before aiohttp's shutdown would drop its connection, which an SDK
+    takes for one it may retry."""
 
     async def finish(request: web.Request) -> web.StreamResponse:
         try:
@@ -951,24 +953,50 @@ def shielded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
             raise
 
     async def run(request: web.Request) -> web.StreamResponse:
+        drain_over = gateway(request).drain_over
         work = asyncio.ensure_future(finish(request))
+        ending = asyncio.ensure_future(drain_over.wait())
         try:
-            return await asyncio.shield(work)
+            await asyncio.wait((work, ending), return_when=asyncio.FIRST_COMPLETED)
+            if not _sent_whole(request):  # aiohttp's shutdown ends it: an upload cut, a 503 (bodies)
+                return await asyncio.shield(work)
+            if work.done():
+                return work.result()
+            _leave_running(request, work)
+            raise ApiError(
+                504,
+                "The gateway is shutting down and its provider has not answered yet: the provider may "
+                "have started this job, which the gateway has not recorded.",
+                type="server_error",
+                code="shutting_down",
+                headers={"x-should-retry": "false", "Connection": "close"},
+            )
         except asyncio.CancelledError:
             # Nothing sent yet, or a body cut short (which must not reach the provider as if whole):
             # there is nothing to finish.
-            if not (context(request).changing and request.content.is_eof()):
+            if not _sent_whole(request):
                 work.cancel()
                 raise
-            left = gateway(request).left_by_client
-            left.add(work)
-            work.add_done_callback(left.discard)
-            work.add_done_callback(partial(_ended_without_client, context(request).request_id, request.path))
+            _leave_running(request, work)
             raise
         finally:
+            ending.cancel()
             del work  # it holds the handler's error, whose traceback holds this frame: no cycle
 
     return run
+
+
+def _sent_whole(request: web.Request) -> bool:
+    """Whether the request's change went to its provider, with its body whole."""
+    return context(request).changing and request.content.is_eof()
+
+
+def _leave_running(request: web.Request, work: asyncio.Task[web.StreamResponse]) -> None:
+    """Let a change its client no longer waits for run to its end, awaited by the drain."""
+    left = gateway(request).left_by_client
+    left.add(work)
+    work.add_done_callback(left.discard)
+    work.add_done_callback(partial(_ended_without_client, context(request).request_id, request.path))
 
 
 # What a provider's front (its load balancer, nginx, Cloudflare's 524) answers when it gave up waiting

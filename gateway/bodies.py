@@ -23,7 +23,7 @@ from aiohttp import web
 
 from gateway import jsonio
 from gateway.config import Limits
-from gateway.errors import ApiError, bad_request, storage_failed
+from gateway.errors import ApiError, bad_request, shutting_down, storage_failed
 from gateway.headers import media_type
 
 CHUNK = 256 * 1024
@@ -594,14 +594,7 @@ async def _read_stream(
                 raise  # the reader's own cancellation
             # aiohttp ends a body still arriving when the server stops, at the end of a drain: the
             # provider gets it cut short and starts nothing, so the client may well send it again.
-            body.failure = ApiError(
-                503,
-                "The gateway is shutting down and cut this upload off before it was whole; nothing "
-                "was created. Retry.",
-                type="server_error",
-                code="shutting_down",
-                headers={"Retry-After": "1", "Connection": "close"},
-            )
+            body.failure = shutting_down("cut this upload off before it was whole")
             raise body.failure from None
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes do not decode as
             reason = str(exc).rpartition("message:")[2].strip().rstrip(".") or "it is malformed"

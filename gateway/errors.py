@@ -124,6 +124,18 @@ def upstream_busy(what: str) -> ApiError:
     )
 
 
+def shutting_down(what: str) -> ApiError:
+    """503 for a request the gateway's shutdown cut off before anything reached the provider whole
+    (``what`` happened): nothing was created, so the client may send it again, elsewhere or later."""
+    return ApiError(
+        503,
+        f"The gateway is shutting down and {what}; nothing was created. Retry.",
+        type="server_error",
+        code="shutting_down",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
+
+
 def store_unavailable(message: str = "", *, retry: bool = True) -> ApiError:
     """The task store failed. ``retry=False`` once a provider has accepted the job the request
     started: an automatic retry would start another one."""

@@ -76,6 +76,13 @@ async def serve(
             seconds=round(time.monotonic() - started, 3),
             abandoned=gw.in_flight + len(gw.left_by_client),
         )
+        if gw.in_flight:
+            # Creates and deletes still waiting on their provider answer their clients (api.shielded)
+            # before aiohttp's shutdown drops what is left.
+            gw.drain_over.set()
+            answering = time.monotonic()
+            while gw.in_flight and time.monotonic() - answering < _ANSWER_SECONDS:
+                await asyncio.sleep(0.02)
     finally:
         watchdog.cancel()
         orphaned = orphan_check is not None and orphan_check.done() and not orphan_check.cancelled()
@@ -85,6 +92,10 @@ async def serve(
         if orphaned:
             leave_orphaned_metrics()
         log.info("stopped")
+
+
+# How long the requests still open when the drain's time is up have to write their answers.
+_ANSWER_SECONDS = 0.5
 
 
 class StartupError(Exception):

@@ -29,6 +29,8 @@ class Gateway:
     draining: bool = False  # SIGTERM came: readiness fails, new connections close
     stopping: bool = False  # the drain is over: aiohttp is cancelling what still runs
     in_flight: int = 0
+    # The drain's time is up: creates still waiting on their provider answer their clients now
+    drain_over: asyncio.Event = field(default_factory=asyncio.Event)
     # Creates and deletes whose client left, still recording what their provider did (api.shielded)
     left_by_client: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
     # Each video's news waiting to be saved behind a save of it under way (api._save)

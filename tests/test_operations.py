@@ -580,6 +580,37 @@ async def test_an_upload_the_drain_cuts_off_may_be_sent_again(
     assert code == 0 and "upstream_failed" not in output and "Traceback" not in output, output
 
 
+async def test_a_create_its_provider_has_not_answered_when_the_drain_ends_is_answered_not_dropped(
+    gateway_process: Any, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A create whose provider still had not answered when the drain's time was up lost its
+    connection without an answer, which an SDK takes for one it may retry: a second job, perhaps.
+    It is answered first, 504 with ``x-should-retry: false`` (the provider may have the job)."""
+    fake, _ = faulty
+    fake.behaviour["primary"] = "hang"
+    process, port = gateway_process("", read_timeout=10, drain_seconds=0.5)
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(url + "/healthz", process)
+
+    async def create() -> tuple[int, dict[str, str], Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + "/v1/videos", json={"prompt": "x", "model": "m"}, headers=AUTH) as response,
+        ):
+            return response.status, dict(response.headers), await response.json()
+
+    waiting = asyncio.create_task(create())
+    while not fake.hits_for("primary"):
+        await asyncio.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    status, headers, body = await asyncio.wait_for(waiting, 15)
+    code = await asyncio.to_thread(process.wait, 15)
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert status == 504 and body["error"]["code"] == "shutting_down", (body, output)
+    assert headers.get("x-should-retry") == "false"
+    assert code == 0 and "abandoned_at_shutdown" in output and "Traceback" not in output, output
+
+
 async def test_a_drain_waits_for_a_create_whose_client_left(
     gateway_process: Any, faulty: tuple[FaultyUpstream, str]
 ) -> None:
