@@ -348,6 +348,28 @@ async def test_an_image_swept_by_another_request_meanwhile_is_no_failure(
     assert status == 200 and len(fake.creates) == 1, body
 
 
+async def test_hosted_images_are_swept_once_in_a_while_not_at_each_upload(
+    hosted_gw: RunningGateway, luma: tuple[FakeLuma, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each hosted image looked at every file in the directory for expired ones: 45 ms an upload
+    with 10 000 files, 213 ms with 50 000. A minute apart at most now."""
+    fake, _ = luma
+    real_iterdir = Path.iterdir
+    sweeps = []
+
+    def counted(path: Path) -> Iterator[Path]:
+        if path.name == "hosted":
+            sweeps.append(path)
+        return real_iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", counted)
+    for _ in range(3):
+        form = {"prompt": "animate", "model": "dream", "size": "1280x720", "input_reference": png()}
+        status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
+        assert status == 200, body
+    assert len(fake.creates) == 3 and len(sweeps) == 1
+
+
 async def test_a_moments_404_ends_nothing(
     gw: RunningGateway, luma: tuple[FakeLuma, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
