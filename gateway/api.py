@@ -958,15 +958,17 @@ def shielded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
         ending = asyncio.ensure_future(drain_over.wait())
         try:
             await asyncio.wait((work, ending), return_when=asyncio.FIRST_COMPLETED)
-            if not _sent_whole(request):  # aiohttp's shutdown ends it: an upload cut, a 503 (bodies)
+            # Not sent whole, aiohttp's shutdown ends it (an upload cut: a 503, see bodies); an event
+            # stream already under way is cut by it too, as a stream the provider breaks off is.
+            if not _sent_whole(request) or context(request).streaming:
                 return await asyncio.shield(work)
             if work.done():
                 return work.result()
             _leave_running(request, work)
             raise ApiError(
                 504,
-                "The gateway is shutting down and its provider has not answered yet: the provider may "
-                "have started this job, which the gateway has not recorded.",
+                "The gateway is shutting down before this request finished: the provider may have "
+                "acted on it, and the gateway may not have recorded what it did.",
                 type="server_error",
                 code="shutting_down",
                 headers={"x-should-retry": "false", "Connection": "close"},

@@ -62,6 +62,7 @@ class RequestContext:
     admission: Admission | None = None  # the per-key limits a create was admitted under
     changing: bool = False  # a create or delete was sent upstream: see api.shielded
     client_gone: bool = False  # the client's connection broke while its answer was being written
+    streaming: bool = False  # a streamed answer has begun (start_answer): no other can be sent
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context")
@@ -104,7 +105,9 @@ def stamp(ctx: RequestContext, response: web.StreamResponse) -> None:
 
 async def start_answer(request: web.Request, response: web.StreamResponse) -> None:
     """Start a streamed answer: stamp it, then send its status and headers."""
-    stamp(request[CONTEXT], response)
+    ctx = request[CONTEXT]
+    ctx.streaming = True
+    stamp(ctx, response)
     await response.prepare(request)
 
 

@@ -37,7 +37,7 @@ class HostedFiles:
         self.public_base_url = public_base_url.rstrip("/")
         self._key = key
         self.ttl_seconds = ttl_seconds
-        self._swept_at = 0.0
+        self._swept_at = -SWEEP_SECONDS
 
     def _sign(self, name: str, expires: int) -> str:
         return hmac.new(self._key, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
@@ -62,10 +62,9 @@ class HostedFiles:
 
     def _write(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        now = time.time()
-        if now - self._swept_at >= SWEEP_SECONDS:  # a look at every file: 200 ms with 50 000 of them
-            self._swept_at = now
-            cutoff = now - 2 * self.ttl_seconds
+        if time.monotonic() - self._swept_at >= SWEEP_SECONDS:  # a look at every file: 200 ms with 50 000
+            self._swept_at = time.monotonic()
+            cutoff = time.time() - 2 * self.ttl_seconds
             for old in self.root.iterdir():
                 # another put's sweep, or a delete, may remove a listed file first
                 with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
-from gateway.videos import VIDEO_KEYS
+from gateway.videos import MAX_PROMPT_CHARS, VIDEO_KEYS
 
 _ERROR_STATUSES = {
     "400": "Invalid request (bad JSON or multipart, a bad parameter)",
@@ -80,7 +80,7 @@ _ERROR = {
     },
 }
 
-_PROMPT = {"type": "string", "minLength": 1, "maxLength": 32000}
+_PROMPT = {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS}
 _MODEL = {"type": "string", "minLength": 1}
 _SIZE = {"type": "string", "pattern": "^[0-9]+x[0-9]+$"}
 _VIDEO_REFERENCE = {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}
@@ -182,7 +182,8 @@ def _videos(prefix: str) -> dict[str, Any]:
             "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CreateVideoForm"}},
         },
     }
-    prompt = {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}
+    text = {"type": "string", "maxLength": MAX_PROMPT_CHARS}
+    prompt = {"type": "object", "required": ["prompt"], "properties": {"prompt": text}}
     prompt_body = _body(prompt, prompt)
     return {
         f"{prefix}/videos": {

@@ -445,7 +445,8 @@ class SQLiteTaskStore:
                     self._db.execute(_INSERT, _row(task))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
             return self._task(rows[0]) if rows else None
 
@@ -623,7 +624,8 @@ class SQLiteTaskStore:
             )
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         return Admission(cursor.lastrowid, None, count + 1, reset if count else WINDOW_SECONDS)
 

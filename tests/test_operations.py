@@ -611,6 +611,38 @@ async def test_a_create_its_provider_has_not_answered_when_the_drain_ends_is_ans
     assert code == 0 and "abandoned_at_shutdown" in output and "Traceback" not in output, output
 
 
+async def test_a_streamed_create_the_drain_ends_is_cut_not_answered_twice(
+    gateway_process: Any, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """A streamed create relaying its provider's events when the drain's time is up has answered
+    already (200, an event stream): it is cut, as a stream its provider breaks off is, and gets no
+    second answer written into its stream."""
+    fake, _ = faulty
+    fake.behaviour["primary"] = "held-stream"
+    process, port = gateway_process("", read_timeout=10, drain_seconds=0.5)
+    await wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps({"model": "m", "prompt": "x", "stream": True}).encode()
+    writer.write(
+        b"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nAuthorization: "
+        + AUTH["Authorization"].encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    received = b""
+    while b"video.queued" not in received:
+        received += await asyncio.wait_for(reader.read(65536), 10)
+    process.send_signal(signal.SIGTERM)
+    while chunk := await asyncio.wait_for(reader.read(65536), 15):
+        received += chunk
+    writer.close()
+    code = await asyncio.to_thread(process.wait, 15)
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert received.startswith(b"HTTP/1.1 200") and received.count(b"HTTP/1.1") == 1, received[-400:]
+    assert b"shutting_down" not in received and not received.endswith(b"0\r\n\r\n"), "cut, not ended"
+    assert code == 0 and "Traceback" not in output, output
+
+
 async def test_a_drain_waits_for_a_create_whose_client_left(
     gateway_process: Any, faulty: tuple[FaultyUpstream, str]
 ) -> None:

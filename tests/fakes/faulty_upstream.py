@@ -18,6 +18,8 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
     made-html        make the job, then answer 200 with an HTML page (a proxy's page in front, say)
     made-no-id       make the job, then answer 200 with JSON that has no ``id``
     trickle:S        make the job, then send its JSON answer one byte every S seconds
+    held-stream      make the job, answer as an event stream (``text/event-stream``, the OpenAI-dialect
+                     streamed create of apifree's optional ``stream`` flag): one event, then no more
     made-timeout:N   make the job, then answer N with an HTML page, as a provider's front answers
                      when it gave up waiting on the server that took the job (nginx's 504 Gateway
                      Time-out, Cloudflare's 524 "A timeout occurred")
@@ -164,6 +166,11 @@ class FaultyUpstream:
             return web.Response(text="<html>accepted</html>", content_type="text/html")
         if behaviour == "made-no-id":
             return web.json_response({"task": answer})
+        if behaviour == "held-stream":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(f"event: video.queued\ndata: {json.dumps(answer)}\n\n".encode())
+            await asyncio.sleep(3600)
         if behaviour.startswith("trickle:"):
             return await _trickle(request, json.dumps(answer).encode(), float(behaviour.partition(":")[2]))
         if behaviour.startswith("made-timeout:"):
