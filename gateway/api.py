@@ -241,21 +241,23 @@ async def _read(
 ) -> T:
     """A retrieve or download: the task's own deployment, retried with jittered backoff inside one
     deadline (the event loop's time; ``read_deadline_seconds`` from now, or sooner when given: one
-    shared with other reads, which cuts short without blaming the provider) by which the try under
-    way must have its answer begun too (not a download's stream)."""
+    shared with other reads, which cuts a read it left little time short without blaming the
+    provider) by which the try under way must have its answer begun too (not a download's stream)."""
     ctx = context(request)
     gw, table = ctx.gateway, ctx.table
     deployment, adapter = _deployment_of(table, task)
     policy = table.config.resilience
     loop = asyncio.get_running_loop()
-    due = loop.time() + policy.read_deadline_seconds
-    shared = deadline is not None and deadline < due
+    now = loop.time()
+    due = now + policy.read_deadline_seconds
+    # a deadline shared with other reads (a list's) that left this one less than half the usual time
+    late = deadline is not None and deadline - now < policy.read_deadline_seconds / 2
     deadline = due if deadline is None else min(deadline, due)
     for attempt in range(1, policy.read_attempts + 1):
         try:
             with gw.bulkheads.enter(deployment, "requests"):
                 call = _call(request, deployment, name)
-                call.answer_by, call.shared_deadline = deadline, shared
+                call.answer_by, call.shared_deadline = deadline, late
                 return await operation(adapter, call)
         except ApiError as exc:
             if isinstance(exc, UpstreamError) and exc.upstream_status == 404:

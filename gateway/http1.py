@@ -79,20 +79,11 @@ class FixedHeaders:
 
 
 class ExchangeError(Exception):
-    def __init__(
-        self,
-        kind: str,
-        message: str,
-        *,
-        answered: bool = False,
-        connecting: bool = False,
-        cut_short: bool = False,
-    ) -> None:
+    def __init__(self, kind: str, message: str, *, answered: bool = False, connecting: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
         self.answered = answered  # the answer's headers had arrived
         self.connecting = connecting  # still opening a connection, or waiting for one
-        self.cut_short = cut_short  # a timeout the caller's answer_by set, not the limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,13 +250,9 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if self._waiter is None:
             return  # idle between exchanges: the next one arms again
-        due = self._due()
-        if self.loop.time() >= due:
+        if self.loop.time() >= self._due():
             error = ExchangeError(
-                "timeout",
-                "the provider did not answer in time",
-                answered=self._headers_done,
-                cut_short=due == self._answer_by and due < self._last_read + self._read,
+                "timeout", "the provider did not answer in time", answered=self._headers_done
             )
             self._fail(error)
         else:
@@ -302,7 +289,6 @@ class _Pool:
     async def acquire(self, timeout: float) -> tuple[_Connection, bool]:
         """A connection and whether it was reused; connect failures raise :class:`ExchangeError`."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
         if self._in_use < self._size and not self._queue:
             self._in_use += 1
         else:
@@ -312,7 +298,7 @@ class _Pool:
             conn = self._fresh_idle(now)
             if conn is not None:
                 return conn, True
-            async with asyncio.timeout(max(0.0, timeout - (now - started))):
+            async with asyncio.timeout(timeout):  # its own: time spent queueing was the gateway's
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop),
                     self.host,

@@ -377,6 +377,30 @@ async def test_polls_a_lists_deadline_cuts_short_are_no_failure_of_the_provider(
     assert row["state"] == "healthy" and row["consecutive_read_failures"] == 0, row
 
 
+async def test_a_provider_whose_polls_hang_is_still_blamed_through_a_list(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """Only a poll a list's deadline left little time is excused: the first ones, which had the
+    whole deadline, count against a provider whose polls hang (its read timeout is longer)."""
+    fake, url = faulty
+    extra = "resilience: {read_deadline_seconds: 1, consecutive_failures: 3, read_attempts: 1}"
+    text = config(tmp_path, url, TWO_TIERS, extra=extra).replace(
+        "timeouts: {connect: 1, read: 1, request: 2}", "timeouts: {connect: 1, read: 5, request: 5}", 1
+    )
+    gw = await start_gateway(text)
+    for _ in range(4):
+        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+    fake.behaviour["primary"] = "hang"
+    timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
+    before = await sample(gw, timeouts)
+    status, listed = await get(gw, "/v1/videos")
+    assert status == 200 and [v["status"] for v in listed["data"]] == ["queued"] * 4
+    assert await sample(gw, timeouts) == before + 4
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    row = {r["deployment"]: r for r in state["deployments"]}["up/primary"]
+    assert row["state"] == "ejected" and row["consecutive_read_failures"] == 4, row
+
+
 async def test_ejection_then_probe_and_recovery(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

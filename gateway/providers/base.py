@@ -68,8 +68,8 @@ class Call:
     # The event loop's time by which the provider must begin answering a JSON call, besides its
     # own timeouts: a read's tries share one deadline (``resilience.read_deadline_seconds``).
     answer_by: float | None = None
-    # answer_by is a deadline shared with other calls (a list's refreshes): a call it cuts short,
-    # started late in it, is no failure of the provider's
+    # answer_by is a deadline shared with other calls (a list's refreshes) that left this one less
+    # than its usual time: cut short by it, the call is no failure of the provider's
     shared_deadline: bool = False
     reported: bool = False  # whether an outcome was reported
 
@@ -384,7 +384,6 @@ class Adapter:
         t = config.timeouts
         self._limits = Limits(connect=t.connect, read=t.read, total=t.request, max_answer=MAX_JSON_ANSWER)
         self.in_flight = 0
-        self._streams = 0  # calls open on the aiohttp session (send): its pool's connections in use
         self._superseded = False
         self._closing: asyncio.Task[None] | None = None
 
@@ -482,6 +481,7 @@ class Adapter:
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 response_class=WatchedResponse,
+                trace_configs=[_QUEUE_TRACE],
             )
         return self._session
 
@@ -537,10 +537,8 @@ class Adapter:
         series = self._sending(call)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
-        queued = self._streams >= self.config.max_connections  # waits for a connection to come free
-        self._streams += 1
+        queue = _QueueWait()
         call.clock.start()
-        answer_by = asyncio.timeout_at(call.answer_by)
         try:
             requesting = self.session.request(
                 method,
@@ -550,8 +548,9 @@ class Adapter:
                 allow_redirects=False,
                 timeout=self.timeout(streaming=streaming),
                 compress=None,
+                trace_request_ctx=queue,
             )
-            async with answer_by:
+            async with asyncio.timeout_at(call.answer_by):
                 answer = await requesting
             async with answer as response:
                 self._answered(call, series, response.status, time.perf_counter() - started)
@@ -562,14 +561,13 @@ class Adapter:
             own = _client_failure(exc, body)
             if own is not None:
                 raise own from None
-            if queued and isinstance(exc, aiohttp.ConnectionTimeoutError):
-                raise self._busy(call) from None
-            if call.shared_deadline and answer_by.expired():
+            if _cut_short(call):
                 raise self._cut_short(call) from None
+            if queue.waiting and isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise self._busy(call) from None
             status, message, kind, sent = _transport_failure(exc, answered=response is not None, data=data)
             raise self._fail(call, status, message, kind, sent=sent, cause=exc) from None
         finally:
-            self._streams -= 1
             call.clock.stop()
             series.in_flight.dec()
             self._call_ended()
@@ -598,10 +596,10 @@ class Adapter:
                 method, self.upstream_url(url), headers, data, self._limits, fixed, call.answer_by
             )
         except ExchangeError as exc:
+            if exc.kind in ("busy", "timeout") and _cut_short(call):
+                raise self._cut_short(call) from None
             if exc.kind == "busy":
                 raise self._busy(call) from None
-            if exc.cut_short and call.shared_deadline:
-                raise self._cut_short(call) from None
             sent = exc.kind in ("reset", "payload") or (
                 exc.kind == "timeout" and not exc.connecting and (exc.answered or data is not None)
             )
@@ -846,6 +844,41 @@ def _reset_of(upstream: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
     if upstream.content_length is not None or chunked:
         return None
     return getattr(upstream, "closing", None)
+
+
+def _cut_short(call: Call) -> bool:
+    """Whether a call that timed out was cut short by a deadline it shared (:attr:`Call.shared_deadline`)."""
+    return (
+        call.shared_deadline
+        and call.answer_by is not None
+        and asyncio.get_running_loop().time() >= call.answer_by
+    )
+
+
+class _QueueWait:
+    """Whether a call on the aiohttp session is waiting for one of the pool's connections to come
+    free (``max_connections`` all in use): a connect timeout then is the gateway's queue, not the
+    provider's. Set by :data:`_QUEUE_TRACE`, aiohttp's own account of its pool."""
+
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting = False
+
+
+async def _queued(session: Any, context: Any, params: Any) -> None:
+    if isinstance(context.trace_request_ctx, _QueueWait):
+        context.trace_request_ctx.waiting = True
+
+
+async def _dequeued(session: Any, context: Any, params: Any) -> None:
+    if isinstance(context.trace_request_ctx, _QueueWait):
+        context.trace_request_ctx.waiting = False
+
+
+_QUEUE_TRACE = aiohttp.TraceConfig()
+_QUEUE_TRACE.on_connection_queued_start.append(_queued)
+_QUEUE_TRACE.on_connection_queued_end.append(_dequeued)
 
 
 def _client_failure(exc: BaseException, body: RequestBody | None) -> ApiError | None:
