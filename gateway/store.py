@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import math
 import mmap
 import os
 import secrets
@@ -269,12 +270,15 @@ class SQLiteTaskStore:
 
     # A write waiting longer than this (for another process's lock, a stalled disk) makes /readyz 503.
     stuck_write_seconds = 10.0
+    # /readyz has a one-row write tried at most this often, to learn whether writes go through.
+    probe_seconds = 5.0
 
     def __init__(self, path: Path, cache_size: int = 10_000) -> None:
         self._path = path
         self._writes: dict[object, float] = {}  # writes submitted and not yet done: when each was
         self._write_failed: str | None = None  # why the last write failed, until one goes through
-        self._probe: asyncio.Future[Any] | None = None  # the write health() tries meanwhile
+        self._probe: asyncio.Future[Any] | None = None  # the latest write health() tried
+        self._probed_at = -math.inf
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store-reads")
         self._db: sqlite3.Connection | None = None
@@ -376,16 +380,17 @@ class SQLiteTaskStore:
             raise StoreUnavailable(f"task store: {exc}") from exc
 
     async def health(self) -> str | None:
-        """Besides reads: a write stuck, or, after a write failed (a full disk, say, which fails
-        writes at once and reads not at all), a write of its own that fails too."""
+        """Besides reads: a write stuck, or the last write failed (a full disk fails writes at once
+        and reads not at all). Each worker learns how writes go from a one-row write of its own,
+        tried at most every :attr:`probe_seconds`, whether or not traffic writes: a worker that had
+        no create to fail would answer ready, and a replica out of rotation gets none to succeed."""
+        await self._probe_write()
         if self._writes:
             waited = time.monotonic() - min(self._writes.values())
             if waited > self.stuck_write_seconds:
                 return f"a write has waited {waited:.1f} s"
         if self._write_failed is not None:
-            problem = await self._probe_write()
-            if problem is not None:
-                return problem
+            return f"writes fail: {self._write_failed}"
         try:
             await asyncio.wait_for(self._on(self._reader, self._check_file), 2.0)
             await asyncio.wait_for(self._read("SELECT 1 FROM tasks LIMIT 1"), 2.0)
@@ -395,20 +400,19 @@ class SQLiteTaskStore:
             return "a read did not answer within 2 s"
         return None
 
-    async def _probe_write(self) -> str | None:
-        """Try a write (one row, one at a time however many ask): None once one goes through, which
-        puts a replica that no longer gets traffic back in rotation."""
-        if self._probe is None or self._probe.done():
+    async def _probe_write(self) -> None:
+        """Try a one-row write when the last try is :attr:`probe_seconds` old (one at a time), and
+        give it half a second: its outcome is the last write's (:meth:`_run`). One slower than that
+        goes on, and shows as a stuck write once it has waited too long."""
+        if (self._probe is None or self._probe.done()) and (
+            time.monotonic() - self._probed_at >= self.probe_seconds
+        ):
+            self._probed_at = time.monotonic()
             sql = "INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)"
             self._probe = asyncio.ensure_future(self._run(self._query, sql, (time.time(),)))
             self._probe.add_done_callback(lambda done: done.cancelled() or done.exception())
-        try:
-            await asyncio.wait_for(asyncio.shield(self._probe), 2.0)
-        except StoreUnavailable as exc:
-            return f"writes fail: {exc}"
-        except TimeoutError:
-            return "a write did not answer within 2 s"
-        return None
+        if self._probe is not None and not self._probe.done():
+            await asyncio.wait((self._probe,), timeout=0.5)
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Rows of one query, on the reading thread and connection."""

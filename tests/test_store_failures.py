@@ -292,12 +292,16 @@ async def test_a_full_disk_takes_the_replica_out_of_rotation_until_writes_go_thr
 ) -> None:
     """Writes that fail at once (a full disk) said nothing to /readyz, which asked only for reads
     and for a write stuck waiting: a load balancer kept sending creates, each a job started upstream,
-    then cancelled. /readyz now answers 503 after a failed write, until a write of its own goes
-    through: with no traffic to write, the replica comes back once the disk has room."""
+    then cancelled. /readyz now tries a write of its own (here at every call), so a worker that had
+    no create to fail knows too, and answers 503 until one goes through: with no traffic to write,
+    the replica comes back once the disk has room."""
     fake, _ = upstream
     store = dialect_gateway.app[GATEWAY].store
+    store.probe_seconds = 0.0
     disk = store._db = FullDisk(store._db)
     try:
+        status, _, body = await call(dialect_gateway, "GET", "/readyz")
+        assert status == 503 and "disk is full" in body["detail"], "before any create failed here"
         with pytest.raises(openai.InternalServerError) as caught:
             await dialect_gateway.sdk().videos.create(prompt="x", model="sora-remote")
         assert_store_unavailable(caught.value.status_code, caught.value.response.json())
