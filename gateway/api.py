@@ -241,23 +241,22 @@ async def _read(
 ) -> T:
     """A retrieve or download: the task's own deployment, retried with jittered backoff inside one
     deadline (the event loop's time; ``read_deadline_seconds`` from now, or sooner when given: one
-    shared with other reads, which cuts a read it left little time short without blaming the
-    provider) by which the try under way must have its answer begun too (not a download's stream)."""
+    shared with other reads) by which the try under way must have its answer begun too (not a
+    download's stream). A try it cuts short after the provider had less than half the read deadline
+    (the gateway's queue, or a list's deadline, took the time) is no failure of the provider's."""
     ctx = context(request)
     gw, table = ctx.gateway, ctx.table
     deployment, adapter = _deployment_of(table, task)
     policy = table.config.resilience
     loop = asyncio.get_running_loop()
-    now = loop.time()
-    due = now + policy.read_deadline_seconds
-    # a deadline shared with other reads (a list's) that left this one less than half the usual time
-    late = deadline is not None and deadline - now < policy.read_deadline_seconds / 2
+    due = loop.time() + policy.read_deadline_seconds
     deadline = due if deadline is None else min(deadline, due)
     for attempt in range(1, policy.read_attempts + 1):
         try:
             with gw.bulkheads.enter(deployment, "requests"):
                 call = _call(request, deployment, name)
-                call.answer_by, call.shared_deadline = deadline, late
+                call.answer_by = deadline
+                call.fair_wait = policy.read_deadline_seconds / 2
                 return await operation(adapter, call)
         except ApiError as exc:
             if isinstance(exc, UpstreamError) and exc.upstream_status == 404:

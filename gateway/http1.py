@@ -79,11 +79,22 @@ class FixedHeaders:
 
 
 class ExchangeError(Exception):
-    def __init__(self, kind: str, message: str, *, answered: bool = False, connecting: bool = False) -> None:
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        answered: bool = False,
+        connecting: bool = False,
+        given: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.answered = answered  # the answer's headers had arrived
         self.connecting = connecting  # still opening a connection, or waiting for one
+        # Cut short by the caller's time (answer_by, or a deadline the gateway's queue ate into)
+        # rather than the provider's own timeouts: how long the provider had the request by then.
+        self.given = given
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,7 @@ class _Connection(asyncio.Protocol):
         self._deadline: float | None = None
         self._answer_by: float | None = None
         self._last_read = 0.0
+        self._sent_at = 0.0
         self._max_answer = 0
         self._start_answer()
 
@@ -208,7 +220,7 @@ class _Connection(asyncio.Protocol):
         self._start_answer()
         self._max_answer = limits.max_answer
         self._read, self._deadline, self._answer_by = limits.read, deadline, answer_by
-        self._last_read = self.loop.time()
+        self._last_read = self._sent_at = self.loop.time()
         self._waiter = waiter = self.loop.create_future()
         self._arm()
         try:
@@ -250,9 +262,15 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if self._waiter is None:
             return  # idle between exchanges: the next one arms again
-        if self.loop.time() >= self._due():
+        due = self._due()
+        now = self.loop.time()
+        if now >= due:
+            by_caller = due == self._answer_by and not self._headers_done
             error = ExchangeError(
-                "timeout", "the provider did not answer in time", answered=self._headers_done
+                "timeout",
+                "the provider did not answer in time",
+                answered=self._headers_done,
+                given=now - self._sent_at if by_caller else None,
             )
             self._fail(error)
         else:
@@ -286,19 +304,25 @@ class _Pool:
         self._idle: deque[_Connection] = deque()
         self._queue: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self, timeout: float) -> tuple[_Connection, bool]:
-        """A connection and whether it was reused; connect failures raise :class:`ExchangeError`."""
+    async def acquire(self, connect: float, start_by: float | None) -> tuple[_Connection, bool]:
+        """A connection and whether it was reused; connect failures raise :class:`ExchangeError`.
+
+        Waiting for a slot and connecting get ``connect`` seconds each, neither past ``start_by``
+        (when the request must be under way): a connection the wait left no time to open is never
+        used for a request that is already late."""
         loop = asyncio.get_running_loop()
         if self._in_use < self._size and not self._queue:
             self._in_use += 1
         else:
-            await self._wait_for_slot(loop, timeout)
+            await self._wait_for_slot(loop, *_budget(loop, connect, start_by))
+        timeout, squeezed = _budget(loop, connect, start_by)
         try:
-            now = loop.time()
-            conn = self._fresh_idle(now)
+            conn = self._fresh_idle(loop.time())
             if conn is not None:
                 return conn, True
-            async with asyncio.timeout(timeout):  # its own: time spent queueing was the gateway's
+            if timeout <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop),
                     self.host,
@@ -311,7 +335,10 @@ class _Pool:
             self._free_slot()
             if isinstance(exc, TimeoutError):
                 raise ExchangeError(
-                    "timeout", "timed out connecting to the provider", connecting=True
+                    "timeout",
+                    "timed out connecting to the provider",
+                    connecting=True,
+                    given=0.0 if squeezed else None,
                 ) from None
             if isinstance(exc, OSError):  # its text (an address, a host name) is for the log only
                 raise ExchangeError("connect", "could not connect to the provider", connecting=True) from exc
@@ -338,7 +365,7 @@ class _Pool:
             conn.close()
         return None
 
-    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, timeout: float, squeezed: bool) -> None:
         """Queue for a slot; on return this caller holds one (handed over by :meth:`_free_slot`)."""
         slot: asyncio.Future[None] = loop.create_future()
         self._queue.append(slot)
@@ -353,7 +380,10 @@ class _Pool:
                     self._queue.remove(slot)
             if isinstance(exc, TimeoutError):  # every connection busy: the gateway's queue, not the provider
                 raise ExchangeError(
-                    "busy", "timed out waiting for a free connection to the provider", connecting=True
+                    "busy",
+                    "timed out waiting for a free connection to the provider",
+                    connecting=True,
+                    given=0.0 if squeezed else None,
                 ) from None
             raise
 
@@ -456,8 +486,12 @@ class Http1Client:
             conn = pool.take_idle(now)
             reused = conn is not None
             if conn is None:
-                connect = limits.connect if start_by is None else min(limits.connect, start_by - now)
-                conn, reused = await pool.acquire(connect)
+                conn, reused = await pool.acquire(limits.connect, start_by)
+                if start_by is not None and loop.time() >= start_by:  # too late to send it now
+                    pool.release(conn, reuse=True)
+                    raise ExchangeError(
+                        "timeout", "timed out connecting to the provider", connecting=True, given=0.0
+                    )
             try:
                 answer = await conn.exchange(head, body, limits, deadline, answer_by)
             except ExchangeError as exc:
@@ -477,6 +511,13 @@ class Http1Client:
         for pool, _ in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+def _budget(loop: asyncio.AbstractEventLoop, seconds: float, start_by: float | None) -> tuple[float, bool]:
+    """``seconds`` from now, but not past ``start_by``; and whether ``start_by`` cut them short."""
+    if start_by is not None and start_by - loop.time() < seconds:
+        return max(0.0, start_by - loop.time()), True
+    return seconds, False
 
 
 def _head(

@@ -274,6 +274,47 @@ async def test_connect_failures_say_nothing_was_sent(unused_tcp_port: int, clien
     assert failure.value.kind == "connect" and failure.value.connecting
 
 
+async def test_a_request_whose_time_the_queue_took_is_never_sent(serve, monkeypatch) -> None:
+    """A request that waited for the pool's only connection until little of its whole call's time
+    (1 s) was left, then met a slow connect (0.4 s), was sent after its time, to fail at once as a
+    timeout the provider might have acted on (a create, perhaps made). Its connect now gets only the
+    time left, and it ends unsent, as the gateway's own wait."""
+    release = asyncio.Event()
+
+    async def slow_then_close(server, reader, writer):
+        await server.read_request(reader)
+        await release.wait()
+        writer.write(answer(extra=b"Connection: close\r\n"))  # the next request must open another
+        await writer.drain()
+        writer.close()
+
+    server = await serve(slow_then_close)
+    loop = asyncio.get_running_loop()
+    connect = loop.create_connection
+    opened = []
+
+    async def slow_second_connect(*args: object, **kwargs: object) -> object:
+        opened.append(args)
+        if len(opened) == 2:
+            await asyncio.sleep(0.4)  # a SYN retransmitted, a far TLS handshake
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "create_connection", slow_second_connect)
+    http = Http1Client(max_connections=1)
+    try:
+        first = asyncio.create_task(http.request("GET", server.url + "/hold", {}, None, LIMITS))
+        await asyncio.sleep(0.05)
+        loop.call_later(0.85, release.set)
+        with pytest.raises(ExchangeError) as failure:
+            await http.request("POST", server.url + "/v1/videos", {}, b"{}", Limits(1.0, 5, 1.0, 1 << 20))
+        assert failure.value.connecting and failure.value.given == 0.0
+        assert (await first).status == 200
+        await asyncio.sleep(0.5)
+        assert [r.split(b" ")[1] for r in server.requests] == [b"/hold"], "the late request never went out"
+    finally:
+        http.close()
+
+
 async def test_a_full_pool_queues_within_the_connect_timeout(serve) -> None:
     release = asyncio.Event()
 

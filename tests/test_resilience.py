@@ -401,6 +401,34 @@ async def test_a_provider_whose_polls_hang_is_still_blamed_through_a_list(
     assert row["state"] == "ejected" and row["consecutive_read_failures"] == 4, row
 
 
+async def test_polls_the_gateways_own_queue_kept_from_a_lists_deadline_are_not_blamed(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """Polls of a list that waited for one of the provider's two connections (``max_connections``)
+    until little of the list's deadline was left, then were cut short by it, are the gateway's queue,
+    not the provider's failure: it answers each poll in 0.4 s."""
+    fake, url = faulty
+    extra = "resilience: {read_deadline_seconds: 1, consecutive_failures: 2, read_attempts: 1}"
+    text = config(tmp_path, url, TWO_TIERS, extra=extra).replace(
+        "timeouts: {connect: 1, read: 1, request: 2}",
+        "max_connections: 2\n    timeouts: {connect: 1, read: 5, request: 5}",
+        1,
+    )
+    gw = await start_gateway(text)
+    for _ in range(8):
+        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+    fake.behaviour["primary"] = "delay:0.4"
+    timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
+    before = await sample(gw, timeouts)
+    status, listed = await get(gw, "/v1/videos?limit=20")
+    assert status == 200 and "completed" in {v["status"] for v in listed["data"]}
+    assert "queued" in {v["status"] for v in listed["data"]}, "some polls had no time left"
+    assert await sample(gw, timeouts) == before
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    row = {r["deployment"]: r for r in state["deployments"]}["up/primary"]
+    assert row["state"] == "healthy" and row["consecutive_read_failures"] == 0, row
+
+
 async def test_ejection_then_probe_and_recovery(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

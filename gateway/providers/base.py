@@ -68,9 +68,9 @@ class Call:
     # The event loop's time by which the provider must begin answering a JSON call, besides its
     # own timeouts: a read's tries share one deadline (``resilience.read_deadline_seconds``).
     answer_by: float | None = None
-    # answer_by is a deadline shared with other calls (a list's refreshes) that left this one less
-    # than its usual time: cut short by it, the call is no failure of the provider's
-    shared_deadline: bool = False
+    # A call answer_by cuts short after the provider had it less than this long (seconds) is no
+    # failure of the provider's: the gateway's own queue, or a list's deadline, took the time.
+    fair_wait: float | None = None
     reported: bool = False  # whether an outcome was reported
 
     def outcome(self, failure: str | None) -> None:
@@ -481,7 +481,7 @@ class Adapter:
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 response_class=WatchedResponse,
-                trace_configs=[_QUEUE_TRACE],
+                trace_configs=[_CALL_TRACE],
             )
         return self._session
 
@@ -537,7 +537,8 @@ class Adapter:
         series = self._sending(call)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
-        queue = _QueueWait()
+        trace = _CallTrace()
+        answer_by = asyncio.timeout_at(call.answer_by)
         call.clock.start()
         try:
             requesting = self.session.request(
@@ -548,9 +549,9 @@ class Adapter:
                 allow_redirects=False,
                 timeout=self.timeout(streaming=streaming),
                 compress=None,
-                trace_request_ctx=queue,
+                trace_request_ctx=trace,
             )
-            async with asyncio.timeout_at(call.answer_by):
+            async with answer_by:
                 answer = await requesting
             async with answer as response:
                 self._answered(call, series, response.status, time.perf_counter() - started)
@@ -561,9 +562,11 @@ class Adapter:
             own = _client_failure(exc, body)
             if own is not None:
                 raise own from None
-            if _cut_short(call):
+            if answer_by.expired() and call.fair_wait is not None and trace.given(call) < call.fair_wait:
                 raise self._cut_short(call) from None
-            if queue.waiting and isinstance(exc, aiohttp.ConnectionTimeoutError):
+            if isinstance(exc, aiohttp.ConnectionTimeoutError) and trace.queued_out(
+                self.config.timeouts.connect
+            ):
                 raise self._busy(call) from None
             status, message, kind, sent = _transport_failure(exc, answered=response is not None, data=data)
             raise self._fail(call, status, message, kind, sent=sent, cause=exc) from None
@@ -596,7 +599,7 @@ class Adapter:
                 method, self.upstream_url(url), headers, data, self._limits, fixed, call.answer_by
             )
         except ExchangeError as exc:
-            if exc.kind in ("busy", "timeout") and _cut_short(call):
+            if exc.given is not None and call.fair_wait is not None and exc.given < call.fair_wait:
                 raise self._cut_short(call) from None
             if exc.kind == "busy":
                 raise self._busy(call) from None
@@ -675,7 +678,7 @@ class Adapter:
         return upstream_busy("connections")
 
     def _cut_short(self, call: Call) -> UpstreamError:
-        """A call cut short by a deadline it shared (:attr:`Call.shared_deadline`): the video keeps
+        """A call cut short by its caller's time (:attr:`Call.fair_wait`): the video keeps
         its last known state, and the provider's health and errors hear nothing of it."""
         log.info(
             "upstream_call_cut_short",
@@ -846,39 +849,55 @@ def _reset_of(upstream: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
     return getattr(upstream, "closing", None)
 
 
-def _cut_short(call: Call) -> bool:
-    """Whether a call that timed out was cut short by a deadline it shared (:attr:`Call.shared_deadline`)."""
-    return (
-        call.shared_deadline
-        and call.answer_by is not None
-        and asyncio.get_running_loop().time() >= call.answer_by
-    )
+class _CallTrace:
+    """What aiohttp's own trace (:data:`_CALL_TRACE`) tells of one call on the session, in the event
+    loop's time: how long it queued for one of the pool's connections (``max_connections`` all in
+    use), and when its request went out."""
 
-
-class _QueueWait:
-    """Whether a call on the aiohttp session is waiting for one of the pool's connections to come
-    free (``max_connections`` all in use): a connect timeout then is the gateway's queue, not the
-    provider's. Set by :data:`_QUEUE_TRACE`, aiohttp's own account of its pool."""
-
-    __slots__ = ("waiting",)
+    __slots__ = ("dequeued_at", "queued_at", "sent_at")
 
     def __init__(self) -> None:
-        self.waiting = False
+        self.queued_at: float | None = None
+        self.dequeued_at: float | None = None
+        self.sent_at: float | None = None
+
+    def queued_out(self, connect: float) -> bool:
+        """Whether the gateway's queue took at least half of the ``connect`` timeout: a connect
+        timeout then is the queue's, not the provider's."""
+        if self.queued_at is None:
+            return False
+        until = self.dequeued_at if self.dequeued_at is not None else asyncio.get_running_loop().time()
+        return until - self.queued_at >= connect / 2
+
+    def given(self, call: Call) -> float:
+        """How long the provider had the request when ``call.answer_by`` came."""
+        assert call.answer_by is not None
+        return 0.0 if self.sent_at is None else max(0.0, call.answer_by - self.sent_at)
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 async def _queued(session: Any, context: Any, params: Any) -> None:
-    if isinstance(context.trace_request_ctx, _QueueWait):
-        context.trace_request_ctx.waiting = True
+    if isinstance(context.trace_request_ctx, _CallTrace):
+        context.trace_request_ctx.queued_at = _now()
 
 
 async def _dequeued(session: Any, context: Any, params: Any) -> None:
-    if isinstance(context.trace_request_ctx, _QueueWait):
-        context.trace_request_ctx.waiting = False
+    if isinstance(context.trace_request_ctx, _CallTrace):
+        context.trace_request_ctx.dequeued_at = _now()
 
 
-_QUEUE_TRACE = aiohttp.TraceConfig()
-_QUEUE_TRACE.on_connection_queued_start.append(_queued)
-_QUEUE_TRACE.on_connection_queued_end.append(_dequeued)
+async def _sent(session: Any, context: Any, params: Any) -> None:
+    if isinstance(context.trace_request_ctx, _CallTrace):
+        context.trace_request_ctx.sent_at = _now()
+
+
+_CALL_TRACE = aiohttp.TraceConfig()
+_CALL_TRACE.on_connection_queued_start.append(_queued)
+_CALL_TRACE.on_connection_queued_end.append(_dequeued)
+_CALL_TRACE.on_request_headers_sent.append(_sent)
 
 
 def _client_failure(exc: BaseException, body: RequestBody | None) -> ApiError | None:
