@@ -115,6 +115,25 @@ async def test_a_keys_deleted_videos_are_not_read_past_by_its_lists(tmp_path: Pa
         await store.close()
 
 
+async def test_a_full_disk_is_reported_as_such_by_a_write_transaction(tmp_path: Path) -> None:
+    """SQLite ends a transaction itself when the disk is full; rolling it back again raised "cannot
+    rollback - no transaction is active", which hid the real reason from the log and /readyz. The
+    file may not grow here (max_page_count), as on a full disk."""
+    from gateway.store import StoreUnavailable
+
+    store = SQLiteTaskStore(tmp_path / "gw.sqlite3")
+    await store.open()
+    try:
+        (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+        store._db.execute(f"PRAGMA max_page_count={pages}")
+        big = task("video_big")
+        big.video = {"prompt": "x" * 100_000}
+        with pytest.raises(StoreUnavailable, match="full"):
+            await store.add_once(big)
+    finally:
+        await store.close()
+
+
 async def test_the_update_that_lost_the_race_adopts_the_stored_video(pair) -> None:
     a, b = pair
     await a.add(task())
