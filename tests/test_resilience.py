@@ -353,6 +353,37 @@ async def test_no_free_connection_to_the_provider_is_a_busy_503_not_its_failure(
     assert row["consecutive_failures"] == 0 and row["consecutive_read_failures"] == 0, row
 
 
+async def list_through(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    faulty: tuple[FaultyUpstream, str],
+    *,
+    provider: str,
+    consecutive_failures: int,
+    videos: int,
+    behaviour: str,
+) -> tuple[list[str], float, dict[str, Any]]:
+    """A gateway whose provider ``up`` has ``provider`` settings and a 1 s read deadline; ``videos``
+    videos made on its ``primary``, then one list while it behaves as ``behaviour``. The statuses
+    listed, the provider timeouts the list counted, and the deployment's row in /admin/deployments."""
+    fake, url = faulty
+    policy = f"read_deadline_seconds: 1, consecutive_failures: {consecutive_failures}, read_attempts: 1"
+    extra = f"resilience: {{{policy}}}"
+    text = config(tmp_path, url, TWO_TIERS, extra=extra)
+    gw = await start_gateway(text.replace("timeouts: {connect: 1, read: 1, request: 2}", provider, 1))
+    for _ in range(videos):
+        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
+    fake.behaviour["primary"] = behaviour
+    timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
+    before = await sample(gw, timeouts)
+    status, listed = await get(gw, "/v1/videos?limit=20")
+    assert status == 200 and len(listed["data"]) == videos
+    counted = await sample(gw, timeouts) - before
+    _, state = await get(gw, "/admin/deployments", ADMIN)
+    row = {r["deployment"]: r for r in state["deployments"]}["up/primary"]
+    return sorted(v["status"] for v in listed["data"]), counted, row
+
+
 async def test_polls_a_lists_deadline_cuts_short_are_no_failure_of_the_provider(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
@@ -360,20 +391,16 @@ async def test_polls_a_lists_deadline_cuts_short_are_no_failure_of_the_provider(
     time left for show as last known. The polls that deadline cut short, started late in it, were
     counted as the provider's timeouts, so listing many videos of a provider that answers in 0.7 s
     ejected a deployment that never failed."""
-    fake, url = faulty
-    extra = "resilience: {read_deadline_seconds: 1, consecutive_failures: 2, read_attempts: 1}"
-    gw = await start_gateway(config(tmp_path, url, TWO_TIERS, extra=extra))
-    for _ in range(10):
-        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
-    fake.behaviour["primary"] = "delay:0.7"
-    timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
-    before = await sample(gw, timeouts)
-    status, listed = await get(gw, "/v1/videos?limit=20")
-    assert status == 200 and len(listed["data"]) == 10
-    assert sorted(v["status"] for v in listed["data"]) == ["completed"] * 8 + ["queued"] * 2
-    assert await sample(gw, timeouts) == before
-    _, state = await get(gw, "/admin/deployments", ADMIN)
-    row = {r["deployment"]: r for r in state["deployments"]}["up/primary"]
+    statuses, counted, row = await list_through(
+        start_gateway,
+        tmp_path,
+        faulty,
+        provider="timeouts: {connect: 1, read: 1, request: 2}",
+        consecutive_failures=2,
+        videos=10,
+        behaviour="delay:0.7",
+    )
+    assert statuses == ["completed"] * 8 + ["queued"] * 2 and counted == 0
     assert row["state"] == "healthy" and row["consecutive_read_failures"] == 0, row
 
 
@@ -382,22 +409,16 @@ async def test_a_provider_whose_polls_hang_is_still_blamed_through_a_list(
 ) -> None:
     """Only a poll a list's deadline left little time is excused: the first ones, which had the
     whole deadline, count against a provider whose polls hang (its read timeout is longer)."""
-    fake, url = faulty
-    extra = "resilience: {read_deadline_seconds: 1, consecutive_failures: 3, read_attempts: 1}"
-    text = config(tmp_path, url, TWO_TIERS, extra=extra).replace(
-        "timeouts: {connect: 1, read: 1, request: 2}", "timeouts: {connect: 1, read: 5, request: 5}", 1
+    statuses, counted, row = await list_through(
+        start_gateway,
+        tmp_path,
+        faulty,
+        provider="timeouts: {connect: 1, read: 5, request: 5}",
+        consecutive_failures=3,
+        videos=4,
+        behaviour="hang",
     )
-    gw = await start_gateway(text)
-    for _ in range(4):
-        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
-    fake.behaviour["primary"] = "hang"
-    timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
-    before = await sample(gw, timeouts)
-    status, listed = await get(gw, "/v1/videos")
-    assert status == 200 and [v["status"] for v in listed["data"]] == ["queued"] * 4
-    assert await sample(gw, timeouts) == before + 4
-    _, state = await get(gw, "/admin/deployments", ADMIN)
-    row = {r["deployment"]: r for r in state["deployments"]}["up/primary"]
+    assert statuses == ["queued"] * 4 and counted == 4
     assert row["state"] == "ejected" and row["consecutive_read_failures"] == 4, row
 
 
@@ -407,26 +428,17 @@ async def test_polls_the_gateways_own_queue_kept_from_a_lists_deadline_are_not_b
     """Polls of a list that waited for one of the provider's two connections (``max_connections``)
     until little of the list's deadline was left, then were cut short by it, are the gateway's queue,
     not the provider's failure: it answers each poll in 0.4 s."""
-    fake, url = faulty
-    extra = "resilience: {read_deadline_seconds: 1, consecutive_failures: 2, read_attempts: 1}"
-    text = config(tmp_path, url, TWO_TIERS, extra=extra).replace(
-        "timeouts: {connect: 1, read: 1, request: 2}",
-        "max_connections: 2\n    timeouts: {connect: 1, read: 5, request: 5}",
-        1,
+    statuses, counted, row = await list_through(
+        start_gateway,
+        tmp_path,
+        faulty,
+        provider="max_connections: 2\n    timeouts: {connect: 1, read: 5, request: 5}",
+        consecutive_failures=2,
+        videos=8,
+        behaviour="delay:0.4",
     )
-    gw = await start_gateway(text)
-    for _ in range(8):
-        assert (await post(gw, "/v1/videos", json={"prompt": "x", "model": "resilient"}))[0] == 200
-    fake.behaviour["primary"] = "delay:0.4"
-    timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
-    before = await sample(gw, timeouts)
-    status, listed = await get(gw, "/v1/videos?limit=20")
-    assert status == 200 and "completed" in {v["status"] for v in listed["data"]}
-    assert "queued" in {v["status"] for v in listed["data"]}, "some polls had no time left"
-    assert await sample(gw, timeouts) == before
-    _, state = await get(gw, "/admin/deployments", ADMIN)
-    row = {r["deployment"]: r for r in state["deployments"]}["up/primary"]
-    assert row["state"] == "healthy" and row["consecutive_read_failures"] == 0, row
+    assert "completed" in statuses and "queued" in statuses, "some polls had no time left"
+    assert counted == 0 and row["state"] == "healthy" and row["consecutive_read_failures"] == 0, row
 
 
 async def test_ejection_then_probe_and_recovery(
