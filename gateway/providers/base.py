@@ -866,7 +866,7 @@ class _CallTrace:
         timeout then is the queue's, not the provider's."""
         if self.queued_at is None:
             return False
-        until = self.dequeued_at if self.dequeued_at is not None else asyncio.get_running_loop().time()
+        until = self.dequeued_at if self.dequeued_at is not None else _now()
         return until - self.queued_at >= connect / 2
 
     def given(self, call: Call) -> float:
