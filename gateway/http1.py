@@ -270,7 +270,7 @@ class _Connection(asyncio.Protocol):
                 "timeout",
                 "the provider did not answer in time",
                 answered=self._headers_done,
-                given=now - self._sent_at if by_caller else None,
+                given=due - self._sent_at if by_caller else None,
             )
             self._fail(error)
         else:
@@ -338,7 +338,7 @@ class _Pool:
                     "timeout",
                     "timed out connecting to the provider",
                     connecting=True,
-                    given=0.0 if squeezed else None,
+                    given=timeout if squeezed else None,  # the provider had the connect that long
                 ) from None
             if isinstance(exc, OSError):  # its text (an address, a host name) is for the log only
                 raise ExchangeError("connect", "could not connect to the provider", connecting=True) from exc
@@ -487,11 +487,14 @@ class Http1Client:
             reused = conn is not None
             if conn is None:
                 conn, reused = await pool.acquire(limits.connect, start_by)
-                if start_by is not None and loop.time() >= start_by:  # too late to send it now
-                    pool.release(conn, reuse=True)
-                    raise ExchangeError(
-                        "timeout", "timed out connecting to the provider", connecting=True, given=0.0
-                    )
+            if start_by is not None and loop.time() >= start_by:  # its time is gone: never sent late
+                pool.release(conn, reuse=True)
+                raise ExchangeError(
+                    "busy",
+                    "timed out waiting for a free connection to the provider",
+                    connecting=True,
+                    given=0.0,
+                )
             try:
                 answer = await conn.exchange(head, body, limits, deadline, answer_by)
             except ExchangeError as exc:

@@ -533,7 +533,10 @@ class Adapter:
         streaming: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One upstream request, failures mapped to :class:`UpstreamError`; never follows redirects.
-        The answer must begin by ``call.answer_by`` when it is set."""
+        The answer must begin by ``call.answer_by`` when it is set; a request whose time is gone
+        before it leaves is never sent."""
+        if call.answer_by is not None and _now() >= call.answer_by:
+            raise self._cut_short(call) if call.fair_wait is not None else self._busy(call)
         series = self._sending(call)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
@@ -880,8 +883,9 @@ def _now() -> float:
 
 
 async def _queued(session: Any, context: Any, params: Any) -> None:
-    if isinstance(context.trace_request_ctx, _CallTrace):
-        context.trace_request_ctx.queued_at = _now()
+    trace = context.trace_request_ctx
+    if isinstance(trace, _CallTrace) and trace.queued_at is None:  # aiohttp may queue a call again
+        trace.queued_at = _now()
 
 
 async def _dequeued(session: Any, context: Any, params: Any) -> None:
