@@ -893,18 +893,16 @@ _SECRET_PATHS = (
 
 
 def _is_secret_path(path: tuple[Any, ...]) -> bool:
-    return any(
-        len(path) == len(secret) and all(want in ("*", part) for part, want in zip(path, secret, strict=True))
-        for secret in _SECRET_PATHS
-    )
+    return any(len(path) == len(secret) and _along(path, secret) for secret in _SECRET_PATHS)
 
 
 def _may_hold_secret(path: tuple[Any, ...]) -> bool:
-    return any(
-        len(path) <= len(secret)
-        and all(want in ("*", part) for part, want in zip(path, secret, strict=False))
-        for secret in _SECRET_PATHS
-    )
+    return any(len(path) <= len(secret) and _along(path, secret) for secret in _SECRET_PATHS)
+
+
+def _along(path: tuple[Any, ...], secret: tuple[str, ...]) -> bool:
+    """Whether ``path`` follows ``secret`` as far as it goes."""
+    return all(want in ("*", part) for part, want in zip(path, secret, strict=False))
 
 
 _KINDS = {

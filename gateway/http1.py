@@ -487,7 +487,8 @@ class Http1Client:
             reused = conn is not None
             if conn is None:
                 conn, reused = await pool.acquire(limits.connect, start_by)
-            if start_by is not None and loop.time() >= start_by:  # its time is gone: never sent late
+                now = loop.time()
+            if start_by is not None and now >= start_by:  # its time is gone: never sent late
                 pool.release(conn, reuse=True)
                 raise ExchangeError(
                     "busy",
