@@ -494,40 +494,42 @@ def gateway_process(tmp_path: Path, faulty: tuple[FaultyUpstream, str]) -> Any:
             process.wait()
 
 
+async def slow_form(sent: asyncio.Event, *, pieces: int, pause: float) -> AsyncIterator[bytes]:
+    """A create's form for model ``m`` whose prompt arrives in ``pieces`` pieces ``pause`` seconds
+    apart; ``sent`` is set once the model and the prompt's start are on their way."""
+    yield b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
+    yield b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nslow'
+    sent.set()
+    for _ in range(pieces):
+        await asyncio.sleep(pause)
+        yield b" upload"
+    yield b"\r\n--b--\r\n"
+
+
+async def post_form(url: str, form: AsyncIterator[bytes]) -> tuple[int, dict[str, str], bytes]:
+    """POST ``form`` as a create to the gateway at ``url``: the status, headers and raw body."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url + "/v1/videos", data=form, headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
+        ) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
 async def test_sigterm_drains_an_upload_in_flight(gateway_process: Any) -> None:
     process, port = gateway_process("")
     url = f"http://127.0.0.1:{port}"
     await wait_healthy(url + "/healthz", process)
     sent = asyncio.Event()
-
-    async def slow_body() -> AsyncIterator[bytes]:
-        yield b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
-        yield b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nslow'
-        sent.set()
-        for _ in range(10):
-            await asyncio.sleep(0.2)
-            yield b" upload"
-        yield b"\r\n--b--\r\n"
-
-    async def upload() -> int:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                url + "/v1/videos",
-                data=slow_body(),
-                headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"},
-            ) as response,
-        ):
-            return response.status
-
-    task = asyncio.create_task(upload())
+    task = asyncio.create_task(post_form(url, slow_form(sent, pieces=10, pause=0.2)))
     await sent.wait()
     await asyncio.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
     async with aiohttp.ClientSession() as session, session.get(url + "/readyz") as response:
         assert response.status == 503
-    status = await task
+    status, _, _ = await task
     code = await asyncio.to_thread(process.wait, 15)
     output = process.stdout.read().decode() if process.stdout else ""
     assert status == 200, f"the upload in flight completed\n{output}"
@@ -547,31 +549,11 @@ async def test_an_upload_the_drain_cuts_off_may_be_sent_again(
     url = f"http://127.0.0.1:{port}"
     await wait_healthy(url + "/healthz", process)
     sent = asyncio.Event()
-
-    async def endless_body() -> AsyncIterator[bytes]:
-        yield b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n'
-        yield b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nslow'
-        sent.set()
-        for _ in range(100):
-            await asyncio.sleep(0.1)
-            yield b" upload"
-        yield b"\r\n--b--\r\n"
-
-    async def upload() -> tuple[int, dict[str, str], Any]:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                url + "/v1/videos",
-                data=endless_body(),
-                headers={**AUTH, "Content-Type": "multipart/form-data; boundary=b"},
-            ) as response,
-        ):
-            return response.status, dict(response.headers), await response.json()
-
-    task = asyncio.create_task(upload())
+    task = asyncio.create_task(post_form(url, slow_form(sent, pieces=100, pause=0.1)))
     await sent.wait()
     process.send_signal(signal.SIGTERM)
-    status, headers, body = await asyncio.wait_for(task, 15)
+    status, headers, raw = await asyncio.wait_for(task, 15)
+    body = json.loads(raw)
     code = await asyncio.to_thread(process.wait, 15)
     output = process.stdout.read().decode() if process.stdout else ""
     assert status == 503 and body["error"]["code"] == "shutting_down", (body, output)
