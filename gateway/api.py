@@ -150,8 +150,12 @@ def _seed(body: RequestBody) -> dict[str, Any]:
 
 def _may_fail_over(exc: ApiError) -> bool:
     """Refused without taking the job: nothing connected, nothing sent, or a clear no (5xx, 429, a full
-    bulkhead, an exhausted account or a rejected key: another deployment may well take it)."""
+    bulkhead, an exhausted account or a rejected key: another deployment may well take it), or the
+    deployment's own adapter refused what was asked (a size or duration its provider does not make:
+    one of another kind may)."""
     if exc.code in ("upstream_busy", "insufficient_quota", "upstream_auth_failed"):
+        return True
+    if _refused_here(exc):
         return True
     if not isinstance(exc, UpstreamError):
         return False
@@ -161,6 +165,11 @@ def _may_fail_over(exc: ApiError) -> bool:
         or (exc.kind == "5xx" and exc.upstream_status not in _FRONT_TIMEOUTS and not _said_unsure(exc))
         or exc.status == 429
     )
+
+
+def _refused_here(exc: ApiError) -> bool:
+    """A 400 the adapter raised from the request itself, before its provider had a word."""
+    return exc.status == 400 and not isinstance(exc, UpstreamError)
 
 
 def _retryable_read(exc: ApiError) -> bool:
@@ -185,19 +194,22 @@ async def _start(
     candidates = table.candidates(model)
     if len(candidates) > 1:
         await body.make_replayable()
+    # When none takes it: a deployment that failed may take the same request later, so its error is
+    # the answer; the first refusal of the request itself only when every deployment refused it.
     last: ApiError | None = None
+    refusal: ApiError | None = None
     for attempt, deployment in enumerate(candidates, 1):
         if not table.health.claim(deployment.name):
             continue
         probe = table.health.probing(deployment.name)  # this create probes it, back from an ejection
         call: Call | None = None
         try:
-            with gw.bulkheads.enter(deployment, "uploads"), gw.bulkheads.enter(deployment, "requests"):
+            with gw.bulkheads.enter_create(deployment):
                 call = _changing_call(request, deployment, name)
                 result = await operation(table.adapter(deployment.provider), call)
         except ApiError as exc:
             more = attempt < len(candidates) and body.replayable
-            log.warning(
+            (log.info if _refused_here(exc) else log.warning)(
                 "create_attempt_failed",
                 request_id=ctx.request_id,
                 model=model,
@@ -208,9 +220,14 @@ async def _start(
                 failing_over=more and _may_fail_over(exc),
             )
             if not (more and _may_fail_over(exc)):
+                if _refused_here(exc) and (last or refusal):
+                    raise (last or refusal) from None
                 raise
             FAILOVERS.labels(model).inc()
-            last = exc
+            if not _refused_here(exc):
+                last = exc
+            elif refusal is None:
+                refusal = exc
             continue
         finally:
             if probe and (call is None or not call.reported):
@@ -223,12 +240,16 @@ async def _start(
             attempts=attempt,
         )
         return deployment, result
-    raise last or ApiError(
-        503,
-        f"No deployment of '{model}' can take requests now.",
-        type="server_error",
-        code="no_deployment_available",
-        headers={"Retry-After": "1"},
+    raise (
+        last
+        or refusal
+        or ApiError(
+            503,
+            f"No deployment of '{model}' can take requests now.",
+            type="server_error",
+            code="no_deployment_available",
+            headers={"Retry-After": "1"},
+        )
     )
 
 
@@ -736,7 +757,7 @@ async def remix_video(request: web.Request) -> web.Response:
         _check_types(body)
         deployment, adapter = _deployment_of(table, source)
         async with _admit(request):
-            with ctx.gateway.bulkheads.enter(deployment, "uploads"):
+            with ctx.gateway.bulkheads.enter_create(deployment):
                 async with _source_gone(request, source, "video_id"):
                     call = _changing_call(request, deployment, "remix")
                     upstream = await adapter.remix(call, source, body)
@@ -836,7 +857,7 @@ async def _from_video(
         async with _admit(request):
             if source is not None:
                 deployment, adapter = _deployment_of(table, source)
-                with gw.bulkheads.enter(deployment, "uploads"):
+                with gw.bulkheads.enter_create(deployment):
                     async with _source_gone(request, source, "video"):
                         call = _changing_call(request, deployment, name)
                         upstream = await operation(adapter, call, source, body)

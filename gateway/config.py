@@ -159,7 +159,11 @@ _DEPLOYMENT_SCHEMA = {
         "weight": {"type": "number", "exclusiveMinimum": 0, "default": 1},
         "priority": {"type": "integer", "default": 0, "description": "Lower tiers are tried first."},
         "max_concurrent_requests": {"type": "integer", "minimum": 1, "description": "Bulkhead: open calls."},
-        "max_concurrent_uploads": {"type": "integer", "minimum": 1, "description": "Bulkhead: open creates."},
+        "max_concurrent_uploads": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "Bulkhead: open calls that make a video or character (all but reads and deletes).",
+        },
     },
 }
 

@@ -11,8 +11,8 @@ Bulkheads are counted in each worker process, each worker holding its share of t
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from prometheus_client import Counter
 
@@ -97,7 +97,8 @@ async def settle(store: TaskStore, key: ClientKey, admission: Admission | None) 
 
 
 class Bulkheads:
-    """Per-deployment caps on concurrent upstream calls and on concurrent uploads (creates).
+    """Per-deployment caps on concurrent upstream calls and on concurrent uploads (the calls that make
+    a video or character).
 
     With several worker processes each holds an equal share of a cap (rounded up), as nginx's
     per-worker limits do: the kernel spreads connections evenly across workers.
@@ -118,6 +119,13 @@ class Bulkheads:
             raise upstream_busy(kind)
         self._open[key] = held + 1
         return _Slot(self._open, key)
+
+    @contextmanager
+    def enter_create(self, deployment: Deployment) -> Iterator[None]:
+        """What a call that makes a video or character (a create, remix, edit or extension) holds: an
+        upload slot and, as every call to the deployment, a request slot."""
+        with self.enter(deployment, "uploads"), self.enter(deployment, "requests"):
+            yield
 
     def open(self, deployment: str, kind: str) -> int:
         return self._open.get((deployment, kind), 0)

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge
 from gateway import metrics
 from gateway.api import FAILOVERS, READ_RETRIES
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.health import EJECTED, EJECTIONS
+from gateway.health import EJECTED, EJECTIONS, HealthBoard
 from gateway.limits import BULKHEAD_REJECTED, RATE_LIMITED
 from gateway.logs import log, register_secrets, set_level
 from gateway.providers import ADAPTERS, Adapter
@@ -70,7 +70,7 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
         elif name not in adapters:  # its videos still reach it through the new table (retired)
             asyncio.get_running_loop().create_task(adapter.close_when_idle())
     changed = {name for name, adapter in adapters.items() if name in old and old[name] is not adapter}
-    gw.health.forget(_fresh_starts(config, previous, changed))
+    gw.health.forget(_fresh_starts(config, previous, changed, gw.health))
     retired = {name: adapter for name, adapter in old.items() if name not in adapters}
     _prime_resilience(config)
     metrics.prime(
@@ -82,11 +82,16 @@ async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable
     return RoutingTable(config, adapters, gw.health, retired)
 
 
-def _fresh_starts(config: GatewayConfig, previous: RoutingTable | None, changed: set[str]) -> set[str]:
+def _fresh_starts(
+    config: GatewayConfig, previous: RoutingTable | None, changed: set[str], health: HealthBoard
+) -> set[str]:
     """The deployments whose health record no longer describes them: those on a provider whose
     settings ``changed``, those a reload points at another provider or upstream model (the record
     is the old target's; that target's videos poll as ``name@provider``), and those it removes (so
-    that none stays ejected, in the gauge too, for a deployment no create can reach)."""
+    that none stays ejected, in the gauge too, for a deployment no create can reach). And those of a
+    model the reload left with no deployment that can take a create (the healthy ones removed): a
+    model's last deployment is never ejected, or its creates would all be refused until the
+    ejection ran out."""
     now = {d.name: d for ds in config.models.values() for d in ds}
     before = previous.deployments if previous is not None else {}
     moved = {
@@ -94,7 +99,14 @@ def _fresh_starts(config: GatewayConfig, previous: RoutingTable | None, changed:
         for name, d in before.items()
         if name not in now or (now[name].provider, now[name].upstream_model) != (d.provider, d.upstream_model)
     }
-    return moved | {name for name, d in now.items() if d.provider in changed}
+    fresh = moved | {name for name, d in now.items() if d.provider in changed}
+    stranded = {
+        d.name
+        for ds in config.models.values()
+        if not any(d.name in fresh or health.eligible(d.name) for d in ds)
+        for d in ds
+    }
+    return fresh | stranded
 
 
 async def _start_adapters(

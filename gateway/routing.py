@@ -53,10 +53,9 @@ class RoutingTable:
         """Deployments to try for a create, best first.
 
         Priority tiers in ascending order; within a tier, a weighted random order. Ejected
-        deployments are left out, unless nothing else is left.
+        deployments are left out (a model's last available one never is ejected).
         """
-        deployments = self.models[model]
-        eligible = [d for d in deployments if self.health.eligible(d.name)] or list(deployments)
+        eligible = [d for d in self.models[model] if self.health.eligible(d.name)]
         ordered: list[Deployment] = []
         for tier in sorted({d.priority for d in eligible}):
             pool = [d for d in eligible if d.priority == tier]

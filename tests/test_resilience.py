@@ -14,8 +14,20 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import ALPHA_KEY, BETA_KEY, ENV, RunningGateway, StartGateway, call, load
+from tests.conftest import (
+    ALPHA_KEY,
+    BETA_KEY,
+    ENV,
+    UPSTREAM_KEY,
+    RunningGateway,
+    StartGateway,
+    call,
+    gateway_yaml,
+    load,
+)
 from tests.fakes.faulty_upstream import FaultyUpstream
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
+from tests.fakes.veo_gemini import FakeVeoGemini
 from tests.test_errors import closed_port
 
 AUTH = {"Authorization": f"Bearer {ALPHA_KEY}"}
@@ -670,6 +682,101 @@ async def test_bulkhead_sheds_with_retry_after(
     assert (await first)[0] == 200
 
 
+async def test_a_model_of_mixed_kinds_serves_what_any_of_its_deployments_makes(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any, media: dict[str, Path]
+) -> None:
+    """Each deployment's adapter checks ``size`` and ``seconds`` against its own provider. Its 400
+    was final: of a model served by Veo and by the local renderer, the same create was made or
+    refused as the weighted pick fell (half of them refused a size the renderer makes). A refusal now
+    hands the create on; the client hears a 400 only when every deployment refused it, and a
+    deployment's failure (which may pass) before another's refusal."""
+    veo = FakeVeoGemini(api_key=UPSTREAM_KEY, video=media["video"])
+    veo_url = str((await aiohttp_server(veo.app())).make_url("")).rstrip("/")
+    gw = await start_gateway(
+        textwrap.dedent(f"""
+        data_dir: {tmp_path}
+        keys:
+          - name: alpha
+            key: ${{ALPHA_KEY}}
+        providers:
+          veo:
+            kind: veo
+            base_url: {veo_url}
+            api_key: ${{UPSTREAM_KEY}}
+          veo-down:
+            kind: veo
+            base_url: http://127.0.0.1:{closed_port()}
+            api_key: ${{UPSTREAM_KEY}}
+            timeouts: {{connect: 1, read: 1, request: 2}}
+          local:
+            kind: local
+            options: {{queue_seconds: 0.2, run_seconds: 30}}
+        models:
+          mixed:
+            - {{provider: veo, model: veo-3.1-generate-preview}}
+            - {{provider: local}}
+          veo-either:
+            - {{provider: veo-down, model: veo-3.1-generate-preview}}
+            - {{provider: veo, model: veo-2.0-generate-001}}
+    """)
+    )
+    for _ in range(8):  # Veo makes no 1792x1024; the renderer does
+        status, _, video = await call(
+            gw, "POST", "/v1/videos", json={"model": "mixed", "prompt": "x", "size": "1792x1024"}
+        )
+        assert status == 200 and video["size"] == "1792x1024", video
+    status, _, refused = await call(
+        gw, "POST", "/v1/videos", json={"model": "mixed", "prompt": "x", "size": "4000x4000"}
+    )
+    assert status == 400 and refused["error"]["param"] == "size", refused
+    assert veo.creates == []
+    # 1080p is Veo 3.1's, which cannot be reached now, and not Veo 2's: the client hears the failure
+    for _ in range(4):
+        status, _, failed = await call(
+            gw,
+            "POST",
+            "/v1/videos",
+            json={"model": "veo-either", "prompt": "x", "size": "1920x1080", "seconds": "8"},
+        )
+        assert status == 502 and "connect" in failed["error"]["message"], failed
+    assert veo.creates == []
+
+
+async def test_remixes_edits_and_extensions_hold_a_request_slot_of_their_deployment(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """``max_concurrent_requests`` caps every call a deployment is sent at once. A remix, edit or
+    extension of a video the gateway has held only an upload slot, so any number of them reached a
+    provider capped at one call (four at once), to be refused there and counted against it."""
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url)
+    gw = await start_gateway(
+        text.replace("model: upstream-sora", "model: upstream-sora\n    max_concurrent_requests: 1")
+    )
+    status, _, source = await call(
+        gw, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "source"}
+    )
+    assert status == 200
+    attempts = {
+        "remix": (f"/v1/videos/{source['id']}/remix", {"prompt": "again [slow]"}),
+        "edits": ("/v1/videos/edits", {"prompt": "edit [slow]", "video": {"id": source["id"]}}),
+        "extensions": (
+            "/v1/videos/extensions",
+            {"prompt": "more [slow]", "seconds": "4", "video": {"id": source["id"]}},
+        ),
+    }
+    for route, (path, body) in attempts.items():
+        sent_before = len(fake.requests("POST", "/v1/videos"))
+        answers = await asyncio.gather(*(call(gw, "POST", path, json=body) for _ in range(3)))
+        statuses = sorted(status for status, _, _ in answers)
+        assert statuses == [200, 503, 503], route
+        refused = [answer for status, _, answer in answers if status == 503]
+        assert all(answer["error"]["code"] == "upstream_busy" for answer in refused), route
+        assert len(fake.requests("POST", "/v1/videos")) - sent_before == 1, route
+    status, _, _ = await call(gw, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "after"})
+    assert status == 200, "every slot was given back"
+
+
 async def test_per_key_limits_spare_polls(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:
@@ -790,7 +897,8 @@ async def test_in_progress_cap_survives_a_restart(
 
 
 def test_which_refusals_fail_over() -> None:
-    """Refusals that say nothing was created, and another deployment may succeed, fail over."""
+    """Refusals that say nothing was created, and another deployment may succeed, fail over; a
+    provider's refusal of the request (400) does not."""
     from gateway.api import _may_fail_over
     from gateway.errors import ApiError, UpstreamError
 
@@ -809,7 +917,9 @@ def test_which_refusals_fail_over() -> None:
     assert _may_fail_over(refusal(502, "5xx", answered=500))
     assert _may_fail_over(refusal(502, "5xx", answered=502))
     assert not _may_fail_over(refusal(502, "5xx", answered=504))  # its front timed out: made, perhaps
-    assert not _may_fail_over(ApiError(400, "bad", code="invalid_value"))
+    # the deployment's own adapter refused the request: a deployment of another kind may take it
+    assert _may_fail_over(ApiError(400, "bad", code="unsupported_value"))
+    assert not _may_fail_over(ApiError(409, "not yet", code="video_not_ready"))
 
 
 async def test_the_overhead_header_counts_no_time_spent_waiting_on_providers(
@@ -986,6 +1096,43 @@ async def test_a_deployment_a_reload_points_elsewhere_or_removes_starts_afresh(
     assert await ejected() == 1
     await reload("")  # main removed
     assert await ejected() == 0, "no deployment of that name is left to be ejected"
+
+
+async def test_a_reload_that_leaves_a_model_only_ejected_deployments_puts_them_back(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    faulty: tuple[FaultyUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model's last available deployment is never ejected, but a reload that removed the healthy
+    one left the ejected one alone in its model: every create was refused (503
+    no_deployment_available) until its ejection ran out, though its provider had recovered."""
+    fake, url = faulty
+    for name, value in ENV.items():  # a reload reads ${ENV} from the real environment
+        monkeypatch.setenv(name, value)
+    extra = "resilience: {consecutive_failures: 1, base_ejection_seconds: 60}"
+    path = tmp_path / "gateway.yaml"
+    lone = "- {provider: up, model: primary, name: lone}"
+    gauge = 'gateway_deployment_ejected{deployment="lone"}'
+    path.write_text(
+        config(tmp_path, url, f"m:\n  {lone}\n  - {{provider: up, model: secondary}}\n", extra=extra)
+    )
+    gw = await start_gateway(load(path.read_text()), config_path=path)
+    fake.behaviour["primary"] = "status:500"
+    for _ in range(40):  # each create picks "lone" first half the time
+        status, _, answer = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
+        assert status == 200, answer  # from secondary, at once or after failing over
+        if fake.hits_for("primary"):
+            break
+    assert await sample(gw, gauge) == 1
+    fake.behaviour["primary"] = "ok"  # the provider recovered
+
+    path.write_text(config(tmp_path, url, f"m:\n  {lone}\n", extra=extra))
+    status, _, answer = await post(gw, "/admin/reload", headers=ADMIN)
+    assert status == 200 and answer["reloaded"] is True, answer
+    status, _, answer = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 200, answer
+    assert len(fake.hits_for("primary")) == 2 and await sample(gw, gauge) == 0
 
 
 async def test_an_answer_the_gateway_cannot_use_counts_as_an_upstream_error(

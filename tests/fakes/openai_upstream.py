@@ -19,8 +19,8 @@ Behaviour is steered by the prompt, as a test would: ``[429]``, ``[400]``, ``[50
 (it starts with an error event quoting the provider's key and a signed URL), ``[fail leaky]`` (the
 job fails with a message quoting the key), ``[cut stream]``
 (a streamed create's connection drops after its first event), ``[slow]`` (the
-job is made at once, as a provider makes it on reading the request, but the create's answer (a stream
-too) and a delete's come :data:`SLOW_SECONDS` later).
+job is made at once, as a provider makes it on reading the request, but the answer to its create (a
+stream too), remix, edit, extension or delete comes :data:`SLOW_SECONDS` later).
 Jobs move queued → in_progress → completed, one step per retrieve.
 
 A job whose prompt has ``[unreadable]`` answers its retrieves and deletes 500, in the error
@@ -308,6 +308,7 @@ class FakeOpenAIUpstream:
             return _error(status, message, "invalid_request_error", None, "not_found")
         fields = await self._fields(request)
         job = self._new_job({**source, "prompt": fields.get("prompt")}, remixed_from=source["id"])
+        await self._slow(job)
         return web.json_response(job)
 
     async def edit(self, request: web.Request) -> web.Response:
@@ -320,9 +321,9 @@ class FakeOpenAIUpstream:
         source_id = (ref or {}).get("id") or fields.get("video[id]")
         if isinstance(source_id, str) and source_id not in self.jobs:
             return _error(404, "Video not found.", "invalid_request_error", "video", "not_found")
-        return web.json_response(
-            self._new_job({"prompt": fields.get("prompt"), "seconds": fields.get("seconds", 4)})
-        )
+        job = self._new_job({"prompt": fields.get("prompt"), "seconds": fields.get("seconds", 4)})
+        await self._slow(job)
+        return web.json_response(job)
 
     async def create_character(self, request: web.Request) -> web.Response:
         fields = await self._fields(request)
