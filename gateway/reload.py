@@ -12,6 +12,7 @@ names keeps its old value until a restart, and a reload that changes it says so 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Coroutine
@@ -217,16 +218,23 @@ class Reloader:
             return False, ["the gateway was started without a config file"]
         async with self._lock:
             self._fingerprint = await asyncio.to_thread(self._read_fingerprint)
+            current = self._gw.table.config
             try:
                 config = await asyncio.to_thread(load_config, self._path)
+                ignored = self._needs_restart(config, current)
+                # What only a restart changes stays as the process runs it, for every reader of the
+                # table's config: adapters started by this reload keep their files in the data_dir
+                # the store is in.
+                config = dataclasses.replace(
+                    config, **{name: getattr(current, name) for name in RESTART_ONLY}
+                )
                 table = await build_table(config, self._gw, self._gw.table)
             except ConfigError as exc:  # the file, or an adapter that cannot start with it
                 self._rejected(reason, exc.problems)
                 return False, exc.problems
-            ignored = self._needs_restart(config, self._gw.table.config)
             if ignored:
                 log.warning("config_reload_needs_restart", settings=ignored)
-            self._apply_process_settings(config, self._gw.table.config)
+            self._apply_process_settings(config, current)
             self._gw.table = table
             RELOADS.labels("success").inc()
             LAST_SUCCESS.set(time.time())

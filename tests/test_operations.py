@@ -370,6 +370,30 @@ async def test_reload_names_the_settings_that_need_a_restart(
     assert entry["settings"] == ["server.port", "logging.format"]
 
 
+async def test_a_reload_that_changes_data_dir_moves_no_provider_s_files(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """``data_dir`` takes a restart (the store stays where it opened), but a provider restarted by
+    the same reload started in the new one: the local renderer's finished videos could no longer be
+    downloaded, and its unfinished ones were lost."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    admin = "admin: {key: admin-key-0123}"
+    gw, path = await start_from_file(start_gateway, tmp_path, gateway_yaml(first, extra=admin))
+    client = gw.sdk()
+    video = await client.videos.create_and_poll(prompt="kept where it was made", size="320x240", seconds="1")
+    assert video.status == "completed"
+
+    await reload_to(
+        gw, path, gateway_yaml(second, extra=admin).replace("run_seconds: 0.4", "run_seconds: 0.3")
+    )
+    content = await client.videos.download_content(video.id)
+    assert content.content[4:8] == b"ftyp", "an MP4, from where the renderer made it"
+    later = await client.videos.create_and_poll(prompt="made after the reload", size="320x240", seconds="1")
+    assert later.status == "completed"
+    assert (await client.videos.download_content(later.id)).content[4:8] == b"ftyp"
+    assert not second.exists(), "nothing goes to a data_dir the process has not opened"
+
+
 async def test_reload_can_turn_the_file_watch_off(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

@@ -115,6 +115,17 @@ async def test_image_is_sent_inline_and_urls_are_refused(
     assert len(fake.creates) == 1
 
 
+async def test_an_empty_size_or_a_zero_duration_is_refused_not_taken_for_the_default(
+    gw: RunningGateway, gemini: tuple[FakeVeoGemini, str]
+) -> None:
+    """A value the client sent is checked as sent: ``seconds: 0`` made an 8-second video and
+    ``size: ""`` a 1280x720 one, where the local provider answers 400 (nothing is snapped silently)."""
+    await assert_refused(gw, {"prompt": "x", "model": "veo", "seconds": 0}, status=400, param="seconds")
+    await assert_refused(gw, {"prompt": "x", "model": "veo", "seconds": ""}, status=400, param="seconds")
+    await assert_refused(gw, {"prompt": "x", "model": "veo", "size": ""}, status=400, param="size")
+    assert gemini[0].creates == []
+
+
 async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningGateway) -> None:
     await assert_refused(
         gw,

@@ -277,11 +277,14 @@ class NativeAdapter(Adapter):
             or bool(body.get("input_reference"))
             or body.get_object("input_reference") is not None  # input_reference[image_url] fields
         )
-        asked_seconds = body.get("seconds")
-        size = str(
-            body.get("size")
-            or spec.size_when_unnamed(None if asked_seconds is None else str(asked_seconds), image=has_image)
-        )
+        # A value the client sent is checked as sent: "" or 0 is refused, not taken for a default.
+        asked_size, asked_seconds = body.get("size"), body.get("seconds")
+        if asked_size is not None:
+            size = str(asked_size)
+        else:
+            size = spec.size_when_unnamed(
+                None if asked_seconds is None else str(asked_seconds), image=has_image
+            )
         if size not in spec.sizes:
             raise bad_request(
                 f"size '{size}' is not supported by model '{call.deployment.model}'; "
@@ -289,7 +292,11 @@ class NativeAdapter(Adapter):
                 param="size",
                 code="unsupported_value",
             )
-        seconds = str(asked_seconds or spec.seconds_when_unnamed(size, image=has_image))
+        seconds = (
+            str(asked_seconds)
+            if asked_seconds is not None
+            else spec.seconds_when_unnamed(size, image=has_image)
+        )
         if seconds not in spec.seconds:
             raise bad_request(
                 f"seconds '{seconds}' is not supported by model '{call.deployment.model}'; "
