@@ -173,8 +173,11 @@ def _refused_here(exc: ApiError) -> bool:
 
 
 def _retryable_read(exc: ApiError) -> bool:
+    """A connection that failed or timed out opening (a dropped SYN: nothing sent), or a 502/503/504."""
     return isinstance(exc, UpstreamError) and (
-        exc.kind == "connect" or (exc.kind == "5xx" and exc.upstream_status in (502, 503, 504))
+        exc.kind == "connect"
+        or (exc.kind == "timeout" and not exc.sent)
+        or (exc.kind == "5xx" and exc.upstream_status in (502, 503, 504))
     )
 
 

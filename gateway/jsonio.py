@@ -1,7 +1,8 @@
 """JSON on the hot path: orjson, several times faster than the standard library at both ends.
 
-Every answer the gateway writes, every provider answer and every client body it reads passes through
-here. orjson refuses integers beyond 64 bits when writing; those (rare, provider-supplied) go through
+The videos and lists the gateway answers with, every provider answer and every client body it reads
+pass through here; the rarer answers (error envelopes, streamed events, the admin's) use the standard
+library. orjson refuses integers beyond 64 bits when writing; those (rare, provider-supplied) go through
 the standard library instead, so nothing that ``json`` can write is refused.
 """
 

@@ -264,8 +264,8 @@ class SQLiteTaskStore:
     Several processes (the workers of one gateway, or a gateway and its restarted self) may share
     the file. Each keeps a cache of recent tasks so that a poll of a known video needs no database
     round trip; :class:`DeleteEpoch` keeps those caches from outliving a delete made elsewhere, and
-    an update that lost a race adopts what the database holds. Callers get copies, never the cached
-    object.
+    an update that lost a race adopts what the database holds. Callers share the cached object:
+    they change a task only through the store.
     """
 
     # A write waiting longer than this (for another process's lock, a stalled disk) makes /readyz 503.

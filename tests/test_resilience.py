@@ -632,6 +632,39 @@ async def test_reads_retry_the_same_deployment(
     assert fake.retrieves[list(fake.jobs)[-1]] == 3, "three attempts, then the error is passed on"
 
 
+async def test_a_read_whose_connect_timed_out_is_retried(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads retry connection failures, but a connect that timed out (a SYN dropped on the way, the
+    usual case of a lost connection attempt) failed the poll at once, though nothing had been sent."""
+    fake = FaultyUpstream()
+    server = await aiohttp_server(fake.app(), keepalive_timeout=0.05)  # no idle connection stays
+    url = str(server.make_url("")).rstrip("/")
+    text = config(
+        tmp_path, url, "m:\n  - {provider: up, model: steady}\n", extra="resilience: {backoff_seconds: 0.01}"
+    )
+    gw = await start_gateway(text.replace("timeouts: {connect: 1,", "timeouts: {connect: 0.2,", 1))
+    status, _, video = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 200, video
+    await asyncio.sleep(0.3)  # the provider closed the create's connection: the poll opens one
+
+    loop = asyncio.get_running_loop()
+    connect = loop.create_connection
+    attempts = []
+
+    async def first_connect_lost(*args: Any, **kwargs: Any) -> Any:
+        if server.port in (*args, kwargs.get("port")):  # the gateway's, to the provider
+            attempts.append(args)
+            if len(attempts) == 1:
+                await asyncio.sleep(5)  # its SYN is never answered
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "create_connection", first_connect_lost)
+    status, body = await get(gw, f"/v1/videos/{video['id']}")
+    assert status == 200 and body["id"] == video["id"], body
+    assert len(attempts) == 2 and len(fake.hits_for("steady", "GET")) == 1
+
+
 async def test_a_hung_provider_holds_a_poll_for_the_read_deadline_and_a_list_shows_what_is_known(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

@@ -100,8 +100,8 @@ class AdapterEnv:
 class FileAnswer(web.FileResponse):
     """A file with Range support whose ``prepare`` may be called twice.
 
-    The gateway's middleware sends answers itself so metrics see every byte; aiohttp then calls
-    ``prepare`` again, which the stock FileResponse does not allow.
+    The gateway's envelope sends answers itself (``app._send``) so metrics see every byte; aiohttp then
+    calls ``prepare`` again, which the stock FileResponse does not allow.
 
     Ranges follow RFC 9110 §14.2 where aiohttp's answer an empty 416: a Range header this gateway
     ignores (see :func:`byte_range`) gets the whole file, and an unsatisfiable one the error envelope.
