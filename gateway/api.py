@@ -26,6 +26,7 @@ from gateway.errors import (
     UpstreamError,
     bad_request,
     expired_result,
+    model_not_found,
     store_unavailable,
     video_not_found,
 )
@@ -35,11 +36,18 @@ from gateway.providers.base import Adapter, Call, EventStream, UpstreamVideo
 from gateway.routing import RoutingTable
 from gateway.state import Gateway, gateway
 from gateway.store import StoreUnavailable, Task
-from gateway.videos import MAX_PROMPT_CHARS, build_video, is_terminal, new_character_id, new_video_id
+from gateway.videos import (
+    MAX_PROMPT_CHARS,
+    VARIANTS,
+    build_video,
+    is_terminal,
+    new_character_id,
+    new_video_id,
+    prompt_too_long,
+)
 
 T = TypeVar("T")
 
-VARIANTS = ("video", "thumbnail", "spritesheet")
 LIST_DEFAULT_LIMIT = 20
 # ASCII digits only (str.isdigit() takes "²" and "５", which int() then refuses or reads), 1 to 100:
 # a page of 0 could not say where the next one starts, and last_id must be set whenever has_more is.
@@ -133,7 +141,7 @@ def _check_types(body: RequestBody) -> None:
     if prompt is not None and not isinstance(prompt, str):
         raise bad_request("'prompt' must be a string.", param="prompt", code="invalid_type")
     if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
-        raise bad_request(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters.", param="prompt")
+        raise prompt_too_long()
     if size is not None and not isinstance(size, str):
         raise bad_request("'size' must be a string such as '1280x720'.", param="size", code="invalid_type")
     if seconds is not None and type(seconds) not in (str, int):  # a bool is no number of seconds
@@ -942,7 +950,7 @@ async def get_model(request: web.Request) -> web.Response:
     key = client_key(request)
     model = request.match_info["model"]
     if model not in context(request).table.models or (key.models is not None and model not in key.models):
-        raise ApiError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        raise model_not_found(model)
     return _json(_model(model))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
-from gateway.videos import MAX_PROMPT_CHARS, VIDEO_KEYS
+from gateway.videos import MAX_PROMPT_CHARS, VARIANTS, VIDEO_KEYS
 
 _ERROR_STATUSES = {
     "400": "Invalid request (bad JSON or multipart, a bad parameter)",
@@ -233,7 +233,7 @@ def _videos(prefix: str) -> dict[str, Any]:
                     {
                         "name": "variant",
                         "in": "query",
-                        "schema": {"enum": ["video", "thumbnail", "spritesheet"]},
+                        "schema": {"enum": list(VARIANTS)},
                     },
                 ],
                 "responses": {

@@ -28,6 +28,7 @@ from gateway.providers.local import (
     request_fields,
     uploaded_video,
 )
+from gateway.videos import VARIANTS
 
 ENGINE = web.AppKey("engine", LocalEngine)
 _LIMITS = Limits()
@@ -92,8 +93,8 @@ async def delete(request: web.Request) -> web.Response:
 
 async def content(request: web.Request) -> web.StreamResponse:
     variant = request.query.get("variant", "video")
-    if variant not in ("video", "thumbnail", "spritesheet"):
-        raise bad_request("variant must be video, thumbnail or spritesheet.", param="variant")
+    if variant not in VARIANTS:
+        raise bad_request(f"'variant' must be one of: {', '.join(VARIANTS)}.", param="variant")
     path, content_type = await _engine(request).asset(request.match_info["video_id"], variant)
     return FileAnswer(path, headers={"Content-Type": content_type})  # If-Range by ETag too
 

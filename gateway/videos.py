@@ -6,6 +6,7 @@ import secrets
 import time
 from typing import Any
 
+from gateway.errors import ApiError, bad_request
 from gateway.logs import log, scrub
 from gateway.store import ACTIVE_STATUSES, Task
 
@@ -64,7 +65,25 @@ STATUS_SYNONYMS: dict[str, tuple[str, str | None]] = {
 DEFAULT_SIZE = "720x1280"
 MAX_PROMPT_CHARS = 32000  # the API's own bound (maxLength)
 DEFAULT_SECONDS = "4"
+VARIANTS = ("video", "thumbnail", "spritesheet")  # what /content?variant= serves
 _FINISHED = ("completed", "failed")
+
+
+def prompt_too_long() -> ApiError:
+    return bad_request(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters.", param="prompt")
+
+
+def validate_prompt(value: Any) -> str:
+    """A create's prompt, required: where the gateway itself reads it (local and native providers)."""
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(
+            "'prompt' is required and must be a non-empty string.",
+            param="prompt",
+            code="missing_required_parameter",
+        )
+    if len(value) > MAX_PROMPT_CHARS:
+        raise prompt_too_long()
+    return value
 
 
 def new_video_id() -> str:

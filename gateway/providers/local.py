@@ -35,7 +35,7 @@ from gateway.errors import ApiError, bad_request, log_storage_failure, storage_f
 from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
 from gateway.render import probe_video, reference_problem, render_video
 from gateway.store import Task
-from gateway.videos import MAX_PROMPT_CHARS
+from gateway.videos import validate_prompt
 
 VARIANTS = {
     "video": ("video.mp4", "video/mp4"),
@@ -91,18 +91,6 @@ def _shown(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**12:
         return str(value)
     return f"of type {type(value).__name__}"
-
-
-def validate_prompt(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise bad_request(
-            "'prompt' is required and must be a non-empty string.",
-            param="prompt",
-            code="missing_required_parameter",
-        )
-    if len(value) > MAX_PROMPT_CHARS:
-        raise bad_request(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters.", param="prompt")
-    return value
 
 
 def text_field(body: RequestBody, name: str) -> Any:

@@ -44,8 +44,7 @@ from gateway.providers.base import (
     refused,
     split_url,
 )
-from gateway.providers.local import validate_prompt
-from gateway.videos import DEFAULT_SECONDS, DEFAULT_SIZE
+from gateway.videos import DEFAULT_SECONDS, DEFAULT_SIZE, validate_prompt
 
 
 @dataclass(frozen=True)
