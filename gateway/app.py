@@ -134,9 +134,17 @@ async def _send(request: web.Request, ctx: RequestContext, response: web.StreamR
     if response.prepared:
         return
     stamp(ctx, response)
+    # An answer given before a compressed body was read (a 401, a refusal): aiohttp would go on
+    # reading what is left for up to 10 s, inflating it (seconds of CPU for a small gzip bomb), before
+    # the next request. The connection closes once the answer is sent instead.
+    inflating = not request.content.at_eof() and "Content-Encoding" in request.headers
+    if inflating:
+        response.force_close()
     try:
         await response.prepare(request)
         await response.write_eof()
+        if inflating:
+            request.protocol.force_close()
     except (ConnectionResetError, ClientConnectionResetError):
         ctx.client_gone = True
         response.force_close()

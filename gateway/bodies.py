@@ -30,6 +30,10 @@ CHUNK = 256 * 1024
 _MAX_PART_HEADERS = 16 * 1024
 _MAX_PREAMBLE = 64 * 1024
 _MAX_TEXT_FIELDS = 40 * 1024 * 1024
+MAX_PARTS = 100
+# Objects and arrays a JSON body may hold: a create has a handful; millions (a small gzipped body can
+# inflate to them) would take seconds of the event loop to parse and walk.
+MAX_JSON_CONTAINERS = 10_000
 MAX_JSON_DEPTH = jsonio.MAX_DEPTH
 # Fields the gateway itself reads (to route, check access, show the video) or replaces. A second
 # copy would reach a pass-through upstream unchecked, and an upstream may well read that one.
@@ -344,7 +348,7 @@ class RequestBody:
     _head: Spool | None = None
     _parts: dict[str, PartInfo] = field(default_factory=dict)
     _parser: MultipartParser | None = None
-    _seen: set[str] = field(default_factory=set)
+    _seen: _PartNames = field(default_factory=lambda: _PartNames())
     _first_boundary: int = 0
     _consumed: bool = False
     _spooled: bool = False
@@ -468,7 +472,7 @@ class RequestBody:
         try:
             for kind, value in self._parser.feed(chunk):
                 if kind == "part":
-                    _note_part(self._seen, value)
+                    self._seen.note(value)
         except MultipartError as exc:
             self.failure = _malformed(exc)
             raise self.failure from None
@@ -497,12 +501,12 @@ class _Collector:
         self.text = bytearray()
         self.text_total = 0
         self.file: UploadedFile | None = None
-        self.seen: set[str] = set()
+        self.seen = _PartNames()
 
     async def handle(self, event: tuple[str, Any]) -> None:
         kind, value = event
         if kind == "part":
-            _note_part(self.seen, value)
+            self.seen.note(value)
             self.current = value
             self.text.clear()
             self.file = None
@@ -541,22 +545,33 @@ class _Collector:
             self.current = None
 
 
-def _note_part(seen: set[str], part: PartInfo) -> None:
-    """Remember a part's name. A second copy of one of :data:`SINGLE_FIELDS` is refused, and so is
-    one with a filename, however empty: the gateway takes such a part for a file and so never reads
-    it, where aiohttp and Go take a part with an empty filename for a field."""
-    name = part.name
-    if name in seen and name in SINGLE_FIELDS:
-        raise bad_request(
-            f"The field '{name}' is given more than once.", param=name, code="duplicate_parameter"
-        )
-    if part.filename is not None and name in SINGLE_FIELDS:
-        raise bad_request(
-            f"The field '{name}' must be a plain form field, without a filename.",
-            param=name,
-            code="invalid_multipart",
-        )
-    seen.add(name)
+class _PartNames:
+    """The parts of a form so far. A second copy of one of :data:`SINGLE_FIELDS` is refused, and so
+    is one with a filename, however empty: the gateway takes such a part for a file and so never reads
+    it, where aiohttp and Go take a part with an empty filename for a field. So is a form of more than
+    :data:`MAX_PARTS` parts: each costs time to parse and a file part a spool, and no client of the API
+    sends more than a handful."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.count = 0
+
+    def note(self, part: PartInfo) -> None:
+        name = part.name
+        self.count += 1
+        if self.count > MAX_PARTS:
+            raise bad_request(f"The form has more than {MAX_PARTS} parts.", code="invalid_multipart")
+        if name in self.names and name in SINGLE_FIELDS:
+            raise bad_request(
+                f"The field '{name}' is given more than once.", param=name, code="duplicate_parameter"
+            )
+        if part.filename is not None and name in SINGLE_FIELDS:
+            raise bad_request(
+                f"The field '{name}' must be a plain form field, without a filename.",
+                param=name,
+                code="invalid_multipart",
+            )
+        self.names.add(name)
 
 
 def _malformed(exc: MultipartError) -> ApiError:
@@ -673,6 +688,10 @@ async def _read_json(request: web.Request, limits: Limits) -> RequestBody:
             raise too_large(limits.max_json_bytes)
     if not raw.strip():
         return RequestBody("none", {})
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        message = f"The JSON body holds more than {MAX_JSON_CONTAINERS} objects and arrays."
+        raise bad_request(message, code="invalid_json")
     try:
         fields = jsonio.loads(raw)
     except jsonio.JSONDecodeError as exc:
@@ -682,7 +701,7 @@ async def _read_json(request: web.Request, limits: Limits) -> RequestBody:
             message = f"The JSON body is not UTF-8 text (byte {undecodable.start} is not): send it as UTF-8."
             raise bad_request(message, code="invalid_json") from None
         raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
-    if jsonio.nesting_exceeds(fields, MAX_JSON_DEPTH):
+    if containers > MAX_JSON_DEPTH and jsonio.nesting_exceeds(fields, MAX_JSON_DEPTH):
         raise bad_request(f"The JSON body nests deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json")
     if not isinstance(fields, dict):
         raise bad_request("The JSON body must be an object.", code="invalid_json")

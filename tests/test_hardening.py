@@ -4,9 +4,11 @@ makes a 500; the key check is constant-time; schemathesis holds the gateway to i
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import gc
+import gzip
 import hashlib
 import hmac
 import http.client
@@ -1004,3 +1006,74 @@ async def test_a_full_disk_under_an_upload_is_a_503_to_retry(
     failures = [e for e in events if e["event"] == "storage_failed"]
     assert failures and failures[0]["reason"] == "No space left on device"
     assert not [e for e in events if e["event"] == "unhandled_error"]
+
+
+async def test_a_json_body_of_millions_of_objects_is_refused_before_it_is_parsed(
+    local_gateway: RunningGateway,
+) -> None:
+    """A body of 11 million empty objects gzips to 32 KB and held the event loop for 12 s (parsed,
+    then walked for its depth) and 770 MiB. More than 10 000 objects and arrays are refused unread."""
+    wide = b'{"prompt": "x", "extra": [' + b"{}," * 20_000 + b"{}]}"
+    status, _, body = await call(
+        local_gateway, "POST", "/v1/videos", data=wide, headers={"Content-Type": "application/json"}
+    )
+    assert status == 400 and body["error"]["code"] == "invalid_json", body
+    assert "10000 objects and arrays" in body["error"]["message"]
+    fine = b'{"prompt": "a {brace} or [two]", "size": "320x240", "extra": [' + b"{}," * 100 + b"{}]}"
+    status, _, body = await call(
+        local_gateway, "POST", "/v1/videos", data=fine, headers={"Content-Type": "application/json"}
+    )
+    assert status == 200, body
+
+
+async def test_a_form_of_thousands_of_parts_is_refused(local_gateway: RunningGateway) -> None:
+    """Each part of a form costs a parse and each file part a spool (1 MiB in memory, then a temp file
+    and a descriptor): 1 500 parts gzipped to 1.6 MB held 1.6 GB; no client sends more than a handful."""
+    form = aiohttp.FormData()
+    form.add_field("prompt", "x")
+    for i in range(150):
+        form.add_field(f"extra_{i}", b"\x00" * 10, filename=f"f{i}.bin")
+    status, _, body = await call(local_gateway, "POST", "/v1/videos", data=form)
+    assert status == 400 and body["error"]["code"] == "invalid_multipart", body
+    assert "more than 100 parts" in body["error"]["message"]
+
+
+async def test_a_local_reference_image_sent_as_a_data_url_is_bounded_like_an_upload(
+    local_gateway: RunningGateway,
+) -> None:
+    """An uploaded image over 20 MiB is refused, but one in a JSON data URL was written into the job:
+    gzipped, 31 KB a request kept 22 MB on disk."""
+    data_url = "data:image/png;base64," + base64.b64encode(bytes(21 * 1024 * 1024)).decode()
+    status, _, body = await call(
+        local_gateway,
+        "POST",
+        "/v1/videos",
+        json={"prompt": "x", "input_reference": {"image_url": data_url}},
+    )
+    assert status == 413 and body["error"]["param"] == "input_reference", body
+
+
+async def test_an_answer_given_before_a_compressed_body_was_read_closes_the_connection(
+    gw: RunningGateway,
+) -> None:
+    """A 401 for a create whose gzipped body is still coming: aiohttp kept reading and inflating what
+    was left of it for up to 10 s before the next request, 6.7 s of CPU for a 2 MB gzip bomb. The
+    answer closes the connection instead."""
+    bomb = gzip.compress(b" " * 50_000_000)
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    try:
+        writer.write(
+            b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-wrong-key-0000\r\n"
+            b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            + f"Content-Length: {len(bomb)}\r\n\r\n".encode()
+            + bomb[: len(bomb) // 2]
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 401") and b"Connection: close" in head, head
+        started = time.monotonic()
+        while await asyncio.wait_for(reader.read(65536), 5):
+            pass  # the answer's body, then the end
+        assert time.monotonic() - started < 2
+    finally:
+        writer.close()

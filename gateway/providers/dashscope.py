@@ -221,7 +221,7 @@ class DashScopeAdapter(NativeAdapter):
             if image.data is not None and len(image.data) > MAX_IMAGE:
                 raise ApiError(
                     413,
-                    "DashScope takes input_reference images up to 10 MB.",
+                    f"DashScope takes input_reference images up to {MAX_IMAGE >> 20} MiB.",
                     param="input_reference",
                     code="request_too_large",
                 )

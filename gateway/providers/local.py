@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from gateway.bodies import RequestBody, UploadedFile
+from gateway.bodies import MAX_IMAGE_BYTES, RequestBody, UploadedFile, image_too_large
 from gateway.errors import ApiError, bad_request, log_storage_failure, storage_failed
 from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
 from gateway.render import probe_video, reference_problem, render_video
@@ -504,6 +504,8 @@ def _image_url(url: Any) -> bytes | None:
         raise bad_request(
             "input_reference.image_url is not valid base64 data.", param="input_reference"
         ) from None
+    if len(image) > MAX_IMAGE_BYTES:
+        raise image_too_large()
     if not image:
         raise bad_request("input_reference.image_url holds no image data.", param="input_reference")
     return image
