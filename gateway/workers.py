@@ -139,16 +139,20 @@ def supervise(
     }
 
     def follow_the_file(reason: str) -> None:
-        """The file becomes the workers' copy if it is a valid config; else the copy stays."""
+        """The file becomes the workers' copy if it is a valid config; else the copy stays.
+
+        SIGHUP is held meanwhile: its handler runs this too, and a second one arriving in the middle
+        of a write moved the first's partial file away, and the supervisor died of the error."""
         from gateway.config import ConfigError, parse_config, read_config
 
-        try:
-            text = read_config(config_path)
-            parse_config(text, str(config_path), os.environ)
-        except ConfigError as exc:
-            log.warning("supervisor_keeps_config", reason=reason, problems=exc.problems)
-            return
-        keep(text)
+        with _held(signal.SIGHUP):
+            try:
+                text = read_config(config_path)
+                parse_config(text, str(config_path), os.environ)
+            except ConfigError as exc:
+                log.warning("supervisor_keeps_config", reason=reason, problems=exc.problems)
+                return
+            keep(text)
 
     argv = [
         sys.executable,
