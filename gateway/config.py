@@ -94,6 +94,7 @@ class Limits:
     max_json_bytes: int = 32 * MiB
     client_idle_timeout: float = 60.0
     header_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,7 @@ def schema() -> dict[str, Any]:
                     "max_json_bytes": {"type": "integer", "minimum": 1},
                     "client_idle_timeout": {"type": "number", "exclusiveMinimum": 0},
                     "header_timeout": {"type": "number", "exclusiveMinimum": 0},
+                    "keepalive_timeout": {"type": "number", "exclusiveMinimum": 0},
                 },
             },
             "metrics": {

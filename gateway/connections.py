@@ -13,6 +13,7 @@ The refusal tests in ``tests/test_hardening.py`` fail if those change.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +45,7 @@ class GatewayRunner(web.AppRunner):
         gw = self.app.get(GATEWAY)  # a bare app (tests of these connections) keeps the default
         return _Server(
             plain.request_handler,
-            lambda: (gw.table.config.limits if gw is not None else _DEFAULT_LIMITS).client_idle_timeout,
+            lambda: gw.table.config.limits if gw is not None else _DEFAULT_LIMITS,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
@@ -55,12 +56,14 @@ class GatewayRunner(web.AppRunner):
 class _Server(web.Server):
     """aiohttp's Server, making a :class:`_Connection` of each client connection."""
 
-    def __init__(self, handler: Any, client_idle_timeout: Callable[[], float], **kwargs: Any) -> None:
+    def __init__(self, handler: Any, limits: Callable[[], Limits], **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        self.client_idle_timeout = client_idle_timeout  # read per connection, so a reload changes it
+        self.limits = limits  # read per connection, so a reload changes them
 
     def __call__(self) -> RequestHandler:
-        return _Connection(self, loop=self._loop, **self._kwargs)
+        # aiohttp's own keep-alive default is an hour: idle connections would pile up that long
+        kwargs = {**self._kwargs, "keepalive_timeout": self.limits().keepalive_timeout}
+        return _Connection(self, loop=self._loop, **kwargs)
 
 
 class _Connection(RequestHandler):
@@ -73,19 +76,32 @@ class _Connection(RequestHandler):
       ``CONNECT`` (the gateway is no proxy) with 405.
     - A chunked body that breaks off fails the request reading it at once (see
       :meth:`_fail_body_in_progress`).
+    - Every request's headers are timed (:attr:`headers_since`, for the server's watchdog) and
+      bounded: more than :data:`MAX_HEAD_BYTES` of them is refused with 431 (aiohttp bounds each
+      line, and the count, but 128 lines of 16 KiB held 2 MiB a connection).
     """
+
+    # When the headers of the request being received began to arrive; None between requests.
+    headers_since: float | None = None
+    _head_bytes = 0
+    _last_body: StreamReader | None = None  # of the last request parsed: bytes before its end are its
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         manager: _Server = self._manager  # type: ignore[assignment]
-        give_up_when_stalled(transport.get_extra_info("socket"), manager.client_idle_timeout())
+        give_up_when_stalled(transport.get_extra_info("socket"), manager.limits().client_idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         messages = self._messages
         queued = len(messages)
+        body = self._last_body
+        in_head = body is None or body.is_eof()  # no body under way: these bytes are a request's head
         RequestHandler.data_received(self, data)  # not super(): this runs for every read of a socket
-        if len(messages) == queued:
-            return  # more of a body, a request line or headers
+        if len(messages) == queued:  # more of a body, a request line or headers
+            if in_head and not self._close:
+                self._head_grew(len(data))
+            return
+        self.headers_since, self._head_bytes, self._last_body = None, 0, messages[-1][1]
         last = messages[-1][0]
         if (
             len(messages) == queued + 1
@@ -109,6 +125,18 @@ class _Connection(RequestHandler):
             elif message.method == "CONNECT":  # a client that takes the gateway for its proxy
                 # Its target is no path, so no route can take it, and aiohttp would answer text/plain.
                 messages[i] = _refused(405, "CONNECT is not supported: the gateway is no forward proxy")
+
+    def _head_grew(self, size: int) -> None:
+        if self.headers_since is None:
+            self.headers_since = time.monotonic()
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            limit = MAX_HEAD_BYTES >> 10
+            self._messages.append(_refused(431, f"The request's headers are larger than {limit} KiB"))
+            self._request_count += 1
+            self._close = True  # aiohttp reads no more of it, answers the refusal, then closes
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
 
     def _fail_body_in_progress(self, refused: _ErrInfo) -> None:
         """aiohttp's C parser raises on a broken chunked body (a bad chunk size, say) without failing
@@ -141,6 +169,9 @@ class _Connection(RequestHandler):
         return response
 
 
+# The most a request's line and headers may take together, as nginx's large_client_header_buffers.
+MAX_HEAD_BYTES = 64 * 1024
+
 # How llhttp refuses "PRI * HTTP/2.0", the preface of a client speaking HTTP/2 without asking first.
 _HTTP2_PREFACE = "Pause on PRI/Upgrade"
 
@@ -153,12 +184,13 @@ def _refused(status: int, reason: str) -> tuple[_ErrInfo, StreamReader]:
 # How a refusal is answered, by status: the error code, and the message around the parser's reason.
 _REFUSALS = {
     405: ("method_not_allowed", "{}."),
+    431: ("request_header_fields_too_large", "{}."),
     505: ("http_version_not_supported", "{}: send HTTP/1.1 (or 1.0)."),
 }
 
 
 def _refusal(status: int, exc: HttpProcessingError, request_id: str, remote: str | None) -> web.Response:
-    """The answer to a request the parser refused (400) or the connection did (405, 505), logged
+    """The answer to a request the parser refused (400) or the connection did (405, 431, 505), logged
     and counted as the route ``malformed``."""
     reason = _parser_reason(exc)
     # Scanners and TLS clients on the plain port are routine on an open port: not a warning.

@@ -140,7 +140,9 @@ async def _stop_when_orphaned(stop: asyncio.Event) -> None:
 
 
 async def _close_slow_headers(runner: web.AppRunner, current_timeout: Callable[[], float]) -> None:
-    """Close connections that opened but never completed their first request's headers in time."""
+    """Close connections that opened but never completed their first request's headers in time, or
+    whose later request's headers began to arrive that long ago (an idle kept-alive connection is
+    aiohttp's to close, after ``limits.keepalive_timeout``)."""
     first_seen: dict[object, float] = {}
     while True:
         timeout = current_timeout()
@@ -156,8 +158,10 @@ async def _close_slow_headers(runner: web.AppRunner, current_timeout: Callable[[
         for handler in live:
             seen = first_seen.setdefault(handler, now)
             # aiohttp counts a request once its headers are parsed; zero means still waiting for them.
-            if handler._request_count == 0 and now - seen >= timeout:
-                log.warning("slow_headers_closed", seconds=round(now - seen, 1))
+            started = getattr(handler, "headers_since", None)  # _Connection's, for later requests
+            late = started is not None and now - started >= timeout and not handler._request_in_progress
+            if (handler._request_count == 0 and now - seen >= timeout) or late:
+                log.warning("slow_headers_closed", seconds=round(now - (started if late else seen), 1))
                 handler.force_close()
                 if handler.transport is not None:
                     handler.transport.close()

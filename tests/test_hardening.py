@@ -1077,3 +1077,24 @@ async def test_an_answer_given_before_a_compressed_body_was_read_closes_the_conn
         assert time.monotonic() - started < 2
     finally:
         writer.close()
+
+
+async def test_request_headers_over_64_kib_are_refused_with_431(gw: RunningGateway) -> None:
+    """aiohttp bounds each header line (16 KiB) and their count (128), not their sum: a client that
+    never finished its headers held 2 MiB a connection (4 GB for a thousand such clients)."""
+
+    def padding(lines: int) -> bytes:
+        return b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 700) for i in range(lines))
+
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + padding(100))  # 70 KB, and no end to them
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b" 431 " in head.split(b"\r\n")[0], answer
+    assert json.loads(body)["error"]["code"] == "request_header_fields_too_large", body
+    status, _, _ = await call(gw, "GET", "/healthz", headers={f"X-Pad-{i}": "a" * 700 for i in range(40)})
+    assert status == 200, "28 KB of headers, sent whole, pass"

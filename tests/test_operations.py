@@ -692,6 +692,42 @@ async def test_slow_headers_are_cut_off(gateway_process: Any) -> None:
     writer.close()
 
 
+async def test_slow_headers_of_a_later_request_are_cut_off(gateway_process: Any) -> None:
+    """Only a connection's first request was timed: after one answer, a client could send part of a
+    second request's headers and hold the connection (and what it sent) for an hour."""
+    process, port = gateway_process("")
+    await wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    await asyncio.wait_for(reader.readuntil(b"}"), 10)  # {"status": "ok"}
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    await writer.drain()
+    started = time.monotonic()
+    data = await asyncio.wait_for(reader.read(), 10)
+    assert data == b"" and time.monotonic() - started < 4, "the server closed the half-sent request"
+    writer.close()
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """aiohttp keeps an idle connection an hour by default: thousands of idle clients held a
+    descriptor each until the process ran out (new clients were reset, creates failed 503)."""
+    gw = await start_gateway(gateway_yaml(tmp_path, extra="limits: {keepalive_timeout: 0.5}"))
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+    await asyncio.wait_for(reader.readuntil(b"}"), 10)
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    assert 0.4 < time.monotonic() - started < 3
+    writer.close()
+
+
 async def test_reload_applies_drain_times(gateway_process: Any) -> None:
     process, port = gateway_process("")
     url = f"http://127.0.0.1:{port}"
