@@ -211,6 +211,31 @@ async def test_ranges_the_gateway_ignores_get_the_whole_video(
     assert headers["Content-Range"] == f"bytes 0-{len(full) - 1}/{len(full)}"
 
 
+async def test_a_range_the_gateway_rewrites_beside_a_latin_1_header_is_served(
+    dialect_gateway: RunningGateway,
+) -> None:
+    """A Range the gateway rewrites (``bytes=00-1``) or drops (two ranges) beside a header that is
+    not UTF-8 (a Latin-1 User-Agent) was a 500 with a traceback: the rewritten request encodes
+    every header again as UTF-8."""
+    video_id = await completed(dialect_gateway, "sora-2")
+    _, _, full = await content(dialect_gateway, video_id, "bytes=0-")
+    for range_, status, body in (("bytes=00-1", 206, full[:2]), ("bytes=0-1,5-6", 200, full)):
+        reader, writer = await asyncio.open_connection(
+            dialect_gateway.server.host, dialect_gateway.server.port
+        )
+        try:
+            writer.write(
+                f"GET /v1/videos/{video_id}/content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Authorization: {AUTH['Authorization']}\r\nRange: {range_}\r\n".encode()
+                + b"User-Agent: caf\xe9\r\n\r\n"
+            )
+            answer = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        head, _, got = answer.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()) and got == body, (range_, head)
+
+
 async def test_a_range_with_a_stale_if_range_gets_the_whole_file(dialect_gateway: RunningGateway) -> None:
     """RFC 9110 §13.1.5: a client resuming a download sends If-Range with what it has; unless that
     names this very file, it gets the whole file, never a piece of another one spliced on. An entity

@@ -275,12 +275,24 @@ def _if_range_holds(request: web.BaseRequest, st: os.stat_result) -> bool:
 
 
 def _with_range(request: web.BaseRequest, header: str | None) -> web.BaseRequest:
-    """``request`` with its Range header replaced by ``header``, or without one (None)."""
-    headers = CIMultiDict(request.headers)
-    headers.popall(hdrs.RANGE, None)
+    """``request`` with its Range header replaced by ``header``, or without one (None).
+
+    ``clone`` encodes every header again as UTF-8, which a value aiohttp read from other bytes (a
+    Latin-1 User-Agent) cannot be: such values are left out, as nothing after this reads them."""
+    headers = CIMultiDict(
+        (name, value) for name, value in request.headers.items() if name != hdrs.RANGE and _utf8(value)
+    )
     if header is not None:
         headers[hdrs.RANGE] = header
     return request.clone(headers=headers)
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # How a provider's stream fails once its answer has begun: cut off, reset, or stalled past the read
