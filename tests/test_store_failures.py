@@ -350,10 +350,13 @@ async def test_polls_while_the_store_is_stuck_queue_one_save_per_video(
     with store_locked(gw, tmp_path):
         store._db.execute("PRAGMA busy_timeout=1000")  # each try waits out 1 s: the polls fit in one
         polls = []
+        asked = len(fake.polled)
         for progress in range(1, 21):
             fake.next = news(progress)
             polls.append(asyncio.ensure_future(call(gw, "GET", f"/v1/videos/{video['id']}")))
-            await asyncio.sleep(0.01)
+            async with asyncio.timeout(10):  # this poll has had its news before the next is set
+                while len(fake.polled) < asked + progress:
+                    await asyncio.sleep(0.005)
         answers = await asyncio.gather(*polls)
     assert [a[2]["progress"] for a in answers] == list(range(1, 21)), "each poll answers its news"
     assert len(writes) <= 3, writes
