@@ -161,12 +161,19 @@ async def test_one_scrape_counts_every_worker(start_workers, fresh) -> None:
     for _ in range(30):
         assert (await _call(fresh, "GET", f"{workers.url}/v1/models"))[0] == 200
     models = 'gateway_http_requests_total{code="200",method="GET",route="/v1/models"}'
-    # Each worker flushes its hot-path tallies every second: within that, any scrape has all 30.
-    await asyncio.sleep(metrics.FLUSH_SECONDS + 0.5)
-    for _ in range(4):
+
+    async def scrape() -> tuple[str, dict[str, str]]:
         async with fresh.get(f"{workers.url}/metrics") as response:
             text = await response.text()
-        samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        return text, dict(
+            line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+        )
+
+    # Each worker flushes its hot-path tallies every second (FLUSH_SECONDS): after that, every scrape
+    # has all 30, whichever worker answers it. Waited for, not slept: a busy machine may be late.
+    await _until(scrape, lambda got: float(got[1].get(models, 0)) == 30, workers, seconds=10)
+    for _ in range(4):
+        text, samples = await scrape()
         assert float(samples[models]) == 30
         assert sum(name.startswith("gateway_build_info{") for name in samples) == 1
         assert float(samples["process_resident_memory_bytes"]) > 0
