@@ -779,8 +779,8 @@ async def test_remixes_edits_and_extensions_hold_a_request_slot_of_their_deploym
     start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:
     """``max_concurrent_requests`` caps every call a deployment is sent at once. A remix, edit or
-    extension of a video the gateway has held only an upload slot, so any number of them reached a
-    provider capped at one call (four at once), to be refused there and counted against it."""
+    extension of a video the gateway has held only an upload slot, so every one of them sent at once
+    reached a provider capped at one call, to be refused there and counted against it."""
     fake, url = upstream
     text = gateway_yaml(tmp_path, upstream_url=url)
     gw = await start_gateway(
