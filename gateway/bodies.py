@@ -487,6 +487,12 @@ class RequestBody:
             f.data.close()
 
 
+# The request encodings the gateway reads: aiohttp decodes gzip and deflate itself, reads a name it
+# does not know (compress, or "gzip, gzip") as plain bytes, and br or zstd only with extra packages.
+_READ_ENCODINGS = ("", "identity", "gzip", "deflate")
+UNREAD_ENCODING = "Unsupported Content-Encoding: send the body as is, gzipped or deflated"
+
+
 def _encoded(request: web.Request) -> bool:
     return request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
 
@@ -666,6 +672,9 @@ async def read_body(request: web.Request, limits: Limits, until: Iterable[str] =
     content_type = media_type(request.headers.get("Content-Type"))
     if not request.body_exists:
         return RequestBody("none", {})
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _READ_ENCODINGS:  # aiohttp would hand on such a body's bytes undecoded
+        raise ApiError(415, f"{UNREAD_ENCODING}.", code="unsupported_media_type")
     if _is_json(content_type):
         return await _read_json(request, limits)
     if content_type == MULTIPART_TYPE:

@@ -19,12 +19,13 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMethod, ContentEncodingError, HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from gateway import metrics
+from gateway.bodies import UNREAD_ENCODING
 from gateway.config import Limits
 from gateway.context import new_request_id
 from gateway.errors import ApiError, internal_error
@@ -115,6 +116,9 @@ class _Connection(RequestHandler):
             if isinstance(message, _ErrInfo):
                 if message.message.startswith(_HTTP2_PREFACE):
                     messages[i] = _refused(505, "HTTP/2 is not supported")
+                elif isinstance(message.exc, ContentEncodingError) and "install" in message.message:
+                    # br or zstd, which aiohttp decodes only with packages the gateway does not have
+                    messages[i] = _refused(415, UNREAD_ENCODING)
                 else:
                     self._fail_body_in_progress(message)
             elif message.version not in (HttpVersion11, HttpVersion10):
@@ -184,13 +188,14 @@ def _refused(status: int, reason: str) -> tuple[_ErrInfo, StreamReader]:
 # How a refusal is answered, by status: the error code, and the message around the parser's reason.
 _REFUSALS = {
     405: ("method_not_allowed", "{}."),
+    415: ("unsupported_media_type", "{}."),
     431: ("request_header_fields_too_large", "{}."),
     505: ("http_version_not_supported", "{}: send HTTP/1.1 (or 1.0)."),
 }
 
 
 def _refusal(status: int, exc: HttpProcessingError, request_id: str, remote: str | None) -> web.Response:
-    """The answer to a request the parser refused (400) or the connection did (405, 431, 505), logged
+    """The answer to a request the parser refused (400) or the connection did (405, 415, 431, 505), logged
     and counted as the route ``malformed``."""
     reason = _parser_reason(exc)
     # Scanners and TLS clients on the plain port are routine on an open port: not a warning.

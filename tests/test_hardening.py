@@ -1098,3 +1098,29 @@ async def test_request_headers_over_64_kib_are_refused_with_431(gw: RunningGatew
     assert json.loads(body)["error"]["code"] == "request_header_fields_too_large", body
     status, _, _ = await call(gw, "GET", "/healthz", headers={f"X-Pad-{i}": "a" * 700 for i in range(40)})
     assert status == 200, "28 KB of headers, sent whole, pass"
+
+
+async def test_a_body_in_an_encoding_the_gateway_does_not_decode_is_refused_with_415(
+    local_gateway: RunningGateway,
+) -> None:
+    """aiohttp decodes gzip and deflate; a body in another coding (``compress``, gzip twice) reached
+    the gateway undecoded and was read as plain JSON or a form, and br or zstd got a 400 naming the
+    Python packages aiohttp lacked."""
+    for encoding in ("compress", "gzip, gzip", "br", "zstd", "x-gzip"):
+        status, _, body = await call(
+            local_gateway,
+            "POST",
+            "/v1/videos",
+            data=b'{"prompt": "x"}',
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        )
+        assert status == 415 and body["error"]["code"] == "unsupported_media_type", (encoding, body)
+        assert "install" not in body["error"]["message"], body
+    status, _, body = await call(
+        local_gateway,
+        "POST",
+        "/v1/videos",
+        data=gzip.compress(b'{"prompt": "x", "size": "320x240"}'),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert status == 200, body
