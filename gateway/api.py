@@ -27,6 +27,7 @@ from gateway.errors import (
     bad_request,
     expired_result,
     model_not_found,
+    no_deployment_available,
     store_unavailable,
     video_not_found,
 )
@@ -219,8 +220,9 @@ async def _start(
                 call = _changing_call(request, deployment, name)
                 result = await operation(table.adapter(deployment.provider), call)
         except ApiError as exc:
-            more = attempt < len(candidates) and body.replayable
-            (log.info if _refused_here(exc) else log.warning)(
+            refused = _refused_here(exc)
+            failing_over = attempt < len(candidates) and body.replayable and _may_fail_over(exc)
+            (log.info if refused else log.warning)(
                 "create_attempt_failed",
                 request_id=ctx.request_id,
                 model=model,
@@ -228,14 +230,14 @@ async def _start(
                 attempt=attempt,
                 status=exc.status,
                 kind=getattr(exc, "kind", None),
-                failing_over=more and _may_fail_over(exc),
+                failing_over=failing_over,
             )
-            if not (more and _may_fail_over(exc)):
-                if _refused_here(exc) and (last or refusal):
+            if not failing_over:
+                if refused and (last or refusal):
                     raise (last or refusal) from None
                 raise
             FAILOVERS.labels(model).inc()
-            if not _refused_here(exc):
+            if not refused:
                 last = exc
             elif refusal is None:
                 refusal = exc
@@ -251,17 +253,7 @@ async def _start(
             attempts=attempt,
         )
         return deployment, result
-    raise (
-        last
-        or refusal
-        or ApiError(
-            503,
-            f"No deployment of '{model}' can take requests now.",
-            type="server_error",
-            code="no_deployment_available",
-            headers={"Retry-After": "1"},
-        )
-    )
+    raise last or refusal or no_deployment_available(model)
 
 
 async def _read(

@@ -12,6 +12,8 @@ gateway checked (:data:`SINGLE_FIELDS`) is refused before the upstream has the w
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import re
 import tempfile
 from collections.abc import AsyncIterator, Iterable
@@ -118,6 +120,21 @@ IMAGE_PARTS = frozenset({"input_reference"})
 def image_too_large(param: str = "input_reference") -> ApiError:
     limit = MAX_IMAGE_BYTES // (1024 * 1024)
     return ApiError(413, f"{param} is larger than {limit} MiB.", param=param, code="request_too_large")
+
+
+def data_url_image(url: str) -> tuple[str, bytes]:
+    """The media type and bytes of an ``input_reference`` given as a base64 ``data:`` URL, bounded
+    as an uploaded image is (:data:`MAX_IMAGE_BYTES`)."""
+    head, _, payload = url.partition(",")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(
+            "input_reference.image_url is not valid base64 data.", param="input_reference"
+        ) from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise image_too_large()
+    return head[5:].split(";")[0], data
 
 
 @dataclass
@@ -493,8 +510,12 @@ _READ_ENCODINGS = ("", "identity", "gzip", "deflate")
 UNREAD_ENCODING = "Unsupported Content-Encoding: send the body as is, gzipped or deflated"
 
 
+def _coding(request: web.Request) -> str:
+    return request.headers.get("Content-Encoding", "").strip().lower()
+
+
 def _encoded(request: web.Request) -> bool:
-    return request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+    return _coding(request) not in ("", "identity")
 
 
 class _Collector:
@@ -672,8 +693,7 @@ async def read_body(request: web.Request, limits: Limits, until: Iterable[str] =
     content_type = media_type(request.headers.get("Content-Type"))
     if not request.body_exists:
         return RequestBody("none", {})
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in _READ_ENCODINGS:  # aiohttp would hand on such a body's bytes undecoded
+    if _coding(request) not in _READ_ENCODINGS:  # aiohttp would hand on such a body's bytes undecoded
         raise ApiError(415, f"{UNREAD_ENCODING}.", code="unsupported_media_type")
     if _is_json(content_type):
         return await _read_json(request, limits)

@@ -112,6 +112,17 @@ def expired_result() -> ApiError:
     )
 
 
+def no_deployment_available(model: str) -> ApiError:
+    """503 for a create none of whose model's deployments could be tried (all ejected, say)."""
+    return ApiError(
+        503,
+        f"No deployment of '{model}' can take requests now.",
+        type="server_error",
+        code="no_deployment_available",
+        headers={"Retry-After": "1"},
+    )
+
+
 def upstream_busy(what: str) -> ApiError:
     """503 at once for a deployment at one of its caps (``what``): the client may retry shortly,
     and a create may go to the model's next deployment. Not the provider's failure."""

@@ -10,8 +10,6 @@ OpenAI dialect on its own (``video-gateway simulate``, see ``gateway/simulator.p
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import errno
 import fcntl
@@ -30,7 +28,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from gateway.bodies import MAX_IMAGE_BYTES, RequestBody, UploadedFile, image_too_large
+from gateway.bodies import RequestBody, UploadedFile, data_url_image
 from gateway.errors import ApiError, bad_request, log_storage_failure, storage_failed
 from gateway.providers.base import Adapter, Call, FileAnswer, UpstreamVideo
 from gateway.render import probe_video, reference_problem, render_video
@@ -498,14 +496,7 @@ def _image_url(url: Any) -> bytes | None:
         raise bad_request(
             "input_reference.image_url must be an http(s) URL or a base64 data URL.", param="input_reference"
         )
-    try:
-        image = base64.b64decode(url.split(",", 1)[1], validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(
-            "input_reference.image_url is not valid base64 data.", param="input_reference"
-        ) from None
-    if len(image) > MAX_IMAGE_BYTES:
-        raise image_too_large()
+    _, image = data_url_image(url)
     if not image:
         raise bad_request("input_reference.image_url holds no image data.", param="input_reference")
     return image

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import json
 import time
@@ -31,7 +30,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import jsonio
-from gateway.bodies import MAX_IMAGE_BYTES, RequestBody, image_too_large
+from gateway.bodies import RequestBody, data_url_image
 from gateway.errors import ApiError, UpstreamError, bad_request, expired_result
 from gateway.providers.base import (
     REDIRECTS,
@@ -179,16 +178,8 @@ async def image_input(body: RequestBody) -> ImageInput | None:
     if not isinstance(url, str) or not url:
         return None
     if url.startswith("data:"):
-        head, _, payload = url.partition(",")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad_request(
-                "input_reference.image_url is not valid base64 data.", param="input_reference"
-            ) from None
-        if len(data) > MAX_IMAGE_BYTES:
-            raise image_too_large()
-        return ImageInput(data=data, mime=head[5:].split(";")[0] or _sniff(data))
+        mime, data = data_url_image(url)
+        return ImageInput(data=data, mime=mime or _sniff(data))
     if not is_web_url(url):
         raise bad_request(
             "input_reference.image_url must be an https URL or a data URL.", param="input_reference"
