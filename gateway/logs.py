@@ -9,11 +9,13 @@ above, goes the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
+from urllib.parse import quote, quote_plus
 
 import structlog
 
@@ -40,9 +42,16 @@ _secrets: list[str] = []
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
-    """Values that must never appear in a log line (upstream and client keys from the config)."""
-    known = {*_secrets, *(v for v in values if v and len(v) >= 6)}
+    """Values that must never appear in a log line (upstream and client keys from the config), in
+    each spelling a provider may quote them in: as they are, escaped in a JSON string (``/`` as
+    ``\\/`` too, as PHP and others write it) and percent-encoded in a URL."""
+    known = {*_secrets, *(s for v in values if v and len(v) >= 6 for s in _spellings(v))}
     _secrets[:] = sorted(known, key=len, reverse=True)
+
+
+def _spellings(secret: str) -> set[str]:
+    escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+    return {secret, escaped, escaped.replace("/", "\\/"), quote(secret, safe=""), quote_plus(secret, safe="")}
 
 
 def scrub(text: str) -> str:

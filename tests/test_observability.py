@@ -385,6 +385,16 @@ def test_a_secret_that_begins_with_another_is_masked_whole() -> None:
     assert scrub(f"sent {long} and {short}") == "sent [REDACTED] and [REDACTED]"
 
 
+def test_a_secret_is_masked_as_json_and_urls_spell_it() -> None:
+    """A provider quoting its key in raw JSON (an event stream's data line, ``/`` written ``\\/``)
+    or in a URL (percent-encoded) showed it: only the key as written in the config was masked."""
+    secret = "AKc9/Tq+7v=Zw2"
+    register_secrets([secret])
+    for quoted in ('{"detail": "key AKc9\\/Tq+7v=Zw2 refused"}', "https://x.example/?k=AKc9%2FTq%2B7v%3DZw2&a=1"):
+        masked = scrub(quoted)
+        assert "[REDACTED]" in masked and "Tq" not in masked, masked
+
+
 def test_library_records_take_the_same_way(fresh_log: io.StringIO) -> None:
     """aiohttp's and asyncio's records (standard logging) come out as the gateway's own lines,
     redacted and on one line each; below warning they are chatter and stay out."""
