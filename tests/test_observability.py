@@ -390,7 +390,10 @@ def test_a_secret_is_masked_as_json_and_urls_spell_it() -> None:
     or in a URL (percent-encoded) showed it: only the key as written in the config was masked."""
     secret = "AKc9/Tq+7v=Zw2"
     register_secrets([secret])
-    for quoted in ('{"detail": "key AKc9\\/Tq+7v=Zw2 refused"}', "https://x.example/?k=AKc9%2FTq%2B7v%3DZw2&a=1"):
+    for quoted in (
+        '{"detail": "key AKc9\\/Tq+7v=Zw2 refused"}',
+        "https://x.example/?k=AKc9%2FTq%2B7v%3DZw2&a=1",
+    ):
         masked = scrub(quoted)
         assert "[REDACTED]" in masked and "Tq" not in masked, masked
 
