@@ -273,7 +273,7 @@ class SQLiteTaskStore:
     # /readyz has a one-row write tried at most this often, to learn whether writes go through.
     probe_seconds = 5.0
 
-    def __init__(self, path: Path, cache_size: int = 10_000) -> None:
+    def __init__(self, path: Path, cache_size: int = 10_000, cache_chars: int = 32 * 2**20) -> None:
         self._path = path
         self._writes: dict[object, float] = {}  # writes submitted and not yet done: when each was
         self._write_failed: str | None = None  # why the last write failed, until one goes through
@@ -285,6 +285,10 @@ class SQLiteTaskStore:
         self._read_db: sqlite3.Connection | None = None
         self._cache: OrderedDict[str, Task] = OrderedDict()
         self._cache_size = cache_size
+        # Tasks are small but for their prompts (up to 32 000 characters each, the tenant's choice):
+        # 10 000 of the longest would hold 320 MB to 1.3 GB. The cache keeps this much prompt text.
+        self._cache_chars = cache_chars
+        self._cached_chars = 0
         self._epoch: DeleteEpoch | None = None
         self._seen = 0
         self._lease: BootLease | None = None
@@ -296,6 +300,7 @@ class SQLiteTaskStore:
         epoch = self._epoch.read()
         if epoch != self._seen:
             self._cache.clear()
+            self._cached_chars = 0
             self._seen = epoch
         return epoch
 
@@ -303,10 +308,15 @@ class SQLiteTaskStore:
         """Cache ``task`` as read or written while the delete epoch was ``epoch``."""
         if self._current_epoch() != epoch:
             return  # a delete happened meanwhile: this copy may already be gone
+        self._forget(task.id)
         self._cache[task.id] = _copy(task)
-        self._cache.move_to_end(task.id)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cached_chars += _prompt_chars(task)
+        while len(self._cache) > self._cache_size or self._cached_chars > self._cache_chars:
+            self._cached_chars -= _prompt_chars(self._cache.popitem(last=False)[1])
+
+    def _forget(self, task_id: str) -> None:
+        if (cached := self._cache.pop(task_id, None)) is not None:
+            self._cached_chars -= _prompt_chars(cached)
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -536,7 +546,7 @@ class SQLiteTaskStore:
             return cursor.rowcount == 1
 
         deleted = bool(await self._run(run))
-        self._cache.pop(task_id, None)
+        self._forget(task_id)
         if deleted:
             assert self._epoch is not None
             self._epoch.bump()
@@ -691,6 +701,11 @@ def _row(task: Task) -> tuple[Any, ...]:
         json.dumps(task.state),
         task.updated_at,
     )
+
+
+def _prompt_chars(task: Task) -> int:
+    prompt = task.video.get("prompt")
+    return len(prompt) if type(prompt) is str else 0
 
 
 def _copy(task: Task) -> Task:

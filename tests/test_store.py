@@ -4,6 +4,7 @@ two workers (each has its own connection, cache and thread, as a worker process 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sqlite3
 import stat
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -53,6 +55,29 @@ async def test_a_delete_elsewhere_empties_every_cache(pair) -> None:
     assert (await b.get("video_1", "alpha")) is None
     assert (await a.get("video_1", "alpha")) is None
     assert not await b.delete("video_1", "alpha")
+
+
+async def test_the_cache_holds_a_bounded_amount_of_prompt_text(tmp_path: Path) -> None:
+    """The cache kept its last 10 000 tasks whatever their size: one key's videos with the longest
+    prompts the API allows (32 000 characters) would have held 320 MB or more in every worker.
+    Evicted tasks are still read from the file."""
+    store = SQLiteTaskStore(tmp_path / "gw.sqlite3", cache_chars=200_000)
+    await store.open()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(100):
+            long = task(f"video_{n}")
+            long.video["prompt"] = f"{n} " + "a long prompt " * 2_285  # 32 000 characters
+            await store.add(long)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, f"{held} bytes held for 3.2 MB of prompts"
+    first = await store.get("video_0", "alpha")
+    assert first is not None and first.video["prompt"].startswith("0 a long prompt")
+    await store.close()
 
 
 async def test_one_upstream_job_is_added_once_per_owner_across_processes(pair) -> None:
