@@ -50,8 +50,9 @@ from gateway.videos import (
 T = TypeVar("T")
 
 LIST_DEFAULT_LIMIT = 20
-# ASCII digits only (str.isdigit() takes "²" and "５", which int() then refuses or reads), 1 to 100:
-# a page of 0 could not say where the next one starts, and last_id must be set whenever has_more is.
+# ASCII digits only (str.isdigit() takes "²" and "５", which int() then refuses or reads), 0 to 100 as
+# the API's OpenAPI document has it. A page of 0 says whether there are videos (has_more) and names
+# none: the SDK's iteration stops at a page without data, so no cursor (last_id) is missed there.
 _LIMIT = re.compile(r"[0-9]{1,3}")
 _REFRESH_CONCURRENCY = 8
 # How long a poll waits for its news to be saved before it answers anyway: a store stuck on a lock
@@ -674,8 +675,8 @@ def list_params(request: web.Request) -> tuple[str | None, int, str]:
     if order not in ("asc", "desc"):
         raise bad_request("'order' must be 'asc' or 'desc'.", param="order")
     raw_limit = query.get("limit", str(LIST_DEFAULT_LIMIT))
-    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= 100:
-        raise bad_request("'limit' must be an integer from 1 to 100.", param="limit")
+    if not _LIMIT.fullmatch(raw_limit) or not 0 <= int(raw_limit) <= 100:
+        raise bad_request("'limit' must be an integer from 0 to 100.", param="limit")
     return after, int(raw_limit), order
 
 

@@ -203,7 +203,7 @@ def _videos(prefix: str) -> dict[str, Any]:
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 100},
                     },
                     {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
                 ],

@@ -348,7 +348,7 @@ async def test_list_limit_takes_only_short_ascii_digits(local_gateway: RunningGa
     gw = local_gateway
     for _ in range(2):
         await gw.sdk().videos.create(prompt="listed", size="320x240")
-    for limit in ("%C2%B2", "%EF%BC%95", "9" * 5000, "0", "", "1.0", "+5", " 5", "0x10"):
+    for limit in ("%C2%B2", "%EF%BC%95", "9" * 5000, "-0", "", "1.0", "+5", " 5", "0x10"):
         status, headers, body = await request(gw, "GET", f"/v1/videos?limit={limit}")
         assert status == 400, limit
         assert_envelope(body, headers, param="limit")
@@ -357,6 +357,22 @@ async def test_list_limit_takes_only_short_ascii_digits(local_gateway: RunningGa
     assert page["has_more"] is True and page["last_id"] == page["data"][0]["id"]
     status, _, page = await request(gw, "GET", "/v1/videos?limit=007")
     assert status == 200 and len(page["data"]) == 2 and page["has_more"] is False
+
+
+async def test_list_limit_zero_is_an_empty_page_that_says_whether_there_are_videos(
+    local_gateway: RunningGateway,
+) -> None:
+    """The API's limit goes from 0 (its OpenAPI minimum); the gateway refused 0 with a 400. A page of
+    none tells whether the key has videos; the SDK's iteration stops at it (no data, no cursor)."""
+    gw = local_gateway
+    client = gw.sdk()
+    empty = await client.videos.list(limit=0)
+    assert empty.data == [] and empty.has_more is False
+    await client.videos.create(prompt="listed", size="320x240")
+    status, _, page = await request(gw, "GET", "/v1/videos?limit=0")
+    assert status == 200, page
+    assert page == {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": True}
+    assert [v.id async for v in await client.videos.list(limit=0)] == []
 
 
 async def raw_exchange(gw: RunningGateway, head: bytes, body: bytes) -> tuple[int, Any]:

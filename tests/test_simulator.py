@@ -106,7 +106,7 @@ async def test_the_gateway_edits_and_extends_through_the_simulator(
 
 async def test_list_parameters_are_checked_like_the_gateways(simulator: TestServer) -> None:
     async with aiohttp.ClientSession(headers=AUTH) as session:
-        for query in ("limit=abc", "limit=0", "limit=101", "order=sideways"):
+        for query in ("limit=abc", "limit=-1", "limit=101", "order=sideways"):
             async with session.get(str(simulator.make_url(f"/v1/videos?{query}"))) as response:
                 body = await response.json()
             assert response.status == 400 and body["error"]["param"] in ("limit", "order"), query
