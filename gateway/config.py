@@ -564,6 +564,15 @@ def _base_url_problem(url: str) -> str | None:
     return None
 
 
+# Headers of one request's framing and of the connection, which no configured value may replace.
+_CONNECTION_HEADERS = frozenset(
+    [
+        *("content-length", "transfer-encoding", "trailer", "te"),
+        *("connection", "keep-alive", "proxy-connection", "upgrade"),
+    ]
+)
+
+
 def _check_references(raw: Any, problem: Any) -> None:
     """Checks the schema cannot express; tolerant of whatever the schema rejected, so that these
     problems are reported together with the schema's."""
@@ -581,6 +590,14 @@ def _check_references(raw: Any, problem: Any) -> None:
         base_url = entry.get("base_url") if isinstance(entry, dict) else None
         if isinstance(base_url, str) and (wrong := _base_url_problem(base_url)):
             problem(("providers", name, "base_url"), wrong)
+        headers = entry.get("headers") if isinstance(entry, dict) else None
+        for header in headers if isinstance(headers, dict) else ():
+            if isinstance(header, str) and header.lower() in _CONNECTION_HEADERS:
+                problem(
+                    ("providers", name, "headers", header),
+                    f"{header} is the gateway's to set on each request (it frames the request or manages "
+                    "the connection); remove it",
+                )
     seen_names: set[str] = set()
     for model, entries in models.items():
         listed = isinstance(entries, list)

@@ -27,6 +27,9 @@ import httptools
 from multidict import CIMultiDict
 
 IDLE_SECONDS = 15.0  # as aiohttp's keep-alive: well under the usual server-side idle limits
+# An answer's status line and headers (interim answers' too), as the gateway's own server allows a
+# request's: llhttp sets no limit, and would gather whatever a broken provider kept sending.
+MAX_HEAD_BYTES = 64 * 1024
 MAX_ORIGINS = 64
 _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "PUT"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -52,7 +55,9 @@ class _ReceivedHeaders(Mapping[str, str]):
     def _headers(self) -> CIMultiDict[str]:
         if self._made is None:
             self._made = CIMultiDict(
-                (n.decode("latin-1"), v.decode("latin-1")) for n, v in self._lines.items()
+                # llhttp leaves the whitespace that may end a line, which is no part of the value
+                (n.decode("latin-1"), v.decode("latin-1").rstrip(" \t"))
+                for n, v in self._lines.items()
             )
         return self._made
 
@@ -138,7 +143,10 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._headers_done = False
+        self._headers: Mapping[str, str] = {}
         self._keep_alive = False
+        self._head_only = False  # an answer to HEAD: no body, whatever its headers say
+        self._wire = 0  # bytes of this answer so far
         self.received = False
 
     # asyncio.Protocol
@@ -156,13 +164,18 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # a 101 is none of ours either
             self._fail(ExchangeError("payload", "the provider's answer is not valid HTTP", answered=True))
+            return
+        # The head, then the body's framing and trailers, besides the body on_body counts.
+        self._wire += len(data)
+        if self._wire > MAX_HEAD_BYTES + (2 * self._max_answer if self._headers_done else 0):
+            self._fail(ExchangeError("payload", "the provider's answer is too large", answered=True))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._stop_timer()
         if self._waiter is None:
             return
-        if self._headers_done and self._close_delimited():
+        if self._headers_done and exc is None and self._close_delimited():
             self.on_message_complete()
         elif self._headers_done:
             self._fail(ExchangeError("payload", "the provider's answer was cut off", answered=True))
@@ -182,12 +195,21 @@ class _Connection(asyncio.Protocol):
             return
         self._status = status
         self._headers_done = True
+        # Taken now: trailer fields, which httptools hands to on_header too, are no headers.
+        self._headers = _ReceivedHeaders(dict(self._header_lines))
         self._keep_alive = self._parser.should_keep_alive()
+        if self._head_only:  # the parser, not told the method, would wait for the body it announces
+            self._keep_alive = False
+            self.on_message_complete()
 
     def _close_delimited(self) -> bool:
-        """An answer with neither length nor chunks ends when the connection closes."""
-        names = {name.lower() for name in self._header_lines}
-        return b"content-length" not in names and b"transfer-encoding" not in names
+        """An answer with neither length nor chunks (as its last coding) ends when the connection
+        closes cleanly."""
+        fields = {name.lower(): value for name, value in self._header_lines.items()}
+        codings = fields.get(b"transfer-encoding")
+        if codings is not None:
+            return codings.rpartition(b",")[2].strip().lower() != b"chunked"
+        return b"content-length" not in fields
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -204,7 +226,7 @@ class _Connection(asyncio.Protocol):
         if not self._keep_alive:
             self.close()
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        waiter.set_result(Answer(self._status, _ReceivedHeaders(dict(self._header_lines)), body))
+        waiter.set_result(Answer(self._status, self._headers, body))
 
     # exchange
 
@@ -218,6 +240,7 @@ class _Connection(asyncio.Protocol):
     ) -> Answer:
         assert self.transport is not None
         self._start_answer()
+        self._head_only = head.startswith(b"HEAD ")
         self._max_answer = limits.max_answer
         self._read, self._deadline, self._answer_by = limits.read, deadline, answer_by
         self._last_read = self._sent_at = self.loop.time()
@@ -534,7 +557,9 @@ def _head(
 ) -> bytes:
     fields = _lines(headers) if fixed is None else fixed.lines + _lines(headers)
     length = f"Content-Length: {len(body or b'')}\r\n" if body is not None or method in _BODY_METHODS else ""
-    return f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{fields}{length}\r\n".encode()
+    if not (fields[:5].lower() == "host:" or "\nhost:" in fields.lower()):  # a provider's own Host wins
+        fields = f"Host: {host}\r\n{fields}"
+    return f"{method} {target} HTTP/1.1\r\n{fields}{length}\r\n".encode()
 
 
 def _lines(headers: Mapping[str, str]) -> str:

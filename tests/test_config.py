@@ -524,6 +524,20 @@ def test_provider_credentials_and_headers_must_fit_in_an_http_header():
     assert "line break" in value and "Injected" not in value
 
 
+def test_provider_headers_cannot_frame_requests_or_manage_connections():
+    """A configured Content-Length or Transfer-Encoding went out beside the gateway's own, giving
+    every JSON call to the provider two framings (which a server must refuse); Connection and its
+    kin are the gateway's too. A Host of the provider's own is allowed: it replaces the URL's."""
+    up = "  up:\n    kind: openai\n    base_url: http://up/v1\n    api_key: k\n"
+    headers = "    headers: {Content-Length: '0', transfer-encoding: chunked, Host: api.example.com}\n"
+    text = BASE.replace("    kind: local\n", "    kind: local\n" + up + headers)
+    problems = problems_of(text)
+    line = line_of(text, "    headers:")
+    for name in ("Content-Length", "transfer-encoding"):
+        assert "gateway's to set" in problem_at(problems, line, f"providers.up.headers.{name}")
+    assert not [p for p in problems if "Host" in p], problems
+
+
 def test_vertex_provider_needs_a_credential_at_load_not_at_the_first_request():
     vertex = "  vertex:\n    kind: vertex_veo\n    options:\n      project: demo\n"
     text = BASE.replace("    kind: local\n", "    kind: local\n" + vertex)

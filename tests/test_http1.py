@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -513,3 +515,92 @@ async def test_pools_of_many_result_hosts_do_not_pile_up(serve, client, unused_t
             await client.request("GET", f"http://127.0.0.1:{unused_tcp_port_factory()}/", {}, None, LIMITS)
     await client.request("GET", server.url + "/", {}, None, LIMITS)
     assert len(client._pools) <= 64
+
+
+# Found by an audit of this client against RFC 9110/9112: each test failed before its fix.
+
+
+async def test_an_answer_head_past_64_kib_is_refused(serve, client) -> None:
+    """llhttp sets no limit on an answer's head and only the body was counted: a 4 MiB header value,
+    or a provider sending headers for the whole request timeout, was gathered in memory."""
+    huge = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (4 << 20) + b"\r\nContent-Length: 2\r\n\r\n{}"
+    server = await serve(keep_alive(huge))
+    with pytest.raises(ExchangeError) as failure:
+        await client.request("GET", server.url + "/", {}, None, Limits(1.0, 1.0, 5.0, 64 << 10))
+    assert failure.value.kind == "payload" and "too large" in str(failure.value)
+    big_but_fine = answer(extra=b"X-Big: " + b"a" * 60_000 + b"\r\n")
+    server = await serve(keep_alive(big_but_fine))
+    assert (await client.request("GET", server.url + "/", {}, None, LIMITS)).body == JSON
+
+
+async def test_a_providers_own_host_header_replaces_the_urls(serve, client) -> None:
+    """A provider configured with a Host of its own (a gateway in front of it by address) got two
+    Host lines on every poll, which RFC 9112 (3.2) has a server answer with 400."""
+    server = await serve(keep_alive(answer()))
+    await client.request("GET", server.url + "/v1/videos/x", {"host": "api.example.com"}, None, LIMITS)
+    await client.request("GET", server.url + "/v1/videos/x", {"X-Team": "a"}, None, LIMITS)
+    given, default = (request.lower() for request in server.requests)
+    assert given.count(b"\r\nhost:") == 1 and b"\r\nhost: api.example.com\r\n" in given
+    assert default.count(b"\r\nhost:") == 1 and b"\r\nhost: 127.0.0.1:" in default
+
+
+async def test_an_answer_to_head_ends_with_its_headers(serve, client) -> None:
+    """The parser is not told the method: for HEAD it waited for the Content-Length bytes an answer
+    to HEAD never has (RFC 9112, 6.3) until the read timeout."""
+    server = await serve(keep_alive(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"))
+    started = time.monotonic()
+    got = await client.request("HEAD", server.url + "/result.mp4", {}, None, LIMITS)
+    assert (got.status, got.body, got.headers["Content-Length"]) == (200, b"", "1000")
+    assert time.monotonic() - started < 0.5
+    assert (await client.request("HEAD", server.url + "/result.mp4", {}, None, LIMITS)).status == 200
+
+
+async def test_a_close_delimited_answer_cut_by_a_reset_is_not_complete(serve, client) -> None:
+    """An answer that ends with its connection is whole only when the connection closed cleanly
+    (RFC 9112, 8): one cut by a reset came back as a 200 with half a body."""
+
+    async def reset_mid_body(
+        server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await server.read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"id": "video_1", "sta')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        writer.transport.abort()  # a reset, not a close
+
+    server = await serve(reset_mid_body)
+    with pytest.raises(ExchangeError) as failure:
+        await client.request("GET", server.url + "/", {}, None, LIMITS)
+    assert failure.value.kind == "payload" and "cut off" in str(failure.value)
+
+
+async def test_trailer_fields_are_not_headers_and_values_lose_trailing_whitespace(serve, client) -> None:
+    """Trailers reached on_header with the headers, so a trailing Content-Type replaced the answer's
+    and a Retry-After appeared (RFC 9110, 6.5.1); and a value kept the whitespace ending its line
+    (RFC 9112, 5.1), which the gateway passed on to its client."""
+    chunked = (
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Wait: 7 \t \r\n\r\n2;ext=1\r\n{}\r\n0\r\nContent-Type: text/html\r\nRetry-After: 999\r\n\r\n"
+    )
+    server = await serve(keep_alive(chunked))
+    got = await client.request("GET", server.url + "/", {}, None, LIMITS)
+    assert got.body == b"{}" and got.headers["Content-Type"] == "application/json"
+    assert "Retry-After" not in got.headers and got.headers["X-Wait"] == "7"
+
+
+async def test_an_answer_whose_last_coding_is_not_chunked_ends_with_its_connection(serve, client) -> None:
+    """RFC 9112 (6.3, rule 4): such an answer is read until the connection closes; any
+    Transfer-Encoding was taken for framing, and the close for an answer cut off."""
+
+    async def until_close(
+        server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity-ish\r\n\r\nraw bytes")
+        await writer.drain()
+
+    server = await serve(until_close)
+    assert (await client.request("GET", server.url + "/", {}, None, LIMITS)).body == b"raw bytes"
