@@ -401,6 +401,15 @@ async def _refresh(request: web.Request, task: Task, deadline: float | None = No
             request, task, "retrieve", lambda adapter, call: adapter.retrieve(call, task), deadline
         )
     except ApiError as exc:
+        # This process's copy may be behind: another worker or replica may have seen the video end
+        # (answered from the store, as a finished video is) or seen it deleted.
+        with contextlib.suppress(StoreUnavailable):
+            stored = await gateway(request).store.get(task.id, task.owner, task.kind, cached=False)
+            if stored is None:
+                raise _not_found(task.id, task.kind) from None
+            if is_terminal(stored.status):
+                return stored
+            task = stored
         if exc.status == 404 and (lost := await _lost(request, task)) is not None:
             return lost
         raise

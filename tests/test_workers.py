@@ -23,7 +23,8 @@ import pytest
 
 from gateway import metrics
 from gateway.workers import WORKER_ENV, cgroup_cpu_quota, process_alive, workers_count
-from tests.conftest import ALPHA_KEY, BETA_KEY, gateway_yaml
+from tests.conftest import ALPHA_KEY, BETA_KEY, StartGateway, gateway_yaml
+from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_cli import REPO, free_port
 
 ADMIN_KEY = "sk-admin-for-workers-test"
@@ -154,6 +155,28 @@ async def test_both_workers_serve_the_same_videos_and_see_a_delete_at_once(start
     for _ in range(ROUNDS):
         status, body = await _call(fresh, "GET", url)
         assert status == 404 and body["error"]["code"] == "video_not_found"
+
+
+async def test_a_video_a_sibling_saw_finish_is_answered_from_the_store_when_its_provider_fails(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """Two gateways on one store file stand in for two workers. Each caches what it read: b's copies
+    still said in progress after a saw the videos complete, so b asked the provider again, and
+    answered its 500 with a 503, or its 404 (a job it since purged) with a 404, for videos the
+    store holds as completed."""
+    fake, url = upstream
+    config = gateway_yaml(tmp_path, upstream_url=url, extra="resilience: {read_attempts: 1}")
+    a, b = await start_gateway(config), await start_gateway(config)
+    videos = [await a.sdk().videos.create(prompt=p, model="sora-remote") for p in ("failing", "purged")]
+    for video in videos:  # the provider's jobs move a step with each retrieve
+        assert (await b.sdk().videos.retrieve(video.id)).status == "in_progress"  # cached so by b
+        assert (await a.sdk().videos.retrieve(video.id)).status == "completed"
+    jobs = {job["prompt"]: job for job in fake.jobs.values()}
+    jobs["failing"]["prompt"] += " [unreadable]"  # its retrieves fail from now on
+    del fake.jobs[jobs["purged"]["id"]]
+    for video in videos:
+        seen = await b.sdk().videos.retrieve(video.id)
+        assert seen.status == "completed" and seen.progress == 100
 
 
 async def test_one_scrape_counts_every_worker(start_workers, fresh) -> None:
