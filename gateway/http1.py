@@ -119,8 +119,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         # httptools hands each header to on_header: a dict's own __setitem__ takes it without a
-        # Python call (a provider's answer has a dozen headers). A header sent twice keeps its last
-        # value; none of those the gateway reads is a list.
+        # Python call (a provider's answer has a dozen headers). A header sent twice in one spelling
+        # keeps its last value (in two spellings, the first); none of those the gateway reads is a list.
         self._header_lines: dict[bytes, bytes] = {}
         self.on_header = self._header_lines.__setitem__
         self._parser = httptools.HttpResponseParser(self)
