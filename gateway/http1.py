@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -30,6 +31,8 @@ IDLE_SECONDS = 15.0  # as aiohttp's keep-alive: well under the usual server-side
 # An answer's status line and headers (interim answers' too), as the gateway's own server allows a
 # request's: llhttp sets no limit, and would gather whatever a broken provider kept sending.
 MAX_HEAD_BYTES = 64 * 1024
+# A provider that closes idle connections sooner says so in Keep-Alive (Node.js servers: timeout=5).
+_KEEP_ALIVE_TIMEOUT = re.compile(rb"(?i)\btimeout\s*=\s*([0-9]{1,6})")
 MAX_ORIGINS = 64
 _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "PUT"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -126,7 +129,8 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.idle_since = loop.time()
+        self.idle_until = loop.time()  # when it stops being fit for another exchange, once idle
+        self.idle_seconds = IDLE_SECONDS
         self._waiter: asyncio.Future[Answer] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._read = 0.0
@@ -225,6 +229,10 @@ class _Connection(asyncio.Protocol):
         self._waiter = None  # whatever arrives after this answer is unexpected (see data_received)
         if not self._keep_alive:
             self.close()
+        else:
+            said = self._header_lines.get(b"Keep-Alive") or self._header_lines.get(b"keep-alive")
+            if said is not None:
+                self.idle_seconds = _idle_seconds(said)
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         waiter.set_result(Answer(self._status, self._headers, body))
 
@@ -379,11 +387,11 @@ class _Pool:
 
     def _fresh_idle(self, now: float) -> _Connection | None:
         """The most recently used idle connection still fit for use; stale ones are closed."""
-        while self._idle and now - self._idle[0].idle_since >= IDLE_SECONDS:
+        while self._idle and now >= self._idle[0].idle_until:
             self._idle.popleft().close()  # the longest idle, left behind by the LIFO below
         while self._idle:
             conn = self._idle.pop()
-            if conn.keep_alive and now - conn.idle_since < IDLE_SECONDS:
+            if conn.keep_alive and now < conn.idle_until:
                 return conn
             conn.close()
         return None
@@ -412,7 +420,7 @@ class _Pool:
 
     def release(self, conn: _Connection, *, reuse: bool) -> None:
         if reuse and conn.keep_alive and not self.closed:
-            conn.idle_since = conn.loop.time()
+            conn.idle_until = conn.loop.time() + conn.idle_seconds
             self._idle.append(conn)
         else:
             conn.close()
@@ -538,6 +546,14 @@ class Http1Client:
         for pool, _ in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+def _idle_seconds(keep_alive: bytes) -> float:
+    """How long a connection may wait for its next exchange, given the provider's Keep-Alive: a
+    second less than the provider's own limit, so that no request crosses the provider's close (a
+    create that did would be reported as perhaps made)."""
+    said = _KEEP_ALIVE_TIMEOUT.search(keep_alive)
+    return IDLE_SECONDS if said is None else min(IDLE_SECONDS, int(said[1]) - 1.0)
 
 
 def _budget(loop: asyncio.AbstractEventLoop, seconds: float, start_by: float | None) -> tuple[float, bool]:

@@ -604,3 +604,21 @@ async def test_an_answer_whose_last_coding_is_not_chunked_ends_with_its_connecti
 
     server = await serve(until_close)
     assert (await client.request("GET", server.url + "/", {}, None, LIMITS)).body == b"raw bytes"
+
+
+async def test_a_connection_is_not_kept_past_the_idle_time_the_provider_gives(serve, client) -> None:
+    """A provider that closes idle connections after 2 s (Keep-Alive: timeout=2, as Node.js servers
+    say) had its connections kept 15 s: a create sent as it closed one was reported as perhaps made.
+    A second before the provider's limit, the connection is given up instead."""
+    server = await serve(keep_alive(answer(extra=b"Keep-Alive: timeout=2\r\n")))
+    await client.request("GET", server.url + "/", {}, None, LIMITS)
+    await client.request("GET", server.url + "/", {}, None, LIMITS)
+    assert server.connections == 1
+    await asyncio.sleep(1.1)
+    await client.request("POST", server.url + "/", {}, b"{}", LIMITS)
+    assert server.connections == 2
+    plain = await serve(keep_alive(answer()))
+    await client.request("GET", plain.url + "/", {}, None, LIMITS)
+    await asyncio.sleep(1.1)
+    await client.request("POST", plain.url + "/", {}, b"{}", LIMITS)
+    assert plain.connections == 1
