@@ -24,10 +24,10 @@ from gateway.config import (
 )
 from gateway.logs import configure, log
 from gateway.workers import (
-    WORKER_CONFIG_ENV,
     WORKER_COULD_NOT_START,
     supervise,
     take_signing_key,
+    worker_config,
     worker_slot,
     workers_count,
 )
@@ -48,11 +48,13 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def serve(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _default_config()
-    # A worker starts from its supervisor's copy of the config the others run (see supervise).
-    copy = os.environ.get(WORKER_CONFIG_ENV) if worker_slot() else None
+    worker = worker_slot()
     try:
-        text = read_config(copy or path)
-        config = parse_config(text, str(path), os.environ)
+        if worker is None:
+            text = read_config(path)
+            config = parse_config(text, str(path), os.environ)
+        else:  # from its supervisor's copies of the config, not the file (see supervise)
+            config = worker_config(str(path))
     except ConfigError as exc:
         print(f"video-gateway: {path} is not a valid config:", file=sys.stderr)
         print("\n".join(f"  {p}" for p in exc.problems), file=sys.stderr)
@@ -62,7 +64,6 @@ def serve(args: argparse.Namespace) -> int:
     open_files = _raise_open_files_limit()
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
-    worker = worker_slot()
     workers = worker[1] if worker else workers_count(args.workers or config.workers)
     if workers > 1 and worker is None:
         log.info("serving", config=str(path), version=__version__, workers=workers, open_files=open_files)
@@ -151,15 +152,12 @@ def check_config(args: argparse.Namespace) -> int:
         print("video-gateway check-config: give the config file, as PATH or --config PATH", file=sys.stderr)
         return 2
     args.path = args.path or args.config
-    from gateway.providers import ADAPTERS
+    from gateway.providers import startup_problems
 
     try:
         config = load_config(args.path)
-        problems = [  # what serve would meet starting the adapters
-            f"{args.path}: providers.{name}: {problem}"
-            for name, provider in config.providers.items()
-            for problem in ADAPTERS[provider.kind].startup_problems(provider)
-        ]
+        # what serve would meet starting the adapters
+        problems = [f"{args.path}: {problem}" for problem in startup_problems(config)]
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

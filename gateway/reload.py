@@ -61,6 +61,12 @@ RESTART_ONLY = {
 }
 
 
+def keep_restart_only(config: GatewayConfig, running: GatewayConfig) -> GatewayConfig:
+    """``config`` with the settings :data:`RESTART_ONLY` names as ``running`` has them: how a reload
+    leaves them, and how a worker started after one (a replacement) runs them, as the others do."""
+    return dataclasses.replace(config, **{name: getattr(running, name) for name in RESTART_ONLY})
+
+
 async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable | None) -> RoutingTable:
     """The table for ``config``, reusing the previous table's adapters where the provider is unchanged."""
     old = previous.all_adapters() if previous is not None else {}
@@ -225,9 +231,7 @@ class Reloader:
                 # What only a restart changes stays as the process runs it, for every reader of the
                 # table's config: adapters started by this reload keep their files in the data_dir
                 # the store is in.
-                config = dataclasses.replace(
-                    config, **{name: getattr(current, name) for name in RESTART_ONLY}
-                )
+                config = keep_restart_only(config, current)
                 table = await build_table(config, self._gw, self._gw.table)
             except ConfigError as exc:  # the file, or an adapter that cannot start with it
                 self._rejected(reason, exc.problems)

@@ -29,13 +29,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.logs import log
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "VIDEO_GATEWAY_WORKER"
 SIGNING_KEY_ENV = "VIDEO_GATEWAY_WORKER_SIGNING_KEY"
 WORKER_CONFIG_ENV = "VIDEO_GATEWAY_WORKER_CONFIG"  # the supervisor's copy a worker starts from
+STARTED_CONFIG_ENV = "VIDEO_GATEWAY_WORKER_STARTED_CONFIG"  # the config the gateway started with
 # A worker's exit status when it logged a start-up failure a restart cannot fix.
 WORKER_COULD_NOT_START = 3
 _QUICK_DEATH_SECONDS = 5.0
@@ -120,10 +125,14 @@ def supervise(
     read a file someone is half-way through editing (a typo there would stop it, and after a few
     tries the whole gateway), nor an edit the others have not been told to load. The copy follows
     the file when a reload is asked for (SIGHUP) and, with ``watching`` (the workers follow the file
-    themselves), whenever a replacement starts; each time only if the file is a valid config.
+    themselves), whenever a replacement starts; each time only if the workers' reload would accept
+    the file: a valid config whose adapters can start. What a reload leaves as it was until a restart
+    (reload.RESTART_ONLY: the data_dir, the signing key...) a new worker takes from the config the
+    gateway started with, kept beside the copy (see :func:`worker_config`).
     """
     metrics_dir = prepare_metrics()
     copy = metrics_dir / "config.yaml"  # a private directory (0700): the text may hold keys
+    original = metrics_dir / "started.yaml"  # the text the gateway started with
 
     def keep(text: str) -> None:
         """Write the copy whole or not at all: a worker starting meanwhile must never read half."""
@@ -132,25 +141,32 @@ def supervise(
         os.replace(partial, copy)
 
     keep(config_text)
+    original.write_text(config_text, encoding="utf-8")
     env = {
         **os.environ,
         SIGNING_KEY_ENV: secrets.token_hex(32),  # used where the config names none
         WORKER_CONFIG_ENV: str(copy),
+        STARTED_CONFIG_ENV: str(original),
     }
 
     def follow_the_file(reason: str) -> None:
-        """The file becomes the workers' copy if it is a valid config; else the copy stays.
+        """The file becomes the workers' copy if their reload would accept it (reload.Reloader): a
+        valid config whose adapters can start; else the copy stays. A file they refuse would
+        otherwise stop the next replacement at start-up, and with it the whole gateway.
 
         SIGHUP is held meanwhile: its handler runs this too, and a second one arriving in the middle
         of a write moved the first's partial file away, and the supervisor died of the error."""
         from gateway.config import ConfigError, parse_config, read_config
+        from gateway.providers import startup_problems
 
         with _held(signal.SIGHUP):
             try:
                 text = read_config(config_path)
-                parse_config(text, str(config_path), os.environ)
+                problems = startup_problems(parse_config(text, str(config_path), os.environ))
             except ConfigError as exc:
-                log.warning("supervisor_keeps_config", reason=reason, problems=exc.problems)
+                problems = exc.problems
+            if problems:
+                log.warning("supervisor_keeps_config", reason=reason, problems=problems)
                 return
             keep(text)
 
@@ -276,6 +292,20 @@ def worker_slot() -> tuple[int, int] | None:
         return None
     slot, count, _ = value.split("/")
     return int(slot), int(count)
+
+
+def worker_config(source: str) -> GatewayConfig:
+    """A worker's config: its supervisor's copy of the one the others run, with what only a restart
+    changes as the gateway started with it, as the others keep it through their reloads (a worker
+    replaced after a reload that changed ``data_dir`` must not open another task store)."""
+    from gateway.config import parse_config, read_config
+    from gateway.reload import keep_restart_only
+
+    latest, first = (
+        parse_config(read_config(os.environ.get(name) or source), source, os.environ)
+        for name in (WORKER_CONFIG_ENV, STARTED_CONFIG_ENV)
+    )
+    return keep_restart_only(latest, first)
 
 
 def supervised() -> bool:

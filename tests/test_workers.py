@@ -379,30 +379,94 @@ async def test_a_replacement_worker_runs_the_config_the_others_run(start_workers
     later = f"{workers.url}/v1/models/sora-later"
     good = workers.config.read_text()
 
-    async def replace_a_worker() -> None:
-        victim = min(await _worker_pids(workers))
-        os.kill(victim, signal.SIGKILL)
-        await _until(
-            lambda: _worker_pids(workers), lambda pids: len(pids) == 2 and victim not in pids, workers
-        )
-
     async def answers() -> set[int]:
         return {(await _call(fresh, "GET", later))[0] for _ in range(ROUNDS)}
 
     workers.config.write_text(good + "  sora-later:\n    provider: local\n")  # saved, not reloaded
-    await replace_a_worker()
+    await _replace_a_worker(workers)
     assert await answers() == {404}, "one generation of the config serves"
     workers.config.write_text(good + "  sora-later:\n    provider: locl\n")  # a typo
     for _ in range(2):
-        await replace_a_worker()
+        await _replace_a_worker(workers)
     assert await answers() == {404} and workers.process.poll() is None
 
     workers.config.write_text(good + "  sora-later:\n    provider: local\n")
     status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
     assert status == 200 and answer["reloaded"] is True, answer
     await _until(answers, lambda statuses: statuses == {200}, workers, seconds=10)
-    await replace_a_worker()
+    await _replace_a_worker(workers)
     assert await answers() == {200}, "the replacement takes the reloaded config"
+
+
+async def test_a_replacement_worker_keeps_the_restart_only_settings_the_others_run(
+    start_workers, fresh, tmp_path: Path
+) -> None:
+    """A reload leaves what only a restart changes (``data_dir`` here) as it was, and says so
+    (``config_reload_needs_restart``); but the supervisor's copy of the config followed the file,
+    and a worker replaced after it (a crash, the OOM killer) started on the new ``data_dir``: a
+    second task store, and half the connections answered 404 for the tenants' videos. The rest of
+    the reload (a model added) reaches the replacement as it reached the others."""
+    workers = await start_workers()
+    status, video = await _call(
+        fresh, "POST", f"{workers.url}/v1/videos", json={"prompt": "w", "size": "320x240", "seconds": "1"}
+    )
+    assert status == 200
+    workers.config.write_text(
+        workers.config.read_text().replace(
+            f"data_dir: {tmp_path / 'data'}\n", f"data_dir: {tmp_path / 'moved'}\n", 1
+        )
+        + "  sora-later:\n    provider: local\n"
+    )
+    workers.process.send_signal(signal.SIGHUP)  # systemctl reload
+    await _until(
+        lambda: _logged(workers, "config_reload_needs_restart"), lambda n: n == 2, workers, seconds=10
+    )
+    await _replace_a_worker(workers)
+    for _ in range(ROUNDS):
+        status, seen = await _call(fresh, "GET", f"{workers.url}/v1/videos/{video['id']}")
+        assert status == 200 and seen["id"] == video["id"], (status, seen)
+        assert (await _call(fresh, "GET", f"{workers.url}/v1/models/sora-later"))[0] == 200
+    assert not (tmp_path / "moved").exists(), "no worker opened the new data_dir"
+    assert await _logged(workers, "config_reload_needs_restart") == 2
+
+
+async def test_a_sighup_the_workers_refuse_does_not_stop_the_gateway_at_the_next_worker_crash(
+    start_workers, fresh, tmp_path: Path
+) -> None:
+    """A SIGHUP (``systemctl reload``) of a file whose new provider cannot start: every worker
+    refuses it and keeps the old table. The supervisor only parsed the file, so its copy took the
+    refused config; the next worker that died was replaced from that copy, could not start, and the
+    supervisor stopped the whole gateway. It now adopts only what the workers' reload would."""
+    workers = await start_workers()
+    missing = tmp_path / "no-such-account.json"
+    workers.config.write_text(
+        workers.config.read_text().replace(
+            "models:\n",
+            "  vertex:\n    kind: vertex_veo\n"
+            f"    options: {{project: demo, service_account_file: '{missing}'}}\n"
+            "models:\n  veo-later:\n    provider: vertex\n    model: veo-3.0-generate-001\n",
+            1,
+        )
+    )
+    workers.process.send_signal(signal.SIGHUP)
+    await _until(lambda: _logged(workers, "config_reload_rejected"), lambda n: n == 2, workers, seconds=10)
+    await _replace_a_worker(workers)  # any crash; _until fails at once if the gateway stopped
+    statuses = [(await _call(fresh, "GET", f"{workers.url}/v1/models/veo-later"))[0] for _ in range(ROUNDS)]
+    assert set(statuses) == {404}, "the replacement runs the config the others run"
+    assert "supervisor_keeps_config" in workers.log_text()
+    assert "startup_failed" not in workers.log_text()
+
+
+async def _replace_a_worker(workers: Workers) -> None:
+    """Kill a worker as a crash would, and wait until its replacement serves."""
+    victim = min(await _worker_pids(workers))
+    os.kill(victim, signal.SIGKILL)
+    await _until(lambda: _worker_pids(workers), lambda pids: len(pids) == 2 and victim not in pids, workers)
+
+
+async def _logged(workers: Workers, event: str) -> int:
+    """How many of the gateway's log lines are ``event`` (async: a probe for :func:`_until`)."""
+    return workers.log_text().count(f'"event": "{event}"')
 
 
 async def test_the_gateways_cpu_counter_never_falls_when_a_worker_is_replaced(start_workers, fresh) -> None:

@@ -7,6 +7,7 @@ it is found here, so the config accepts that kind without any other change.
 import importlib
 import pkgutil
 
+from gateway.config import GatewayConfig
 from gateway.providers.base import Adapter
 
 _SHARED = {"base", "native"}
@@ -27,4 +28,16 @@ def _concrete(cls: type[Adapter]) -> list[type[Adapter]]:
 
 ADAPTERS: dict[str, type[Adapter]] = {adapter.kind: adapter for adapter in _concrete(Adapter)}
 
-__all__ = ["ADAPTERS", "Adapter"]
+
+def startup_problems(config: GatewayConfig) -> list[str]:
+    """What would stop the adapters of ``config`` from starting (:meth:`Adapter.startup_problems`),
+    checked without starting them: for ``check-config``, and for the supervisor of several workers,
+    which hands a replacement worker only a config the workers' own reload would accept."""
+    return [
+        f"providers.{name}: {problem}"
+        for name, provider in config.providers.items()
+        for problem in ADAPTERS[provider.kind].startup_problems(provider)
+    ]
+
+
+__all__ = ["ADAPTERS", "Adapter", "startup_problems"]

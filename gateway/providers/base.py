@@ -378,7 +378,7 @@ class Adapter:
     @classmethod
     def startup_problems(cls, config: ProviderConfig) -> list[str]:
         """What would stop :meth:`start` (a credential file that cannot be read), checked without
-        starting: for ``check-config``."""
+        starting: for ``check-config`` and the supervisor of several workers."""
         return []
 
     @classmethod
