@@ -276,16 +276,7 @@ async def test_an_admin_reload_refuses_a_provider_that_cannot_start(
 ) -> None:
     """The workers would each refuse it and keep the old table, so the admin answer must say no."""
     workers = await start_workers()
-    missing = tmp_path / "no-such-account.json"
-    workers.config.write_text(
-        workers.config.read_text().replace(
-            "models:\n",
-            "  vertex:\n    kind: vertex_veo\n"
-            f"    options: {{project: demo, service_account_file: '{missing}'}}\n"
-            "models:\n  veo-later:\n    provider: vertex\n    model: veo-3.0-generate-001\n",
-            1,
-        )
-    )
+    missing = _add_a_provider_that_cannot_start(workers, tmp_path)
     status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
     assert status == 422 and answer["reloaded"] is False, answer
     refusal = f"providers.vertex: options.service_account_file {missing}"
@@ -438,6 +429,19 @@ async def test_a_sighup_the_workers_refuse_does_not_stop_the_gateway_at_the_next
     refused config; the next worker that died was replaced from that copy, could not start, and the
     supervisor stopped the whole gateway. It now adopts only what the workers' reload would."""
     workers = await start_workers()
+    _add_a_provider_that_cannot_start(workers, tmp_path)
+    workers.process.send_signal(signal.SIGHUP)
+    await _until(lambda: _logged(workers, "config_reload_rejected"), lambda n: n == 2, workers, seconds=10)
+    await _replace_a_worker(workers)  # any crash; _until fails at once if the gateway stopped
+    statuses = [(await _call(fresh, "GET", f"{workers.url}/v1/models/veo-later"))[0] for _ in range(ROUNDS)]
+    assert set(statuses) == {404}, "the replacement runs the config the others run"
+    assert "supervisor_keeps_config" in workers.log_text()
+    assert "startup_failed" not in workers.log_text()
+
+
+def _add_a_provider_that_cannot_start(workers: Workers, tmp_path: Path) -> Path:
+    """Save a config whose new provider (Vertex, model ``veo-later``) has no readable credential:
+    the file it names, which is missing."""
     missing = tmp_path / "no-such-account.json"
     workers.config.write_text(
         workers.config.read_text().replace(
@@ -448,13 +452,7 @@ async def test_a_sighup_the_workers_refuse_does_not_stop_the_gateway_at_the_next
             1,
         )
     )
-    workers.process.send_signal(signal.SIGHUP)
-    await _until(lambda: _logged(workers, "config_reload_rejected"), lambda n: n == 2, workers, seconds=10)
-    await _replace_a_worker(workers)  # any crash; _until fails at once if the gateway stopped
-    statuses = [(await _call(fresh, "GET", f"{workers.url}/v1/models/veo-later"))[0] for _ in range(ROUNDS)]
-    assert set(statuses) == {404}, "the replacement runs the config the others run"
-    assert "supervisor_keeps_config" in workers.log_text()
-    assert "startup_failed" not in workers.log_text()
+    return missing
 
 
 async def _replace_a_worker(workers: Workers) -> None:
