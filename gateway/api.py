@@ -28,6 +28,7 @@ from gateway.errors import (
     expired_result,
     model_not_found,
     no_deployment_available,
+    shutting_down,
     store_unavailable,
     video_not_found,
 )
@@ -85,7 +86,10 @@ def _changing_call(request: web.Request, deployment: Deployment, operation: str)
     """The context of an upstream operation that changes the provider's state (one that starts a
     job, or a delete): from here on the request runs to its end even if its client leaves
     (:func:`shielded`)."""
-    context(request).changing = True
+    ctx = context(request)
+    if ctx.gateway.drain_over.is_set():  # the shutdown would drop it before its answer came
+        raise shutting_down("did not send this request")
+    ctx.changing = True
     return _call(request, deployment, operation, starts_job=operation != "delete")
 
 
@@ -217,9 +221,12 @@ async def _start(
         probe = table.health.probing(deployment.name)  # this create probes it, back from an ejection
         call: Call | None = None
         try:
-            with gw.bulkheads.enter_create(deployment):
+            with contextlib.ExitStack() as slots:
+                slots.enter_context(gw.bulkheads.enter_create(deployment))
                 call = _changing_call(request, deployment, name)
                 result = await operation(table.adapter(deployment.provider), call)
+                if isinstance(result, EventStream):  # its call stays open while the events come
+                    result.hold(slots.pop_all())
         except ApiError as exc:
             refused = _refused_here(exc)
             failing_over = attempt < len(candidates) and body.replayable and _may_fail_over(exc)
@@ -733,7 +740,8 @@ async def delete_video(request: web.Request) -> web.Response:
                 await adapter.delete(_changing_call(request, deployment, "delete"), task)
             except ApiError as exc:
                 raise _in_our_words(exc, task) from None
-    await gw.store.delete(task.id, task.owner)
+    if not await gw.store.delete(task.id, task.owner):  # another delete of it won the race
+        raise _not_found(task.id, task.kind)
     return _json({"id": task.id, "object": "video.deleted", "deleted": True})
 
 
@@ -769,13 +777,14 @@ async def remix_video(request: web.Request) -> web.Response:
     try:
         _check_types(body)
         deployment, adapter = _deployment_of(table, source)
-        async with _admit(request):
+        seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
+        async with _admit(request):  # until the video is recorded, as it counts from then on
             with ctx.gateway.bulkheads.enter_create(deployment):
                 async with _source_gone(request, source, "video_id"):
                     call = _changing_call(request, deployment, "remix")
                     upstream = await adapter.remix(call, source, body)
-        seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
-        return _answer(request, await _record(request, deployment, upstream, seed, remixed_from=source.id))
+            task = await _record(request, deployment, upstream, seed, remixed_from=source.id)
+        return _answer(request, task)
     finally:
         body.close()
 
@@ -867,7 +876,8 @@ async def _from_video(
         model = source.model if source is not None else table.resolve_model(body.get("model"))
         ctx.model = model
         check_model_access(client_key(request), model)
-        async with _admit(request):
+        seed = {"size": source.video.get("size")} if source else {}
+        async with _admit(request):  # until the video is recorded, as it counts from then on
             if source is not None:
                 deployment, adapter = _deployment_of(table, source)
                 with gw.bulkheads.enter_create(deployment):
@@ -878,8 +888,8 @@ async def _from_video(
                 deployment, upstream = await _start(
                     request, name, model, body, lambda a, c: operation(a, c, None, body)
                 )
-        seed = {"size": source.video.get("size")} if source else {}
-        return _answer(request, await _record(request, deployment, upstream, {**seed, **_seed(body)}))
+            task = await _record(request, deployment, upstream, {**seed, **_seed(body)})
+        return _answer(request, task)
     finally:
         body.close()
 
@@ -977,7 +987,9 @@ def shielded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
     A failure that leaves unknown whether the provider acted on the change is answered with
     ``x-should-retry: false`` (:func:`_unsure`). So is a change still waiting on its provider when a
     drain's time is up (a 504), before aiohttp's shutdown would drop its connection, which an SDK
-    takes for one it may retry."""
+    takes for one it may retry. From then on nothing more goes out: a change not yet sent, or the
+    rest of an upload, is refused 503 ``shutting_down`` (:func:`_changing_call`, bodies), which the
+    client may send again."""
 
     async def finish(request: web.Request) -> web.StreamResponse:
         try:

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway import jsonio
 from gateway.config import Limits
+from gateway.context import CONTEXT
 from gateway.errors import ApiError, bad_request, shutting_down, storage_failed
 from gateway.headers import media_type
 
@@ -654,6 +655,11 @@ async def _read_stream(
             raise body.failure from None
         if not chunk:
             return
+        if (ctx := request.get(CONTEXT)) is not None and ctx.gateway.drain_over.is_set():
+            # The drain's time is up: what is left of the shutdown is too short for the provider's
+            # answer, so the upload is cut off rather than let through whole (see api.shielded).
+            body.failure = shutting_down("cut this upload off before it was whole")
+            raise body.failure
         body.bytes_read += len(chunk)
         if body.bytes_read > limits.max_upload_bytes:
             body.failure = too_large(limits.max_upload_bytes)

@@ -10,16 +10,21 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client import REGISTRY
 
 from gateway import logs
+from gateway import server as server_module
+from gateway.app import build_app
+from gateway.state import GATEWAY
 from tests.conftest import ALPHA_KEY, BETA_KEY, ENV, RunningGateway, StartGateway, gateway_yaml, load
+from tests.fakes import openai_upstream
 from tests.fakes.faulty_upstream import FaultyUpstream
 from tests.fakes.openai_upstream import FakeOpenAIUpstream
 from tests.test_cli import free_port, wait_healthy
@@ -615,6 +620,82 @@ async def test_a_create_its_provider_has_not_answered_when_the_drain_ends_is_ans
     assert status == 504 and body["error"]["code"] == "shutting_down", (body, output)
     assert headers.get("x-should-retry") == "false"
     assert code == 0 and "abandoned_at_shutdown" in output and "Traceback" not in output, output
+
+
+async def test_what_comes_after_the_drains_time_is_refused_before_it_reaches_the_provider(
+    tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the drain's time is up, the shutdown leaves a create no time for its provider's answer.
+    An upload whose last bytes came then was let through whole: the provider made (and billed) the
+    job, the connection was dropped without an answer and the job left unrecorded, and the SDK sent
+    the create again. So was a create sent then on a kept-alive connection. Both are refused 503
+    ``shutting_down`` now, with nothing sent: the client may send them again after the restart."""
+    fake, url = upstream
+    monkeypatch.setattr(openai_upstream, "SLOW_SECONDS", 5.0)  # a provider slow to answer
+    port = free_port()
+    text = gateway_yaml(tmp_path, upstream_url=url).replace("read: 2, request: 3", "read: 20, request: 30")
+    text += "server: {drain_delay_seconds: 0, drain_seconds: 0.3}\n"
+    apps: list[web.Application] = []
+
+    def keep(*args: Any, **kwargs: Any) -> web.Application:
+        apps.append(build_app(*args, **kwargs))
+        return apps[-1]
+
+    monkeypatch.setattr(server_module, "build_app", keep)
+    loop = asyncio.get_running_loop()
+    serving = asyncio.create_task(server_module.serve(load(text), None, "127.0.0.1", port))
+    try:
+        (uploading, upload), (idle, later) = [await open_when_listening(port) for _ in range(2)]
+        form_start = (
+            b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nsora-remote\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nlate upload [slow]\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="r.png"\r\n\r\n'
+        ) + b"\0" * 1000
+        form_end = b"\0" * 1000 + b"\r\n--b--\r\n"
+        upload.write(
+            f"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(form_start) + len(form_end)}\r\n\r\n".encode()
+            + form_start
+        )
+        gw = apps[0][GATEWAY]
+        await until(lambda: gw.in_flight == 1)
+        os.kill(os.getpid(), signal.SIGTERM)  # serve() handles it: the drain begins
+        await until(gw.drain_over.is_set)
+        await asyncio.sleep(0.1)  # the upload's last bytes come just after the drain's time is up
+        upload.write(form_end)
+        json_create = json.dumps({"model": "sora-remote", "prompt": "late json [slow]"}).encode()
+        later.write(
+            f"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(json_create)}\r\n\r\n".encode()
+            + json_create
+        )
+        answers = [await asyncio.wait_for(reader.read(65536), 15) for reader in (uploading, idle)]
+        await asyncio.wait_for(serving, 15)
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 503") and b"shutting_down" in answer, answer
+        assert fake.jobs == {}, "nothing reached the provider whole"
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        if not serving.done():
+            serving.cancel()
+
+
+async def until(condition: Callable[[], bool], seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came"
+        await asyncio.sleep(0.01)
+
+
+async def open_when_listening(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    for _ in range(300):
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.02)
+    raise AssertionError("the gateway never listened")
 
 
 async def test_a_streamed_create_the_drain_ends_is_cut_not_answered_twice(

@@ -14,6 +14,8 @@ import aiohttp
 import openai
 import pytest
 
+from gateway.state import GATEWAY
+from gateway.store import Task
 from tests.conftest import (
     ALPHA_KEY,
     BETA_KEY,
@@ -927,6 +929,93 @@ async def test_in_progress_cap_survives_a_restart(
         second, "/v1/videos", json={"prompt": "x", "model": "slow", "size": "320x240"}, headers=beta
     )
     assert status == 429 and body["error"]["code"] == "too_many_in_progress"
+
+
+@pytest.mark.parametrize("route", ["remix", "edits", "extensions"])
+async def test_a_derived_video_counts_towards_max_in_progress_until_it_is_recorded(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    upstream: tuple[FakeOpenAIUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+    route: str,
+) -> None:
+    """A remix, edit or extension gave back its admission before it recorded its video, where a
+    create records inside its own: a create admitted meanwhile (the new row's commit waiting on
+    the disk) saw neither, and the key ran two videos under max_in_progress: 1."""
+    _, url = upstream
+    capped = gateway_yaml(tmp_path, upstream_url=url).replace(
+        "    key: ${ALPHA_KEY}", "    key: ${ALPHA_KEY}\n    limits: {max_in_progress: 1}"
+    )
+    gw = await start_gateway(capped)
+    status, _, source = await call(gw, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "src"})
+    while source["status"] != "completed":  # the fake moves a job a step per retrieve
+        _, _, source = await call(gw, "GET", f"/v1/videos/{source['id']}")
+    store = gw.app[GATEWAY].store
+    add = store.add
+    committing, committed = asyncio.Event(), asyncio.Event()
+
+    async def slow_commit(task: Task) -> None:
+        if task.video.get("prompt") == "derived":
+            committing.set()
+            await committed.wait()
+        await add(task)
+
+    monkeypatch.setattr(store, "add", slow_commit)
+    path, body = {
+        "remix": (f"/v1/videos/{source['id']}/remix", {"prompt": "derived"}),
+        "edits": ("/v1/videos/edits", {"prompt": "derived", "video": {"id": source["id"]}}),
+        "extensions": (
+            "/v1/videos/extensions",
+            {"prompt": "derived", "seconds": "4", "video": {"id": source["id"]}},
+        ),
+    }[route]
+    derived = asyncio.create_task(call(gw, "POST", path, json=body))
+    await asyncio.wait_for(committing.wait(), 15)
+    status, _, other = await call(gw, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "more"})
+    committed.set()
+    assert (await derived)[0] == 200
+    assert status == 429 and other["error"]["code"] == "too_many_in_progress", other
+
+
+@pytest.mark.parametrize("provider", ["local", "dialect"])
+async def test_two_deletes_of_one_video_at_once_answer_200_and_404(
+    local_gateway: RunningGateway, dialect_gateway: RunningGateway, provider: str
+) -> None:
+    """One after the other, the second DELETE is a 404; sent at once (an SDK's retry after a timeout,
+    two tabs), both were answered 200 ``deleted: true``: the second deleted nothing."""
+    gw = local_gateway if provider == "local" else dialect_gateway
+    model = {"size": "320x240"} if provider == "local" else {"model": "sora-remote"}
+    status, _, video = await call(gw, "POST", "/v1/videos", json={"prompt": "x", **model})
+    assert status == 200
+    answers = await asyncio.gather(*(call(gw, "DELETE", f"/v1/videos/{video['id']}") for _ in range(2)))
+    assert sorted(status for status, _, _ in answers) == [200, 404], answers
+    gone = next(body for status, _, body in answers if status == 404)
+    assert gone["error"]["code"] == "video_not_found"
+
+
+async def test_a_streamed_create_holds_its_bulkhead_slot_while_it_streams(
+    start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A streamed create gave its slots back as soon as its events began, though its provider call
+    stays open until the video ends: under max_concurrent_requests: 1, a second create was sent."""
+    fake, url = upstream
+    text = gateway_yaml(tmp_path, upstream_url=url)
+    gw = await start_gateway(
+        text.replace("model: upstream-sora", "model: upstream-sora\n    max_concurrent_requests: 1")
+    )
+    body = {"prompt": "streamed [held stream]", "model": "sora-remote", "stream": True}
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {ALPHA_KEY}"}) as session,
+        session.post(gw.url + "/v1/videos", json=body) as response,
+    ):
+        assert response.status == 200
+        await response.content.readuntil(b"\n\n")  # the first event: the provider call is open
+        status, _, other = await call(gw, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "x"})
+        fake.stream_gate.set()
+        await response.read()
+    assert status == 503 and other["error"]["code"] == "upstream_busy", other
+    status, _, after = await call(gw, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "y"})
+    assert status == 200, f"the slot is given back when the stream ends: {after}"
 
 
 def test_which_refusals_fail_over() -> None:

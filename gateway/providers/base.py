@@ -319,6 +319,10 @@ class EventStream:
         self._on_cut_off = on_cut_off
         self.cut_off = False  # the provider's stream broke off (reset, cut, stalled past its read timeout)
 
+    def hold(self, held: contextlib.ExitStack) -> None:
+        """Keep what the stream's call holds (its bulkhead slots) until the stream is closed."""
+        self._closer.callback(held.close)
+
     async def events(self) -> AsyncIterator[bytes]:
         """Raw events, their lines ended in LF, each ending in a blank line; they end early when the
         stream breaks off, or when an event grows past :data:`MAX_EVENT_BYTES` without ending.
