@@ -266,6 +266,26 @@ async def test_an_unsatisfiable_range_is_416_in_the_error_envelope(
         assert status == 416 and json.loads(body)["error"]["code"] == "range_not_satisfiable"
 
 
+async def test_a_file_gone_before_it_is_sent_is_a_404_in_the_error_envelope(
+    dialect_gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file deleted between its lookup and its sending (a DELETE racing the download) was aiohttp's
+    404: an empty body under the file's Content-Type (video/mp4), which no client reads as an error."""
+    video_id = await completed(dialect_gateway, "sora-2")
+    engine = dialect_gateway.app[GATEWAY].table.adapter("local").engine
+    asset = engine.asset
+
+    async def deleted_meanwhile(job_id: str, variant: str) -> tuple[Path, str]:
+        path, content_type = await asset(job_id, variant)
+        path.unlink()
+        return path, content_type
+
+    monkeypatch.setattr(engine, "asset", deleted_meanwhile)
+    status, headers, body = await content(dialect_gateway, video_id, "bytes=0-")
+    assert status == 404 and headers["Content-Type"].startswith("application/json"), (headers, body)
+    assert json.loads(body)["error"]["code"] == "not_found" and headers["x-request-id"]
+
+
 @pytest.mark.parametrize(
     ("headers", "status"),
     [

@@ -105,12 +105,25 @@ class FileAnswer(web.FileResponse):
 
     Ranges follow RFC 9110 §14.2 where aiohttp's answer an empty 416: a Range header this gateway
     ignores (see :func:`byte_range`) gets the whole file, and an unsatisfiable one the error envelope.
+    A file gone by the time it is sent (deleted meanwhile) is a 404 in the envelope too, where
+    aiohttp's is an empty body under the file's Content-Type.
     """
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return None
-        return await super().prepare(request)
+        try:
+            return await super().prepare(request)
+        except _FileGone:
+            gone = ApiError(404, "The content is no longer available: it was deleted.", code="not_found")
+            return await self._error(request, gone)
+
+    def _make_response(self, *args: Any) -> Any:
+        # aiohttp's opening of the file (in a thread), whose OSError it answers itself
+        try:
+            return super()._make_response(*args)
+        except FileNotFoundError as exc:
+            raise _FileGone from exc
 
     async def _prepare_open_file(
         self, request: web.BaseRequest, fobj: Any, st: os.stat_result, file_encoding: str | None
@@ -122,31 +135,34 @@ class FileAnswer(web.FileResponse):
         elif header is not None:
             wanted = byte_range(header)
             if wanted is not None and not wanted.satisfiable(st.st_size):
-                return await self._range_not_satisfiable(request, st.st_size)
+                unsatisfiable = ApiError(
+                    416,
+                    f"The requested range is not satisfiable: the content is {st.st_size} bytes long.",
+                    param="Range",
+                    code="range_not_satisfiable",
+                    headers={hdrs.CONTENT_RANGE: f"bytes */{st.st_size}", hdrs.ACCEPT_RANGES: "bytes"},
+                )
+                return await self._error(request, unsatisfiable)
             canonical = None if wanted is None else wanted.header()
             if canonical != header:
                 request = _with_range(request, canonical)
         return await super()._prepare_open_file(request, fobj, st, file_encoding)
 
-    async def _range_not_satisfiable(
-        self, request: web.BaseRequest, size: int
-    ) -> AbstractStreamWriter | None:
-        error = ApiError(
-            416,
-            f"The requested range is not satisfiable: the content is {size} bytes long.",
-            param="Range",
-            code="range_not_satisfiable",
-        )
+    async def _error(self, request: web.BaseRequest, error: ApiError) -> AbstractStreamWriter | None:
+        """``error`` in the envelope in place of the file."""
         payload = json.dumps(error.body()).encode()
-        self.set_status(416)
+        self.set_status(error.status)
         self.content_type = "application/json"
         self.content_length = len(payload)
-        self.headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
-        self.headers[hdrs.ACCEPT_RANGES] = "bytes"
+        self.headers.update(error.headers)
         writer = await web.StreamResponse.prepare(self, request)
         if request.method != "HEAD":
             await self.write(payload)
         return writer
+
+
+class _FileGone(Exception):
+    """A file that went away between its answer's making and its sending."""
 
 
 @dataclass(frozen=True, slots=True)
