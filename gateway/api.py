@@ -343,6 +343,8 @@ async def _record(
         video=seed,
         state={**upstream.state, "upstream_model": deployment.upstream_model},
     )
+    if replayable:
+        task.state[_IDEMPOTENCY_KEY] = request.headers["Idempotency-Key"]
     if remixed_from is None:
         remixed_from = await _map_remixed_from(gw, owner, deployment.name, upstream.fields)
     task.video = build_video(task, upstream.fields, remixed_from=remixed_from)
@@ -567,6 +569,26 @@ async def _admit(request: web.Request) -> AsyncIterator[None]:
         yield
 
 
+_IDEMPOTENCY_KEY = "idempotency_key"  # in a task's state: the client's key for the request that made it
+
+
+async def _replayed(request: web.Request, model: str, body: RequestBody) -> Task | None:
+    """The unfinished video a retry under an ``Idempotency-Key`` asks for again, when its key has a
+    ``max_in_progress``: at the cap, the retry would be refused before its provider could replay the
+    job, and that video is the reason the key is at its cap. Another prompt or model is another
+    request, which the provider judges; so is a streamed create, whose answer is its events."""
+    idempotency_key = request.headers.get("Idempotency-Key")
+    key = client_key(request)
+    if idempotency_key is None or key.max_in_progress is None or body.get("stream") is not None:
+        return None
+    asked, prompt = (idempotency_key, model), body.get("prompt")
+    for task in await gateway(request).store.active(key.name):
+        same = (task.state.get(_IDEMPOTENCY_KEY), task.model) == asked
+        if same and (prompt is None or task.video.get("prompt") == prompt):
+            return task
+    return None
+
+
 def _answer(request: web.Request, task: Task) -> web.Response:
     return _json(task.video, headers=limits.rate_headers(client_key(request), context(request).admission))
 
@@ -580,6 +602,8 @@ async def create_video(request: web.Request) -> web.StreamResponse:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
         ctx.model = model
+        if (known := await _replayed(request, model, body)) is not None:
+            return _answer(request, known)
         async with _admit(request):
             deployment, result = await _start(request, "create", model, body, lambda a, c: a.create(c, body))
             if isinstance(result, EventStream):
@@ -777,6 +801,8 @@ async def remix_video(request: web.Request) -> web.Response:
     try:
         _check_types(body)
         deployment, adapter = _deployment_of(table, source)
+        if (known := await _replayed(request, source.model, body)) is not None:
+            return _answer(request, known)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         async with _admit(request):  # until the video is recorded, as it counts from then on
             with ctx.gateway.bulkheads.enter_create(deployment):
@@ -876,6 +902,8 @@ async def _from_video(
         model = source.model if source is not None else table.resolve_model(body.get("model"))
         ctx.model = model
         check_model_access(client_key(request), model)
+        if (known := await _replayed(request, model, body)) is not None:
+            return _answer(request, known)
         seed = {"size": source.video.get("size")} if source else {}
         async with _admit(request):  # until the video is recorded, as it counts from then on
             if source is not None:

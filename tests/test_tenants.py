@@ -242,3 +242,37 @@ async def test_creates_under_one_idempotency_key_at_once_are_one_video(
     assert len(fake.jobs) == 1 and len({video.id for video in videos}) == 1, [v.id for v in videos]
     status, _, listed = await call(gw, "GET", "/v1/videos", key=ALPHA_KEY)
     assert status == 200 and [v["id"] for v in listed["data"]] == [videos[0].id]
+
+
+class NeverFinishing(IdempotentUpstream):
+    """The idempotent fake whose jobs stay in progress (a long render)."""
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        job = self._job(request)
+        job.update(status="in_progress", progress=30)
+        return web.json_response(job)
+
+
+async def test_a_retry_under_its_idempotency_key_gets_its_video_at_the_in_progress_cap(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any, media: dict[str, Path]
+) -> None:
+    """README: a tenant's retry with its key gets back the video it has. At max_in_progress: 1 the
+    retry was refused 429 too_many_in_progress before its provider could replay the job, though that
+    video, unfinished, is what put the key at its cap. Another prompt under the key is another
+    request, and is refused."""
+    fake = NeverFinishing(api_key=UPSTREAM_KEY, media=media)
+    server = await aiohttp_server(fake.app())
+    text = gateway_yaml(tmp_path, upstream_url=str(server.make_url("")).rstrip("/")).replace(
+        "    key: ${ALPHA_KEY}", "    key: ${ALPHA_KEY}\n    limits: {max_in_progress: 1}"
+    )
+    gw = await start_gateway(text)
+    once = {"Idempotency-Key": "order-9"}
+    sdk = gw.sdk(ALPHA_KEY)
+    made = await sdk.videos.create(prompt="long", model="sora-remote", extra_headers=once)
+    again = await sdk.videos.create(prompt="long", model="sora-remote", extra_headers=once)
+    assert again.id == made.id and len(fake.jobs) == 1
+    body = {"prompt": "another", "model": "sora-remote"}
+    status, _, refused = await call(gw, "POST", "/v1/videos", json=body, headers=once)
+    assert status == 429 and refused["error"]["code"] == "too_many_in_progress"
+    status, _, refused = await call(gw, "POST", "/v1/videos", json={"prompt": "long", "model": "sora-remote"})
+    assert status == 429, "without its key, a create is a new one"
