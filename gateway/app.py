@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.http import HttpVersion11
 
-from gateway import api, logs, metrics, openapi
+from gateway import api, cors, logs, metrics, openapi
 from gateway.auth import bearer_token, same_key
 from gateway.bodies import size_limit, too_large
 from gateway.config import GatewayConfig
@@ -43,15 +43,20 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
     async def envelope(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         ctx = request[CONTEXT] = RequestContext(gw, gw.table, request_id(request), time.perf_counter())
+        if origins := ctx.table.config.cors_origins:
+            ctx.cors_origin = cors.allowed_origin(origins, request.headers.get("Origin"))
         series = metrics.route_series(route, request.method)
         series.started()
         gw.in_flight += 1
         response: web.StreamResponse = _CLIENT_GONE
         try:
             try:
-                if request.path.startswith("/v1/"):
-                    ctx.client_key = ctx.table.keys.authenticate(request.headers.get("Authorization"))
-                response = await handler(request)
+                if ctx.cors_origin is not None and cors.is_preflight(request):
+                    response = cors.preflight(request, ctx.cors_origin)
+                else:
+                    if request.path.startswith("/v1/"):
+                        ctx.client_key = ctx.table.keys.authenticate(request.headers.get("Authorization"))
+                    response = await handler(request)
             except ApiError as exc:
                 _count_unusable_answer(ctx, exc)
                 response = exc.response()

@@ -138,6 +138,7 @@ class GatewayConfig:
     metrics_key: str | None = field(default=None, repr=False)
     log_format: str = "console"
     log_level: str = "info"
+    cors_origins: tuple[str, ...] = ()
     keys: tuple[ClientKey, ...] = ()
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     models: Mapping[str, tuple[Deployment, ...]] = field(default_factory=dict)
@@ -184,6 +185,8 @@ _RESULT_HOST_PATTERN = (
     "^\\.?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
 )
 _SHA256_HEX = "^[0-9a-fA-F]{64}$"  # a client key given as its digest (keys[].sha256)
+# a browser's Origin: scheme://host[:port], the host a name or an address; or "*" for any
+_ORIGIN_PATTERN = "^(\\*|https?://([A-Za-z0-9.-]+|\\[[0-9A-Fa-f:.]+\\])(:[0-9]{1,5})?)$"
 # What a value that does not match a pattern must be, in words.
 _PATTERN_WORDS = {
     "\\S": "must not be empty",
@@ -192,6 +195,7 @@ _PATTERN_WORDS = {
     _BASE_URL_PATTERN: "must be an http(s) URL with a host, such as https://api.example.com/v1",
     _RESULT_HOST_PATTERN: "must be a host name (cdn.example.com) or a suffix (.example.com), not a URL",
     _SHA256_HEX: "must be 64 hexadecimal digits (a SHA-256 digest)",
+    _ORIGIN_PATTERN: 'must be an origin, scheme://host[:port] such as https://app.example.com, or "*"',
 }
 
 
@@ -289,6 +293,18 @@ def schema() -> dict[str, Any]:
                     "client_idle_timeout": {"type": "number", "exclusiveMinimum": 0},
                     "header_timeout": {"type": "number", "exclusiveMinimum": 0},
                     "keepalive_timeout": {"type": "number", "exclusiveMinimum": 0},
+                },
+            },
+            "cors": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "allow_origins": {
+                        "type": "array",
+                        "items": {"type": "string", "pattern": _ORIGIN_PATTERN},
+                        "description": "Origins whose pages may call the API from a browser "
+                        '(scheme://host[:port]), or "*" for any; none by default.',
+                    },
                 },
             },
             "metrics": {
@@ -754,6 +770,7 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
         metrics_key=metrics.get("key"),
         log_format=logging.get("format", "console"),
         log_level=logging.get("level", "info"),
+        cors_origins=tuple(raw.get("cors", {}).get("allow_origins", ())),
         keys=tuple(keys),
         providers=providers,
         models=models,

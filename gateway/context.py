@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gateway import cors
+
 if TYPE_CHECKING:
     from gateway.config import ClientKey
     from gateway.providers.base import Call
@@ -63,6 +65,7 @@ class RequestContext:
     changing: bool = False  # a create or delete was sent upstream: see api.shielded
     client_gone: bool = False  # the client's connection broke while its answer was being written
     streaming: bool = False  # a streamed answer has begun (start_answer): no other can be sent
+    cors_origin: str | None = None  # what Access-Control-Allow-Origin says, for an allowed origin
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context")
@@ -101,6 +104,8 @@ def stamp(ctx: RequestContext, response: web.StreamResponse) -> None:
         response.force_close()
     own = time.perf_counter() - ctx.started - ctx.upstream.total()
     response.headers["x-gateway-overhead-ms"] = f"{max(0.0, own) * 1000:.3f}"
+    if ctx.cors_origin is not None:
+        cors.stamp(response, ctx.cors_origin)
 
 
 async def start_answer(request: web.Request, response: web.StreamResponse) -> None:
