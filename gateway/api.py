@@ -221,12 +221,14 @@ async def _start(
         probe = table.health.probing(deployment.name)  # this create probes it, back from an ejection
         call: Call | None = None
         try:
-            with contextlib.ExitStack() as slots:
-                slots.enter_context(gw.bulkheads.enter_create(deployment))
+            # enter_create's slots, the request's kept by a streamed create while its events come:
+            # its upload is over, its call is not
+            with gw.bulkheads.enter(deployment, "uploads"), contextlib.ExitStack() as calling:
+                calling.enter_context(gw.bulkheads.enter(deployment, "requests"))
                 call = _changing_call(request, deployment, name)
                 result = await operation(table.adapter(deployment.provider), call)
-                if isinstance(result, EventStream):  # its call stays open while the events come
-                    result.hold(slots.pop_all())
+                if isinstance(result, EventStream):
+                    result.hold(calling.pop_all())
         except ApiError as exc:
             refused = _refused_here(exc)
             failing_over = attempt < len(candidates) and body.replayable and _may_fail_over(exc)
@@ -343,8 +345,10 @@ async def _record(
         video=seed,
         state={**upstream.state, "upstream_model": deployment.upstream_model},
     )
-    if replayable:
-        task.state[_IDEMPOTENCY_KEY] = request.headers["Idempotency-Key"]
+    made_by = context(request).idempotency
+    if made_by is not None:  # what a retry at the key's cap must ask to be this video (_replayed)
+        asked = {name: seed[name] for name in ("prompt", "size", "seconds") if name in seed}
+        task.state[_IDEMPOTENCY] = {**made_by, "asked": asked}
     if remixed_from is None:
         remixed_from = await _map_remixed_from(gw, owner, deployment.name, upstream.fields)
     task.video = build_video(task, upstream.fields, remixed_from=remixed_from)
@@ -569,22 +573,38 @@ async def _admit(request: web.Request) -> AsyncIterator[None]:
         yield
 
 
-_IDEMPOTENCY_KEY = "idempotency_key"  # in a task's state: the client's key for the request that made it
+# In a task's state: the Idempotency-Key, operation and source video of the request that made it,
+# and what it asked for (its prompt, size and seconds).
+_IDEMPOTENCY = "idempotency"
 
 
-async def _replayed(request: web.Request, model: str, body: RequestBody) -> Task | None:
-    """The unfinished video a retry under an ``Idempotency-Key`` asks for again, when its key has a
-    ``max_in_progress``: at the cap, the retry would be refused before its provider could replay the
-    job, and that video is the reason the key is at its cap. Another prompt or model is another
-    request, which the provider judges; so is a streamed create, whose answer is its events."""
+async def _replayed(
+    request: web.Request, operation: str, model: str, source: Task | None, body: RequestBody
+) -> Task | None:
+    """The unfinished video that a retry under an ``Idempotency-Key`` asks for again, when its key is
+    at its ``max_in_progress``: the retry would be refused before its provider could replay the job,
+    though that video is what put the key at its cap. It must be the same request: the same
+    operation on the same source video, with the same model, and the same prompt and what else of
+    it has been read; a streamed create (whose answer is its events) is left to the provider."""
     idempotency_key = request.headers.get("Idempotency-Key")
     key = client_key(request)
-    if idempotency_key is None or key.max_in_progress is None or body.get("stream") is not None:
+    if idempotency_key is None or key.max_in_progress is None:
         return None
-    asked, prompt = (idempotency_key, model), body.get("prompt")
-    for task in await gateway(request).store.active(key.name):
-        same = (task.state.get(_IDEMPOTENCY_KEY), task.model) == asked
-        if same and (prompt is None or task.video.get("prompt") == prompt):
+    made_by = {"key": idempotency_key, "operation": operation, "source": source.id if source else None}
+    context(request).idempotency = made_by
+    asked = _seed(body)
+    if "prompt" not in asked or body.get("stream") is not None:
+        return None
+    active = await gateway(request).store.active(key.name)
+    if len(active) < key.max_in_progress:
+        return None  # not at its cap: the provider replays the job, if it keeps keys
+    for task in active:
+        said = task.state.get(_IDEMPOTENCY)
+        if not isinstance(said, dict) or task.model != model:
+            continue
+        same_request = all(said.get(name) == value for name, value in made_by.items())
+        stored = said.get("asked") if isinstance(said.get("asked"), dict) else {}
+        if same_request and all(stored.get(name) == value for name, value in asked.items()):
             return task
     return None
 
@@ -602,7 +622,7 @@ async def create_video(request: web.Request) -> web.StreamResponse:
         model = table.resolve_model(body.get("model"))
         check_model_access(client_key(request), model)
         ctx.model = model
-        if (known := await _replayed(request, model, body)) is not None:
+        if (known := await _replayed(request, "create", model, None, body)) is not None:
             return _answer(request, known)
         async with _admit(request):
             deployment, result = await _start(request, "create", model, body, lambda a, c: a.create(c, body))
@@ -801,7 +821,7 @@ async def remix_video(request: web.Request) -> web.Response:
     try:
         _check_types(body)
         deployment, adapter = _deployment_of(table, source)
-        if (known := await _replayed(request, source.model, body)) is not None:
+        if (known := await _replayed(request, "remix", source.model, source, body)) is not None:
             return _answer(request, known)
         seed = {"size": source.video.get("size"), "seconds": source.video.get("seconds"), **_seed(body)}
         async with _admit(request):  # until the video is recorded, as it counts from then on
@@ -902,7 +922,7 @@ async def _from_video(
         model = source.model if source is not None else table.resolve_model(body.get("model"))
         ctx.model = model
         check_model_access(client_key(request), model)
-        if (known := await _replayed(request, model, body)) is not None:
+        if (known := await _replayed(request, name, model, source, body)) is not None:
             return _answer(request, known)
         seed = {"size": source.video.get("size")} if source else {}
         async with _admit(request):  # until the video is recorded, as it counts from then on

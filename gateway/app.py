@@ -43,7 +43,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
     async def envelope(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         ctx = request[CONTEXT] = RequestContext(gw, gw.table, request_id(request), time.perf_counter())
-        if origins := ctx.table.config.cors_origins:
+        if (origins := ctx.table.config.cors_origins) and request.path.startswith("/v1/"):
             ctx.cors_origin = cors.allowed_origin(origins, request.headers.get("Origin"))
         series = metrics.route_series(route, request.method)
         series.started()
@@ -51,7 +51,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
         response: web.StreamResponse = _CLIENT_GONE
         try:
             try:
-                if ctx.cors_origin is not None and cors.is_preflight(request):
+                if ctx.cors_origin and cors.is_preflight(request):
                     response = cors.preflight(request, ctx.cors_origin)
                 else:
                     if request.path.startswith("/v1/"):

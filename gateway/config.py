@@ -589,6 +589,15 @@ _CONNECTION_HEADERS = frozenset(
 )
 
 
+def _origin(value: str) -> str:
+    """An origin as a browser's ``Origin`` header has it: lower case, without the scheme's own port."""
+    value = value.lower()
+    for default in ("https://", ":443"), ("http://", ":80"):
+        if value.startswith(default[0]) and value.endswith(default[1]):
+            return value.removesuffix(default[1])
+    return value
+
+
 def _check_references(raw: Any, problem: Any) -> None:
     """Checks the schema cannot express; tolerant of whatever the schema rejected, so that these
     problems are reported together with the schema's."""
@@ -770,7 +779,7 @@ def _resolve(raw: dict[str, Any], source: str) -> GatewayConfig:
         metrics_key=metrics.get("key"),
         log_format=logging.get("format", "console"),
         log_level=logging.get("level", "info"),
-        cors_origins=tuple(raw.get("cors", {}).get("allow_origins", ())),
+        cors_origins=tuple(_origin(value) for value in raw.get("cors", {}).get("allow_origins", ())),
         keys=tuple(keys),
         providers=providers,
         models=models,

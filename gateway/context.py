@@ -65,7 +65,8 @@ class RequestContext:
     changing: bool = False  # a create or delete was sent upstream: see api.shielded
     client_gone: bool = False  # the client's connection broke while its answer was being written
     streaming: bool = False  # a streamed answer has begun (start_answer): no other can be sent
-    cors_origin: str | None = None  # what Access-Control-Allow-Origin says, for an allowed origin
+    cors_origin: str | None = None  # on API routes when origins are allowed: cors.allowed_origin
+    idempotency: dict[str, str | None] | None = None  # a create's Idempotency-Key and what it names
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context")

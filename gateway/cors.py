@@ -19,22 +19,22 @@ EXPOSED = ", ".join(
     [
         *("x-request-id", "x-gateway-overhead-ms", "openai-poll-after-ms", "retry-after", "x-should-retry"),
         *("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
-        *("content-range", "accept-ranges", "content-disposition"),
+        *("content-range", "accept-ranges", "content-disposition", "etag", "last-modified"),
     ]
 )
 MAX_AGE_SECONDS = 600  # how long a browser may keep a preflight's answer (Chrome caps it at 7200)
 
 
-def allowed_origin(origins: tuple[str, ...], origin: str | None) -> str | None:
-    """What ``Access-Control-Allow-Origin`` says to a request from ``origin``; None when none."""
-    if origin is None:
-        return None
+def allowed_origin(origins: tuple[str, ...], origin: str | None) -> str:
+    """What ``Access-Control-Allow-Origin`` says to a request from ``origin``: ``*`` when any origin
+    may call, ``origin`` when it may, else "" (nothing, though the answer varies by ``Origin``)."""
     if "*" in origins:
         return "*"
-    return origin if origin in origins else None
+    return origin if origin is not None and origin in origins else ""
 
 
 def is_preflight(request: web.Request) -> bool:
+    """A browser asking whether it may send a request, rather than an OPTIONS request of its own."""
     return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
 
 
@@ -52,8 +52,9 @@ def preflight(request: web.Request, allowed: str) -> web.Response:
 
 
 def stamp(response: web.StreamResponse, allowed: str) -> None:
-    """Name the allowed origin on an answer about to start."""
-    response.headers["Access-Control-Allow-Origin"] = allowed
-    response.headers["Access-Control-Expose-Headers"] = EXPOSED
+    """Name the allowed origin, if any, on an answer about to start (see :func:`allowed_origin`)."""
     if allowed != "*":  # the answer differs by the request's Origin: caches must keep them apart
         response.headers.add("Vary", "Origin")
+    if allowed:
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Expose-Headers"] = EXPOSED

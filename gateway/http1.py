@@ -80,10 +80,12 @@ class FixedHeaders:
     once rather than on every request."""
 
     lines: str
+    names_host: bool  # a provider's own Host, which replaces the URL's
 
     @classmethod
     def of(cls, headers: Mapping[str, str]) -> FixedHeaders:
-        return cls(_lines(headers))
+        lines = _lines(headers)
+        return cls(lines, _names_host(lines))
 
 
 class ExchangeError(Exception):
@@ -571,11 +573,16 @@ def _head(
     body: bytes | None,
     fixed: FixedHeaders | None,
 ) -> bytes:
-    fields = _lines(headers) if fixed is None else fixed.lines + _lines(headers)
+    lines = _lines(headers)
+    fields = lines if fixed is None else fixed.lines + lines
     length = f"Content-Length: {len(body or b'')}\r\n" if body is not None or method in _BODY_METHODS else ""
-    if not (fields[:5].lower() == "host:" or "\nhost:" in fields.lower()):  # a provider's own Host wins
+    if not ((fixed is not None and fixed.names_host) or _names_host(lines)):  # a provider's own Host wins
         fields = f"Host: {host}\r\n{fields}"
     return f"{method} {target} HTTP/1.1\r\n{fields}{length}\r\n".encode()
+
+
+def _names_host(lines: str) -> bool:
+    return lines[:5].lower() == "host:" or "\nhost:" in lines.lower()
 
 
 def _lines(headers: Mapping[str, str]) -> str:

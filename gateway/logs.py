@@ -50,6 +50,7 @@ def register_secrets(values: Iterable[str | None]) -> None:
 
 
 def _spellings(secret: str) -> set[str]:
+    """``secret`` as written, JSON-escaped (with and without ``/`` escaped) and percent-encoded."""
     escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
     return {secret, escaped, escaped.replace("/", "\\/"), quote(secret, safe=""), quote_plus(secret, safe="")}
 

@@ -315,6 +315,7 @@ class SQLiteTaskStore:
             self._cached_chars -= _prompt_chars(self._cache.popitem(last=False)[1])
 
     def _forget(self, task_id: str) -> None:
+        """Drop a task from the cache, and its prompt from the cache's count."""
         if (cached := self._cache.pop(task_id, None)) is not None:
             self._cached_chars -= _prompt_chars(cached)
 

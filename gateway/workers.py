@@ -106,10 +106,9 @@ def _ratio(quota: str, period: str) -> float | None:
 
 
 def prepare_metrics() -> Path:
-    """A fresh multiprocess directory, named in the environment before prometheus_client loads."""
-    path = Path(tempfile.mkdtemp(prefix="video-gateway-metrics-"))
-    os.environ[MULTIPROC_ENV] = str(path)
-    return path
+    """A fresh multiprocess directory for the workers' metrics (named in their environment only:
+    the supervisor's own metrics, of modules it imports to check a config, are none of them)."""
+    return Path(tempfile.mkdtemp(prefix="video-gateway-metrics-"))
 
 
 def supervise(
@@ -146,6 +145,7 @@ def supervise(
         **os.environ,
         SIGNING_KEY_ENV: secrets.token_hex(32),  # used where the config names none
         WORKER_CONFIG_ENV: str(copy),
+        MULTIPROC_ENV: str(metrics_dir),
         STARTED_CONFIG_ENV: str(original),
     }
 
@@ -242,7 +242,7 @@ def supervise(
             if pid not in children:
                 continue
             slot, started = children.pop(pid)
-            _forget_worker_metrics(pid)
+            _forget_worker_metrics(pid, metrics_dir)
             code = os.waitstatus_to_exitcode(wait_status)
             if stopping:
                 log.info("worker_stopped", pid=pid, code=code)
@@ -320,11 +320,11 @@ def take_signing_key() -> bytes | None:
     return value.encode() if value else None
 
 
-def _forget_worker_metrics(pid: int) -> None:
+def _forget_worker_metrics(pid: int, metrics_dir: Path) -> None:
     """A dead worker's live gauges (in-flight requests...) must not count any more."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid, str(metrics_dir))
 
 
 def leave_orphaned_metrics() -> None:

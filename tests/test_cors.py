@@ -71,10 +71,13 @@ async def test_other_origins_and_clients_outside_a_browser_get_no_cors_answer(
     elsewhere = "https://elsewhere.example"
     status, headers = await preflight(gw, "/v1/videos", elsewhere)
     assert status == 401 and "Access-Control-Allow-Origin" not in headers, "needs an allowed origin"
-    status, headers, _ = await call(gw, "GET", "/v1/videos", headers={"Origin": elsewhere})
-    assert status == 200 and "Access-Control-Allow-Origin" not in headers
-    status, headers, _ = await call(gw, "GET", "/v1/videos")
-    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    for page in ({"Origin": elsewhere}, {}):
+        status, headers, _ = await call(gw, "GET", "/v1/videos", headers=page)
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers
+        assert headers["Vary"] == "Origin", "a cache must not give this answer to an allowed page"
+    for path in ("/metrics", "/healthz"):  # not the API: no page may read these
+        status, headers, _ = await call(gw, "GET", path, headers={"Origin": APP})
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers, path
     status, _, _ = await call(gw, "OPTIONS", "/v1/videos", headers={"Origin": APP})
     assert status == 405, "an OPTIONS that is no preflight is answered as before"
 
@@ -93,8 +96,20 @@ async def test_any_origin_when_the_config_says_star(start_gateway: StartGateway,
     gw = await start_gateway(allowing(tmp_path, "*"))
     status, headers = await preflight(gw, "/v1/videos", "http://localhost:5173")
     assert status == 204 and headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
-    status, headers, _ = await call(gw, "GET", "/v1/videos", headers={"Origin": "http://localhost:5173"})
-    assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
+    for page in ({"Origin": "http://localhost:5173"}, {}):
+        status, headers, _ = await call(gw, "GET", "/v1/videos", headers=page)
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
+    status, headers, _ = await call(gw, "GET", "/metrics", headers={"Origin": "https://any.example"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers, "the metrics are no API"
+
+
+async def test_an_origin_is_matched_as_a_browser_writes_it(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """A browser's Origin is lower case and leaves out its scheme's own port."""
+    gw = await start_gateway(allowing(tmp_path, "https://Studio.Example.com:443"))
+    status, headers = await preflight(gw, "/v1/videos", APP)
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == APP
 
 
 @pytest.mark.parametrize(

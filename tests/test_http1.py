@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.http1 import ExchangeError, Http1Client, Limits
+from gateway.http1 import ExchangeError, FixedHeaders, Http1Client, Limits
 
 LIMITS = Limits(connect=1.0, read=1.0, total=5.0, max_answer=1 << 20)
 JSON = b'{"id": "video_1", "status": "in_progress"}'
@@ -539,8 +539,11 @@ async def test_a_providers_own_host_header_replaces_the_urls(serve, client) -> N
     server = await serve(keep_alive(answer()))
     await client.request("GET", server.url + "/v1/videos/x", {"host": "api.example.com"}, None, LIMITS)
     await client.request("GET", server.url + "/v1/videos/x", {"X-Team": "a"}, None, LIMITS)
-    given, default = (request.lower() for request in server.requests)
-    assert given.count(b"\r\nhost:") == 1 and b"\r\nhost: api.example.com\r\n" in given
+    fixed = FixedHeaders.of({"Authorization": "Bearer up", "Host": "api.example.com"})
+    await client.request("GET", server.url + "/v1/videos/x", {"X-Request-ID": "r"}, None, LIMITS, fixed)
+    given, default, fixed_given = (request.lower() for request in server.requests)
+    for named in (given, fixed_given):
+        assert named.count(b"\r\nhost:") == 1 and b"\r\nhost: api.example.com\r\n" in named
     assert default.count(b"\r\nhost:") == 1 and b"\r\nhost: 127.0.0.1:" in default
 
 

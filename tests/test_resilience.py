@@ -997,12 +997,12 @@ async def test_a_streamed_create_holds_its_bulkhead_slot_while_it_streams(
     start_gateway: StartGateway, tmp_path: Path, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:
     """A streamed create gave its slots back as soon as its events began, though its provider call
-    stays open until the video ends: under max_concurrent_requests: 1, a second create was sent."""
+    stays open until the video ends: under max_concurrent_requests: 1, a second create was sent.
+    Its upload slot it gives back: the upload is over (max_concurrent_uploads: 1 here)."""
     fake, url = upstream
     text = gateway_yaml(tmp_path, upstream_url=url)
-    gw = await start_gateway(
-        text.replace("model: upstream-sora", "model: upstream-sora\n    max_concurrent_requests: 1")
-    )
+    caps = "\n    max_concurrent_requests: 1\n    max_concurrent_uploads: 1"
+    gw = await start_gateway(text.replace("model: upstream-sora", "model: upstream-sora" + caps))
     body = {"prompt": "streamed [held stream]", "model": "sora-remote", "stream": True}
     async with (
         aiohttp.ClientSession(headers={"Authorization": f"Bearer {ALPHA_KEY}"}) as session,
@@ -1011,9 +1011,12 @@ async def test_a_streamed_create_holds_its_bulkhead_slot_while_it_streams(
         assert response.status == 200
         await response.content.readuntil(b"\n\n")  # the first event: the provider call is open
         status, _, other = await call(gw, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "x"})
+        bulkheads = gw.app[GATEWAY].bulkheads
+        held = [bulkheads.open("dialect/upstream-sora", kind) for kind in ("requests", "uploads")]
         fake.stream_gate.set()
         await response.read()
     assert status == 503 and other["error"]["code"] == "upstream_busy", other
+    assert held == [1, 0], "the stream holds its call's slot, not its upload's"
     status, _, after = await call(gw, "POST", "/v1/videos", json={"model": "sora-remote", "prompt": "y"})
     assert status == 200, f"the slot is given back when the stream ends: {after}"
 

@@ -276,3 +276,34 @@ async def test_a_retry_under_its_idempotency_key_gets_its_video_at_the_in_progre
     assert status == 429 and refused["error"]["code"] == "too_many_in_progress"
     status, _, refused = await call(gw, "POST", "/v1/videos", json={"prompt": "long", "model": "sora-remote"})
     assert status == 429, "without its key, a create is a new one"
+
+
+async def test_only_the_same_request_under_a_reused_key_is_its_video_again(
+    start_gateway: StartGateway, tmp_path: Path, aiohttp_server: Any, media: dict[str, Path]
+) -> None:
+    """A remix of S under the key an earlier create used, with the same prompt, is another request:
+    at the key's cap it was answered with that create's video (no remix, not of S), and nothing was
+    sent; below its cap too. It is refused at the cap, and sent below it."""
+    fake = IdempotentUpstream(api_key=UPSTREAM_KEY, media=media)
+    server = await aiohttp_server(fake.app())
+    url = str(server.make_url("")).rstrip("/")
+    for cap in (1, 2):
+        text = gateway_yaml(tmp_path / str(cap), upstream_url=url).replace(
+            "    key: ${ALPHA_KEY}", f"    key: ${{ALPHA_KEY}}\n    limits: {{max_in_progress: {cap}}}"
+        )
+        gw = await start_gateway(text)
+        body = {"model": "sora-remote", "prompt": "src"}
+        status, _, source = await call(gw, "POST", "/v1/videos", json=body)
+        while source["status"] != "completed":  # the fake moves a job a step per retrieve
+            _, _, source = await call(gw, "GET", f"/v1/videos/{source['id']}")
+        once = {"Idempotency-Key": f"k-same-words-{cap}"}
+        words = {"model": "sora-remote", "prompt": "same words"}
+        status, _, created = await call(gw, "POST", "/v1/videos", json=words, headers=once)
+        assert status == 200
+        remix = f"/v1/videos/{source['id']}/remix"
+        status, _, remixed = await call(gw, "POST", remix, json={"prompt": "same words"}, headers=once)
+        if cap == 1:
+            assert status == 429 and remixed["error"]["code"] == "too_many_in_progress", remixed
+        else:
+            assert status == 200 and remixed["id"] != created["id"], remixed
+            assert remixed["remixed_from_video_id"] == source["id"]

@@ -283,7 +283,7 @@ async def test_a_file_gone_before_it_is_sent_is_a_404_in_the_error_envelope(
     monkeypatch.setattr(engine, "asset", deleted_meanwhile)
     status, headers, body = await content(dialect_gateway, video_id, "bytes=0-")
     assert status == 404 and headers["Content-Type"].startswith("application/json"), (headers, body)
-    assert json.loads(body)["error"]["code"] == "not_found" and headers["x-request-id"]
+    assert json.loads(body)["error"]["code"] == "video_not_found" and headers["x-request-id"]
 
 
 @pytest.mark.parametrize(

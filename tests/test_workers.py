@@ -437,6 +437,15 @@ async def test_a_sighup_the_workers_refuse_does_not_stop_the_gateway_at_the_next
     assert set(statuses) == {404}, "the replacement runs the config the others run"
     assert "supervisor_keeps_config" in workers.log_text()
     assert "startup_failed" not in workers.log_text()
+    # The check loads the adapters, and with them the metrics: the supervisor's must not be counted
+    # with the workers' (a build-info gauge of three processes, say, for two workers).
+    worker = min(await _worker_pids(workers))
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    (metrics_dir,) = [
+        v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")
+    ]
+    supervisors = list(Path(metrics_dir).glob(f"*_{workers.process.pid}.db"))
+    assert supervisors == [], "the supervisor wrote metrics files"
 
 
 def _add_a_provider_that_cannot_start(workers: Workers, tmp_path: Path) -> Path:

@@ -115,7 +115,7 @@ class FileAnswer(web.FileResponse):
         try:
             return await super().prepare(request)
         except _FileGone:
-            gone = ApiError(404, "The content is no longer available: it was deleted.", code="not_found")
+            gone = ApiError(404, "The content is no longer here: it was deleted.", code="video_not_found")
             return await self._error(request, gone)
 
     def _make_response(self, *args: Any) -> Any:
