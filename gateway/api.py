@@ -154,9 +154,12 @@ def _check_types(body: RequestBody) -> None:
         raise bad_request("'seconds' must be a string or an integer.", param="seconds", code="invalid_type")
 
 
+_ASKED = ("prompt", "size", "seconds")  # what a client asks of a video, shown until its provider answers
+
+
 def _seed(body: RequestBody) -> dict[str, Any]:
     """What the client asked for, shown until the provider says otherwise."""
-    seed = {k: body.get(k) for k in ("prompt", "size", "seconds") if isinstance(body.get(k), str | int)}
+    seed = {k: body.get(k) for k in _ASKED if isinstance(body.get(k), str | int)}
     if "seconds" in seed:
         seed["seconds"] = str(seed["seconds"])
     return seed
@@ -221,13 +224,10 @@ async def _start(
         probe = table.health.probing(deployment.name)  # this create probes it, back from an ejection
         call: Call | None = None
         try:
-            # enter_create's slots, the request's kept by a streamed create while its events come:
-            # its upload is over, its call is not
-            with gw.bulkheads.enter(deployment, "uploads"), contextlib.ExitStack() as calling:
-                calling.enter_context(gw.bulkheads.enter(deployment, "requests"))
+            with gw.bulkheads.enter_create(deployment) as calling:
                 call = _changing_call(request, deployment, name)
                 result = await operation(table.adapter(deployment.provider), call)
-                if isinstance(result, EventStream):
+                if isinstance(result, EventStream):  # its call stays open while the events come
                     result.hold(calling.pop_all())
         except ApiError as exc:
             refused = _refused_here(exc)
@@ -347,7 +347,7 @@ async def _record(
     )
     made_by = context(request).idempotency
     if made_by is not None:  # what a retry at the key's cap must ask to be this video (_replayed)
-        asked = {name: seed[name] for name in ("prompt", "size", "seconds") if name in seed}
+        asked = {name: seed[name] for name in _ASKED if name in seed}
         task.state[_IDEMPOTENCY] = {**made_by, "asked": asked}
     if remixed_from is None:
         remixed_from = await _map_remixed_from(gw, owner, deployment.name, upstream.fields)

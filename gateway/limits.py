@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 
 from prometheus_client import Counter
 
@@ -121,11 +121,14 @@ class Bulkheads:
         return _Slot(self._open, key)
 
     @contextmanager
-    def enter_create(self, deployment: Deployment) -> Iterator[None]:
+    def enter_create(self, deployment: Deployment) -> Iterator[ExitStack]:
         """What a call that makes a video or character (a create, remix, edit or extension) holds: an
-        upload slot and, as every call to the deployment, a request slot."""
-        with self.enter(deployment, "uploads"), self.enter(deployment, "requests"):
-            yield
+        upload slot and, as every call to the deployment, a request slot. The request slot is held
+        by the stack yielded: a call still open when its upload is over (a streamed create's) keeps
+        it past the block with ``pop_all``."""
+        with self.enter(deployment, "uploads"), ExitStack() as calling:
+            calling.enter_context(self.enter(deployment, "requests"))
+            yield calling
 
     def open(self, deployment: str, kind: str) -> int:
         return self._open.get((deployment, kind), 0)
