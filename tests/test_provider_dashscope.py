@@ -116,6 +116,29 @@ async def test_text_to_video_request_and_status_sequence(
     assert ALPHA_KEY not in str(fake.headers)
 
 
+async def test_a_model_dashscope_does_not_have_is_the_operators_to_fix(
+    start_gateway: StartGateway, tmp_path: Path, dashscope: tuple[FakeDashScope, str]
+) -> None:
+    """DashScope answers a model its region lacks (here Beijing's name for Wan 2.1 at the
+    international endpoint) with 400 InvalidParameter "Model not exist.": the routing config's
+    fault, which the create fails over from, not the client's invalid value."""
+    provider = f"""
+        kind: dashscope
+        base_url: {dashscope[1]}
+        api_key: ${{UPSTREAM_KEY}}
+    """
+    models = """
+        wan:
+          provider: native
+          model: wanx2.1-t2v-turbo
+    """
+    gw = await start_provider_gateway(start_gateway, tmp_path, provider, models)
+    status, _, body = await request(gw, "POST", "/v1/videos", json={"model": "wan", "prompt": "x"})
+    assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
+    assert "wanx2.1-t2v-turbo" in body["error"]["message"]
+    assert dashscope[0].tasks == {}
+
+
 async def test_image_to_video_sends_the_image_as_img_url(
     gw: RunningGateway, dashscope: tuple[FakeDashScope, str]
 ) -> None:

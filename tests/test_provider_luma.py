@@ -310,6 +310,24 @@ async def test_a_task_id_is_used_whole(gw: RunningGateway, luma: tuple[FakeLuma,
     assert ODD_TASK_ID not in luma[0].generations  # the delete reached the generation's own path
 
 
+async def test_an_image_type_in_another_spelling_is_the_image_it_is(
+    hosted_gw: RunningGateway, luma: tuple[FakeLuma, str]
+) -> None:
+    """Media types are case-insensitive and libraries send aliases (``image/x-png``): a PNG is
+    hosted as ``image/png``, the type Luma takes, whatever the client called it."""
+    fake, _ = luma
+    image = png()
+    data_url = "data:image/PNG;base64," + base64.b64encode(image).decode()
+    await create(hosted_gw, model="dream", prompt="upper", input_reference={"image_url": data_url})
+    form = aiohttp.FormData()
+    for name, value in (("model", "dream"), ("prompt", "alias")):
+        form.add_field(name, value)
+    form.add_field("input_reference", image, filename="a.png", content_type="image/x-png")
+    status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
+    assert status == 200, body
+    assert [(d.body, d.content_type) for d in fake.downloads] == [(image, "image/png")] * 2
+
+
 async def test_a_full_disk_when_the_image_is_hosted_is_a_503_and_luma_gets_nothing(
     hosted_gw: RunningGateway, luma: tuple[FakeLuma, str], tmp_path: Path, full_disk: Callable[[], None]
 ) -> None:

@@ -328,6 +328,29 @@ async def test_a_model_replicate_no_longer_has_is_the_operators_to_fix(
     assert "minimax/hailuo-02" in body["error"]["message"] and "routing config" in body["error"]["message"]
 
 
+async def test_a_version_replicate_does_not_have_is_the_operators_to_fix(
+    start_gateway: StartGateway, tmp_path: Path, replicate: tuple[FakeReplicate, str]
+) -> None:
+    """Replicate answers a version it does not have (retired, or mistyped in the routing config)
+    with 422 "Invalid version", not a 404: the operator's to fix, not the client's invalid value."""
+    models = f"""
+        pinned:
+          provider: native
+          model: minimax/hailuo-02:{"0" * 64}
+    """
+    provider = f"""
+        kind: replicate
+        base_url: {replicate[1]}
+        api_key: ${{UPSTREAM_KEY}}
+    """
+    gw = await start_provider_gateway(start_gateway, tmp_path, provider, models)
+    status, _, body = await request(
+        gw, "POST", "/v1/videos", json={"model": "pinned", "prompt": "x", "size": "1366x768"}
+    )
+    assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
+    assert "routing config" in body["error"]["message"]
+
+
 async def test_a_moments_404_ends_nothing(
     gw: RunningGateway, replicate: tuple[FakeReplicate, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.config import ProviderConfig
@@ -195,6 +196,28 @@ async def test_image_to_video_sends_a_first_frame(gw: RunningGateway, ark: tuple
         gw, "POST", "/v1/videos", data={"prompt": "x", "model": "seedance-lite-t2v", "input_reference": image}
     )
     assert status == 400 and body["error"]["param"] == "input_reference"
+
+
+async def test_an_image_is_sent_as_what_it_is_and_a_broken_one_is_the_clients_to_fix(
+    gw: RunningGateway, ark: tuple[FakeArk, str]
+) -> None:
+    """Ark takes ``data:image/<format>`` in lower case and standard names only: a PNG labelled
+    ``image/x-png`` goes as ``image/png``. An image Ark cannot read is named as input_reference."""
+    fake, _ = ark
+    image = png()
+    form = aiohttp.FormData()
+    for name, value in (("model", "seedance-pro"), ("prompt", "alias")):
+        form.add_field(name, value)
+    form.add_field("input_reference", image, filename="a.png", content_type="image/x-png")
+    status, _, body = await request(gw, "POST", "/v1/videos", data=form)
+    assert status == 200, body
+    sent = fake.creates[-1]["content"][1]["image_url"]["url"]
+    assert sent == "data:image/png;base64," + base64.b64encode(image).decode()
+
+    broken = {"model": "seedance-pro", "prompt": "broken", "input_reference": b"\x89PNG but cut short"}
+    status, _, body = await request(gw, "POST", "/v1/videos", data=broken)
+    error = body["error"]
+    assert (status, error["code"], error["param"]) == (400, "invalid_value", "input_reference"), body
 
 
 async def test_unsupported_size_and_seconds_list_the_allowed_values(gw: RunningGateway) -> None:

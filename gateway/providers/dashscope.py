@@ -58,6 +58,7 @@ from gateway.providers.native import (
     expired_result,
     field_int,
     ignore_refusals,
+    model_must_exist,
     not_offered,
     out_of_quota,
     rate_limited,
@@ -197,9 +198,14 @@ class DashScopeAdapter(NativeAdapter):
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo:
         request = await self.parse_create(call, body)
         payload = self._payload(call.deployment.upstream_model, request)
-        answer = await self.call_json(
-            call, "POST", self.base_url + CREATE, json_body=payload, headers={"X-DashScope-Async": "enable"}
-        )
+        with model_must_exist("DashScope", call.deployment.upstream_model):
+            answer = await self.call_json(
+                call,
+                "POST",
+                self.base_url + CREATE,
+                json_body=payload,
+                headers={"X-DashScope-Async": "enable"},
+            )
         output = answer.get("output") if isinstance(answer, dict) else None
         if (
             not isinstance(output, dict)
@@ -323,6 +329,8 @@ class DashScopeAdapter(NativeAdapter):
             return auth_rejected("DashScope", text, upstream_status=status)
         if code == "Arrearage":
             return out_of_quota(text, upstream_status=status)
+        if "model not exist" in str(error.get("message") or "").lower():  # a create's routed model
+            return refused(404, text, code=None, upstream_status=404)  # makes it model_must_exist's
         if code in FILTERED:
             return refused(400, text, code="content_filter", upstream_status=status)
         if code.startswith(("InvalidParameter", "BadRequest", "InvalidURL")):

@@ -166,8 +166,7 @@ async def image_input(body: RequestBody) -> ImageInput | None:
         data = await upload.read()
         if not data:
             raise bad_request("input_reference is an empty file.", param="input_reference")
-        mime = upload.content_type if upload.content_type.startswith("image/") else _sniff(data)
-        return ImageInput(data=data, mime=mime)
+        return ImageInput(data=data, mime=_image_type(data, upload.content_type))
     ref = body.get_object("input_reference")
     url = ref.get("image_url") if ref else body.get("input_reference")
     if ref and ref.get("file_id"):
@@ -179,7 +178,7 @@ async def image_input(body: RequestBody) -> ImageInput | None:
         return None
     if url.startswith("data:"):
         mime, data = data_url_image(url)
-        return ImageInput(data=data, mime=mime or _sniff(data))
+        return ImageInput(data=data, mime=_image_type(data, mime))
     if not is_web_url(url):
         raise bad_request(
             "input_reference.image_url must be an https URL or a data URL.", param="input_reference"
@@ -187,14 +186,23 @@ async def image_input(body: RequestBody) -> ImageInput | None:
     return ImageInput(url=url)
 
 
-def _sniff(data: bytes) -> str:
+# Spellings clients and their libraries give the common types (media types are case-insensitive).
+_IMAGE_ALIASES = {"image/x-png": "image/png", "image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg"}
+
+
+def _image_type(data: bytes, declared: str) -> str:
+    """The image's media type: what its bytes say for the types providers take (PNG, JPEG, WebP),
+    else the one the client declared, in its standard spelling. Providers match the type they are
+    sent exactly: ``image/PNG`` or ``image/x-png`` is refused there though the image is a PNG."""
     if data.startswith(b"\x89PNG"):
         return "image/png"
     if data.startswith(b"\xff\xd8"):
         return "image/jpeg"
     if data[8:12] == b"WEBP":
         return "image/webp"
-    return "application/octet-stream"
+    mime = declared.split(";")[0].strip().lower()
+    mime = _IMAGE_ALIASES.get(mime, mime)
+    return mime if mime.startswith("image/") else "application/octet-stream"
 
 
 def _allowed(values: Iterable[str], sep: str = ", ") -> str:

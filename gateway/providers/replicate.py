@@ -423,6 +423,8 @@ class ReplicateAdapter(NativeAdapter):
             return auth_rejected("Replicate", text, upstream_status=status, credential="API token")
         if status == 402:
             return out_of_quota(text, upstream_status=status)
+        if status == 422 and body.get("title") == "Invalid version":  # the routing config's version
+            return refused(404, text, code=None, upstream_status=404)  # makes it model_must_exist's
         if status in (400, 422):
             return refused(400, text, code="invalid_value", upstream_status=status)
         return refused(status, text, code=None, upstream_status=status)

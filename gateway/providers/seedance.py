@@ -429,6 +429,8 @@ class SeedanceAdapter(NativeAdapter):
             return out_of_quota(text, upstream_status=status)
         if code.startswith(("InvalidEndpointOrModel", "ModelNotOpen")):  # Ark has no such model: a create
             return refused(404, text, code=None, upstream_status=404)  # makes it model_must_exist's
+        if code.startswith("InvalidImageURL"):  # the image the client sent, whichever field named it
+            return refused(400, text, code="invalid_value", upstream_status=status, param="input_reference")
         if "SensitiveContentDetected" in code:
             return refused(400, text, code="content_filter", upstream_status=status)
         if code.startswith(("InvalidParameter", "MissingParameter")):
