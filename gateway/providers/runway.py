@@ -147,12 +147,10 @@ class RunwayAdapter(NativeAdapter):
         fields: dict[str, Any] = {"status": status}
         progress = answer.get("progress")
         if type(progress) in (int, float) and 0 <= progress <= 1:  # a fraction (no bool); else noise
-            fields["progress"] = round(progress * 100)
+            # 0.997 is not done: 100 is for a finished video, which build_video gives it
+            fields["progress"] = min(99, round(progress * 100))
         if status == "failed":
-            fields["error"] = {
-                "code": answer.get("failureCode") or "generation_failed",
-                "message": answer.get("failure") or "Runway could not generate this video.",
-            }
+            fields["error"] = _failure(answer)
         elif status == "cancelled":
             fields["error"] = {"code": "cancelled", "message": "The task was cancelled or deleted at Runway."}
         return UpstreamVideo(task.upstream_id, fields)
@@ -169,6 +167,19 @@ class RunwayAdapter(NativeAdapter):
     async def delete(self, call: Call, task: Task) -> None:
         with ignore_refusals(404):
             await self.call_json(call, "DELETE", f"{self.base_url}/v1/tasks/{path_segment(task.upstream_id)}")
+
+
+def _failure(task: dict[str, Any]) -> dict[str, str]:
+    """A failed task's error. Runway's moderation codes (``SAFETY.INPUT.TEXT``,
+    ``INPUT_PREPROCESSING.SAFETY.IMAGE``...) are ``content_filter``, as every provider's filtered
+    job is, with Runway's code kept in the message."""
+    code = task.get("failureCode")
+    message = str(task.get("failure") or "Runway could not generate this video.")
+    if not isinstance(code, str) or not code:
+        return {"code": "generation_failed", "message": message}
+    if "SAFETY" in code.split("."):
+        return {"code": "content_filter", "message": f"{message} ({code})"}
+    return {"code": code, "message": message}
 
 
 def _prompt_image(image: ImageInput) -> str:
