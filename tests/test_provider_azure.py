@@ -158,7 +158,10 @@ async def test_rate_limit_and_refusals(
     assert "exceeded call rate limit" in body["error"]["message"]
 
     status, _, body = await request(gw, "POST", "/v1/videos", json={"prompt": "x", "model": "not-deployed"})
-    assert status == 404 and body["error"]["code"] == "DeploymentNotFound"
+    # the routing config names a deployment the resource lacks: the operator's to fix, Azure's words kept
+    assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
+    message = body["error"]["message"]
+    assert "'missing-deployment'" in message and "deployment for this resource does not exist" in message
 
     wrong = await start_provider_gateway(
         start_gateway, tmp_path / "wrong", provider_yaml(azure[1], key="not-the-key"), MODELS

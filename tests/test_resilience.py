@@ -189,6 +189,29 @@ async def test_connect_failure_fails_over_and_client_errors_do_not(
     assert len(fake.hits_for("fine")) == 1
 
 
+async def test_a_model_the_upstream_lacks_is_the_operators_to_fix_and_fails_over(
+    start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
+) -> None:
+    """An OpenAI-dialect server (or an Azure resource without that deployment) answers a create
+    naming a model it does not have 404: the routing config's fault, not the client's, whose
+    model the gateway does serve. The create goes on to the next deployment."""
+    fake, url = faulty
+    fake.behaviour["retired"] = "status:404"
+    models = """
+        m:
+          - {provider: up, model: retired}
+          - {provider: up, model: fine, priority: 1}
+        only:
+          - {provider: up, model: retired, name: alone}
+    """
+    gw = await start_gateway(config(tmp_path, url, models))
+    status, _, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
+    assert status == 200 and body["model"] == "m" and len(fake.hits_for("fine")) == 1, body
+    status, _, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "only"})
+    assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
+    assert "'retired'" in body["error"]["message"] and "routing config" in body["error"]["message"]
+
+
 async def test_no_failover_once_the_upstream_may_have_the_job(
     start_gateway: StartGateway, tmp_path: Path, faulty: tuple[FaultyUpstream, str]
 ) -> None:

@@ -30,6 +30,7 @@ from gateway.providers.base import (
     read_limited,
     redirect_target,
 )
+from gateway.providers.native import model_must_exist
 from gateway.store import Task
 
 
@@ -77,7 +78,10 @@ class OpenAIAdapter(Adapter):
             return await self.read_json(response)
 
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo | EventStream:
-        answer = await self._post(call, self._url(), body, {"model": call.deployment.upstream_model})
+        upstream_model = call.deployment.upstream_model
+        # a 404 to a create: the server has no such model (an Azure resource, no such deployment)
+        with model_must_exist(self.provider_name, upstream_model):
+            answer = await self._post(call, self._url(), body, {"model": upstream_model})
         return answer if isinstance(answer, EventStream) else _video(answer)
 
     async def retrieve(self, call: Call, task: Task) -> UpstreamVideo:
