@@ -5,8 +5,10 @@ can pick an upstream, so the body is read part by part until the wanted fields a
 bytes read so far are kept in a :class:`Spool` (memory, then a temp file) and replayed ahead of the
 rest of the client's stream. The upstream gets the same bytes, same boundary, same parts, except the
 field values the gateway replaces (``model`` → upstream name, ``video[id]`` → upstream ID). The rest
-of the stream is still parsed on its way through, nothing kept, so that a second copy of a field the
-gateway checked (:data:`SINGLE_FIELDS`) is refused before the upstream has the whole body.
+of the stream is still parsed on its way through, so that a second copy of a field the gateway checked
+(:data:`SINGLE_FIELDS`) is refused before the upstream has the whole body, and so that those fields'
+values are known when they come after the ones routing needs (the SDKs send ``seconds`` and ``size``
+after ``model``); file parts are passed over, nothing of them kept.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from gateway.config import Limits
 from gateway.context import CONTEXT
 from gateway.errors import ApiError, bad_request, shutting_down, storage_failed
 from gateway.headers import media_type
+from gateway.videos import MAX_PROMPT_CHARS, prompt_too_long
 
 CHUNK = 256 * 1024
 _MAX_PART_HEADERS = 16 * 1024
@@ -41,6 +44,8 @@ MAX_JSON_DEPTH = jsonio.MAX_DEPTH
 # Fields the gateway itself reads (to route, check access, show the video) or replaces. A second
 # copy would reach a pass-through upstream unchecked, and an upstream may well read that one.
 SINGLE_FIELDS = frozenset({"model", "prompt", "size", "seconds", "video[id]"})
+# The longest of them a streamed form may hold: a prompt of the API's longest, in UTF-8.
+MAX_SINGLE_FIELD_BYTES = 4 * MAX_PROMPT_CHARS
 
 
 class Spool:
@@ -169,11 +174,13 @@ class MultipartParser:
 
     ``feed`` returns events: ``("part", PartInfo)``, ``("data", bytes)``, ``("end", PartInfo)``,
     ``("done", None)``. Offsets let the caller splice a replacement value into the raw bytes.
-    With ``data_events`` off, part values are skipped without being copied.
+    With ``data_events`` off, part values are skipped without being copied, except those of the
+    text fields named in ``kept``.
     """
 
     def __init__(self, boundary: str) -> None:
         self.data_events = True
+        self.kept: frozenset[str] = frozenset()
         self._delimiter = b"--" + boundary.encode("ascii")
         self._body_delimiter = b"\r\n" + self._delimiter
         self._buffer = bytearray()
@@ -199,7 +206,7 @@ class MultipartParser:
         """Pass over a chunk inside a value without copying it, when no data events are wanted and no
         delimiter ends in it: the middle of a large file costs one search."""
         delimiter, keep = self._delimiter, len(self._body_delimiter)
-        if self.data_events or self._state != "body" or len(data) <= keep or len(self._buffer) > keep:
+        if self._reported() or self._state != "body" or len(data) <= keep or len(self._buffer) > keep:
             return False
         if delimiter in self._buffer + data[:keep] or delimiter in data:
             return False
@@ -278,8 +285,13 @@ class MultipartParser:
             i = buf.find(delimiter, i + 1)
         return -1
 
+    def _reported(self) -> bool:
+        """Whether the value of the part under way is reported in data events."""
+        part = self._part
+        return self.data_events or (part is not None and part.filename is None and part.name in self.kept)
+
     def _data(self, events: list[tuple[str, Any]], n: int) -> None:
-        if self.data_events:
+        if self._reported():
             events.append(("data", bytes(self._buffer[:n])))
 
     def _after_delimiter(self, at: int, events: list[tuple[str, Any]]) -> bool:
@@ -367,6 +379,9 @@ class RequestBody:
     _parts: dict[str, PartInfo] = field(default_factory=dict)
     _parser: MultipartParser | None = None
     _seen: _PartNames = field(default_factory=lambda: _PartNames())
+    # the name and value so far of the part under way, a kept field's (_scan)
+    _field_name: str = ""
+    _field: bytearray = field(default_factory=bytearray)
     _first_boundary: int = 0
     _consumed: bool = False
     _spooled: bool = False
@@ -485,12 +500,24 @@ class RequestBody:
             yield chunk
 
     def _scan(self, chunk: bytes) -> None:
-        """Check the parts a chunk starts; a refusal is kept as :attr:`failure` for the upstream call."""
+        """Check the parts a chunk starts and keep the values of :data:`SINGLE_FIELDS` it holds; a
+        refusal is kept as :attr:`failure` for the upstream call."""
         assert self._parser is not None
         try:
             for kind, value in self._parser.feed(chunk):
                 if kind == "part":
                     self._seen.note(value)
+                    self._field_name = value.name
+                    self._field.clear()
+                elif kind == "data":
+                    self._field += value
+                    if len(self._field) > MAX_SINGLE_FIELD_BYTES:
+                        name = self._field_name
+                        raise bad_request(f"The field '{name}' is too long.", param=name)
+                elif kind == "end" and value.name in self._parser.kept and value.filename is None:
+                    text = self.fields[value.name] = _field_text(value, self._field)
+                    if value.name == "prompt" and len(text) > MAX_PROMPT_CHARS:
+                        raise prompt_too_long()
         except MultipartError as exc:
             self.failure = _malformed(exc)
             raise self.failure from None
@@ -557,20 +584,24 @@ class _Collector:
         elif kind == "end":
             self.body._parts[value.name] = value
             if value.filename is None:
-                try:
-                    self.body.fields[value.name] = self.text.decode("utf-8")
-                except UnicodeDecodeError:
-                    message = f"Field '{value.name}' is not valid UTF-8."
-                    if value.content_type and not value.content_type.startswith("text/"):
-                        # a file sent without a filename (httpx sends a file tuple's None so)
-                        message = (
-                            f"Field '{value.name}' has no filename, so it is read as text, and it is "
-                            "not valid UTF-8: send a file with a filename."
-                        )
-                    raise bad_request(message, param=value.name) from None
+                self.body.fields[value.name] = _field_text(value, self.text)
             elif self.file is not None:
                 self.body.files[value.name] = self.file
             self.current = None
+
+
+def _field_text(part: PartInfo, data: bytes | bytearray) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        message = f"Field '{part.name}' is not valid UTF-8."
+        if part.content_type and not part.content_type.startswith("text/"):
+            # a file sent without a filename (httpx sends a file tuple's None so)
+            message = (
+                f"Field '{part.name}' has no filename, so it is read as text, and it is "
+                "not valid UTF-8: send a file with a filename."
+            )
+        raise bad_request(message, param=part.name) from None
 
 
 class _PartNames:
@@ -773,8 +804,10 @@ async def _read_multipart_head(request: web.Request, limits: Limits, until: set[
         body.close()
         raise
     body._first_boundary = parser.first_boundary or 0
-    parser.data_events = False
+    parser.data_events, parser.kept = False, SINGLE_FIELDS
     body._parser, body._seen = parser, collector.seen
+    if collector.current is not None:  # a part under way: what of its value the head read goes on
+        body._field_name, body._field = collector.current.name, collector.text
     # even when the closing boundary was seen, the rest of the stream (its CRLF, an epilogue) is still
     # the client's body: it is replayed, or Content-Length would promise bytes that never come
     return body

@@ -9,6 +9,7 @@ import json
 import os
 import time
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,39 @@ async def test_seconds_as_a_json_number_reaches_an_openai_dialect_upstream_as_te
     )
     assert status == 200, raw
     assert json.loads(fake.requests("POST", "/v1/videos/extensions")[-1].body)["seconds"] == "4"
+
+
+async def test_fields_after_the_model_in_a_streamed_form_are_shown_when_the_upstream_does_not_say(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """The SDKs send a form's parts in the order prompt, model, seconds, size, file. The gateway
+    routes on ``model`` and streams the rest on, and still shows the size and seconds asked for when
+    the provider's answers leave them out (apifree's do, §7). A prompt over the API's bound that
+    comes after the model is refused on the way, its upload cut short."""
+    fake, _ = upstream
+    fake.terse = True
+
+    async def form(*fields: tuple[str, str]) -> AsyncIterator[bytes]:
+        for name, value in fields:
+            yield f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+            await asyncio.sleep(0.05)  # each part in a read of its own, as the SDK's writes may come
+        yield b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="r.png"\r\n'
+        yield b"Content-Type: image/png\r\n\r\n" + png_bytes() + b"\r\n--b--\r\n"
+
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    sdk_order = form(("prompt", "a cat"), ("model", "sora-remote"), ("seconds", "8"), ("size", "1280x720"))
+    status, _, raw = await send(dialect_gateway, "POST", "/v1/videos", data=sdk_order, headers=multipart)
+    video = json.loads(raw)
+    assert status == 200, video
+    assert (video["prompt"], video["seconds"], video["size"]) == ("a cat", "8", "1280x720")
+    polled = await dialect_gateway.sdk().videos.retrieve(video["id"])
+    assert (polled.status, polled.seconds, polled.size) == ("in_progress", "8", "1280x720")
+
+    fake.terse = False
+    late_prompt = form(("model", "sora-remote"), ("prompt", "x" * 32001))
+    status, _, raw = await send(dialect_gateway, "POST", "/v1/videos", data=late_prompt, headers=multipart)
+    assert status == 400 and json.loads(raw)["error"]["param"] == "prompt", raw
+    assert len(fake.jobs) == 1
 
 
 async def test_a_model_smuggled_under_an_escaped_part_name_never_reaches_the_upstream(

@@ -29,6 +29,10 @@ A job whose prompt has ``[no remix]`` refuses a remix with a 404 in the error en
 its own job ID, as a server with the route may for a job it will not remix; ``[no remix 400]``
 refuses it with a 400, quoting it too.
 
+``terse`` makes create and retrieve answer with the fields of apifree's remix example only (§7: ``id``,
+``object``, ``created_at``, ``status``, ``model``, plus ``progress``): no ``size``, ``seconds`` or
+``prompt``, so what a client asked for reaches its video only through the gateway.
+
 ``without`` names routes this server lacks (``remix``, ``edits``, ``extensions``), as a self-hosted
 server may implement only create, retrieve and content: each answers what aiohttp answers for a path
 it has no route for, a plain-text ``404: Not Found``.
@@ -71,6 +75,7 @@ class FakeOpenAIUpstream:
     signed_urls_expired: bool = False
     stream_gate: asyncio.Event = field(default_factory=asyncio.Event)  # "[held stream]" waits for it
     without: set[str] = field(default_factory=set)
+    terse: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def requests(self, method: str, path_prefix: str = "") -> list[Received]:
@@ -180,7 +185,7 @@ class FakeOpenAIUpstream:
         if str(fields.get("stream", "")).lower() == "true" or fields.get("stream") is True:
             return await self._stream(request, job)
         await self._slow(job)
-        response = web.json_response(job)
+        response = web.json_response(self._shown(job))
         if "[cookie]" in (job["prompt"] or ""):  # a load balancer's affinity cookie, say
             response.set_cookie("affinity", job["id"], path="/")
         return response
@@ -255,7 +260,11 @@ class FakeOpenAIUpstream:
                 expires_at=int(time.time()) + 3600,
                 error={"code": "moderation_blocked", "message": message} if failed else None,
             )
-        return web.json_response(job)
+        return web.json_response(self._shown(job))
+
+    def _shown(self, job: dict[str, Any]) -> dict[str, Any]:
+        terse = ("id", "object", "created_at", "status", "model", "progress")
+        return {name: job[name] for name in terse} if self.terse else job
 
     async def delete(self, request: web.Request) -> web.Response:
         job = self._job(request)
