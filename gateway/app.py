@@ -43,9 +43,11 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
     async def envelope(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         ctx = request[CONTEXT] = RequestContext(gw, gw.table, request_id(request), time.perf_counter())
+        logs.REQUEST_ID.set(ctx.request_id)
         if (origins := ctx.table.config.cors_origins) and request.path.startswith("/v1/"):
             ctx.cors_origin = cors.allowed_origin(origins, request.headers.get("Origin"))
-        series = metrics.route_series(route, request.method)
+        label = route if route != UNMATCHED else (await _other_routes(request))[0]
+        series = metrics.route_series(label, request.method)
         series.started()
         gw.in_flight += 1
         response: web.StreamResponse = _CLIENT_GONE
@@ -76,7 +78,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
                 response = _CLIENT_GONE
             if response is _CLIENT_GONE and gw.stopping:
                 response = _ABANDONED
-            _observe(request, ctx, response, route, series, time.perf_counter() - ctx.started)
+            _observe(request, ctx, response, label, series, time.perf_counter() - ctx.started)
             # The call holds the request that holds this context: without this cut, each request's
             # objects would wait for the cyclic garbage collector instead of going at once.
             ctx.call = None
@@ -99,15 +101,29 @@ class Routes:
             self._router.add_route(method, path, enveloped(handler, path), **kwargs)
 
 
+UNMATCHED = "unmatched"  # the route label of a path no route has
+
+
 async def unmatched(request: web.Request) -> web.StreamResponse:
     """404 for a path no route has, 405 (with Allow) for a method its route does not take."""
-    allowed: set[str] = set()
-    for resource in request.app.router.resources():
-        if resource is not request.match_info.route.resource:
-            allowed |= (await resource.resolve(request))[1]
+    allowed = (await _other_routes(request))[1]
     if allowed:  # the envelope turns aiohttp's own exceptions into ours (_http_exception)
         raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise web.HTTPNotFound()
+
+
+async def _other_routes(request: web.Request) -> tuple[str, set[str]]:
+    """For a request no route took: the template of a route of its path, which metrics and logs
+    label it with (a method that route does not take, a browser's preflight), and the methods the
+    routes of its path take; :data:`UNMATCHED` and none for a path no route has."""
+    label, allowed = UNMATCHED, set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            methods = (await resource.resolve(request))[1]
+            if methods and not allowed:
+                label = resource.canonical
+            allowed |= methods
+    return label, allowed
 
 
 class _AnyTarget(web.PlainResource):
@@ -412,7 +428,7 @@ def build_app(
         api.add_routes(routes.add, prefix, expect=expect_continue)
     catch_all = _AnyTarget()  # last
     app.router.register_resource(catch_all)
-    catch_all.add_route("*", enveloped(unmatched, "unmatched"), expect_handler=expect_plain)
+    catch_all.add_route("*", enveloped(unmatched, UNMATCHED), expect_handler=expect_plain)
     bare = [route for route in app.router.routes() if not hasattr(route.handler, "route")]
     if bare:  # a route added straight to the router would skip authentication and the envelope
         raise RuntimeError(f"routes outside the envelope: {bare}")

@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any, TextIO
 from urllib.parse import quote, quote_plus
 
@@ -82,6 +83,25 @@ def redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# The request being served, set by the envelope: every line logged while serving it names it, those
+# of code that knows no request too (a full disk under an upload, an ejection its failure caused).
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def _request_id(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    if "request_id" not in event_dict and (request_id := REQUEST_ID.get()) is not None:
+        event_dict["request_id"] = request_id
+    return event_dict
+
+
+def _inline_exception(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """A traceback as a value of its line (escaped by :func:`redact`), where the console renderer
+    would write it below, so that one event stays one line in the console format too."""
+    if "exception" in event_dict:
+        event_dict["traceback"] = event_dict.pop("exception")
+    return event_dict
+
+
 _LEVELS = logging.getLevelNamesMapping()
 _level = logging.INFO
 
@@ -103,13 +123,24 @@ def _warnings_and_above(record: logging.LogRecord) -> bool:
 def configure(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
     global _level
     _level = _LEVELS[level.upper()]
+    json_lines = fmt == "json"
     renderer: Any = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
     )
     out = stream or sys.stderr
-    # Both kinds of record get a level and a time first, and are redacted and rendered last.
-    head = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
-    tail = [structlog.processors.format_exc_info, redact, renderer]
+    # Both kinds of record get a level, a time and their request first, and are redacted and
+    # rendered last.
+    head = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _request_id,
+    ]
+    tail = [
+        structlog.processors.format_exc_info,
+        *([] if json_lines else [_inline_exception]),
+        redact,
+        renderer,
+    ]
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *head, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(_level),

@@ -1008,6 +1008,7 @@ async def test_a_full_disk_under_an_upload_is_a_503_to_retry(
     events = [json.loads(line) for line in session_log.read_text().splitlines()[logged:]]
     failures = [e for e in events if e["event"] == "storage_failed"]
     assert failures and failures[0]["reason"] == "No space left on device"
+    assert failures[0]["request_id"] == {k.lower(): v for k, v in headers.items()}["x-request-id"]
     assert not [e for e in events if e["event"] == "unhandled_error"]
 
 

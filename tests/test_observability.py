@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,32 @@ def fresh_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     logging.getLogger().handlers[:] = handlers
 
 
+def test_an_event_with_a_traceback_is_one_line_in_the_console_format_too(fresh_log: io.StringIO) -> None:
+    configure("console", "info", fresh_log)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("unhandled_error", path="/v1/videos")
+    (line,) = fresh_log.getvalue().splitlines()
+    assert "unhandled_error" in line and "ValueError: boom" in line
+
+
+def test_a_line_logged_while_serving_a_request_names_it(fresh_log: io.StringIO) -> None:
+    """Code that knows no request (a full disk under an upload, an ejection) logs the request it
+    happened for; a line that names its own request keeps it."""
+    configure("json", "info", fresh_log)
+
+    def serve() -> None:
+        logs.REQUEST_ID.set("req_abc")
+        log.error("storage_failed", reason="No space left on device")
+        log.info("request", request_id="req_own")
+
+    contextvars.copy_context().run(serve)
+    log.info("gateway_started")
+    lines = [json.loads(line) for line in fresh_log.getvalue().splitlines()]
+    assert [line.get("request_id") for line in lines] == ["req_abc", "req_own", None]
+
+
 def test_redaction_and_one_line_per_event(fresh_log: io.StringIO) -> None:
     configure("json", "info", fresh_log)
     register_secrets(["sk-provider-very-secret"])
@@ -461,7 +488,8 @@ async def test_malformed_http_is_one_warning_and_a_count_without_the_clients_byt
 
 async def test_other_methods_do_not_mint_series(dialect_gateway: RunningGateway) -> None:
     """Methods the API does not use (WebDAV's, say) are counted as ``other``: a client cannot grow the
-    label set, whatever method token its HTTP parser lets through."""
+    label set, whatever method token its HTTP parser lets through. They are counted under the route of
+    their path, which is no unknown path."""
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ALPHA_KEY}"}) as session:
         for method in ("PROPFIND", "PURGE", "MKCOL"):
             async with session.request(method, dialect_gateway.url + "/v1/videos") as response:
@@ -472,4 +500,61 @@ async def test_other_methods_do_not_mint_series(dialect_gateway: RunningGateway)
     text = await scrape(dialect_gateway)
     assert "PROPFIND" not in text and "PURGE" not in text
     after = samples(text)
-    assert value(after, "gateway_http_requests_total", route="unmatched", method="other", code="405") == 3
+    assert value(after, "gateway_http_requests_total", route="/v1/videos", method="other", code="405") == 3
+    assert value(after, "gateway_http_requests_total", route="unmatched", method="other", code="405") == 0
+
+
+async def test_a_preflight_and_a_wrong_method_count_under_their_route(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """A browser's preflight comes before its calls, per URL: labelled ``unmatched`` with the paths
+    no route has, every video a page polled added to what reads as scanners on the dashboard."""
+    app = "https://studio.example.com"
+    gw = await start_gateway(gateway_yaml(tmp_path, extra=f"cors: {{allow_origins: ['{app}']}}"))
+    before = samples(await scrape(gw))
+    asked = {"Origin": app, "Access-Control-Request-Method": "GET"}
+    async with aiohttp.ClientSession() as session:
+        async with session.options(gw.url + "/v1/videos/video_123", headers=asked) as response:
+            assert response.status == 204
+        async with session.put(gw.url + "/v1/videos", headers={"Authorization": f"Bearer {ALPHA_KEY}"}) as r:
+            assert r.status == 405
+        async with session.get(gw.url + "/nothing-here") as response:
+            assert response.status == 404
+    after = samples(await scrape(gw))
+
+    def counted(route: str, method: str, code: str) -> float:
+        labels = {"route": route, "method": method, "code": code}
+        return value(after, "gateway_http_requests_total", **labels) - value(
+            before, "gateway_http_requests_total", **labels
+        )
+
+    assert counted("/v1/videos/{video_id}", "OPTIONS", "204") == 1
+    assert counted("/v1/videos", "PUT", "405") == 1
+    assert counted("unmatched", "GET", "404") == 1
+    assert counted("unmatched", "OPTIONS", "204") == counted("unmatched", "PUT", "405") == 0
+
+
+async def test_an_overhead_of_seconds_has_a_bucket(local_gateway: RunningGateway) -> None:
+    """An upload read slowly is the gateway's time (it cannot send it on before): with 1 s the top
+    bucket, every quantile above it read as exactly 1 s on the dashboard."""
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "slow", '
+        await asyncio.sleep(1.2)
+        yield b'"size": "320x240"}'
+
+    before = samples(await scrape(local_gateway))
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {ALPHA_KEY}", "Content-Type": "application/json"}
+        async with session.post(local_gateway.url + "/v1/videos", data=slow(), headers=headers) as response:
+            assert response.status == 200
+            assert float(response.headers["x-gateway-overhead-ms"]) > 1000
+    after = samples(await scrape(local_gateway))
+
+    def added(le: str) -> float:
+        labels = {"route": "/v1/videos", "le": le}
+        return value(after, "gateway_overhead_seconds_bucket", **labels) - value(
+            before, "gateway_overhead_seconds_bucket", **labels
+        )
+
+    assert (added("1.0"), added("2.5")) == (0, 1)

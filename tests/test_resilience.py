@@ -352,7 +352,8 @@ async def test_no_free_connection_to_the_provider_is_a_busy_503_not_its_failure(
     """Every connection to the provider in use (``max_connections``) for the connect timeout: the
     gateway's own queue was full. It answered 504 "timed out connecting to the provider" and counted
     a failure against the provider's health, so a burst ejected deployments that never failed. It
-    is the bulkhead's 503 ``upstream_busy`` now, kept out of health and upstream errors."""
+    is the bulkhead's 503 ``upstream_busy`` now, kept out of health and upstream errors, and out of
+    the requests sent: it never left."""
     fake, url = faulty
     text = config(tmp_path, url, "solo:\n  - {provider: up, model: primary}\n").replace(
         "timeouts: {connect: 1, read: 1, request: 2}",
@@ -367,7 +368,9 @@ async def test_no_free_connection_to_the_provider_is_a_busy_503_not_its_failure(
     fake.behaviour["primary"] = "delay:1.5"  # the first call holds the only connection
     shed = 'gateway_bulkhead_rejections_total{deployment="up/primary",kind="connections"}'
     timeouts = 'gateway_upstream_errors_total{kind="timeout",provider="up"}'
+    sent = 'gateway_upstream_requests_total{deployment="up/primary",provider="up"}'
     before = await sample(gw, shed), await sample(gw, timeouts)
+    sent_before, hits_before = await sample(gw, sent), len(fake.hits)
 
     async def one() -> tuple[int, dict[str, str], Any]:
         if video is None:
@@ -385,6 +388,7 @@ async def test_no_free_connection_to_the_provider_is_a_busy_503_not_its_failure(
     assert headers["Retry-After"] == "1"
     assert (await first)[0] == 200
     assert (await sample(gw, shed), await sample(gw, timeouts)) == (before[0] + 1, before[1])
+    assert await sample(gw, sent) - sent_before == len(fake.hits) - hits_before == 1
     _, state = await get(gw, "/admin/deployments", ADMIN)
     row = state["deployments"][0]
     assert row["consecutive_failures"] == 0 and row["consecutive_read_failures"] == 0, row

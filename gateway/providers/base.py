@@ -602,6 +602,7 @@ class Adapter:
             if isinstance(exc, aiohttp.ConnectionTimeoutError) and trace.queued_out(
                 self.config.timeouts.connect
             ):
+                series.requests.dec()  # it never left the gateway's queue: no request sent
                 raise self._busy(call) from None
             status, message, kind, sent = _transport_failure(exc, answered=response is not None, data=data)
             raise self._fail(call, status, message, kind, sent=sent, cause=exc) from None
@@ -634,6 +635,8 @@ class Adapter:
                 method, self.upstream_url(url), headers, data, self._limits, fixed, call.answer_by
             )
         except ExchangeError as exc:
+            if exc.kind == "busy":  # it never left the gateway's queue: no request sent
+                series.requests.dec()
             if exc.given is not None and call.fair_wait is not None and exc.given < call.fair_wait:
                 raise self._cut_short(call) from None
             if exc.kind == "busy":
