@@ -32,6 +32,7 @@ _ERROR_STATUSES = {
     "502": "Upstream failed or unreachable",
     "503": "Upstream busy or unavailable",
     "504": "Upstream timed out",
+    "4XX": "A provider's own refusal (a conflict with its job's state, say), passed on with its status",
 }
 
 _VIDEO = {
@@ -94,7 +95,15 @@ _CREATE = {
         "model": _MODEL,
         "seconds": {"type": ["string", "integer"]},
         "size": _SIZE,
-        "input_reference": {"type": "object", "properties": {"image_url": {"type": "string"}}},
+        "input_reference": {  # an object as the API has it; a URL alone, as some clients send it
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"image_url": {"type": "string"}, "file_id": {"type": "string"}},
+                },
+                {"type": "string"},
+            ]
+        },
     },
 }
 
@@ -107,6 +116,8 @@ _CREATE_FORM = {
         "seconds": {"type": "string"},
         "size": _SIZE,
         "input_reference": _FILE,
+        "input_reference[image_url]": {"type": "string"},
+        "input_reference[file_id]": {"type": "string"},
     },
 }
 
@@ -116,7 +127,12 @@ def _from_video(form: bool, *extra: str) -> dict[str, Any]:
     upload or ``{id}`` of a video the gateway made (a form sends the ID as ``video[id]``)."""
     fields: dict[str, Any] = {"prompt": _PROMPT, "video": _FILE if form else _VIDEO_REFERENCE}
     fields.update({name: {"type": "string" if form else ["string", "integer"]} for name in extra})
-    return {"type": "object", "required": list(fields), "properties": fields}
+    if not form:
+        return {"type": "object", "required": list(fields), "properties": fields}
+    required = [name for name in fields if name != "video"]
+    fields["video[id]"] = {"type": "string"}
+    either = [{"required": ["video"]}, {"required": ["video[id]"]}]
+    return {"type": "object", "required": required, "properties": fields, "anyOf": either}
 
 
 _CHARACTER = {
@@ -173,6 +189,12 @@ def _body(json: dict[str, Any] | None, form: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {**content, "multipart/form-data": {"schema": form}}}
 
 
+def _operation_id(name: str, prefix: str) -> str:
+    """OpenAI's own operation IDs (openai-openapi) under ``/v1``; those of the same operations under
+    the ``/v1/openai`` alias end in ``Openai``, as IDs must be unique."""
+    return name if prefix == "/v1" else f"{name}Openai"
+
+
 def _videos(prefix: str) -> dict[str, Any]:
     video = {"$ref": "#/components/schemas/Video"}
     create_body = {
@@ -185,15 +207,15 @@ def _videos(prefix: str) -> dict[str, Any]:
     text = {"type": "string", "maxLength": MAX_PROMPT_CHARS}
     prompt = {"type": "object", "required": ["prompt"], "properties": {"prompt": text}}
     prompt_body = _body(prompt, prompt)
-    return {
+    paths: dict[str, Any] = {
         f"{prefix}/videos": {
             "post": {
-                "operationId": f"createVideo{prefix}",
+                "operationId": _operation_id("createVideo", prefix),
                 "requestBody": create_body,
                 "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY)},
             },
             "get": {
-                "operationId": f"listVideos{prefix}",
+                "operationId": _operation_id("ListVideos", prefix),
                 "parameters": [
                     {  # a video ID from an earlier page; one the caller has not is a 400
                         "name": "after",
@@ -212,12 +234,12 @@ def _videos(prefix: str) -> dict[str, Any]:
         },
         f"{prefix}/videos/{{video_id}}": {
             "get": {
-                "operationId": f"getVideo{prefix}",
+                "operationId": _operation_id("GetVideo", prefix),
                 "parameters": [_VIDEO_ID],
                 "responses": {"200": _json(video), **_errors(*_COMMON)},
             },
             "delete": {
-                "operationId": f"deleteVideo{prefix}",
+                "operationId": _operation_id("DeleteVideo", prefix),
                 "parameters": [_VIDEO_ID],
                 "responses": {
                     "200": _json({"$ref": "#/components/schemas/DeletedVideo"}),
@@ -227,7 +249,7 @@ def _videos(prefix: str) -> dict[str, Any]:
         },
         f"{prefix}/videos/{{video_id}}/content": {
             "get": {
-                "operationId": f"getVideoContent{prefix}",
+                "operationId": _operation_id("RetrieveVideoContent", prefix),
                 "parameters": [
                     _VIDEO_ID,
                     {
@@ -244,7 +266,7 @@ def _videos(prefix: str) -> dict[str, Any]:
         },
         f"{prefix}/videos/{{video_id}}/remix": {
             "post": {
-                "operationId": f"remixVideo{prefix}",
+                "operationId": _operation_id("CreateVideoRemix", prefix),
                 "parameters": [_VIDEO_ID],
                 "requestBody": prompt_body,
                 "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY, "409")},
@@ -252,41 +274,41 @@ def _videos(prefix: str) -> dict[str, Any]:
         },
         f"{prefix}/videos/edits": {
             "post": {
-                "operationId": f"editVideo{prefix}",
+                "operationId": _operation_id("CreateVideoEdit", prefix),
                 "requestBody": _body(_from_video(False), _from_video(True)),
                 "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY, "409")},
             },
         },
         f"{prefix}/videos/extensions": {
             "post": {
-                "operationId": f"extendVideo{prefix}",
+                "operationId": _operation_id("CreateVideoExtend", prefix),
                 "requestBody": _body(_from_video(False, "seconds"), _from_video(True, "seconds")),
                 "responses": {"200": _json(video), **_errors(*_COMMON, *_BODY, "409")},
             },
         },
         f"{prefix}/videos/characters": {
             "post": {
-                "operationId": f"createCharacter{prefix}",
+                "operationId": _operation_id("CreateVideoCharacter", prefix),
                 "requestBody": _body(None, _CREATE_CHARACTER_FORM),
                 "responses": {"200": _json(_CHARACTER), **_errors(*_COMMON, *_BODY)},
             },
         },
         f"{prefix}/videos/characters/{{character_id}}": {
             "get": {
-                "operationId": f"getCharacter{prefix}",
+                "operationId": _operation_id("GetVideoCharacter", prefix),
                 "parameters": [_CHARACTER_ID],
                 "responses": {"200": _json(_CHARACTER), **_errors(*_COMMON)},
             },
         },
         f"{prefix}/models": {
             "get": {
-                "operationId": f"listModels{prefix}",
+                "operationId": _operation_id("listModels", prefix),
                 "responses": {"200": _json({"$ref": "#/components/schemas/ModelList"}), **_errors(*_COMMON)},
             },
         },
         f"{prefix}/models/{{model}}": {
             "get": {
-                "operationId": f"getModel{prefix}",
+                "operationId": _operation_id("retrieveModel", prefix),
                 "parameters": [
                     {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
                 ],
@@ -294,6 +316,11 @@ def _videos(prefix: str) -> dict[str, Any]:
             },
         },
     }
+    for path, item in paths.items():
+        if path.startswith(f"{prefix}/videos"):  # what reaches a provider
+            for operation in item.values():
+                operation["responses"].update(_errors("4XX"))
+    return paths
 
 
 def _operations(metrics_path: str | None, hosted: bool) -> dict[str, Any]:

@@ -597,6 +597,34 @@ async def test_the_openapi_document_takes_the_bodies_the_gateway_takes(local_gat
     extension = document["paths"]["/v1/videos/extensions"]["post"]["requestBody"]["content"]
     assert extension["application/json"]["schema"]["properties"]["seconds"]["type"] == ["string", "integer"]
     assert extension["multipart/form-data"]["schema"]["properties"]["seconds"]["type"] == "string"
+    # the forms the README shows and the API takes (§2.1, §2.5): a reference by URL or file ID, a
+    # source video by its ID
+    form = extension["multipart/form-data"]["schema"]
+    assert "video[id]" in form["properties"] and "video" not in form["required"]
+    schemas = document["components"]["schemas"]
+    assert {"input_reference[image_url]", "input_reference[file_id]"} <= set(
+        schemas["CreateVideoForm"]["properties"]
+    )
+    by_object, by_url = schemas["CreateVideo"]["properties"]["input_reference"]["anyOf"]
+    assert by_object["properties"].keys() == {"image_url", "file_id"} and by_url == {"type": "string"}
+    # a provider's own refusal passes on with its status (a 409 for a job's state)
+    assert "4XX" in document["paths"]["/v1/videos/{video_id}"]["delete"]["responses"]
+
+
+async def test_the_openapi_document_names_operations_as_openai_does(local_gateway: RunningGateway) -> None:
+    """Code generators make method names of operation IDs: OpenAI's own under /v1 (openai-videos-api
+    §1), unique ones without a slash under the /v1/openai alias."""
+    status, _, document = await call(local_gateway, "GET", "/openapi.json")
+    assert status == 200
+    ids = {
+        (method, path): operation["operationId"]
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+    }
+    assert len(set(ids.values())) == len(ids) and not [i for i in ids.values() if "/" in i]
+    assert {ids[("post", "/v1/videos")], ids[("get", "/v1/videos/{video_id}")]} == {"createVideo", "GetVideo"}
+    assert ids[("get", "/v1/videos/{video_id}/content")] == "RetrieveVideoContent"
+    assert ids[("post", "/v1/openai/videos/extensions")] == "CreateVideoExtendOpenai"
 
 
 @pytest.mark.skipif(
