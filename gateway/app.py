@@ -18,7 +18,7 @@ from gateway.auth import bearer_token, same_key
 from gateway.bodies import size_limit, too_large
 from gateway.config import GatewayConfig
 from gateway.context import CONTEXT, RequestContext, request_id, stamp
-from gateway.errors import ApiError, UpstreamError, internal_error, store_unavailable
+from gateway.errors import ApiError, UpstreamError, from_http_exception, internal_error, store_unavailable
 from gateway.health import HealthBoard
 from gateway.hosted import HostedFiles
 from gateway.limits import Bulkheads
@@ -63,7 +63,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
                 _count_unusable_answer(ctx, exc)
                 response = exc.response()
             except web.HTTPException as exc:
-                response = _http_exception(exc).response()
+                response = from_http_exception(exc).response()
             except StoreUnavailable as exc:
                 log.error("store_unavailable", request_id=ctx.request_id, path=request.path, error=str(exc))
                 response = store_unavailable().response()
@@ -107,7 +107,7 @@ UNMATCHED = "unmatched"  # the route label of a path no route has
 async def unmatched(request: web.Request) -> web.StreamResponse:
     """404 for a path no route has, 405 (with Allow) for a method its route does not take."""
     allowed = (await _other_routes(request))[1]
-    if allowed:  # the envelope turns aiohttp's own exceptions into ours (_http_exception)
+    if allowed:  # the envelope turns aiohttp's own exceptions into ours (from_http_exception)
         raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise web.HTTPNotFound()
 
@@ -201,17 +201,6 @@ def _count_unusable_answer(ctx: RequestContext, exc: ApiError) -> None:
     if unusable and call is not None and call.upstream_error != "payload":
         call.upstream_error = "payload"
         metrics.UPSTREAM_ERRORS.labels(call.deployment.provider, "payload").inc()
-
-
-def _http_exception(exc: web.HTTPException) -> ApiError:
-    messages = {
-        404: ("Unknown route.", "not_found"),
-        405: ("Method not allowed on this route.", "method_not_allowed"),
-        413: ("The request body is too large.", "request_too_large"),
-    }
-    message, code = messages.get(exc.status, (exc.reason, None))
-    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
-    return ApiError(exc.status, message, code=code, headers=headers)
 
 
 def _observe(

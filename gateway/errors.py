@@ -90,6 +90,18 @@ class UpstreamError(ApiError):
         self.upstream_status = upstream_status
 
 
+def from_http_exception(exc: web.HTTPException) -> ApiError:
+    """One of aiohttp's own answers (no route, a method the route does not take...) in our words."""
+    messages = {
+        404: ("Unknown route.", "not_found"),
+        405: ("Method not allowed on this route.", "method_not_allowed"),
+        413: ("The request body is too large.", "request_too_large"),
+    }
+    message, code = messages.get(exc.status, (exc.reason, None))
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+    return ApiError(exc.status, message, code=code, headers=headers)
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 

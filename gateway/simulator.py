@@ -16,7 +16,8 @@ from gateway.api import list_params
 from gateway.auth import bearer_token, same_key
 from gateway.bodies import read_body
 from gateway.config import Limits
-from gateway.errors import ApiError, bad_request
+from gateway.context import request_id
+from gateway.errors import ApiError, bad_request, from_http_exception
 from gateway.providers.base import FileAnswer
 from gateway.providers.local import (
     Derivation,
@@ -167,16 +168,20 @@ def build_simulator(
 ) -> web.Application:
     @web.middleware
     async def errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        """The envelope and ``x-request-id`` on every answer, as the API gives them."""
         try:
             if api_key is not None and not same_key(
                 bearer_token(request.headers.get("Authorization")), api_key
             ):
                 raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-            return await handler(request)
+            response = await handler(request)
         except ApiError as exc:
-            return exc.response()
+            response = exc.response()
         except web.HTTPException as exc:
-            return ApiError(exc.status, exc.reason).response()
+            response = from_http_exception(exc).response()
+        if not response.prepared:
+            response.headers["x-request-id"] = request_id(request)
+        return response
 
     app = web.Application(middlewares=[errors])
     engine = LocalEngine(root, queue_seconds=queue_seconds, run_seconds=run_seconds, keep_places=True)

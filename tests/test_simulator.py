@@ -187,3 +187,23 @@ async def test_a_range_for_another_copy_of_the_file_gets_the_whole_file(
             headers = {"Range": "bytes=0-1", "If-Range": if_range}
             async with session.get(url, headers=headers) as answer:
                 assert (answer.status, len(await answer.read())) == (status, length), if_range
+
+
+async def test_every_answer_has_a_request_id_and_aiohttps_own_are_in_the_envelope(
+    simulator: TestServer, client: openai.AsyncOpenAI
+) -> None:
+    """As the API answers: the SDK's errors carry ``request_id``, an unknown route or method is a
+    coded error, and a 405 says which methods the route takes."""
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.videos.retrieve("video_0123")
+    assert missing.value.request_id
+    ok = await client.videos.with_raw_response.list()
+    assert ok.headers["x-request-id"]
+    async with aiohttp.ClientSession(headers={**AUTH, "X-Request-ID": "req_mine"}) as session:
+        async with session.put(str(simulator.make_url("/v1/videos"))) as response:
+            body = await response.json()
+            assert (response.status, body["error"]["code"]) == (405, "method_not_allowed")
+            assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD", "POST"}
+            assert response.headers["x-request-id"] == "req_mine"
+        async with session.get(str(simulator.make_url("/v2/nothing"))) as response:
+            assert (response.status, (await response.json())["error"]["code"]) == (404, "not_found")
