@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,17 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """``video-gateway serve``. A SIGHUP (a reload systemd's ExecReload asks for, say) that came while
+    the gateway starts would end it: it is held until the gateway can reload (``server.serve``, or
+    the supervisor), which then reloads."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGHUP,))
+    try:
+        return _serve(args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _serve(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _default_config()
     worker = worker_slot()
     try:

@@ -228,8 +228,9 @@ def schema() -> dict[str, Any]:
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
-                    "host": {"type": "string"},
-                    "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+                    # empty (a variable set empty) would listen on every interface
+                    "host": {"type": "string", "pattern": "\\S"},
+                    "port": {"type": "integer", "minimum": 1, "maximum": 65535},
                     "public_base_url": {
                         "type": "string",
                         "pattern": "^https?://",
@@ -277,11 +278,15 @@ def schema() -> dict[str, Any]:
                     "backoff_seconds": {"type": "number", "minimum": 0},
                 },
             },
-            "data_dir": {"type": "string", "description": "Where the task store and local renders live."},
+            "data_dir": {  # empty would be the working directory, not the volume meant
+                "type": "string",
+                "pattern": "\\S",
+                "description": "Where the task store and local renders live.",
+            },
             "store": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"kind": {"enum": ["sqlite"]}, "path": {"type": "string"}},
+                "properties": {"kind": {"enum": ["sqlite"]}, "path": {"type": "string", "pattern": "\\S"}},
             },
             "default_model": {"type": "string", "description": "Used when a create names no model."},
             "limits": {
@@ -421,10 +426,7 @@ def read_config(path: str | Path) -> str:
 
 
 def parse_config(text: str, source: str, env: Mapping[str, str]) -> GatewayConfig:
-    node, raw, key_of = _parse_yaml(text, source)
-    locator = _Locator(source, key_of)
-    if node is not None:
-        locator.walk(node)
+    raw, locator = _parse_yaml(text, source)
     lines, problems = locator.lines, locator.problems
 
     def at(path: tuple[Any, ...], message: str) -> _Problem:
@@ -487,11 +489,16 @@ def _at(source: str, line: int | None, path: tuple[Any, ...], message: str) -> _
     return line or 0, text
 
 
-def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any, Callable[[yaml.Node], Any]]:
-    """The document's node tree, its value, and how a key node becomes the key the value holds."""
+def _parse_yaml(text: str, source: str) -> tuple[Any, _Locator]:
+    """The document's value, and where each of its keys is written (a :class:`_Locator` that walked it)."""
     loader = yaml.SafeLoader(text)
+    locator = _Locator(source, loader.construct_object)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            # before the document is built: building writes the keys a merge (<<) brings into the
+            # mapping's node, where a key that overrides one of them would look written twice
+            locator.walk(node)
         raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -508,7 +515,7 @@ def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any, Callable
         raise ConfigError([f"{where}: not valid YAML: {problem}{hint}"]) from None
     finally:
         loader.dispose()
-    return node, raw, loader.construct_object
+    return raw, locator
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -856,9 +863,17 @@ def _finite_number(checker: Any, instance: Any) -> bool:
     )
 
 
+def _whole_number(_: Any, instance: Any) -> bool:
+    """An integer as YAML writes one. JSON Schema takes 8080.0 for one too, and it would stay a
+    float: a port no socket takes, an ``openai-poll-after-ms: 2000.0`` no SDK parses."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
 _Validator = jsonschema.validators.extend(
     jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("number", _finite_number),
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"number": _finite_number, "integer": _whole_number}
+    ),
 )
 
 
@@ -909,10 +924,15 @@ def _schema_message(error: jsonschema.ValidationError, extra: list[Any] | None =
         and _numeric_text(error.instance)
     ):
         if _EXPONENT.fullmatch(error.instance.strip()):
-            how = "YAML reads a number such as 1e3 as text: write 1000 or 1.0e+3"
+            how = "YAML reads a number such as 1e3 as text: write 1000"
+            if error.validator_value == "number":
+                how += " or 1.0e+3"
         else:
             how = "a quoted value, and a ${VARIABLE}'s, is text: write the number itself in the file"
         return f"{error.instance!r} is text, not {_KINDS[error.validator_value]} ({how})"
+    if error.validator == "type" and error.validator_value == "integer" and type(error.instance) is float:
+        whole = f": write {int(error.instance)}" if error.instance.is_integer() else ""
+        return f"{error.instance!r} is not a whole number{whole}"
     if _may_hold_secret(tuple(error.absolute_path)):
         return _without_value(error)
     if error.validator == "enum":

@@ -229,6 +229,7 @@ def supervise(
         forward(signum)
 
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGHUP,))  # held since the start (cli.serve)
     status = 0
     try:
         log.info("supervisor_started", workers=count, url=f"http://{host}:{port}/v1")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -105,6 +106,38 @@ async def test_serve_with_a_config_and_key_from_env(run_process: Any, tmp_path: 
             f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-gateway-demo"}
         ) as response:
             assert response.status == 401
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_reload_asked_for_while_starting_is_done_once_started(
+    run_process: Any, tmp_path: Path, workers: str
+) -> None:
+    """systemd's ExecReload (or a config tool) may send SIGHUP right after a start: before the
+    gateway could reload, the signal's default action ended it, without a log line. It is held now,
+    and the reload happens once the gateway is up."""
+    port = free_port()
+    config = tmp_path / "gw.yaml"
+    text = gateway_yaml(tmp_path / "data")
+    config.write_text(text)
+    env = {"ALPHA_KEY": ALPHA_KEY, "BETA_KEY": "sk-beta-xxxxxx"}
+    args = ("serve", "--config", str(config), "--port", str(port), "--workers", workers)
+    process = run_process(*args, env=env)
+    assert process.stdout is not None
+    for line in process.stdout:  # the config is read; the server is still being built
+        if b"serving" in line:
+            break
+    config.write_text(text.replace("models:\n", "models:\n  sora-late:\n    provider: local\n", 1))
+    process.send_signal(signal.SIGHUP)
+    await wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
+    deadline = time.monotonic() + 10
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ALPHA_KEY}"}) as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{port}/v1/models") as response:
+                models = {m["id"] for m in (await response.json())["data"]}
+            if "sora-late" in models or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert "sora-late" in models and process.poll() is None
 
 
 def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:

@@ -170,6 +170,65 @@ def test_a_number_written_as_text_is_told_how_to_write_it():
     assert "'8080' is text, not an integer" in message and "${PORT}" in message, message
 
 
+def test_a_whole_number_written_as_a_fraction_is_refused_where_a_whole_one_goes():
+    """JSON Schema takes 8080.0 for an integer, and it stayed a float: ``serve`` died of a
+    TypeError traceback, and ``openai-poll-after-ms: 2000.0`` broke the SDK's polling. Where a
+    fraction is fine (a weight), 1.0e+3 still is."""
+    text = BASE.replace("    kind: local\n", "    kind: local\n    poll_after_ms: 2.0e+3\n")
+    text += "server:\n  port: 8080.0\n"
+    problems = problems_of(text)
+    message = problem_at(problems, line_of(text, "port:"), "server.port")
+    assert message == "8080.0 is not a whole number: write 8080"
+    message = problem_at(problems, line_of(text, "poll_after_ms"), "providers.local.poll_after_ms")
+    assert message == "2000.0 is not a whole number: write 2000"
+    weighted = BASE + "  sora-3:\n    - {provider: local, weight: 1.0e+3}\n"
+    assert parse_config(weighted, SRC, {}).models["sora-3"][0].weight == 1000
+    assert "write 1000)" in problems_of(BASE + "server:\n  port: 1e3\n")[0]  # not "or 1.0e+3"
+
+
+@pytest.mark.parametrize(
+    ("setting", "path"),
+    [
+        ('server: {host: "${BIND_HOST}"}', "server.host"),
+        ("data_dir: ${DATA_DIR}", "data_dir"),
+        ('store: {path: "${STORE_PATH}"}', "store.path"),
+    ],
+)
+def test_where_to_listen_and_keep_data_is_never_empty(setting: str, path: str) -> None:
+    """A variable set empty (a secret or env file that failed) made the gateway listen on every
+    interface, or keep its store in the working directory rather than the volume."""
+    env = {"BIND_HOST": "", "DATA_DIR": "", "STORE_PATH": ""}
+    text = BASE + setting + "\n"
+    assert problem_at(problems_of(text, env), line_of(text, setting), path).startswith("must not be empty")
+
+
+def test_port_zero_is_refused_as_the_command_line_refuses_it():
+    """The check took it, then each of several workers, given --port 0, died of a usage error."""
+    text = BASE + "server: {port: 0, workers: 2}\n"
+    assert problem_at(problems_of(text), line_of(text, "port: 0"), "server.port") == "0 must be at least 1"
+
+
+def test_a_key_that_overrides_a_merged_one_is_no_duplicate():
+    """YAML's merge key: ``b`` takes ``a``'s settings and overrides one. Building the document
+    writes the merged keys into ``b``, where the override looked written twice."""
+    text = BASE.replace(
+        "  local:\n    kind: local\n",
+        "  local:\n    kind: local\n"
+        "  a: &defaults\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n"
+        "    timeouts: {connect: 5, read: 60}\n"
+        "  b:\n    <<: *defaults\n    base_url: http://10.0.0.6:8000/v1\n",
+    )
+    text += "  m1: {provider: a}\n  m2: {provider: b}\n"
+    config = parse_config(text, SRC, {})
+    assert config.providers["b"].base_url == "http://10.0.0.6:8000/v1"
+    assert config.providers["b"].timeouts.read == 60 and config.providers["a"].base_url.endswith(".5:8000/v1")
+    twice = text.replace(
+        "http://10.0.0.6:8000/v1\n", "http://x.example/v1\n    base_url: http://y.example/v1\n"
+    )
+    message = problem_at(problems_of(twice), line_of(twice, "y.example"), "providers.b.base_url")
+    assert "duplicate key" in message
+
+
 def test_a_variable_written_without_braces_is_refused():
     """``key: $WEB_APP_KEY`` loaded as the key "$WEB_APP_KEY", which anyone reading the file could
     then use; a provider's ``api_key`` so written went upstream as it stood."""
