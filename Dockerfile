@@ -1,11 +1,13 @@
 # video-gateway: `docker build -t video-gateway .`, or `docker compose up` for the whole stack.
-# The config is not baked in: mount it at /config/gateway.yaml (deploy/gateway.yaml in compose).
+# The config is not baked in: mount its directory at /config, the file named gateway.yaml (deploy/
+# in compose). A stop must allow for the drain: `docker stop -t 40`, `docker run --stop-timeout 40`.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIDEO_GATEWAY_DATA_DIR=/data
 
 WORKDIR /app
 
@@ -22,15 +24,20 @@ COPY gateway/ ./gateway/
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info
 
-# Run unprivileged; /data holds the task store and the local provider's renders.
-RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
+# Run unprivileged, by number (Kubernetes' runAsNonRoot cannot verify a user name); /data holds the
+# task store and the local provider's renders: where every config that uses $VIDEO_GATEWAY_DATA_DIR,
+# as the embedded default and config/gateway.yaml do, keeps them.
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin gateway \
     && mkdir -p /data /config \
-    && chown gateway:gateway /data
-USER gateway
+    && chown 10001:10001 /data
+USER 10001:10001
 VOLUME /data
 
 EXPOSE 8080
+# Probes the port the config gives (not always 8080), never through the environment's HTTP proxy.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+    CMD ["video-gateway", "healthcheck", "--config", "/config/gateway.yaml"]
 
 CMD ["video-gateway", "serve", "--config", "/config/gateway.yaml"]

@@ -12,8 +12,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from aiohttp import web
-
 from gateway import __version__
 from gateway.config import (
     DEFAULT_CONFIG_PATH,
@@ -144,6 +142,8 @@ def _seconds_arg(value: str) -> float:
 
 
 def simulate(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
     from gateway.simulator import build_simulator
 
     configure(args.log_format or "console", "info")
@@ -157,6 +157,32 @@ def simulate(args: argparse.Namespace) -> int:
     log.info("simulating", url=f"http://{args.host}:{args.port}/v1", data_dir=str(root))
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0
+
+
+def healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the gateway this config describes answers ``/healthz``: a container's health
+    check, which follows ``server.host`` and ``server.port`` (or ``--host`` and ``--port``, as
+    ``serve`` takes them) and never goes through the environment's HTTP proxy. Light: the config
+    alone is read, every few seconds."""
+    import urllib.request
+
+    path = Path(args.config) if args.config else _default_config()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"video-gateway healthcheck: {path} is not a valid config: {exc.problems[0]}", file=sys.stderr)
+        return 1
+    host = args.host or config.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # every interface: this one will do
+    port = args.port if args.port is not None else config.port
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with no_proxy.open(url, timeout=args.timeout) as response:
+            return 0 if response.status == 200 else 1
+    except (OSError, ValueError) as exc:
+        print(f"video-gateway healthcheck: {url}: {exc}", file=sys.stderr)
+        return 1
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -202,12 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("simulate", help="run the local provider as an OpenAI-dialect upstream")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port_arg, default=8090)
-    p.add_argument("--data-dir", default=".video-gateway/simulator")
+    data_dir = os.environ.get("VIDEO_GATEWAY_DATA_DIR") or ".video-gateway"
+    p.add_argument(
+        "--data-dir", default=f"{data_dir}/simulator", help="default: $VIDEO_GATEWAY_DATA_DIR/simulator"
+    )
     p.add_argument("--api-key", help="require this bearer key (default: $SIMULATOR_API_KEY, else none)")
     p.add_argument("--queue-seconds", type=_seconds_arg, default=1.0)
     p.add_argument("--run-seconds", type=_seconds_arg, default=3.0)
     p.add_argument("--log-format", choices=["json", "console"])
     p.set_defaults(run=simulate)
+
+    p = commands.add_parser("healthcheck", help="exit 0 when the gateway of this config answers /healthz")
+    p.add_argument("--config", help="the config the gateway serves (as serve finds it)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=_port_arg)
+    p.add_argument("--timeout", type=_seconds_arg, default=4.0)
+    p.set_defaults(run=healthcheck)
 
     p = commands.add_parser("check-config", help="validate a config file; exit 1 if it has problems")
     p.add_argument("path", nargs="?", help="the config file")

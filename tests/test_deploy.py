@@ -11,6 +11,7 @@ import asyncio
 import fnmatch
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -29,7 +30,8 @@ from packaging.version import Version
 
 from gateway import cli
 from gateway.config import GatewayConfig, load_config
-from tests.conftest import RunningGateway
+from tests.conftest import ALPHA_KEY, RunningGateway, gateway_yaml
+from tests.test_errors import closed_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -133,7 +135,7 @@ def deploy_config() -> GatewayConfig:
 def parse_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
     """What ``video-gateway ARGV`` would run, without running it."""
     seen: list[argparse.Namespace] = []
-    for command in ("serve", "simulate", "check_config"):
+    for command in ("serve", "simulate", "check_config", "healthcheck"):
         monkeypatch.setattr(cli, command, lambda args: seen.append(args) or 0)
     assert cli.main(argv) == 0
     (args,) = seen
@@ -173,10 +175,30 @@ def test_compose_gateway_runs_the_image_command_on_the_mounted_config(
     assert gateway["build"] == "." and gateway.get("command", argv) == argv
     args = parse_cli(console_script(argv), monkeypatch)
     assert args.command == "serve"
-    assert args.config == mount_target(gateway, "./deploy/gateway.yaml")
-    assert mounts(gateway)["./deploy/gateway.yaml"].startswith("/config/")
+    # the directory, not the file: git and editors replace a file, and a mount of the file would
+    # go on showing reloads the old one
+    config_dir = mount_target(gateway, "./deploy")
+    assert args.config == f"{config_dir}/{GATEWAY_CONFIG.name}" and (ROOT / "deploy").is_dir()
     assert gateway["volumes"][0].endswith(":ro"), "the config is mounted read-only"
     assert args.host is None and args.port is None, "host and port come from the config"
+
+
+def test_a_stop_leaves_the_gateway_its_drain() -> None:
+    """Compose sends SIGKILL 10 s after SIGTERM unless told otherwise; the drain takes longer."""
+    config = deploy_config()
+    grace = service("gateway")["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) >= config.drain_delay_seconds + config.drain_seconds + 5
+    assert service("traffic")["init"] is True, "PID 1 without a SIGTERM handler ignores a stop"
+
+
+def test_the_image_keeps_data_on_its_volume_whichever_config_it_runs() -> None:
+    """The embedded default and config/gateway.yaml keep data in $VIDEO_GATEWAY_DATA_DIR, else in
+    the working directory, which the image's user cannot write."""
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instruction("ENV"))))
+    (volume,) = instruction("VOLUME")
+    for path in (cli.EMBEDDED_CONFIG_PATH, ROOT / "config" / "gateway.yaml"):
+        assert str(load_config(path, env=env).data_dir) == volume, path
+    assert re.fullmatch(r"\d+:\d+", instruction("USER")[-1]), "Kubernetes' runAsNonRoot needs a number"
 
 
 def test_ports_agree_everywhere() -> None:
@@ -379,31 +401,36 @@ def test_dockerfile_copies_what_the_build_needs_and_dockerignore_keeps_the_rest_
         assert ignored(unwanted), f".dockerignore should exclude {unwanted}"
 
 
-def test_healthcheck_probes_healthz_on_the_exposed_port() -> None:
+def test_healthcheck_probes_the_config_the_image_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     options, argv = healthcheck()
-    assert argv[:2] == ["python", "-c"], "slim images have no curl"
-    (url,) = re.findall(r"https?://[^'\"]+", argv[2])
-    parts = urlsplit(url)
-    (exposed,) = instruction("EXPOSE")
-    assert parts.path == "/healthz" and parts.port == int(exposed)
+    (cmd,) = instruction("CMD")
+    served = parse_cli(console_script(exec_form(cmd)), monkeypatch)
+    probe = parse_cli(console_script(argv), monkeypatch)
+    assert probe.command == "healthcheck" and probe.config == served.config
     assert {"interval", "timeout", "retries"} <= set(options)
 
 
-async def test_healthcheck_command_passes_against_a_gateway_and_fails_otherwise(
-    local_gateway: RunningGateway,
+async def test_healthcheck_command_follows_the_configs_port_past_any_proxy(
+    local_gateway: RunningGateway, tmp_path: Path
 ) -> None:
-    _, argv = healthcheck()
-    (url,) = re.findall(r"https?://[^'\"]+", argv[2])
-    origin = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+    """The port is the config's (the image's old probe always asked 8080), and the environment's
+    HTTP proxy, which Docker puts into containers, is not asked: 127.0.0.1 is this container."""
+    port = urlsplit(local_gateway.url).port
+    config = tmp_path / "gw.yaml"
 
-    async def run(code: str) -> int:
+    async def run(port: int, *extra: str) -> int:
+        config.write_text(gateway_yaml(tmp_path / "data", extra=f"server: {{host: 0.0.0.0, port: {port}}}"))
+        env = {**os.environ, "ALPHA_KEY": ALPHA_KEY, "BETA_KEY": "sk-beta-xxxxxx"}
+        env.update(http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
+            sys.executable, "-m", "gateway", "healthcheck", "--config", str(config), *extra, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
         return await asyncio.wait_for(process.wait(), 30)
 
-    assert await run(argv[2].replace(origin, local_gateway.url)) == 0
-    assert await run(argv[2].replace(url, local_gateway.url + "/no-such-route")) != 0
+    assert port is not None and await run(port) == 0
+    assert await run(closed_port()) == 1
+    assert await run(closed_port(), "--port", str(port)) == 0  # as serve takes it
 
 
 def test_readme_tells_how_to_run_the_stack() -> None:
