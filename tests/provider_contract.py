@@ -78,11 +78,13 @@ def png(width: int = 64, height: int = 48) -> bytes:
 
 def _form(fields: dict[str, Any]) -> aiohttp.FormData:
     """Form fields as the SDKs send them (multipart, file or not): bytes become a file part, with a
-    filename."""
+    filename; ``(bytes, content_type)`` one that says its type."""
     form = aiohttp.FormData(default_to_multipart=True)
     for name, value in fields.items():
         if isinstance(value, bytes):
-            form.add_field(name, value, filename=name, content_type="application/octet-stream")
+            value = (value, "application/octet-stream")
+        if isinstance(value, tuple):
+            form.add_field(name, value[0], filename=name, content_type=value[1])
         else:
             form.add_field(name, value)
     return form

@@ -319,10 +319,7 @@ async def test_an_image_type_in_another_spelling_is_the_image_it_is(
     image = png()
     data_url = "data:image/PNG;base64," + base64.b64encode(image).decode()
     await create(hosted_gw, model="dream", prompt="upper", input_reference={"image_url": data_url})
-    form = aiohttp.FormData()
-    for name, value in (("model", "dream"), ("prompt", "alias")):
-        form.add_field(name, value)
-    form.add_field("input_reference", image, filename="a.png", content_type="image/x-png")
+    form = {"model": "dream", "prompt": "alias", "input_reference": (image, "image/x-png")}
     status, _, body = await request(hosted_gw, "POST", "/v1/videos", data=form)
     assert status == 200, body
     assert [(d.body, d.content_type) for d in fake.downloads] == [(image, "image/png")] * 2

@@ -6,7 +6,6 @@ import base64
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from gateway.config import ProviderConfig
@@ -205,10 +204,7 @@ async def test_an_image_is_sent_as_what_it_is_and_a_broken_one_is_the_clients_to
     ``image/x-png`` goes as ``image/png``. An image Ark cannot read is named as input_reference."""
     fake, _ = ark
     image = png()
-    form = aiohttp.FormData()
-    for name, value in (("model", "seedance-pro"), ("prompt", "alias")):
-        form.add_field(name, value)
-    form.add_field("input_reference", image, filename="a.png", content_type="image/x-png")
+    form = {"model": "seedance-pro", "prompt": "alias", "input_reference": (image, "image/x-png")}
     status, _, body = await request(gw, "POST", "/v1/videos", data=form)
     assert status == 200, body
     sent = fake.creates[-1]["content"][1]["image_url"]["url"]
