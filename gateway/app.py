@@ -342,17 +342,19 @@ async def admin_deployments(request: web.Request) -> web.Response:
 
 async def admin_reload(request: web.Request) -> web.Response:
     """Reload now; with several workers, check here what each worker's reload would meet (the file,
-    adapters that cannot start) and have the supervisor reload all."""
+    adapters that cannot start) and have the supervisor reload all. ``needs_restart`` names the
+    changed settings the reload left as they run (a port, the data_dir...)."""
     gw = _admin(request)
     reloader = request.app[RELOADER]
     if gw.workers > 1:
         problems = await reloader.check("admin request")
         ok = not problems and request_reload()
-        return web.json_response(
-            {"reloaded": ok, "problems": problems, "workers": gw.workers}, status=200 if ok else 422
-        )
-    ok, problems = await reloader.reload("admin request")
-    return web.json_response({"reloaded": ok, "problems": problems}, status=200 if ok else 422)
+        answer = {"reloaded": ok, "problems": problems, "workers": gw.workers}
+    else:
+        ok, problems = await reloader.reload("admin request")
+        answer = {"reloaded": ok, "problems": problems}
+    answer["needs_restart"] = reloader.needs_restart if ok else []
+    return web.json_response(answer, status=200 if ok else 422)
 
 
 def _admin(request: web.Request) -> Gateway:

@@ -168,6 +168,8 @@ class Reloader:
         self._running: set[asyncio.Future[Any]] = set()
         self._fingerprint = self._read_fingerprint()
         self._watching = False
+        # the changed settings the last reload (or check) of the file left for a restart
+        self.needs_restart: list[str] = []
         LAST_SUCCESS.set(time.time())
 
     def _read_fingerprint(self) -> bytes | None:
@@ -199,6 +201,7 @@ class Reloader:
             return exc.problems
         for adapter in started:
             await adapter.close()
+        self.needs_restart = self._needs_restart(config, self._gw.table.config)
         return []
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
@@ -236,6 +239,7 @@ class Reloader:
             except ConfigError as exc:  # the file, or an adapter that cannot start with it
                 self._rejected(reason, exc.problems)
                 return False, exc.problems
+            self.needs_restart = ignored
             if ignored:
                 log.warning("config_reload_needs_restart", settings=ignored)
             self._apply_process_settings(config, current)

@@ -224,7 +224,7 @@ async def test_an_admin_reload_reaches_every_worker(start_workers, fresh) -> Non
     assert (await _call(fresh, "GET", model_url))[0] == 404
     workers.config.write_text(workers.config.read_text() + "  sora-later:\n    provider: local\n")
     status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
-    assert status == 200 and answer == {"reloaded": True, "problems": [], "workers": 2}
+    assert status == 200 and answer == {"reloaded": True, "problems": [], "workers": 2, "needs_restart": []}
 
     async def answers() -> list[int]:
         return [(await _call(fresh, "GET", model_url))[0] for _ in range(ROUNDS)]
