@@ -512,6 +512,8 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _Locator]:
             hint = " (quote a value that holds ': '; else check the indentation here and above)"
         elif any(words in problem for words in _INDENTATION_PROBLEMS):
             hint = " (check the indentation of this line and of the lines above it)"
+        elif "'\\t'" in problem and mark:  # a tab does not show, where it ends a line least of all
+            hint = f" (a tab, at column {mark.column + 1}: YAML takes spaces only; write spaces there)"
         raise ConfigError([f"{where}: not valid YAML: {problem}{hint}"]) from None
     finally:
         loader.dispose()

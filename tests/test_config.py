@@ -208,6 +208,15 @@ def test_port_zero_is_refused_as_the_command_line_refuses_it():
     assert problem_at(problems_of(text), line_of(text, "port: 0"), "server.port") == "0 must be at least 1"
 
 
+@pytest.mark.parametrize(("written", "column"), [("    kind: local\t\n", 16), ("\tkind: local\n", 1)])
+def test_a_tab_is_named_with_its_column(written: str, column: int) -> None:
+    """PyYAML refuses a tab, even one that ends a line, where nobody can see it."""
+    text = BASE.replace("    kind: local\n", written)
+    (problem,) = problems_of(text)
+    assert problem.startswith(f"{SRC}:{line_of(text, 'kind: local')}: not valid YAML")
+    assert f"a tab, at column {column}: YAML takes spaces only" in problem, problem
+
+
 def test_a_key_that_overrides_a_merged_one_is_no_duplicate():
     """YAML's merge key: ``b`` takes ``a``'s settings and overrides one. Building the document
     writes the merged keys into ``b``, where the override looked written twice."""
