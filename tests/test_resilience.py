@@ -196,13 +196,17 @@ async def test_a_model_the_upstream_lacks_is_the_operators_to_fix_and_fails_over
     naming a model it does not have 404: the routing config's fault, not the client's, whose
     model the gateway does serve. The create goes on to the next deployment."""
     fake, url = faulty
-    fake.behaviour["retired"] = "status:404"
+    fake.behaviour["retired"] = "no-model"
+    fake.behaviour["no-file"] = "status:404"  # a 404 about something else: the file a create names
     models = """
         m:
           - {provider: up, model: retired}
           - {provider: up, model: fine, priority: 1}
         only:
           - {provider: up, model: retired, name: alone}
+        files:
+          - {provider: up, model: no-file}
+          - {provider: up, model: fine, name: spare, priority: 1}
     """
     gw = await start_gateway(config(tmp_path, url, models))
     status, _, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "m"})
@@ -210,6 +214,9 @@ async def test_a_model_the_upstream_lacks_is_the_operators_to_fix_and_fails_over
     status, _, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "only"})
     assert status == 502 and body["error"]["code"] == "upstream_model_not_found", body
     assert "'retired'" in body["error"]["message"] and "routing config" in body["error"]["message"]
+    status, _, body = await post(gw, "/v1/videos", json={"prompt": "x", "model": "files"})
+    assert status == 404 and body["error"]["message"] == "injected 404", body
+    assert len(fake.hits_for("fine")) == 1
 
 
 async def test_no_failover_once_the_upstream_may_have_the_job(

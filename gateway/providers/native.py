@@ -20,7 +20,7 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -461,13 +461,16 @@ def expired_if_gone() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def model_must_exist(provider: str, model: str) -> Iterator[None]:
+def model_must_exist(
+    provider: str, model: str, about_the_model: Callable[[UpstreamError], bool] | None = None
+) -> Iterator[None]:
     """Within (a create), the provider's 404 means it has no model by the name the routing config
-    gives: :func:`upstream_model_missing`."""
+    gives: :func:`upstream_model_missing`. A provider whose 404 may be about something else (a file
+    the create names) says which are about the model."""
     try:
         yield
     except UpstreamError as exc:
-        if exc.upstream_status != 404:
+        if exc.upstream_status != 404 or (about_the_model is not None and not about_the_model(exc)):
             raise
         raise upstream_model_missing(provider, model, exc.message, upstream_status=404) from None
 

@@ -79,8 +79,7 @@ class OpenAIAdapter(Adapter):
 
     async def create(self, call: Call, body: RequestBody) -> UpstreamVideo | EventStream:
         upstream_model = call.deployment.upstream_model
-        # a 404 to a create: the server has no such model (an Azure resource, no such deployment)
-        with model_must_exist(self.provider_name, upstream_model):
+        with model_must_exist(self.provider_name, upstream_model, _no_such_model):
             answer = await self._post(call, self._url(), body, {"model": upstream_model})
         return answer if isinstance(answer, EventStream) else _video(answer)
 
@@ -176,6 +175,12 @@ def _model(call: Call, body: RequestBody) -> dict[str, str]:
 
 def _video_ref(task: Task | None) -> dict[str, str]:
     return {"video[id]": task.upstream_id} if task is not None else {}
+
+
+def _no_such_model(refusal: UpstreamError) -> bool:
+    """A 404 to a create about its model: OpenAI's ``model_not_found``, an Azure resource's
+    ``DeploymentNotFound``. Another (a ``file_id`` the create names) stays the client's."""
+    return refusal.code in ("model_not_found", "DeploymentNotFound") or refusal.param == "model"
 
 
 def _video(answer: Any) -> UpstreamVideo:

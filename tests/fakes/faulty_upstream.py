@@ -6,6 +6,8 @@ Each upstream model name has a behaviour the test sets (``fake.behaviour["primar
     status:N         answer HTTP N with the OpenAI error envelope (§3.3), 429 with Retry-After
     unsure:N         answer HTTP N as ``status:N`` with ``x-should-retry: false`` (§4.4: the server's
                      own word that the client must not retry, as when a job may already exist)
+    no-model         answer 404 as OpenAI does for a model it does not have (§3.3's envelope,
+                     code ``model_not_found``)
     delay:S          wait S seconds before answering
     hang             read the body, then never answer
     reset            close the connection without answering
@@ -101,6 +103,10 @@ class FaultyUpstream:
                     return fault
             return None
         kind, _, arg = behaviour.partition(":")
+        if kind == "no-model":
+            message = "The model does not exist or you do not have access to it."
+            error = {"message": message, "type": "invalid_request_error", "param": None}
+            return web.json_response({"error": {**error, "code": "model_not_found"}}, status=404)
         if kind in ("status", "unsure"):
             status = int(arg)
             headers = {"Retry-After": "2"} if status == 429 else {}
