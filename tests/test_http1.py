@@ -96,6 +96,17 @@ def keep_alive(response: bytes) -> Handler:
     return handler
 
 
+def once(response: bytes) -> Handler:
+    """Answer one request, then close the connection (as the server does once a handler returns)."""
+
+    async def handler(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(response)
+        await writer.drain()
+
+    return handler
+
+
 async def silent(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Read the request, then say nothing until the client gives up."""
     await server.read_request(reader)
@@ -562,12 +573,12 @@ async def test_a_close_delimited_answer_cut_by_a_reset_is_not_complete(serve, cl
     """An answer that ends with its connection is whole only when the connection closed cleanly
     (RFC 9112, 8): one cut by a reset came back as a 200 with half a body."""
 
+    half = once(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"id": "video_1", "sta')
+
     async def reset_mid_body(
         server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await server.read_request(reader)
-        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"id": "video_1", "sta')
-        await writer.drain()
+        await half(server, reader, writer)
         await asyncio.sleep(0.05)
         writer.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
@@ -598,14 +609,7 @@ async def test_an_answer_whose_last_coding_is_not_chunked_ends_with_its_connecti
     """RFC 9112 (6.3, rule 4): such an answer is read until the connection closes; any
     Transfer-Encoding was taken for framing, and the close for an answer cut off."""
 
-    async def until_close(
-        server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity-ish\r\n\r\nraw bytes")
-        await writer.drain()
-
-    server = await serve(until_close)
+    server = await serve(once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity-ish\r\n\r\nraw bytes"))
     assert (await client.request("GET", server.url + "/", {}, None, LIMITS)).body == b"raw bytes"
 
 
