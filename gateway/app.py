@@ -54,7 +54,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
         try:
             try:
                 if ctx.cors_origin and cors.is_preflight(request):
-                    response = cors.preflight(request, ctx.cors_origin)
+                    response = cors.preflight(request)
                 else:
                     if request.path.startswith("/v1/"):
                         ctx.client_key = ctx.table.keys.authenticate(request.headers.get("Authorization"))

@@ -38,10 +38,10 @@ def is_preflight(request: web.Request) -> bool:
     return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
 
 
-def preflight(request: web.Request, allowed: str) -> web.Response:
+def preflight(request: web.Request) -> web.Response:
     """The answer to a preflight from an allowed origin: any of the API's methods, with the headers
     it asked for (the SDKs send ``Authorization`` and their ``x-stainless-*`` headers, which a
-    ``*`` would not cover)."""
+    ``*`` would not cover). The origin is named as on every answer (:func:`stamp`)."""
     response = web.Response(status=204)
     response.headers["Access-Control-Allow-Methods"] = METHODS
     asked = request.headers.get("Access-Control-Request-Headers")
