@@ -276,3 +276,25 @@ async def test_a_moments_404_ends_nothing(
 
 async def test_an_unsendable_job_name_is_refused(gw: RunningGateway) -> None:
     await assert_an_unsendable_job_name_is_refused(gw, "veo")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://files.example.net/v1beta/files/abc:download?alt=media",  # another origin
+        "https://[2001:db8::1/files/abc:download",  # no URL at all: an unclosed IPv6 host
+    ],
+)
+async def test_a_file_the_api_names_elsewhere_is_never_fetched_with_the_key(
+    gw: RunningGateway, gemini: tuple[FakeVeoGemini, str], uri: str
+) -> None:
+    """The download sends the API key only to the Gemini API's own origin: a finished operation
+    naming its file anywhere else, or naming something that is no URL, is the provider's broken
+    answer (502), and nothing is fetched."""
+    fake, _ = gemini
+    fake.file_uri = uri
+    video = await create(gw, model="veo", prompt="a fox")
+    assert (await poll_until_done(gw, video["id"]))[-1]["status"] == "completed"
+    status, _, body = await request(gw, "GET", f"/v1/videos/{video['id']}/content")
+    assert status == 502 and body["error"]["type"] == "upstream_error", body
+    assert fake.downloads == []

@@ -338,7 +338,12 @@ class VeoGeminiAdapter(VeoBase):
 
     def _keyed_url(self, uri: str) -> str:
         """The file URL, if it is on the API's own origin: the API key is sent nowhere else."""
-        url = urljoin(self.base_url + "/", uri)
+        try:
+            url = urljoin(self.base_url + "/", uri)
+        except ValueError:  # an unclosed IPv6 host, say
+            raise UpstreamError(
+                502, "Upstream error: the Gemini API named a video file that is no URL.", kind="payload"
+            ) from None
         if not same_origin(url, self.base_url):
             raise UpstreamError(
                 502,

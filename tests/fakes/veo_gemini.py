@@ -112,6 +112,7 @@ class FakeVeoGemini:
     headers: list[dict[str, str]] = field(default_factory=list)
     downloads: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     retired: set[str] = field(default_factory=set)  # models Google no longer serves: 404 NOT_FOUND
+    file_uri: str | None = None  # what a finished operation names instead of its file (a broken answer)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -191,7 +192,7 @@ class FakeVeoGemini:
             if operation["polls"] == 3:  # the file exists from when the operation completed
                 self.files.add(file_id)
             uri = str(request.url.with_path(f"/v1beta/files/{file_id}:download").with_query(alt="media"))
-            result = {"generatedSamples": [{"video": {"uri": uri}}]}
+            result = {"generatedSamples": [{"video": {"uri": self.file_uri or uri}}]}
         answer["response"] = {
             "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.PredictLongRunningResponse",
             "generateVideoResponse": result,
