@@ -183,9 +183,11 @@ class DeleteEpoch:
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.fstat(self._fd).st_size < 8:
-            with self._locked():
-                os.ftruncate(self._fd, 8)
+        with self._locked():
+            # Written, not merely sized, on every open (a file an older gateway sized is a hole): a
+            # write through the map into a hole needs a disk block, and on a full disk the kernel
+            # answers that with SIGBUS, which kills the process. A full disk fails the start instead.
+            os.pwrite(self._fd, os.pread(self._fd, 8, 0).ljust(8, b"\0"), 0)
         self._map = mmap.mmap(self._fd, 8)
         self._counter = memoryview(self._map).cast("Q")  # the host's byte order: only its processes share it
 

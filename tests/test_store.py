@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import SQLiteTaskStore, Task
+from gateway.store import DeleteEpoch, SQLiteTaskStore, Task
 
 
 @pytest.fixture
@@ -403,3 +403,25 @@ async def test_the_store_is_readable_by_the_gateways_user_alone(tmp_path: Path) 
         assert {p.name for p in (tmp_path / "data").iterdir()} >= {"gw.sqlite3", "gw.sqlite3-wal"}
     finally:
         await store.close()
+
+
+def test_the_delete_counter_owns_its_disk_block_before_the_first_delete(tmp_path: Path) -> None:
+    """The counter is written through a memory map: a write into a hole needs a disk block, which a
+    full disk answers with SIGBUS (the process dies mid-delete). Its file is written when opened,
+    so a full disk fails the start instead: a new file, and one an older gateway left a hole."""
+    path = tmp_path / "epoch"
+    epoch = DeleteEpoch(path)
+    assert os.stat(path).st_blocks > 0
+    epoch.bump()
+    epoch.close()
+    epoch = DeleteEpoch(path)
+    assert epoch.read() == 1, "opening keeps the count"
+    epoch.close()
+    os.truncate(path, 0)
+    os.truncate(path, 8)  # a hole, as the older gateway's ftruncate left it
+    assert os.stat(path).st_blocks == 0
+    epoch = DeleteEpoch(path)
+    assert os.stat(path).st_blocks > 0
+    epoch.bump()
+    assert epoch.read() == 1
+    epoch.close()
