@@ -26,6 +26,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.connections import GatewayRunner
 from gateway.logs import log
 from gateway.state import GATEWAY
+from gateway.store import StoreUnavailable
 from gateway.workers import leave_orphaned_metrics, supervised
 
 
@@ -110,7 +111,7 @@ async def _start(
         await runner.setup()
     except ConfigError as exc:  # an adapter that cannot start, e.g. an unreadable credential file
         raise StartupError("; ".join(exc.problems)) from None
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, StoreUnavailable) as exc:  # the store wraps what SQLite raised
         where = f"data_dir {config.data_dir} (store {config.store_path})"
         raise StartupError(f"cannot open {where}: {_reason(exc)}") from None
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port)

@@ -301,6 +301,7 @@ def port_in_use() -> Iterator[int]:
         ("server: {port: __PORT_IN_USE__}", "address already in use"),
         ("server: {port: __FREE__}\ndata_dir: /proc/nope/x", "/proc/nope"),
         ("server: {port: __FREE__, host: 256.1.1.1}", "cannot listen on 256.1.1.1"),
+        ("server: {port: __FREE__}\nstore: {path: __GARBAGE__}", "file is not a database"),
     ],
 )
 def test_start_up_failure_is_one_error_and_status_1(
@@ -309,8 +310,10 @@ def test_start_up_failure_is_one_error_and_status_1(
     text = gateway_yaml(tmp_path / "data") + setting.replace("__PORT_IN_USE__", str(port_in_use))
     if "/proc/nope" in setting:
         text = text.replace(f"data_dir: {tmp_path / 'data'}\n", "")
+    garbage = tmp_path / "garbage.sqlite3"  # a store file that is none: a workers' failure, not a crash
+    garbage.write_bytes(b"not a database" * 500)
     config = tmp_path / "gw.yaml"
-    config.write_text(text.replace("__FREE__", str(free_port())))
+    config.write_text(text.replace("__FREE__", str(free_port())).replace("__GARBAGE__", str(garbage)))
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", workers],
         cwd=REPO,
