@@ -429,9 +429,16 @@ class RequestBody:
         self._parts.clear()
         self.fields.clear()
         collector = _Collector(self)
-        async for chunk in self._replay_and_rest({}):
-            for event in parser.feed(chunk):
-                await collector.handle(event)
+        try:
+            async for chunk in self._replay_and_rest({}):
+                for event in parser.feed(chunk):
+                    await collector.handle(event)
+        except BaseException:
+            # The file part being written (a client gone, a body over the limit) is not yet one of
+            # self.files, which close() empties: its spool, maybe a temp file, goes here.
+            if collector.file is not None:
+                collector.file.data.close()
+            raise
         if not parser.done:
             raise bad_request(
                 "The multipart body ended before its closing boundary.", code="invalid_multipart"

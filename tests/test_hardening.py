@@ -1156,3 +1156,62 @@ async def test_a_body_in_an_encoding_the_gateway_does_not_decode_is_refused_with
         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
     )
     assert status == 200, body
+
+
+def _unlinked_open_files() -> set[str]:
+    """This process's descriptors of files already removed: a spool's temp file still held."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(f"/proc/self/fd/{fd}")).endswith("(deleted)"):
+                found.add(f"{fd}:{target}")
+    return found
+
+
+@pytest.mark.parametrize("ending", ["client leaves", "over the limit"])
+async def test_an_upload_that_fails_mid_file_leaves_no_temp_file_open(
+    start_gateway: StartGateway, tmp_path: Path, ending: str
+) -> None:
+    """A provider that needs the whole form (the local one here; native adapters alike) has its
+    file parts spooled, past 1 MiB into a temp file. One that fails while a file part is being
+    written (the client hangs up, the body passes max_upload_bytes) gives that file back at once,
+    not at the next full garbage collection, which may be hours of such uploads away. The body is
+    chunked: a declared length over the limit is refused before any of it is read."""
+    gw = await start_gateway(gateway_yaml(tmp_path, extra="limits: {max_upload_bytes: 8388608}"))
+    head = (
+        b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nsora-2\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="video"; filename="v.mp4"\r\n'
+        b"Content-Type: video/mp4\r\n\r\n"
+    )
+    megabyte = b"100000\r\n" + bytes(1 << 20) + b"\r\n"  # one chunk of 1 MiB
+    gc.collect()
+    gc.disable()  # as between two of production's full collections
+    try:
+        before = _unlinked_open_files()
+        reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+        writer.write(
+            f"POST /v1/videos HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"
+            "Content-Type: multipart/form-data; boundary=B\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + f"{len(head):x}\r\n".encode()
+            + head
+            + b"\r\n"
+        )
+        for _ in range(4 if ending == "client leaves" else 12):
+            writer.write(megabyte)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        if ending == "client leaves":
+            await asyncio.sleep(0.3)
+            assert _unlinked_open_files() - before, "the file part is being spooled to a temp file"
+            writer.transport.abort()
+        else:
+            assert (await reader.readline()).startswith(b"HTTP/1.1 413")
+            writer.close()
+        for _ in range(20):
+            await asyncio.sleep(0.05)
+            if not _unlinked_open_files() - before:
+                break
+        assert _unlinked_open_files() - before == set()
+    finally:
+        gc.enable()
