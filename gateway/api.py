@@ -802,12 +802,38 @@ async def video_content(request: web.Request) -> web.StreamResponse:
             code="video_not_ready",
             headers={"x-should-retry": "false"},
         )
-    response = await _read(
-        request, task, "content", lambda adapter, call: adapter.content(call, task, variant)
-    )
+    try:
+        response = await _read(
+            request, task, "content", lambda adapter, call: adapter.content(call, task, variant)
+        )
+    except ApiError as exc:
+        if variant == "video" or exc.code != "video_not_found":
+            raise
+        raise await _variant_or_video_gone(request, task, variant, exc) from None
     if not response.prepared:  # a file the gateway serves itself (a relay sets it as it starts)
         response.headers["Cache-Control"] = CONTENT_CACHE_CONTROL
     return response
+
+
+async def _variant_or_video_gone(request: web.Request, task: Task, variant: str, gone: ApiError) -> ApiError:
+    """What a provider's 404 for a thumbnail or spritesheet means: a server that makes none (Azure
+    documents the video alone) answers so for a video it still has, which the client must not be
+    told is gone. The provider is asked about the video itself: if it has it, the variant is what
+    is missing; if not, ``gone`` stands; if it cannot be asked, the client gets why."""
+    ctx = context(request)
+    refused = ctx.call  # the request's log shows the download's answer, not the check's
+    try:
+        await _read(request, task, "retrieve", lambda adapter, call: adapter.retrieve(call, task))
+    except ApiError as check:
+        return gone if check.status in (404, 410) else check
+    finally:
+        ctx.call = refused
+    return ApiError(
+        404,
+        f"The provider serving this video has no '{variant}' for it; its 'video' can be downloaded.",
+        param="variant",
+        code="variant_not_available",
+    )
 
 
 async def remix_video(request: web.Request) -> web.Response:

@@ -874,6 +874,44 @@ async def test_content_the_provider_purged_after_its_expiry_is_gone_not_unknown(
     assert (await client.videos.retrieve(video.id)).expires_at == job["expires_at"]
 
 
+async def test_a_variant_the_provider_lacks_is_not_a_missing_video(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """A server that makes no spritesheet (Azure documents the video alone) answers 404 for it. The
+    video is still there, so the client hears that the variant is missing, as a native provider's
+    client does; once the provider has purged the job, the video is what is gone."""
+    fake, _ = upstream
+    client = dialect_gateway.sdk()
+    video = await client.videos.create_and_poll(prompt="no sheet", model="sora-remote")
+    del fake.media["spritesheet"]
+    status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}/content?variant=spritesheet")
+    error = json.loads(raw)["error"]
+    assert status == 404 and (error["code"], error["param"]) == ("variant_not_available", "variant"), error
+    (upstream_id,) = fake.jobs
+    assert fake.requests("GET", "/v1/videos/")[-1].path == f"/v1/videos/{upstream_id}", "asked about it"
+    assert (await client.videos.retrieve(video.id)).status == "completed"
+
+    fake.jobs.clear()
+    status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}/content?variant=thumbnail")
+    assert status == 404 and json.loads(raw)["error"]["code"] == "video_not_found"
+
+
+async def test_a_download_asks_the_provider_for_its_bytes_uncompressed(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """Media are compressed already. A refusal a provider's front compressed for the client's
+    ``Accept-Encoding: gzip`` (the SDK's) would be bytes the gateway cannot read the provider's
+    words from, so the provider is asked for identity whatever the client accepts."""
+    fake, _ = upstream
+    video = await dialect_gateway.sdk().videos.create_and_poll(prompt="plain", model="sora-remote")
+    status, _, _ = await send(
+        dialect_gateway, "GET", f"/v1/videos/{video.id}/content", headers={"Accept-Encoding": "gzip, br"}
+    )
+    assert status == 200
+    (asked,) = [r for r in fake.requests("GET", "/v1/videos/") if r.path.endswith("/content")]
+    assert asked.headers["Accept-Encoding"] == "identity"
+
+
 async def test_numbers_a_provider_writes_as_infinite_text_are_left_out_not_a_500(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:

@@ -103,10 +103,10 @@ class OpenAIAdapter(Adapter):
 
     async def content(self, call: Call, task: Task, variant: str) -> web.StreamResponse:
         sent = call.request.headers
-        # Which bytes the client wants, for the provider and for a result host it redirects to.
-        asked = {
-            name: sent[name] for name in (*CONDITIONAL_REQUEST_HEADERS, "Accept-Encoding") if name in sent
-        }
+        # Which bytes the client wants, for the provider and for a result host it redirects to. The
+        # media are compressed already; and a refusal compressed for the client's Accept-Encoding
+        # would be bytes the gateway cannot read the provider's words from.
+        asked = {name: sent[name] for name in CONDITIONAL_REQUEST_HEADERS if name in sent}
         asked = {"Accept-Encoding": "identity", **asked, **range_headers(sent)}
         headers = self.upstream_headers(call, forward_client=False)
         headers.update(asked)
