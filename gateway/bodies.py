@@ -35,6 +35,7 @@ from gateway.videos import MAX_PROMPT_CHARS, prompt_too_long
 CHUNK = 256 * 1024
 _MAX_PART_HEADERS = 16 * 1024
 _MAX_PREAMBLE = 64 * 1024
+_MAX_PADDING = 1024  # spaces and tabs after a delimiter; RFC 2046 sets no bound, nor do others
 _MAX_TEXT_FIELDS = 40 * 1024 * 1024
 MAX_PARTS = 100
 # Objects and arrays a JSON body may hold: a create has a handful; millions (a small gzipped body can
@@ -232,7 +233,9 @@ class MultipartParser:
             if len(buf) < i + len(self._delimiter) + 2:
                 return False
             self.first_boundary = self._offset + i
-            return self._after_delimiter(i + len(self._delimiter), events)
+            self._consume(i + len(self._delimiter))
+            self._state = "delimiter"
+            return True
         if self._state == "headers":
             i = buf.find(b"\r\n\r\n")
             # the same limit however the bytes arrive: the block may not exceed it, found or not
@@ -266,7 +269,11 @@ class MultipartParser:
             self._part.value_end = self._offset + i
             events.append(("end", self._part))
             self._part = None
-            return self._after_delimiter(i + len(self._body_delimiter), events)
+            self._consume(i + len(self._body_delimiter))
+            self._state = "delimiter"
+            return True
+        if self._state == "delimiter":
+            return self._after_delimiter(events)
         return False
 
     def _line_delimiter(self) -> int:
@@ -294,17 +301,28 @@ class MultipartParser:
         if self._reported():
             events.append(("data", bytes(self._buffer[:n])))
 
-    def _after_delimiter(self, at: int, events: list[tuple[str, Any]]) -> bool:
-        tail = bytes(self._buffer[at : at + 2])
-        if tail == b"--":
-            self._consume(len(self._buffer))
+    def _after_delimiter(self, events: list[tuple[str, Any]]) -> bool:
+        """The rest of a delimiter's line: ``--`` (the last), or CRLF after what RFC 2046 §5.1.1
+        calls transport padding (spaces and tabs), which a receiver must accept."""
+        buf = self._buffer
+        if len(buf) < 2:
+            return False
+        if buf[:2] == b"--":
+            self._consume(len(buf))
             self._state = "epilogue"
             self.done = True
             events.append(("done", None))
             return False
-        if tail != b"\r\n":
+        padding = 0
+        while padding < len(buf) and buf[padding] in b" \t":
+            padding += 1
+            if padding > _MAX_PADDING:
+                raise MultipartError("malformed multipart boundary line")
+        if len(buf) < padding + 2:
+            return False
+        if buf[padding : padding + 2] != b"\r\n":
             raise MultipartError("malformed multipart boundary line")
-        self._consume(at + 2)
+        self._consume(padding + 2)
         self._state = "headers"
         return True
 

@@ -165,6 +165,16 @@ def test_parser_every_split_size(preamble: bytes, epilogue: bytes):
         assert_parsed(raw, BOUNDARY, split_every(raw, size), TRICKY_PARTS)
 
 
+def test_parser_takes_transport_padding_after_a_delimiter_whatever_the_split():
+    """RFC 2046 §5.1.1: spaces and tabs may follow a delimiter before its line ends, and a receiver
+    must accept them (as Python's email, Go's mime/multipart and aiohttp do)."""
+    delimiter = f"--{BOUNDARY}\r\n".encode()
+    raw = multipart(TRICKY_PARTS).replace(delimiter, f"--{BOUNDARY} \t  \r\n".encode())
+    assert raw.count(b" \t  \r\n") == len(TRICKY_PARTS)
+    for size in [*range(1, 40), len(raw)]:
+        assert_parsed(raw, BOUNDARY, split_every(raw, size), TRICKY_PARTS)
+
+
 def test_parser_byte_at_a_time_and_with_empty_feeds():
     raw = multipart(TRICKY_PARTS)
     chunks = [c for b in split_every(raw, 1) for c in (b"", b)]
@@ -252,6 +262,10 @@ MALFORMED = {
     "junk-after-part-boundary": multipart([Part("a", b"1")]).replace(
         f"--{BOUNDARY}--".encode(), f"--{BOUNDARY}!!".encode()
     ),
+    "junk-after-transport-padding": multipart([Part("a", b"1"), Part("b", b"2")]).replace(
+        f"\r\n--{BOUNDARY}\r\n".encode(), f"\r\n--{BOUNDARY} \t x\r\n".encode()
+    ),
+    "endless-transport-padding": f"--{BOUNDARY}".encode() + b" " * 2000 + b"\r\n",
 }
 
 

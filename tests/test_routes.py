@@ -349,6 +349,23 @@ async def test_a_compressed_upload_reaches_the_upstream_whole(
     assert int(received.headers.get("Content-Length", len(received.body))) == len(received.body)
 
 
+async def test_transport_padding_after_a_delimiter_reaches_the_upstream_as_sent(
+    dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
+) -> None:
+    """Spaces and tabs after a delimiter (RFC 2046 §5.1.1, which receivers must accept): the form is
+    read, and streamed on byte for byte but for the model."""
+    fake, _ = upstream
+    body = (
+        b'--b \t\r\nContent-Disposition: form-data; name="model"\r\n\r\nsora-remote\r\n'
+        b'--b  \r\nContent-Disposition: form-data; name="prompt"\r\n\r\npadded\r\n--b--\r\n'
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    status, _, raw = await send(dialect_gateway, "POST", "/v1/videos", data=body, headers=headers)
+    assert status == 200 and json.loads(raw)["prompt"] == "padded", raw
+    (received,) = fake.requests("POST", "/v1/videos")
+    assert received.body == body.replace(b"sora-remote", b"upstream-sora")
+
+
 async def test_edits_extensions_and_characters_reach_the_owning_upstream(
     dialect_gateway: RunningGateway, upstream: tuple[FakeOpenAIUpstream, str]
 ) -> None:
