@@ -609,10 +609,19 @@ class _Collector:
         elif kind == "end":
             self.body._parts[value.name] = value
             if value.filename is None:
-                self.body.fields[value.name] = _field_text(value, self.text)
+                text = _field_text(value, self.text)
+                fields = self.body.fields
+                if "[]" in value.name and value.name in fields:  # a list's next item (``name[]``)
+                    fields[value.name] = [*_as_list(fields[value.name]), text]
+                else:
+                    fields[value.name] = text
             elif self.file is not None:
                 self.body.files[value.name] = self.file
             self.current = None
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [value]
 
 
 def _field_text(part: PartInfo, data: bytes | bytearray) -> str:

@@ -312,3 +312,16 @@ async def test_a_moments_404_ends_nothing(
     gw: RunningGateway, kling: FakeKling, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await assert_a_moments_404_ends_nothing(gw, kling.tasks, monkeypatch, model="kling", prompt="a red fox")
+
+
+async def test_a_text_extra_that_looks_like_a_number_stays_text(gw: RunningGateway, kling: FakeKling) -> None:
+    """In the SDK's form every value is text: a negative prompt of "1990" is that text, not the
+    number Kling would refuse."""
+    await gw.sdk().videos.create(
+        prompt="a fox",
+        model="kling",  # type: ignore[arg-type]
+        seconds="5",  # type: ignore[arg-type]
+        extra_body={"negative_prompt": "1990", "mode": "pro"},
+    )
+    ((_, body),) = kling.creates
+    assert (body["negative_prompt"], body["mode"]) == ("1990", "pro")

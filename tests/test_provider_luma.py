@@ -391,3 +391,42 @@ async def test_a_moments_404_ends_nothing(
     await assert_a_moments_404_ends_nothing(
         gw, luma[0].generations, monkeypatch, model="dream", prompt="a red fox"
     )
+
+
+async def test_extras_the_sdk_flattens_into_a_form_arrive_whole(
+    gw: RunningGateway, luma: tuple[FakeLuma, str]
+) -> None:
+    """The SDK sends a create as a form, writing a list of objects as ``concepts[][key]`` fields and
+    ``True`` as ``true`` (openai-videos-api §4.2): Luma gets the list and the boolean back."""
+    fake, _ = luma
+    concepts = [{"key": "dolly_zoom"}, {"key": "orbit_left"}]
+    await gw.sdk().videos.create(
+        prompt="zoom",
+        model="flash",  # type: ignore[arg-type]
+        size="960x960",  # type: ignore[arg-type]
+        seconds="5",  # type: ignore[arg-type]
+        extra_body={"concepts": concepts, "loop": True},
+    )
+    (sent,) = fake.creates
+    assert sent["concepts"] == concepts and sent["loop"] is True
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [("concepts[][key][]", "a")],  # a list inside a list's objects: which object's is it?
+        [("concepts[][key]", "a"), ("concepts[][key]", "b"), ("concepts[][weight]", "1")],  # ragged
+        [("concepts[key]", "a"), ("concepts[key][deeper]", "b")],  # a value and an object at once
+        [("concepts[key", "a")],
+    ],
+)
+async def test_a_flattened_extra_a_form_cannot_say_unambiguously_is_refused(
+    gw: RunningGateway, luma: tuple[FakeLuma, str], fields: list[tuple[str, str]]
+) -> None:
+    fake, _ = luma
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in [("model", "flash"), ("prompt", "p"), ("size", "960x960"), *fields]:
+        form.add_field(name, value)
+    status, _, body = await request(gw, "POST", "/v1/videos", data=form)
+    assert status == 400 and body["error"]["param"] == "concepts", body
+    assert fake.creates == []

@@ -312,3 +312,19 @@ async def test_a_moments_404_ends_nothing(
     await assert_a_moments_404_ends_nothing(
         gw, runway[0].tasks, monkeypatch, model="gen-video", prompt="a red fox"
     )
+
+
+async def test_an_object_the_sdk_flattens_into_a_form_arrives_whole(
+    gw: RunningGateway, runway: tuple[FakeRunway, str]
+) -> None:
+    """``contentModeration`` is an object: the SDK's form writes it as
+    ``contentModeration[publicFigureThreshold]``, which Runway gets back as the object."""
+    fake, _ = runway
+    await gw.sdk().videos.create(
+        prompt="a crowd",
+        model="gen-video",  # type: ignore[arg-type]
+        seconds="5",  # type: ignore[arg-type]
+        extra_body={"contentModeration": {"publicFigureThreshold": "low"}, "seed": 7},
+    )
+    ((_, sent),) = fake.creates
+    assert sent["contentModeration"] == {"publicFigureThreshold": "low"} and sent["seed"] == 7

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -315,7 +316,7 @@ class NativeAdapter(Adapter):
                 param="input_reference",
                 code="missing_required_parameter",
             )
-        extras = {name: _field(body, name) for name in spec.extra_params if body.get(name) is not None}
+        extras = {name: value for name in spec.extra_params if (value := _field(body, name)) is not None}
         request = CreateRequest(
             prompt=validate_prompt(body.get("prompt")),
             size=size,
@@ -558,12 +559,86 @@ def field_int(value: Any) -> int | None:
         return None
 
 
+# Extra parameters whose values are text, whatever they look like: in a form, where every value is
+# text, "1990" or "true" given as a negative prompt stays that, not a number or a boolean.
+TEXT_EXTRAS = frozenset(
+    {
+        "negative_prompt",
+        "negativePrompt",
+        "mode",
+        "personGeneration",
+        "audio_url",
+        "end_image",
+        "last_frame_image",
+        "service_tier",
+        "acceleration",
+    }
+)
+
+
 def _field(body: RequestBody, name: str) -> Any:
-    """An extra parameter: JSON values as given, form values parsed as (strict) JSON when they are."""
+    """An extra parameter: JSON values as given. A form's values are text: parsed as (strict) JSON
+    where they are (the SDK writes ``True`` as ``true``), except :data:`TEXT_EXTRAS`; an object or
+    a list the SDK flattened into bracketed fields is put together again (:func:`_unflattened`)."""
     value = body.get(name)
-    if body.kind == "multipart" and isinstance(value, str):
-        try:
-            return jsonio.loads_shallow(value.encode("utf-8", "surrogatepass"))
-        except jsonio.JSONDecodeError:
-            return value
-    return value
+    if body.kind != "multipart":
+        return value
+    if value is None:
+        return _unflattened(body, name)
+    return value if name in TEXT_EXTRAS else _form_value(value)
+
+
+def _form_value(text: str) -> Any:
+    try:
+        return jsonio.loads_shallow(text.encode("utf-8", "surrogatepass"))
+    except jsonio.JSONDecodeError:
+        return text
+
+
+_MEMBER_PATH = re.compile(r"(?:\[[^\[\]]+\])+")  # an object's member, at any depth: [a][b]
+
+
+def _unflattened(body: RequestBody, name: str) -> Any:
+    """An object or a list the SDKs send in a form as bracketed fields (``Querystring`` with
+    ``array_format="brackets"``): ``name[key]`` for an object's members, at any depth; ``name[]``
+    repeated for a list; ``name[][key]`` for a list of objects, the i-th value of each key being
+    the i-th object's (the SDK groups a repeated field's values). None when there are none; other
+    shapes cannot be told apart in a form, and are refused."""
+    prefix = name + "["
+    found = [(field[len(name) :], value) for field, value in body.fields.items() if field.startswith(prefix)]
+    if not found:
+        return None
+    if all(path == "[]" for path, _ in found):
+        (_, items), *_ = found
+        return [_form_value(v) for v in (items if isinstance(items, list) else [items])]
+    if all(path.startswith("[]") and _MEMBER_PATH.fullmatch(path[2:]) for path, _ in found):
+        columns = {path[2:]: value if isinstance(value, list) else [value] for path, value in found}
+        rows = max(len(values) for values in columns.values())
+        if all(len(values) == rows for values in columns.values()):
+            return [
+                _object([(path, values[i]) for path, values in columns.items()], name) for i in range(rows)
+            ]
+    elif all(_MEMBER_PATH.fullmatch(path) for path, _ in found):
+        return _object(found, name)
+    raise bad_request(
+        f"'{name}' is nested too deeply to be sent as form fields; send it as JSON text "
+        f"(extra_body={{'{name}': json.dumps(value)}}) or send the request as JSON.",
+        param=name,
+    )
+
+
+def _object(members: list[tuple[str, Any]], name: str) -> dict[str, Any]:
+    """An object from its members' bracketed paths (``[a][b]``) and their form values."""
+    built: dict[str, Any] = {}
+    for path, value in members:
+        keys = path[1:-1].split("][")
+        node = built
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise bad_request(f"'{name}' names '{key}' both as a value and as an object.", param=name)
+            node = child
+        if keys[-1] in node:
+            raise bad_request(f"'{name}' gives '{keys[-1]}' more than once.", param=name)
+        node[keys[-1]] = _form_value(value)
+    return built
