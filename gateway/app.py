@@ -6,7 +6,7 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from aiohttp.http import HttpVersion11
 from gateway import api, cors, logs, metrics, openapi
 from gateway.auth import bearer_token, same_key
 from gateway.bodies import size_limit, too_large
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, ProviderConfig
 from gateway.context import CONTEXT, RequestContext, request_id, stamp
 from gateway.errors import ApiError, UpstreamError, from_http_exception, internal_error, store_unavailable
 from gateway.health import HealthBoard
@@ -390,11 +390,13 @@ def build_app(
     config_path: Path | None = None,
     workers: int = 1,
     signing_key: bytes | None = None,
+    retired: Mapping[str, ProviderConfig] | None = None,
 ) -> web.Application:
     """The gateway for one config. ``store`` defaults to SQLite at ``config.store_path``;
     with ``config_path`` the config can be reloaded (SIGHUP, file watch, ``POST /admin/reload``).
-    ``workers`` and ``signing_key`` come from the supervisor when this is one of several workers
-    (bulkheads take their share; hosted-file URLs must verify on every worker)."""
+    ``workers``, ``signing_key`` and ``retired`` come from the supervisor when this is one of
+    several workers (bulkheads take their share; hosted-file URLs must verify on every worker; the
+    providers the others' reloads removed stay reachable for their videos here too)."""
     app = web.Application(handler_args={"max_field_size": 16384})
     state = app[GATEWAY] = Gateway(
         HealthBoard(config.resilience),
@@ -431,7 +433,7 @@ def build_app(
             await sqlite.open()
             task_store = sqlite
         state.store = task_store
-        state.table = await build_table(config, state, None)
+        state.table = await build_table(config, state, None, retired)
         loop = asyncio.get_running_loop()
         background: list[asyncio.Task[None]] = []
         if config_path is not None and config.watch_config:

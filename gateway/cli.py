@@ -24,6 +24,7 @@ from gateway.config import (
 from gateway.logs import configure, log
 from gateway.workers import (
     WORKER_COULD_NOT_START,
+    retired_providers,
     supervise,
     take_signing_key,
     worker_config,
@@ -85,7 +86,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            runner.run(run(config, path, host, port, workers=workers, signing_key=take_signing_key()))
+            retired = retired_providers(config) if worker else {}
+            signing_key = take_signing_key()
+            runner.run(
+                run(config, path, host, port, workers=workers, signing_key=signing_key, retired=retired)
+            )
     except StartupError as exc:
         log.error("startup_failed", reason=str(exc))
         return WORKER_COULD_NOT_START if worker else 1

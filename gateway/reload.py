@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from prometheus_client import Counter, Gauge
 
 from gateway import metrics
 from gateway.api import FAILOVERS, READ_RETRIES
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, ProviderConfig, load_config, parse_config, read_config
 from gateway.health import EJECTED, EJECTIONS, HealthBoard
 from gateway.limits import BULKHEAD_REJECTED, RATE_LIMITED
 from gateway.logs import log, register_secrets, set_level
@@ -31,6 +32,7 @@ from gateway.providers import ADAPTERS, Adapter
 from gateway.providers.base import AdapterEnv
 from gateway.routing import RoutingTable
 from gateway.state import Gateway
+from gateway.workers import remember_loaded
 
 T = TypeVar("T")
 
@@ -67,9 +69,25 @@ def keep_restart_only(config: GatewayConfig, running: GatewayConfig) -> GatewayC
     return dataclasses.replace(config, **{name: getattr(running, name) for name in RESTART_ONLY})
 
 
-async def build_table(config: GatewayConfig, gw: Gateway, previous: RoutingTable | None) -> RoutingTable:
-    """The table for ``config``, reusing the previous table's adapters where the provider is unchanged."""
+async def build_table(
+    config: GatewayConfig,
+    gw: Gateway,
+    previous: RoutingTable | None,
+    retired: Mapping[str, ProviderConfig] | None = None,
+) -> RoutingTable:
+    """The table for ``config``, reusing the previous table's adapters where the provider is unchanged.
+
+    ``retired``: providers a reload removed before this process started (a worker replacing one that
+    died), kept reachable for their videos as the other workers keep theirs. One that cannot start
+    is left out (its videos answer 503 here), not a failed start."""
     old = previous.all_adapters() if previous is not None else {}
+    for name, provider in (retired or {}).items():
+        try:
+            kept, _ = await _start_adapters(dataclasses.replace(config, providers={name: provider}), gw, {})
+        except ConfigError as exc:
+            log.warning("retired_provider_unavailable", provider=name, problems=exc.problems)
+            continue
+        old = {**old, **kept}
     adapters, _ = await _start_adapters(config, gw, old)
     for name, adapter in old.items():
         if name in adapters and adapters[name] is not adapter:
@@ -229,7 +247,8 @@ class Reloader:
             self._fingerprint = await asyncio.to_thread(self._read_fingerprint)
             current = self._gw.table.config
             try:
-                config = await asyncio.to_thread(load_config, self._path)
+                text = await asyncio.to_thread(read_config, self._path)
+                config = parse_config(text, str(self._path), os.environ)
                 ignored = self._needs_restart(config, current)
                 # What only a restart changes stays as the process runs it, for every reader of the
                 # table's config: adapters started by this reload keep their files in the data_dir
@@ -244,6 +263,7 @@ class Reloader:
                 log.warning("config_reload_needs_restart", settings=ignored)
             self._apply_process_settings(config, current)
             self._gw.table = table
+            await asyncio.to_thread(remember_loaded, text)
             RELOADS.labels("success").inc()
             LAST_SUCCESS.set(time.time())
             log.info(

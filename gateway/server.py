@@ -16,13 +16,13 @@ import asyncio
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway.app import RELOADER, build_app
-from gateway.config import ConfigError, GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, ProviderConfig
 from gateway.connections import GatewayRunner
 from gateway.logs import log
 from gateway.state import GATEWAY
@@ -38,9 +38,13 @@ async def serve(
     *,
     workers: int = 1,
     signing_key: bytes | None = None,
+    retired: Mapping[str, ProviderConfig] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT. ``workers`` > 1: this is one of several processes on the port."""
-    app = build_app(config, config_path=config_path, workers=workers, signing_key=signing_key)
+    """Serve until SIGTERM or SIGINT. ``workers`` > 1: this is one of several processes on the port,
+    ``retired`` the providers its siblings' reloads removed (see ``build_app``)."""
+    app = build_app(
+        config, config_path=config_path, workers=workers, signing_key=signing_key, retired=retired
+    )
     runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     site = await _start(runner, config, host, port, reuse_port=workers > 1)
     log.info("listening", url=f"http://{host}:{port}/v1")

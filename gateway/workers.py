@@ -20,6 +20,7 @@ instead of restarting forever.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 from gateway.logs import log
 
 if TYPE_CHECKING:
-    from gateway.config import GatewayConfig
+    from gateway.config import GatewayConfig, ProviderConfig
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "VIDEO_GATEWAY_WORKER"
@@ -307,6 +308,48 @@ def worker_config(source: str) -> GatewayConfig:
         for name in (WORKER_CONFIG_ENV, STARTED_CONFIG_ENV)
     )
     return keep_restart_only(latest, first)
+
+
+def _loaded_dir() -> Path | None:
+    """Where workers keep the configs their reloads took effect with (beside the supervisor's copy,
+    in its private directory); None in a process that is no worker."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    return Path(directory) / "loaded" if directory and worker_slot() is not None else None
+
+
+def remember_loaded(text: str) -> None:
+    """From a worker whose reload took effect: the config it now runs, for :func:`retired_providers`.
+    Each text is kept once, named by the time it was first loaded."""
+    directory = _loaded_dir()
+    if directory is None:
+        return
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+    directory.mkdir(exist_ok=True)
+    if any(directory.glob(f"*-{digest}.yaml")):
+        return
+    partial = directory / f"{digest}.partial-{os.getpid()}"
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, directory / f"{time.time_ns():020d}-{digest}.yaml")
+
+
+def retired_providers(current: GatewayConfig) -> dict[str, ProviderConfig]:
+    """For a worker starting beside others: the providers their reloads removed, each as it was last
+    loaded. The others keep such a provider's adapter for the videos it holds (reload.build_table);
+    a replacement for a worker that died must reach them too, or the same download would answer 200
+    or 503 by the worker that took it."""
+    from gateway.config import ConfigError, parse_config, read_config
+
+    directory = _loaded_dir()
+    started = os.environ.get(STARTED_CONFIG_ENV)
+    if directory is None or not started:
+        return {}
+    providers: dict[str, ProviderConfig] = {}
+    for path in [Path(started), *sorted(directory.glob("*.yaml"))]:  # oldest first: the last one wins
+        try:
+            providers.update(parse_config(read_config(path), str(path), os.environ).providers)
+        except ConfigError:
+            continue  # a file being replaced, say; the others still say what they say
+    return {name: provider for name, provider in providers.items() if name not in current.providers}
 
 
 def supervised() -> bool:

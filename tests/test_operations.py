@@ -144,13 +144,13 @@ async def test_an_admin_reload_whose_client_left_still_takes_effect(
     fake, url = faulty
     before, after = two_generations(tmp_path, url)
     gw, path = await start_from_file(start_gateway, tmp_path, before)
-    real_load = reloading.load_config
+    real_read = reloading.read_config
 
-    def slow_load(config_path: Path) -> Any:
+    def slow_read(config_path: Path) -> Any:
         time.sleep(0.3)
-        return real_load(config_path)
+        return real_read(config_path)
 
-    monkeypatch.setattr(reloading, "load_config", slow_load)
+    monkeypatch.setattr(reloading, "read_config", slow_read)
     path.write_text(after)
     async with aiohttp.ClientSession() as session:
         with pytest.raises(asyncio.TimeoutError):

@@ -604,3 +604,53 @@ def test_auto_workers_respect_a_cgroup_cpu_quota(
 
 def test_auto_workers_without_cgroup_files_use_the_cores(tmp_path: Path) -> None:
     assert cgroup_cpu_quota(tmp_path / "none", tmp_path / "missing") is None
+
+
+async def test_a_replaced_worker_still_reaches_a_provider_a_reload_removed(start_workers, fresh) -> None:
+    """A reload keeps a removed provider's adapter for the videos it holds. A worker started in place
+    of one that died must keep it too, or the same download answers 200 or 503 by the worker that
+    takes it. Here the provider came with one reload and went with the next: the config the gateway
+    started with never named it."""
+    workers = await start_workers()
+    original = workers.config.read_text()
+    extra = "providers:\n  extra:\n    kind: local\n    options: {queue_seconds: 0.1, run_seconds: 0.4}\n"
+    added = original.replace("providers:\n", extra, 1) + "  sora-extra:\n    provider: extra\n"
+    model_url = f"{workers.url}/v1/models/sora-extra"
+
+    async def reload(text: str, model_status: int) -> None:
+        workers.config.write_text(text)
+        status, answer = await _call(fresh, "POST", f"{workers.url}/admin/reload", ADMIN_KEY)
+        assert status == 200 and answer["reloaded"] is True, answer
+
+        async def statuses() -> set[int]:
+            return {(await _call(fresh, "GET", model_url))[0] for _ in range(ROUNDS)}
+
+        await _until(statuses, lambda seen: seen == {model_status}, workers, seconds=10)
+
+    await reload(added, 200)
+    status, video = await _call(
+        fresh,
+        "POST",
+        f"{workers.url}/v1/videos",
+        json={"prompt": "w", "model": "sora-extra", "size": "320x240"},
+    )
+    assert status == 200, video
+    url = f"{workers.url}/v1/videos/{video['id']}"
+
+    async def state() -> str:
+        return str((await _call(fresh, "GET", url))[1]["status"])
+
+    await _until(state, lambda status: status == "completed", workers)
+    await reload(original, 404)
+
+    async def downloads() -> set[int]:
+        seen = set()
+        for _ in range(ROUNDS):
+            async with fresh.get(url + "/content", headers={"Authorization": f"Bearer {ALPHA_KEY}"}) as r:
+                await r.read()
+                seen.add(r.status)
+        return seen
+
+    assert await downloads() == {200}
+    await _replace_a_worker(workers)
+    assert await downloads() == {200}
