@@ -900,7 +900,7 @@ async def test_a_variant_the_provider_lacks_is_not_a_missing_video(
     fake, _ = upstream
     client = dialect_gateway.sdk()
     video = await client.videos.create_and_poll(prompt="no sheet", model="sora-remote")
-    del fake.media["spritesheet"]
+    fake.media = {variant: path for variant, path in fake.media.items() if variant != "spritesheet"}
     status, _, raw = await send(dialect_gateway, "GET", f"/v1/videos/{video.id}/content?variant=spritesheet")
     error = json.loads(raw)["error"]
     assert status == 404 and (error["code"], error["param"]) == ("variant_not_available", "variant"), error
