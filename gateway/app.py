@@ -17,6 +17,7 @@ from gateway import api, cors, logs, metrics, openapi
 from gateway.auth import bearer_token, same_key
 from gateway.bodies import size_limit, too_large
 from gateway.config import GatewayConfig, ProviderConfig
+from gateway.connections import write_whole
 from gateway.context import CONTEXT, RequestContext, request_id, stamp
 from gateway.errors import ApiError, UpstreamError, from_http_exception, internal_error, store_unavailable
 from gateway.health import HealthBoard
@@ -70,8 +71,7 @@ def enveloped(handler: web.Handler, route: str) -> web.Handler:
             except Exception:
                 log.exception("unhandled_error", request_id=ctx.request_id, path=request.path)
                 response = internal_error().response()
-            await _send(request, ctx, response)
-            return response
+            return await _send(request, ctx, response)
         finally:
             gw.in_flight -= 1
             if ctx.client_gone:  # recorded as such; aiohttp still gets the answer it was writing
@@ -150,10 +150,13 @@ async def _stopping(app: web.Application) -> None:
     app[GATEWAY].stopping = True
 
 
-async def _send(request: web.Request, ctx: RequestContext, response: web.StreamResponse) -> None:
-    """Finish sending here rather than after the envelope, so the metrics see the whole answer."""
+async def _send(
+    request: web.Request, ctx: RequestContext, response: web.StreamResponse
+) -> web.StreamResponse:
+    """Finish sending here rather than after the envelope, so the metrics see the whole answer; what
+    aiohttp is to finish (a whole answer is written at once, :func:`write_whole`)."""
     if response.prepared:
-        return
+        return response
     stamp(ctx, response)
     # An answer given before a compressed body was read (a 401, a refusal): aiohttp would go on
     # reading what is left for up to 10 s, inflating it (seconds of CPU for a small gzip bomb), before
@@ -162,18 +165,22 @@ async def _send(request: web.Request, ctx: RequestContext, response: web.StreamR
     if inflating:
         response.force_close()
     try:
-        await response.prepare(request)
-        await response.write_eof()
+        written = write_whole(request, response) if type(response) is web.Response else None
+        if written is None:
+            await response.prepare(request)
+            await response.write_eof()
         if inflating:
             request.protocol.force_close()
     except (ConnectionResetError, ClientConnectionResetError):
         ctx.client_gone = True
         response.force_close()
+        return response
     except asyncio.CancelledError:
         # The answer was cut off while it waited to be written: on uvloop a client's hang-up comes
         # so, as the handler's cancellation rather than a reset (or the server abandoned it).
         ctx.client_gone = True
         raise
+    return response if written is None else written
 
 
 def _body_bytes(ctx: RequestContext, response: web.StreamResponse) -> int:

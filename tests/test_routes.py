@@ -1102,3 +1102,63 @@ async def test_a_prompt_longer_than_the_api_allows_is_refused_and_never_stored_f
     job["prompt"] = "y" * 40_000
     status, _, again = await call(dialect_gateway, "GET", f"/v1/videos/{video['id']}")
     assert status == 200 and again["prompt"] == "short"
+
+
+async def _raw_exchanges(
+    gw: RunningGateway, requests: list[bytes]
+) -> list[tuple[bytes, CIMultiDict[str], bytes]]:
+    """Send ``requests`` pipelined on one connection; each answer's status line, headers and body."""
+    reader, writer = await asyncio.open_connection(gw.server.host, gw.server.port)
+    writer.write(b"".join(requests))
+    answers = []
+    try:
+        for _ in requests:
+            status = (await reader.readline()).rstrip(b"\r\n")
+            headers: CIMultiDict[str] = CIMultiDict()
+            while (line := (await reader.readline()).rstrip(b"\r\n")) != b"":
+                name, _, value = line.decode().partition(":")
+                headers.add(name, value.strip())
+            answers.append((status, headers, await reader.readexactly(int(headers["Content-Length"]))))
+    finally:
+        writer.close()
+    return answers
+
+
+async def test_whole_answers_carry_the_head_aiohttp_would_give_them(
+    dialect_gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JSON answers (a poll's, a list's, an error's) are written in one piece past aiohttp's own
+    preparing (connections.write_whole). Their heads must be what aiohttp gives: the same status
+    lines and headers, the connection kept for the next pipelined request, and closed after one
+    that asks for it."""
+    video = await dialect_gateway.sdk().videos.create_and_poll(prompt="heads", model="sora-remote")
+    auth = f"Authorization: Bearer {ALPHA_KEY}\r\n"
+    requests = [
+        f"GET /v1/videos/{video.id} HTTP/1.1\r\nHost: gw\r\n{auth}\r\n".encode(),
+        f"GET /v1/videos?limit=1 HTTP/1.1\r\nHost: gw\r\n{auth}\r\n".encode(),
+        b"GET /v1/videos/video_nope HTTP/1.1\r\nHost: gw\r\n" + auth.encode() + b"\r\n",
+        b"PATCH /v1/videos HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n" + auth.encode() + b"\r\n",
+        b"GET /v1/videos HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    ]
+
+    def comparable(answers: list[tuple[bytes, CIMultiDict[str], bytes]]) -> list[Any]:
+        varying = {"date", "x-request-id", "x-gateway-overhead-ms", "content-length"}  # progress moves
+        return [
+            (status, sorted((k.lower(), v) for k, v in headers.items() if k.lower() not in varying))
+            for status, headers, _ in answers
+        ]
+
+    ours = await _raw_exchanges(dialect_gateway, requests)
+    monkeypatch.setattr("gateway.app.write_whole", lambda request, response: None)
+    aiohttps = await _raw_exchanges(dialect_gateway, requests)
+    assert [status for status, _, _ in ours] == [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 404 Not Found",
+        b"HTTP/1.1 405 Method Not Allowed",
+        b"HTTP/1.1 401 Unauthorized",
+    ]
+    assert comparable(ours) == comparable(aiohttps)
+    assert ours[-1][1]["Connection"] == "close" and "Connection" not in ours[0][1]
+    assert all(headers["Date"].endswith(" GMT") for _, headers, _ in ours)
+    assert json.loads(ours[0][2])["id"] == video.id
