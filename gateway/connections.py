@@ -10,9 +10,10 @@ internals: ``AppRunner._make_server``, the connection's queue of parsed messages
 The refusal tests in ``tests/test_hardening.py`` fail if those change.
 
 :func:`write_whole` sends a whole answer (every JSON answer: a poll's, an error's) in one write,
-past aiohttp's preparing of a Response, which costs a third of a poll's time in aiohttp. It uses
-aiohttp's own serialiser of a head (``http_writer._serialize_headers``, which refuses a line break
-in a header) and a Response's cookies (``_cookies``, None when none were set).
+past aiohttp's preparing of a Response (about 5 us of a poll). It uses aiohttp's own serialiser of
+a head (``http_writer._serialize_headers``, which refuses a line break in a header) and reads a
+Response's cookies (``_cookies``, None when none were set). ``tests/test_routes.py`` compares its
+heads with aiohttp's.
 """
 
 from __future__ import annotations

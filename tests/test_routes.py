@@ -1148,8 +1148,19 @@ async def test_whole_answers_carry_the_head_aiohttp_would_give_them(
             for status, headers, _ in answers
         ]
 
+    from gateway import app
+
+    written = []
+
+    def counted(request: Any, response: Any) -> Any:
+        written.append(outcome := write_whole(request, response))
+        return outcome
+
+    write_whole = app.write_whole
+    monkeypatch.setattr(app, "write_whole", counted)
     ours = await _raw_exchanges(dialect_gateway, requests)
-    monkeypatch.setattr("gateway.app.write_whole", lambda request, response: None)
+    assert len(written) == len(requests) and None not in written, "each was written whole"
+    monkeypatch.setattr(app, "write_whole", lambda request, response: None)
     aiohttps = await _raw_exchanges(dialect_gateway, requests)
     assert [status for status, _, _ in ours] == [
         b"HTTP/1.1 200 OK",
