@@ -248,7 +248,7 @@ class Reloader:
             current = self._gw.table.config
             try:
                 text = await asyncio.to_thread(read_config, self._path)
-                config = parse_config(text, str(self._path), os.environ)
+                config = await asyncio.to_thread(parse_config, text, str(self._path), os.environ)
                 ignored = self._needs_restart(config, current)
                 # What only a restart changes stays as the process runs it, for every reader of the
                 # table's config: adapters started by this reload keep their files in the data_dir
@@ -263,7 +263,10 @@ class Reloader:
                 log.warning("config_reload_needs_restart", settings=ignored)
             self._apply_process_settings(config, current)
             self._gw.table = table
-            await asyncio.to_thread(remember_loaded, text)
+            try:
+                await asyncio.to_thread(remember_loaded, text)
+            except OSError as exc:  # a full disk, say: the reload stands; a replacement may miss it
+                log.warning("config_reload_not_recorded", error=str(exc))
             RELOADS.labels("success").inc()
             LAST_SUCCESS.set(time.time())
             log.info(
