@@ -807,33 +807,36 @@ async def video_content(request: web.Request) -> web.StreamResponse:
             request, task, "content", lambda adapter, call: adapter.content(call, task, variant)
         )
     except ApiError as exc:
-        if variant == "video" or exc.code != "video_not_found":
+        # A server that makes no thumbnail or spritesheet (Azure documents the video alone) answers
+        # 404 for it about a video it still has, which the client must not be told is gone.
+        if variant == "video" or exc.code != "video_not_found" or not await _still_held(request, task):
             raise
-        raise await _variant_or_video_gone(request, task, variant, exc) from None
+        raise ApiError(
+            404,
+            f"The provider serving this video has no '{variant}' for it; its 'video' can be downloaded.",
+            param="variant",
+            code="variant_not_available",
+        ) from None
     if not response.prepared:  # a file the gateway serves itself (a relay sets it as it starts)
         response.headers["Cache-Control"] = CONTENT_CACHE_CONTROL
     return response
 
 
-async def _variant_or_video_gone(request: web.Request, task: Task, variant: str, gone: ApiError) -> ApiError:
-    """What a provider's 404 for a thumbnail or spritesheet means: a server that makes none (Azure
-    documents the video alone) answers so for a video it still has, which the client must not be
-    told is gone. The provider is asked about the video itself: if it has it, the variant is what
-    is missing; if not, ``gone`` stands; if it cannot be asked, the client gets why."""
+async def _still_held(request: web.Request, task: Task) -> bool:
+    """Whether the provider still has ``task``'s job, asked by a retrieve after it answered 404 to
+    another operation on it (the request's log keeps that operation's answer, not the check's). If
+    it cannot be asked (busy, down, slow), that failure is raised: the client may retry."""
     ctx = context(request)
-    refused = ctx.call  # the request's log shows the download's answer, not the check's
+    refused = ctx.call
     try:
         await _read(request, task, "retrieve", lambda adapter, call: adapter.retrieve(call, task))
     except ApiError as check:
-        return gone if check.status in (404, 410) else check
+        if check.status in (404, 410):  # gone, or its result expired
+            return False
+        raise
     finally:
         ctx.call = refused
-    return ApiError(
-        404,
-        f"The provider serving this video has no '{variant}' for it; its 'video' can be downloaded.",
-        param="variant",
-        code="variant_not_available",
-    )
+    return True
 
 
 async def remix_video(request: web.Request) -> web.Response:
@@ -874,16 +877,8 @@ async def _source_gone(request: web.Request, source: Task, param: str) -> AsyncI
     except ApiError as exc:
         if exc.status != 404:
             raise _in_our_words(exc, source) from None
-        ctx = context(request)
-        refused = ctx.call  # the request's log shows the operation's answer, not the check's
-        try:
-            await _read(request, source, "retrieve", lambda adapter, call: adapter.retrieve(call, source))
-        except ApiError as check:
-            if check.status in (404, 410):  # gone, or its result expired
-                raise video_not_found(source.id, param=param) from None
-            raise  # the provider could not be asked (busy, down, slow): the client may retry
-        finally:
-            ctx.call = refused
+        if not await _still_held(request, source):
+            raise video_not_found(source.id, param=param) from None
         raise ApiError(
             404,
             "The provider serving this video still has it, but answered 404 to this request: it may "

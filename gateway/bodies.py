@@ -612,7 +612,7 @@ class _Collector:
                 text = _field_text(value, self.text)
                 fields = self.body.fields
                 if "[]" in value.name and value.name in fields:  # a list's next item (``name[]``)
-                    fields[value.name] = [*_as_list(fields[value.name]), text]
+                    fields[value.name] = [*field_values(fields[value.name]), text]
                 else:
                     fields[value.name] = text
             elif self.file is not None:
@@ -620,7 +620,8 @@ class _Collector:
             self.current = None
 
 
-def _as_list(value: str | list[str]) -> list[str]:
+def field_values(value: str | list[str]) -> list[str]:
+    """A form field's values: a list's (``name[]`` sent more than once) or its one."""
     return value if isinstance(value, list) else [value]
 
 

@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import jsonio
-from gateway.bodies import RequestBody, data_url_image
+from gateway.bodies import RequestBody, data_url_image, field_values
 from gateway.errors import ApiError, UpstreamError, bad_request, expired_result
 from gateway.providers.base import (
     REDIRECTS,
@@ -609,10 +609,9 @@ def _unflattened(body: RequestBody, name: str) -> Any:
     if not found:
         return None
     if all(path == "[]" for path, _ in found):
-        (_, items), *_ = found
-        return [_form_value(v) for v in (items if isinstance(items, list) else [items])]
+        return [_form_value(v) for v in field_values(found[0][1])]
     if all(path.startswith("[]") and _MEMBER_PATH.fullmatch(path[2:]) for path, _ in found):
-        columns = {path[2:]: value if isinstance(value, list) else [value] for path, value in found}
+        columns = {path[2:]: field_values(value) for path, value in found}
         rows = max(len(values) for values in columns.values())
         if all(len(values) == rows for values in columns.values()):
             return [
