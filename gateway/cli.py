@@ -17,6 +17,7 @@ from gateway.config import (
     DEFAULT_CONFIG_PATH,
     EMBEDDED_CONFIG_PATH,
     ConfigError,
+    ProviderConfig,
     load_config,
     parse_config,
     read_config,
@@ -24,7 +25,6 @@ from gateway.config import (
 from gateway.logs import configure, log
 from gateway.workers import (
     WORKER_COULD_NOT_START,
-    retired_providers,
     supervise,
     take_signing_key,
     worker_config,
@@ -60,12 +60,13 @@ def serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _default_config()
     worker = worker_slot()
+    retired: dict[str, ProviderConfig] = {}  # a worker's: providers the others' reloads removed
     try:
         if worker is None:
             text = read_config(path)
             config = parse_config(text, str(path), os.environ)
         else:  # from its supervisor's copies of the config, not the file (see supervise)
-            config = worker_config(str(path))
+            config, retired = worker_config(str(path))
     except ConfigError as exc:
         print(f"video-gateway: {path} is not a valid config:", file=sys.stderr)
         print("\n".join(f"  {p}" for p in exc.problems), file=sys.stderr)
@@ -86,7 +87,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            retired = retired_providers(config) if worker else {}
             signing_key = take_signing_key()
             runner.run(
                 run(config, path, host, port, workers=workers, signing_key=signing_key, retired=retired)

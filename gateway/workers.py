@@ -296,10 +296,11 @@ def worker_slot() -> tuple[int, int] | None:
     return int(slot), int(count)
 
 
-def worker_config(source: str) -> GatewayConfig:
+def worker_config(source: str) -> tuple[GatewayConfig, dict[str, ProviderConfig]]:
     """A worker's config: its supervisor's copy of the one the others run, with what only a restart
     changes as the gateway started with it, as the others keep it through their reloads (a worker
-    replaced after a reload that changed ``data_dir`` must not open another task store)."""
+    replaced after a reload that changed ``data_dir`` must not open another task store). And the
+    providers the others' reloads removed (:func:`retired_providers`)."""
     from gateway.config import parse_config, read_config
     from gateway.reload import keep_restart_only
 
@@ -307,7 +308,8 @@ def worker_config(source: str) -> GatewayConfig:
         parse_config(read_config(os.environ.get(name) or source), source, os.environ)
         for name in (WORKER_CONFIG_ENV, STARTED_CONFIG_ENV)
     )
-    return keep_restart_only(latest, first)
+    config = keep_restart_only(latest, first)
+    return config, retired_providers(config, first)
 
 
 def _loaded_dir() -> Path | None:
@@ -332,19 +334,17 @@ def remember_loaded(text: str) -> None:
     os.replace(partial, directory / f"{time.time_ns():020d}-{digest}.yaml")
 
 
-def retired_providers(current: GatewayConfig) -> dict[str, ProviderConfig]:
+def retired_providers(current: GatewayConfig, started: GatewayConfig) -> dict[str, ProviderConfig]:
     """For a worker starting beside others: the providers their reloads removed, each as it was last
-    loaded. The others keep such a provider's adapter for the videos it holds (reload.build_table);
-    a replacement for a worker that died must reach them too, or the same download would answer 200
-    or 503 by the worker that took it."""
+    loaded (``started``, the config the gateway started with, loaded first). The others keep such a
+    provider's adapter for the videos it holds (reload.build_table); a replacement for a worker that
+    died must reach them too, or the same download would answer 200 or 503 by the worker that took
+    it."""
     from gateway.config import ConfigError, parse_config, read_config
 
+    providers = dict(started.providers)
     directory = _loaded_dir()
-    started = os.environ.get(STARTED_CONFIG_ENV)
-    if directory is None or not started:
-        return {}
-    providers: dict[str, ProviderConfig] = {}
-    for path in [Path(started), *sorted(directory.glob("*.yaml"))]:  # oldest first: the last one wins
+    for path in sorted(directory.glob("*.yaml")) if directory is not None else []:  # oldest first
         try:
             providers.update(parse_config(read_config(path), str(path), os.environ).providers)
         except ConfigError:
