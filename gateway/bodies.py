@@ -230,8 +230,6 @@ class MultipartParser:
                 raise MultipartError("no multipart boundary found in the body")
             if i < 0:
                 return False
-            if len(buf) < i + len(self._delimiter) + 2:
-                return False
             self.first_boundary = self._offset + i
             self._consume(i + len(self._delimiter))
             self._state = "delimiter"
@@ -258,11 +256,6 @@ class MultipartParser:
                 if len(buf) > keep:
                     self._data(events, len(buf) - keep)
                     self._consume(len(buf) - keep)
-                return False
-            if len(buf) < i + len(self._body_delimiter) + 2:
-                if i:
-                    self._data(events, i)
-                    self._consume(i)
                 return False
             if i:
                 self._data(events, i)
